@@ -1,0 +1,109 @@
+"""The public functions: effort matmul, the dense baseline, runtime information."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from pyeffort import _backend, _validate
+from pyeffort.buckets import Buckets, build_buckets
+from pyeffort.errors import DTypeError, LayoutError, ShapeError
+
+
+class MatmulInfo(NamedTuple):
+    """What a call did: realised effort (fraction of the n_in * n_out multiplications performed,
+    averaged over tokens), the weight bytes read, and the multiplications performed."""
+
+    effort: float
+    bytes_read: int
+    mults: int
+
+
+def matmul(x, W, effort: float = 1.0, *, out=None, return_info: bool = False):
+    """``x @ W`` doing only a fraction ``effort`` of the multiplications, the largest ones.
+
+    ``x``: ``(n_in,)`` or ``(n_tokens, n_in)``, float16 or float32, C-contiguous, finite.
+    ``W``: a Buckets, or an ndarray ``(n_in, n_out)`` bucketed on the fly (slow: build once).
+    Returns float32 ``(n_out,)`` or ``(n_tokens, n_out)``; with ``return_info`` also a MatmulInfo.
+    Each token chooses its own cutoff. ``effort=1.0`` is the full product.
+
+    >>> import numpy as np, pyeffort
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((512, 256)).astype(np.float16)
+    >>> x = rng.standard_normal(512).astype(np.float32)
+    >>> B = pyeffort.build_buckets(W)
+    >>> y, info = pyeffort.matmul(x, B, effort=0.25, return_info=True)
+    >>> y.shape, round(info.effort, 2)
+    ((256,), 0.25)
+    >>> exact = x @ W.astype(np.float32)
+    >>> bool(np.dot(y, exact) / np.linalg.norm(y) / np.linalg.norm(exact) > 0.9)
+    True
+    """
+    if not isinstance(W, Buckets):
+        if not isinstance(W, np.ndarray) and not hasattr(W, "detach"):
+            raise DTypeError(f"W must be a Buckets or a 2-D array, got {type(W).__name__}")
+        W = build_buckets(W)
+    e = _validate.effort(effort)
+    x2, vector = _validate.activations(x, W.n_in)
+    y = _validate.output(out, x2.shape[0], W.n_out, vector)
+    mults = nbytes = 0
+    if x2.shape[0]:
+        mults, nbytes = _backend.current.bucketmul(
+            x2, W.values, W.positions, W.stats, W.order, W.n_out, e, y
+        )
+    result = out if out is not None else (y[0] if vector else y)
+    if not return_info:
+        return result
+    total = max(x2.shape[0], 1) * W.n_in * W.n_out
+    return result, MatmulInfo(mults / total, int(nbytes), int(mults))
+
+
+def dense_matmul(x, W, *, out=None):
+    """Our dense product ``x @ W`` for float16 ``W`` ``(n_in, n_out)``, float32 accumulation:
+    the honest baseline for every speed claim.
+
+    >>> import numpy as np, pyeffort
+    >>> W = np.full((4, 2), 0.5, dtype=np.float16)
+    >>> pyeffort.dense_matmul(np.ones(4, dtype=np.float32), W)
+    array([2., 2.], dtype=float32)
+    """
+    W = _validate.ndarray("W", W)
+    if W.dtype != np.float16:
+        raise DTypeError(f"dense_matmul takes a float16 W, got {W.dtype}")
+    if W.ndim != 2 or 0 in W.shape:
+        raise ShapeError(f"W must be a non-empty 2-D matrix, got shape {W.shape}")
+    if not W.flags.c_contiguous:
+        raise LayoutError("W must be C-contiguous")
+    x2, vector = _validate.activations(x, W.shape[0])
+    _validate.finite("x", x2)
+    y = _validate.output(out, x2.shape[0], W.shape[1], vector)
+    if x2.shape[0]:
+        _backend.current.dense_f16(x2, W, y)
+    if out is not None:
+        return out
+    return y[0] if vector else y
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the CPU kernels (default: the number of cores)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"set_num_threads needs a positive integer, got {n!r}")
+    if hasattr(_backend.current, "set_num_threads"):
+        _backend.current.set_num_threads(int(n))
+
+
+def runtime_info() -> dict:
+    """The backend, kernel and thread count in use, as a dict."""
+    b = _backend.current
+    return {
+        "backend": b.NAME,
+        "kernel": b.kernel_name() if hasattr(b, "kernel_name") else "numpy",
+        "threads": b.num_threads() if hasattr(b, "num_threads") else 1,
+    }
+
+
+def show_runtime() -> None:
+    """Print which backend and kernels run (as numpy.show_runtime does)."""
+    for k, v in runtime_info().items():
+        print(f"{k:>8}: {v}")

@@ -1,0 +1,249 @@
+"""Buckets: a weight matrix preprocessed for effort matmuls, and its file format.
+
+File format (version 1): a safetensors file whose ``__metadata__`` holds ``format=pyeffort``,
+``version=1``, ``kind=buckets`` and, per matrix, ``{prefix}n_in``, ``{prefix}n_out``,
+``{prefix}stat``, ``{prefix}source_dtype``; tensors ``{prefix}values`` (F16, 16*n_in x G),
+``{prefix}positions`` (U8, 16*n_in x ceil(G/2)), ``{prefix}stats`` (F32, 16 x n_in) and
+``{prefix}order`` (I32, 16 x n_in), rows rank-major as reference.py describes. A model file
+holds many matrices under different prefixes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pyeffort import _backend, _validate, fileformat, reference
+from pyeffort.errors import FormatError
+
+FORMAT, VERSION = "pyeffort", 1
+GROUP, N_RANKS = reference.GROUP, reference.N_RANKS
+STAT = "rms"
+
+
+class Buckets:
+    """A matrix ``W`` (n_in, n_out) in bucket form; ``pyeffort.matmul(x, B, effort)`` ~ ``x @ W``.
+
+    >>> import numpy as np, pyeffort
+    >>> W = np.random.default_rng(0).standard_normal((64, 40)).astype(np.float16)
+    >>> B = pyeffort.build_buckets(W)
+    >>> B.shape, B.n_groups, B.loaded_fraction
+    ((64, 40), 3, 1.0)
+    """
+
+    def __init__(self, values, positions, stats, order, n_out: int, source_dtype: str = "float16"):
+        self.values = values  # (n_rows, G) float16, rank-major bucket rows
+        self.positions = positions  # (n_rows, ceil(G/2)) uint8, 4-bit positions
+        self.stats = stats  # (16, n_in) float32, row statistic in row order
+        self.order = order  # (16, n_in) int32, input of each row
+        self.n_in = int(stats.shape[1])
+        self.n_out = int(n_out)
+        self.source_dtype = source_dtype
+        self._device = None  # backends may attach a repacked copy here
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def from_linear(cls, weight) -> Buckets:
+        """From a layer weight ``(n_out, n_in)`` (``nn.Linear.weight``): buckets of ``weight.T``.
+
+        >>> import numpy as np, pyeffort
+        >>> lin = np.ones((3, 5), dtype=np.float32)  # 5 inputs, 3 outputs
+        >>> pyeffort.Buckets.from_linear(lin).shape
+        (5, 3)
+        """
+        if hasattr(weight, "detach") and hasattr(weight, "float"):
+            weight = weight.detach().float().cpu().numpy()
+        w = _validate.ndarray("weight", weight)
+        if w.ndim != 2:
+            from pyeffort.errors import ShapeError
+
+            raise ShapeError(f"weight must be 2-D (n_out, n_in), got shape {w.shape}")
+        return build_buckets(w.T)
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_in, self.n_out)
+
+    @property
+    def n_groups(self) -> int:
+        return reference.n_groups(self.n_out)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def loaded_fraction(self) -> float:
+        """Fraction of the matrix's multiplications present in memory (1.0 unless partially loaded)."""
+        m = np.repeat(reference.row_mults(self.n_out), self.n_in)
+        return float(m[: self.n_rows].sum() / (self.n_in * self.n_out))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the bucket rows held (values and positions)."""
+        return int(self.values.nbytes + self.positions.nbytes)
+
+    def __repr__(self) -> str:
+        return (
+            f"Buckets(n_in={self.n_in}, n_out={self.n_out}, loaded_fraction="
+            f"{self.loaded_fraction:.3f}, nbytes={self.nbytes})"
+        )
+
+    def to_dense(self) -> np.ndarray:
+        """The loaded part of the matrix as float16 ``(n_in, n_out)`` (dropped rows are zero)."""
+        g = self.n_groups
+        w = np.zeros((self.n_in, g * GROUP), dtype=np.float16)
+        pos = reference.unpack_nibbles(np.asarray(self.positions), g).astype(np.int64)
+        inputs = self.order.ravel()[: self.n_rows].astype(np.int64)
+        cols = GROUP * np.arange(g)[None, :] + pos
+        w[inputs[:, None], cols] = self.values
+        return w[:, : self.n_out]
+
+    # ------------------------------------------------------------ files
+
+    def tensor_specs(self, prefix: str = "") -> list[fileformat.TensorSpec]:
+        arrays = {
+            "values": self.values,
+            "positions": self.positions,
+            "stats": self.stats,
+            "order": self.order,
+        }
+        return [
+            fileformat.TensorSpec(prefix + k, a.dtype, a.shape, (lambda a=a: np.asarray(a)))
+            for k, a in arrays.items()
+        ]
+
+    def metadata(self, prefix: str = "") -> dict[str, str]:
+        return {
+            prefix + "n_in": str(self.n_in),
+            prefix + "n_out": str(self.n_out),
+            prefix + "stat": STAT,
+            prefix + "source_dtype": self.source_dtype,
+        }
+
+    def save(self, path) -> None:
+        """Write to ``path`` (a ``.safetensors`` file), atomically.
+
+        >>> import numpy as np, pyeffort, tempfile, os
+        >>> B = pyeffort.build_buckets(np.eye(32, dtype=np.float16))
+        >>> path = os.path.join(tempfile.mkdtemp(), "eye.safetensors")
+        >>> B.save(path)
+        >>> pyeffort.load_buckets(path).shape
+        (32, 32)
+        """
+        meta = {"format": FORMAT, "version": str(VERSION), "kind": "buckets"}
+        meta.update(self.metadata())
+        fileformat.write(path, self.tensor_specs(), meta)
+
+
+def build_buckets(W) -> Buckets:
+    """Preprocess ``W`` ``(n_in, n_out)`` (float16, float32 or bfloat16) once for effort matmuls.
+
+    Any layout is accepted (the matrix is copied to float16). NaN or Inf raise NonFiniteError.
+
+    >>> import numpy as np, pyeffort
+    >>> W = np.arange(12, dtype=np.float32).reshape(3, 4)
+    >>> x = np.ones(3, dtype=np.float32)
+    >>> pyeffort.matmul(x, pyeffort.build_buckets(W), effort=1.0)
+    array([12., 15., 18., 21.], dtype=float32)
+    """
+    source = getattr(getattr(W, "dtype", None), "name", type(W).__name__)
+    source = source.replace("torch.", "")
+    w16 = _validate.weight_matrix(W)
+    values, positions, stats, order = _backend.current.build(w16)
+    return Buckets(values, positions, stats, order, w16.shape[1], source_dtype=str(source))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def check_version(reader: fileformat.Reader) -> None:
+    meta = reader.metadata
+    if meta.get("format") != FORMAT:
+        raise FormatError(f"{reader.path}: not a pyeffort file (format={meta.get('format')!r})")
+    if meta.get("version") != str(VERSION):
+        raise FormatError(
+            f"{reader.path}: format version {meta.get('version')!r} is not supported "
+            f"(this pyeffort reads version {VERSION})"
+        )
+
+
+def _int_meta(reader, key: str) -> int:
+    try:
+        v = int(reader.metadata[key])
+    except (KeyError, ValueError) as exc:
+        raise FormatError(f"{reader.path}: metadata {key!r} missing or not an integer") from exc
+    if not 1 <= v < 2**31 // 16:
+        raise FormatError(f"{reader.path}: metadata {key!r}={v} out of range")
+    return v
+
+
+def read_buckets(reader: fileformat.Reader, prefix: str = "", fraction: float = 1.0) -> Buckets:
+    """The matrix stored under ``prefix`` in an opened file, keeping a ``fraction`` of its rows."""
+    n_in, n_out = _int_meta(reader, prefix + "n_in"), _int_meta(reader, prefix + "n_out")
+    g = reference.n_groups(n_out)
+    expect = {
+        "values": (np.float16, (N_RANKS * n_in, g)),
+        "positions": (np.uint8, (N_RANKS * n_in, (g + 1) // 2)),
+        "stats": (np.float32, (N_RANKS, n_in)),
+        "order": (np.int32, (N_RANKS, n_in)),
+    }
+    for name, (dtype, shape) in expect.items():
+        t = reader.info(prefix + name)
+        if t.dtype != np.dtype(dtype) or t.shape != shape:
+            raise FormatError(
+                f"{reader.path}: {prefix + name} is {t.dtype}{list(t.shape)}, "
+                f"expected {np.dtype(dtype)}{list(shape)}"
+            )
+    stats = reader.array(prefix + "stats", copy=True)
+    order = reader.array(prefix + "order", copy=True)
+    _check_rows(reader.path, stats, order)
+    n_rows = rows_for_fraction(n_in, n_out, fraction)
+    values = reader.array(prefix + "values", rows=n_rows)
+    positions = reader.array(prefix + "positions", rows=n_rows)
+    source = reader.metadata.get(prefix + "source_dtype", "float16")
+    return Buckets(values, positions, stats, order, n_out, source_dtype=source)
+
+
+def _check_rows(path, stats: np.ndarray, order: np.ndarray) -> None:
+    if not np.isfinite(stats).all() or (stats < 0).any():
+        raise FormatError(f"{path}: row statistics must be finite and non-negative")
+    if (np.diff(stats, axis=1) > 0).any():
+        raise FormatError(f"{path}: rows inside a rank are not ordered by statistic")
+    n_in = order.shape[1]
+    if (order < 0).any() or (order >= n_in).any():
+        raise FormatError(f"{path}: row order names inputs outside 0..{n_in - 1}")
+    if (np.sort(order, axis=1) != np.arange(n_in, dtype=np.int32)).any():
+        raise FormatError(f"{path}: row order is not a permutation of the inputs in every rank")
+
+
+def rows_for_fraction(n_in: int, n_out: int, fraction: float) -> int:
+    """Rows to keep so that the kept multiplications are the nearest to ``fraction``."""
+    fraction = _validate.effort(fraction, "fraction")
+    m = np.repeat(reference.row_mults(n_out), n_in)
+    cum = np.concatenate([[0], np.cumsum(m)])
+    return int(np.abs(cum - fraction * n_in * n_out).argmin())
+
+
+def load_buckets(path, *, fraction: float = 1.0) -> Buckets:
+    """Open a file written by ``Buckets.save``; ``fraction < 1`` maps only the most important
+    ``fraction`` of the bucket rows (a prefix of the file), so less is read and held.
+
+    Raises FormatError for anything that is not a valid pyeffort buckets file.
+
+    >>> import numpy as np, pyeffort, tempfile, os
+    >>> W = np.random.default_rng(1).standard_normal((256, 64)).astype(np.float16)
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+    >>> pyeffort.build_buckets(W).save(path)
+    >>> B = pyeffort.load_buckets(path, fraction=0.5)
+    >>> round(B.loaded_fraction, 3)
+    0.5
+    """
+    fraction = _validate.effort(fraction, "fraction")
+    reader = fileformat.Reader(path)
+    check_version(reader)
+    if reader.metadata.get("kind") != "buckets":
+        raise FormatError(f"{reader.path}: holds a {reader.metadata.get('kind')!r}, not buckets")
+    return read_buckets(reader, "", fraction)

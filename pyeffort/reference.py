@@ -1,0 +1,157 @@
+"""The specification of pyeffort, in plain numpy. Every kernel must compute what this computes.
+
+Notation: ``y = x @ W``, ``W`` is ``(n_in, n_out)``; ``G = ceil(n_out / 16)`` groups of 16 outputs.
+
+Buckets (built once per matrix)
+    For input row ``i`` and group ``g`` the 16 weights ``W[i, 16g:16g+16]`` (zero-padded past
+    ``n_out``) are ranked by ``|w|``, largest first, ties by lower position. Rank ``k`` of every
+    group of input ``i`` forms the *bucket row* ``(k, i)``: ``G`` fp16 values and ``G`` 4-bit
+    positions (0..15 inside the group), stored apart from the values (no truncation bias).
+    Each row has a statistic, the root mean square of its real (unpadded) entries.
+    Rows are stored rank-major: all rank-0 rows, then rank-1 rows, ...; inside a rank the rows are
+    ordered by statistic (largest first, ties by input). Row ``r = k * n_in + j`` is the ``j``-th
+    row of rank ``k``; ``order[k, j]`` names its input and ``stats[k, j]`` its statistic. So any
+    prefix of the rows is the most important part of the matrix, and a partial load keeps one.
+
+Effort matmul (per token)
+    For each loaded row ``s = |x[order[k, j]]| * stats[k, j]`` (float32 product). Row ``(k, i)`` carries ``m_k`` real
+    multiplications (``G``, or ``G - 1`` for ranks that fall into the last group's padding).
+    The budget is ``T = effort * n_in * n_out`` multiplications. The cutoff ``c`` is the largest
+    value with ``sum(m_k for loaded rows with s >= c) >= T`` (``c = 0`` if the loaded rows cannot
+    reach ``T``), and every loaded row with ``s >= c`` is dispatched; ``effort == 0`` dispatches
+    nothing. Since ``stat`` falls with ``k``, input ``i`` always contributes a prefix of its ranks.
+    ``y[16 g + pos] += x_i * w`` over the dispatched rows' entries, accumulated in float64 here
+    (float32 in the kernels), returned as float32. The realised effort is the dispatched ``m_k``
+    over ``n_in * n_out``; the bytes read are the dispatched rows' value and position bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GROUP = 16  # outputs per group
+N_RANKS = 16  # ranks per group = bucket rows per input
+
+NAME = "numpy"
+
+
+def n_groups(n_out: int) -> int:
+    return (n_out + GROUP - 1) // GROUP
+
+
+def row_mults(n_out: int) -> np.ndarray:
+    """Real multiplications in a bucket row of each rank: (16,) int64."""
+    g, r = n_groups(n_out), n_out % GROUP
+    m = np.full(N_RANKS, g, dtype=np.int64)
+    if r:
+        m[r:] -= 1  # ranks r..15 of the last group are its zero padding
+    return m
+
+
+def row_bytes(n_groups_: int) -> int:
+    """Bytes of one bucket row: fp16 values plus packed 4-bit positions."""
+    return 2 * n_groups_ + (n_groups_ + 1) // 2
+
+
+# ---------------------------------------------------------------- build
+
+
+def build(w16: np.ndarray):
+    """W (n_in, n_out) float16 -> values (16*n_in, G) f16, positions (16*n_in, ceil(G/2)) u8,
+    stats (16, n_in) f32 and order (16, n_in) i32, both in row order."""
+    n_in, n_out = w16.shape
+    g = n_groups(n_out)
+    padded = np.zeros((n_in, g * GROUP), dtype=np.float16)
+    padded[:, :n_out] = w16
+    padded = padded.reshape(n_in, g, GROUP)
+    key = (padded.view(np.uint16) & 0x7FFF).astype(np.int32)  # |w| as fp16 magnitude bits
+    rank_to_pos = np.argsort(-key, axis=-1, kind="stable")  # (n_in, g, 16)
+    vals = np.take_along_axis(padded, rank_to_pos, axis=-1)
+    vals = vals.transpose(2, 0, 1)  # (16, n_in, g)
+    pos = rank_to_pos.transpose(2, 0, 1).astype(np.uint8)
+    v64 = vals.astype(np.float64)
+    m = np.maximum(row_mults(n_out), 1)[:, None]  # a rank made only of padding has stat 0
+    stats = np.sqrt((v64 * v64).sum(-1) / m).astype(np.float32)
+    order = np.argsort(-stats, axis=1, kind="stable")  # (16, n_in): input of each row
+    vals = np.take_along_axis(vals, order[:, :, None], axis=1)
+    pos = np.take_along_axis(pos, order[:, :, None], axis=1)
+    stats = np.take_along_axis(stats, order, axis=1)
+    values = np.ascontiguousarray(vals.reshape(N_RANKS * n_in, g))
+    positions = pack_nibbles(pos.reshape(N_RANKS * n_in, g))
+    return values, positions, stats, order.astype(np.int32)
+
+
+def pack_nibbles(p: np.ndarray) -> np.ndarray:
+    """(rows, G) values 0..15 -> (rows, ceil(G/2)) u8; group 2b in the low nibble of byte b."""
+    rows, g = p.shape
+    q = np.zeros((rows, 2 * ((g + 1) // 2)), dtype=np.uint8)
+    q[:, :g] = p
+    return np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4))
+
+
+def unpack_nibbles(q: np.ndarray, g: int) -> np.ndarray:
+    """Inverse of pack_nibbles: (rows, ceil(G/2)) u8 -> (rows, G) u8."""
+    out = np.empty((q.shape[0], 2 * q.shape[1]), dtype=np.uint8)
+    out[:, 0::2] = q & 0x0F
+    out[:, 1::2] = q >> 4
+    return out[:, :g]
+
+
+# ---------------------------------------------------------------- select
+
+
+def cutoff(x32, stats, order, n_rows: int, n_out: int, effort: float):
+    """One token -> (c, dispatched (n_rows,) bool over the loaded rows); c = inf if none."""
+    if effort <= 0.0:
+        return np.float32(np.inf), np.zeros(n_rows, dtype=bool)
+    s = (np.abs(x32)[order] * stats).astype(np.float32).ravel()[:n_rows]
+    m = np.repeat(row_mults(n_out), stats.shape[1])[:n_rows]
+    budget = effort * float(stats.shape[1] * n_out)
+    by_size = np.argsort(-s, kind="stable")
+    cum = np.cumsum(m[by_size])
+    hit = np.searchsorted(cum, budget, side="left")  # first index with cum >= budget
+    c = np.float32(0.0) if hit >= len(cum) else s[by_size[hit]]
+    return c, s >= c
+
+
+# ---------------------------------------------------------------- matmul
+
+
+def bucketmul(x32, values, positions, stats, order, n_out, effort, out):
+    """x (n_tokens, n_in) f32 -> out (n_tokens, n_out) f32. Returns (mults done, bytes read)."""
+    n_rows, g = values.shape
+    n_in = stats.shape[1]
+    m = np.repeat(row_mults(n_out), n_in)[:n_rows]
+    pos = unpack_nibbles(np.asarray(positions), g).astype(np.int64)
+    cols = GROUP * np.arange(g, dtype=np.int64)[None, :] + pos
+    vals = np.asarray(values).astype(np.float64)
+    inputs = order.ravel()[:n_rows]
+    if not np.isfinite(x32).all():
+        from pyeffort.errors import NonFiniteError
+
+        raise NonFiniteError("x holds NaN or Inf; pyeffort.matmul needs finite inputs")
+    mults = nbytes = 0
+    for t in range(x32.shape[0]):
+        _, disp = cutoff(x32[t], stats, order, n_rows, n_out, effort)
+        r = np.nonzero(disp)[0]
+        contrib = x32[t, inputs[r]].astype(np.float64)[:, None] * vals[r]
+        y = np.bincount(cols[r].ravel(), weights=contrib.ravel(), minlength=g * GROUP)
+        out[t] = y[:n_out]
+        mults += int(m[r].sum())
+        nbytes += len(r) * row_bytes(g)
+    return mults, nbytes
+
+
+def dense_f16(x32: np.ndarray, w16: np.ndarray, out: np.ndarray) -> None:
+    """x (n_tokens, n_in) f32 @ W (n_in, n_out) f16 -> out (n_tokens, n_out) f32."""
+    out[...] = x32.astype(np.float64) @ np.asarray(w16).astype(np.float64)
+
+
+def oracle(x: np.ndarray, w: np.ndarray, effort: float) -> np.ndarray:
+    """The bound of element selection: keep exactly the largest |x_i * W_ij| products."""
+    p = x.astype(np.float64)[:, None] * w.astype(np.float64)
+    keep = int(round(effort * p.size))
+    if keep <= 0:
+        return np.zeros(w.shape[1])
+    thr = np.partition(np.abs(p).ravel(), p.size - keep)[p.size - keep]
+    return np.where(np.abs(p) >= thr, p, 0.0).sum(0)

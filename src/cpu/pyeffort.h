@@ -1,0 +1,44 @@
+/* pyeffort C core: bucket construction, cutoff selection and the effort matmul.
+ * Semantics are defined by pyeffort/reference.py; this header is the C-level contract.
+ * Every function returns a pe_status and never exits, aborts or prints. */
+#ifndef PYEFFORT_H
+#define PYEFFORT_H
+#include <stdint.h>
+
+#define PE_GROUP 16   /* outputs per group */
+#define PE_RANKS 16   /* bucket rows per input */
+
+typedef enum {
+    PE_OK = 0,
+    PE_ERR_ALLOC = 1,      /* out of memory */
+    PE_ERR_NONFINITE = 2,  /* NaN or Inf in an input */
+    PE_ERR_ARG = 3,        /* inconsistent sizes (a caller bug: Python validates first) */
+    PE_ERR_THREAD = 4,     /* a worker thread could not be started */
+} pe_status;
+
+/* A bucketed matrix, canonical layout (see reference.py). Rows r = k * n_in + j, r < n_rows. */
+typedef struct {
+    const uint16_t *values;    /* (n_rows, n_groups) fp16 bits                          */
+    const uint8_t *positions;  /* (n_rows, (n_groups + 1) / 2) 4-bit, even group low    */
+    const float *stats;        /* (16, n_in) row statistic, row order                   */
+    const int32_t *order;      /* (16, n_in) input of each row                          */
+    int64_t n_in, n_out, n_groups, n_rows;
+} pe_buckets;
+
+/* W (n_in, n_out) fp16 -> canonical buckets; outputs sized for all 16 * n_in rows. */
+pe_status pe_build_f16(const uint16_t *w, int64_t n_in, int64_t n_out, uint16_t *values,
+                       uint8_t *positions, float *stats, int32_t *order);
+
+/* x (n_tokens, n_in) f32 @ B at effort -> y (n_tokens, n_out) f32; adds to *mults, *bytes. */
+pe_status pe_bucketmul(const pe_buckets *b, const float *x, int64_t n_tokens, double effort,
+                       float *y, int64_t *mults, int64_t *bytes);
+
+/* x (n_tokens, n_in) f32 @ W (n_in, n_out) fp16 -> y (n_tokens, n_out) f32. */
+pe_status pe_dense_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
+                       int64_t n_out, float *y);
+
+/* Name of the CPU kernel set in use, and the features the machine has. */
+const char *pe_kernel_name(void);
+int pe_num_threads(void);
+void pe_set_num_threads(int n);
+#endif
