@@ -86,15 +86,27 @@ def dense_matmul(x, W, *, out=None):
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used by the CPU kernels (default: the number of cores)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"set_num_threads needs a positive integer, got {n!r}")
+    """Threads used by the CPU kernels (default: the number of cores).
+
+    >>> import pyeffort
+    >>> pyeffort.set_num_threads(1)
+    >>> pyeffort.runtime_info()["threads"]
+    1
+    >>> pyeffort.set_num_threads(2)
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 1024:
+        raise ValueError(f"set_num_threads needs an integer in 1..1024, got {n!r}")
     if hasattr(_backend.current, "set_num_threads"):
         _backend.current.set_num_threads(int(n))
 
 
 def runtime_info() -> dict:
-    """The backend, kernel and thread count in use, as a dict."""
+    """The backend, kernel and thread count in use, as a dict.
+
+    >>> import pyeffort
+    >>> {"backend", "kernel", "threads"} <= set(pyeffort.runtime_info())
+    True
+    """
     b = _backend.current
     return {
         "backend": b.NAME,
@@ -104,6 +116,11 @@ def runtime_info() -> dict:
 
 
 def show_runtime() -> None:
-    """Print which backend and kernels run (as numpy.show_runtime does)."""
+    """Print which backend and kernels run (as numpy.show_runtime does).
+
+    >>> import pyeffort
+    >>> pyeffort.show_runtime()  # doctest: +ELLIPSIS
+     backend: ...
+    """
     for k, v in runtime_info().items():
         print(f"{k:>8}: {v}")
