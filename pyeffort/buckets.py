@@ -149,8 +149,7 @@ def build_buckets(W) -> Buckets:
     >>> pyeffort.matmul(x, pyeffort.build_buckets(W), effort=1.0)
     array([12., 15., 18., 21.], dtype=float32)
     """
-    source = getattr(getattr(W, "dtype", None), "name", type(W).__name__)
-    source = source.replace("torch.", "")
+    source = str(getattr(W, "dtype", type(W).__name__)).replace("torch.", "")
     w16 = _validate.weight_matrix(W)
     values, positions, stats, order = _backend.current.build(w16)
     return Buckets(values, positions, stats, order, w16.shape[1], source_dtype=str(source))

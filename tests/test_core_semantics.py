@@ -146,3 +146,13 @@ def test_build_same_on_both_backends(rng):
     c_arrays, r_arrays = _core.build(w), reference.build(w)
     for a, r in zip(c_arrays, r_arrays):
         np.testing.assert_array_equal(a, r)
+
+
+def test_bfloat16_weights_from_torch(backend):
+    torch = pytest.importorskip("torch")
+    w = torch.randn(40, 24, dtype=torch.bfloat16)
+    b = pyeffort.build_buckets(w)
+    assert b.source_dtype == "bfloat16"
+    np.testing.assert_array_equal(b.to_dense(), w.float().numpy().astype(np.float16))
+    lin = pyeffort.Buckets.from_linear(w.T)
+    assert lin.shape == (24, 40)
