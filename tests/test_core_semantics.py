@@ -155,4 +155,4 @@ def test_bfloat16_weights_from_torch(backend):
     assert b.source_dtype == "bfloat16"
     np.testing.assert_array_equal(b.to_dense(), w.float().numpy().astype(np.float16))
     lin = pyeffort.Buckets.from_linear(w.T)
-    assert lin.shape == (24, 40)
+    assert lin.shape == (40, 24)  # weight (n_out=24, n_in=40)
