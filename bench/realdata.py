@@ -4,7 +4,6 @@ when Hugging Face transformers (the peer) runs the model on English text. Test/b
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import numpy as np
 
@@ -13,8 +12,15 @@ TEXT = (
     "that I inherited from my parents. When I was in elementary school, I once jumped out of a "
     "second-storey window and could not walk for a week. Some may ask why I did such a thing."
 )
-KINDS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
-         "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+KINDS = {
+    "q_proj": "wq",
+    "k_proj": "wk",
+    "v_proj": "wv",
+    "o_proj": "wo",
+    "gate_proj": "w1",
+    "up_proj": "w3",
+    "down_proj": "w2",
+}
 
 
 def default_gguf() -> tuple[str, str]:
@@ -76,7 +82,10 @@ def cosine_table(mats, efforts, tokens, with_oracle=True):
                 out[e][0].append(cosine(pyeffort.matmul(x, b, e), exact))
                 if with_oracle:
                     out[e][1].append(cosine(reference.oracle(x, w16, e), exact))
-    return {e: (float(np.mean(o)), float(np.mean(r)) if r else float("nan")) for e, (o, r) in out.items()}
+    return {
+        e: (float(np.mean(o)), float(np.mean(r)) if r else float("nan"))
+        for e, (o, r) in out.items()
+    }
 
 
 if __name__ == "__main__":  # python bench/realdata.py: the README's cosine table

@@ -9,6 +9,7 @@ only those bytes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -59,7 +60,11 @@ def write(path, specs: Iterable[TensorSpec], metadata: dict[str, str], progress=
         code = CODES.get(np.dtype(s.dtype))
         if code is None:
             raise TypeError(f"cannot store dtype {s.dtype} ({s.name})")
-        header[s.name] = {"dtype": code, "shape": list(s.shape), "data_offsets": [at, at + s.nbytes]}
+        header[s.name] = {
+            "dtype": code,
+            "shape": list(s.shape),
+            "data_offsets": [at, at + s.nbytes],
+        }
         at += s.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -138,7 +143,7 @@ class Reader:
             out[name] = TensorInfo(dtype, shape, self.data_start + b, e - b)
             spans.append((b, e))
         spans.sort()
-        for (_, e0), (b1, _) in zip(spans, spans[1:]):
+        for (_, e0), (b1, _) in itertools.pairwise(spans):
             if b1 < e0:
                 raise FormatError(f"{self.path}: tensors overlap")
         return out

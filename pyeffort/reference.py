@@ -150,7 +150,7 @@ def dense_f16(x32: np.ndarray, w16: np.ndarray, out: np.ndarray) -> None:
 def oracle(x: np.ndarray, w: np.ndarray, effort: float) -> np.ndarray:
     """The bound of element selection: keep exactly the largest |x_i * W_ij| products."""
     p = x.astype(np.float64)[:, None] * w.astype(np.float64)
-    keep = int(round(effort * p.size))
+    keep = round(effort * p.size)
     if keep <= 0:
         return np.zeros(w.shape[1])
     thr = np.partition(np.abs(p).ravel(), p.size - keep)[p.size - keep]

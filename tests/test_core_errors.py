@@ -13,7 +13,9 @@ from pyeffort import errors
 
 @pytest.fixture(scope="module")
 def b():
-    return pyeffort.build_buckets(np.random.default_rng(0).standard_normal((32, 20)).astype(np.float16))
+    return pyeffort.build_buckets(
+        np.random.default_rng(0).standard_normal((32, 20)).astype(np.float16)
+    )
 
 
 X = np.ones(32, dtype=np.float32)

@@ -21,7 +21,7 @@ def saved(tmp_path, rng):
 
 
 def test_round_trip(saved, rng):
-    path, b, w = saved
+    path, b, _w = saved
     c = pyeffort.load_buckets(path)
     for name in ["values", "positions", "stats", "order"]:
         np.testing.assert_array_equal(getattr(c, name), getattr(b, name))
@@ -134,7 +134,7 @@ def test_malformed_headers_raise_format_error(saved, case):
 
 
 def test_bad_contents_raise_format_error(saved):
-    path, b, _ = saved
+    path, _b, _ = saved
     reader = fileformat.Reader(path)
     t = reader.info("order")
     raw = bytearray(path.read_bytes())

@@ -12,7 +12,7 @@ from pyeffort import reference
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "bench"))
-import realdata  # noqa: E402
+import realdata
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,9 @@ def test_realised_effort_on_real_weights(backend, mats):
             y, info = pyeffort.matmul(xs[5], b, e, return_info=True)
             assert abs(info.effort - e) <= 0.01, (name, e, info.effort)
             ref = np.empty_like(y)
-            reference.bucketmul(xs[5:6], b.values, b.positions, b.stats, b.order, b.n_out, e, ref[None])
+            reference.bucketmul(
+                xs[5:6], b.values, b.positions, b.stats, b.order, b.n_out, e, ref[None]
+            )
             np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
