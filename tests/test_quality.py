@@ -1,0 +1,191 @@
+"""The quality harness: selection rules on random matrices, the budget split, and the whole
+harness on a tiny random model (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import pyeffort
+from pyeffort.quality import allocation, calibrate, minillama, rules, text
+from pyeffort.quality.harness import Harness
+
+
+@pytest.fixture(scope="module")
+def mat():
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((96, 80)) * 0.1).astype(np.float16)
+    x = rng.standard_normal((12, 96)).astype(np.float32)
+    x[:, :3] *= 8.0  # outlier channels, as in real activations
+    return rules.MatrixState(w, name="layers.0.ffn.w1"), x
+
+
+def _cos(y, ex):
+    return float(np.mean((y * ex).sum(1) / np.linalg.norm(y, axis=1) / np.linalg.norm(ex, axis=1)))
+
+
+@pytest.mark.parametrize("name", ["pyeffort", "bucket_twin", "original_exact", "teal", "wina"])
+@pytest.mark.parametrize("effort", [0.1, 0.25, 0.5])
+def test_rules_realise_the_asked_effort(mat, name, effort):
+    st, x = mat
+    _, mults, nbytes = rules.RULES[name](x, st, effort)
+    realised = mults / (x.shape[0] * st.size)
+    # channel rules round to whole channels; bucket rules to whole rows (+ ties)
+    assert abs(realised - effort) < 1.0 / st.n_in + 1e-9
+    assert nbytes > 0
+
+
+def test_oracle_realises_close_to_the_effort_and_beats_buckets(mat):
+    st, x = mat
+    ex = x @ st.w32
+    for effort in (0.1, 0.3):
+        y, mults, _ = rules.oracle_rule(x, st, effort)
+        assert abs(mults / (x.shape[0] * st.size) - effort) < 0.02
+        yb, _, _ = rules.bucket_twin(x, st, effort)
+        assert np.linalg.norm(y - ex) <= np.linalg.norm(yb - ex) * 1.05
+
+
+def test_twin_matches_pyeffort_matmul(mat):
+    st, x = mat
+    for effort in (0.05, 0.3, 0.77):
+        y1, m1, b1 = rules.pyeffort_rule(x, st, effort)
+        y2, m2, b2 = rules.bucket_twin(x, st, effort)
+        assert (m1, b1) == (m2, b2)
+        np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4 * np.abs(y1).max())
+
+
+@pytest.mark.parametrize("name", ["pyeffort", "bucket_twin", "teal", "wina", "oracle"])
+def test_full_effort_is_the_dense_product(mat, name):
+    st, x = mat
+    y, mults, _ = rules.RULES[name](x, st, 1.0)
+    assert mults == x.shape[0] * st.size
+    np.testing.assert_allclose(y, x @ st.w32, rtol=1e-4, atol=1e-4)
+
+
+def test_cosine_rises_with_effort_and_truncation_biases(mat):
+    st, x = mat
+    ex = x @ st.w32
+    for name in ("pyeffort", "teal", "wina", "original", "oracle"):
+        c = [_cos(rules.RULES[name](x, st, e)[0], ex) for e in (0.1, 0.3, 0.6)]
+        assert c[0] < c[1] < c[2], (name, c)
+    y, _, _ = rules.original_exact_rule(x, st, 1.0)  # positions in the mantissa: not exact
+    assert np.abs(y - ex).max() > 1e-3 * np.abs(ex).max()
+    y8, mults, _nbytes = rules.int8_rule(x, st, 0.3)
+    assert mults == x.shape[0] * st.size and 0.999 < _cos(y8, ex) < 1.0
+
+
+def test_original_probes_miss_the_effort():
+    rng = np.random.default_rng(3)
+    st = rules.MatrixState((rng.standard_normal((256, 128)) * 0.05).astype(np.float16))
+    x = (rng.standard_normal((8, 256)) * np.exp(rng.standard_normal(256))).astype(np.float32)
+    per_token = [rules.original_rule(x[t : t + 1], st, 0.25)[1] / st.size for t in range(8)]
+    assert max(abs(np.array(per_token) - 0.25)) > 0.005  # why we compare at realised effort
+    exact = [rules.bucket_twin(x[t : t + 1], st, 0.25)[1] / st.size for t in range(8)]
+    assert max(abs(np.array(exact) - 0.25)) < 1.0 / 256
+
+
+def test_allocation_adds_up_to_the_user_effort():
+    names = [f"layers.{i}.{t}" for i in range(3) for t in ("attn.wq", "ffn.w2")]
+    sizes = [100, 400] * 3
+    prof = {"efforts": [0.2, 0.6], "weights": {"attn.wq": [0.2, 0.5], "ffn.w2": [3.0, 1.5]}}
+    a = allocation.Allocation(names, sizes, prof)
+    for e in (0.1, 0.2, 0.35, 0.6, 0.9):
+        eff = a.efforts(e)
+        total = sum(eff[n] * s for n, s in zip(names, sizes)) / sum(sizes)
+        assert abs(total - e) < 1e-9 and max(eff.values()) <= 1.0
+        assert eff["layers.0.attn.wq"] < eff["layers.0.ffn.w2"]
+    assert allocation.matrix_type("layers.12.attn.wv") == "attn.wv"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    m = minillama.tiny_random(seed=0)
+    ids = np.random.default_rng(0).integers(0, m.args.vocab_size, 400)
+    return m, ids
+
+
+def test_harness_on_a_tiny_model(tiny):
+    m, ids = tiny
+    h = Harness(m, text.windows(ids, 2, 48), progress=False)
+    kls = []
+    for e in (0.15, 0.3, 0.6):
+        r = h.run("pyeffort", e)
+        assert abs(r.realised - e) < 0.01
+        kls.append(r.kl)
+    assert kls[0] > kls[1] > kls[2] > 0
+    full = h.run("pyeffort", 1.0)
+    assert full.kl < 1e-4 and full.top1 == 1.0 and abs(full.realised - 1.0) < 1e-12
+    teal = h.run("teal", 0.3)
+    assert abs(teal.realised - 0.3) < 0.02 and teal.kl > 0
+    assert abs(full.ppl - h.exact_ppl()) < 1e-3 * h.exact_ppl()
+
+
+def test_calibrated_split_keeps_the_total(tiny):
+    m, ids = tiny
+    h = Harness(m, text.windows(ids, 1, 32), progress=False)
+    prof = calibrate.calibrate(h, ids, n_windows=1, length=32, efforts=(0.2, 0.5), progress=False)
+    h.allocation = allocation.Allocation(h.allocation.names, h.allocation.sizes, prof)
+    r = h.run("pyeffort", 0.3)
+    assert abs(r.realised - 0.3) < 0.01
+    per = h.allocation.efforts(0.3)
+    assert len(set(np.round(list(per.values()), 6))) > 1  # the split is not uniform
+
+
+def test_eval_cli_on_a_tiny_model(tmp_path, capsys):
+    from pyeffort.quality import cli
+
+    src = tmp_path / "text.txt"
+    src.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "out"
+    rc = cli.main(
+        [
+            "--tiny",
+            "--text",
+            str(src),
+            "--rules",
+            "pyeffort,teal,int8",
+            "--efforts",
+            "0.25,1.0",
+            "--windows",
+            "2",
+            "--length",
+            "32",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--profile",
+            "uniform",
+        ]
+    )
+    assert rc == 0
+    data = json.loads((out / "quality.json").read_text())
+    kl = {(r["rule"], r["effort"]): r["kl"] for r in data["results"]}
+    assert kl[("pyeffort", 1.0)] < 1e-4 < kl[("pyeffort", 0.25)]
+    assert ("int8", 1.0) in kl
+    assert "| rule |" in (out / "quality.md").read_text()
+    with pytest.raises(SystemExit):
+        cli.main(["--tiny", "--text", str(src), "--rules", "nope", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        cli.main(["--tiny", "--text", str(src), "--efforts", "1.5", "--out", str(out)])
+
+
+def test_windows_are_disjoint_and_checked():
+    ids = np.arange(1000)
+    ev, cal = text.split(ids, 2, 100, 2, 100)
+    assert not set(ev.ravel()) & set(cal.ravel())
+    with pytest.raises(ValueError):
+        text.windows(ids, 5, 300)
+
+
+@pytest.mark.slow
+def test_botchan_is_fetched_from_the_sentencepiece_sdist(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYEFFORT_CACHE", str(tmp_path))
+    try:
+        s = text.botchan()
+    except RuntimeError as exc:  # no package index reachable
+        pytest.skip(str(exc))
+    assert len(s.encode("utf-8")) == 278779 and "Botchan" in s[:2000] or "Chapter I" in s[:5000]
+    assert (tmp_path / "botchan.txt").exists()
+    assert pyeffort.__version__
