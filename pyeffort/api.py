@@ -40,6 +40,10 @@ def matmul(x, W, effort: float = 1.0, *, out=None, return_info: bool = False):
     >>> bool(np.dot(y, exact) / np.linalg.norm(y) / np.linalg.norm(exact) > 0.9)
     True
     """
+    if type(W).__name__ == "CudaBuckets" or getattr(x, "is_cuda", False) is True:
+        from pyeffort import cuda  # torch CUDA tensors: the GPU kernels
+
+        return cuda.matmul(x, W, effort, out=out, return_info=return_info)
     if not isinstance(W, Buckets):
         if not isinstance(W, np.ndarray) and not hasattr(W, "detach"):
             raise DTypeError(f"W must be a Buckets or a 2-D array, got {type(W).__name__}")

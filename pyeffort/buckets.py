@@ -101,6 +101,15 @@ class Buckets:
         w[inputs[:, None], cols] = self.values
         return w[:, : self.n_out]
 
+    def to(self, device):
+        """This matrix on ``device``: ``"cpu"`` gives itself, ``"cuda"`` (or ``"cuda:N"``) a
+        CudaBuckets repacked for the GPU kernels (needs torch with CUDA; see pyeffort.cuda)."""
+        if str(device) == "cpu":
+            return self
+        from pyeffort import cuda
+
+        return cuda.to_device(self, device)
+
     # ------------------------------------------------------------ files
 
     def tensor_specs(self, prefix: str = "") -> list[fileformat.TensorSpec]:

@@ -1,0 +1,219 @@
+"""Whole-model decoding on the GPU: a Mistral-7B-shaped model (random weights of realistic
+scale), batch 1, KV cache of 1k tokens, each step one CUDA graph. The effort model runs all
+seven matrices of every layer through pyeffort (effort is a device tensor: one graph serves
+every effort); the dense model runs the same fp16 weights through torch (cuBLAS).
+
+    python bench/cuda_model.py [--layers 32] [--steps 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pyeffort import cuda
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    hidden: int = 14336
+    vocab: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+MATS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
+
+
+def shapes(a: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(n_in, n_out) of each matrix."""
+    kv = a.n_kv_heads * a.head_dim
+    return {
+        "wq": (a.dim, a.dim),
+        "wk": (a.dim, kv),
+        "wv": (a.dim, kv),
+        "wo": (a.dim, a.dim),
+        "w1": (a.dim, a.hidden),
+        "w3": (a.dim, a.hidden),
+        "w2": (a.hidden, a.dim),
+    }
+
+
+def random_weights(a: ModelArgs, gen) -> list[dict[str, torch.Tensor]]:
+    """Per layer: nn.Linear-layout fp16 weights (n_out, n_in), std ~ 1/sqrt(n_in) with
+    per-input-channel scales spread like trained models' (log-normal)."""
+    layers = []
+    for _ in range(a.n_layers):
+        lw = {}
+        for name, (n_in, n_out) in shapes(a).items():
+            chan = torch.exp(0.5 * torch.randn(n_in, generator=gen, device="cuda"))
+            w = torch.randn((n_out, n_in), generator=gen, device="cuda") * chan
+            lw[name] = (w * (1.0 / n_in**0.5)).half()
+            del w
+        layers.append(lw)
+    return layers
+
+
+class Decoder:
+    """One decode step over a KV cache; ``lin(name, layer, x)`` is the only difference between
+    the dense and the effort model."""
+
+    def __init__(self, a: ModelArgs, lin, gen, max_len: int):
+        self.a, self.lin, self.max_len = a, lin, max_len
+        dev, hd = "cuda", a.head_dim
+        self.emb = (torch.randn((a.vocab, a.dim), generator=gen, device=dev)).half()
+        self.head = (torch.randn((a.vocab, a.dim), generator=gen, device=dev) * a.dim**-0.5).half()
+        kv_shape = (a.n_layers, max_len, a.n_kv_heads, hd)
+        self.k_cache = torch.randn(kv_shape, generator=gen, device=dev).half()
+        self.v_cache = torch.randn(kv_shape, generator=gen, device=dev).half()
+        inv = 1.0 / a.rope_theta ** (torch.arange(0, hd, 2, device=dev).float() / hd)
+        ang = torch.arange(max_len, device=dev).float()[:, None] * inv[None, :]
+        self.cos, self.sin = ang.cos(), ang.sin()  # (max_len, hd/2)
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.logits = None
+
+    def rope(self, x):  # x (heads, hd) at self.pos
+        c, s = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)
+        x1, x2 = x.float()[:, 0::2], x.float()[:, 1::2]
+        return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(1).half()
+
+    def norm(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean() + self.a.norm_eps)).half()
+
+    def attention(self, layer, x):
+        a, hd = self.a, self.a.head_dim
+        q = self.rope(self.lin("wq", layer, x).view(a.n_heads, hd))
+        k = self.rope(self.lin("wk", layer, x).view(a.n_kv_heads, hd))
+        v = self.lin("wv", layer, x).view(a.n_kv_heads, hd)
+        self.k_cache[layer].index_copy_(0, self.pos, k[None])
+        self.v_cache[layer].index_copy_(0, self.pos, v[None])
+        rep = a.n_heads // a.n_kv_heads
+        kc, vc = self.k_cache[layer].transpose(0, 1), self.v_cache[layer].transpose(0, 1)
+        scores = torch.matmul(q.view(a.n_kv_heads, rep, hd), kc.transpose(1, 2)) * hd**-0.5
+        mask = torch.arange(self.max_len, device="cuda") > self.pos
+        p = torch.softmax(scores.float().masked_fill(mask, float("-inf")), -1).half()
+        o = torch.matmul(p, vc).reshape(a.dim)  # (kv, rep, hd) -> dim
+        return self.lin("wo", layer, o)
+
+    def step(self):
+        h = self.emb.index_select(0, self.token)[0]
+        for layer in range(self.a.n_layers):
+            h = h + self.attention(layer, self.norm(h))
+            m = self.norm(h)
+            f = F.silu(self.lin("w1", layer, m)) * self.lin("w3", layer, m)
+            h = h + self.lin("w2", layer, f)
+        self.logits = F.linear(self.norm(h)[None], self.head)[0]
+        self.token.copy_(self.logits.argmax()[None])
+        self.pos.add_(1)
+
+
+def capture(dec: Decoder) -> torch.cuda.CUDAGraph:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        dec.step()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        dec.step()
+    return g
+
+
+def tokens_per_s(dec: Decoder, g, start: int, steps: int) -> float:
+    dec.pos.fill_(start)
+    for _ in range(3):
+        g.replay()
+    dec.pos.fill_(start)
+    torch.cuda.synchronize()
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(steps):
+        g.replay()
+    t1.record()
+    torch.cuda.synchronize()
+    return steps / (t0.elapsed_time(t1) * 1e-3)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    a = ModelArgs(n_layers=args.layers)
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(0)
+    t0 = time.time()
+    weights = random_weights(a, gen)
+    torch.cuda.synchronize()
+    t_gen = time.time() - t0
+    t0 = time.time()
+    buckets = [{n: cuda.build_buckets(lw[n].t()) for n in MATS} for lw in weights]
+    torch.cuda.synchronize()
+    t_build = time.time() - t0
+    eff = torch.tensor([1.0], dtype=torch.float64, device="cuda")
+
+    def dense_lin(name, layer, x):
+        return F.linear(x[None], weights[layer][name])[0]
+
+    def effort_lin(name, layer, x):
+        return cuda.matmul(x, buckets[layer][name], eff, out_dtype=torch.float16)
+
+    max_len = args.ctx + args.steps + 8
+    res = {
+        "layers": a.n_layers,
+        "ctx": args.ctx,
+        "steps": args.steps,
+        "gen_s": round(t_gen, 1),
+        "build_s": round(t_build, 1),
+        "device": torch.cuda.get_device_name(),
+    }
+    g_gen = torch.Generator(device="cuda")
+    g_gen.manual_seed(1)
+    dense = Decoder(a, dense_lin, g_gen, max_len)
+    g_gen.manual_seed(1)
+    ours = Decoder(a, effort_lin, g_gen, max_len)  # same embeddings, head and cache
+    gd, ge = capture(dense), capture(ours)
+    res["dense_tok_s"] = round(tokens_per_s(dense, gd, args.ctx, args.steps), 1)
+    w_bytes = sum(w.numel() * 2 for lw in weights for w in lw.values()) + dense.head.numel() * 2
+    res["dense_weight_gbps"] = round(res["dense_tok_s"] * w_bytes / 1e9, 1)
+    for e in (1.0, 0.5, 0.25):
+        eff.fill_(e)
+        for d in (dense, ours):  # one step from the same state: how close are the logits?
+            d.pos.fill_(args.ctx)
+            d.token.fill_(7)
+        gd.replay()
+        ge.replay()
+        torch.cuda.synchronize()
+        cos = F.cosine_similarity(dense.logits.float(), ours.logits.float(), dim=0).item()
+        tps = tokens_per_s(ours, ge, args.ctx, args.steps)
+        res[f"effort_{e}"] = {
+            "tok_s": round(tps, 1),
+            "vs_dense": round(tps / res["dense_tok_s"], 3),
+            "logits_cos": round(cos, 4),
+        }
+    print(json.dumps(res, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/bin/bash
+# One device call: build, check and time the CUDA backend. Usage: bash bench/cuda_run.sh [stage...]
+# stages: env tests quick bench model (default: env tests quick model). Logs go to $OUT.
+export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 PYEFFORT_CUDA_CACHE=/tmp/pecache PYEFFORT_REAL_NPZ=.devbuild/real.npz
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+stages=${*:-env tests quick model}
+for s in $stages; do
+  echo "=== $s $(date +%T)"
+  case $s in
+    env)
+      nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
+      python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
+      nvcc --version | tail -1
+      python3 setup.py build_ext --inplace -q > "$OUT/build_ext.log" 2>&1 || echo "C core build FAILED"
+      python3 -c "import time; t=time.time(); from pyeffort import cuda; cuda._lib(); print('cuda lib ok', round(time.time()-t,1), 's')"
+      ;;
+    tests) timeout 300 python3 -m pytest tests/test_cuda.py -q -rA --timeout 200 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
+    quick) timeout 150 python3 bench/cuda_bench.py --quick --shapes 4096x14336,4096x4096 --json "$OUT/quick.json" ;;
+    bench) timeout 400 python3 bench/cuda_bench.py --json "$OUT/bench.json" ;;
+    model) timeout 300 python3 bench/cuda_model.py --json "$OUT/model.json" ;;
+  esac
+done
+echo "=== done $(date +%T)"

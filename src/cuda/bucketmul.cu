@@ -1,0 +1,257 @@
+/* The effort matmul on the device: rows with key >= cut, tile-major repacked, scattered into
+ * shared-memory accumulators. Grid: n_tiles column tiles x n_splits row splits (rows go to
+ * splits in 32-row stripes, so the work of every split is a fair sample). Every output is summed
+ * in a fixed order (rows in list order per team, teams in order, splits in order): the same
+ * inputs give the same bits. */
+#include "common.cuh"
+
+#define PE_MM_THREADS 512
+#define PE_MM_WARPS (PE_MM_THREADS / 32)
+#define PE_LIST_CAP 8192 /* dispatched rows held in shared memory at a time */
+#define PE_UNROLL 8      /* rows in flight per team */
+
+template <int CT>
+struct Tile {
+    static constexpr int TPT = CT / 4;              /* threads per team, 4 groups each      */
+    static constexpr int NT = PE_MM_THREADS / TPT;  /* teams per block                      */
+    static constexpr int ACC = 16 * CT + TPT;       /* floats per team (padded: no conflicts) */
+    static constexpr int CB = CT * 5 / 2;           /* bytes of one row's chunk in a tile   */
+    static constexpr size_t SMEM = sizeof(float) * NT * ACC + 8 * PE_LIST_CAP;
+};
+
+/* list (n rows of this split, their x) -> team accumulators += x * w at each position. */
+template <int CT>
+__device__ __forceinline__ void process(const int *list_r, const float *list_x, uint32_t n,
+                                        const uint8_t *tile_base, float *my, int team, int t) {
+    typedef Tile<CT> T;
+    for (uint32_t j0 = team; j0 < n; j0 += T::NT * PE_UNROLL) {
+        uint2 v[PE_UNROLL];
+        uint32_t p[PE_UNROLL];
+        float xv[PE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < PE_UNROLL; u++) {
+            uint32_t j = j0 + u * T::NT;
+            v[u] = make_uint2(0u, 0u);
+            p[u] = 0u;
+            xv[u] = 0.f;
+            if (j < n) {
+                const uint8_t *c = tile_base + (size_t)list_r[j] * T::CB;
+                v[u] = __ldg((const uint2 *)(c + 8 * t));
+                p[u] = __ldg((const unsigned short *)(c + 2 * CT + 2 * t));
+                xv[u] = list_x[j];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < PE_UNROLL; u++) {
+            if (j0 + u * T::NT >= n) break;
+            float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].x));
+            float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].y));
+            my[((p[u] >> 0) & 15) * CT + 0 * T::TPT] += xv[u] * a.x;
+            my[((p[u] >> 4) & 15) * CT + 1 * T::TPT] += xv[u] * a.y;
+            my[((p[u] >> 8) & 15) * CT + 2 * T::TPT] += xv[u] * b.x;
+            my[((p[u] >> 12) & 15) * CT + 3 * T::TPT] += xv[u] * b.y;
+        }
+    }
+}
+
+/* x (n_in,) @ rows with key >= state.cut -> y (n_out,) (via partial sums when n_splits > 1). */
+template <typename TX, typename TY, int CT>
+__global__ void __launch_bounds__(PE_MM_THREADS, 1)
+    k_bucketmul(const TX *__restrict__ x, pe_cuda_matrix m, TY *__restrict__ y) {
+    typedef Tile<CT> T;
+    extern __shared__ float smem[];
+    float *acc = smem;                                   /* (NT, ACC)      */
+    int *list_r = (int *)(acc + T::NT * T::ACC);          /* (LIST_CAP,)    */
+    float *list_x = (float *)(list_r + PE_LIST_CAP);      /* (LIST_CAP,)    */
+    __shared__ uint32_t warp_n[PE_MM_WARPS];
+    __shared__ bool last;
+    const int tile = blockIdx.x % m.n_tiles, split = blockIdx.x / m.n_tiles;
+    for (int i = threadIdx.x; i < T::NT * T::ACC; i += PE_MM_THREADS) acc[i] = 0.f;
+    pe_pdl_wait();
+    pe_pdl_launch();
+    const uint32_t cut = m.state->cut;
+    const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float *my = acc + team * T::ACC + t;
+    const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
+    const int64_t n_stripes = (m.n_rows + 31) / 32, stride = m.n_splits;
+    int64_t round = split; /* stripe of warp 0 this round */
+    uint32_t n = 0;
+    __syncthreads();
+    for (;;) {
+        const bool more = round < n_stripes;
+        if (more) {
+            int64_t r = (round + warp * stride) * 32 + lane;
+            bool hit = r < m.n_rows && __ldg(&m.keys[r]) >= cut;
+            unsigned mask = __ballot_sync(0xFFFFFFFFu, hit);
+            if (lane == 0) warp_n[warp] = __popc(mask);
+            __syncthreads();
+            uint32_t off = n, total = 0;
+            for (int w = 0; w < PE_MM_WARPS; w++) {
+                off += w < warp ? warp_n[w] : 0u;
+                total += warp_n[w];
+            }
+            if (hit) {
+                uint32_t idx = off + __popc(mask & ((1u << lane) - 1));
+                list_r[idx] = (int)r;
+                list_x[idx] = pe_to_f32(x[m.order[r]]);
+            }
+            n += total;
+            round += PE_MM_WARPS * stride;
+            __syncthreads();
+        }
+        if (!more || n + PE_MM_THREADS > PE_LIST_CAP) {
+            process<CT>(list_r, list_x, n, tile_base, my, team, t);
+            __syncthreads();
+            n = 0;
+            if (!more) break;
+        }
+    }
+    /* teams -> this split's sums, columns of the tile in natural order */
+    const int tile_cols = 16 * CT;
+    float *part = m.partial + ((size_t)split * m.n_tiles + tile) * tile_cols;
+    for (int o = threadIdx.x; o < tile_cols; o += PE_MM_THREADS) {
+        float s = 0.f;
+        for (int j = 0; j < T::NT; j++) s += acc[j * T::ACC + o];
+        int pos = o / CT, rem = o % CT, e = rem / T::TPT, tt = rem % T::TPT;
+        int col = 16 * (4 * tt + e) + pos;
+        int64_t gc = (int64_t)tile * tile_cols + col;
+        if (m.n_splits == 1) {
+            if (gc < m.n_out) pe_store(&y[gc], s);
+        } else {
+            part[col] = s;
+        }
+    }
+    if (m.n_splits == 1) return;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&m.tickets[tile], 1u) == (uint32_t)m.n_splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const size_t split_stride = (size_t)m.n_tiles * tile_cols;
+    for (int col = threadIdx.x; col < tile_cols; col += PE_MM_THREADS) {
+        int64_t gc = (int64_t)tile * tile_cols + col;
+        if (gc >= m.n_out) break;
+        const float *p = m.partial + (size_t)tile * tile_cols + col;
+        float s = 0.f;
+        int sp = 0;
+        for (; sp + 8 <= m.n_splits; sp += 8) {
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) v[u] = __ldcg(p + (size_t)(sp + u) * split_stride);
+#pragma unroll
+            for (int u = 0; u < 8; u++) s += v[u];
+        }
+        for (; sp < m.n_splits; sp++) s += __ldcg(p + (size_t)sp * split_stride);
+        pe_store(&y[gc], s);
+    }
+    if (threadIdx.x == 0) m.tickets[tile] = 0;
+}
+
+/* ---------------------------------------------------------------- launch */
+
+int pe_cuda_select_impl(const pe_cuda_matrix *m, const void *x, int x_dtype,
+                        const double *effort_ptr, double effort_val, void *stream, int pdl);
+
+template <typename TX, typename TY, int CT>
+static cudaError_t launch_mm(const pe_cuda_matrix *m, const void *x, void *y, void *stream,
+                             int pdl) {
+    cudaLaunchConfig_t cfg;
+    cudaLaunchAttribute attr[1];
+    cfg.gridDim = dim3((unsigned)(m->n_tiles * m->n_splits));
+    cfg.blockDim = dim3(PE_MM_THREADS);
+    cfg.dynamicSmemBytes = Tile<CT>::SMEM;
+    cfg.stream = (cudaStream_t)stream;
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, k_bucketmul<TX, TY, CT>, (const TX *)x, *m, (TY *)y);
+}
+
+template <typename TX, typename TY>
+static cudaError_t launch_ct(const pe_cuda_matrix *m, const void *x, void *y, void *stream,
+                             int pdl) {
+    switch (m->ct) {
+        case 32: return launch_mm<TX, TY, 32>(m, x, y, stream, pdl);
+        case 64: return launch_mm<TX, TY, 64>(m, x, y, stream, pdl);
+        case 128: return launch_mm<TX, TY, 128>(m, x, y, stream, pdl);
+        default: return cudaErrorInvalidValue;
+    }
+}
+
+template <typename TX, typename TY, int CT>
+static cudaError_t raise_smem() {
+    return cudaFuncSetAttribute(k_bucketmul<TX, TY, CT>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tile<CT>::SMEM);
+}
+
+template <typename TX, typename TY>
+static cudaError_t raise_all() {
+    cudaError_t e = raise_smem<TX, TY, 32>();
+    if (e == cudaSuccess) e = raise_smem<TX, TY, 64>();
+    if (e == cudaSuccess) e = raise_smem<TX, TY, 128>();
+    return e;
+}
+
+int pe_cuda_select_init(void);
+
+extern "C" int pe_cuda_init(void) {
+    int st = pe_cuda_select_init();
+    if (st) return st;
+    cudaError_t e = raise_all<float, float>();
+    if (e == cudaSuccess) e = raise_all<__half, float>();
+    if (e == cudaSuccess) e = raise_all<__half, __half>();
+    if (e == cudaSuccess) e = raise_all<__nv_bfloat16, float>();
+    if (e == cudaSuccess) e = raise_all<__nv_bfloat16, __nv_bfloat16>();
+    return (int)e;
+}
+
+static int elem_size(int dtype) { return dtype == PE_F32 ? 4 : 2; }
+
+static cudaError_t launch_types(const pe_cuda_matrix *m, const void *x, int xd, void *y, int yd,
+                                void *stream, int pdl) {
+    if (xd == PE_F32 && yd == PE_F32) return launch_ct<float, float>(m, x, y, stream, pdl);
+    if (xd == PE_F16 && yd == PE_F32) return launch_ct<__half, float>(m, x, y, stream, pdl);
+    if (xd == PE_F16 && yd == PE_F16) return launch_ct<__half, __half>(m, x, y, stream, pdl);
+    if (xd == PE_BF16 && yd == PE_F32) return launch_ct<__nv_bfloat16, float>(m, x, y, stream, pdl);
+    if (xd == PE_BF16 && yd == PE_BF16)
+        return launch_ct<__nv_bfloat16, __nv_bfloat16>(m, x, y, stream, pdl);
+    return cudaErrorInvalidValue;
+}
+
+extern "C" int pe_cuda_matmul(const pe_cuda_matrix *m, const void *x, int x_dtype,
+                              int64_t n_tokens, const double *effort_ptr, double effort_val,
+                              void *y, int y_dtype, void *stream, int pdl) {
+    if (!m || m->n_rows < 1 || m->n_rows > 16 * m->n_in || (int64_t)m->n_tiles * 16 * m->ct < m->n_out ||
+        m->n_splits < 1 || n_tokens < 0)
+        return PE_CUDA_ERR_ARG;
+    for (int64_t t = 0; t < n_tokens; t++) {
+        const char *xt = (const char *)x + t * m->n_in * elem_size(x_dtype);
+        char *yt = (char *)y + t * m->n_out * elem_size(y_dtype);
+        int st = pe_cuda_select_impl(m, xt, x_dtype, effort_ptr, effort_val, stream, pdl);
+        if (st) return st;
+        cudaError_t e = launch_types(m, xt, x_dtype, yt, y_dtype, stream, pdl);
+        if (e != cudaSuccess) return e == cudaErrorInvalidValue ? PE_CUDA_ERR_ARG : (int)e;
+    }
+    return 0;
+}
+
+extern "C" int pe_cuda_select(const pe_cuda_matrix *m, const void *x, int x_dtype,
+                              const double *effort_ptr, double effort_val, void *stream,
+                              int pdl) {
+    return pe_cuda_select_impl(m, x, x_dtype, effort_ptr, effort_val, stream, pdl);
+}
+
+extern "C" int pe_cuda_num_sms(void) {
+    int dev = 0, n = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    return e == cudaSuccess ? n : -(int)e;
+}
+
+extern "C" const char *pe_cuda_error_string(int status) {
+    if (status == PE_CUDA_ERR_ARG) return "inconsistent arguments";
+    return cudaGetErrorString((cudaError_t)status);
+}

@@ -1,0 +1,85 @@
+/* Shared device helpers: dtype conversion, PDL hooks, row weights, block bin search. */
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include <cub/block/block_scan.cuh>
+
+#include "pe_cuda.h"
+
+#define PE_NB1 2048 /* level-1 bins: key bits 30..20 (the sign bit is always 0) */
+#define PE_NB2 1024 /* level-2 and level-3 bins: key bits 19..10, then 9..0       */
+#define PE_SEL_THREADS 512
+#define PE_MODE_SEARCH 0u
+#define PE_MODE_NONE 1u
+#define PE_MODE_ALL 2u
+
+__device__ __forceinline__ float pe_to_f32(float v) { return v; }
+__device__ __forceinline__ float pe_to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float pe_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ void pe_store(float *p, float v) { *p = v; }
+__device__ __forceinline__ void pe_store(__half *p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void pe_store(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
+
+/* Programmatic dependent launch: wait for the previous grid's results / let the next one start. */
+__device__ __forceinline__ void pe_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pe_pdl_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/* Row r of rank r / n_in is short (G - 1 real multiplications) past the last group's size. */
+__device__ __forceinline__ uint32_t pe_is_short(int64_t r, int64_t n_in, int tail) {
+    return (tail != 0 && r / n_in >= tail) ? 1u : 0u;
+}
+
+/* The highest bin b (of nb, counts cnt / short counts shrt in shared memory) where the weight
+ * above + (bins >= b) first reaches budget; as reference.cutoff's searchsorted. On return (all
+ * threads): *bin, and *above_w / *above_n grown by the bins strictly above it. Block-wide:
+ * every thread of a PE_SEL_THREADS block calls it. nb is a multiple of PE_SEL_THREADS. */
+__device__ __forceinline__ void pe_pick_bin(const uint32_t *cnt, const uint32_t *shrt, int nb,
+                                            uint64_t G, double budget, uint32_t *bin,
+                                            uint64_t *above_w, uint32_t *above_n) {
+    typedef cub::BlockScan<unsigned long long, PE_SEL_THREADS> Scan;
+    __shared__ typename Scan::TempStorage tmp;
+    __shared__ uint32_t s_bin, s_n;
+    __shared__ unsigned long long s_w;
+    const int per = nb / PE_SEL_THREADS;
+    const int hi = nb - 1 - (int)threadIdx.x * per; /* this thread's bins: hi, hi-1, ... */
+    unsigned long long tw = 0, tn = 0;
+    for (int q = 0; q < per; q++) {
+        tw += (unsigned long long)cnt[hi - q] * G - shrt[hi - q];
+        tn += cnt[hi - q];
+    }
+    unsigned long long ew, en;
+    if (threadIdx.x == 0) { s_bin = 0; s_w = *above_w; s_n = *above_n; }
+    Scan(tmp).ExclusiveSum(tw, ew);
+    __syncthreads();
+    Scan(tmp).ExclusiveSum(tn, en);
+    unsigned long long aw = *above_w + ew, an = *above_n + en;
+    if ((double)aw < budget && (double)(aw + tw) >= budget) { /* the crossing is in my bins */
+        for (int q = 0; q < per; q++) {
+            unsigned long long w = (unsigned long long)cnt[hi - q] * G - shrt[hi - q];
+            if ((double)(aw + w) >= budget) {
+                s_bin = (uint32_t)(hi - q);
+                s_w = aw;
+                s_n = (uint32_t)an;
+                break;
+            }
+            aw += w;
+            an += cnt[hi - q];
+        }
+    }
+    __syncthreads();
+    *bin = s_bin;
+    *above_w = s_w;
+    *above_n = s_n;
+    __syncthreads();
+}

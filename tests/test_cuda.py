@@ -1,0 +1,210 @@
+"""The CUDA backend against the numpy reference (same selection), on random and real weights.
+Skipped where there is no CUDA GPU. Every call gets fresh inputs and a NaN-poisoned output."""
+
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+import pyeffort
+from pyeffort import reference
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+if torch.cuda.is_available():
+    from pyeffort import cuda
+
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+
+
+def reference_out(x: torch.Tensor, b: pyeffort.Buckets, effort: float):
+    """x (T, n_in) CUDA -> (y (T, n_out) f64-accumulated reference, mults per token list)."""
+    x32 = x.float().cpu().numpy().reshape(-1, b.n_in)
+    y = np.empty((x32.shape[0], b.n_out), dtype=np.float32)
+    mults = []
+    for t in range(x32.shape[0]):
+        m, _ = reference.bucketmul(
+            x32[t : t + 1], b.values, b.positions, b.stats, b.order, b.n_out, effort, y[t : t + 1]
+        )
+        mults.append(m)
+    return y, mults
+
+
+def scale(x: torch.Tensor, b: pyeffort.Buckets, dense=None) -> np.ndarray:
+    """Sum of |products| per output: the size fp32 rounding is relative to."""
+    x32 = np.abs(x.float().cpu().numpy().reshape(-1, b.n_in)).astype(np.float64)
+    return x32 @ (dense if dense is not None else np.abs(b.to_dense().astype(np.float64)))
+
+
+def run_gpu(x, bc, effort, out_dtype=torch.float32):
+    shape = (bc.n_out,) if x.ndim == 1 else (x.shape[0], bc.n_out)
+    y = torch.full(shape, float("nan"), dtype=out_dtype, device=x.device)  # poison
+    _, info = pyeffort.matmul(x, bc, effort, out=y, return_info=True)
+    return y, info
+
+
+def assert_close(y, ref, sc, rel):
+    y = y.float().cpu().numpy().reshape(ref.shape)
+    assert np.isfinite(y).all(), "an output was not written"
+    err = np.abs(y.astype(np.float64) - ref)
+    bound = rel * sc + 1e-7 * sc.max() + 1e-30
+    assert (err <= bound).all(), float((err / (sc + 1e-30)).max())
+
+
+def fresh_x(gen, n_tok, n_in, dtype):
+    x = torch.randn((n_tok, n_in), generator=gen, device="cuda") * 2.0
+    x = x * (torch.rand((n_tok, n_in), generator=gen, device="cuda") ** 4)  # heavy-ish tails
+    return x.to(dtype)
+
+
+@pytest.fixture
+def gen(request):
+    g = torch.Generator(device="cuda")
+    g.manual_seed(abs(hash(request.node.nodeid)) % 2**31)
+    return g
+
+
+@pytest.mark.parametrize("shape", [(100, 37), (257, 300), (1000, 1000), (4096, 1024), (96, 4100)])
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "f32"])
+def test_matches_reference_random(shape, dtype, gen, rng):
+    w = (rng.standard_normal(shape) * rng.lognormal(0, 0.7, (shape[0], 1))).astype(np.float16)
+    b = pyeffort.build_buckets(w)
+    bc = b.to("cuda")
+    dense = np.abs(b.to_dense().astype(np.float64))
+    for effort in [0.0, 0.03, 0.25, 0.5, 0.9, 1.0]:
+        for n_tok in (1, 3):
+            x = fresh_x(gen, n_tok, shape[0], DTYPES[dtype])
+            x = x[0] if n_tok == 1 else x
+            y, info = run_gpu(x, bc, effort)
+            ref, mults = reference_out(x, b, effort)
+            assert info.mults == sum(mults), (effort, info.mults, mults)
+            assert_close(y, ref, scale(x, b, dense), 2e-5)
+
+
+def test_ties_and_partial_load(gen, rng):
+    w = rng.integers(-2, 3, (300, 64)).astype(np.float16)  # many equal statistics
+    full = pyeffort.build_buckets(w)
+    n_rows = 16 * 300 * 3 // 8
+    part = pyeffort.Buckets(
+        full.values[:n_rows], full.positions[:n_rows], full.stats, full.order, full.n_out
+    )
+    for b in (full, part):
+        bc = b.to("cuda")
+        for effort in [0.1, 0.3, 0.37, 0.5, 1.0]:
+            x = torch.randint(-1, 2, (2, 300), generator=gen, device="cuda").half()
+            y, info = run_gpu(x, bc, effort)
+            ref, mults = reference_out(x, b, effort)
+            assert info.mults == sum(mults)
+            assert_close(y, ref, scale(x, b), 2e-5)
+
+
+def test_deterministic_and_pdl_off(gen, rng):
+    w = rng.standard_normal((2048, 3000)).astype(np.float16)
+    bc = pyeffort.build_buckets(w).to("cuda")
+    x = fresh_x(gen, 1, 2048, torch.float16)[0]
+    first = pyeffort.matmul(x, bc, 0.3)
+    for pdl in (True, False, True):
+        cuda.set_pdl(pdl)
+        assert torch.equal(pyeffort.matmul(x, bc, 0.3), first)
+    cuda.set_pdl(True)
+
+
+def test_graph_with_device_effort(gen, rng):
+    w = rng.standard_normal((1024, 2048)).astype(np.float16)
+    bc = pyeffort.build_buckets(w).to("cuda")
+    x = fresh_x(gen, 1, 1024, torch.bfloat16)[0]
+    eff = torch.tensor([0.5], dtype=torch.float64, device="cuda")
+    y = torch.empty(2048, dtype=torch.float32, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        pyeffort.matmul(x, bc, eff, out=y)  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        pyeffort.matmul(x, bc, eff, out=y)
+    for e in (0.5, 0.2, 1.0, 0.0, 0.07):
+        x.copy_(fresh_x(gen, 1, 1024, torch.bfloat16)[0])
+        y.fill_(float("nan"))
+        eff.fill_(e)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, pyeffort.matmul(x, bc, e)), e
+
+
+def test_gpu_builder_matches_cpu_builder(rng):
+    for shape in [(64, 40), (513, 1000), (1024, 4096)]:
+        w = rng.standard_normal(shape).astype(np.float16)
+        w[::7] = np.round(w[::7])  # ties inside groups
+        b = pyeffort.build_buckets(w)
+        values, positions, stats, order = cuda.build_canonical(torch.from_numpy(w).cuda())
+        np.testing.assert_array_equal(values.cpu().numpy(), b.values)
+        np.testing.assert_array_equal(positions.cpu().numpy(), b.positions)
+        np.testing.assert_array_equal(stats.cpu().numpy(), b.stats)
+        np.testing.assert_array_equal(order.cpu().numpy(), b.order)
+
+
+def _real_mats():
+    path = os.environ.get("PYEFFORT_REAL_NPZ")
+    if path and os.path.exists(path):
+        z = np.load(path)
+        names = sorted({k.rsplit("/", 1)[0] for k in z.files})
+        return [(n, z[n + "/W"], z[n + "/X"]) for n in names]
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "bench"))
+    try:
+        import realdata
+
+        return [(n, w, xs[[3, 9, 15]]) for n, w, xs in realdata.capture(n_tokens=16)[:7]]
+    except (ImportError, FileNotFoundError) as exc:
+        pytest.skip(f"no real weights here: {exc}")
+
+
+def test_matches_reference_real_weights():
+    for name, w, xs in _real_mats():
+        b = pyeffort.build_buckets(w.astype(np.float16))
+        bc = b.to("cuda")
+        for dtype in ("f16", "bf16"):
+            x = torch.from_numpy(xs).cuda().to(DTYPES[dtype]).contiguous()
+            for effort in [0.1, 0.25, 0.5, 1.0]:
+                y, info = run_gpu(x, bc, effort)
+                ref, mults = reference_out(x, b, effort)
+                assert info.mults == sum(mults), name
+                assert abs(info.effort - effort) <= 0.01, (name, effort, info.effort)
+                assert_close(y, ref, scale(x, b), 2e-5)
+
+
+def test_output_in_activation_dtype(gen, rng):
+    w = rng.standard_normal((512, 700)).astype(np.float16)
+    b = pyeffort.build_buckets(w)
+    bc = b.to("cuda")
+    for dtype in ("f16", "bf16"):
+        x = fresh_x(gen, 1, 512, DTYPES[dtype])[0]
+        y = cuda.matmul(x, bc, 0.4, out_dtype=DTYPES[dtype])
+        assert y.dtype == DTYPES[dtype]
+        ref, _ = reference_out(x, b, 0.4)
+        assert_close(y, ref[0], scale(x, b)[0], 1e-2)
+
+
+def test_bad_inputs_raise(rng):
+    b = pyeffort.build_buckets(rng.standard_normal((64, 32)).astype(np.float16))
+    bc = b.to("cuda")
+    x = torch.ones(64, device="cuda", dtype=torch.float16)
+    with pytest.raises(pyeffort.DTypeError):
+        pyeffort.matmul(x, b, 0.5)  # host Buckets with CUDA activations
+    with pytest.raises(pyeffort.DTypeError):
+        pyeffort.matmul(x.int(), bc, 0.5)
+    with pytest.raises(pyeffort.ShapeError):
+        pyeffort.matmul(torch.ones(65, device="cuda", dtype=torch.float16), bc, 0.5)
+    with pytest.raises(pyeffort.LayoutError):
+        pyeffort.matmul(torch.ones((64, 2), device="cuda").half().t(), bc, 0.5)
+    with pytest.raises(pyeffort.EffortError):
+        pyeffort.matmul(x, bc, 1.5)
+    with pytest.raises(pyeffort.DTypeError):
+        pyeffort.matmul(x, bc, torch.tensor([0.5], device="cuda"))  # float32 effort tensor
+    with pytest.raises(pyeffort.DTypeError):
+        pyeffort.matmul(x, bc, 0.5, out=torch.empty(32, device="cuda", dtype=torch.bfloat16))
