@@ -97,19 +97,23 @@ def bench_shape(n_in, n_out, efforts, gen, pdl_check=False):
     del g_dense
     g = graph_of([ours(i) for i in idx])
     sel = graph_of([(lambda i=i: cuda.select(xs[i], bs[i], eff)) for i in idx])
+    sel1 = graph_of([(lambda i=i: cuda.select(xs[i], bs[i], eff, stages=1)) for i in idx])
     rows = []
     for e in efforts:
         eff.fill_(e)
         t = time_graph(g, per_graph)
         t_sel = time_graph(sel, per_graph)
+        t_sel1 = time_graph(sel1, per_graph)
         _, info = pyeffort.matmul(xs[0], bs[0], e, return_info=True)
-        sel_bytes = bs[0].n_rows * 12  # order + stats read, keys written
+        # selection traffic per row: order, stats, keys and x written and read back
+        sel_bytes = bs[0].n_rows * 20
         rows.append(
             {
                 "shape": f"{n_in}x{n_out}",
                 "effort": e,
                 "realised": round(info.effort, 4),
                 "us": round(t, 2),
+                "keys_us": round(t_sel1, 2),
                 "select_us": round(t_sel, 2),
                 "cublas_us": round(t_dense, 2),
                 "speedup": round(t_dense / t, 3),
@@ -157,6 +161,7 @@ def main():
         "effort",
         "realised",
         "us",
+        "keys_us",
         "select_us",
         "cublas_us",
         "speedup",

@@ -76,47 +76,50 @@ class Decoder:
         dev, hd = "cuda", a.head_dim
         self.emb = (torch.randn((a.vocab, a.dim), generator=gen, device=dev)).half()
         self.head = (torch.randn((a.vocab, a.dim), generator=gen, device=dev) * a.dim**-0.5).half()
-        kv_shape = (a.n_layers, max_len, a.n_kv_heads, hd)
+        kv_shape = (a.n_layers, a.n_kv_heads, max_len, hd)
         self.k_cache = torch.randn(kv_shape, generator=gen, device=dev).half()
         self.v_cache = torch.randn(kv_shape, generator=gen, device=dev).half()
         inv = 1.0 / a.rope_theta ** (torch.arange(0, hd, 2, device=dev).float() / hd)
         ang = torch.arange(max_len, device=dev).float()[:, None] * inv[None, :]
-        self.cos, self.sin = ang.cos(), ang.sin()  # (max_len, hd/2)
+        self.freqs = torch.polar(torch.ones_like(ang), ang)  # (max_len, hd/2) complex64
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.logits = None
 
-    def rope(self, x):  # x (heads, hd) at self.pos
-        c, s = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)
-        x1, x2 = x.float()[:, 0::2], x.float()[:, 1::2]
-        return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(1).half()
+    def rope(self, x, f):  # x (heads, hd), f (1, hd/2) complex at self.pos
+        xc = torch.view_as_complex(x.float().view(x.shape[0], -1, 2))
+        return torch.view_as_real(xc * f).flatten(1).half()
 
     def norm(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean() + self.a.norm_eps)).half()
+        return F.rms_norm(x, (self.a.dim,), eps=self.a.norm_eps)
 
-    def attention(self, layer, x):
+    def attention(self, layer, x, f, bias):
         a, hd = self.a, self.a.head_dim
-        q = self.rope(self.lin("wq", layer, x).view(a.n_heads, hd))
-        k = self.rope(self.lin("wk", layer, x).view(a.n_kv_heads, hd))
+        q = self.rope(self.lin("wq", layer, x).view(a.n_heads, hd), f)
+        k = self.rope(self.lin("wk", layer, x).view(a.n_kv_heads, hd), f)
         v = self.lin("wv", layer, x).view(a.n_kv_heads, hd)
-        self.k_cache[layer].index_copy_(0, self.pos, k[None])
-        self.v_cache[layer].index_copy_(0, self.pos, v[None])
-        rep = a.n_heads // a.n_kv_heads
-        kc, vc = self.k_cache[layer].transpose(0, 1), self.v_cache[layer].transpose(0, 1)
-        scores = torch.matmul(q.view(a.n_kv_heads, rep, hd), kc.transpose(1, 2)) * hd**-0.5
-        mask = torch.arange(self.max_len, device="cuda") > self.pos
-        p = torch.softmax(scores.float().masked_fill(mask, float("-inf")), -1).half()
-        o = torch.matmul(p, vc).reshape(a.dim)  # (kv, rep, hd) -> dim
+        kc, vc = self.k_cache[layer], self.v_cache[layer]  # (kv, max_len, hd)
+        kc.index_copy_(1, self.pos, k[:, None])
+        vc.index_copy_(1, self.pos, v[:, None])
+        qg = q.view(a.n_kv_heads, a.n_heads // a.n_kv_heads, hd)
+        scores = torch.baddbmm(bias, qg, kc.transpose(1, 2), alpha=hd**-0.5)  # (kv, rep, len)
+        o = torch.bmm(torch.softmax(scores, -1), vc).reshape(a.dim)
         return self.lin("wo", layer, o)
 
     def step(self):
         h = self.emb.index_select(0, self.token)[0]
+        f = self.freqs.index_select(0, self.pos)
+        ar = torch.arange(self.max_len, device="cuda")
+        bias = (
+            torch.where(ar > self.pos, float("-inf"), 0.0)
+            .half()
+            .expand(self.a.n_kv_heads, self.a.n_heads // self.a.n_kv_heads, -1)
+        )
         for layer in range(self.a.n_layers):
-            h = h + self.attention(layer, self.norm(h))
+            h = h + self.attention(layer, self.norm(h), f, bias)
             m = self.norm(h)
-            f = F.silu(self.lin("w1", layer, m)) * self.lin("w3", layer, m)
-            h = h + self.lin("w2", layer, f)
+            g = F.silu(self.lin("w1", layer, m)) * self.lin("w3", layer, m)
+            h = h + self.lin("w2", layer, g)
         self.logits = F.linear(self.norm(h)[None], self.head)[0]
         self.token.copy_(self.logits.argmax()[None])
         self.pos.add_(1)

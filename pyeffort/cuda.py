@@ -54,6 +54,7 @@ class _Matrix(ctypes.Structure):
         ("order", ctypes.c_void_p),
         ("stats", ctypes.c_void_p),
         ("keys", ctypes.c_void_p),
+        ("xval", ctypes.c_void_p),
         ("hist", ctypes.c_void_p),
         ("cand", ctypes.c_void_p),
         ("partial", ctypes.c_void_p),
@@ -137,7 +138,7 @@ def _lib():
         lib = ctypes.CDLL(str(prebuilt if prebuilt.exists() else _compiled_path()))
         p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
         lib.pe_cuda_matmul.argtypes = [ctypes.POINTER(_Matrix), p, i32, i64, p, f64, p, i32, p, i32]
-        lib.pe_cuda_select.argtypes = [ctypes.POINTER(_Matrix), p, i32, p, f64, p, i32]
+        lib.pe_cuda_select.argtypes = [ctypes.POINTER(_Matrix), p, i32, p, f64, p, i32, i32]
         lib.pe_cuda_error_string.restype = ctypes.c_char_p
         lib.pe_cuda_error_string.argtypes = [i32]
         _check(lib, lib.pe_cuda_init())
@@ -198,7 +199,8 @@ class CudaBuckets:
         self.stats = stats.reshape(-1)[:n_rows].to(torch.float32).contiguous()  # (n_rows,)
         i32 = {"dtype": torch.int32, "device": dev}
         self._keys = torch.empty(n_rows, **i32)
-        self._hist = torch.zeros(2 * 2048, **i32)
+        self._xval = torch.empty(n_rows, dtype=torch.float32, device=dev)
+        self._hist = torch.zeros(2 * 4096, **i32)
         self._cand = torch.empty(n_rows, **i32)
         n_part = n_splits * n_tiles * 16 * ct if n_splits > 1 else 1
         self._partial = torch.empty(n_part, dtype=torch.float32, device=dev)
@@ -211,6 +213,7 @@ class CudaBuckets:
             self.order.data_ptr(),
             self.stats.data_ptr(),
             self._keys.data_ptr(),
+            self._xval.data_ptr(),
             self._hist.data_ptr(),
             self._cand.data_ptr(),
             self._partial.data_ptr(),
@@ -367,8 +370,9 @@ def matmul(x, B, effort=1.0, *, out=None, return_info: bool = False, out_dtype=N
     return y, MatmulInfo(mults / total, rows * reference.row_bytes(B.n_groups), mults)
 
 
-def select(x, B, effort=1.0) -> None:
-    """Only the cutoff search for one token (for timing; the cutoff stays on the device)."""
+def select(x, B, effort=1.0, stages: int = 2) -> None:
+    """Only the cutoff search for one token (for timing; the cutoff stays on the device);
+    ``stages=1`` runs only its first kernel."""
     torch = _torch()
     eff_ptr, eff_val = _effort(torch, effort, B.device)
     stream = torch.cuda.current_stream(B.device).cuda_stream
@@ -382,6 +386,7 @@ def select(x, B, effort=1.0) -> None:
             eff_val,
             stream,
             int(_PDL),
+            int(stages),
         ),
     )
 

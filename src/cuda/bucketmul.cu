@@ -8,7 +8,8 @@
 #define PE_MM_THREADS 512
 #define PE_MM_WARPS (PE_MM_THREADS / 32)
 #define PE_LIST_CAP 8192 /* dispatched rows held in shared memory at a time */
-#define PE_UNROLL 8      /* rows in flight per team */
+#define PE_UNROLL 8      /* rows per load batch of a team (two batches in flight) */
+#define PE_ROUNDS 8      /* key rounds loaded at once in the dispatch scan */
 
 template <int CT>
 struct Tile {
@@ -16,41 +17,66 @@ struct Tile {
     static constexpr int NT = PE_MM_THREADS / TPT;  /* teams per block                      */
     static constexpr int ACC = 16 * CT + TPT;       /* floats per team (padded: no conflicts) */
     static constexpr int CB = CT * 5 / 2;           /* bytes of one row's chunk in a tile   */
-    static constexpr size_t SMEM = sizeof(float) * NT * ACC + 8 * PE_LIST_CAP;
+    static constexpr size_t SMEM = sizeof(float) * NT * ACC + 4 * PE_LIST_CAP;
 };
 
-/* list (n rows of this split, their x) -> team accumulators += x * w at each position. */
+/* Loads of U list entries (rows j0, j0 + NT, ...) of a team: values, nibbles and x. */
 template <int CT>
-__device__ __forceinline__ void process(const int *list_r, const float *list_x, uint32_t n,
-                                        const uint8_t *tile_base, float *my, int team, int t) {
+__device__ __forceinline__ void load_rows(const int *list_r, uint32_t n, uint32_t j0,
+                                          const uint8_t *tile_base, const float *xval, int t,
+                                          uint2 (&v)[PE_UNROLL], uint32_t (&p)[PE_UNROLL],
+                                          float (&xv)[PE_UNROLL]) {
     typedef Tile<CT> T;
-    for (uint32_t j0 = team; j0 < n; j0 += T::NT * PE_UNROLL) {
-        uint2 v[PE_UNROLL];
-        uint32_t p[PE_UNROLL];
-        float xv[PE_UNROLL];
 #pragma unroll
-        for (int u = 0; u < PE_UNROLL; u++) {
-            uint32_t j = j0 + u * T::NT;
-            v[u] = make_uint2(0u, 0u);
-            p[u] = 0u;
-            xv[u] = 0.f;
-            if (j < n) {
-                const uint8_t *c = tile_base + (size_t)list_r[j] * T::CB;
-                v[u] = __ldg((const uint2 *)(c + 8 * t));
-                p[u] = __ldg((const unsigned short *)(c + 2 * CT + 2 * t));
-                xv[u] = list_x[j];
-            }
+    for (int u = 0; u < PE_UNROLL; u++) {
+        uint32_t j = j0 + u * T::NT;
+        v[u] = make_uint2(0u, 0u);
+        p[u] = 0u;
+        xv[u] = 0.f;
+        if (j < n) {
+            const int r = list_r[j];
+            const uint8_t *c = tile_base + (size_t)r * T::CB;
+            v[u] = __ldg((const uint2 *)(c + 8 * t));
+            p[u] = __ldg((const unsigned short *)(c + 2 * CT + 2 * t));
+            xv[u] = __ldg(xval + r);
         }
+    }
+}
+
+/* acc[16 g + pos] += x * w for the loaded entries that exist (j < n). */
+template <int CT>
+__device__ __forceinline__ void add_rows(uint32_t n, uint32_t j0, float *my,
+                                         const uint2 (&v)[PE_UNROLL],
+                                         const uint32_t (&p)[PE_UNROLL],
+                                         const float (&xv)[PE_UNROLL]) {
+    typedef Tile<CT> T;
 #pragma unroll
-        for (int u = 0; u < PE_UNROLL; u++) {
-            if (j0 + u * T::NT >= n) break;
-            float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].x));
-            float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].y));
-            my[((p[u] >> 0) & 15) * CT + 0 * T::TPT] += xv[u] * a.x;
-            my[((p[u] >> 4) & 15) * CT + 1 * T::TPT] += xv[u] * a.y;
-            my[((p[u] >> 8) & 15) * CT + 2 * T::TPT] += xv[u] * b.x;
-            my[((p[u] >> 12) & 15) * CT + 3 * T::TPT] += xv[u] * b.y;
-        }
+    for (int u = 0; u < PE_UNROLL; u++) {
+        if (j0 + u * T::NT >= n) break;
+        float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].x));
+        float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].y));
+        my[((p[u] >> 0) & 15) * CT + 0 * T::TPT] += xv[u] * a.x;
+        my[((p[u] >> 4) & 15) * CT + 1 * T::TPT] += xv[u] * a.y;
+        my[((p[u] >> 8) & 15) * CT + 2 * T::TPT] += xv[u] * b.x;
+        my[((p[u] >> 12) & 15) * CT + 3 * T::TPT] += xv[u] * b.y;
+    }
+}
+
+/* list (n rows of this split) -> team accumulators; the next U rows load while U add. */
+template <int CT>
+__device__ __forceinline__ void process(const int *list_r, uint32_t n, const uint8_t *tile_base,
+                                        const float *xval, float *my, int team, int t) {
+    constexpr uint32_t STEP = Tile<CT>::NT * PE_UNROLL;
+    uint2 v0[PE_UNROLL], v1[PE_UNROLL];
+    uint32_t p0[PE_UNROLL], p1[PE_UNROLL];
+    float x0[PE_UNROLL], x1[PE_UNROLL];
+    load_rows<CT>(list_r, n, team, tile_base, xval, t, v0, p0, x0);
+    for (uint32_t j0 = team; j0 < n; j0 += 2 * STEP) {
+        load_rows<CT>(list_r, n, j0 + STEP, tile_base, xval, t, v1, p1, x1);
+        add_rows<CT>(n, j0, my, v0, p0, x0);
+        if (j0 + STEP >= n) break;
+        load_rows<CT>(list_r, n, j0 + 2 * STEP, tile_base, xval, t, v0, p0, x0);
+        add_rows<CT>(n, j0 + STEP, my, v1, p1, x1);
     }
 }
 
@@ -60,9 +86,8 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
     k_bucketmul(const TX *__restrict__ x, pe_cuda_matrix m, TY *__restrict__ y) {
     typedef Tile<CT> T;
     extern __shared__ float smem[];
-    float *acc = smem;                                   /* (NT, ACC)      */
-    int *list_r = (int *)(acc + T::NT * T::ACC);          /* (LIST_CAP,)    */
-    float *list_x = (float *)(list_r + PE_LIST_CAP);      /* (LIST_CAP,)    */
+    float *acc = smem;                          /* (NT, ACC)   */
+    int *list_r = (int *)(acc + T::NT * T::ACC); /* (LIST_CAP,) */
     __shared__ uint32_t warp_n[PE_MM_WARPS];
     __shared__ bool last;
     const int tile = blockIdx.x % m.n_tiles, split = blockIdx.x / m.n_tiles;
@@ -75,14 +100,23 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
     float *my = acc + team * T::ACC + t;
     const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
     const int64_t n_stripes = (m.n_rows + 31) / 32, stride = m.n_splits;
-    int64_t round = split; /* stripe of warp 0 this round */
+    /* stripes of 32 rows: split s owns stripes s, s + stride, ...; warp w takes the w-th of
+     * each round of PE_MM_WARPS stripes. Keys of PE_ROUNDS rounds load at once. */
     uint32_t n = 0;
     __syncthreads();
-    for (;;) {
-        const bool more = round < n_stripes;
-        if (more) {
-            int64_t r = (round + warp * stride) * 32 + lane;
-            bool hit = r < m.n_rows && __ldg(&m.keys[r]) >= cut;
+    for (int64_t round0 = split; round0 < n_stripes; round0 += PE_ROUNDS * PE_MM_WARPS * stride) {
+        uint32_t key[PE_ROUNDS];
+#pragma unroll
+        for (int q = 0; q < PE_ROUNDS; q++) {
+            int64_t r = (round0 + (q * PE_MM_WARPS + warp) * stride) * 32 + lane;
+            key[q] = r < m.n_rows ? __ldg(&m.keys[r]) : 0u;
+        }
+#pragma unroll
+        for (int q = 0; q < PE_ROUNDS; q++) {
+            int64_t stripe0 = round0 + (int64_t)q * PE_MM_WARPS * stride;
+            if (stripe0 >= n_stripes) break; /* uniform */
+            int64_t r = (stripe0 + warp * stride) * 32 + lane;
+            bool hit = r < m.n_rows && key[q] >= cut;
             unsigned mask = __ballot_sync(0xFFFFFFFFu, hit);
             if (lane == 0) warp_n[warp] = __popc(mask);
             __syncthreads();
@@ -91,22 +125,18 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
                 off += w < warp ? warp_n[w] : 0u;
                 total += warp_n[w];
             }
-            if (hit) {
-                uint32_t idx = off + __popc(mask & ((1u << lane) - 1));
-                list_r[idx] = (int)r;
-                list_x[idx] = pe_to_f32(x[m.order[r]]);
-            }
+            if (hit) list_r[off + __popc(mask & ((1u << lane) - 1))] = (int)r;
             n += total;
-            round += PE_MM_WARPS * stride;
             __syncthreads();
-        }
-        if (!more || n + PE_MM_THREADS > PE_LIST_CAP) {
-            process<CT>(list_r, list_x, n, tile_base, my, team, t);
-            __syncthreads();
-            n = 0;
-            if (!more) break;
+            if (n + PE_MM_THREADS > PE_LIST_CAP) { /* full: use it and start again */
+                process<CT>(list_r, n, tile_base, m.xval, my, team, t);
+                __syncthreads();
+                n = 0;
+            }
         }
     }
+    process<CT>(list_r, n, tile_base, m.xval, my, team, t);
+    __syncthreads();
     /* teams -> this split's sums, columns of the tile in natural order */
     const int tile_cols = 16 * CT;
     float *part = m.partial + ((size_t)split * m.n_tiles + tile) * tile_cols;
@@ -152,7 +182,8 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
 /* ---------------------------------------------------------------- launch */
 
 int pe_cuda_select_impl(const pe_cuda_matrix *m, const void *x, int x_dtype,
-                        const double *effort_ptr, double effort_val, void *stream, int pdl);
+                        const double *effort_ptr, double effort_val, void *stream, int pdl,
+                        int stages);
 
 template <typename TX, typename TY, int CT>
 static cudaError_t launch_mm(const pe_cuda_matrix *m, const void *x, void *y, void *stream,
@@ -224,13 +255,13 @@ static cudaError_t launch_types(const pe_cuda_matrix *m, const void *x, int xd, 
 extern "C" int pe_cuda_matmul(const pe_cuda_matrix *m, const void *x, int x_dtype,
                               int64_t n_tokens, const double *effort_ptr, double effort_val,
                               void *y, int y_dtype, void *stream, int pdl) {
-    if (!m || m->n_rows < 1 || m->n_rows > 16 * m->n_in || (int64_t)m->n_tiles * 16 * m->ct < m->n_out ||
-        m->n_splits < 1 || n_tokens < 0)
+    if (!m || m->n_rows < 1 || m->n_rows > 16 * m->n_in || m->n_splits < 1 || n_tokens < 0 ||
+        (int64_t)m->n_tiles * 16 * m->ct < m->n_out)
         return PE_CUDA_ERR_ARG;
     for (int64_t t = 0; t < n_tokens; t++) {
         const char *xt = (const char *)x + t * m->n_in * elem_size(x_dtype);
         char *yt = (char *)y + t * m->n_out * elem_size(y_dtype);
-        int st = pe_cuda_select_impl(m, xt, x_dtype, effort_ptr, effort_val, stream, pdl);
+        int st = pe_cuda_select_impl(m, xt, x_dtype, effort_ptr, effort_val, stream, pdl, 2);
         if (st) return st;
         cudaError_t e = launch_types(m, xt, x_dtype, yt, y_dtype, stream, pdl);
         if (e != cudaSuccess) return e == cudaErrorInvalidValue ? PE_CUDA_ERR_ARG : (int)e;
@@ -240,8 +271,8 @@ extern "C" int pe_cuda_matmul(const pe_cuda_matrix *m, const void *x, int x_dtyp
 
 extern "C" int pe_cuda_select(const pe_cuda_matrix *m, const void *x, int x_dtype,
                               const double *effort_ptr, double effort_val, void *stream,
-                              int pdl) {
-    return pe_cuda_select_impl(m, x, x_dtype, effort_ptr, effort_val, stream, pdl);
+                              int pdl, int stages) {
+    return pe_cuda_select_impl(m, x, x_dtype, effort_ptr, effort_val, stream, pdl, stages);
 }
 
 extern "C" int pe_cuda_num_sms(void) {

@@ -8,8 +8,9 @@
 
 #include "pe_cuda.h"
 
-#define PE_NB1 2048 /* level-1 bins: key bits 30..20 (the sign bit is always 0) */
-#define PE_NB2 1024 /* level-2 and level-3 bins: key bits 19..10, then 9..0       */
+#define PE_NB1 4096 /* level-1 bins: key bits 30..19 (the sign bit is always 0) */
+#define PE_NB2 1024 /* level-2 bins: key bits 18..9 */
+#define PE_NB3 512  /* level-3 bins: key bits 8..0  */
 #define PE_SEL_THREADS 512
 #define PE_MODE_SEARCH 0u
 #define PE_MODE_NONE 1u

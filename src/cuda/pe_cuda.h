@@ -30,7 +30,8 @@ typedef struct {
     const int32_t *order;    /* (n_rows,) input of each row        */
     const float *stats;      /* (n_rows,) statistic of each row    */
     uint32_t *keys;          /* (n_rows,) scratch: float bits of s */
-    uint32_t *hist;          /* (2 * 2048,) scratch, zero between calls */
+    float *xval;             /* (n_rows,) scratch: x[order[r]]     */
+    uint32_t *hist;          /* (2 * 4096,) scratch, zero between calls */
     uint32_t *cand;          /* (n_rows,) scratch                  */
     float *partial;          /* (n_splits, n_tiles * 16 * ct) scratch */
     uint32_t *tickets;       /* (n_tiles,) scratch, zero between calls */
@@ -50,9 +51,11 @@ int pe_cuda_matmul(const pe_cuda_matrix *m, const void *x, int x_dtype, int64_t 
                    const double *effort_ptr, double effort_val, void *y, int y_dtype,
                    void *stream, int pdl);
 
-/* Only the cutoff selection of one token (for timing): fills m->state's cut. */
+/* Only the cutoff selection of one token (for timing): fills m->state's cut. stages: 1 runs
+ * only the first kernel (keys and level-1 histogram), 2 both. */
 int pe_cuda_select(const pe_cuda_matrix *m, const void *x, int x_dtype,
-                   const double *effort_ptr, double effort_val, void *stream, int pdl);
+                   const double *effort_ptr, double effort_val, void *stream, int pdl,
+                   int stages);
 
 /* Multiprocessor count of the current device, or a negative status. */
 int pe_cuda_num_sms(void);

@@ -21,11 +21,13 @@ __global__ void __launch_bounds__(PE_SEL_THREADS)
     const int64_t r0 = (int64_t)blockIdx.x * PE_ROWS_PER_BLOCK;
     const int64_t r1 = min(r0 + PE_ROWS_PER_BLOCK, m.n_rows);
     for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
-        float s = __fmul_rn(fabsf(pe_to_f32(x[m.order[r]])), m.stats[r]);
+        float xv = pe_to_f32(x[m.order[r]]);
+        float s = __fmul_rn(fabsf(xv), m.stats[r]);
         uint32_t key = __float_as_uint(s) & 0x7FFFFFFFu;
         m.keys[r] = key;
-        atomicAdd(&h_n[key >> 20], 1u);
-        if (pe_is_short(r, m.n_in, tail)) atomicAdd(&h_s[key >> 20], 1u);
+        m.xval[r] = xv;
+        atomicAdd(&h_n[key >> 19], 1u);
+        if (pe_is_short(r, m.n_in, tail)) atomicAdd(&h_s[key >> 19], 1u);
     }
     __syncthreads();
     for (int b = threadIdx.x; b < PE_NB1; b += blockDim.x) {
@@ -64,28 +66,39 @@ __global__ void __launch_bounds__(PE_SEL_THREADS)
     }
 }
 
+#define PE_CAND_SMEM 8192 /* candidates the resolving block holds in shared memory at once */
+
 /* Last block of k_cand: levels 2 and 3 over the candidate list -> st->cut, mults, rows. */
 __device__ void resolve(pe_cuda_matrix m, double budget) {
-    __shared__ uint32_t h_n[PE_NB2], h_s[PE_NB2];
+    __shared__ uint32_t h_n[PE_NB2], h_s[PE_NB2], s_cand[PE_CAND_SMEM];
     pe_cuda_state *st = m.state;
     const uint32_t n_c = __ldcg(&st->n_cand);
     const uint64_t G = (uint64_t)((m.n_out + 15) / 16);
     uint64_t aw = __ldcg(&st->above_w);
-    uint32_t an = __ldcg(&st->above_n), prefix = __ldcg(&st->b1) << 20, b = 0;
+    uint32_t an = __ldcg(&st->above_n), prefix = __ldcg(&st->b1) << 19, b = 0;
     for (int level = 0; level < 2; level++) {
-        const int shift = level == 0 ? 10 : 0;
-        const uint32_t hi_mask = level == 0 ? 0xFFF00000u : 0xFFFFFC00u;
+        const int shift = level == 0 ? 9 : 0, nb = level == 0 ? PE_NB2 : PE_NB3;
+        const uint32_t hi_mask = level == 0 ? 0xFFF80000u : 0xFFFFFE00u;
         for (int i = threadIdx.x; i < PE_NB2; i += blockDim.x) h_n[i] = h_s[i] = 0;
-        __syncthreads();
-        for (uint32_t i = threadIdx.x; i < n_c; i += blockDim.x) {
-            uint32_t e = __ldcg(&m.cand[i]), key = e & 0x7FFFFFFFu;
-            if ((key & hi_mask) != prefix) continue;
-            uint32_t bin = (key >> shift) & (PE_NB2 - 1);
-            atomicAdd(&h_n[bin], 1u);
-            if (e >> 31) atomicAdd(&h_s[bin], 1u);
+        for (uint32_t base = 0; base < n_c; base += PE_CAND_SMEM) {
+            const uint32_t cnt = min(n_c - base, (uint32_t)PE_CAND_SMEM);
+            if (level == 0 || n_c > PE_CAND_SMEM) {
+                __syncthreads();
+#pragma unroll 4
+                for (uint32_t i = threadIdx.x; i < cnt; i += blockDim.x)
+                    s_cand[i] = __ldcg(&m.cand[base + i]);
+            }
+            __syncthreads();
+            for (uint32_t i = threadIdx.x; i < cnt; i += blockDim.x) {
+                uint32_t e = s_cand[i], key = e & 0x7FFFFFFFu;
+                if ((key & hi_mask) != prefix) continue;
+                uint32_t bin = (key >> shift) & (uint32_t)(nb - 1);
+                atomicAdd(&h_n[bin], 1u);
+                if (e >> 31) atomicAdd(&h_s[bin], 1u);
+            }
         }
         __syncthreads();
-        pe_pick_bin(h_n, h_s, PE_NB2, G, budget, &b, &aw, &an);
+        pe_pick_bin(h_n, h_s, nb, G, budget, &b, &aw, &an);
         prefix |= b << shift;
     }
     if (threadIdx.x == 0) {
@@ -105,23 +118,25 @@ __global__ void __launch_bounds__(PE_SEL_THREADS)
     const uint32_t mode = st->mode, b1 = st->b1;
     const int tail = (int)(m.n_out % 16);
     const int lane = threadIdx.x & 31;
-    if (mode == PE_MODE_SEARCH) {
-        const int64_t r0 = (int64_t)blockIdx.x * PE_ROWS_PER_BLOCK;
-        const int64_t r1 = min(r0 + PE_ROWS_PER_BLOCK, m.n_rows);
-        for (int64_t base = r0; base < r1; base += blockDim.x) {
-            int64_t r = base + threadIdx.x;
-            uint32_t key = r < r1 ? m.keys[r] : 0xFFFFFFFFu;
-            bool hit = r < r1 && (key >> 20) == b1;
-            unsigned mask = __ballot_sync(0xFFFFFFFFu, hit);
-            if (!mask) continue;
-            int leader = __ffs(mask) - 1;
-            uint32_t pos = 0;
-            if (lane == leader) pos = atomicAdd(&st->n_cand, (uint32_t)__popc(mask));
-            pos = __shfl_sync(0xFFFFFFFFu, pos, leader);
-            if (hit)
-                m.cand[pos + __popc(mask & ((1u << lane) - 1))] =
-                    key | (pe_is_short(r, m.n_in, tail) << 31);
+    if (mode == PE_MODE_SEARCH) { /* one row per thread; one atomic per block */
+        __shared__ uint32_t warp_n[PE_SEL_THREADS / 32], s_base;
+        const int warp = threadIdx.x >> 5;
+        const int64_t r = (int64_t)blockIdx.x * PE_ROWS_PER_BLOCK + threadIdx.x;
+        const uint32_t key = r < m.n_rows ? m.keys[r] : 0xFFFFFFFFu;
+        const bool hit = r < m.n_rows && (key >> 19) == b1;
+        const unsigned mask = __ballot_sync(0xFFFFFFFFu, hit);
+        if (lane == 0) warp_n[warp] = __popc(mask);
+        __syncthreads();
+        uint32_t off = 0, total = 0;
+        for (int w = 0; w < PE_SEL_THREADS / 32; w++) {
+            off += w < warp ? warp_n[w] : 0u;
+            total += warp_n[w];
         }
+        if (threadIdx.x == 0 && total) s_base = atomicAdd(&st->n_cand, total);
+        __syncthreads();
+        if (hit)
+            m.cand[s_base + off + __popc(mask & ((1u << lane) - 1))] =
+                key | (pe_is_short(r, m.n_in, tail) << 31);
     }
     __threadfence();
     __syncthreads();
@@ -163,7 +178,8 @@ static int launch_cfg(cudaLaunchConfig_t *cfg, cudaLaunchAttribute *attr, unsign
 }
 
 int pe_cuda_select_impl(const pe_cuda_matrix *m, const void *x, int x_dtype,
-                        const double *effort_ptr, double effort_val, void *stream, int pdl) {
+                        const double *effort_ptr, double effort_val, void *stream, int pdl,
+                        int stages) {
     cudaLaunchConfig_t cfg;
     cudaLaunchAttribute attr[1];
     unsigned grid = (unsigned)((m->n_rows + PE_ROWS_PER_BLOCK - 1) / PE_ROWS_PER_BLOCK);
@@ -179,7 +195,7 @@ int pe_cuda_select_impl(const pe_cuda_matrix *m, const void *x, int x_dtype,
         e = cudaLaunchKernelEx(&cfg, k_keys<float>, (const float *)x, mm, effort_ptr, effort_val);
     else
         return PE_CUDA_ERR_ARG;
-    if (e != cudaSuccess) return (int)e;
+    if (e != cudaSuccess || stages < 2) return (int)e;
     e = cudaLaunchKernelEx(&cfg, k_cand, mm, effort_ptr, effort_val);
     return (int)e;
 }
