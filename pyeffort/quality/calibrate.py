@@ -52,9 +52,13 @@ def error_curves(states, xs, grid=GRID, rule=R.bucket_twin, progress=True) -> di
         ex = x @ st.w32
         energy = float((ex.astype(np.float64) ** 2).sum()) or 1.0
         errs = []
-        for e in grid:
-            y, _, _ = rule(x, st, float(e))
-            errs.append(float(((y - ex).astype(np.float64) ** 2).sum()) / energy)
+        R.pin_rank_stack(st)
+        try:
+            for e in grid:
+                y, _, _ = rule(x, st, float(e))
+                errs.append(float(((y - ex).astype(np.float64) ** 2).sum()) / energy)
+        finally:
+            R.unpin_rank_stack(st)
         out[name] = np.asarray(errs)
     return out
 
@@ -91,7 +95,45 @@ def solve(curves: dict, sizes: dict, efforts, sens: dict | None = None, grid=GRI
     return {"efforts": [float(e) for e in efforts], "weights": weights}
 
 
-VERSION = 1
+VERSION = 2
+
+
+def sensitivities(harness, windows, effort: float = 0.25, rule=R.bucket_twin,
+                  progress: bool = True) -> dict[str, float]:
+    """name -> KL(exact || model with only that matrix at ``effort``) on ``windows``: what one
+    matrix's selection error costs at the model's output (all other matrices exact)."""
+    from pyeffort.quality.harness import log_softmax
+
+    states = harness.states
+    current = {"name": None}
+
+    def hook(lin, x, user_effort):
+        st = states[lin.name]
+        x2 = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1, st.n_in))
+        y = rule(x2, st, effort)[0] if lin.name == current["name"] else x2 @ st.w32
+        return y.reshape(*np.shape(x)[:-1], -1)
+
+    def logp():
+        return [log_softmax(harness.model.forward(np.asarray(w), 0, 1.0)) for w in windows]
+
+    for lin in harness.linears:
+        lin.hook = hook
+    out = {}
+    try:
+        exact = logp()
+        names = [lin.name for lin in harness.linears]
+        if progress:
+            from tqdm import tqdm
+
+            names = tqdm(names, desc="sensitivities", leave=False)
+        for n in names:
+            current["name"] = n
+            kl = sum(float((np.exp(p) * (p - q)).sum()) for p, q in zip(exact, logp()))
+            out[n] = kl / sum(len(w) for w in windows)
+    finally:
+        for lin in harness.linears:
+            lin.hook = None
+    return out
 EFFORTS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
 
 

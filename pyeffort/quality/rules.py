@@ -55,7 +55,7 @@ class MatrixState:
 
     @property
     def w32(self) -> np.ndarray:
-        return self.w16.astype(np.float32)
+        return self.get("w32", lambda: self.w16.astype(np.float32))
 
     @property
     def buckets(self):
@@ -102,11 +102,27 @@ class MatrixState:
 def _prefix_product(x, state: MatrixState, keep_ranks: np.ndarray, w32: np.ndarray) -> np.ndarray:
     """y_t = sum over inputs i of x_ti * (the weights of row i with rank < keep_ranks[t, i])."""
     rank = state.ranks()
+    stack = state._cache.get("rank_stack") if w32 is state._cache.get("stack_of") else None
     y = np.zeros((x.shape[0], state.n_out), dtype=np.float32)
     for k in range(int(keep_ranks.max(initial=0))):
         xk = np.where(keep_ranks > k, x, 0.0).astype(np.float32)  # (T, n_in)
-        y += xk @ np.where(rank == k, w32, 0.0).astype(np.float32)
+        y += xk @ (stack[k] if stack is not None else np.where(rank == k, w32, 0.0))
     return y
+
+
+def pin_rank_stack(state: MatrixState) -> np.ndarray:
+    """Keep W split by rank, (16, n_in, n_out) float32, for many calls in a row (unpin after:
+    16x the matrix in memory). Returns the float32 W the stack belongs to."""
+    w32 = state.w32
+    rank = state.ranks()
+    state._cache["rank_stack"] = np.stack([np.where(rank == k, w32, 0.0) for k in range(N_RANKS)])
+    state._cache["stack_of"] = w32
+    return w32
+
+
+def unpin_rank_stack(state: MatrixState) -> None:
+    state._cache.pop("rank_stack", None)
+    state._cache.pop("stack_of", None)
 
 
 def _exact_budget_ranks(x, stats_in: np.ndarray, n_out: int, effort: float) -> np.ndarray:
@@ -155,7 +171,7 @@ def bucket_twin(x, state: MatrixState, effort: float):
     """The default rule's selection (RMS statistic, exact cutoff) with BLAS products."""
     e = min(max(float(effort), 0.0), 1.0)
     keep = _exact_budget_ranks(x, state.row_stats("rms"), state.n_out, e)
-    y = _prefix_product(x, state, keep, state.w32)
+    y = _prefix_product(x, state, keep, state._cache.get("stack_of", state.w32))
     return (y, *_bucket_mults_bytes(keep, state.n_out))
 
 
