@@ -1,6 +1,7 @@
 """Builds pyeffort._core from the C sources in src/cpu (each ISA file with its own flags)."""
 
 import os
+import platform
 import subprocess
 
 from Cython.Build import cythonize
@@ -8,19 +9,46 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CPU = "src/cpu/"
-SOURCES = ["pyeffort/_core.pyx"] + [
-    CPU + f for f in ("build.c", "select.c", "dispatch.c", "bucketmul_scalar.c")
-]
+PORTABLE = ("build.c", "select.c", "pack.c", "dispatch.c", "cpuinfo.c", "threads.c")
+SOURCES = ["pyeffort/_core.pyx"] + [CPU + f for f in PORTABLE + ("bucketmul_scalar.c",)]
+# ISA files, each compiled with its own flags (never -march=native); chosen at run time.
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+ARM64 = platform.machine().lower() in ("aarch64", "arm64")
+AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+AVX512 = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+ISA_FILES = {
+    "bucketmul_avx2.c": AVX2,
+    "dense_avx2.c": AVX2,
+    "bucketmul_avx512.c": AVX512,
+    "dense_avx512.c": AVX512,
+} if X86 else {"bucketmul_neon.c": [], "dense_neon.c": []} if ARM64 else {}
+CFLAGS = ["-O3", "-std=c11", "-fno-fast-math"]
 
 core = Extension(
     "pyeffort._core",
     sources=SOURCES,
     include_dirs=[CPU],
-    extra_compile_args=["-O3", "-std=c11", "-fno-fast-math"],
+    extra_compile_args=CFLAGS,
+    extra_link_args=["-pthread"],
 )
 
 
-class build_ext_cuda(build_ext):
+class build_ext_isa(build_ext):
+    """Compiles each ISA file with its own flags and links the objects into pyeffort._core."""
+
+    def build_extension(self, ext):
+        if ext.name == "pyeffort._core" and ISA_FILES:
+            objects = []
+            for name, flags in ISA_FILES.items():
+                objects += self.compiler.compile(
+                    [CPU + name], output_dir=self.build_temp, include_dirs=[CPU],
+                    extra_postargs=CFLAGS + ["-fPIC"] + flags,
+                )
+            ext.extra_objects = objects
+        super().build_extension(ext)
+
+
+class build_ext_cuda(build_ext_isa):
     """PYEFFORT_CUDA=1: also build pyeffort/_pe_cuda.so from src/cuda with nvcc (otherwise
     pyeffort.cuda compiles it at first use; a CPU-only install needs neither nvcc nor torch)."""
 
@@ -33,5 +61,6 @@ class build_ext_cuda(build_ext):
         subprocess.run(cmd + ["src/cuda/select.cu", "src/cuda/bucketmul.cu"], check=True)
 
 
-cuda_cmd = {"build_ext": build_ext_cuda} if os.environ.get("PYEFFORT_CUDA") == "1" else {}
+cuda = os.environ.get("PYEFFORT_CUDA") == "1"
+cuda_cmd = {"build_ext": build_ext_cuda if cuda else build_ext_isa}
 setup(ext_modules=cythonize([core], language_level=3), cmdclass=cuda_cmd)

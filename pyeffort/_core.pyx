@@ -25,7 +25,19 @@ cdef extern from "pyeffort.h" nogil:
                            float *y, int64_t *mults, int64_t *bytes)
     pe_status pe_dense_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
                            int64_t n_out, float *y)
+    pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
+                                int64_t n_out, const int32_t *rows, int64_t n_rows, float *y)
+    ctypedef struct pe_packed:
+        pass
+    pe_status pe_pack(const pe_buckets *b, pe_packed **out)
+    void pe_packed_free(pe_packed *p)
+    pe_status pe_bucketmul_packed(const pe_packed *p, const float *x, int64_t n_tokens,
+                                  double effort, float *y, int64_t *mults, int64_t *bytes)
+    int pe_kernel_packed()
     const char *pe_kernel_name()
+    const char *pe_cpu_features()
+    const char *pe_available_kernels()
+    pe_status pe_use_kernel(const char *name)
     int pe_num_threads()
     void pe_set_num_threads(int n)
 
@@ -69,19 +81,28 @@ def build(w16):
     return values, positions, stats, order
 
 
-def bucketmul(x32, values, positions, stats, order, int64_t n_out, double effort, out):
-    """x (n_tokens, n_in) f32 -> out (n_tokens, n_out) f32; returns (mults, bytes)."""
+cdef class _Packed:
+    """The packed in-memory copy of one matrix (src/cpu/pack.c), owned here and freed with it."""
+
+    cdef pe_packed *p
+    cdef object refs  # weak references to the canonical arrays it was built from
+
+    def __dealloc__(self):
+        pe_packed_free(self.p)
+
+
+_packed = {}  # id(values) -> _Packed; an entry leaves when its values array is collected
+
+
+cdef pe_buckets _view(values, positions, stats, order, int64_t n_out, keep):
     import numpy as np
 
-    cdef const float[:, ::1] x = x32
     cdef const uint16_t[:, ::1] v = values.view(np.uint16)
     cdef const uint8_t[:, ::1] p = positions
     cdef const float[:, ::1] s = stats
     cdef const int32_t[:, ::1] o = order
-    cdef float[:, ::1] y = out
     cdef pe_buckets b
-    cdef int64_t mults = 0, nbytes = 0
-    cdef pe_status st
+    keep.extend([v, p, s, o])
     b.values = &v[0, 0] if v.shape[0] else NULL
     b.positions = &p[0, 0] if p.shape[0] else NULL
     b.stats = &s[0, 0]
@@ -90,8 +111,51 @@ def bucketmul(x32, values, positions, stats, order, int64_t n_out, double effort
     b.n_out = n_out
     b.n_groups = v.shape[1]
     b.n_rows = v.shape[0]
+    return b
+
+
+cdef _Packed _packed_for(values, positions, stats, order, int64_t n_out):
+    """The packed copy of these canonical arrays, built at first use and cached."""
+    import weakref
+
+    arrays = (values, positions, stats, order)
+    cdef _Packed pk = _packed.get(id(values))
+    if pk is not None and all(r() is a for r, a in zip(pk.refs, arrays)):
+        return pk
+    keep = []
+    cdef pe_buckets b = _view(values, positions, stats, order, n_out, keep)
+    cdef pe_packed *raw = NULL
+    cdef pe_status st
     with nogil:
-        st = pe_bucketmul(&b, &x[0, 0], x.shape[0], effort, &y[0, 0], &mults, &nbytes)
+        st = pe_pack(&b, &raw)
+    _check(st)
+    pk = _Packed()
+    pk.p = raw
+    pk.refs = tuple(weakref.ref(a) for a in arrays)
+    key = id(values)
+    _packed[key] = pk
+    weakref.finalize(values, _packed.pop, key, None)
+    return pk
+
+
+def bucketmul(x32, values, positions, stats, order, int64_t n_out, double effort, out):
+    """x (n_tokens, n_in) f32 -> out (n_tokens, n_out) f32; returns (mults, bytes)."""
+    cdef const float[:, ::1] x = x32
+    cdef float[:, ::1] y = out
+    cdef int64_t mults = 0, nbytes = 0
+    cdef pe_status st
+    cdef pe_buckets b
+    cdef _Packed pk
+    if pe_kernel_packed():
+        pk = _packed_for(values, positions, stats, order, n_out)
+        with nogil:
+            st = pe_bucketmul_packed(pk.p, &x[0, 0], x.shape[0], effort, &y[0, 0], &mults,
+                                     &nbytes)
+    else:
+        keep = []
+        b = _view(values, positions, stats, order, n_out, keep)
+        with nogil:
+            st = pe_bucketmul(&b, &x[0, 0], x.shape[0], effort, &y[0, 0], &mults, &nbytes)
     _check(st)
     return mults, nbytes
 
@@ -109,8 +173,50 @@ def dense_f16(x32, w16, out):
     _check(st)
 
 
+def dense_rows_f16(x32, w16, rows, out):
+    """x (n_tokens, n_in) f32 @ W[rows] (n_in, n_out) f16 over the inputs rows (int32) only
+    -> out (n_tokens, n_out) f32 (channel skipping; reference.dense_rows_f16)."""
+    import numpy as np
+
+    cdef const float[:, ::1] x = x32
+    cdef const uint16_t[:, ::1] w = w16.view(np.uint16)
+    cdef const int32_t[::1] r = np.ascontiguousarray(rows, dtype=np.int32)
+    cdef float[:, ::1] y = out
+    cdef const int32_t *rp = &r[0] if r.shape[0] else NULL
+    cdef int32_t dummy = 0
+    cdef pe_status st
+    if x.shape[1] != w.shape[0] or y.shape[0] != x.shape[0] or y.shape[1] != w.shape[1]:
+        raise ShapeError("dense_rows_f16: x (n_tokens, n_in), W (n_in, n_out), out (n_tokens, n_out)")
+    if x.shape[0] == 0 or w.shape[1] == 0:
+        return
+    if r.shape[0] == 0:
+        rp = &dummy
+    with nogil:
+        st = pe_dense_rows_f16(&x[0, 0], &w[0, 0], x.shape[0], w.shape[0], w.shape[1], rp,
+                               r.shape[0], &y[0, 0])
+    if st == PE_ERR_ARG:
+        raise ShapeError(f"rows must lie in 0..{w.shape[0] - 1}")
+    _check(st)
+
+
 def kernel_name():
     return pe_kernel_name().decode()
+
+
+def cpu_features():
+    """The CPU features detected at import, space separated."""
+    return pe_cpu_features().decode()
+
+
+def available_kernels():
+    """The kernel sets this machine runs, best first (after PYEFFORT_DISABLE_CPU_FEATURES)."""
+    return pe_available_kernels().decode().split(",")
+
+
+def use_kernel(str name):
+    """Force a kernel set by name (one of available_kernels()); for tests and benchmarks."""
+    if pe_use_kernel(name.encode()) != PE_OK:
+        raise ValueError(f"kernel {name!r} is not available here; have {available_kernels()}")
 
 
 def num_threads():

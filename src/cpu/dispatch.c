@@ -1,42 +1,207 @@
-/* Drivers: pick the CPU kernel set once, run selection and kernels per token. */
+/* Drivers: pick the CPU kernel set once, run selection and kernels per token, split the
+ * outputs over the thread pool (disjoint ranges: deterministic for any thread count). */
+#include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels.h"
 
-static const pe_cpu_kernels *active_kernels(void) {
-    return &pe_kernels_scalar;
+void pe_detect_cpu(void);
+const pe_cpu_kernels *const *pe_tiers(int *n);
+int pe_default_threads(void);
+
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static const pe_cpu_kernels *active;
+static int n_threads = 1;
+static char available[128];
+
+static void init(void) {
+    int n;
+    pe_detect_cpu();
+    const pe_cpu_kernels *const *t = pe_tiers(&n);
+    active = t[0];
+    for (int i = 0; i < n; i++) {
+        if (i) strcat(available, ",");
+        strcat(available, t[i]->name);
+    }
+    n_threads = pe_default_threads();
 }
 
-const char *pe_kernel_name(void) { return active_kernels()->name; }
+static const pe_cpu_kernels *kernels(void) {
+    pthread_once(&once, init);
+    return active;
+}
 
-static int n_threads = 1;
-int pe_num_threads(void) { return n_threads; }
-void pe_set_num_threads(int n) { n_threads = n < 1 ? 1 : n; }
+const char *pe_kernel_name(void) { return kernels()->name; }
+int pe_kernel_packed(void) { return kernels()->packedmul_f16 != NULL; }
+const char *pe_available_kernels(void) {
+    kernels();
+    return available;
+}
+
+pe_status pe_use_kernel(const char *name) {
+    int n;
+    kernels();
+    const pe_cpu_kernels *const *t = pe_tiers(&n);
+    for (int i = 0; i < n; i++)
+        if (strcmp(t[i]->name, name) == 0) {
+            active = t[i];
+            return PE_OK;
+        }
+    return PE_ERR_ARG;
+}
+
+int pe_num_threads(void) {
+    kernels();
+    return n_threads;
+}
+void pe_set_num_threads(int n) {
+    kernels();
+    n_threads = n < 1 ? 1 : n;
+}
+
+/* Threads for a job over n_items units of bytes_per_item: one for small jobs. */
+static int threads_for(int64_t n_items, int64_t bytes) {
+    int n = n_threads;
+    if (bytes < (64 << 10)) n = 1;
+    if (n > n_items) n = (int)(n_items > 0 ? n_items : 1);
+    return n;
+}
+
+/* Per-thread scratch that grows and is kept (no malloc per call). */
+static void *scratch(size_t n, int which) {
+    static _Thread_local void *buf[3];
+    static _Thread_local size_t cap[3];
+    if (cap[which] < n) {
+        free(buf[which]);
+        buf[which] = malloc(n);
+        cap[which] = buf[which] ? n : 0;
+    }
+    return buf[which];
+}
+
+/* [t * n_items / n, (t + 1) * n_items / n) rounded to multiples of align. */
+static void split(int64_t n_items, int64_t align, int t, int n, int64_t *i0, int64_t *i1) {
+    int64_t units = (n_items + align - 1) / align;
+    *i0 = units * t / n * align;
+    *i1 = units * (t + 1) / n * align;
+    if (*i1 > n_items) *i1 = n_items;
+    if (*i0 > n_items) *i0 = n_items;
+}
+
+/* ---------------------------------------------------------------- canonical (scalar spec) */
+
+typedef struct {
+    const pe_cpu_kernels *kern;
+    const pe_buckets *b;
+    const pe_task *tasks;
+    int64_t n_tasks;
+    float *y;
+} canon_job;
+
+static void canon_run(void *ctx, int t, int n) {
+    canon_job *j = ctx;
+    int64_t g0, g1;
+    split(j->b->n_groups, 4, t, n, &g0, &g1);
+    if (g1 > g0) j->kern->bucketmul_f16(j->b, j->tasks, j->n_tasks, g0, g1, j->y);
+}
 
 pe_status pe_bucketmul(const pe_buckets *b, const float *x, int64_t n_tokens, double effort,
                        float *y, int64_t *mults, int64_t *bytes) {
-    const pe_cpu_kernels *kern = active_kernels();
+    const pe_cpu_kernels *kern = kernels();
+    if (!kern->bucketmul_f16) kern = &pe_kernels_scalar;
     int64_t row_bytes = 2 * b->n_groups + (b->n_groups + 1) / 2;
-    uint32_t *scratch = malloc(sizeof(uint32_t) * (size_t)(2 * b->n_rows + 1));
-    pe_task *tasks = malloc(sizeof(pe_task) * (size_t)(b->n_rows + 1));
-    pe_status st = (scratch && tasks) ? PE_OK : PE_ERR_ALLOC;
-    for (int64_t t = 0; t < n_tokens && st == PE_OK; t++) {
+    uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)(2 * b->n_rows + 1), 0);
+    pe_task *tasks = scratch(sizeof(pe_task) * (size_t)(b->n_rows + 1), 1);
+    if (!sc || !tasks) return PE_ERR_ALLOC;
+    for (int64_t t = 0; t < n_tokens; t++) {
         int64_t n_tasks = 0, done = 0;
-        st = pe_select(b, x + t * b->n_in, effort, tasks, &n_tasks, &done, scratch);
-        if (st != PE_OK) break;
-        kern->bucketmul_f16(b, tasks, n_tasks, 0, b->n_groups, y + t * b->n_out);
+        pe_status st = pe_select(b, x + t * b->n_in, effort, tasks, &n_tasks, &done, sc);
+        if (st != PE_OK) return st;
+        canon_job job = {kern, b, tasks, n_tasks, y + t * b->n_out};
+        int nt = threads_for(b->n_groups / 4, n_tasks * row_bytes);
+        if ((st = pe_parallel(canon_run, &job, nt)) != PE_OK) return st;
         *mults += done;
         *bytes += n_tasks * row_bytes;
     }
-    free(scratch);
-    free(tasks);
-    return st;
+    return PE_OK;
+}
+
+/* ---------------------------------------------------------------- packed (SIMD kernels) */
+
+typedef struct {
+    pe_packedmul_fn fn;
+    const pe_packed *p;
+    const pe_run *runs;
+    int64_t n_runs;
+    float *y;
+} packed_job;
+
+static void packed_run(void *ctx, int t, int n) {
+    packed_job *j = ctx;
+    int64_t t0, t1;
+    split(j->p->n_tiles, 1, t, n, &t0, &t1);
+    if (t1 > t0) j->fn(j->p, j->runs, j->n_runs, t0, t1, j->y);
+}
+
+pe_status pe_bucketmul_packed(const pe_packed *p, const float *x, int64_t n_tokens,
+                              double effort, float *y, int64_t *mults, int64_t *bytes) {
+    const pe_cpu_kernels *kern = kernels();
+    if (!kern->packedmul_f16) return PE_ERR_ARG;
+    int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2, n_keys = p->n_in * PE_RANKS;
+    uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)(2 * n_keys + 1), 0);
+    pe_run *runs = scratch(sizeof(pe_run) * (size_t)(p->n_slots + 1), 2);
+    if (!sc || !runs) return PE_ERR_ALLOC;
+    for (int64_t t = 0; t < n_tokens; t++) {
+        int64_t n_runs = 0, n_rows = 0, done = 0;
+        pe_status st = pe_select_packed(p, x + t * p->n_in, effort, runs, &n_runs, &n_rows,
+                                        &done, sc);
+        if (st != PE_OK) return st;
+        packed_job job = {kern->packedmul_f16, p, runs, n_runs, y + t * p->n_out};
+        int nt = threads_for(p->n_tiles, n_rows * row_bytes);
+        if ((st = pe_parallel(packed_run, &job, nt)) != PE_OK) return st;
+        *mults += done;
+        *bytes += n_rows * row_bytes;
+    }
+    return PE_OK;
+}
+
+/* ---------------------------------------------------------------- dense */
+
+typedef struct {
+    pe_dense_fn fn;
+    const float *x;
+    const uint16_t *w;
+    int64_t n_in, n_out;
+    const int32_t *rows;
+    int64_t n_rows;
+    float *y;
+} dense_job;
+
+static void dense_run(void *ctx, int t, int n) {
+    dense_job *j = ctx;
+    int64_t j0, j1;
+    split(j->n_out, 64, t, n, &j0, &j1);
+    if (j1 > j0) j->fn(j->x, j->w, j->n_in, j->n_out, j->rows, j->n_rows, j0, j1, j->y);
+}
+
+pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
+                            int64_t n_out, const int32_t *rows, int64_t n_rows, float *y) {
+    const pe_cpu_kernels *kern = kernels();
+    int64_t used = rows ? n_rows : n_in;
+    for (int64_t i = 0; rows && i < n_rows; i++)
+        if (rows[i] < 0 || rows[i] >= n_in) return PE_ERR_ARG;
+    int nt = threads_for((n_out + 63) / 64, 2 * used * n_out);
+    for (int64_t t = 0; t < n_tokens; t++) {
+        dense_job job = {kern->dense_f16, x + t * n_in, w, n_in, n_out, rows, n_rows,
+                         y + t * n_out};
+        pe_status st = pe_parallel(dense_run, &job, nt);
+        if (st != PE_OK) return st;
+    }
+    return PE_OK;
 }
 
 pe_status pe_dense_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
                        int64_t n_out, float *y) {
-    const pe_cpu_kernels *kern = active_kernels();
-    for (int64_t t = 0; t < n_tokens; t++)
-        kern->dense_f16(x + t * n_in, w, n_in, n_out, 0, n_out, y + t * n_out);
-    return PE_OK;
+    return pe_dense_rows_f16(x, w, n_tokens, n_in, n_out, NULL, n_in, y);
 }

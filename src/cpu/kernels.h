@@ -3,28 +3,71 @@
 #define PE_KERNELS_H
 #include "pyeffort.h"
 
-/* One dispatched bucket row and the input value it is multiplied by. */
+#define PE_TILE 16 /* groups per tile of the packed layout: 16 groups = 256 outputs */
+
+/* One dispatched bucket row and the input value it is multiplied by (canonical layout). */
 typedef struct {
     int64_t row;
     float x;
 } pe_task;
 
+/* A run of dispatched slots of one input in the packed layout: slots [slot, slot + n), value x. */
+typedef struct {
+    int32_t slot, n;
+    float x;
+} pe_run;
+
+/* The packed in-memory layout (pack.c): slots input-major, so an input's dispatched ranks are
+ * one contiguous run, and tiles of 16 groups apart, so a tile's bytes stream in slot order.
+ * Slot s = slot0[i] + k holds rank k of input i, k < n_loaded[i]. */
+struct pe_packed {
+    uint16_t *values;   /* (n_tiles, n_slots, 16) fp16, zero past G                       */
+    uint8_t *pos;       /* (n_tiles, n_slots, 8) positions, lane 2l low nibble of byte l */
+    float *stats;       /* (n_in, 16) statistic of rank k of input i, 0 if not loaded    */
+    int32_t *slot0;     /* (n_in,) first slot of input i                                 */
+    uint8_t *n_loaded;  /* (n_in,) loaded ranks of input i (a prefix of its ranks)       */
+    int64_t n_in, n_out, n_groups, n_tiles, n_slots;
+    int64_t m[PE_RANKS];  /* real multiplications of a row of rank k                    */
+    int64_t unloaded;     /* sum of m over the slots that are not loaded                */
+};
+
 /* tasks (rows of B, in row order) -> y[16 g0, min(16 g1, n_out)) f32, overwritten. */
 typedef void (*pe_bucketmul_fn)(const pe_buckets *b, const pe_task *tasks, int64_t n_tasks,
                                 int64_t g0, int64_t g1, float *y);
-/* x (n_in,) f32 @ W[:, j0:j1] (n_in, n_out) fp16 -> y[j0:j1] f32, overwritten. */
+/* runs (slots of P) -> y[256 t0, min(256 t1, n_out)) f32, overwritten (tiles t0..t1). */
+typedef void (*pe_packedmul_fn)(const pe_packed *p, const pe_run *runs, int64_t n_runs,
+                                int64_t t0, int64_t t1, float *y);
+/* x (n_in,) f32 @ W[rows, j0:j1] (n_in, n_out) fp16 -> y[j0:j1] f32, overwritten; rows
+ * (n_rows,) the inputs to sum over in order, or NULL for all n_in. */
 typedef void (*pe_dense_fn)(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
-                            int64_t j0, int64_t j1, float *y);
+                            const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1,
+                            float *y);
 
 typedef struct {
     const char *name;
-    pe_bucketmul_fn bucketmul_f16;
+    pe_bucketmul_fn bucketmul_f16; /* canonical layout (the scalar spec), or NULL */
+    pe_packedmul_fn packedmul_f16; /* packed layout, or NULL                      */
     pe_dense_fn dense_f16;
 } pe_cpu_kernels;
 
 extern const pe_cpu_kernels pe_kernels_scalar;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const pe_cpu_kernels pe_kernels_avx2;
+extern const pe_cpu_kernels pe_kernels_avx512;
+#endif
+#if defined(__aarch64__)
+extern const pe_cpu_kernels pe_kernels_neon;
+#endif
 
 /* x (n_in,) f32 at effort -> tasks in row order; *n_tasks, *mults set. tasks sized n_rows. */
 pe_status pe_select(const pe_buckets *b, const float *x, double effort, pe_task *tasks,
                     int64_t *n_tasks, int64_t *mults, uint32_t *scratch);
+/* x (n_in,) f32 at effort -> runs (at most n_slots); *n_runs, *n_rows, *mults set.
+ * scratch: 2 * 16 * n_in + 1 uint32. Same dispatched rows as pe_select (reference.cutoff). */
+pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe_run *runs,
+                           int64_t *n_runs, int64_t *n_rows, int64_t *mults, uint32_t *scratch);
+
+/* Thread pool (threads.c): fn(ctx, t, n) for t in [0, n), t = 0 on the calling thread. */
+typedef void (*pe_job_fn)(void *ctx, int t, int n);
+pe_status pe_parallel(pe_job_fn fn, void *ctx, int n);
 #endif

@@ -37,8 +37,29 @@ pe_status pe_bucketmul(const pe_buckets *b, const float *x, int64_t n_tokens, do
 pe_status pe_dense_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
                        int64_t n_out, float *y);
 
+/* x (n_tokens, n_in) f32 @ W[rows] (n_in, n_out) fp16, only the inputs rows (n_rows,) (any
+ * order, each in 0..n_in-1) -> y (n_tokens, n_out) f32: channel skipping. */
+pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
+                            int64_t n_out, const int32_t *rows, int64_t n_rows, float *y);
+
+/* The packed in-memory copy of a pe_buckets that the SIMD kernels read (pack.c). */
+typedef struct pe_packed pe_packed;
+pe_status pe_pack(const pe_buckets *b, pe_packed **out);
+void pe_packed_free(pe_packed *p);
+/* As pe_bucketmul, on the packed copy; the same rows dispatched, mults and bytes. */
+pe_status pe_bucketmul_packed(const pe_packed *p, const float *x, int64_t n_tokens,
+                              double effort, float *y, int64_t *mults, int64_t *bytes);
+/* 1 if the kernel set in use reads the packed copy, 0 if the canonical layout (scalar). */
+int pe_kernel_packed(void);
+
 /* Name of the CPU kernel set in use, and the features the machine has. */
 const char *pe_kernel_name(void);
+const char *pe_cpu_features(void);  /* e.g. "avx2 f16c fma avx512f avx512bw avx512vl" */
+/* Kernel sets this machine runs, best first, comma separated (e.g. "avx512,avx2,scalar"),
+ * after PYEFFORT_DISABLE_CPU_FEATURES. */
+const char *pe_available_kernels(void);
+/* Force a kernel set by name; PE_ERR_ARG if it is unknown or not available here. */
+pe_status pe_use_kernel(const char *name);
 int pe_num_threads(void);
 void pe_set_num_threads(int n);
 #endif

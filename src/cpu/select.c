@@ -86,3 +86,87 @@ pe_status pe_select(const pe_buckets *b, const float *x, double effort, pe_task 
     *mults = done;
     return PE_OK;
 }
+
+/* ---------------------------------------------------------------- packed layout
+ * The same cutoff on keys in slot order (input-major, 16 lanes per input): the cutoff depends
+ * only on the multiset of (key, m), so it is the same c, and the same rows are dispatched. */
+
+/* key (16 n_in) -> the largest c with weight(key >= c) >= budget; lanes past n_loaded weigh 0. */
+static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uint32_t *cand,
+                                    double budget) {
+    static const int shift[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
+    int64_t hist[2048], above = 0, n = p->n_in * PE_RANKS, n_cand = 0;
+    const int64_t *m = p->m;
+    memset(hist, 0, sizeof hist);
+    for (int64_t r = 0; r < n; r += PE_RANKS)
+        for (int k = 0; k < PE_RANKS; k++) hist[key[r + k] >> 21] += m[k];
+    hist[0] -= p->unloaded; /* lanes not loaded have key 0 */
+    uint32_t bin = (uint32_t)pick_bin(hist, 2048, budget, &above), prefix = bin << 21;
+    for (int64_t r = 0; r < n; r++)
+        if ((key[r] >> 21) == bin && (bin || (r & 15) < p->n_loaded[r >> 4]))
+            cand[n_cand++] = (uint32_t)r;
+    for (int ps = 1; ps < 3; ps++) {
+        uint32_t mask = (1u << bits[ps]) - 1;
+        memset(hist, 0, sizeof(int64_t) << bits[ps]);
+        for (int64_t t = 0; t < n_cand; t++) hist[(key[cand[t]] >> shift[ps]) & mask] += m[cand[t] & 15];
+        bin = (uint32_t)pick_bin(hist, 1 << bits[ps], budget, &above);
+        prefix |= bin << shift[ps];
+        int64_t kept = 0;
+        for (int64_t t = 0; t < n_cand; t++)
+            if (((key[cand[t]] >> shift[ps]) & mask) == bin) cand[kept++] = cand[t];
+        n_cand = kept;
+    }
+    return prefix;
+}
+
+/* Dispatched lanes of input i (bits k < n_loaded with key >= c) -> runs; returns runs added. */
+static int64_t emit_runs(const pe_packed *p, int64_t i, uint32_t mask, float x, pe_run *runs) {
+    int64_t n = 0;
+    while (mask) {
+        int k = __builtin_ctz(mask), len = __builtin_ctz(~(mask >> k));
+        runs[n].slot = p->slot0[i] + k;
+        runs[n].n = len;
+        runs[n].x = x;
+        n++;
+        mask &= len == 32 ? 0u : ~(((1u << len) - 1) << k);
+    }
+    return n;
+}
+
+pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe_run *runs,
+                           int64_t *n_runs, int64_t *n_rows, int64_t *mults, uint32_t *scratch) {
+    int64_t n_in = p->n_in, total = -p->unloaded, nr = 0, rows = 0, done = 0;
+    for (int64_t i = 0; i < n_in; i++)
+        if (!isfinite(x[i])) return PE_ERR_NONFINITE;
+    *n_runs = *n_rows = *mults = 0;
+    if (!(effort > 0.0)) return PE_OK;
+    uint32_t *key = scratch, *cand = scratch + n_in * PE_RANKS;
+    for (int64_t i = 0; i < n_in; i++) {
+        float ax = fabsf(x[i]);
+        const float *st = p->stats + i * PE_RANKS;
+        for (int k = 0; k < PE_RANKS; k++) {
+            float s = ax * st[k];
+            memcpy(&key[i * PE_RANKS + k], &s, 4);
+        }
+    }
+    for (int k = 0; k < PE_RANKS; k++) total += p->m[k] * n_in;
+    double budget = effort * (double)(p->n_in * p->n_out);
+    uint32_t c = (double)total < budget ? 0u : radix_cutoff_packed(p, key, cand, budget);
+    int tail = (int)(p->n_out % PE_GROUP);
+    uint32_t tail_mask = tail ? 0xFFFFu & ~((1u << tail) - 1) : 0u;
+    for (int64_t i = 0; i < n_in; i++) {
+        const uint32_t *ki = key + i * PE_RANKS;
+        uint32_t mask = 0;
+        for (int k = 0; k < PE_RANKS; k++) mask |= (uint32_t)(ki[k] >= c) << k;
+        mask &= (1u << p->n_loaded[i]) - 1;
+        if (!mask) continue;
+        int cnt = __builtin_popcount(mask);
+        rows += cnt;
+        done += cnt * p->n_groups - __builtin_popcount(mask & tail_mask);
+        nr += emit_runs(p, i, mask, x[i], runs + nr);
+    }
+    *n_runs = nr;
+    *n_rows = rows;
+    *mults = done;
+    return PE_OK;
+}

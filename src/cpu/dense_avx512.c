@@ -1,0 +1,53 @@
+/* AVX-512 dense fp16 GEMV: y[j0:j1] stays in L1 while 8 weight rows stream past it. */
+#include <immintrin.h>
+
+#include "kernels.h"
+
+#define ROWS 8 /* weight rows per pass over y */
+
+/* x (n_in,) f32 @ W[rows, j0:j1] fp16 -> y[j0:j1] f32; each output summed over rows in order. */
+void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
+                         const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y) {
+    int64_t nr = rows ? n_rows : n_in, n = j1 - j0, full = n & ~(int64_t)15;
+    __mmask16 tail = (__mmask16)((1u << (n - full)) - 1);
+    for (int64_t j = 0; j < n; j++) y[j0 + j] = 0.0f;
+    float *yj = y + j0;
+    int64_t r = 0;
+    for (; r + ROWS <= nr; r += ROWS) {
+        const uint16_t *wr[ROWS];
+        __m512 xv[ROWS];
+        for (int u = 0; u < ROWS; u++) {
+            int64_t i = rows ? rows[r + u] : r + u;
+            wr[u] = w + i * n_out + j0;
+            xv[u] = _mm512_set1_ps(x[i]);
+        }
+        for (int64_t j = 0; j < full; j += 16) {
+            __m512 acc = _mm512_loadu_ps(yj + j);
+            for (int u = 0; u < ROWS; u++)
+                acc = _mm512_fmadd_ps(
+                    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wr[u] + j))), xv[u], acc);
+            _mm512_storeu_ps(yj + j, acc);
+        }
+        if (tail) {
+            __m512 acc = _mm512_maskz_loadu_ps(tail, yj + full);
+            for (int u = 0; u < ROWS; u++)
+                acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail, wr[u] + full)),
+                                      xv[u], acc);
+            _mm512_mask_storeu_ps(yj + full, tail, acc);
+        }
+    }
+    for (; r < nr; r++) {
+        int64_t i = rows ? rows[r] : r;
+        const uint16_t *wi = w + i * n_out + j0;
+        __m512 xi = _mm512_set1_ps(x[i]);
+        for (int64_t j = 0; j < full; j += 16)
+            _mm512_storeu_ps(yj + j, _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(
+                                                         (const __m256i *)(wi + j))),
+                                                     xi, _mm512_loadu_ps(yj + j)));
+        if (tail)
+            _mm512_mask_storeu_ps(
+                yj + full, tail,
+                _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail, wi + full)), xi,
+                                _mm512_maskz_loadu_ps(tail, yj + full)));
+    }
+}
