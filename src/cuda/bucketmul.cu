@@ -4,6 +4,7 @@
  * in a fixed order (rows in list order per team, teams in order, splits in order): the same
  * inputs give the same bits. */
 #include "common.cuh"
+#include "resolve.cuh"
 
 #define PE_MM_THREADS 512
 #define PE_MM_WARPS (PE_MM_THREADS / 32)
@@ -81,31 +82,91 @@ __device__ __forceinline__ void process(const int *list_r, uint32_t n, const uin
 }
 
 /* x (n_in,) @ rows with key >= state.cut -> y (n_out,) (via partial sums when n_splits > 1). */
+/* Sum of the n_splits partial tiles -> y (fixed order over splits); VEC columns per thread,
+ * 16 loads in flight. Run by the last block of a tile to finish. */
+template <typename TY, int CT>
+__device__ __forceinline__ void sum_splits(const pe_cuda_matrix &m, int tile, TY *y) {
+    constexpr int VEC = 16 * CT / PE_MM_THREADS, DEPTH = 16;
+    const size_t split_stride = (size_t)m.n_tiles * 16 * CT;
+    const int c0 = threadIdx.x * VEC;
+    const float *p = m.partial + (size_t)tile * 16 * CT + c0;
+    float s[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; k++) s[k] = 0.f;
+    for (int sp = 0; sp < m.n_splits; sp += DEPTH) {
+        float v[DEPTH][VEC];
+#pragma unroll
+        for (int u = 0; u < DEPTH; u++)
+#pragma unroll
+            for (int k = 0; k < VEC; k++)
+                v[u][k] = sp + u < m.n_splits ? __ldcg(p + (size_t)(sp + u) * split_stride + k) : 0.f;
+#pragma unroll
+        for (int u = 0; u < DEPTH; u++)
+#pragma unroll
+            for (int k = 0; k < VEC; k++) s[k] += v[u][k];
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+        int64_t gc = (int64_t)tile * 16 * CT + c0 + k;
+        if (gc < m.n_out) pe_store(&y[gc], s[k]);
+    }
+}
+
+/* x (n_in,) @ rows with key >= cut -> y (n_out,) (via partial sums when n_splits > 1). Every
+ * block first finishes the cutoff search (resolve.cuh); block 0 records it. */
 template <typename TX, typename TY, int CT>
 __global__ void __launch_bounds__(PE_MM_THREADS, 1)
-    k_bucketmul(const TX *__restrict__ x, pe_cuda_matrix m, TY *__restrict__ y) {
+    k_bucketmul(const TX *__restrict__ x, pe_cuda_matrix m, TY *__restrict__ y,
+                const double *eff_ptr, double eff_val) {
     typedef Tile<CT> T;
     extern __shared__ float smem[];
-    float *acc = smem;                          /* (NT, ACC)   */
+    float *acc = smem;                           /* (NT, ACC)   */
     int *list_r = (int *)(acc + T::NT * T::ACC); /* (LIST_CAP,) */
-    __shared__ uint32_t warp_n[PE_MM_WARPS];
+    __shared__ uint32_t warp_n[PE_ROUNDS * PE_MM_WARPS], s_total;
     __shared__ bool last;
     const int tile = blockIdx.x % m.n_tiles, split = blockIdx.x / m.n_tiles;
     for (int i = threadIdx.x; i < T::NT * T::ACC; i += PE_MM_THREADS) acc[i] = 0.f;
     pe_pdl_wait();
     pe_pdl_launch();
-    const uint32_t cut = m.state->cut;
+    pe_cuda_state *st = m.state;
+    if (blockIdx.x == 0) /* the candidate kernel is done with the histogram: clear it */
+        for (int i = threadIdx.x; i < 2 * PE_NB1; i += PE_MM_THREADS) m.hist[i] = 0;
+    const uint32_t mode = st->mode;
+    uint32_t cut, rows;
+    unsigned long long mults;
+    if (mode == PE_MODE_SEARCH) {
+        const double eff = eff_ptr ? *eff_ptr : eff_val;
+        cut = pe_resolve(m, eff * (double)(m.n_in * m.n_out), (uint32_t *)list_r, &mults, &rows);
+    } else {
+        const bool all = mode == PE_MODE_ALL;
+        cut = all ? 0u : 0xFFFFFFFFu;
+        mults = all ? m.total_w : 0ull;
+        rows = all ? (uint32_t)m.n_rows : 0u;
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        st->cut = cut;
+        st->mults = mults;
+        st->rows = rows;
+        st->info_mults += mults;
+        st->info_rows += rows;
+    }
     const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *my = acc + team * T::ACC + t;
     const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
     const int64_t n_stripes = (m.n_rows + 31) / 32, stride = m.n_splits;
     /* stripes of 32 rows: split s owns stripes s, s + stride, ...; warp w takes the w-th of
-     * each round of PE_MM_WARPS stripes. Keys of PE_ROUNDS rounds load at once. */
+     * each round of PE_MM_WARPS stripes; PE_ROUNDS rounds are scanned at once. */
     uint32_t n = 0;
     __syncthreads();
     for (int64_t round0 = split; round0 < n_stripes; round0 += PE_ROUNDS * PE_MM_WARPS * stride) {
+        if (n + PE_ROUNDS * PE_MM_THREADS > PE_LIST_CAP) { /* no room: use the list first */
+            process<CT>(list_r, n, tile_base, m.xval, my, team, t);
+            __syncthreads();
+            n = 0;
+        }
         uint32_t key[PE_ROUNDS];
+        unsigned mask[PE_ROUNDS];
 #pragma unroll
         for (int q = 0; q < PE_ROUNDS; q++) {
             int64_t r = (round0 + (q * PE_MM_WARPS + warp) * stride) * 32 + lane;
@@ -113,27 +174,41 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
         }
 #pragma unroll
         for (int q = 0; q < PE_ROUNDS; q++) {
-            int64_t stripe0 = round0 + (int64_t)q * PE_MM_WARPS * stride;
-            if (stripe0 >= n_stripes) break; /* uniform */
-            int64_t r = (stripe0 + warp * stride) * 32 + lane;
-            bool hit = r < m.n_rows && key[q] >= cut;
-            unsigned mask = __ballot_sync(0xFFFFFFFFu, hit);
-            if (lane == 0) warp_n[warp] = __popc(mask);
-            __syncthreads();
-            uint32_t off = n, total = 0;
-            for (int w = 0; w < PE_MM_WARPS; w++) {
-                off += w < warp ? warp_n[w] : 0u;
-                total += warp_n[w];
+            int64_t r = (round0 + (q * PE_MM_WARPS + warp) * stride) * 32 + lane;
+            mask[q] = __ballot_sync(0xFFFFFFFFu, r < m.n_rows && key[q] >= cut);
+            if (lane == 0) warp_n[q * PE_MM_WARPS + warp] = __popc(mask[q]);
+        }
+        __syncthreads();
+        if (warp == 0) { /* exclusive prefix over (round, warp), PE_ROUNDS * 16 / 32 each */
+            constexpr int PER = PE_ROUNDS * PE_MM_WARPS / 32;
+            uint32_t c[PER], sum = 0;
+#pragma unroll
+            for (int k = 0; k < PER; k++) sum += (c[k] = warp_n[lane * PER + k]);
+            uint32_t incl = sum;
+#pragma unroll
+            for (int d = 1; d < 32; d *= 2) {
+                uint32_t o = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+                if (lane >= d) incl += o;
             }
-            if (hit) list_r[off + __popc(mask & ((1u << lane) - 1))] = (int)r;
-            n += total;
-            __syncthreads();
-            if (n + PE_MM_THREADS > PE_LIST_CAP) { /* full: use it and start again */
-                process<CT>(list_r, n, tile_base, m.xval, my, team, t);
-                __syncthreads();
-                n = 0;
+            uint32_t run = incl - sum;
+#pragma unroll
+            for (int k = 0; k < PER; k++) {
+                warp_n[lane * PER + k] = run;
+                run += c[k];
+            }
+            if (lane == 31) s_total = run;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < PE_ROUNDS; q++) {
+            if (mask[q] >> lane & 1u) {
+                int64_t r = (round0 + (q * PE_MM_WARPS + warp) * stride) * 32 + lane;
+                list_r[n + warp_n[q * PE_MM_WARPS + warp] + __popc(mask[q] & ((1u << lane) - 1))] =
+                    (int)r;
             }
         }
+        n += s_total;
+        __syncthreads();
     }
     process<CT>(list_r, n, tile_base, m.xval, my, team, t);
     __syncthreads();
@@ -159,23 +234,7 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
     __syncthreads();
     if (!last) return;
     __threadfence();
-    const size_t split_stride = (size_t)m.n_tiles * tile_cols;
-    for (int col = threadIdx.x; col < tile_cols; col += PE_MM_THREADS) {
-        int64_t gc = (int64_t)tile * tile_cols + col;
-        if (gc >= m.n_out) break;
-        const float *p = m.partial + (size_t)tile * tile_cols + col;
-        float s = 0.f;
-        int sp = 0;
-        for (; sp + 8 <= m.n_splits; sp += 8) {
-            float v[8];
-#pragma unroll
-            for (int u = 0; u < 8; u++) v[u] = __ldcg(p + (size_t)(sp + u) * split_stride);
-#pragma unroll
-            for (int u = 0; u < 8; u++) s += v[u];
-        }
-        for (; sp < m.n_splits; sp++) s += __ldcg(p + (size_t)sp * split_stride);
-        pe_store(&y[gc], s);
-    }
+    sum_splits<TY, CT>(m, tile, y);
     if (threadIdx.x == 0) m.tickets[tile] = 0;
 }
 
@@ -187,7 +246,7 @@ int pe_cuda_select_impl(const pe_cuda_matrix *m, const void *x, int x_dtype,
 
 template <typename TX, typename TY, int CT>
 static cudaError_t launch_mm(const pe_cuda_matrix *m, const void *x, void *y, void *stream,
-                             int pdl) {
+                             int pdl, const double *effort_ptr, double effort_val) {
     cudaLaunchConfig_t cfg;
     cudaLaunchAttribute attr[1];
     cfg.gridDim = dim3((unsigned)(m->n_tiles * m->n_splits));
@@ -198,16 +257,17 @@ static cudaError_t launch_mm(const pe_cuda_matrix *m, const void *x, void *y, vo
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = pdl ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, k_bucketmul<TX, TY, CT>, (const TX *)x, *m, (TY *)y);
+    return cudaLaunchKernelEx(&cfg, k_bucketmul<TX, TY, CT>, (const TX *)x, *m, (TY *)y,
+                              effort_ptr, effort_val);
 }
 
 template <typename TX, typename TY>
 static cudaError_t launch_ct(const pe_cuda_matrix *m, const void *x, void *y, void *stream,
-                             int pdl) {
+                             int pdl, const double *ep, double ev) {
     switch (m->ct) {
-        case 32: return launch_mm<TX, TY, 32>(m, x, y, stream, pdl);
-        case 64: return launch_mm<TX, TY, 64>(m, x, y, stream, pdl);
-        case 128: return launch_mm<TX, TY, 128>(m, x, y, stream, pdl);
+        case 32: return launch_mm<TX, TY, 32>(m, x, y, stream, pdl, ep, ev);
+        case 64: return launch_mm<TX, TY, 64>(m, x, y, stream, pdl, ep, ev);
+        case 128: return launch_mm<TX, TY, 128>(m, x, y, stream, pdl, ep, ev);
         default: return cudaErrorInvalidValue;
     }
 }
@@ -242,13 +302,13 @@ extern "C" int pe_cuda_init(void) {
 static int elem_size(int dtype) { return dtype == PE_F32 ? 4 : 2; }
 
 static cudaError_t launch_types(const pe_cuda_matrix *m, const void *x, int xd, void *y, int yd,
-                                void *stream, int pdl) {
-    if (xd == PE_F32 && yd == PE_F32) return launch_ct<float, float>(m, x, y, stream, pdl);
-    if (xd == PE_F16 && yd == PE_F32) return launch_ct<__half, float>(m, x, y, stream, pdl);
-    if (xd == PE_F16 && yd == PE_F16) return launch_ct<__half, __half>(m, x, y, stream, pdl);
-    if (xd == PE_BF16 && yd == PE_F32) return launch_ct<__nv_bfloat16, float>(m, x, y, stream, pdl);
+                                void *stream, int pdl, const double *ep, double ev) {
+    if (xd == PE_F32 && yd == PE_F32) return launch_ct<float, float>(m, x, y, stream, pdl, ep, ev);
+    if (xd == PE_F16 && yd == PE_F32) return launch_ct<__half, float>(m, x, y, stream, pdl, ep, ev);
+    if (xd == PE_F16 && yd == PE_F16) return launch_ct<__half, __half>(m, x, y, stream, pdl, ep, ev);
+    if (xd == PE_BF16 && yd == PE_F32) return launch_ct<__nv_bfloat16, float>(m, x, y, stream, pdl, ep, ev);
     if (xd == PE_BF16 && yd == PE_BF16)
-        return launch_ct<__nv_bfloat16, __nv_bfloat16>(m, x, y, stream, pdl);
+        return launch_ct<__nv_bfloat16, __nv_bfloat16>(m, x, y, stream, pdl, ep, ev);
     return cudaErrorInvalidValue;
 }
 
@@ -261,9 +321,10 @@ extern "C" int pe_cuda_matmul(const pe_cuda_matrix *m, const void *x, int x_dtyp
     for (int64_t t = 0; t < n_tokens; t++) {
         const char *xt = (const char *)x + t * m->n_in * elem_size(x_dtype);
         char *yt = (char *)y + t * m->n_out * elem_size(y_dtype);
-        int st = pe_cuda_select_impl(m, xt, x_dtype, effort_ptr, effort_val, stream, pdl, 2);
+        int st = pe_cuda_select_impl(m, xt, x_dtype, effort_ptr, effort_val, stream, pdl, 3);
         if (st) return st;
-        cudaError_t e = launch_types(m, xt, x_dtype, yt, y_dtype, stream, pdl);
+        cudaError_t e =
+            launch_types(m, xt, x_dtype, yt, y_dtype, stream, pdl, effort_ptr, effort_val);
         if (e != cudaSuccess) return e == cudaErrorInvalidValue ? PE_CUDA_ERR_ARG : (int)e;
     }
     return 0;

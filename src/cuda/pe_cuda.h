@@ -51,8 +51,9 @@ int pe_cuda_matmul(const pe_cuda_matrix *m, const void *x, int x_dtype, int64_t 
                    const double *effort_ptr, double effort_val, void *y, int y_dtype,
                    void *stream, int pdl);
 
-/* Only the cutoff selection of one token (for timing): fills m->state's cut. stages: 1 runs
- * only the first kernel (keys and level-1 histogram), 2 both. */
+/* Only parts of the cutoff search of one token, for timing: stages 1 runs the key kernel, 2 the
+ * key and candidate kernels (the last level runs inside the matmul kernel); each is followed by
+ * a one-block kernel that clears the histogram, as the matmul kernel would. */
 int pe_cuda_select(const pe_cuda_matrix *m, const void *x, int x_dtype,
                    const double *effort_ptr, double effort_val, void *stream, int pdl,
                    int stages);

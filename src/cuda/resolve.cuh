@@ -1,0 +1,47 @@
+/* The last two levels of the cutoff search, run by every block of the matmul kernel. */
+#pragma once
+#include "common.cuh"
+
+#define PE_CAND_SMEM 8192 /* candidates held in shared memory at a time */
+
+/* Levels 2 and 3 over the candidate list (block-wide; every block gets the same answer).
+ * s_cand: PE_CAND_SMEM words of shared memory. -> the cutoff; *mults, *rows dispatched. */
+__device__ __forceinline__ uint32_t pe_resolve(const pe_cuda_matrix &m, double budget, uint32_t *s_cand,
+                               unsigned long long *mults, uint32_t *rows) {
+    __shared__ uint32_t h_n[PE_NB2], h_s[PE_NB2];
+    const pe_cuda_state *st = m.state;
+    const uint32_t n_c = __ldcg(&st->n_cand);
+    const uint64_t G = (uint64_t)((m.n_out + 15) / 16);
+    uint64_t aw = __ldcg(&st->above_w);
+    uint32_t an = __ldcg(&st->above_n), prefix = __ldcg(&st->b1) << 19, b = 0;
+    for (int level = 0; level < 2; level++) {
+        const int shift = level == 0 ? 9 : 0, nb = level == 0 ? PE_NB2 : PE_NB3;
+        const uint32_t hi_mask = level == 0 ? 0xFFF80000u : 0xFFFFFE00u;
+        for (int i = threadIdx.x; i < PE_NB2; i += blockDim.x) h_n[i] = h_s[i] = 0;
+        for (uint32_t base = 0; base < n_c; base += PE_CAND_SMEM) {
+            const uint32_t cnt = min(n_c - base, (uint32_t)PE_CAND_SMEM);
+            if (level == 0 || n_c > PE_CAND_SMEM) {
+                __syncthreads();
+#pragma unroll 8
+                for (uint32_t i = threadIdx.x; i < cnt; i += blockDim.x)
+                    s_cand[i] = __ldcg(&m.cand[base + i]);
+            }
+            __syncthreads();
+            for (uint32_t i = threadIdx.x; i < cnt; i += blockDim.x) {
+                uint32_t e = s_cand[i], key = e & 0x7FFFFFFFu;
+                if ((key & hi_mask) != prefix) continue;
+                uint32_t bin = (key >> shift) & (uint32_t)(nb - 1);
+                atomicAdd(&h_n[bin], 1u);
+                if (e >> 31) atomicAdd(&h_s[bin], 1u);
+            }
+        }
+        __syncthreads();
+        pe_pick_bin(h_n, h_s, nb, G, budget, &b, &aw, &an);
+        prefix |= b << shift;
+    }
+    *mults = aw + (uint64_t)h_n[b] * G - h_s[b];
+    *rows = an + h_n[b];
+    __syncthreads();
+    return prefix;
+}
+
