@@ -157,6 +157,7 @@ def test_eval_cli_on_a_tiny_model(tmp_path, capsys):
             "--no-progress",
             "--profile",
             "uniform",
+            "--speed",
         ]
     )
     assert rc == 0
@@ -164,7 +165,9 @@ def test_eval_cli_on_a_tiny_model(tmp_path, capsys):
     kl = {(r["rule"], r["effort"]): r["kl"] for r in data["results"]}
     assert kl[("pyeffort", 1.0)] < 1e-4 < kl[("pyeffort", 0.25)]
     assert ("int8", 1.0) in kl
-    assert "| rule |" in (out / "quality.md").read_text()
+    md = (out / "quality.md").read_text()
+    assert "| rule |" in md and "| speed-up |" in md
+    assert all(r["speedup"] > 0 for r in data["results"] if r["rule"] in ("pyeffort", "teal"))
     with pytest.raises(SystemExit):
         cli.main(["--tiny", "--text", str(src), "--rules", "nope", "--out", str(out)])
     with pytest.raises(SystemExit):

@@ -71,13 +71,16 @@ def _choose(curve: np.ndarray, grid: np.ndarray, sens: float, mu: float, size: f
 
 
 def solve(curves: dict, sizes: dict, efforts, sens: dict | None = None, grid=GRID) -> dict:
-    """The allocation profile {efforts, weights: name -> [e_m / e for each e]}."""
+    """The allocation profile {efforts, weights: name -> [e_m / e for each e]}. ``sens``:
+    name -> s, or a table {effort: {name: s}} interpolated per effort."""
     names = list(curves)
     sens = sens or {}
+    table = sens if sens and all(isinstance(v, dict) for v in sens.values()) else None
     s = np.array([float(sizes[n]) for n in names])
-    sv = np.array([float(sens.get(n, 1.0)) for n in names])
     weights = {n: [] for n in names}
     for e in efforts:
+        se = sens_at(table, e) if table else sens
+        sv = np.array([float(se.get(n, 1.0)) for n in names])
         target = e * s.sum()
         lo, hi = 1e-16, 1e2
 
@@ -98,8 +101,9 @@ def solve(curves: dict, sizes: dict, efforts, sens: dict | None = None, grid=GRI
 VERSION = 2
 
 
-def sensitivities(harness, windows, effort: float = 0.25, rule=R.bucket_twin,
-                  progress: bool = True) -> dict[str, float]:
+def sensitivities(
+    harness, windows, effort: float = 0.25, rule=R.bucket_twin, progress: bool = True
+) -> dict[str, float]:
     """name -> KL(exact || model with only that matrix at ``effort``) on ``windows``: what one
     matrix's selection error costs at the model's output (all other matrices exact)."""
     from pyeffort.quality.harness import log_softmax
@@ -134,6 +138,8 @@ def sensitivities(harness, windows, effort: float = 0.25, rule=R.bucket_twin,
         for lin in harness.linears:
             lin.hook = None
     return out
+
+
 EFFORTS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
 
 
@@ -141,13 +147,13 @@ def calibrate(
     harness,
     ids,
     n_windows: int = 2,
-    length: int = 128,
-    sens: dict | None = None,
+    length: int = 64,
+    sens_efforts=(0.25, 0.5),
     efforts=EFFORTS,
     progress: bool = True,
 ) -> dict:
     """A profile from the second half of ``ids`` (never the evaluation windows, which start at
-    token 0): capture inputs, measure error curves, solve for each effort."""
+    token 0): capture inputs, measure error curves and per-matrix sensitivities, solve."""
     from pyeffort.quality import text
 
     start = max(len(ids) // 2, harness.windows.size)
@@ -156,15 +162,34 @@ def calibrate(
     xs = capture(harness, cal)
     curves = error_curves(harness.states, xs, progress=progress)
     sizes = {n: st.size for n, st in harness.states.items()}
-    sens_m = {n: _sens_of(n, sens) for n in curves}
-    prof = solve(curves, sizes, efforts, sens_m)
-    prof["sensitivity"] = sens or {}
+    kls = {e: sensitivities(harness, cal, e, progress=progress) for e in sens_efforts}
+    sens = sensitivity_table(curves, kls)
+    prof = solve(curves, sizes, efforts, sens)
+    prof["single_matrix_kl"] = {str(e): v for e, v in kls.items()}
+    prof["calibration_tokens"] = [int(start), int(start + n_windows * length)]
     return prof
 
 
-def _sens_of(name: str, sens: dict | None) -> float:
-    from pyeffort.quality.allocation import matrix_type
+def sensitivity_table(curves: dict, kls: dict[float, dict], grid=GRID) -> dict:
+    """{effort: {name: s}} with s = KL of that matrix alone / its relative squared error there."""
+    g = list(np.round(grid, 4))
+    out = {}
+    for e, kl in kls.items():
+        j = g.index(round(e, 4))
+        out[float(e)] = {n: max(kl[n], 1e-9) / max(curves[n][j], 1e-12) for n in curves}
+    return out
 
-    if not sens:
-        return 1.0
-    return float(sens.get(name, sens.get(matrix_type(name), 1.0)))
+
+def sens_at(table: dict, effort: float) -> dict:
+    """Sensitivities at ``effort``: log-interpolated between the calibrated efforts, clamped."""
+    es = sorted(table)
+    if effort <= es[0] or len(es) == 1:
+        return table[es[0]]
+    if effort >= es[-1]:
+        return table[es[-1]]
+    k = int(np.searchsorted(es, effort)) - 1
+    a, b = es[k], es[k + 1]
+    t = (effort - a) / (b - a)
+    return {
+        n: float(np.exp((1 - t) * np.log(table[a][n]) + t * np.log(table[b][n]))) for n in table[a]
+    }

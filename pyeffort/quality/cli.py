@@ -47,6 +47,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         "second half, cached), 'uniform', or a JSON profile path",
     )
     p.add_argument("--out", default="quality-out", help="folder for quality.md/.json/.png")
+    p.add_argument(
+        "--speed",
+        action="store_true",
+        help="also time one decode token through all matrices per rule and effort, "
+        "and compare KL at equal measured speed-up",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -173,14 +179,59 @@ def run(args) -> int:
         "exact_ppl": h.exact_ppl(),
         "profile": args.profile,
     }
-    (out / "quality.md").write_text(
+    md = (
         f"Model {model_id}, {args.windows} windows x {args.length} tokens, exact perplexity "
         f"{meta['exact_ppl']:.3f}\n\n" + report.markdown(results)
     )
+    if args.speed:
+        md += "\n" + equal_time(h, results, meta)
+    (out / "quality.md").write_text(md)
     report.write_json(results, out / "quality.json", meta)
-    report.plots(results, out)
-    print(report.markdown(results))
+    report.plots(results, out, speedups=args.speed)
+    print(md)
     return 0
+
+
+def equal_time(h, results: list[dict], meta: dict) -> str:
+    """Times every rule's efforts on one decode token, attaches ``speedup`` to the results and
+    returns a markdown table of KL at speed-ups 1.5x, 2x and 3x."""
+    from pyeffort.quality import calibrate, report, speed
+
+    xs = {n: x[-1] for n, x in calibrate.capture(h, h.windows[:1, :32]).items()}
+    timed = [r for r in ("pyeffort", "teal", "wina") if any(x["rule"] == r for x in results)]
+    efforts = {r: sorted({x["effort"] for x in results if x["rule"] == r}) for r in timed}
+    sp = speed.speedups(h, xs, efforts)
+    for x in results:
+        if x["rule"] in sp:
+            x["speedup"] = sp[x["rule"]].get(x["effort"])
+    meta["speed"] = {
+        k: (v if not isinstance(v, dict) else {str(e): s for e, s in v.items()})
+        for k, v in sp.items()
+    }
+    lines = [
+        "Speed-up over our dense fp16 product, one token through all matrices "
+        f"(dense {sp['dense_s'] * 1e3:.1f} ms; channel kernel: {sp['rows_kernel']})\n",
+        "| speed-up | pyeffort KL | best channel rule KL | which |",
+        "|---|---|---|---|",
+    ]
+    labels = {x["rule"]: x["label"] for x in results}
+
+    def fmt(v):
+        return "out of measured range" if v is None else f"{v:.4f}"
+
+    for target in (1.5, 2.0, 3.0):
+        ours = None
+        if "pyeffort" in sp:
+            ours = report.interp_at(results, labels["pyeffort"], "speedup", target)
+        peers = [
+            (report.interp_at(results, labels[r], "speedup", target), r)
+            for r in ("teal", "wina")
+            if r in sp
+        ]
+        peers = [p for p in peers if p[0] is not None]
+        best = min(peers) if peers else (None, "-")
+        lines.append(f"| {target:g}x | {fmt(ours)} | {fmt(best[0])} | {best[1]} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:

@@ -10,10 +10,10 @@ import numpy as np
 LABELS = {
     "pyeffort": "(e) pyeffort default",
     "bucket_twin": "(e) pyeffort default (numpy twin)",
-    "original": "(a) original Effort (probes, mean|w|, truncated)",
+    "original": "(a) original Effort (probes, mean abs(w), truncated)",
     "original_exact": "(a') original stat+truncation, exact budget",
-    "teal": "(b) TEAL channels by |x|",
-    "wina": "(c) WINA channels by |x|*||W_i||",
+    "teal": "(b) TEAL channels by abs(x)",
+    "wina": "(c) WINA channels by abs(x)*norm(W_i)",
     "int8": "(d) dense int8 per-channel",
     "oracle": "(f) per-matrix oracle",
     "dense": "exact (dense fp16)",

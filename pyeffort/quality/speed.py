@@ -67,8 +67,9 @@ def time_rule(states, xs, rule: str, efforts: dict[str, float] | None, repeat: i
     return float(np.median(times))
 
 
-def speedups(harness, xs, rules_efforts: dict[str, list[float]], allocate: bool = True,
-             repeat: int = 3) -> dict:
+def speedups(
+    harness, xs, rules_efforts: dict[str, list[float]], allocate: bool = True, repeat: int = 3
+) -> dict:
     """{rule: {effort: speed-up over dense}}, plus ``"dense_s"`` and ``"rows_kernel"``."""
     states = harness.states
     for st in states.values():  # build outside the clock
