@@ -84,7 +84,7 @@ def solve(curves: dict, sizes: dict, efforts, sens: dict | None = None, grid=GRI
         target = e * s.sum()
         lo, hi = 1e-16, 1e2
 
-        def total(mu):
+        def total(mu, sv=sv):
             return sum(
                 _choose(curves[n], grid, sv[k], mu, s[k]) * s[k] for k, n in enumerate(names)
             )

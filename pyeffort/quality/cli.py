@@ -209,8 +209,10 @@ def equal_time(h, results: list[dict], meta: dict) -> str:
         for k, v in sp.items()
     }
     lines = [
-        "Speed-up over our dense fp16 product, one token through all matrices "
-        f"(dense {sp['dense_s'] * 1e3:.1f} ms; channel kernel: {sp['rows_kernel']})\n",
+        (
+            "Speed-up over our dense fp16 product, one token through all matrices "
+            f"(dense {sp['dense_s'] * 1e3:.1f} ms; channel kernel: {sp['rows_kernel']})\n"
+        ),
         "| speed-up | pyeffort KL | best channel rule KL | which |",
         "|---|---|---|---|",
     ]

@@ -32,7 +32,7 @@ def dense_rows_kernel():
 
 
 def _channels(x, state, effort, wina: bool):
-    k = int(round(effort * state.n_in))
+    k = round(float(effort) * state.n_in)
     score = np.abs(x)
     if wina:
         score = score * np.linalg.norm(state.w32, axis=1)
