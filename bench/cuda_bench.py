@@ -69,6 +69,39 @@ def time_graph(g, n_calls: int, reps: int = 30) -> float:
     return ts[len(ts) // 2]
 
 
+PHASES = [  # (name, from stamp, to stamp): globaltimer stamps written by the kernels
+    ("k1_launch_wait", 8, 9),
+    ("k1_body", 9, 10),
+    ("k1_to_k2", 10, 11),
+    ("k2_wait", 11, 12),
+    ("k2_pick_b1", 12, 15),
+    ("k2_scan", 15, 13),
+    ("k2_to_k3", 13, 0),
+    ("k3_wait", 0, 1),
+    ("k3_resolve", 1, 2),
+    ("k3_dispatch_scan", 2, 3),
+    ("k3_rows_b0", 3, 4),
+    ("k3_team_sum", 4, 5),
+    ("k3_ticket", 5, 6),
+    ("k3_all_splits_done", 8, 14),
+    ("total", 8, 7),
+]
+
+
+def profile(bs, xs, e):
+    """Phase times (µs) of one call inside a graph, from the kernels' globaltimer stamps."""
+    bs[0].profile(True)
+    g = graph_of(
+        [lambda: pyeffort.matmul(xs[1], bs[1], e), lambda: pyeffort.matmul(xs[0], bs[0], e)]
+    )
+    for _ in range(5):
+        g.replay()
+    torch.cuda.synchronize()
+    st = bs[0].timing.cpu().tolist()
+    bs[0].profile(False)
+    return {k: round((st[b] - st[a]) / 1e3, 2) for k, a, b in PHASES}
+
+
 def bench_shape(n_in, n_out, efforts, gen, pdl_check=False):
     dense_bytes = 2 * n_in * n_out
     n_sets = max(2, math.ceil(ROTATE_BYTES / dense_bytes))
@@ -127,6 +160,9 @@ def bench_shape(n_in, n_out, efforts, gen, pdl_check=False):
                 "build_s": round(build_s, 2),
             }
         )
+    for r in rows:
+        if r["effort"] in (1.0, 0.25):
+            r["phases"] = profile(bs, xs, r["effort"])
     if pdl_check:  # the same graph captured without programmatic dependent launch
         cuda.set_pdl(False)
         g2 = graph_of([ours(i) for i in idx])
@@ -172,6 +208,9 @@ def main():
     print(" | ".join(hdr))
     for r in rows:
         print(" | ".join(str(r.get(k, "")) for k in hdr))
+    for r in rows:
+        if "phases" in r:
+            print(r["shape"], r["effort"], " ".join(f"{k}={v}" for k, v in r["phases"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -71,8 +71,11 @@ class Decoder:
     """One decode step over a KV cache; ``lin(name, layer, x)`` is the only difference between
     the dense and the effort model."""
 
-    def __init__(self, a: ModelArgs, lin, gen, max_len: int):
+    def __init__(self, a: ModelArgs, lin, gen, max_len: int, streams: bool = False):
         self.a, self.lin, self.max_len = a, lin, max_len
+        # streams: k, v (and w3) on side streams, forked and joined inside the graph
+        self.side = [torch.cuda.Stream(), torch.cuda.Stream()] if streams else None
+        self.keep = []  # side-stream outputs stay referenced until the capture ends
         dev, hd = "cuda", a.head_dim
         self.emb = (torch.randn((a.vocab, a.dim), generator=gen, device=dev)).half()
         self.head = (torch.randn((a.vocab, a.dim), generator=gen, device=dev) * a.dim**-0.5).half()
@@ -93,11 +96,29 @@ class Decoder:
     def norm(self, x):
         return F.rms_norm(x, (self.a.dim,), eps=self.a.norm_eps)
 
+    def fork(self, *fns):
+        """fns[0] on the current stream, the others on side streams (when enabled)."""
+        if not self.side:
+            return [fn() for fn in fns]
+        cur = torch.cuda.current_stream()
+        out = [None] * len(fns)
+        for i, fn in enumerate(fns[1:]):
+            self.side[i].wait_stream(cur)
+            with torch.cuda.stream(self.side[i]):
+                out[i + 1] = fn()
+        out[0] = fns[0]()
+        for i in range(len(fns) - 1):
+            cur.wait_stream(self.side[i])
+        self.keep += out[1:]
+        return out
+
     def attention(self, layer, x, f, bias):
         a, hd = self.a, self.a.head_dim
-        q = self.rope(self.lin("wq", layer, x).view(a.n_heads, hd), f)
-        k = self.rope(self.lin("wk", layer, x).view(a.n_kv_heads, hd), f)
-        v = self.lin("wv", layer, x).view(a.n_kv_heads, hd)
+        q, k, v = self.fork(
+            lambda: self.rope(self.lin("wq", layer, x).view(a.n_heads, hd), f),
+            lambda: self.rope(self.lin("wk", layer, x).view(a.n_kv_heads, hd), f),
+            lambda: self.lin("wv", layer, x).view(a.n_kv_heads, hd),
+        )
         kc, vc = self.k_cache[layer], self.v_cache[layer]  # (kv, max_len, hd)
         kc.index_copy_(1, self.pos, k[:, None])
         vc.index_copy_(1, self.pos, v[:, None])
@@ -105,6 +126,10 @@ class Decoder:
         scores = torch.baddbmm(bias, qg, kc.transpose(1, 2), alpha=hd**-0.5)  # (kv, rep, len)
         o = torch.bmm(torch.softmax(scores, -1), vc).reshape(a.dim)
         return self.lin("wo", layer, o)
+
+    def mlp(self, layer, m):
+        g1, g3 = self.fork(lambda: self.lin("w1", layer, m), lambda: self.lin("w3", layer, m))
+        return self.lin("w2", layer, F.silu(g1) * g3)
 
     def step(self):
         h = self.emb.index_select(0, self.token)[0]
@@ -118,8 +143,7 @@ class Decoder:
         for layer in range(self.a.n_layers):
             h = h + self.attention(layer, self.norm(h), f, bias)
             m = self.norm(h)
-            g = F.silu(self.lin("w1", layer, m)) * self.lin("w3", layer, m)
-            h = h + self.lin("w2", layer, g)
+            h = h + self.mlp(layer, m)
         self.logits = F.linear(self.norm(h)[None], self.head)[0]
         self.token.copy_(self.logits.argmax()[None])
         self.pos.add_(1)
@@ -135,6 +159,7 @@ def capture(dec: Decoder) -> torch.cuda.CUDAGraph:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         dec.step()
+    dec.keep.clear()
     return g
 
 
@@ -158,6 +183,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--streams", action="store_true", help="k/v and w1/w3 on parallel streams")
     ap.add_argument("--json")
     args = ap.parse_args()
     a = ModelArgs(n_layers=args.layers)
@@ -181,6 +207,7 @@ def main():
 
     max_len = args.ctx + args.steps + 8
     res = {
+        "streams": args.streams,
         "layers": a.n_layers,
         "ctx": args.ctx,
         "steps": args.steps,
@@ -190,9 +217,9 @@ def main():
     }
     g_gen = torch.Generator(device="cuda")
     g_gen.manual_seed(1)
-    dense = Decoder(a, dense_lin, g_gen, max_len)
+    dense = Decoder(a, dense_lin, g_gen, max_len, args.streams)
     g_gen.manual_seed(1)
-    ours = Decoder(a, effort_lin, g_gen, max_len)  # same embeddings, head and cache
+    ours = Decoder(a, effort_lin, g_gen, max_len, args.streams)  # same embeddings, head and cache
     gd, ge = capture(dense), capture(ours)
     res["dense_tok_s"] = round(tokens_per_s(dense, gd, args.ctx, args.steps), 1)
     w_bytes = sum(w.numel() * 2 for lw in weights for w in lw.values()) + dense.head.numel() * 2

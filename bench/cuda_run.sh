@@ -18,6 +18,7 @@ for s in $stages; do
     quick) timeout 150 python3 bench/cuda_bench.py --quick --shapes 4096x14336,4096x4096 --json "$OUT/quick.json" ;;
     bench) timeout 400 python3 bench/cuda_bench.py --json "$OUT/bench.json" ;;
     model) timeout 300 python3 bench/cuda_model.py --json "$OUT/model.json" ;;
+    model2) timeout 300 python3 bench/cuda_model.py --streams --json "$OUT/model_streams.json" ;;
   esac
 done
 echo "=== done $(date +%T)"

@@ -60,6 +60,7 @@ class _Matrix(ctypes.Structure):
         ("partial", ctypes.c_void_p),
         ("tickets", ctypes.c_void_p),
         ("state", ctypes.c_void_p),
+        ("timing", ctypes.c_void_p),
         ("n_in", ctypes.c_int64),
         ("n_out", ctypes.c_int64),
         ("n_rows", ctypes.c_int64),
@@ -219,6 +220,7 @@ class CudaBuckets:
             self._partial.data_ptr(),
             self._tickets.data_ptr(),
             self._state.data_ptr(),
+            None,
             self.n_in,
             self.n_out,
             n_rows,
@@ -227,6 +229,12 @@ class CudaBuckets:
             n_splits,
             int(mults.sum()),
         )
+
+    def profile(self, enabled: bool = True):
+        """Record clock stamps of the matmul kernel's phases (block 0) into ``self.timing``."""
+        torch = _torch()
+        self.timing = torch.zeros(16, dtype=torch.int64, device=self.device) if enabled else None
+        self._m.timing = self.timing.data_ptr() if enabled else None
 
     @property
     def shape(self) -> tuple[int, int]:

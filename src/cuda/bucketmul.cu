@@ -125,8 +125,11 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
     __shared__ uint32_t warp_n[PE_ROUNDS * PE_MM_WARPS], s_total;
     __shared__ bool last;
     const int tile = blockIdx.x % m.n_tiles, split = blockIdx.x / m.n_tiles;
+#define PE_STAMP(i) PE_STAMP0(m, i)
+    PE_STAMP(0);
     for (int i = threadIdx.x; i < T::NT * T::ACC; i += PE_MM_THREADS) acc[i] = 0.f;
     pe_pdl_wait();
+    PE_STAMP(1);
     pe_pdl_launch();
     pe_cuda_state *st = m.state;
     if (blockIdx.x == 0) /* the candidate kernel is done with the histogram: clear it */
@@ -143,6 +146,7 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
         mults = all ? m.total_w : 0ull;
         rows = all ? (uint32_t)m.n_rows : 0u;
     }
+    PE_STAMP(2);
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         st->cut = cut;
         st->mults = mults;
@@ -210,8 +214,10 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
         n += s_total;
         __syncthreads();
     }
+    PE_STAMP(3);
     process<CT>(list_r, n, tile_base, m.xval, my, team, t);
     __syncthreads();
+    PE_STAMP(4);
     /* teams -> this split's sums, columns of the tile in natural order */
     const int tile_cols = 16 * CT;
     float *part = m.partial + ((size_t)split * m.n_tiles + tile) * tile_cols;
@@ -227,14 +233,20 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
             part[col] = s;
         }
     }
+    PE_STAMP(5);
     if (m.n_splits == 1) return;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(&m.tickets[tile], 1u) == (uint32_t)m.n_splits - 1;
     __syncthreads();
-    if (!last) return;
+    PE_STAMP(6);
+    if (!last) {
+        PE_STAMP_MAX(m, 14);
+        return;
+    }
     __threadfence();
     sum_splits<TY, CT>(m, tile, y);
+    PE_STAMP_MAX(m, 7);
     if (threadIdx.x == 0) m.tickets[tile] = 0;
 }
 

@@ -36,6 +36,18 @@ __device__ __forceinline__ void pe_pdl_launch() {
 #endif
 }
 
+/* Profiling (m.timing set): the global nanosecond timer, comparable across multiprocessors. */
+__device__ __forceinline__ long long pe_now() {
+    long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#define PE_STAMP0(m, i) \
+    if ((m).timing && blockIdx.x == 0 && threadIdx.x == 0) (m).timing[i] = pe_now()
+#define PE_STAMP_MAX(m, i) \
+    if ((m).timing && threadIdx.x == 0) \
+    atomicMax((unsigned long long *)&(m).timing[i], (unsigned long long)pe_now())
+
 /* Row r of rank r / n_in is short (G - 1 real multiplications) past the last group's size. */
 __device__ __forceinline__ uint32_t pe_is_short(int64_t r, int64_t n_in, int tail) {
     return (tail != 0 && r / n_in >= tail) ? 1u : 0u;

@@ -15,8 +15,10 @@
 template <typename TX>
 __global__ void __launch_bounds__(PE_SEL_THREADS) k_keys(const TX *__restrict__ x, pe_cuda_matrix m) {
     __shared__ uint32_t h_n[PE_NB1], h_s[PE_NB1];
+    PE_STAMP0(m, 8);
     for (int b = threadIdx.x; b < PE_NB1; b += blockDim.x) h_n[b] = h_s[b] = 0;
     pe_pdl_wait();
+    PE_STAMP0(m, 9);
     pe_pdl_launch();
     if (blockIdx.x == 0 && threadIdx.x == 0) m.state->n_cand = 0; /* last call's list is used */
     __syncthreads();
@@ -35,14 +37,17 @@ __global__ void __launch_bounds__(PE_SEL_THREADS) k_keys(const TX *__restrict__ 
         if (h_n[b]) atomicAdd(&m.hist[b], h_n[b]);
         if (h_s[b]) atomicAdd(&m.hist[PE_NB1 + b], h_s[b]);
     }
+    PE_STAMP_MAX(m, 10);
 }
 
 /* hist -> mode, level-1 bin b1 and the weight above it (every block the same); rows with
  * key >> 19 == b1 -> candidate list (key | short << 31). Block 0 records mode and b1. */
 __global__ void __launch_bounds__(PE_SEL_THREADS)
     k_cand(pe_cuda_matrix m, const double *eff_ptr, double eff_val) {
-    __shared__ uint32_t h_n[PE_NB1], h_s[PE_NB1], warp_n[PE_SEL_THREADS / 32], s_base;
+    __shared__ uint32_t h_n[PE_NB1], h_s[PE_NB1], warp_n[PE_CAND_ROWS / 32], s_base;
+    PE_STAMP0(m, 11);
     pe_pdl_wait();
+    PE_STAMP0(m, 12);
     pe_pdl_launch();
     pe_cuda_state *st = m.state;
     { /* the histogram: 16 independent 16-byte loads per thread */
@@ -75,6 +80,7 @@ __global__ void __launch_bounds__(PE_SEL_THREADS)
         st->above_n = an;
     }
     if (mode != PE_MODE_SEARCH) return;
+    PE_STAMP0(m, 15); /* level-1 bin picked */
     const int tail = (int)(m.n_out % 16), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t r0 = (int64_t)blockIdx.x * PE_CAND_ROWS;
     uint32_t key[PE_CAND_ROWS / PE_SEL_THREADS];
@@ -83,24 +89,44 @@ __global__ void __launch_bounds__(PE_SEL_THREADS)
         int64_t r = r0 + q * PE_SEL_THREADS + threadIdx.x;
         key[q] = r < m.n_rows ? m.keys[r] : 0xFFFFFFFFu;
     }
+    constexpr int NQ = PE_CAND_ROWS / PE_SEL_THREADS, NW = PE_SEL_THREADS / 32;
+    unsigned mask[NQ];
 #pragma unroll
-    for (int q = 0; q < PE_CAND_ROWS / PE_SEL_THREADS; q++) { /* one atomic per block */
+    for (int q = 0; q < NQ; q++) {
         const int64_t r = r0 + q * PE_SEL_THREADS + threadIdx.x;
-        const bool hit = r < m.n_rows && (key[q] >> 19) == b1;
-        const unsigned mask = __ballot_sync(0xFFFFFFFFu, hit);
-        if (lane == 0) warp_n[warp] = __popc(mask);
-        __syncthreads();
-        uint32_t off = 0, total = 0;
-        for (int w = 0; w < PE_SEL_THREADS / 32; w++) {
-            off += w < warp ? warp_n[w] : 0u;
-            total += warp_n[w];
-        }
-        if (threadIdx.x == 0 && total) s_base = atomicAdd(&st->n_cand, total);
-        __syncthreads();
-        if (hit)
-            m.cand[s_base + off + __popc(mask & ((1u << lane) - 1))] =
-                key[q] | (pe_is_short(r, m.n_in, tail) << 31);
+        mask[q] = __ballot_sync(0xFFFFFFFFu, r < m.n_rows && (key[q] >> 19) == b1);
+        if (lane == 0) warp_n[q * NW + warp] = __popc(mask[q]);
     }
+    __syncthreads();
+    if (warp == 0) { /* offsets in (round, warp) order; one atomic per block */
+        constexpr int PER = NQ * NW / 32;
+        uint32_t c[PER], sum = 0;
+#pragma unroll
+        for (int k = 0; k < PER; k++) sum += (c[k] = warp_n[lane * PER + k]);
+        uint32_t incl = sum;
+#pragma unroll
+        for (int d = 1; d < 32; d *= 2) {
+            uint32_t o = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+            if (lane >= d) incl += o;
+        }
+        uint32_t run = incl - sum;
+#pragma unroll
+        for (int k = 0; k < PER; k++) {
+            warp_n[lane * PER + k] = run;
+            run += c[k];
+        }
+        if (lane == 31) s_base = run ? atomicAdd(&st->n_cand, run) : 0u;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < NQ; q++) {
+        if (mask[q] >> lane & 1u) {
+            const int64_t r = r0 + q * PE_SEL_THREADS + threadIdx.x;
+            m.cand[s_base + warp_n[q * NW + warp] + __popc(mask[q] & ((1u << lane) - 1))] =
+                key[q] | (pe_is_short(r, m.n_in, tail) << 31);
+        }
+    }
+    PE_STAMP_MAX(m, 13);
 }
 
 /* hist -> 0 (only for pe_cuda_select alone; the matmul kernel clears it otherwise). */
