@@ -3,6 +3,8 @@
  * comparing its positions with p (16 byte compares -> masks) and a masked FMA or add per p. */
 #include <immintrin.h>
 
+#include <string.h>
+
 #include "kernels.h"
 
 void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
@@ -19,47 +21,59 @@ void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_in, int64_
             a[P] = _mm512_mask3_fmadd_ps(w, xv, a[P], k);                        \
     } while (0)
 
-/* A[p] lane l (16 x 16) -> y[256 t + 16 l + p] for outputs below n_out. */
-static void store_tile(const __m512 a[16], int64_t t, int64_t n_out, float *y) {
-    float tile[16][16] __attribute__((aligned(64))); /* [p][l] */
-    for (int p = 0; p < 16; p++) _mm512_store_ps(tile[p], a[p]);
-    __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4,
-                                                      3, 2, 1, 0), _mm512_set1_epi32(16));
+/* tile[p][l] (16 x 16) -> y[256 t + 16 l + p] for outputs below n_out. */
+static void store_tile(const float *tile, int64_t t, int64_t n_out, float *y) {
+    const __m512i col = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80,
+                                         64, 48, 32, 16, 0);
     for (int l = 0; l < 16; l++) {
         int64_t j = 256 * t + 16 * l;
         if (j >= n_out) break;
-        __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(l)),
-                                       &tile[0][0], 4); /* tile[p][l], p = 0..15 */
+        __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(l)), tile, 4);
         __mmask16 keep = n_out - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n_out - j)) - 1);
         _mm512_mask_storeu_ps(y + j, keep, v);
     }
 }
 
-/* runs (slots of P) -> y[256 t0, min(256 t1, n_out)), tile by tile; sums in run order. */
+/* runs[r0, r1) (one batch) on tile t: A[p] (acc[p][l]) += routed x * w, in run order. */
+static void batch_tile(const pe_packed *pk, const pe_run *runs, int64_t r0, int64_t r1,
+                       int64_t t, float *acc) {
+    const __m128i lo4 = _mm_set1_epi8(0x0F);
+    int64_t vs = pk->n_tiles * PE_TILE, qs = pk->n_tiles * (PE_TILE / 2);
+    __m512 a[16];
+    for (int p = 0; p < 16; p++) a[p] = _mm512_load_ps(acc + 16 * p);
+    for (int64_t r = r0; r < r1; r++) {
+        __m512 xv = _mm512_set1_ps(runs[r].x);
+        const uint16_t *v = pk->values + runs[r].slot * vs + t * PE_TILE;
+        const uint8_t *q = pk->pos + runs[r].slot * qs + t * (PE_TILE / 2);
+        for (int s = 0; s < runs[r].n; s++, v += vs, q += qs) {
+            __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)v));
+            __m512 xw = _mm512_mul_ps(w, xv);
+            __m128i b = _mm_loadl_epi64((const __m128i *)q);
+            __m128i idx = _mm_unpacklo_epi8(_mm_and_si128(b, lo4),
+                                            _mm_and_si128(_mm_srli_epi16(b, 4), lo4));
+            ROUTE(0); ROUTE(1); ROUTE(2); ROUTE(3); ROUTE(4); ROUTE(5); ROUTE(6); ROUTE(7);
+            ROUTE(8); ROUTE(9); ROUTE(10); ROUTE(11); ROUTE(12); ROUTE(13); ROUTE(14); ROUTE(15);
+        }
+    }
+    for (int p = 0; p < 16; p++) _mm512_store_ps(acc + 16 * p, a[p]);
+}
+
+/* runs (slots of P) -> y[256 t0, min(256 t1, n_out)): batches of runs, tile by tile. */
 static void packedmul_f16_avx512(const pe_packed *pk, const pe_run *runs, int64_t n_runs,
                                  int64_t t0, int64_t t1, float *y) {
-    const __m128i lo4 = _mm_set1_epi8(0x0F);
-    for (int64_t t = t0; t < t1; t++) {
-        __m512 a[16];
-        for (int p = 0; p < 16; p++) a[p] = _mm512_setzero_ps();
-        const uint16_t *vt = pk->values + t * pk->n_slots * PE_TILE;
-        const uint8_t *qt = pk->pos + t * pk->n_slots * (PE_TILE / 2);
-        for (int64_t r = 0; r < n_runs; r++) {
-            __m512 xv = _mm512_set1_ps(runs[r].x);
-            const uint16_t *v = vt + (int64_t)runs[r].slot * PE_TILE;
-            const uint8_t *q = qt + (int64_t)runs[r].slot * (PE_TILE / 2);
-            for (int s = 0; s < runs[r].n; s++, v += PE_TILE, q += PE_TILE / 2) {
-                __m512 w = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)v));
-                __m512 xw = _mm512_mul_ps(w, xv);
-                __m128i b = _mm_loadl_epi64((const __m128i *)q);
-                __m128i idx = _mm_unpacklo_epi8(_mm_and_si128(b, lo4),
-                                                _mm_and_si128(_mm_srli_epi16(b, 4), lo4));
-                ROUTE(0); ROUTE(1); ROUTE(2); ROUTE(3); ROUTE(4); ROUTE(5); ROUTE(6); ROUTE(7);
-                ROUTE(8); ROUTE(9); ROUTE(10); ROUTE(11); ROUTE(12); ROUTE(13); ROUTE(14);
-                ROUTE(15);
+    static _Thread_local float acc[PE_CHUNK][256] __attribute__((aligned(64)));
+    for (int64_t c0 = t0; c0 < t1; c0 += PE_CHUNK) {
+        int64_t c1 = c0 + PE_CHUNK < t1 ? c0 + PE_CHUNK : t1;
+        memset(acc, 0, sizeof(float) * 256 * (size_t)(c1 - c0));
+        for (int64_t r0 = 0, r1; r0 < n_runs; r0 = r1) {
+            r1 = pe_batch_end(runs, n_runs, r0);
+            int64_t r2 = r1 < n_runs ? pe_batch_end(runs, n_runs, r1) : r1;
+            for (int64_t t = c0; t < c1; t++) {
+                pe_prefetch_batch(pk, runs, r1, r2, t);
+                batch_tile(pk, runs, r0, r1, t, acc[t - c0]);
             }
         }
-        store_tile(a, t, pk->n_out, y);
+        for (int64_t t = c0; t < c1; t++) store_tile(acc[t - c0], t, pk->n_out, y);
     }
 }
 

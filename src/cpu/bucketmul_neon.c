@@ -19,27 +19,51 @@ static inline void scale16(const uint16_t *v, float32x4_t xv, float out[16]) {
     vst1q_f32(out + 12, vmulq_f32(vcvt_high_f32_f16(b), xv));
 }
 
-/* runs (slots of P) -> y[256 t0, min(256 t1, n_out)), tile by tile; sums in run order. */
+/* acc[16 l + pos_l] += xw[l] for the 16 nibbles of pos; the shifts are independent. */
+#define SC(L) acc[16 * (L) + ((pos >> (4 * (L))) & 15)] += xw[L]
+#define SCATTER16(acc, pos, xw)                                                          \
+    do {                                                                                 \
+        SC(0); SC(1); SC(2); SC(3); SC(4); SC(5); SC(6); SC(7);                          \
+        SC(8); SC(9); SC(10); SC(11); SC(12); SC(13); SC(14); SC(15);                    \
+    } while (0)
+
+/* runs[r0, r1) (one batch) on tile t: acc[16 l + pos] += x * w, in run order. */
+static void batch_tile(const pe_packed *pk, const pe_run *runs, int64_t r0, int64_t r1,
+                       int64_t t, float *acc) {
+    float xw[16] __attribute__((aligned(16)));
+    int64_t vs = pk->n_tiles * PE_TILE, qs = pk->n_tiles * (PE_TILE / 2);
+    for (int64_t r = r0; r < r1; r++) {
+        float32x4_t xv = vdupq_n_f32(runs[r].x);
+        const uint16_t *v = pk->values + runs[r].slot * vs + t * PE_TILE;
+        const uint8_t *q = pk->pos + runs[r].slot * qs + t * (PE_TILE / 2);
+        for (int s = 0; s < runs[r].n; s++, v += vs, q += qs) {
+            scale16(v, xv, xw);
+            uint64_t pos;
+            memcpy(&pos, q, 8);
+            SCATTER16(acc, pos, xw);
+        }
+    }
+}
+
+/* runs (slots of P) -> y[256 t0, min(256 t1, n_out)): batches of runs, tile by tile. */
 static void packedmul_f16_neon(const pe_packed *pk, const pe_run *runs, int64_t n_runs,
                                int64_t t0, int64_t t1, float *y) {
-    float acc[256] __attribute__((aligned(16))), xw[16] __attribute__((aligned(16)));
-    for (int64_t t = t0; t < t1; t++) {
-        memset(acc, 0, sizeof acc);
-        const uint16_t *vt = pk->values + t * pk->n_slots * PE_TILE;
-        const uint8_t *qt = pk->pos + t * pk->n_slots * (PE_TILE / 2);
-        for (int64_t r = 0; r < n_runs; r++) {
-            float32x4_t xv = vdupq_n_f32(runs[r].x);
-            const uint16_t *v = vt + (int64_t)runs[r].slot * PE_TILE;
-            const uint8_t *q = qt + (int64_t)runs[r].slot * (PE_TILE / 2);
-            for (int s = 0; s < runs[r].n; s++, v += PE_TILE, q += PE_TILE / 2) {
-                scale16(v, xv, xw);
-                uint64_t pos;
-                memcpy(&pos, q, 8);
-                for (int l = 0; l < 16; l++, pos >>= 4) acc[16 * l + (pos & 15)] += xw[l];
+    static _Thread_local float acc[PE_CHUNK][256] __attribute__((aligned(64)));
+    for (int64_t c0 = t0; c0 < t1; c0 += PE_CHUNK) {
+        int64_t c1 = c0 + PE_CHUNK < t1 ? c0 + PE_CHUNK : t1;
+        memset(acc, 0, sizeof(float) * 256 * (size_t)(c1 - c0));
+        for (int64_t r0 = 0, r1; r0 < n_runs; r0 = r1) {
+            r1 = pe_batch_end(runs, n_runs, r0);
+            int64_t r2 = r1 < n_runs ? pe_batch_end(runs, n_runs, r1) : r1;
+            for (int64_t t = c0; t < c1; t++) {
+                pe_prefetch_batch(pk, runs, r1, r2, t);
+                batch_tile(pk, runs, r0, r1, t, acc[t - c0]);
             }
         }
-        int64_t j0 = 256 * t, n = pk->n_out - j0 < 256 ? pk->n_out - j0 : 256;
-        memcpy(y + j0, acc, sizeof(float) * (size_t)n);
+        for (int64_t t = c0; t < c1; t++) {
+            int64_t j0 = 256 * t, n = pk->n_out - j0 < 256 ? pk->n_out - j0 : 256;
+            memcpy(y + j0, acc[t - c0], sizeof(float) * (size_t)n);
+        }
     }
 }
 

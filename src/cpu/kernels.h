@@ -17,19 +17,42 @@ typedef struct {
     float x;
 } pe_run;
 
-/* The packed in-memory layout (pack.c): slots input-major, so an input's dispatched ranks are
- * one contiguous run, and tiles of 16 groups apart, so a tile's bytes stream in slot order.
+/* The packed in-memory layout (pack.c): the canonical rows reordered input-major, so an input's
+ * dispatched ranks are one contiguous run of rows, and padded to whole tiles of 16 groups.
  * Slot s = slot0[i] + k holds rank k of input i, k < n_loaded[i]. */
 struct pe_packed {
-    uint16_t *values;   /* (n_tiles, n_slots, 16) fp16, zero past G                       */
-    uint8_t *pos;       /* (n_tiles, n_slots, 8) positions, lane 2l low nibble of byte l */
-    float *stats;       /* (n_in, 16) statistic of rank k of input i, 0 if not loaded    */
-    int32_t *slot0;     /* (n_in,) first slot of input i                                 */
-    uint8_t *n_loaded;  /* (n_in,) loaded ranks of input i (a prefix of its ranks)       */
+    uint16_t *values;   /* (n_slots, 16 n_tiles) fp16, zero past G                        */
+    uint8_t *pos;       /* (n_slots, 8 n_tiles) positions, group 2l low nibble of byte l  */
+    float *stats;       /* (n_in, 16) statistic of rank k of input i, 0 if not loaded     */
+    int32_t *slot0;     /* (n_in,) first slot of input i                                  */
+    uint8_t *n_loaded;  /* (n_in,) loaded ranks of input i (a prefix of its ranks)        */
     int64_t n_in, n_out, n_groups, n_tiles, n_slots;
-    int64_t m[PE_RANKS];  /* real multiplications of a row of rank k                    */
-    int64_t unloaded;     /* sum of m over the slots that are not loaded                */
+    int64_t m[PE_RANKS];  /* real multiplications of a row of rank k                     */
+    int64_t unloaded;     /* sum of m over the slots that are not loaded                 */
 };
+
+/* Kernels walk the runs in batches of about PE_BATCH slots; for each batch, tile by tile, the
+ * tile's accumulators stay in registers or L1 while the batch's rows stream past. */
+#define PE_BATCH 64
+#define PE_CHUNK 64 /* tiles per pass: 64 KiB of accumulators on the stack */
+
+/* The end of the batch of runs starting at r0: at most PE_BATCH slots, at least one run. */
+static inline int64_t pe_batch_end(const pe_run *runs, int64_t n_runs, int64_t r0) {
+    int64_t r1 = r0 + 1, n = runs[r0].n;
+    while (r1 < n_runs && n + runs[r1].n <= PE_BATCH) n += runs[r1++].n;
+    return r1;
+}
+
+/* Prefetches the row segment of tiles [t, t + 2) of every slot in runs[r0, r1). */
+static inline void pe_prefetch_batch(const pe_packed *p, const pe_run *runs, int64_t r0,
+                                     int64_t r1, int64_t t) {
+    int64_t vs = p->n_tiles * PE_TILE, qs = p->n_tiles * (PE_TILE / 2);
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t s = runs[r].slot; s < runs[r].slot + runs[r].n; s++) {
+            if (!(t & 1)) __builtin_prefetch(p->values + s * vs + t * PE_TILE);
+            if (!(t & 7)) __builtin_prefetch(p->pos + s * qs + t * (PE_TILE / 2));
+        }
+}
 
 /* tasks (rows of B, in row order) -> y[16 g0, min(16 g1, n_out)) f32, overwritten. */
 typedef void (*pe_bucketmul_fn)(const pe_buckets *b, const pe_task *tasks, int64_t n_tasks,
