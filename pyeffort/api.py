@@ -112,10 +112,13 @@ def runtime_info() -> dict:
     True
     """
     b = _backend.current
+    compiled = hasattr(b, "available_kernels")
     return {
         "backend": b.NAME,
         "kernel": b.kernel_name() if hasattr(b, "kernel_name") else "numpy",
         "threads": b.num_threads() if hasattr(b, "num_threads") else 1,
+        "features": b.cpu_features() if compiled else "",
+        "kernels": ",".join(b.available_kernels()) if compiled else "numpy",
     }
 
 

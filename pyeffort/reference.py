@@ -147,6 +147,18 @@ def dense_f16(x32: np.ndarray, w16: np.ndarray, out: np.ndarray) -> None:
     out[...] = x32.astype(np.float64) @ np.asarray(w16).astype(np.float64)
 
 
+def dense_rows_f16(x32: np.ndarray, w16: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """Channel skipping: x (n_tokens, n_in) f32 @ W (n_in, n_out) f16 over the inputs ``rows``
+    (int32, each in 0..n_in-1) only -> out (n_tokens, n_out) f32."""
+    r = np.asarray(rows, dtype=np.int64)
+    if r.size and (r.min() < 0 or r.max() >= w16.shape[0]):
+        from pyeffort.errors import ShapeError
+
+        raise ShapeError(f"rows must lie in 0..{w16.shape[0] - 1}")
+    xr = x32[:, r].astype(np.float64)
+    out[...] = xr @ np.asarray(w16)[r].astype(np.float64)
+
+
 def oracle(x: np.ndarray, w: np.ndarray, effort: float) -> np.ndarray:
     """The bound of element selection: keep exactly the largest |x_i * W_ij| products."""
     p = x.astype(np.float64)[:, None] * w.astype(np.float64)

@@ -1,0 +1,176 @@
+"""Every CPU kernel set this machine runs (scalar, AVX2, AVX-512 or NEON) against reference.py:
+the same rows dispatched, mults and bytes, results within float32 rounding; thread counts give
+bitwise identical results."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pyeffort
+from pyeffort import _core, reference
+from pyeffort.errors import ShapeError
+
+KERNELS = _core.available_kernels()
+SHAPES = [(333, 517), (64, 40), (96, 1100), (5, 17), (40, 3), (17, 257), (300, 4100)]
+EFFORTS = [0.0, 0.03, 0.1, 0.25, 0.5, 0.77, 1.0]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    previous = _core.kernel_name()
+    _core.use_kernel(request.param)
+    yield request.param
+    _core.use_kernel(previous)
+
+
+@pytest.fixture
+def threads():
+    previous = _core.num_threads()
+    yield
+    _core.set_num_threads(previous)
+
+
+def activations(rng, n_tokens, n_in):
+    """Heavy-tailed rows with exact zeros and repeated values (ties in the cutoff)."""
+    x = rng.standard_normal((n_tokens, n_in)) * rng.gamma(1.0, size=n_in)
+    x[:, ::7] = 0.0
+    x[:, 1::11] = 0.5
+    return x.astype(np.float32)
+
+
+def buckets_of(rng, shape, loaded=1.0):
+    w = (rng.standard_normal(shape) * 0.05).astype(np.float16)
+    b = pyeffort.build_buckets(w)
+    n_rows = int(round(loaded * b.n_rows))
+    if n_rows < b.n_rows:  # a partial load keeps a row prefix
+        b = pyeffort.Buckets(b.values[:n_rows], b.positions[:n_rows], b.stats, b.order, b.n_out)
+    return w, b
+
+
+def run_both(x, b, effort):
+    ref = np.zeros((x.shape[0], b.n_out), np.float32)
+    got = np.full_like(ref, np.nan)
+    args = (b.values, b.positions, b.stats, b.order, b.n_out, effort)
+    want = reference.bucketmul(x, *args, ref)
+    have = _core.bucketmul(x, *args, got)
+    return ref, got, want, have
+
+
+def close(got, ref):
+    scale = np.abs(ref).max() + 1e-30
+    return float(np.abs(got.astype(np.float64) - ref).max() / scale)
+
+
+def test_the_machine_runs_scalar_and_names_its_kernel():
+    assert KERNELS[-1] == "scalar"
+    assert _core.kernel_name() in KERNELS
+    info = pyeffort.runtime_info()
+    assert info["kernel"] in KERNELS or info["backend"] == "numpy"
+    if os.uname().machine == "x86_64" and "avx512" in KERNELS:
+        assert "avx512f" in _core.cpu_features()
+
+
+def test_unknown_kernel_is_refused():
+    with pytest.raises(ValueError):
+        _core.use_kernel("sse9")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bucketmul_matches_reference(kernel, rng, shape):
+    _, b = buckets_of(rng, shape)
+    x = activations(rng, 3, shape[0])
+    for e in EFFORTS:
+        ref, got, want, have = run_both(x, b, e)
+        assert have == want, (kernel, e)  # the same rows: same mults and bytes
+        assert close(got, ref) <= 2e-6, (kernel, e)
+
+
+@pytest.mark.parametrize("loaded", [0.06, 0.3, 0.5001])
+def test_partial_loads(kernel, rng, loaded):
+    _, b = buckets_of(rng, (130, 300), loaded)
+    x = activations(rng, 2, 130)
+    for e in [0.05, 0.2, 0.4, 1.0]:  # past the loaded fraction: everything loaded
+        ref, got, want, have = run_both(x, b, e)
+        assert have == want
+        assert close(got, ref) <= 2e-6
+
+
+def test_thread_counts_give_identical_bits(kernel, threads, rng):
+    _, b = buckets_of(rng, (600, 3000))
+    w = (rng.standard_normal((600, 3000)) * 0.05).astype(np.float16)
+    x = activations(rng, 2, 600)
+    results = []
+    for n in [1, 2, 3, 7]:
+        _core.set_num_threads(n)
+        y = np.empty((2, 3000), np.float32)
+        d = np.empty_like(y)
+        r = np.empty_like(y)
+        _core.bucketmul(x, b.values, b.positions, b.stats, b.order, b.n_out, 0.3, y)
+        _core.dense_f16(x, w, d)
+        _core.dense_rows_f16(x, w, np.arange(0, 600, 3, dtype=np.int32), r)
+        results.append((y, d, r))
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("shape", [(333, 517), (8, 5), (70, 1000), (1, 33)])
+def test_dense_matches_reference(kernel, rng, shape):
+    w = (rng.standard_normal(shape)).astype(np.float16)
+    x = activations(rng, 2, shape[0])
+    got, ref = np.empty((2, shape[1]), np.float32), np.empty((2, shape[1]))
+    _core.dense_f16(x, w, got)
+    reference.dense_f16(x, w, ref)
+    assert close(got, ref) <= 2e-6
+
+
+@pytest.mark.parametrize("shape", [(333, 517), (8, 5), (70, 1000)])
+def test_dense_rows_matches_reference(kernel, rng, shape):
+    w = (rng.standard_normal(shape)).astype(np.float16)
+    x = activations(rng, 3, shape[0])
+    for rows in [
+        np.arange(shape[0], dtype=np.int32),
+        np.sort(rng.choice(shape[0], shape[0] // 3, replace=False)).astype(np.int32),
+        rng.permutation(shape[0])[: shape[0] // 2].astype(np.int32),  # any order
+        np.zeros(0, np.int32),
+    ]:
+        got = np.full((3, shape[1]), np.nan, np.float32)
+        ref = np.empty((3, shape[1]))
+        _core.dense_rows_f16(x, w, rows, got)
+        reference.dense_rows_f16(x, w, rows, ref)
+        assert close(got, ref) <= 2e-6 or not ref.any() and not got.any()
+
+
+def test_dense_rows_rejects_bad_rows(rng):
+    w = np.ones((10, 4), np.float16)
+    x = np.ones((1, 10), np.float32)
+    out = np.empty((1, 4), np.float32)
+    for impl in (_core.dense_rows_f16, reference.dense_rows_f16):
+        with pytest.raises(ShapeError):
+            impl(x, w, np.array([0, 10], np.int32), out)
+        with pytest.raises(ShapeError):
+            impl(x, w, np.array([-1], np.int32), out)
+
+
+def test_packed_copy_follows_its_arrays(rng):
+    """The packed copy is cached per values array and rebuilt for new arrays."""
+    w1, b1 = buckets_of(rng, (50, 70))
+    w2, b2 = buckets_of(rng, (50, 70))
+    x = activations(rng, 1, 50)
+    for b in (b1, b2, b1):
+        ref, got, want, have = run_both(x, b, 1.0)
+        assert close(got, ref) <= 2e-6
+
+
+def test_disable_cpu_features_forces_a_lower_tier():
+    code = "from pyeffort import _core; print(_core.available_kernels(), _core.kernel_name())"
+    env = dict(os.environ, PYEFFORT_DISABLE_CPU_FEATURES="avx512,avx2,neon")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "['scalar'] scalar", out.stderr
+    if "avx2" in KERNELS:
+        env["PYEFFORT_DISABLE_CPU_FEATURES"] = "avx512"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == "['avx2', 'scalar'] avx2", out.stderr
