@@ -1,0 +1,133 @@
+/* Checks the NEON kernels against the scalar ones (the C-level spec) on fixed and random
+ * inputs, odd sizes included: the same dispatched rows, results within float32 rounding, and
+ * bitwise identical results for 1 and 3 threads. Exit status 0 if all pass. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+static uint64_t rng_state = 12345;
+static double uniform(void) { /* xorshift64*, in [0, 1) */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (double)((rng_state * 2685821657736338717ull) >> 11) / 9007199254740992.0;
+}
+static double normal(void) { return sqrt(-2 * log(uniform() + 1e-300)) * cos(6.283185307 * uniform()); }
+
+static uint16_t to_f16(float f) { /* round to nearest even, normal range only (|f| < 65504) */
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    uint32_t sign = (b >> 16) & 0x8000, exp = (b >> 23) & 0xFF, man = b & 0x7FFFFF;
+    if (exp < 103) return (uint16_t)sign;
+    if (exp < 113) { /* subnormal half */
+        man |= 0x800000;
+        int shift = 126 - (int)exp;
+        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((exp - 112) << 10) | (man >> 13), rem = man & 0x1FFF;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+static int failures;
+static void expect(int ok, const char *what, int64_t n_in, int64_t n_out, double e, double err) {
+    if (!ok) {
+        failures++;
+        printf("FAIL %s n_in=%lld n_out=%lld effort=%g err=%g\n", what, (long long)n_in,
+               (long long)n_out, e, err);
+    }
+}
+
+static double rel_err(const float *a, const float *b, int64_t n) {
+    double d = 0, m = 1e-30;
+    for (int64_t j = 0; j < n; j++) {
+        d = fmax(d, fabs((double)a[j] - b[j]));
+        m = fmax(m, fabs((double)b[j]));
+    }
+    return d / m;
+}
+
+/* One matrix: fixed (all weights 1/2, x = 1) or random, at several efforts and loads. */
+static void check(int64_t n_in, int64_t n_out, int fixed) {
+    int64_t G = (n_out + 15) / 16, rows = 16 * n_in, T = 2;
+    uint16_t *w = malloc(2 * (size_t)(n_in * n_out)), *v = malloc(2 * (size_t)(rows * G));
+    uint8_t *p = malloc((size_t)(rows * ((G + 1) / 2)));
+    float *st = malloc(4 * (size_t)rows), *x = malloc(4 * (size_t)(T * n_in));
+    int32_t *o = malloc(4 * (size_t)rows), *sel = malloc(4 * (size_t)n_in);
+    float *ys = malloc(4 * (size_t)(T * n_out)), *yn = malloc(4 * (size_t)(T * n_out));
+    float *y3 = malloc(4 * (size_t)(T * n_out));
+    for (int64_t i = 0; i < n_in * n_out; i++) w[i] = to_f16(fixed ? 0.5f : (float)(0.05 * normal()));
+    for (int64_t i = 0; i < T * n_in; i++)
+        x[i] = fixed ? 1.0f : (i % 7 == 0 ? 0.0f : (float)(normal() * -log(uniform() + 1e-9)));
+    pe_build_f16(w, n_in, n_out, v, p, st, o);
+    if (fixed) { /* all ones: every output is n_in / 2 at effort 1 */
+        pe_buckets b = {v, p, st, o, n_in, n_out, G, rows};
+        pe_packed *pk;
+        int64_t m = 0, by = 0;
+        pe_use_kernel("neon");
+        pe_pack(&b, &pk);
+        pe_bucketmul_packed(pk, x, 1, 1.0, yn, &m, &by);
+        for (int64_t j = 0; j < n_out; j++)
+            expect(yn[j] == 0.5f * (float)n_in, "fixed", n_in, n_out, 1.0, yn[j]);
+        expect(m == n_in * n_out, "fixed mults", n_in, n_out, 1.0, (double)m);
+        pe_packed_free(pk);
+    }
+    static const double loads[] = {1.0, 0.3}, efforts[] = {0.0, 0.05, 0.25, 0.5, 1.0};
+    for (int l = 0; l < 2; l++) {
+        int64_t n_rows = (int64_t)(loads[l] * (double)rows);
+        pe_buckets b = {v, p, st, o, n_in, n_out, G, n_rows};
+        pe_packed *pk;
+        if (pe_pack(&b, &pk) != PE_OK) { expect(0, "pack", n_in, n_out, 0, 0); continue; }
+        for (int e = 0; e < 5; e++) {
+            int64_t ms = 0, bs = 0, mn = 0, bn = 0, m3 = 0, b3 = 0;
+            pe_use_kernel("scalar");
+            pe_set_num_threads(1);
+            pe_bucketmul(&b, x, T, efforts[e], ys, &ms, &bs);
+            pe_use_kernel("neon");
+            pe_bucketmul_packed(pk, x, T, efforts[e], yn, &mn, &bn);
+            pe_set_num_threads(3);
+            pe_bucketmul_packed(pk, x, T, efforts[e], y3, &m3, &b3);
+            double err = rel_err(yn, ys, T * n_out);
+            expect(ms == mn && bs == bn, "mults/bytes", n_in, n_out, efforts[e], (double)(ms - mn));
+            expect(err <= 2e-6, "bucketmul", n_in, n_out, efforts[e], err);
+            expect(!memcmp(yn, y3, 4 * (size_t)(T * n_out)), "threads", n_in, n_out, efforts[e], 0);
+        }
+        pe_packed_free(pk);
+    }
+    int64_t n_sel = 0;
+    for (int64_t i = n_in - 1; i >= 0; i -= 2) sel[n_sel++] = (int32_t)i; /* any order */
+    for (int rows_case = 0; rows_case < 2; rows_case++) {
+        pe_use_kernel("scalar");
+        pe_set_num_threads(1);
+        if (rows_case) pe_dense_rows_f16(x, w, T, n_in, n_out, sel, n_sel, ys);
+        else pe_dense_f16(x, w, T, n_in, n_out, ys);
+        pe_use_kernel("neon");
+        pe_set_num_threads(3);
+        if (rows_case) pe_dense_rows_f16(x, w, T, n_in, n_out, sel, n_sel, yn);
+        else pe_dense_f16(x, w, T, n_in, n_out, yn);
+        double err = rel_err(yn, ys, T * n_out);
+        expect(err <= 2e-6, rows_case ? "dense_rows" : "dense", n_in, n_out, 1.0, err);
+    }
+    free(w); free(v); free(p); free(st); free(x); free(o); free(sel); free(ys); free(yn); free(y3);
+}
+
+int main(void) {
+    if (pe_use_kernel("neon") != PE_OK) {
+        printf("FAIL the neon kernel set is not available (kernels: %s)\n", pe_available_kernels());
+        return 1;
+    }
+    static const int64_t shapes[][2] = {{64, 40}, {5, 17}, {33, 257}, {130, 300}, {17, 3},
+                                        {96, 1100}, {1, 16}, {200, 4100}};
+    for (int s = 0; s < 8; s++) {
+        check(shapes[s][0], shapes[s][1], 0);
+        check(shapes[s][0], shapes[s][1], 1);
+    }
+    printf("%s: neon vs scalar, %d failures (kernels %s, features %s)\n",
+           failures ? "FAILED" : "OK", failures, pe_available_kernels(), pe_cpu_features());
+    return failures != 0;
+}
