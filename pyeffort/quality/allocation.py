@@ -85,6 +85,15 @@ class Allocation:
         return self._cache[key]
 
 
+PROFILES = Path(__file__).parent / "profiles"
+
+
+def shipped(model_id: str) -> Path | None:
+    """The profile calibrated for a model file of that name and shipped with pyeffort, if any."""
+    path = PROFILES / (Path(model_id).stem + ".json")
+    return path if path.exists() else None
+
+
 def save(profile: dict, path) -> None:
     Path(path).write_text(json.dumps(profile, indent=1))
 

@@ -3,10 +3,12 @@
 1. ``capture``: run the exact model on calibration windows and keep every linear's inputs.
 2. ``error_curves``: per matrix, the squared error of the default rule's output at a grid of
    efforts, relative to the exact output's energy: ``E_m(e) = sum ||dy||^2 / sum ||y||^2``.
-3. ``solve``: for each user effort, the per-matrix efforts minimising ``sum_m s_m E_m(e_m)``
-   under the multiplication budget (a Lagrange multiplier on the convex hull of each curve);
-   ``s_m`` is a sensitivity per matrix type and layer (1 when unknown). The profile stores
-   ``e_m / e``; ``Allocation`` rescales so that the total is exactly the user's effort.
+3. ``sensitivities``: per matrix, the KL of the model with only that matrix approximated (at
+   0.25 and 0.5); ``s_m = KL_m(e) / E_m(e)``, geometric mean over the two efforts.
+4. ``solve``: for each user effort, the per-matrix efforts minimising ``sum_m s_m E_m(e_m)``
+   under the multiplication budget (a Lagrange multiplier on the convex hull of each curve).
+   The profile stores ``e_m / e``; ``Allocation`` rescales so that the total is exactly the
+   user's effort.
 """
 
 from __future__ import annotations
@@ -163,7 +165,8 @@ def calibrate(
     curves = error_curves(harness.states, xs, progress=progress)
     sizes = {n: st.size for n, st in harness.states.items()}
     kls = {e: sensitivities(harness, cal, e, progress=progress) for e in sens_efforts}
-    sens = sensitivity_table(curves, kls)
+    table = sensitivity_table(curves, kls)
+    sens = {n: float(np.exp(np.mean([np.log(t[n]) for t in table.values()]))) for n in curves}
     prof = solve(curves, sizes, efforts, sens)
     prof["single_matrix_kl"] = {str(e): v for e, v in kls.items()}
     prof["calibration_tokens"] = [int(start), int(start + n_windows * length)]

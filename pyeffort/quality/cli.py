@@ -43,8 +43,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile",
         default="auto",
-        help="budget split for the default rule: 'auto' (calibrated on the text's "
-        "second half, cached), 'uniform', or a JSON profile path",
+        help="budget split for the default rule: 'auto' (the profile shipped for the model, "
+        "else calibrated on the text's second half and cached), 'calibrate' (recalibrate), "
+        "'uniform', or a JSON profile path",
     )
     p.add_argument("--out", default="quality-out", help="folder for quality.md/.json/.png")
     p.add_argument(
@@ -126,11 +127,14 @@ def profile_for(args, harness, ids, model_id: str):
 
     if args.profile == "uniform":
         return None
-    if args.profile != "auto":
+    if args.profile not in ("auto", "calibrate"):
         return allocation.load(args.profile)
+    shipped = allocation.shipped(model_id)
+    if args.profile == "auto" and shipped is not None and not args.tiny:
+        return allocation.load(shipped)
     key = hashlib.sha256(f"{model_id}|{len(ids)}|{calibrate.VERSION}".encode()).hexdigest()[:12]
     path = text.cache_dir() / f"profile-{key}.json"
-    if path.exists() and not args.tiny:
+    if path.exists() and not args.tiny and args.profile == "auto":
         return allocation.load(path)
     prof = calibrate.calibrate(harness, ids, progress=not args.no_progress)
     if not args.tiny:
