@@ -82,14 +82,22 @@ __device__ __forceinline__ void process(const int *list_r, uint32_t n, const uin
 }
 
 /* x (n_in,) @ rows with key >= state.cut -> y (n_out,) (via partial sums when n_splits > 1). */
-/* Sum of the n_splits partial tiles -> y (fixed order over splits); VEC columns per thread,
- * 16 loads in flight. Run by the last block of a tile to finish. */
+/* Output column (inside a tile) of accumulator slot o = pos * CT + e * TPT + t: group 4t + e. */
+template <int CT>
+__device__ __forceinline__ int slot_col(int o) {
+    constexpr int TPT = CT / 4;
+    const int pos = o / CT, rem = o % CT;
+    return 16 * (4 * (rem % TPT) + rem / TPT) + pos;
+}
+
+/* Sum of the n_splits partial tiles (slot order) -> y (fixed order over splits); VEC slots per
+ * thread, 16 loads in flight. Run by the last block of a tile to finish. */
 template <typename TY, int CT>
 __device__ __forceinline__ void sum_splits(const pe_cuda_matrix &m, int tile, TY *y) {
     constexpr int VEC = 16 * CT / PE_MM_THREADS, DEPTH = 16;
     const size_t split_stride = (size_t)m.n_tiles * 16 * CT;
-    const int c0 = threadIdx.x * VEC;
-    const float *p = m.partial + (size_t)tile * 16 * CT + c0;
+    const int o0 = threadIdx.x * VEC;
+    const float *p = m.partial + (size_t)tile * 16 * CT + o0;
     float s[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; k++) s[k] = 0.f;
@@ -107,7 +115,7 @@ __device__ __forceinline__ void sum_splits(const pe_cuda_matrix &m, int tile, TY
     }
 #pragma unroll
     for (int k = 0; k < VEC; k++) {
-        int64_t gc = (int64_t)tile * 16 * CT + c0 + k;
+        int64_t gc = (int64_t)tile * 16 * CT + slot_col<CT>(o0 + k);
         if (gc < m.n_out) pe_store(&y[gc], s[k]);
     }
 }
@@ -218,19 +226,17 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
     process<CT>(list_r, n, tile_base, m.xval, my, team, t);
     __syncthreads();
     PE_STAMP(4);
-    /* teams -> this split's sums, columns of the tile in natural order */
+    /* teams -> this split's sums, in slot order (coalesced partial writes) */
     const int tile_cols = 16 * CT;
     float *part = m.partial + ((size_t)split * m.n_tiles + tile) * tile_cols;
     for (int o = threadIdx.x; o < tile_cols; o += PE_MM_THREADS) {
         float s = 0.f;
         for (int j = 0; j < T::NT; j++) s += acc[j * T::ACC + o];
-        int pos = o / CT, rem = o % CT, e = rem / T::TPT, tt = rem % T::TPT;
-        int col = 16 * (4 * tt + e) + pos;
-        int64_t gc = (int64_t)tile * tile_cols + col;
         if (m.n_splits == 1) {
+            int64_t gc = (int64_t)tile * tile_cols + slot_col<CT>(o);
             if (gc < m.n_out) pe_store(&y[gc], s);
         } else {
-            part[col] = s;
+            part[o] = s;
         }
     }
     PE_STAMP(5);

@@ -4,8 +4,6 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include <cub/block/block_scan.cuh>
-
 #include "pe_cuda.h"
 
 #define PE_NB1 4096 /* level-1 bins: key bits 30..19 (the sign bit is always 0) */
@@ -56,34 +54,43 @@ __device__ __forceinline__ uint32_t pe_is_short(int64_t r, int64_t n_in, int tai
 /* The highest bin b (of nb, counts cnt / short counts shrt in shared memory) where the weight
  * above + (bins >= b) first reaches budget; as reference.cutoff's searchsorted. On return (all
  * threads): *bin, and *above_w / *above_n grown by the bins strictly above it. Block-wide:
- * every thread of a PE_SEL_THREADS block calls it. nb is a multiple of PE_SEL_THREADS. */
+ * every thread of a PE_SEL_THREADS block calls it. nb is a multiple of PE_SEL_THREADS.
+ * One warp-shuffle scan of (weight, count) over the threads' bin chunks, highest bins first. */
 __device__ __forceinline__ void pe_pick_bin(const uint32_t *cnt, const uint32_t *shrt, int nb,
                                             uint64_t G, double budget, uint32_t *bin,
                                             uint64_t *above_w, uint32_t *above_n) {
-    typedef cub::BlockScan<unsigned long long, PE_SEL_THREADS> Scan;
-    __shared__ typename Scan::TempStorage tmp;
-    __shared__ uint32_t s_bin, s_n;
-    __shared__ unsigned long long s_w;
-    const int per = nb / PE_SEL_THREADS;
+    constexpr int NW = PE_SEL_THREADS / 32;
+    __shared__ unsigned long long s_ww[NW], s_w;
+    __shared__ uint32_t s_wn[NW], s_bin, s_n;
+    const int per = nb / PE_SEL_THREADS, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int hi = nb - 1 - (int)threadIdx.x * per; /* this thread's bins: hi, hi-1, ... */
-    unsigned long long tw = 0, tn = 0;
+    unsigned long long tw = 0;
+    uint32_t tn = 0;
     for (int q = 0; q < per; q++) {
         tw += (unsigned long long)cnt[hi - q] * G - shrt[hi - q];
         tn += cnt[hi - q];
     }
-    unsigned long long ew, en;
-    if (threadIdx.x == 0) { s_bin = 0; s_w = *above_w; s_n = *above_n; }
-    Scan(tmp).ExclusiveSum(tw, ew);
+    unsigned long long iw = tw;
+    uint32_t in = tn;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+        unsigned long long ow = __shfl_up_sync(0xFFFFFFFFu, iw, d);
+        uint32_t on = __shfl_up_sync(0xFFFFFFFFu, in, d);
+        if (lane >= d) iw += ow, in += on;
+    }
+    if (lane == 31) s_ww[warp] = iw, s_wn[warp] = in;
+    if (threadIdx.x == 0) s_bin = 0, s_w = *above_w, s_n = *above_n;
     __syncthreads();
-    Scan(tmp).ExclusiveSum(tn, en);
-    unsigned long long aw = *above_w + ew, an = *above_n + en;
+    unsigned long long aw = *above_w + iw - tw;
+    uint32_t an = *above_n + in - tn;
+    for (int w = 0; w < warp; w++) aw += s_ww[w], an += s_wn[w];
     if ((double)aw < budget && (double)(aw + tw) >= budget) { /* the crossing is in my bins */
         for (int q = 0; q < per; q++) {
             unsigned long long w = (unsigned long long)cnt[hi - q] * G - shrt[hi - q];
             if ((double)(aw + w) >= budget) {
                 s_bin = (uint32_t)(hi - q);
                 s_w = aw;
-                s_n = (uint32_t)an;
+                s_n = an;
                 break;
             }
             aw += w;
