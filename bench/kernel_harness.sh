@@ -3,7 +3,7 @@
 #   bash bench/kernel_harness.sh N_IN N_OUT KERNEL THREADS
 set -euo pipefail
 cd "$(dirname "$0")/.."
-S=src/cpu; B=$(mktemp -d); F="-O3 -std=c11 -I$S"
+S=src/cpu; B=$(mktemp -d); F="-O3 -std=c11 -I$S ${EXTRA:-}"
 A2="-mavx2 -mfma -mf16c"; A5="$A2 -mavx512f -mavx512bw -mavx512vl -mavx512dq"
 for f in build select pack dispatch cpuinfo threads bucketmul_scalar; do gcc $F -c $S/$f.c -o $B/$f.o; done
 for f in bucketmul_avx2 dense_avx2; do gcc $F $A2 -c $S/$f.c -o $B/$f.o; done

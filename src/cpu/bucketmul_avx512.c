@@ -34,44 +34,43 @@ static void store_tile(const float *tile, int64_t t, int64_t n_out, float *y) {
     }
 }
 
-/* runs[r0, r1) (one batch) on tile t: A[p] (acc[p][l]) += routed x * w, in run order. */
-static void batch_tile(const pe_packed *pk, const pe_run *runs, int64_t r0, int64_t r1,
-                       int64_t t, float *acc) {
+/* One batch of n slots staged contiguously (vs, qs: slot strides) on tile t: A[p] (acc[p][l])
+ * += routed x * w, slots in run order. */
+static void batch_tile(const uint16_t *vals, const uint8_t *pos, const float *xs, int64_t n,
+                       int64_t vs, int64_t qs, int64_t t, float *acc) {
     const __m128i lo4 = _mm_set1_epi8(0x0F);
-    int64_t vs = pk->n_tiles * PE_TILE, qs = pk->n_tiles * (PE_TILE / 2);
     __m512 a[16];
     for (int p = 0; p < 16; p++) a[p] = _mm512_load_ps(acc + 16 * p);
-    for (int64_t r = r0; r < r1; r++) {
-        __m512 xv = _mm512_set1_ps(runs[r].x);
-        const uint16_t *v = pk->values + runs[r].slot * vs + t * PE_TILE;
-        const uint8_t *q = pk->pos + runs[r].slot * qs + t * (PE_TILE / 2);
-        for (int s = 0; s < runs[r].n; s++, v += vs, q += qs) {
-            __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)v));
-            __m512 xw = _mm512_mul_ps(w, xv);
-            __m128i b = _mm_loadl_epi64((const __m128i *)q);
-            __m128i idx = _mm_unpacklo_epi8(_mm_and_si128(b, lo4),
-                                            _mm_and_si128(_mm_srli_epi16(b, 4), lo4));
-            ROUTE(0); ROUTE(1); ROUTE(2); ROUTE(3); ROUTE(4); ROUTE(5); ROUTE(6); ROUTE(7);
-            ROUTE(8); ROUTE(9); ROUTE(10); ROUTE(11); ROUTE(12); ROUTE(13); ROUTE(14); ROUTE(15);
-        }
+    const uint16_t *v = vals + t * PE_TILE;
+    const uint8_t *q = pos + t * (PE_TILE / 2);
+    for (int64_t s = 0; s < n; s++, v += vs, q += qs) {
+        __m512 xv = _mm512_set1_ps(xs[s]);
+        __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)v));
+        __m512 xw = _mm512_mul_ps(w, xv);
+        __m128i b = _mm_loadl_epi64((const __m128i *)q);
+        __m128i idx = _mm_unpacklo_epi8(_mm_and_si128(b, lo4),
+                                        _mm_and_si128(_mm_srli_epi16(b, 4), lo4));
+        ROUTE(0); ROUTE(1); ROUTE(2); ROUTE(3); ROUTE(4); ROUTE(5); ROUTE(6); ROUTE(7);
+        ROUTE(8); ROUTE(9); ROUTE(10); ROUTE(11); ROUTE(12); ROUTE(13); ROUTE(14); ROUTE(15);
     }
     for (int p = 0; p < 16; p++) _mm512_store_ps(acc + 16 * p, a[p]);
 }
 
-/* runs (slots of P) -> y[256 t0, min(256 t1, n_out)): batches of runs, tile by tile. */
+/* runs (slots of P) -> y[256 t0, min(256 t1, n_out)): batches of runs, staged, tile by tile. */
 static void packedmul_f16_avx512(const pe_packed *pk, const pe_run *runs, int64_t n_runs,
                                  int64_t t0, int64_t t1, float *y) {
     static _Thread_local float acc[PE_CHUNK][256] __attribute__((aligned(64)));
+    static _Thread_local uint16_t vals[PE_BATCH * PE_CHUNK * PE_TILE] __attribute__((aligned(64)));
+    static _Thread_local uint8_t pos[PE_BATCH * PE_CHUNK * 8] __attribute__((aligned(64)));
+    static _Thread_local float xs[PE_BATCH];
     for (int64_t c0 = t0; c0 < t1; c0 += PE_CHUNK) {
-        int64_t c1 = c0 + PE_CHUNK < t1 ? c0 + PE_CHUNK : t1;
-        memset(acc, 0, sizeof(float) * 256 * (size_t)(c1 - c0));
+        int64_t c1 = c0 + PE_CHUNK < t1 ? c0 + PE_CHUNK : t1, nt = c1 - c0;
+        memset(acc, 0, sizeof(float) * 256 * (size_t)nt);
         for (int64_t r0 = 0, r1; r0 < n_runs; r0 = r1) {
             r1 = pe_batch_end(runs, n_runs, r0);
-            int64_t r2 = r1 < n_runs ? pe_batch_end(runs, n_runs, r1) : r1;
-            for (int64_t t = c0; t < c1; t++) {
-                pe_prefetch_batch(pk, runs, r1, r2, t);
-                batch_tile(pk, runs, r0, r1, t, acc[t - c0]);
-            }
+            int64_t n = pe_stage(pk, runs, r0, r1, c0, c1, vals, pos, xs);
+            for (int64_t t = 0; t < nt; t++)
+                batch_tile(vals, pos, xs, n, nt * PE_TILE, nt * 8, t, acc[t]);
         }
         for (int64_t t = c0; t < c1; t++) store_tile(acc[t - c0], t, pk->n_out, y);
     }

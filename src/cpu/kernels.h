@@ -1,6 +1,8 @@
 /* The CPU kernel table: one implementation per ISA, chosen once at first use (dispatch.c). */
 #ifndef PE_KERNELS_H
 #define PE_KERNELS_H
+#include <string.h>
+
 #include "pyeffort.h"
 
 #define PE_TILE 16 /* groups per tile of the packed layout: 16 groups = 256 outputs */
@@ -31,8 +33,9 @@ struct pe_packed {
     int64_t unloaded;     /* sum of m over the slots that are not loaded                 */
 };
 
-/* Kernels walk the runs in batches of about PE_BATCH slots; for each batch, tile by tile, the
- * tile's accumulators stay in registers or L1 while the batch's rows stream past. */
+/* Kernels walk the runs in batches of about PE_BATCH slots: a batch's row segments are first
+ * copied in row order into a contiguous buffer (streaming reads), then, tile by tile, the tile's
+ * accumulators stay in registers or L1 while the staged rows pass. */
 #define PE_BATCH 64
 #define PE_CHUNK 64 /* tiles per pass: 64 KiB of accumulators on the stack */
 
@@ -43,15 +46,19 @@ static inline int64_t pe_batch_end(const pe_run *runs, int64_t n_runs, int64_t r
     return r1;
 }
 
-/* Prefetches the row segment of tiles [t, t + 2) of every slot in runs[r0, r1). */
-static inline void pe_prefetch_batch(const pe_packed *p, const pe_run *runs, int64_t r0,
-                                     int64_t r1, int64_t t) {
-    int64_t vs = p->n_tiles * PE_TILE, qs = p->n_tiles * (PE_TILE / 2);
+/* Copies the row segments [c0, c1) of the slots of runs[r0, r1) into vals, pos (contiguous,
+ * strides vs, qs) and their x into xs; returns the slot count. Streams the rows in order. */
+static inline int64_t pe_stage(const pe_packed *pk, const pe_run *runs, int64_t r0, int64_t r1,
+                     int64_t c0, int64_t c1, uint16_t *vals, uint8_t *pos, float *xs) {
+    int64_t rvs = pk->n_tiles * PE_TILE, rqs = pk->n_tiles * (PE_TILE / 2), n = 0;
+    size_t nv = sizeof(uint16_t) * (size_t)((c1 - c0) * PE_TILE), nq = (size_t)((c1 - c0) * 8);
     for (int64_t r = r0; r < r1; r++)
-        for (int64_t s = runs[r].slot; s < runs[r].slot + runs[r].n; s++) {
-            if (!(t & 1)) __builtin_prefetch(p->values + s * vs + t * PE_TILE);
-            if (!(t & 7)) __builtin_prefetch(p->pos + s * qs + t * (PE_TILE / 2));
+        for (int64_t s = runs[r].slot; s < runs[r].slot + runs[r].n; s++, n++) {
+            memcpy(vals + n * (int64_t)(nv / 2), pk->values + s * rvs + c0 * PE_TILE, nv);
+            memcpy(pos + n * (int64_t)nq, pk->pos + s * rqs + c0 * (PE_TILE / 2), nq);
+            xs[n] = runs[r].x;
         }
+    return n;
 }
 
 /* tasks (rows of B, in row order) -> y[16 g0, min(16 g1, n_out)) f32, overwritten. */
