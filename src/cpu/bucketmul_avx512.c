@@ -56,7 +56,45 @@ static void batch_tile(const uint16_t *vals, const uint8_t *pos, const float *xs
     for (int p = 0; p < 16; p++) _mm512_store_ps(acc + 16 * p, a[p]);
 }
 
-/* runs (slots of P) -> y[256 t0, min(256 t1, n_out)): batches of runs, staged, tile by tile. */
+/* acc[16 l + pos_l] += xw[l] for the 16 nibbles of pos (scalar routing through L1). */
+#define SC(L) sacc[16 * (L) + ((qs_ >> (4 * (L))) & 15)] += xw[L]
+
+/* Tiles t (masked routing in registers, acc[p][l]) and t + 1 (scalar routing, sacc[l][p]) of
+ * one staged batch together: the two use different execution ports, so they overlap. */
+static void batch_tile_pair(const uint16_t *vals, const uint8_t *pos, const float *xs,
+                            int64_t n, int64_t vs, int64_t qs, int64_t t, float *acc,
+                            float *sacc) {
+    const __m128i lo4 = _mm_set1_epi8(0x0F);
+    float xw[16] __attribute__((aligned(64)));
+    __m512 a[16];
+    for (int p = 0; p < 16; p++) a[p] = _mm512_load_ps(acc + 16 * p);
+    const uint16_t *v = vals + t * PE_TILE;
+    const uint8_t *q = pos + t * (PE_TILE / 2);
+    for (int64_t s = 0; s < n; s++, v += vs, q += qs) {
+        __m512 xv = _mm512_set1_ps(xs[s]);
+        _mm512_store_ps(xw, _mm512_mul_ps(
+            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + PE_TILE))), xv));
+        uint64_t qs_;
+        memcpy(&qs_, q + PE_TILE / 2, 8);
+        __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)v));
+        __m512 xw2 = _mm512_mul_ps(w, xv);
+        __m128i b = _mm_loadl_epi64((const __m128i *)q);
+        __m128i idx = _mm_unpacklo_epi8(_mm_and_si128(b, lo4),
+                                        _mm_and_si128(_mm_srli_epi16(b, 4), lo4));
+#define xw xw2
+        ROUTE(0); ROUTE(1); ROUTE(2); ROUTE(3); ROUTE(4); ROUTE(5); ROUTE(6); ROUTE(7);
+#undef xw
+        SC(0); SC(1); SC(2); SC(3); SC(4); SC(5); SC(6); SC(7);
+#define xw xw2
+        ROUTE(8); ROUTE(9); ROUTE(10); ROUTE(11); ROUTE(12); ROUTE(13); ROUTE(14); ROUTE(15);
+#undef xw
+        SC(8); SC(9); SC(10); SC(11); SC(12); SC(13); SC(14); SC(15);
+    }
+    for (int p = 0; p < 16; p++) _mm512_store_ps(acc + 16 * p, a[p]);
+}
+
+/* runs (slots of P) -> y[256 t0, min(256 t1, n_out)): batches of runs, staged, tile by tile
+ * (pairs of tiles: the first routed in registers, the second through L1). */
 static void packedmul_f16_avx512(const pe_packed *pk, const pe_run *runs, int64_t n_runs,
                                  int64_t t0, int64_t t1, float *y) {
     static _Thread_local float acc[PE_CHUNK][256] __attribute__((aligned(64)));
@@ -68,11 +106,18 @@ static void packedmul_f16_avx512(const pe_packed *pk, const pe_run *runs, int64_
         memset(acc, 0, sizeof(float) * 256 * (size_t)nt);
         for (int64_t r0 = 0, r1; r0 < n_runs; r0 = r1) {
             r1 = pe_batch_end(runs, n_runs, r0);
-            int64_t n = pe_stage(pk, runs, r0, r1, c0, c1, vals, pos, xs);
-            for (int64_t t = 0; t < nt; t++)
-                batch_tile(vals, pos, xs, n, nt * PE_TILE, nt * 8, t, acc[t]);
+            int64_t n = pe_stage(pk, runs, r0, r1, c0, c1, vals, pos, xs), t = 0;
+            for (; t + 2 <= nt; t += 2)
+                batch_tile_pair(vals, pos, xs, n, nt * PE_TILE, nt * 8, t, acc[t], acc[t + 1]);
+            if (t < nt) batch_tile(vals, pos, xs, n, nt * PE_TILE, nt * 8, t, acc[t]);
         }
-        for (int64_t t = c0; t < c1; t++) store_tile(acc[t - c0], t, pk->n_out, y);
+        for (int64_t t = 0; t < nt; t++) {
+            int64_t j0 = 256 * (c0 + t), m = pk->n_out - j0 < 256 ? pk->n_out - j0 : 256;
+            if (t & 1) /* scalar-routed tiles are already in output order */
+                memcpy(y + j0, acc[t], sizeof(float) * (size_t)m);
+            else
+                store_tile(acc[t], c0 + t, pk->n_out, y);
+        }
     }
 }
 
