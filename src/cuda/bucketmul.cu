@@ -6,11 +6,17 @@
 #include "common.cuh"
 #include "resolve.cuh"
 
+#include <stddef.h>
+
 #define PE_MM_THREADS 512
 #define PE_MM_WARPS (PE_MM_THREADS / 32)
 #define PE_LIST_CAP 8192 /* dispatched rows held in shared memory at a time */
 #define PE_UNROLL 8      /* rows per load batch of a team (two batches in flight) */
 #define PE_ROUNDS 8      /* key rounds loaded at once in the dispatch scan */
+
+static_assert(offsetof(pe_cuda_state, mode) == 12 && offsetof(pe_cuda_state, b1) == 16 &&
+                  offsetof(pe_cuda_state, above_n) == 24 && sizeof(pe_cuda_state) == 64,
+              "k_bucketmul reads the state as two uint4 words");
 
 template <int CT>
 struct Tile {
@@ -142,12 +148,23 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
     pe_cuda_state *st = m.state;
     if (blockIdx.x == 0) /* the candidate kernel is done with the histogram: clear it */
         for (int i = threadIdx.x; i < 2 * PE_NB1; i += PE_MM_THREADS) m.hist[i] = 0;
-    const uint32_t mode = st->mode;
+    const int64_t stride = m.n_splits;
+#pragma unroll
+    for (int q = 0; q < PE_ROUNDS; q++) { /* the first keys of the dispatch scan, into L1 */
+        int64_t r = (split + (q * PE_MM_WARPS + (threadIdx.x >> 5)) * stride) * 32 + (threadIdx.x & 31);
+        if (r < m.n_rows) asm volatile("prefetch.global.L1 [%0];" ::"l"(m.keys + r));
+    }
+    /* the state and the effort in one round trip: (ticket1, ticket2, n_cand, mode),
+     * (b1, cut, above_n, rows), above_w */
+    const uint4 s0 = __ldcg((const uint4 *)st), s1 = __ldcg((const uint4 *)st + 1);
+    const unsigned long long above_w = __ldcg(&st->above_w);
+    const double eff = eff_ptr ? __ldcg(eff_ptr) : eff_val;
+    const uint32_t mode = s0.w;
     uint32_t cut, rows;
     unsigned long long mults;
     if (mode == PE_MODE_SEARCH) {
-        const double eff = eff_ptr ? *eff_ptr : eff_val;
-        cut = pe_resolve(m, eff * (double)(m.n_in * m.n_out), (uint32_t *)list_r, &mults, &rows);
+        cut = pe_resolve(m, eff * (double)(m.n_in * m.n_out), s0.z, s1.x, above_w, s1.z,
+                         (uint32_t *)list_r, &mults, &rows);
     } else {
         const bool all = mode == PE_MODE_ALL;
         cut = all ? 0u : 0xFFFFFFFFu;
@@ -166,7 +183,7 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *my = acc + team * T::ACC + t;
     const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
-    const int64_t n_stripes = (m.n_rows + 31) / 32, stride = m.n_splits;
+    const int64_t n_stripes = (m.n_rows + 31) / 32;
     /* stripes of 32 rows: split s owns stripes s, s + stride, ...; warp w takes the w-th of
      * each round of PE_MM_WARPS stripes; PE_ROUNDS rounds are scanned at once. */
     uint32_t n = 0;

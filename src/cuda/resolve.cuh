@@ -4,16 +4,16 @@
 
 #define PE_CAND_SMEM 8192 /* candidates held in shared memory at a time */
 
-/* Levels 2 and 3 over the candidate list (block-wide; every block gets the same answer).
- * s_cand: PE_CAND_SMEM words of shared memory. -> the cutoff; *mults, *rows dispatched. */
-__device__ __forceinline__ uint32_t pe_resolve(const pe_cuda_matrix &m, double budget, uint32_t *s_cand,
-                               unsigned long long *mults, uint32_t *rows) {
+/* Levels 2 and 3 over the n_c candidates (block-wide; every block gets the same answer), below
+ * level-1 bin b1 with weight aw / count an strictly above it. s_cand: PE_CAND_SMEM words of
+ * shared memory. -> the cutoff; *mults, *rows dispatched. */
+__device__ __forceinline__ uint32_t pe_resolve(const pe_cuda_matrix &m, double budget,
+                                               uint32_t n_c, uint32_t b1, uint64_t aw,
+                                               uint32_t an, uint32_t *s_cand,
+                                               unsigned long long *mults, uint32_t *rows) {
     __shared__ uint32_t h_n[PE_NB2], h_s[PE_NB2];
-    const pe_cuda_state *st = m.state;
-    const uint32_t n_c = __ldcg(&st->n_cand);
     const uint64_t G = (uint64_t)((m.n_out + 15) / 16);
-    uint64_t aw = __ldcg(&st->above_w);
-    uint32_t an = __ldcg(&st->above_n), prefix = __ldcg(&st->b1) << 19, b = 0;
+    uint32_t prefix = b1 << 19, b = 0;
     for (int level = 0; level < 2; level++) {
         const int shift = level == 0 ? 9 : 0, nb = level == 0 ? PE_NB2 : PE_NB3;
         const uint32_t hi_mask = level == 0 ? 0xFFF80000u : 0xFFFFFE00u;

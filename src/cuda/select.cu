@@ -50,7 +50,8 @@ __global__ void __launch_bounds__(PE_SEL_THREADS)
     PE_STAMP0(m, 12);
     pe_pdl_launch();
     pe_cuda_state *st = m.state;
-    { /* the histogram: 16 independent 16-byte loads per thread */
+    const double eff = eff_ptr ? __ldcg(eff_ptr) : eff_val;
+    { /* the histogram: independent 16-byte loads */
         const uint4 *src = (const uint4 *)m.hist;
         uint4 v[2 * PE_NB1 / 4 / PE_SEL_THREADS];
 #pragma unroll
@@ -64,7 +65,6 @@ __global__ void __launch_bounds__(PE_SEL_THREADS)
         }
     }
     __syncthreads();
-    const double eff = eff_ptr ? *eff_ptr : eff_val;
     const double budget = eff * (double)(m.n_in * m.n_out);
     const uint32_t mode = !(eff > 0.0)                  ? PE_MODE_NONE
                           : (double)m.total_w < budget ? PE_MODE_ALL
