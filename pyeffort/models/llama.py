@@ -1,0 +1,162 @@
+"""The Llama / Mistral transformer in numpy: RMSNorm, RoPE, grouped-query attention with a KV cache
+(and Mistral's sliding window), SwiGLU, tied or separate LM head. Every matrix of every layer is an
+EffortLinear; the LM head is a dense float16 product (``pyeffort.dense_matmul``).
+
+Weights come as a mapping of our names to arrays (norms, embedding, LM head) or Buckets (matrices):
+``embed`` (vocab, dim), ``norm`` (dim,), ``lm_head`` (dim, vocab) unless tied, and per layer
+``layers.{i}.attn_norm``, ``layers.{i}.ffn_norm`` (dim,), ``layers.{i}.attn.{wq,wk,wv,wo}``,
+``layers.{i}.ffn.{w1,w3,w2}`` with W (n_in, n_out) so that y = x @ W.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+import pyeffort
+from pyeffort.models.args import ModelArgs
+from pyeffort.models.cache import KVCache
+from pyeffort.models.effort_linear import EffortLinear
+from pyeffort.models.rope import Rope
+
+ATTN = ("wq", "wk", "wv", "wo")
+FFN = ("w1", "w3", "w2")  # gate, up, down
+
+
+class RMSNorm:
+    def __init__(self, weight: np.ndarray, eps: float):
+        self.weight = np.asarray(weight, dtype=np.float32)  # (dim,)
+        self.eps = eps
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x (T, dim) -> (T, dim) float32."""
+        ms = np.mean(x * x, axis=-1, keepdims=True)
+        return (x / np.sqrt(ms + self.eps)) * self.weight
+
+
+class Attention:
+    def __init__(self, args: ModelArgs, layer: int, w: Mapping, rope: Rope):
+        p = f"layers.{layer}.attn."
+        self.wq, self.wk, self.wv, self.wo = (EffortLinear(p + n, w[p + n]) for n in ATTN)
+        self.layer, self.rope = layer, rope
+        self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.sliding_window
+        self.scale = np.float32(1.0 / np.sqrt(self.hd))
+
+    def __call__(self, x: np.ndarray, start: int, effort: float, cache: KVCache) -> np.ndarray:
+        """x (T, dim) at positions start.. -> (T, dim)."""
+        t, hd, n_kv = x.shape[0], self.hd, self.n_kv
+        rep = self.n_heads // n_kv
+        q = self.rope(self.wq(x, effort).reshape(t, self.n_heads, hd), start)
+        k = self.rope(self.wk(x, effort).reshape(t, n_kv, hd), start)
+        v = self.wv(x, effort).reshape(t, n_kv, hd)
+        keys, vals = cache.update(self.layer, start, k, v)  # (n_kv, S, hd)
+        lo = max(0, start - self.window + 1) if self.window else 0
+        keys, vals = keys[:, lo:], vals[:, lo:]
+        q = q.reshape(t, n_kv, rep, hd).transpose(1, 2, 0, 3).reshape(n_kv, rep * t, hd)
+        s = (q @ keys.transpose(0, 2, 1)) * self.scale  # (n_kv, rep*T, S)
+        if t > 1 or self.window:
+            s = s.reshape(n_kv, rep, t, -1) + self._mask(start, t, lo, keys.shape[1])
+            s = s.reshape(n_kv, rep * t, -1)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = (s @ vals).reshape(n_kv, rep, t, hd).transpose(2, 0, 1, 3).reshape(t, -1)
+        return self.wo(np.ascontiguousarray(o), effort)
+
+    def _mask(self, start: int, t: int, lo: int, n_keys: int) -> np.ndarray:
+        """(T, S) additive mask: query start+i sees key lo+j iff 0 <= (start+i)-(lo+j) < window."""
+        d = (start + np.arange(t))[:, None] - (lo + np.arange(n_keys))[None, :]
+        ok = d >= 0
+        if self.window:
+            ok &= d < self.window
+        return np.where(ok, 0.0, -np.inf).astype(np.float32)
+
+
+class FeedForward:
+    def __init__(self, layer: int, w: Mapping):
+        p = f"layers.{layer}.ffn."
+        self.w1, self.w3, self.w2 = (EffortLinear(p + n, w[p + n]) for n in FFN)
+
+    def __call__(self, x: np.ndarray, effort: float) -> np.ndarray:
+        g = self.w1(x, effort)
+        u = self.w3(x, effort)
+        return self.w2(g / (1.0 + np.exp(-g)) * u, effort)
+
+
+class TransformerBlock:
+    def __init__(self, args: ModelArgs, layer: int, w: Mapping, rope: Rope):
+        p = f"layers.{layer}."
+        self.attn_norm = RMSNorm(w[p + "attn_norm"], args.norm_eps)
+        self.ffn_norm = RMSNorm(w[p + "ffn_norm"], args.norm_eps)
+        self.attn = Attention(args, layer, w, rope)
+        self.ffn = FeedForward(layer, w)
+
+    def __call__(self, h: np.ndarray, start: int, effort: float, cache: KVCache) -> np.ndarray:
+        h = h + self.attn(self.attn_norm(h), start, effort, cache)
+        return h + self.ffn(self.ffn_norm(h), effort)
+
+
+class Model:
+    """``forward(tokens (T,), start_pos, effort) -> logits (T, vocab)`` float32, with a KV cache.
+
+    A call with ``start_pos=0`` starts a new sequence (``reset()`` does it too); a call with
+    ``start_pos=n`` continues after the first n positions already in the cache.
+    """
+
+    def __init__(self, args: ModelArgs, w: Mapping, tokenizer=None):
+        self.args, self.tokenizer = args, tokenizer
+        self.embed = np.asarray(w["embed"])  # (vocab, dim) float16 or float32
+        rope = Rope(args.head_dim, args.rope_theta)
+        self.layers = [TransformerBlock(args, i, w, rope) for i in range(args.n_layers)]
+        self.norm = RMSNorm(w["norm"], args.norm_eps)
+        head = self.embed.T if args.tie_embeddings else w["lm_head"]
+        self.lm_head = np.ascontiguousarray(head, dtype=np.float16)  # (dim, vocab)
+        self.cache = KVCache(args.n_layers, args.n_kv_heads, args.head_dim)
+
+    def linears(self) -> Iterator[EffortLinear]:
+        """Every effort matrix, layer by layer: wq wk wv wo w1 w3 w2."""
+        for b in self.layers:
+            yield b.attn.wq
+            yield b.attn.wk
+            yield b.attn.wv
+            yield b.attn.wo
+            yield b.ffn.w1
+            yield b.ffn.w3
+            yield b.ffn.w2
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def forward(self, tokens, start_pos: int = 0, effort: float = 1.0, *, last_only=False):
+        """tokens (T,) ints -> logits (T, vocab) float32 (``last_only``: (1, vocab))."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if tokens.size == 0:
+            raise ValueError("forward needs at least one token")
+        if tokens.min() < 0 or tokens.max() >= self.embed.shape[0]:
+            raise ValueError(f"token ids must lie in 0..{self.embed.shape[0] - 1}")
+        if not 0 <= start_pos <= self.cache.length:
+            raise ValueError(f"start_pos {start_pos} outside 0..{self.cache.length} (cache)")
+        h = self.embed[tokens].astype(np.float32)  # (T, dim)
+        for b in self.layers:
+            h = b(h, start_pos, effort, self.cache)
+        if last_only:
+            h = h[-1:]
+        return pyeffort.dense_matmul(np.ascontiguousarray(self.norm(h)), self.lm_head)
+
+    __call__ = forward
+
+    def realised_effort(self) -> float:
+        """Multiplications done / a dense pass would do, over all effort matrices, since reset."""
+        done = sum(lin.mults for lin in self.linears())
+        total = sum(lin.total for lin in self.linears())
+        return done / total if total else float("nan")
+
+    def reset_counters(self) -> None:
+        for lin in self.linears():
+            lin.reset_counters()
+
+    @property
+    def nbytes(self) -> int:
+        mats = sum(lin.buckets.nbytes for lin in self.linears())
+        return mats + self.embed.nbytes + (0 if self.args.tie_embeddings else self.lm_head.nbytes)

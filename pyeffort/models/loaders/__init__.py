@@ -1,0 +1,41 @@
+"""Weight sources: a Hugging Face checkpoint folder or a GGUF file, read tensor by tensor.
+
+A source has ``args`` (ModelArgs), ``tokenizer`` (Tokenizer), and ``get(name)`` giving one tensor
+under our names (see pyeffort.models.llama): matrices as float (n_in, n_out), norms (dim,),
+``embed`` (vocab, dim), ``lm_head`` (dim, vocab) when not tied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyeffort.models.args import ModelArgs
+from pyeffort.models.llama import ATTN, FFN
+
+
+def matrix_names(args: ModelArgs) -> list[str]:
+    out = []
+    for i in range(args.n_layers):
+        out += [f"layers.{i}.attn.{n}" for n in ATTN] + [f"layers.{i}.ffn.{n}" for n in FFN]
+    return out
+
+
+def plain_names(args: ModelArgs) -> list[str]:
+    out = ["embed", "norm"] + ([] if args.tie_embeddings else ["lm_head"])
+    for i in range(args.n_layers):
+        out += [f"layers.{i}.attn_norm", f"layers.{i}.ffn_norm"]
+    return out
+
+
+def open_source(path):
+    """A GGUF file or a Hugging Face folder (config.json + safetensors) -> a source."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from pyeffort.models.loaders.gguf import GGUFSource
+
+        return GGUFSource(p)
+    if p.is_dir() and (p / "config.json").exists():
+        from pyeffort.models.loaders.hf import HFSource
+
+        return HFSource(p)
+    raise ValueError(f"{path}: neither a .gguf file nor a Hugging Face folder with config.json")

@@ -1,0 +1,136 @@
+"""A GGUF file of the llama architecture (gguf package): dequantised tensors, llama.cpp's q/k row
+permutation undone, the byte-level BPE tokenizer and chat template from the metadata."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pyeffort.models.args import ModelArgs
+from pyeffort.models.tokenizer import Tokenizer
+
+NAMES = {
+    "attn_q": "attn.wq",
+    "attn_k": "attn.wk",
+    "attn_v": "attn.wv",
+    "attn_output": "attn.wo",
+    "ffn_gate": "ffn.w1",
+    "ffn_up": "ffn.w3",
+    "ffn_down": "ffn.w2",
+    "attn_norm": "attn_norm",
+    "ffn_norm": "ffn_norm",
+}
+
+
+class GGUFSource:
+    def __init__(self, path):
+        import gguf
+
+        self.path = str(path)
+        self.reader = gguf.GGUFReader(self.path)
+        arch = self._field("general.architecture")
+        if arch != "llama":
+            raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
+        self.tensors = {}
+        for t in self.reader.tensors:
+            self.tensors[self._our_name(t.name)] = t
+        n_heads = int(self._field("llama.attention.head_count"))
+        dim = int(self._field("llama.embedding_length"))
+        self.args = ModelArgs(
+            dim=dim,
+            n_layers=int(self._field("llama.block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(self._field("llama.attention.head_count_kv", n_heads)),
+            hidden_dim=int(self._field("llama.feed_forward_length")),
+            vocab_size=int(self.tensors["embed"].shape[-1]),
+            norm_eps=float(self._field("llama.attention.layer_norm_rms_epsilon")),
+            rope_theta=float(self._field("llama.rope.freq_base", 10000.0)),
+            head_dim=int(self._field("llama.rope.dimension_count", dim // n_heads)),
+            max_seq_len=int(self._field("llama.context_length", 4096)),
+            tie_embeddings="lm_head" not in self.tensors,
+        )
+        self.tokenizer = self._tokenizer()
+
+    def _field(self, key, default=None):
+        f = self.reader.fields.get(key)
+        if f is None:
+            if default is None:
+                raise ValueError(f"{self.path}: GGUF metadata {key!r} missing")
+            return default
+        return f.contents()
+
+    @staticmethod
+    def _our_name(name: str) -> str:
+        top = {
+            "token_embd.weight": "embed",
+            "output_norm.weight": "norm",
+            "output.weight": "lm_head",
+        }
+        if name in top:
+            return top[name]
+        parts = name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in NAMES:
+            return f"layers.{parts[1]}.{NAMES[parts[2]]}"
+        return "unused:" + name
+
+    def get(self, name: str) -> np.ndarray:
+        import gguf
+
+        t = self.tensors[name]
+        a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)  # (n_out, n_in)
+        a = a.reshape([int(d) for d in reversed(t.shape)])
+        if name.endswith("attn.wq"):
+            a = unpermute(a, self.args.n_heads)
+        elif name.endswith("attn.wk"):
+            a = unpermute(a, self.args.n_kv_heads)
+        if name == "embed" or a.ndim == 1:
+            return a
+        return a.T  # (n_in, n_out)
+
+    def _tokenizer(self) -> Tokenizer:
+        model = self._field("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ValueError(f"{self.path}: GGUF tokenizer {model!r} not supported (gpt2 BPE only)")
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        r = self.reader
+        f = r.fields["tokenizer.ggml.tokens"]
+        toks = [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+        m = r.fields["tokenizer.ggml.merges"]
+        merges = [tuple(bytes(m.parts[i]).decode("utf-8").split(" ", 1)) for i in m.data]
+        tt = r.fields.get("tokenizer.ggml.token_type")
+        types = [int(tt.parts[i][0]) for i in tt.data] if tt is not None else [1] * len(toks)
+        tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(toks)}, merges))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(
+            [AddedToken(t, special=True) for t, ty in zip(toks, types, strict=True) if ty == 3]
+        )
+        bos = int(self._field("tokenizer.ggml.bos_token_id", -1))
+        eos = int(self._field("tokenizer.ggml.eos_token_id", -1))
+        eos_ids = [eos] if eos >= 0 else []
+        for extra in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            i = tok.token_to_id(extra)
+            if i is not None and i not in eos_ids:
+                eos_ids.append(i)
+        tmpl = r.fields.get("tokenizer.chat_template")
+        return Tokenizer(
+            tok,
+            "tokenizers",
+            bos if bos >= 0 else None,
+            eos_ids,
+            bool(self._field("tokenizer.ggml.add_bos_token", False)),
+            tmpl.contents() if tmpl is not None else None,
+        )
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of q/k rows: w (n_out, n_in), rows (head, hd/2, 2) ->
+    Hugging Face's (head, 2, hd/2)."""
+    n_out = w.shape[0]
+    return w.reshape(n_head, n_out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
