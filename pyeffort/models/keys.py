@@ -1,0 +1,74 @@
+"""The effort dial from the keyboard: ``+`` / ``-`` pressed during generation change the effort
+for the very next token (read non-blockingly from a tty with termios/select)."""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+
+STEP = 0.05
+LOW = 0.05
+
+
+class EffortDial:
+    """A callable giving the current effort; each call first applies any keys pressed."""
+
+    def __init__(self, effort: float, keys: bool = True, stream=None):
+        self.value = check_effort(effort)
+        self.stream = stream or sys.stderr
+        self.fd = sys.stdin.fileno() if keys and _isatty(sys.stdin) else None
+        self._saved = None
+
+    def __enter__(self):
+        if self.fd is not None:
+            import termios
+            import tty
+
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setcbreak(self.fd)  # keys arrive one by one, without echo
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            self._saved = None
+
+    def set(self, effort: float) -> None:
+        self.value = check_effort(effort)
+
+    def press(self, key: str) -> None:
+        old = self.value
+        if key in "+=":
+            self.value = min(1.0, round(self.value + STEP, 4))
+        elif key in "-_":
+            self.value = max(LOW, round(self.value - STEP, 4))
+        if self.value != old:
+            self.stream.write(f" [effort {self.value:.2f}] ")
+            self.stream.flush()
+
+    def __call__(self) -> float:
+        if self._saved is not None:
+            while select.select([self.fd], [], [], 0)[0]:
+                data = os.read(self.fd, 64)
+                if not data:
+                    break
+                for ch in data.decode("utf-8", "ignore"):
+                    self.press(ch)
+        return self.value
+
+
+def check_effort(e) -> float:
+    e = float(e)
+    if not 0.0 < e <= 1.0:
+        raise ValueError(f"effort must lie in (0, 1], got {e}")
+    return e
+
+
+def _isatty(f) -> bool:
+    try:
+        return f.isatty()
+    except (AttributeError, ValueError):
+        return False
