@@ -1,0 +1,80 @@
+"""CPU speed of the effort matmul against numpy float32 ``x @ W`` (OpenBLAS) and our dense fp16
+product, side by side in one run. Reports time, realised effort and effective GB/s (weight
+bytes read per second) in ``extra_info``; ``python bench/report.py RESULTS.json`` makes the
+table of bench/README.md. Run (see bench/README.md):
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m pytest bench/test_matmul_speed.py \\
+        --benchmark-json=bench/results.json -q
+
+and single-threaded (both libraries on one core):
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OPENBLAS_NUM_THREADS=1 PYEFFORT_BENCH_THREADS=1 \
+        python -m pytest bench/test_matmul_speed.py --benchmark-json=bench/results_1t.json -q
+"""
+
+import functools
+import os
+
+import numpy as np
+import pytest
+
+import pyeffort
+from pyeffort import _core
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (576, 1536), (1536, 576)]
+EFFORTS = [1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1]
+KINDS = ["numpy_f32", "dense_f16"] + [f"effort_{e}" for e in EFFORTS]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def threads():
+    """PYEFFORT_BENCH_THREADS=n runs our kernels on n threads (default: all cores); set
+    OPENBLAS_NUM_THREADS to the same n for numpy."""
+    n = os.environ.get("PYEFFORT_BENCH_THREADS")
+    previous = _core.num_threads()
+    if n:
+        pyeffort.set_num_threads(int(n))
+    yield
+    pyeffort.set_num_threads(previous)
+
+
+@functools.lru_cache(maxsize=1)
+def problem(shape):
+    """Random N(0, 0.02) fp16 weights and heavy-tailed activations (normal x gamma scale, as
+    LLM activations have a few large channels); only one shape is kept in memory at a time."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+    x = (rng.standard_normal(shape[0]) * rng.gamma(1.0, size=shape[0])).astype(np.float32)
+    return w, w.astype(np.float32), pyeffort.build_buckets(w), x
+
+
+def rounds_for(shape):
+    return 200 if shape[0] * shape[1] < 2_000_000 else 15
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matmul_speed(benchmark, shape, kind):
+    w16, w32, b, x = problem(shape)
+    n = shape[0] * shape[1]
+    if kind == "numpy_f32":
+        fn, nbytes, effort = (lambda: x @ w32), 4 * n, 1.0
+    elif kind == "dense_f16":
+        out = np.empty(shape[1], np.float32)
+        fn, nbytes, effort = (lambda: pyeffort.dense_matmul(x, w16, out=out)), 2 * n, 1.0
+    else:
+        e = float(kind.split("_")[1])
+        out = np.empty(shape[1], np.float32)
+        _, info = pyeffort.matmul(x, b, e, out=out, return_info=True)  # also packs once
+        fn, nbytes, effort = (lambda: pyeffort.matmul(x, b, e, out=out)), info.bytes_read, info.effort
+    benchmark.pedantic(fn, rounds=rounds_for(shape), iterations=1, warmup_rounds=3)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        shape=f"{shape[0]}x{shape[1]}",
+        kind=kind,
+        effort=effort,
+        bytes=int(nbytes),
+        gbps=nbytes / median / 1e9,
+        kernel=_core.kernel_name(),
+        threads=_core.num_threads(),
+    )
