@@ -174,3 +174,23 @@ def test_disable_cpu_features_forces_a_lower_tier():
         env["PYEFFORT_DISABLE_CPU_FEATURES"] = "avx512"
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert out.stdout.strip() == "['avx2', 'scalar'] avx2", out.stderr
+
+
+def test_concurrent_callers_get_the_same_results(kernel, threads, rng):
+    """Python threads calling at once (the pool runs one job, the others run inline)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, b = buckets_of(rng, (300, 900))
+    xs = [activations(rng, 1, 300) for _ in range(8)]
+    _core.set_num_threads(2)
+
+    def one(x):
+        y = np.empty((1, 900), np.float32)
+        _core.bucketmul(x, b.values, b.positions, b.stats, b.order, b.n_out, 0.4, y)
+        return y
+
+    alone = [one(x) for x in xs]
+    for _ in range(5):
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(one, xs))
+        assert all(np.array_equal(a, t) for a, t in zip(alone, together))

@@ -60,12 +60,18 @@ void pe_set_num_threads(int n) {
     n_threads = n < 1 ? 1 : n;
 }
 
-/* Threads for a job over n_items units of bytes_per_item: one for small jobs. */
+/* Threads for a job over n_items units touching bytes: one for small jobs. */
 static int threads_for(int64_t n_items, int64_t bytes) {
     int n = n_threads;
     if (bytes < (64 << 10)) n = 1;
     if (n > n_items) n = (int)(n_items > 0 ? n_items : 1);
     return n;
+}
+
+/* Chunks for nt threads: a few per thread, so a thread the OS delays leaves its share. */
+static int chunks_for(int64_t n_items, int nt) {
+    int64_t n = nt <= 1 ? 1 : 4 * (int64_t)nt;
+    return (int)(n < n_items ? n : (n_items > 0 ? n_items : 1));
 }
 
 /* Per-thread scratch that grows and is kept (no malloc per call). */
@@ -80,7 +86,7 @@ static void *scratch(size_t n, int which) {
     return buf[which];
 }
 
-/* [t * n_items / n, (t + 1) * n_items / n) rounded to multiples of align. */
+/* Chunk t of n: [t * n_items / n, (t + 1) * n_items / n) rounded to multiples of align. */
 static void split(int64_t n_items, int64_t align, int t, int n, int64_t *i0, int64_t *i1) {
     int64_t units = (n_items + align - 1) / align;
     *i0 = units * t / n * align;
@@ -120,7 +126,8 @@ pe_status pe_bucketmul(const pe_buckets *b, const float *x, int64_t n_tokens, do
         if (st != PE_OK) return st;
         canon_job job = {kern, b, tasks, n_tasks, y + t * b->n_out};
         int nt = threads_for(b->n_groups / 4, n_tasks * row_bytes);
-        if ((st = pe_parallel(canon_run, &job, nt)) != PE_OK) return st;
+        if ((st = pe_parallel(canon_run, &job, chunks_for(b->n_groups / 4, nt), nt)) != PE_OK)
+            return st;
         *mults += done;
         *bytes += n_tasks * row_bytes;
     }
@@ -158,8 +165,9 @@ pe_status pe_bucketmul_packed(const pe_packed *p, const float *x, int64_t n_toke
                                         &done, sc);
         if (st != PE_OK) return st;
         packed_job job = {kern->packedmul_f16, p, runs, n_runs, y + t * p->n_out};
-        int nt = threads_for(p->n_tiles, n_rows * row_bytes);
-        if ((st = pe_parallel(packed_run, &job, nt)) != PE_OK) return st;
+        int nt = threads_for(p->n_tiles / 2, n_rows * row_bytes);
+        if ((st = pe_parallel(packed_run, &job, chunks_for(p->n_tiles / 2, nt), nt)) != PE_OK)
+            return st;
         *mults += done;
         *bytes += n_rows * row_bytes;
     }
@@ -192,10 +200,11 @@ pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens,
     for (int64_t i = 0; rows && i < n_rows; i++)
         if (rows[i] < 0 || rows[i] >= n_in) return PE_ERR_ARG;
     int nt = threads_for((n_out + 63) / 64, 2 * used * n_out);
+    int nc = chunks_for((n_out + 63) / 64, nt);
     for (int64_t t = 0; t < n_tokens; t++) {
         dense_job job = {kern->dense_f16, x + t * n_in, w, n_in, n_out, rows, n_rows,
                          y + t * n_out};
-        pe_status st = pe_parallel(dense_run, &job, nt);
+        pe_status st = pe_parallel(dense_run, &job, nc, nt);
         if (st != PE_OK) return st;
     }
     return PE_OK;

@@ -97,7 +97,8 @@ pe_status pe_select(const pe_buckets *b, const float *x, double effort, pe_task 
 pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe_run *runs,
                            int64_t *n_runs, int64_t *n_rows, int64_t *mults, uint32_t *scratch);
 
-/* Thread pool (threads.c): fn(ctx, t, n) for t in [0, n), t = 0 on the calling thread. */
-typedef void (*pe_job_fn)(void *ctx, int t, int n);
-pe_status pe_parallel(pe_job_fn fn, void *ctx, int n);
+/* Thread pool (threads.c): fn(ctx, c, n_chunks) for every chunk c in [0, n_chunks), on up to
+ * n_threads threads (the caller included), in any order and assignment. */
+typedef void (*pe_job_fn)(void *ctx, int c, int n_chunks);
+pe_status pe_parallel(pe_job_fn fn, void *ctx, int n_chunks, int n_threads);
 #endif

@@ -1,5 +1,7 @@
 /* A persistent pthread pool: workers spin briefly on a generation counter, then sleep on a
- * condition variable. One job at a time; a second concurrent caller runs its job inline. */
+ * condition variable. A job is split into chunks that threads claim with an atomic counter, so
+ * a worker the OS has not scheduled leaves its share to the others (results never depend on
+ * who runs a chunk). One job at a time; a second concurrent caller runs its job inline. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
@@ -15,11 +17,16 @@
 static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;  /* one job at a time  */
 static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER; /* guards the condvar */
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
-static atomic_uint_fast64_t generation;
-static atomic_int remaining, n_sleeping;
-static pe_job_fn job_fn;
-static void *job_ctx;
-static int job_n, n_workers;
+static atomic_uint_fast64_t generation; /* bumped per job: wakes the workers                  */
+static atomic_uint_fast64_t claim;      /* (job generation << 32) | next unclaimed chunk       */
+static atomic_int done, n_sleeping;     /* chunks finished in the current job; sleeping workers */
+typedef struct {
+    pe_job_fn fn;
+    void *ctx;
+    int n;
+} job_t;
+static job_t jobs[2]; /* job g lives in jobs[g & 1]: a late worker never reads a newer job */
+static int n_workers;
 static uint64_t start_gen[MAX_THREADS]; /* the generation when worker i was started */
 
 static void cpu_relax(void) {
@@ -55,14 +62,26 @@ static uint64_t wait_job(uint64_t seen) {
     return g;
 }
 
+/* Claims and runs chunks of job g until none is left; a claim only succeeds while g is the
+ * current job, so parameters read before it are that job's. */
+static void run_chunks(uint64_t g) {
+    job_t job = jobs[g & 1];
+    uint64_t tag = (g & 0xFFFFFFFFu) << 32;
+    for (;;) {
+        uint64_t w = atomic_load_explicit(&claim, memory_order_acquire);
+        if ((w & ~0xFFFFFFFFull) != tag || (int)(w & 0xFFFFFFFFu) >= job.n) return;
+        if (!atomic_compare_exchange_weak(&claim, &w, w + 1)) continue;
+        job.fn(job.ctx, (int)(w & 0xFFFFFFFFu), job.n);
+        atomic_fetch_add_explicit(&done, 1, memory_order_release);
+    }
+}
+
 static void *worker(void *arg) {
     int id = (int)(intptr_t)arg;
     uint64_t seen = start_gen[id];
     for (;;) {
         seen = wait_job(seen);
-        if (id < job_n) job_fn(job_ctx, id, job_n);
-        /* every worker acknowledges every job, so none lags into the next one's parameters */
-        atomic_fetch_sub_explicit(&remaining, 1, memory_order_release);
+        run_chunks(seen);
     }
     return NULL;
 }
@@ -93,29 +112,29 @@ static pe_status grow(int n) {
     return PE_OK;
 }
 
-pe_status pe_parallel(pe_job_fn fn, void *ctx, int n) {
-    if (n > MAX_THREADS) n = MAX_THREADS;
-    if (n <= 1 || pthread_mutex_trylock(&job_lock) != 0) {
-        for (int t = 0; t < n; t++) fn(ctx, t, n); /* inline: same split, same result */
+pe_status pe_parallel(pe_job_fn fn, void *ctx, int n_chunks, int n_threads) {
+    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
+    if (n_threads <= 1 || n_chunks <= 1 || pthread_mutex_trylock(&job_lock) != 0) {
+        for (int c = 0; c < n_chunks; c++) fn(ctx, c, n_chunks); /* inline: the same result */
         return PE_OK;
     }
-    pe_status st = grow(n);
+    pe_status st = grow(n_threads);
     if (st != PE_OK) {
         pthread_mutex_unlock(&job_lock);
         return st;
     }
-    job_fn = fn;
-    job_ctx = ctx;
-    job_n = n;
-    atomic_store_explicit(&remaining, n_workers, memory_order_relaxed);
-    atomic_fetch_add(&generation, 1); /* seq_cst: pairs with n_sleeping (Dekker) */
+    uint64_t g = atomic_load(&generation) + 1;
+    jobs[g & 1] = (job_t){fn, ctx, n_chunks};
+    atomic_store_explicit(&done, 0, memory_order_relaxed);
+    atomic_store_explicit(&claim, (g & 0xFFFFFFFFu) << 32, memory_order_release);
+    atomic_store(&generation, g); /* seq_cst: pairs with n_sleeping (Dekker) */
     if (atomic_load(&n_sleeping) > 0) {
         pthread_mutex_lock(&wake_lock);
         pthread_cond_broadcast(&wake);
         pthread_mutex_unlock(&wake_lock);
     }
-    fn(ctx, 0, n);
-    while (atomic_load_explicit(&remaining, memory_order_acquire) > 0) cpu_relax();
+    run_chunks(g); /* the caller works too, and takes every chunk no worker has claimed */
+    while (atomic_load_explicit(&done, memory_order_acquire) < n_chunks) cpu_relax();
     pthread_mutex_unlock(&job_lock);
     return PE_OK;
 }
