@@ -1,0 +1,284 @@
+"""A tiny random Mistral (sliding window shorter than the prompt) saved as a Hugging Face folder
+with a SentencePiece tokenizer trained here: loader, KV cache, converter, partial loads, and
+logits against transformers (when installed).
+
+Tolerance against transformers (fp32 reference): the random weights are rounded to float16 before
+they are saved, so both sides hold the same weights and only the summation order differs:
+max |logit difference| <= 1e-3 * max |logit| at effort 1.0.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+import pyeffort
+from pyeffort.models import convert as conv
+from pyeffort.models import from_source, load
+from pyeffort.models.generate import Stats, generate
+
+WINDOW = 8
+REL_TOL = 1e-3
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "sun",
+    "rain",
+    "blue",
+    "red",
+    "green",
+    "house",
+    "tree",
+    "river",
+    "stone",
+    "bird",
+    "sky",
+]
+
+
+def _train_spm(vocab: int = 120) -> bytes:
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(WORDS, 8)) for _ in range(400)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab, model_type="bpe",
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    return buf.getvalue()
+
+
+def write_tiny_mistral(folder, window: int | None = WINDOW, seed: int = 0) -> dict:
+    """A random MistralForCausalLM checkpoint folder; -> its config."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(_train_spm())
+    import sentencepiece as spm
+
+    vocab = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
+    d, h, n_layers, n_heads, n_kv, hd = 64, 128, 2, 4, 2, 16
+    cfg = {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": d,
+        "intermediate_size": h, "num_hidden_layers": n_layers, "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv, "head_dim": hd, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "sliding_window": window, "max_position_embeddings": 256,
+        "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1,
+        "eos_token_id": 2, "torch_dtype": "float32",
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+    )
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, scale=None):  # float16-representable float32
+        s = scale if scale is not None else 1 / np.sqrt(shape[-1])
+        return (rng.standard_normal(shape) * s).astype(np.float16).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(vocab, d, scale=1.0), "lm_head.weight": w(vocab, d)}
+    t["model.norm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        t[p + "self_attn.q_proj.weight"] = w(n_heads * hd, d)
+        t[p + "self_attn.k_proj.weight"] = w(n_kv * hd, d)
+        t[p + "self_attn.v_proj.weight"] = w(n_kv * hd, d)
+        t[p + "self_attn.o_proj.weight"] = w(d, n_heads * hd)
+        t[p + "mlp.gate_proj.weight"] = w(h, d)
+        t[p + "mlp.up_proj.weight"] = w(h, d)
+        t[p + "mlp.down_proj.weight"] = w(d, h)
+        t[p + "input_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        t[p + "post_attention_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(
+            np.float32
+        )
+    names = sorted(t)
+    half = len(names) // 2  # two shards and an index, as big checkpoints come
+    shards = {"model-00001-of-00002.safetensors": names[:half]}
+    shards["model-00002-of-00002.safetensors"] = names[half:]
+    index = {"metadata": {}, "weight_map": {}}
+    for fname, keys in shards.items():
+        save_file({k: t[k] for k in keys}, str(folder / fname), metadata={"format": "pt"})
+        index["weight_map"].update({k: fname for k in keys})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-mistral")
+    write_tiny_mistral(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    return from_source(tiny)
+
+
+def prompt_ids(model, n: int = 20) -> list[int]:
+    ids = model.tokenizer.encode(
+        "the cat sat on the mat and the dog sat on the red house tree " * 2
+    )
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def test_loader_reads_config_and_tokenizer(tiny, tiny_model):
+    a = tiny_model.args
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim) == (64, 2, 4, 2, 16)
+    assert a.sliding_window == WINDOW and not a.tie_embeddings and a.architecture == "mistral"
+    tok = tiny_model.tokenizer
+    ids = tok.encode("the cat sat")
+    assert ids[0] == tok.bos_id == 1 and tok.decode(ids) == "the cat sat"
+    assert len(list(tiny_model.linears())) == 14
+    names = [lin.name for lin in tiny_model.linears()][:7]
+    assert names == [f"layers.0.attn.{n}" for n in ("wq", "wk", "wv", "wo")] + [
+        f"layers.0.ffn.{n}" for n in ("w1", "w3", "w2")
+    ]
+
+
+def test_kv_cache_decode_equals_prefill(tiny_model):
+    ids = prompt_ids(tiny_model)
+    full = tiny_model.forward(ids, 0, 1.0)
+    tiny_model.reset()
+    steps = [tiny_model.forward([t], i, 1.0)[0] for i, t in enumerate(ids)]
+    np.testing.assert_allclose(np.array(steps), full, rtol=0, atol=1e-3 * np.abs(full).max())
+    # a call at start_pos 0 starts afresh, whatever the cache held
+    np.testing.assert_array_equal(tiny_model.forward(ids, 0, 1.0), full)
+    with pytest.raises(ValueError):
+        tiny_model.forward(ids, 100, 1.0)
+
+
+def test_sliding_window_changes_late_positions(tiny, tmp_path):
+    write_tiny_mistral(tmp_path / "nowin", window=None)
+    free = from_source(tmp_path / "nowin")
+    win = from_source(tiny)
+    ids = prompt_ids(win)
+    a, b = win.forward(ids, 0, 1.0), free.forward(ids, 0, 1.0)
+    np.testing.assert_allclose(a[:WINDOW], b[:WINDOW], rtol=0, atol=1e-4)
+    assert np.abs(a[WINDOW + 1 :] - b[WINDOW + 1 :]).max() > 1e-2
+
+
+def test_effort_is_realised_and_changes_per_token(tiny_model):
+    ids = prompt_ids(tiny_model)
+    asked = iter([1.0, 0.5, 0.3, 0.5, 0.3, 0.5, 0.3, 0.5, 0.3])
+    st = Stats()
+    out = list(
+        generate(tiny_model, ids, max_tokens=9, effort=lambda: next(asked), stop=[], stats=st)
+    )
+    assert len(out) == 9 and st.efforts == [1.0, 0.5, 0.3, 0.5, 0.3, 0.5, 0.3, 0.5]
+    assert abs(st.realised - np.mean(st.efforts)) < 0.02
+    lin = next(tiny_model.linears())
+    assert lin.total > 0
+
+
+def test_hook_replaces_every_linear(tiny_model):
+    ids = prompt_ids(tiny_model, 5)
+    seen = []
+
+    def hook(lin, x, effort):
+        seen.append(lin.name)
+        return x @ lin.dense().astype(np.float32)
+
+    for lin in tiny_model.linears():
+        lin.hook = hook
+    try:
+        hooked = tiny_model.forward(ids, 0, 0.5)
+    finally:
+        for lin in tiny_model.linears():
+            lin.hook = None
+    assert len(seen) == 14
+    np.testing.assert_allclose(hooked, tiny_model.forward(ids, 0, 1.0), atol=1e-3)
+
+
+def test_convert_roundtrip_and_partial_load(tiny, tiny_model, tmp_path):
+    dst = conv.convert(tiny, tmp_path / "conv", progress=False)
+    m = load(dst)
+    ids = prompt_ids(m)
+    np.testing.assert_array_equal(m.forward(ids, 0, 1.0), tiny_model.forward(ids, 0, 1.0))
+    assert m.tokenizer.encode("the dog") == tiny_model.tokenizer.encode("the dog")
+    m70 = load(dst, fraction=0.7)
+    full = sum(lin.buckets.nbytes for lin in m.linears())
+    part = sum(lin.buckets.nbytes for lin in m70.linears())
+    assert abs(part / full - 0.7) < 0.02
+    for lin in m70.linears():
+        assert isinstance(lin.buckets.values, np.memmap)  # only the kept prefix is mapped
+        assert abs(lin.buckets.loaded_fraction - 0.7) < 0.02
+    assert np.isfinite(m70.forward(ids, 0, 0.5)).all()
+    with pytest.raises(FileExistsError):
+        conv.convert(tiny, dst, progress=False)
+
+
+def test_interrupted_convert_leaves_nothing(tiny, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = pyeffort.build_buckets
+
+    def failing(w):
+        calls["n"] += 1
+        if calls["n"] == 9:  # in the second layer
+            raise KeyboardInterrupt
+        return real(w)
+
+    monkeypatch.setattr(pyeffort, "build_buckets", failing)
+    with pytest.raises(KeyboardInterrupt):
+        conv.convert(tiny, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_converted_format_is_checked(tiny, tmp_path):
+    dst = conv.convert(tiny, tmp_path / "conv", progress=False)
+    man = json.loads((dst / conv.MANIFEST).read_text())
+    assert man["version"] == 1 and man["kind"] == "model" and man["format"] == "pyeffort"
+    man["version"] = 99
+    (dst / conv.MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(pyeffort.FormatError, match="version"):
+        load(dst)
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(ValueError, match="neither"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        load(tmp_path)
+
+
+# ------------------------------------------------------------ against transformers
+
+
+def test_logits_match_transformers(tiny, tiny_model):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    hf.eval()
+    ids = prompt_ids(tiny_model)  # 20 tokens > window 8
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    tol = REL_TOL * np.abs(ref).max()
+    np.testing.assert_allclose(tiny_model.forward(ids, 0, 1.0), ref, rtol=0, atol=tol)
+    tiny_model.reset()
+    steps = np.array([tiny_model.forward([t], i, 1.0)[0] for i, t in enumerate(ids)])
+    np.testing.assert_allclose(steps, ref, rtol=0, atol=tol)
+    # greedy decoding: the same tokens
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                          min_new_tokens=16, pad_token_id=0)  # fmt: skip
+    ours = list(generate(tiny_model, ids, max_tokens=16, stop=[]))
+    assert ours == out[0, len(ids) :].tolist()
+
+
+def test_tokenizer_matches_transformers(tiny, tiny_model):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("google.protobuf")  # transformers reads tokenizer.model with it
+    ref = transformers.AutoTokenizer.from_pretrained(str(tiny))
+    text = "the cat sat on the mat"
+    assert tiny_model.tokenizer.encode(text) == ref(text)["input_ids"]
