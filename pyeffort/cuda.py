@@ -199,7 +199,7 @@ class CudaBuckets:
         self.order = order.reshape(-1)[:n_rows].to(torch.int32).contiguous()  # (n_rows,)
         self.stats = stats.reshape(-1)[:n_rows].to(torch.float32).contiguous()  # (n_rows,)
         i32 = {"dtype": torch.int32, "device": dev}
-        self._keys = torch.empty(n_rows, **i32)
+        self._keys = torch.empty(n_rows + 4, **i32)  # + 4: read as 16-byte words
         self._xval = torch.empty(n_rows, dtype=torch.float32, device=dev)
         self._hist = torch.zeros(2 * 4096, **i32)
         self._cand = torch.empty(n_rows, **i32)

@@ -69,7 +69,10 @@ def gen(request):
     return g
 
 
-@pytest.mark.parametrize("shape", [(100, 37), (257, 300), (1000, 1000), (4096, 1024), (96, 4100)])
+SHAPES = [(100, 37), (257, 300), (1000, 1000), (4096, 1024), (96, 4100), (5000, 300)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)  # 5000 inputs: the separate candidate kernel
 @pytest.mark.parametrize("dtype", ["f16", "bf16", "f32"])
 def test_matches_reference_random(shape, dtype, gen, rng):
     w = (rng.standard_normal(shape) * rng.lognormal(0, 0.7, (shape[0], 1))).astype(np.float16)
@@ -101,6 +104,20 @@ def test_ties_and_partial_load(gen, rng):
             ref, mults = reference_out(x, b, effort)
             assert info.mults == sum(mults)
             assert_close(y, ref, scale(x, b), 2e-5)
+
+
+def test_many_equal_keys(gen, rng):
+    """More tied candidates than the matmul kernel holds in shared memory: the key fallback."""
+    w = rng.choice([-1.0, 1.0], (1024, 64)).astype(np.float16)
+    b = pyeffort.build_buckets(w)
+    bc = b.to("cuda")
+    for effort in [0.3, 0.7]:
+        x = torch.randint(1, 3, (2, 1024), generator=gen, device="cuda").half()
+        x[1] = x[1].sign()  # every key equal
+        y, info = run_gpu(x, bc, effort)
+        ref, mults = reference_out(x, b, effort)
+        assert info.mults == sum(mults)
+        assert_close(y, ref, scale(x, b), 2e-5)
 
 
 def test_deterministic_and_pdl_off(gen, rng):
