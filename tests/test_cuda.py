@@ -107,7 +107,7 @@ def test_ties_and_partial_load(gen, rng):
 
 
 def test_many_equal_keys(gen, rng):
-    """More tied candidates than the matmul kernel holds in shared memory: the key fallback."""
+    """More tied candidates than the matmul kernel holds in shared memory at once (chunks)."""
     w = rng.choice([-1.0, 1.0], (1024, 64)).astype(np.float16)
     b = pyeffort.build_buckets(w)
     bc = b.to("cuda")

@@ -12,7 +12,6 @@
 #define PE_MM_WARPS (PE_MM_THREADS / 32)
 #define PE_LIST_CAP 8192 /* dispatched rows held in shared memory at a time */
 #define PE_UNROLL 8      /* rows per load batch of a team (two batches in flight) */
-#define PE_FUSED_ROWS 65536 /* up to this many rows every matmul block finds the candidates */
 #define PE_ROUNDS 8      /* key rounds loaded at once in the dispatch scan */
 
 static_assert(offsetof(pe_cuda_state, mode) == 12 && offsetof(pe_cuda_state, b1) == 16 &&
@@ -132,14 +131,13 @@ __device__ __forceinline__ void sum_splits(const pe_cuda_matrix &m, int tile, TY
 template <typename TX, typename TY, int CT>
 __global__ void __launch_bounds__(PE_MM_THREADS, 1)
     k_bucketmul(const TX *__restrict__ x, pe_cuda_matrix m, TY *__restrict__ y,
-                const double *eff_ptr, double eff_val, int fused) {
+                const double *eff_ptr, double eff_val) {
     typedef Tile<CT> T;
     extern __shared__ float smem[];
     float *acc = smem;                           /* (NT, ACC)   */
     int *list_r = (int *)(acc + T::NT * T::ACC); /* (LIST_CAP,) */
-    __shared__ uint32_t warp_n[PE_ROUNDS * PE_MM_WARPS], s_total, s_nc;
-    __shared__ uint32_t f_hn[PE_NB1], f_hs[PE_NB1]; /* fused: the level-1 histogram */
-    __shared__ bool last, g_last;
+    __shared__ uint32_t warp_n[PE_ROUNDS * PE_MM_WARPS], s_total;
+    __shared__ bool last;
     const int tile = blockIdx.x % m.n_tiles, split = blockIdx.x / m.n_tiles;
 #define PE_STAMP(i) PE_STAMP0(m, i)
     PE_STAMP(0);
@@ -148,7 +146,7 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
     PE_STAMP(1);
     pe_pdl_launch();
     pe_cuda_state *st = m.state;
-    if (blockIdx.x == 0 && !fused) /* the candidate kernel is done with the histogram */
+    if (blockIdx.x == 0) /* the candidate kernel is done with the histogram: clear it */
         for (int i = threadIdx.x; i < 2 * PE_NB1; i += PE_MM_THREADS) m.hist[i] = 0;
     const int64_t stride = m.n_splits;
 #pragma unroll
@@ -156,29 +154,17 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
         int64_t r = (split + (q * PE_MM_WARPS + (threadIdx.x >> 5)) * stride) * 32 + (threadIdx.x & 31);
         if (r < m.n_rows) asm volatile("prefetch.global.L1 [%0];" ::"l"(m.keys + r));
     }
+    /* the state and the effort in one round trip: (ticket1, ticket2, n_cand, mode),
+     * (b1, cut, above_n, rows), above_w */
+    const uint4 s0 = __ldcg((const uint4 *)st), s1 = __ldcg((const uint4 *)st + 1);
+    const unsigned long long above_w = __ldcg(&st->above_w);
     const double eff = eff_ptr ? __ldcg(eff_ptr) : eff_val;
-    const double budget = eff * (double)(m.n_in * m.n_out);
-    uint32_t mode, n_c, b1, an, src = PE_SRC_LIST;
-    unsigned long long above_w;
-    if (fused) { /* no candidate kernel: level 1 and the candidates here, in every block */
-        uint64_t aw;
-        mode = pe_level1(m, eff, f_hn, f_hs, &b1, &aw, &an);
-        above_w = aw;
-        n_c = 0;
-        if (mode == PE_MODE_SEARCH) n_c = pe_collect(m, b1, (uint32_t *)list_r, &s_nc);
-        src = n_c <= PE_CAND_SMEM ? PE_SRC_SMEM : PE_SRC_KEYS;
-        if (src == PE_SRC_KEYS) n_c = (uint32_t)m.n_rows;
-    } else { /* the state in one round trip: (ticket1, ticket2, n_cand, mode),
-              * (b1, cut, above_n, rows), above_w */
-        const uint4 s0 = __ldcg((const uint4 *)st), s1 = __ldcg((const uint4 *)st + 1);
-        above_w = __ldcg(&st->above_w);
-        mode = s0.w, n_c = s0.z, b1 = s1.x, an = s1.z;
-    }
+    const uint32_t mode = s0.w;
     uint32_t cut, rows;
     unsigned long long mults;
     if (mode == PE_MODE_SEARCH) {
-        cut = pe_resolve(m, budget, n_c, b1, above_w, an, (uint32_t *)list_r, (int)src, &mults,
-                         &rows);
+        cut = pe_resolve(m, eff * (double)(m.n_in * m.n_out), s0.z, s1.x, above_w, s1.z,
+                         (uint32_t *)list_r, &mults, &rows);
     } else {
         const bool all = mode == PE_MODE_ALL;
         cut = all ? 0u : 0xFFFFFFFFu;
@@ -271,30 +257,20 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
         }
     }
     PE_STAMP(5);
-    if (m.n_splits > 1) {
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) last = atomicAdd(&m.tickets[tile], 1u) == (uint32_t)m.n_splits - 1;
-        __syncthreads();
-        PE_STAMP(6);
-        if (last) {
-            __threadfence();
-            sum_splits<TY, CT>(m, tile, y);
-            PE_STAMP_MAX(m, 7);
-            if (threadIdx.x == 0) m.tickets[tile] = 0;
-        } else {
-            PE_STAMP_MAX(m, 14);
-        }
+    if (m.n_splits == 1) return;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&m.tickets[tile], 1u) == (uint32_t)m.n_splits - 1;
+    __syncthreads();
+    PE_STAMP(6);
+    if (!last) {
+        PE_STAMP_MAX(m, 14);
+        return;
     }
-    if (fused) { /* every block has read the histogram: the last one to finish clears it */
-        __syncthreads();
-        if (threadIdx.x == 0) g_last = atomicAdd(&st->ticket1, 1u) == gridDim.x - 1;
-        __syncthreads();
-        if (g_last) {
-            for (int i = threadIdx.x; i < 2 * PE_NB1; i += PE_MM_THREADS) m.hist[i] = 0;
-            if (threadIdx.x == 0) st->ticket1 = 0;
-        }
-    }
+    __threadfence();
+    sum_splits<TY, CT>(m, tile, y);
+    PE_STAMP_MAX(m, 7);
+    if (threadIdx.x == 0) m.tickets[tile] = 0;
 }
 
 /* ---------------------------------------------------------------- launch */
@@ -317,7 +293,7 @@ static cudaError_t launch_mm(const pe_cuda_matrix *m, const void *x, void *y, vo
     cfg.attrs = attr;
     cfg.numAttrs = pdl ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, k_bucketmul<TX, TY, CT>, (const TX *)x, *m, (TY *)y,
-                              effort_ptr, effort_val, (int)(m->n_rows <= PE_FUSED_ROWS));
+                              effort_ptr, effort_val);
 }
 
 template <typename TX, typename TY>
@@ -380,8 +356,7 @@ extern "C" int pe_cuda_matmul(const pe_cuda_matrix *m, const void *x, int x_dtyp
     for (int64_t t = 0; t < n_tokens; t++) {
         const char *xt = (const char *)x + t * m->n_in * elem_size(x_dtype);
         char *yt = (char *)y + t * m->n_out * elem_size(y_dtype);
-        int stages = m->n_rows <= PE_FUSED_ROWS ? 4 : 3; /* 4: keys only, then the matmul */
-        int st = pe_cuda_select_impl(m, xt, x_dtype, effort_ptr, effort_val, stream, pdl, stages);
+        int st = pe_cuda_select_impl(m, xt, x_dtype, effort_ptr, effort_val, stream, pdl, 3);
         if (st) return st;
         cudaError_t e =
             launch_types(m, xt, x_dtype, yt, y_dtype, stream, pdl, effort_ptr, effort_val);

@@ -7,7 +7,6 @@
  * No block waits for another inside a kernel (no tickets), and only integer atomics are used:
  * the cutoff does not depend on the order blocks run in. */
 #include "common.cuh"
-#include "resolve.cuh"
 
 #define PE_KEY_ROWS 512  /* rows per k_keys block: one per thread, no dependent load chains */
 #define PE_CAND_ROWS 2048 /* rows per k_cand block: four per thread */
@@ -52,9 +51,28 @@ __global__ void __launch_bounds__(PE_SEL_THREADS)
     pe_pdl_launch();
     pe_cuda_state *st = m.state;
     const double eff = eff_ptr ? __ldcg(eff_ptr) : eff_val;
-    uint32_t b1, an;
-    uint64_t aw;
-    const uint32_t mode = pe_level1(m, eff, h_n, h_s, &b1, &aw, &an);
+    { /* the histogram: independent 16-byte loads */
+        const uint4 *src = (const uint4 *)m.hist;
+        uint4 v[2 * PE_NB1 / 4 / PE_SEL_THREADS];
+#pragma unroll
+        for (int q = 0; q < 2 * PE_NB1 / 4 / PE_SEL_THREADS; q++)
+            v[q] = __ldcg(src + q * PE_SEL_THREADS + threadIdx.x);
+#pragma unroll
+        for (int q = 0; q < 2 * PE_NB1 / 4 / PE_SEL_THREADS; q++) {
+            int i = 4 * (q * PE_SEL_THREADS + threadIdx.x);
+            uint32_t *dst = i < PE_NB1 ? h_n + i : h_s + (i - PE_NB1);
+            dst[0] = v[q].x, dst[1] = v[q].y, dst[2] = v[q].z, dst[3] = v[q].w;
+        }
+    }
+    __syncthreads();
+    const double budget = eff * (double)(m.n_in * m.n_out);
+    const uint32_t mode = !(eff > 0.0)                  ? PE_MODE_NONE
+                          : (double)m.total_w < budget ? PE_MODE_ALL
+                                                       : PE_MODE_SEARCH;
+    uint32_t b1 = 0, an = 0;
+    uint64_t aw = 0;
+    if (mode == PE_MODE_SEARCH)
+        pe_pick_bin(h_n, h_s, PE_NB1, (uint64_t)((m.n_out + 15) / 16), budget, &b1, &aw, &an);
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         st->mode = mode;
         st->b1 = b1;
@@ -142,7 +160,7 @@ int pe_cuda_select_impl(const pe_cuda_matrix *m, const void *x, int x_dtype,
         e = cudaLaunchKernelEx(&cfg, k_keys<float>, (const float *)x, mm);
     else
         return PE_CUDA_ERR_ARG;
-    if (e != cudaSuccess || stages == 4) return (int)e; /* 4: the matmul kernel does the rest */
+    if (e != cudaSuccess) return (int)e;
     if (stages >= 2) {
         cfg.gridDim = dim3((unsigned)((m->n_rows + PE_CAND_ROWS - 1) / PE_CAND_ROWS));
         e = cudaLaunchKernelEx(&cfg, k_cand, mm, effort_ptr, effort_val);
