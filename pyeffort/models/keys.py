@@ -14,10 +14,12 @@ LOW = 0.05
 class EffortDial:
     """A callable giving the current effort; each call first applies any keys pressed."""
 
-    def __init__(self, effort: float, keys: bool = True, stream=None):
+    def __init__(self, effort: float, keys: bool = True, stream=None, fd: int | None = None):
         self.value = check_effort(effort)
         self.stream = stream or sys.stderr
-        self.fd = sys.stdin.fileno() if keys and _isatty(sys.stdin) else None
+        if fd is None and keys and _isatty(sys.stdin):
+            fd = sys.stdin.fileno()
+        self.fd = fd if keys else None  # a terminal to read keys from
         self._saved = None
 
     def __enter__(self):
@@ -26,7 +28,7 @@ class EffortDial:
             import tty
 
             self._saved = termios.tcgetattr(self.fd)
-            tty.setcbreak(self.fd)  # keys arrive one by one, without echo
+            tty.setcbreak(self.fd, termios.TCSANOW)  # keys one by one, no echo, keep type-ahead
         return self
 
     def __exit__(self, *exc) -> None:
