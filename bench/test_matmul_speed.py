@@ -23,7 +23,8 @@ from pyeffort import _core
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (576, 1536), (1536, 576)]
 EFFORTS = [1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1]
-KINDS = ["numpy_f32", "dense_f16"] + [f"effort_{e}" for e in EFFORTS]
+# select_only: a call at effort 1e-9 (one row dispatched): cutoff search, dispatch and threads
+KINDS = ["numpy_f32", "dense_f16"] + [f"effort_{e}" for e in EFFORTS] + ["select_only"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +64,7 @@ def test_matmul_speed(benchmark, shape, kind):
         out = np.empty(shape[1], np.float32)
         fn, nbytes, effort = (lambda: pyeffort.dense_matmul(x, w16, out=out)), 2 * n, 1.0
     else:
-        e = float(kind.split("_")[1])
+        e = 1e-9 if kind == "select_only" else float(kind.split("_")[1])
         out = np.empty(shape[1], np.float32)
         _, info = pyeffort.matmul(x, b, e, out=out, return_info=True)  # also packs once
         fn, nbytes, effort = (lambda: pyeffort.matmul(x, b, e, out=out)), info.bytes_read, info.effort

@@ -42,6 +42,7 @@ cdef extern from "pyeffort.h" nogil:
     void pe_set_num_threads(int n)
 
 NAME = "c"
+pe_kernel_name()  # CPU features are detected once, here at import (cpuid and xgetbv)
 
 
 cdef int _check(pe_status st) except -1:
