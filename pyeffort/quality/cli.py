@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +31,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--impl",
+        choices=("auto", "package", "mini"),
+        default="auto",
+        help="model code: pyeffort.models (package), the harness's own numpy Llama (mini), "
+        "or the first available (auto)",
+    )
     p.add_argument("--tiny", action="store_true", help="a tiny random model (tests, smoke runs)")
     p.add_argument(
         "--rules",
@@ -53,6 +61,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also time one decode token through all matrices per rule and effort, "
         "and compare KL at equal measured speed-up",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="*",
+        help="quality.json files of earlier runs (same model and windows) to report with these",
     )
     p.add_argument("--no-progress", action="store_true")
 
@@ -83,10 +96,14 @@ def load(args):
         ids = np.frombuffer(raw.encode("utf-8"), np.uint8).astype(np.int64) % m.args.vocab_size
         return m, ids, "tiny-random"
     path = args.model or default_gguf()
-    model, tok = _package_model(path)
+    model, tok = (None, None) if args.impl == "mini" else _package_model(path)
     if model is None:
+        if args.impl == "package":
+            raise SystemExit("pyeffort eval: pyeffort.models is not available (--impl package)")
         model, tok = minillama.from_gguf(path), minillama.gguf_tokenizer(path)
-    return model, np.asarray(tok.encode(raw).ids, dtype=np.int64), Path(path).name
+    ids = tok.encode(raw)
+    ids = getattr(ids, "ids", ids)  # tokenizers.Encoding or a list of ids
+    return model, np.asarray(ids, dtype=np.int64), Path(path).name
 
 
 def default_gguf() -> str:
@@ -152,12 +169,15 @@ def run(args) -> int:
     if bad:
         raise SystemExit(f"pyeffort eval: unknown rules {bad}; choose from {sorted(_rules())}")
     efforts = _floats(args.efforts)
+    merged = []
+    for path in args.merge or []:
+        merged += json.loads(Path(path).read_text())["results"]
     model, ids, model_id = load(args)
     ev = text.windows(ids, args.windows, args.length, 0)
     h = Harness(model, ev, progress=not args.no_progress)
     prof = (
         profile_for(args, h, ids, model_id)
-        if "pyeffort" in rules or "bucket_twin" in rules
+        if {"pyeffort", "bucket_twin"} & ({*rules} | {r["rule"] for r in merged})
         else None
     )
     h.allocation = type(h.allocation)(h.allocation.names, h.allocation.sizes, prof)
@@ -174,6 +194,7 @@ def run(args) -> int:
                 f"KL {r['kl']:.4f} top1 {r['top1']:.3f}",
                 file=sys.stderr,
             )
+    results = merged + results
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {

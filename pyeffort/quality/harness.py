@@ -37,6 +37,8 @@ class Result:
 
 def weight_of(lin) -> np.ndarray:
     """The float16 (n_in, n_out) weight of a model linear, whatever it stores."""
+    if callable(getattr(lin, "dense", None)):
+        return np.asarray(lin.dense(), dtype=np.float16)
     for attr in ("w16", "weight16", "w"):
         w = getattr(lin, attr, None)
         if isinstance(w, np.ndarray) and w.ndim == 2:
