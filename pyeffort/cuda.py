@@ -199,7 +199,7 @@ class CudaBuckets:
         self.order = order.reshape(-1)[:n_rows].to(torch.int32).contiguous()  # (n_rows,)
         self.stats = stats.reshape(-1)[:n_rows].to(torch.float32).contiguous()  # (n_rows,)
         i32 = {"dtype": torch.int32, "device": dev}
-        self._keys = torch.empty(n_rows + 4, **i32)  # + 4: read as 16-byte words
+        self._keys = torch.empty(n_rows, **i32)
         self._xval = torch.empty(n_rows, dtype=torch.float32, device=dev)
         self._hist = torch.zeros(2 * 4096, **i32)
         self._cand = torch.empty(n_rows, **i32)
@@ -379,8 +379,9 @@ def matmul(x, B, effort=1.0, *, out=None, return_info: bool = False, out_dtype=N
 
 
 def select(x, B, effort=1.0, stages: int = 2) -> None:
-    """Only the cutoff search for one token (for timing; the cutoff stays on the device);
-    ``stages=1`` runs only its first kernel."""
+    """Parts of the cutoff search of one token, for timing: ``stages=1`` the key kernel, ``2``
+    the key and candidate kernels (the last two levels run inside the matmul kernel); each is
+    followed by a one-block kernel that clears the histogram."""
     torch = _torch()
     eff_ptr, eff_val = _effort(torch, effort, B.device)
     stream = torch.cuda.current_stream(B.device).cuda_stream
