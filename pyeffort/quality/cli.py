@@ -208,6 +208,7 @@ def run(args) -> int:
         f"Model {model_id}, {args.windows} windows x {args.length} tokens, exact perplexity "
         f"{meta['exact_ppl']:.3f}\n\n" + report.markdown(results)
     )
+    md += "\nAt equal realised effort:\n\n" + report.equal_effort(results, efforts)
     if args.speed:
         md += "\n" + equal_time(h, results, meta)
     (out / "quality.md").write_text(md)

@@ -44,13 +44,23 @@ def write_json(results: list[dict], path, meta: dict | None = None) -> None:
     Path(path).write_text(json.dumps({"meta": meta or {}, "results": results}, indent=1))
 
 
-def interp_at(results: list[dict], rule_label: str, x_key: str, x: float) -> float | None:
-    """KL of one rule's curve at ``x`` of ``x_key`` (log-linear interpolation), None outside."""
-    pts = sorted((r[x_key], r["kl"]) for r in results if r.get("label", r["rule"]) == rule_label)
-    if len(pts) < 2 or not pts[0][0] <= x <= pts[-1][0]:
+def interp_at(
+    results: list[dict], rule_label: str, x_key: str, x: float, slack: float = 0.01
+) -> float | None:
+    """KL of one rule's curve at ``x`` of ``x_key``, log-linear between measured points (and
+    along the end segment up to ``slack`` past the ends); None further out."""
+    pts = sorted(
+        (r[x_key], r["kl"])
+        for r in results
+        if r.get("label", r["rule"]) == rule_label and r.get(x_key) is not None
+    )
+    if len(pts) < 2 or not pts[0][0] - slack <= x <= pts[-1][0] + slack:
         return None
-    xs, ks = zip(*pts)
-    return float(np.exp(np.interp(x, xs, np.log(np.maximum(ks, 1e-12)))))
+    xs = np.array([p[0] for p in pts])
+    ks = np.log(np.maximum([p[1] for p in pts], 1e-12))
+    k = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
+    t = (x - xs[k]) / max(xs[k + 1] - xs[k], 1e-12)
+    return float(np.exp(ks[k] + t * (ks[k + 1] - ks[k])))
 
 
 def plots(results: list[dict], folder, speedups: dict | None = None, prefix: str = "quality"):
@@ -102,3 +112,23 @@ def plots(results: list[dict], folder, speedups: dict | None = None, prefix: str
         plt.close(fig)
         written.append(p)
     return written
+
+
+def equal_effort(results: list[dict], efforts) -> str:
+    """Markdown: every rule's KL at the same *realised* efforts (log-interpolated along its
+    curve; '-' outside the measured range), and whether the default rule is below (a), (b), (c)."""
+    labels = list(dict.fromkeys(r.get("label", r["rule"]) for r in results))
+    labels = [lb for lb in labels if sum(r.get("label", r["rule"]) == lb for r in results) > 1]
+    head = "| realised effort | " + " | ".join(labels) + " | default below a, b, c |\n"
+    head += "|---" * (len(labels) + 2) + "|\n"
+    rows = []
+    default = [lb for lb in labels if lb.startswith("(e)") and "budget split" in lb]
+    peers = [lb for lb in labels if lb[:3] in ("(a)", "(b)", "(c)")]
+    for e in efforts:
+        kl = {lb: interp_at(results, lb, "realised", e) for lb in labels}
+        cells = ["-" if kl[lb] is None else f"{kl[lb]:.4f}" for lb in labels]
+        verdict = "-"
+        if default and kl[default[0]] is not None and all(kl[p] is not None for p in peers):
+            verdict = "yes" if all(kl[default[0]] < kl[p] for p in peers) else "NO"
+        rows.append(f"| {e:.2f} | " + " | ".join(cells) + f" | {verdict} |")
+    return head + "\n".join(rows) + "\n"
