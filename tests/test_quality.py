@@ -192,3 +192,17 @@ def test_botchan_is_fetched_from_the_sentencepiece_sdist(tmp_path, monkeypatch):
     assert len(s.encode("utf-8")) == 278779 and "Botchan" in s[:2000] or "Chapter I" in s[:5000]
     assert (tmp_path / "botchan.txt").exists()
     assert pyeffort.__version__
+
+
+def test_equal_effort_table_compares_at_realised_effort():
+    from pyeffort.quality import report
+
+    def row(label, realised, kl):
+        return {"rule": label, "label": label, "realised": realised, "kl": kl}
+
+    res = [row("(e) x + budget split", 0.2, 1.0), row("(e) x + budget split", 0.4, 0.3)]
+    res += [row("(a) o", 0.21, 2.0), row("(a) o", 0.42, 0.2)]
+    md = report.equal_effort(res, [0.2, 0.4, 0.9])
+    lines = md.strip().splitlines()
+    assert lines[2].endswith("| yes |") and lines[3].endswith("| NO |")
+    assert "| 0.90 | - | - | - |" in md
