@@ -31,8 +31,9 @@ cdef extern from "pyeffort.h" nogil:
         pass
     pe_status pe_pack(const pe_buckets *b, pe_packed **out)
     void pe_packed_free(pe_packed *p)
-    pe_status pe_bucketmul_packed(const pe_packed *p, const float *x, int64_t n_tokens,
-                                  double effort, float *y, int64_t *mults, int64_t *bytes)
+    pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const float *x,
+                                  int64_t n_tokens, double effort, float *y, int64_t *mults,
+                                  int64_t *bytes)
     int pe_kernel_packed()
     const char *pe_kernel_name()
     const char *pe_cpu_features()
@@ -83,7 +84,7 @@ def build(w16):
 
 
 cdef class _Packed:
-    """The packed in-memory copy of one matrix (src/cpu/pack.c), owned here and freed with it."""
+    """The input-major index of one matrix (src/cpu/pack.c), owned here and freed with it."""
 
     cdef pe_packed *p
     cdef object refs  # weak references to the canonical arrays it was built from
@@ -116,7 +117,7 @@ cdef pe_buckets _view(values, positions, stats, order, int64_t n_out, keep):
 
 
 cdef _Packed _packed_for(values, positions, stats, order, int64_t n_out):
-    """The packed copy of these canonical arrays, built at first use and cached."""
+    """The index of these canonical arrays, built at first use and cached."""
     import weakref
 
     arrays = (values, positions, stats, order)
@@ -147,14 +148,14 @@ def bucketmul(x32, values, positions, stats, order, int64_t n_out, double effort
     cdef pe_status st
     cdef pe_buckets b
     cdef _Packed pk
+    keep = []
+    b = _view(values, positions, stats, order, n_out, keep)
     if pe_kernel_packed():
         pk = _packed_for(values, positions, stats, order, n_out)
         with nogil:
-            st = pe_bucketmul_packed(pk.p, &x[0, 0], x.shape[0], effort, &y[0, 0], &mults,
+            st = pe_bucketmul_packed(pk.p, &b, &x[0, 0], x.shape[0], effort, &y[0, 0], &mults,
                                      &nbytes)
     else:
-        keep = []
-        b = _view(values, positions, stats, order, n_out, keep)
         with nogil:
             st = pe_bucketmul(&b, &x[0, 0], x.shape[0], effort, &y[0, 0], &mults, &nbytes)
     _check(st)

@@ -42,8 +42,8 @@ static void batch_tile(const uint16_t *vals, const uint8_t *pos, const float *xs
 }
 
 /* runs (slots of P) -> y[256 t0, min(256 t1, n_out)): batches of runs, staged, tile by tile. */
-static void packedmul_f16_neon(const pe_packed *pk, const pe_run *runs, int64_t n_runs,
-                               int64_t t0, int64_t t1, float *y) {
+static void packedmul_f16_neon(const pe_packed *pk, const pe_buckets *b, const pe_run *runs,
+                               int64_t n_runs, int64_t t0, int64_t t1, float *y) {
     static _Thread_local float acc[PE_CHUNK][256] __attribute__((aligned(64)));
     static _Thread_local uint16_t vals[PE_BATCH * PE_CHUNK * PE_TILE] __attribute__((aligned(64)));
     static _Thread_local uint8_t pos[PE_BATCH * PE_CHUNK * 8] __attribute__((aligned(64)));
@@ -53,7 +53,9 @@ static void packedmul_f16_neon(const pe_packed *pk, const pe_run *runs, int64_t 
         memset(acc, 0, sizeof(float) * 256 * (size_t)nt);
         for (int64_t r0 = 0, r1; r0 < n_runs; r0 = r1) {
             r1 = pe_batch_end(runs, n_runs, r0);
-            int64_t n = pe_stage(pk, runs, r0, r1, c0, c1, vals, pos, xs);
+            if (r1 < n_runs)
+                pe_prefetch_batch(pk, b, runs, r1, pe_batch_end(runs, n_runs, r1), c0, c1);
+            int64_t n = pe_stage(pk, b, runs, r0, r1, c0, c1, vals, pos, xs);
             for (int64_t t = 0; t < nt; t++)
                 batch_tile(vals, pos, xs, n, nt * PE_TILE, nt * 8, t, acc[t]);
         }

@@ -139,6 +139,7 @@ pe_status pe_bucketmul(const pe_buckets *b, const float *x, int64_t n_tokens, do
 typedef struct {
     pe_packedmul_fn fn;
     const pe_packed *p;
+    const pe_buckets *b;
     const pe_run *runs;
     int64_t n_runs;
     float *y;
@@ -148,13 +149,14 @@ static void packed_run(void *ctx, int t, int n) {
     packed_job *j = ctx;
     int64_t t0, t1;
     split(j->p->n_tiles, 2, t, n, &t0, &t1); /* even starts: a tile's routing never depends on n */
-    if (t1 > t0) j->fn(j->p, j->runs, j->n_runs, t0, t1, j->y);
+    if (t1 > t0) j->fn(j->p, j->b, j->runs, j->n_runs, t0, t1, j->y);
 }
 
-pe_status pe_bucketmul_packed(const pe_packed *p, const float *x, int64_t n_tokens,
-                              double effort, float *y, int64_t *mults, int64_t *bytes) {
+pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const float *x,
+                              int64_t n_tokens, double effort, float *y, int64_t *mults,
+                              int64_t *bytes) {
     const pe_cpu_kernels *kern = kernels();
-    if (!kern->packedmul_f16) return PE_ERR_ARG;
+    if (!kern->packedmul_f16 || b->n_rows != p->n_slots || b->n_in != p->n_in) return PE_ERR_ARG;
     int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2, n_keys = p->n_in * PE_RANKS;
     uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)(2 * n_keys + 1), 0);
     pe_run *runs = scratch(sizeof(pe_run) * (size_t)(p->n_slots + 1), 2);
@@ -164,7 +166,7 @@ pe_status pe_bucketmul_packed(const pe_packed *p, const float *x, int64_t n_toke
         pe_status st = pe_select_packed(p, x + t * p->n_in, effort, runs, &n_runs, &n_rows,
                                         &done, sc);
         if (st != PE_OK) return st;
-        packed_job job = {kern->packedmul_f16, p, runs, n_runs, y + t * p->n_out};
+        packed_job job = {kern->packedmul_f16, p, b, runs, n_runs, y + t * p->n_out};
         int nt = threads_for(p->n_tiles / 2, n_rows * row_bytes);
         if ((st = pe_parallel(packed_run, &job, chunks_for(p->n_tiles / 2, nt), nt)) != PE_OK)
             return st;

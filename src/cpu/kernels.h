@@ -19,12 +19,11 @@ typedef struct {
     float x;
 } pe_run;
 
-/* The packed in-memory layout (pack.c): the canonical rows reordered input-major, so an input's
- * dispatched ranks are one contiguous run of rows, and padded to whole tiles of 16 groups.
- * Slot s = slot0[i] + k holds rank k of input i, k < n_loaded[i]. */
+/* The in-memory index the SIMD kernels use (pack.c): slots are the canonical rows renumbered
+ * input-major, so an input's dispatched ranks are one run of slots. Slot s = slot0[i] + k is
+ * rank k of input i (k < n_loaded[i]) and canonical row row[s]; the rows are read in place. */
 struct pe_packed {
-    uint16_t *values;   /* (n_slots, 16 n_tiles) fp16, zero past G                        */
-    uint8_t *pos;       /* (n_slots, 8 n_tiles) positions, group 2l low nibble of byte l  */
+    int32_t *row;       /* (n_slots,) canonical row of each slot                          */
     float *stats;       /* (n_in, 16) statistic of rank k of input i, 0 if not loaded     */
     int32_t *slot0;     /* (n_in,) first slot of input i                                  */
     uint8_t *n_loaded;  /* (n_in,) loaded ranks of input i (a prefix of its ranks)        */
@@ -46,27 +45,55 @@ static inline int64_t pe_batch_end(const pe_run *runs, int64_t n_runs, int64_t r
     return r1;
 }
 
-/* Copies the row segments [c0, c1) of the slots of runs[r0, r1) into vals, pos (contiguous,
- * strides vs, qs) and their x into xs; returns the slot count. Streams the rows in order. */
-static inline int64_t pe_stage(const pe_packed *pk, const pe_run *runs, int64_t r0, int64_t r1,
-                     int64_t c0, int64_t c1, uint16_t *vals, uint8_t *pos, float *xs) {
-    int64_t rvs = pk->n_tiles * PE_TILE, rqs = pk->n_tiles * (PE_TILE / 2), n = 0;
-    size_t nv = sizeof(uint16_t) * (size_t)((c1 - c0) * PE_TILE), nq = (size_t)((c1 - c0) * 8);
+/* Copies the segments of tiles [c0, c1) (groups 16 c0 .. 16 c1, zero past G) of the rows of
+ * the slots of runs[r0, r1) into vals, pos (16 (c1 - c0) values, 8 (c1 - c0) position bytes per
+ * slot) and their x into xs; returns the slot count. Reads every row segment in order. */
+static inline int64_t pe_stage(const pe_packed *pk, const pe_buckets *b, const pe_run *runs,
+                               int64_t r0, int64_t r1, int64_t c0, int64_t c1, uint16_t *vals,
+                               uint8_t *pos, float *xs) {
+    int64_t G = b->n_groups, pstride = (G + 1) / 2, n = 0;
+    int64_t nv = (c1 - c0) * PE_TILE, nq = (c1 - c0) * (PE_TILE / 2);
+    int64_t gv = (G < c1 * PE_TILE ? G : c1 * PE_TILE) - c0 * PE_TILE;
+    int64_t gq = (pstride < c1 * 8 ? pstride : c1 * 8) - c0 * 8;
     for (int64_t r = r0; r < r1; r++)
         for (int64_t s = runs[r].slot; s < runs[r].slot + runs[r].n; s++, n++) {
-            memcpy(vals + n * (int64_t)(nv / 2), pk->values + s * rvs + c0 * PE_TILE, nv);
-            memcpy(pos + n * (int64_t)nq, pk->pos + s * rqs + c0 * (PE_TILE / 2), nq);
+            int64_t row = pk->row[s];
+            uint16_t *dv = vals + n * nv;
+            uint8_t *dq = pos + n * nq;
+            memcpy(dv, b->values + row * G + c0 * PE_TILE, sizeof(uint16_t) * (size_t)gv);
+            memcpy(dq, b->positions + row * pstride + c0 * 8, (size_t)gq);
+            if (gv < nv) memset(dv + gv, 0, sizeof(uint16_t) * (size_t)(nv - gv));
+            if (gq < nq) memset(dq + gq, 0, (size_t)(nq - gq));
             xs[n] = runs[r].x;
         }
     return n;
 }
 
+/* Prefetches the segments pe_stage will copy for runs[r0, r1) (the next batch): their rows lie
+ * far apart (rank-major), so no hardware prefetcher sees them coming. */
+static inline void pe_prefetch_batch(const pe_packed *pk, const pe_buckets *b,
+                                     const pe_run *runs, int64_t r0, int64_t r1, int64_t c0,
+                                     int64_t c1) {
+    int64_t G = b->n_groups, pstride = (G + 1) / 2;
+    int64_t gv = (G < c1 * PE_TILE ? G : c1 * PE_TILE) - c0 * PE_TILE;
+    int64_t gq = (pstride < c1 * 8 ? pstride : c1 * 8) - c0 * 8;
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t s = runs[r].slot; s < runs[r].slot + runs[r].n; s++) {
+            const char *v = (const char *)(b->values + pk->row[s] * G + c0 * PE_TILE);
+            const char *q = (const char *)(b->positions + pk->row[s] * pstride + c0 * 8);
+            for (int64_t o = 0; o < 2 * gv; o += 64) __builtin_prefetch(v + o);
+            __builtin_prefetch(v + 2 * gv - 1);
+            for (int64_t o = 0; o < gq; o += 64) __builtin_prefetch(q + o);
+            __builtin_prefetch(q + gq - 1);
+        }
+}
+
 /* tasks (rows of B, in row order) -> y[16 g0, min(16 g1, n_out)) f32, overwritten. */
 typedef void (*pe_bucketmul_fn)(const pe_buckets *b, const pe_task *tasks, int64_t n_tasks,
                                 int64_t g0, int64_t g1, float *y);
-/* runs (slots of P) -> y[256 t0, min(256 t1, n_out)) f32, overwritten (tiles t0..t1). */
-typedef void (*pe_packedmul_fn)(const pe_packed *p, const pe_run *runs, int64_t n_runs,
-                                int64_t t0, int64_t t1, float *y);
+/* runs (slots of P, rows of B) -> y[256 t0, min(256 t1, n_out)) f32, overwritten. */
+typedef void (*pe_packedmul_fn)(const pe_packed *p, const pe_buckets *b, const pe_run *runs,
+                                int64_t n_runs, int64_t t0, int64_t t1, float *y);
 /* x (n_in,) f32 @ W[rows, j0:j1] (n_in, n_out) fp16 -> y[j0:j1] f32, overwritten; rows
  * (n_rows,) the inputs to sum over in order, or NULL for all n_in. */
 typedef void (*pe_dense_fn)(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
@@ -76,7 +103,7 @@ typedef void (*pe_dense_fn)(const float *x, const uint16_t *w, int64_t n_in, int
 typedef struct {
     const char *name;
     pe_bucketmul_fn bucketmul_f16; /* canonical layout (the scalar spec), or NULL */
-    pe_packedmul_fn packedmul_f16; /* packed layout, or NULL                      */
+    pe_packedmul_fn packedmul_f16; /* input-major index (pe_packed), or NULL       */
     pe_dense_fn dense_f16;
 } pe_cpu_kernels;
 

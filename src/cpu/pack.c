@@ -1,28 +1,13 @@
-/* The packed in-memory layout the SIMD kernels read (kernels.h, struct pe_packed): built once
- * per matrix from the canonical rows; the file layout is unchanged. */
-#define _DEFAULT_SOURCE
+/* The input-major index the SIMD kernels use (kernels.h, struct pe_packed): built once per
+ * matrix; the canonical rows are read in place (no copy of the weights). */
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include "kernels.h"
 
-/* 64-byte aligned; large blocks 2 MiB aligned and backed by huge pages where the kernel
- * allows (the kernels jump through them: 4 KiB pages cost a TLB miss per run). */
-static void *alloc64(size_t n) {
-    void *p = NULL;
-    size_t align = n >= (4u << 20) ? (2u << 20) : 64;
-    if (posix_memalign(&p, align, n ? n : 64)) return NULL;
-#ifdef MADV_HUGEPAGE
-    if (align > 64) madvise(p, n, MADV_HUGEPAGE);
-#endif
-    return p;
-}
-
 void pe_packed_free(pe_packed *p) {
     if (!p) return;
-    free(p->values);
-    free(p->pos);
+    free(p->row);
     free(p->stats);
     free(p->slot0);
     free(p->n_loaded);
@@ -57,30 +42,21 @@ pe_status pe_pack(const pe_buckets *b, pe_packed **out) {
     pe_packed *p = calloc(1, sizeof *p);
     if (!p) return PE_ERR_ALLOC;
     int64_t G = b->n_groups, T = (G + PE_TILE - 1) / PE_TILE, S = b->n_rows, n_in = b->n_in;
-    int64_t pstride = (G + 1) / 2;
     p->n_in = n_in;
     p->n_out = b->n_out;
     p->n_groups = G;
     p->n_tiles = T;
     p->n_slots = S;
-    p->values = alloc64(sizeof(uint16_t) * (size_t)(T * S * PE_TILE));
-    p->pos = alloc64((size_t)(T * S * PE_TILE / 2));
-    p->stats = alloc64(sizeof(float) * (size_t)(n_in * PE_RANKS));
+    p->row = malloc(sizeof(int32_t) * (size_t)S + 4);
+    p->stats = malloc(sizeof(float) * (size_t)(n_in * PE_RANKS));
     p->slot0 = malloc(sizeof(int32_t) * (size_t)n_in + 4);
     p->n_loaded = malloc((size_t)n_in + 1);
-    if (!p->values || !p->pos || !p->stats || !p->slot0 || !p->n_loaded) {
+    if (!p->row || !p->stats || !p->slot0 || !p->n_loaded) {
         pe_packed_free(p);
         return PE_ERR_ALLOC;
     }
     pack_index(b, p);
-    int64_t vs = T * PE_TILE, qs = T * (PE_TILE / 2);
-    memset(p->values, 0, sizeof(uint16_t) * (size_t)(S * vs));
-    memset(p->pos, 0, (size_t)(S * qs));
-    for (int64_t r = 0; r < S; r++) {
-        int64_t s = p->slot0[b->order[r]] + r / n_in;
-        memcpy(p->values + s * vs, b->values + r * G, sizeof(uint16_t) * (size_t)G);
-        memcpy(p->pos + s * qs, b->positions + r * pstride, (size_t)pstride);
-    }
+    for (int64_t r = 0; r < S; r++) p->row[p->slot0[b->order[r]] + r / n_in] = (int32_t)r;
     *out = p;
     return PE_OK;
 }

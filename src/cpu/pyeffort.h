@@ -42,14 +42,16 @@ pe_status pe_dense_f16(const float *x, const uint16_t *w, int64_t n_tokens, int6
 pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
                             int64_t n_out, const int32_t *rows, int64_t n_rows, float *y);
 
-/* The packed in-memory copy of a pe_buckets that the SIMD kernels read (pack.c). */
+/* The input-major index of a pe_buckets that the SIMD kernels use (pack.c; small: no copy of
+ * the weights). */
 typedef struct pe_packed pe_packed;
 pe_status pe_pack(const pe_buckets *b, pe_packed **out);
 void pe_packed_free(pe_packed *p);
-/* As pe_bucketmul, on the packed copy; the same rows dispatched, mults and bytes. */
-pe_status pe_bucketmul_packed(const pe_packed *p, const float *x, int64_t n_tokens,
-                              double effort, float *y, int64_t *mults, int64_t *bytes);
-/* 1 if the kernel set in use reads the packed copy, 0 if the canonical layout (scalar). */
+/* As pe_bucketmul, through the index p built from b; the same rows, mults and bytes. */
+pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const float *x,
+                              int64_t n_tokens, double effort, float *y, int64_t *mults,
+                              int64_t *bytes);
+/* 1 if the kernel set in use reads through the index, 0 if the canonical loop (scalar). */
 int pe_kernel_packed(void);
 
 /* Name of the CPU kernel set in use, and the features the machine has. */

@@ -71,7 +71,7 @@ static void check(int64_t n_in, int64_t n_out, int fixed) {
         int64_t m = 0, by = 0;
         pe_use_kernel("neon");
         pe_pack(&b, &pk);
-        pe_bucketmul_packed(pk, x, 1, 1.0, yn, &m, &by);
+        pe_bucketmul_packed(pk, &b, x, 1, 1.0, yn, &m, &by);
         for (int64_t j = 0; j < n_out; j++)
             expect(yn[j] == 0.5f * (float)n_in, "fixed", n_in, n_out, 1.0, yn[j]);
         expect(m == n_in * n_out, "fixed mults", n_in, n_out, 1.0, (double)m);
@@ -89,9 +89,9 @@ static void check(int64_t n_in, int64_t n_out, int fixed) {
             pe_set_num_threads(1);
             pe_bucketmul(&b, x, T, efforts[e], ys, &ms, &bs);
             pe_use_kernel("neon");
-            pe_bucketmul_packed(pk, x, T, efforts[e], yn, &mn, &bn);
+            pe_bucketmul_packed(pk, &b, x, T, efforts[e], yn, &mn, &bn);
             pe_set_num_threads(3);
-            pe_bucketmul_packed(pk, x, T, efforts[e], y3, &m3, &b3);
+            pe_bucketmul_packed(pk, &b, x, T, efforts[e], y3, &m3, &b3);
             double err = rel_err(yn, ys, T * n_out);
             expect(ms == mn && bs == bn, "mults/bytes", n_in, n_out, efforts[e], (double)(ms - mn));
             expect(err <= 2e-6, "bucketmul", n_in, n_out, efforts[e], err);
