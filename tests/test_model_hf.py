@@ -57,7 +57,9 @@ def _train_spm(vocab: int = 120) -> bytes:
     return buf.getvalue()
 
 
-def write_tiny_mistral(folder, window: int | None = WINDOW, seed: int = 0) -> dict:
+def write_tiny_mistral(
+    folder, window: int | None = WINDOW, seed: int = 0, n_layers: int = 2, llama: bool = False
+) -> dict:
     """A random MistralForCausalLM checkpoint folder; -> its config."""
     from safetensors.numpy import save_file
 
@@ -66,7 +68,7 @@ def write_tiny_mistral(folder, window: int | None = WINDOW, seed: int = 0) -> di
     import sentencepiece as spm
 
     vocab = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
-    d, h, n_layers, n_heads, n_kv, hd = 64, 128, 2, 4, 2, 16
+    d, h, n_heads, n_kv, hd = 64, 128, 4, 2, 16
     cfg = {
         "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": d,
         "intermediate_size": h, "num_hidden_layers": n_layers, "num_attention_heads": n_heads,
@@ -75,6 +77,9 @@ def write_tiny_mistral(folder, window: int | None = WINDOW, seed: int = 0) -> di
         "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1,
         "eos_token_id": 2, "torch_dtype": "float32",
     }  # fmt: skip
+    if llama:  # LlamaForCausalLM, no window, tied LM head
+        cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=True)
+        del cfg["sliding_window"]
     (folder / "config.json").write_text(json.dumps(cfg))
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
@@ -100,6 +105,8 @@ def write_tiny_mistral(folder, window: int | None = WINDOW, seed: int = 0) -> di
         t[p + "post_attention_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(
             np.float32
         )
+    if llama:
+        del t["lm_head.weight"]
     names = sorted(t)
     half = len(names) // 2  # two shards and an index, as big checkpoints come
     shards = {"model-00001-of-00002.safetensors": names[:half]}
@@ -218,6 +225,24 @@ def test_convert_roundtrip_and_partial_load(tiny, tiny_model, tmp_path):
         conv.convert(tiny, dst, progress=False)
 
 
+def test_convert_streams_layer_by_layer(tmp_path):
+    import tracemalloc
+
+    write_tiny_mistral(tmp_path / "deep", n_layers=24)
+    src = tmp_path / "deep"
+    tracemalloc.start()
+    try:
+        conv.convert(src, tmp_path / "conv", progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    m = load(tmp_path / "conv")
+    model = sum(lin.buckets.nbytes + 32 * lin.shape[0] * 4 for lin in m.linears())
+    # a converter holding every layer would peak above the model's size; ours holds one layer
+    # (1/24 of it) plus about 1 MB of fixed overhead (tokenizer, tqdm, headers)
+    assert peak < 0.4 * model, (peak, model)
+
+
 def test_interrupted_convert_leaves_nothing(tiny, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = pyeffort.build_buckets
@@ -274,6 +299,21 @@ def test_logits_match_transformers(tiny, tiny_model):
                           min_new_tokens=16, pad_token_id=0)  # fmt: skip
     ours = list(generate(tiny_model, ids, max_tokens=16, stop=[]))
     assert ours == out[0, len(ids) :].tolist()
+
+
+def test_tied_llama_matches_transformers(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    write_tiny_mistral(tmp_path, llama=True, seed=3)
+    ours = from_source(tmp_path)
+    assert ours.args.tie_embeddings and ours.args.architecture == "llama"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ids = prompt_ids(ours)
+    with torch.no_grad():
+        ref = hf.eval()(torch.tensor([ids])).logits[0].numpy()
+    tol = REL_TOL * np.abs(ref).max()
+    np.testing.assert_allclose(ours.forward(ids, 0, 1.0), ref, rtol=0, atol=tol)
 
 
 def test_tokenizer_matches_transformers(tiny, tiny_model):
