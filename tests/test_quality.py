@@ -206,3 +206,14 @@ def test_equal_effort_table_compares_at_realised_effort():
     lines = md.strip().splitlines()
     assert lines[2].endswith("| yes |") and lines[3].endswith("| NO |")
     assert "| 0.90 | - | - | - |" in md
+
+
+def test_pyeffort_eval_subcommand(tmp_path):
+    from pyeffort import cli
+
+    src = tmp_path / "t.txt"
+    src.write_text("Some text for the tiny model, repeated. " * 20)
+    args = ["eval", "--tiny", "--text", str(src), "--rules", "wina", "--efforts", "0.5"]
+    args += ["--windows", "1", "--length", "24", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(args) == 0
+    assert json.loads((tmp_path / "quality.json").read_text())["results"][0]["rule"] == "wina"
