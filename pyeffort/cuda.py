@@ -233,7 +233,7 @@ class CudaBuckets:
     def profile(self, enabled: bool = True):
         """Record clock stamps of the matmul kernel's phases (block 0) into ``self.timing``."""
         torch = _torch()
-        self.timing = torch.zeros(16, dtype=torch.int64, device=self.device) if enabled else None
+        self.timing = torch.zeros(32, dtype=torch.int64, device=self.device) if enabled else None
         self._m.timing = self.timing.data_ptr() if enabled else None
 
     @property

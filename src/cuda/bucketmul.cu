@@ -160,6 +160,7 @@ __global__ void __launch_bounds__(PE_MM_THREADS, 1)
     const unsigned long long above_w = __ldcg(&st->above_w);
     const double eff = eff_ptr ? __ldcg(eff_ptr) : eff_val;
     const uint32_t mode = s0.w;
+    PE_STAMP(16); /* state loaded */
     uint32_t cut, rows;
     unsigned long long mults;
     if (mode == PE_MODE_SEARCH) {

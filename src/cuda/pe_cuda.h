@@ -36,7 +36,7 @@ typedef struct {
     float *partial;          /* (n_splits, n_tiles * 16 * ct) scratch */
     uint32_t *tickets;       /* (n_tiles,) scratch, zero between calls */
     pe_cuda_state *state;
-    long long *timing;       /* NULL, or (16,) clock64 stamps of block 0's phases (profiling) */
+    long long *timing;       /* NULL, or (32,) %globaltimer stamps of the kernels' phases */
     int64_t n_in, n_out, n_rows;
     int32_t ct, n_tiles, n_splits;
     unsigned long long total_w; /* real multiplications in the loaded rows */

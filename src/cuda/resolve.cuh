@@ -27,6 +27,7 @@ __device__ __forceinline__ uint32_t pe_resolve(const pe_cuda_matrix &m, double b
                     s_cand[i] = __ldcg(&m.cand[base + i]);
             }
             __syncthreads();
+            if (level == 0) PE_STAMP0(m, 17); /* candidates loaded */
             for (uint32_t i = threadIdx.x; i < cnt; i += blockDim.x) {
                 uint32_t e = s_cand[i], key = e & 0x7FFFFFFFu;
                 if ((key & hi_mask) != prefix) continue;
@@ -36,7 +37,9 @@ __device__ __forceinline__ uint32_t pe_resolve(const pe_cuda_matrix &m, double b
             }
         }
         __syncthreads();
+        if (level == 0) PE_STAMP0(m, 18); /* level-2 histogram */
         pe_pick_bin(h_n, h_s, nb, G, budget, &b, &aw, &an);
+        if (level == 0) PE_STAMP0(m, 19); /* level-2 bin */
         prefix |= b << shift;
     }
     *mults = aw + (uint64_t)h_n[b] * G - h_s[b];

@@ -65,6 +65,7 @@ __global__ void __launch_bounds__(PE_SEL_THREADS)
         }
     }
     __syncthreads();
+    PE_STAMP0(m, 20); /* histogram loaded */
     const double budget = eff * (double)(m.n_in * m.n_out);
     const uint32_t mode = !(eff > 0.0)                  ? PE_MODE_NONE
                           : (double)m.total_w < budget ? PE_MODE_ALL
