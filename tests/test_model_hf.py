@@ -57,6 +57,23 @@ def _train_spm(vocab: int = 120) -> bytes:
     return buf.getvalue()
 
 
+def _train_bpe_json(path, vocab: int = 150) -> int:
+    """A byte-level BPE tokenizer.json (tokenizers), BOS added by its post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    rng = np.random.default_rng(1)
+    lines = [" ".join(rng.choice(WORDS, 8)) for _ in range(400)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(lines, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(path))
+    return tok.get_vocab_size()
+
+
 def write_tiny_mistral(
     folder, window: int | None = WINDOW, seed: int = 0, n_layers: int = 2, llama: bool = False
 ) -> dict:
@@ -64,10 +81,14 @@ def write_tiny_mistral(
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.model").write_bytes(_train_spm())
-    import sentencepiece as spm
+    if llama:
+        vocab = _train_bpe_json(folder / "tokenizer.json")
+    else:
+        (folder / "tokenizer.model").write_bytes(_train_spm())
+        import sentencepiece as spm
 
-    vocab = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
+        sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        vocab = sp.get_piece_size()
     d, h, n_heads, n_kv, hd = 64, 128, 4, 2, 16
     cfg = {
         "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": d,
@@ -81,9 +102,10 @@ def write_tiny_mistral(
         cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=True)
         del cfg["sliding_window"]
     (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
-    )
+    tc = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    if llama:  # the post-processor says it: no add_bos_token
+        tc = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
     rng = np.random.default_rng(seed)
 
     def w(*shape, scale=None):  # float16-representable float32
@@ -314,6 +336,11 @@ def test_tied_llama_matches_transformers(tmp_path):
         ref = hf.eval()(torch.tensor([ids])).logits[0].numpy()
     tol = REL_TOL * np.abs(ref).max()
     np.testing.assert_allclose(ours.forward(ids, 0, 1.0), ref, rtol=0, atol=tol)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "the cat sat on the mat"
+    assert ours.tokenizer.kind == "tokenizers" and ours.tokenizer.add_bos
+    assert ours.tokenizer.encode(text) == tok(text)["input_ids"]
+    assert ours.tokenizer.decode(ours.tokenizer.encode(text)) == text
 
 
 def test_tokenizer_matches_transformers(tiny, tiny_model):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,6 +41,11 @@ def default_model_path(progress: bool = True) -> Path:
     if not is_converted(dst):
         src = default_gguf()
         if progress:
-            print(f"pyeffort: converting the default model {src.name} into {dst} (once)")
-        convert(src, dst, progress=progress, overwrite=dst.exists())
+            print(f"pyeffort: converting the default model {src.name} into {dst} (once)",
+                  file=sys.stderr)  # fmt: skip
+        try:
+            convert(src, dst, progress=progress, overwrite=dst.exists())
+        except OSError:
+            if not is_converted(dst):  # not another process finishing first
+                raise
     return dst

@@ -98,8 +98,17 @@ def load_tokenizer(folder: Path, config: dict) -> Tokenizer:
     bos = _special(tc.get("bos_token"), tid, config.get("bos_token_id"))
     eos = _special(tc.get("eos_token"), tid, config.get("eos_token_id"))
     eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    add_bos = tc.get("add_bos_token", kind == "sentencepiece")
+    add_bos = tc.get("add_bos_token")
+    if add_bos is None:  # sentencepiece Llamas add BOS; a tokenizer.json says so itself
+        add_bos = kind == "sentencepiece" or _post_adds_bos(impl, bos)
     return Tokenizer(impl, kind, bos, eos_ids, add_bos, tmpl)
+
+
+def _post_adds_bos(impl, bos) -> bool:
+    if bos is None:
+        return False
+    ids = impl.encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == bos
 
 
 def _special(tok, to_id, fallback):
