@@ -20,11 +20,20 @@ __device__ __forceinline__ uint32_t pe_resolve(const pe_cuda_matrix &m, double b
         for (int i = threadIdx.x; i < PE_NB2; i += blockDim.x) h_n[i] = h_s[i] = 0;
         for (uint32_t base = 0; base < n_c; base += PE_CAND_SMEM) {
             const uint32_t cnt = min(n_c - base, (uint32_t)PE_CAND_SMEM);
-            if (level == 0 || n_c > PE_CAND_SMEM) {
+            if (level == 0 || n_c > PE_CAND_SMEM) { /* all loads in flight at once */
+                constexpr int PER = PE_CAND_SMEM / PE_SEL_THREADS;
+                uint32_t v[PER];
+#pragma unroll
+                for (int q = 0; q < PER; q++) {
+                    const uint32_t i = q * PE_SEL_THREADS + threadIdx.x;
+                    v[q] = i < cnt ? __ldcg(&m.cand[base + i]) : 0u;
+                }
                 __syncthreads();
-#pragma unroll 8
-                for (uint32_t i = threadIdx.x; i < cnt; i += blockDim.x)
-                    s_cand[i] = __ldcg(&m.cand[base + i]);
+#pragma unroll
+                for (int q = 0; q < PER; q++) {
+                    const uint32_t i = q * PE_SEL_THREADS + threadIdx.x;
+                    if (i < cnt) s_cand[i] = v[q];
+                }
             }
             __syncthreads();
             if (level == 0) PE_STAMP0(m, 17); /* candidates loaded */
