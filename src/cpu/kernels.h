@@ -45,6 +45,15 @@ static inline int64_t pe_batch_end(const pe_run *runs, int64_t n_runs, int64_t r
     return r1;
 }
 
+/* memcpy for short, variable sizes: whole 64-byte blocks inline, then the rest. */
+static inline void pe_copy(void *dst, const void *src, int64_t n) {
+    char *d = dst;
+    const char *s = src;
+    for (; n >= 64; n -= 64, d += 64, s += 64) __builtin_memcpy(d, s, 64);
+    for (; n >= 8; n -= 8, d += 8, s += 8) __builtin_memcpy(d, s, 8);
+    if (n) memcpy(d, s, (size_t)n);
+}
+
 /* Copies the segments of tiles [c0, c1) (groups 16 c0 .. 16 c1, zero past G) of the rows of
  * the slots of runs[r0, r1) into vals, pos (16 (c1 - c0) values, 8 (c1 - c0) position bytes per
  * slot) and their x into xs; returns the slot count. Reads every row segment in order. */
@@ -60,8 +69,8 @@ static inline int64_t pe_stage(const pe_packed *pk, const pe_buckets *b, const p
             int64_t row = pk->row[s];
             uint16_t *dv = vals + n * nv;
             uint8_t *dq = pos + n * nq;
-            memcpy(dv, b->values + row * G + c0 * PE_TILE, sizeof(uint16_t) * (size_t)gv);
-            memcpy(dq, b->positions + row * pstride + c0 * 8, (size_t)gq);
+            pe_copy(dv, b->values + row * G + c0 * PE_TILE, 2 * gv);
+            pe_copy(dq, b->positions + row * pstride + c0 * 8, gq);
             if (gv < nv) memset(dv + gv, 0, sizeof(uint16_t) * (size_t)(nv - gv));
             if (gq < nq) memset(dq + gq, 0, (size_t)(nq - gq));
             xs[n] = runs[r].x;
