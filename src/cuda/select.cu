@@ -10,47 +10,22 @@
 
 #define PE_KEY_ROWS 512  /* rows per k_keys block: one per thread, no dependent load chains */
 #define PE_CAND_ROWS 2048 /* rows per k_cand block: four per thread */
-#define PE_X_SMEM_MAX (128 * 1024) /* x up to this size is staged in shared memory by k_keys */
 
-/* x (n_in,) -> keys, xval (n_rows,); hist (2, PE_NB1) += level-1 counts and short counts.
- * With x_smem, x is first copied whole into shared memory (one round trip, beside the order
- * and stats loads) instead of gathered from global memory after order arrives. */
+/* x (n_in,) -> keys, xval (n_rows,); hist (2, PE_NB1) += level-1 counts and short counts. */
 template <typename TX>
-__global__ void __launch_bounds__(PE_SEL_THREADS)
-    k_keys(const TX *__restrict__ x, pe_cuda_matrix m, int x_smem) {
+__global__ void __launch_bounds__(PE_SEL_THREADS) k_keys(const TX *__restrict__ x, pe_cuda_matrix m) {
     __shared__ uint32_t h_n[PE_NB1], h_s[PE_NB1];
-    extern __shared__ unsigned char k_dyn[];
-    TX *xs = (TX *)k_dyn; /* (n_in,) when x_smem */
     PE_STAMP0(m, 8);
     for (int b = threadIdx.x; b < PE_NB1; b += blockDim.x) h_n[b] = h_s[b] = 0;
     pe_pdl_wait();
     PE_STAMP0(m, 9);
     pe_pdl_launch();
     if (blockIdx.x == 0 && threadIdx.x == 0) m.state->n_cand = 0; /* last call's list is used */
-    const int64_t r = (int64_t)blockIdx.x * PE_KEY_ROWS + threadIdx.x;
-    const bool live = r < m.n_rows;
-    const int32_t in = live ? m.order[r] : 0;
-    const float stat = live ? m.stats[r] : 0.f;
-    if (x_smem) {
-        constexpr int U = 8;
-        for (int64_t base = 0; base < m.n_in; base += U * PE_SEL_THREADS) {
-            TX v[U];
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int64_t i = base + u * PE_SEL_THREADS + threadIdx.x;
-                v[u] = i < m.n_in ? x[i] : x[0];
-            }
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int64_t i = base + u * PE_SEL_THREADS + threadIdx.x;
-                if (i < m.n_in) xs[i] = v[u];
-            }
-        }
-    }
     __syncthreads();
-    if (live) {
-        float xv = pe_to_f32(x_smem ? xs[in] : x[in]);
-        float s = __fmul_rn(fabsf(xv), stat);
+    const int64_t r = (int64_t)blockIdx.x * PE_KEY_ROWS + threadIdx.x;
+    if (r < m.n_rows) {
+        float xv = pe_to_f32(x[m.order[r]]);
+        float s = __fmul_rn(fabsf(xv), m.stats[r]);
         uint32_t key = __float_as_uint(s) & 0x7FFFFFFFu;
         m.keys[r] = key;
         m.xval[r] = xv;
@@ -178,18 +153,14 @@ int pe_cuda_select_impl(const pe_cuda_matrix *m, const void *x, int x_dtype,
     cfg.gridDim = dim3((unsigned)((m->n_rows + PE_KEY_ROWS - 1) / PE_KEY_ROWS));
     cudaError_t e;
     pe_cuda_matrix mm = *m;
-    const size_t x_bytes = (size_t)m->n_in * (x_dtype == PE_F32 ? 4 : 2);
-    const int x_smem = x_bytes <= PE_X_SMEM_MAX;
-    cfg.dynamicSmemBytes = x_smem ? x_bytes : 0;
     if (x_dtype == PE_F16)
-        e = cudaLaunchKernelEx(&cfg, k_keys<__half>, (const __half *)x, mm, x_smem);
+        e = cudaLaunchKernelEx(&cfg, k_keys<__half>, (const __half *)x, mm);
     else if (x_dtype == PE_BF16)
-        e = cudaLaunchKernelEx(&cfg, k_keys<__nv_bfloat16>, (const __nv_bfloat16 *)x, mm, x_smem);
+        e = cudaLaunchKernelEx(&cfg, k_keys<__nv_bfloat16>, (const __nv_bfloat16 *)x, mm);
     else if (x_dtype == PE_F32)
-        e = cudaLaunchKernelEx(&cfg, k_keys<float>, (const float *)x, mm, x_smem);
+        e = cudaLaunchKernelEx(&cfg, k_keys<float>, (const float *)x, mm);
     else
         return PE_CUDA_ERR_ARG;
-    cfg.dynamicSmemBytes = 0;
     if (e != cudaSuccess) return (int)e;
     if (stages >= 2) {
         cfg.gridDim = dim3((unsigned)((m->n_rows + PE_CAND_ROWS - 1) / PE_CAND_ROWS));
@@ -204,10 +175,9 @@ int pe_cuda_select_impl(const pe_cuda_matrix *m, const void *x, int x_dtype,
 /* Load the selection kernels now (not lazily inside a graph capture). */
 int pe_cuda_select_init(void) {
     cudaFuncAttributes a;
-    const cudaFuncAttribute dyn = cudaFuncAttributeMaxDynamicSharedMemorySize;
-    cudaError_t e = cudaFuncSetAttribute(k_keys<float>, dyn, PE_X_SMEM_MAX);
-    if (e == cudaSuccess) e = cudaFuncSetAttribute(k_keys<__half>, dyn, PE_X_SMEM_MAX);
-    if (e == cudaSuccess) e = cudaFuncSetAttribute(k_keys<__nv_bfloat16>, dyn, PE_X_SMEM_MAX);
+    cudaError_t e = cudaFuncGetAttributes(&a, k_keys<float>);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&a, k_keys<__half>);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&a, k_keys<__nv_bfloat16>);
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&a, k_cand);
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&a, k_clear);
     return (int)e;
