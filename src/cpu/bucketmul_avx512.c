@@ -1,8 +1,9 @@
-/* AVX-512 (F, BW, VL, DQ + F16C, FMA) kernels. Packed bucket rows: a tile of 16 groups keeps
- * 16 accumulators A[p], lane l = output 16 (16 t + l) + p; each row of 16 values is routed by
- * comparing its positions with p (16 byte compares -> masks) and a masked FMA or add per p. */
+/* AVX-512 (F, BW, VL, DQ + F16C, FMA) effort matmul. Tiles of 16 groups go in pairs: the even
+ * tile keeps 16 accumulators A[p] in registers (lane l = output 16 (16 t + l) + p) and routes
+ * each row's 16 values by comparing their positions with p (byte compares -> masks) and a masked
+ * FMA or add per p; the odd tile adds each value into L1 at its position with scalar adds. The
+ * two use different ports, so together they run faster than either (bench/README.md). */
 #include <immintrin.h>
-
 #include <string.h>
 
 #include "kernels.h"
