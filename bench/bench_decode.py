@@ -61,20 +61,31 @@ def main() -> None:
     def our_gen(k, e):
         list(generate(ours, ids, max_tokens=k, effort=e, stop=[]))
 
+    def dense_gen(k):  # our model code with every matrix on the dense fp16 kernel
+        for lin in ours.linears():
+            lin.hook = lambda lin, x, e: pyeffort.dense_matmul(x, lin.dense())
+        try:
+            our_gen(k, 1.0)
+        finally:
+            for lin in ours.linears():
+                lin.hook = None
+
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.2f}; pyeffort kernel "
           f"{pyeffort.runtime_info()['kernel']}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")  # fmt: skip
     print(f"prompt {len(ids)} tokens, {n} new tokens, median of {a.repeats}\n")
     print("| threads | transformers tok/s | " + " | ".join(f"pyeffort {e:g} tok/s" for e in efforts)
-          + " | realised | speed-up at " + "/".join(f"{e:g}" for e in efforts) + " |")  # fmt: skip
-    print("|---" * (3 + len(efforts)) + "|---|")
+          + " | realised | speed-up vs transformers at " + "/".join(f"{e:g}" for e in efforts)
+          + " | same model code, dense fp16 kernel tok/s |")  # fmt: skip
+    print("|---" * (4 + len(efforts)) + "|---|")
     for th in [int(t) for t in a.threads.split(",")]:
         torch.set_num_threads(th)
         pyeffort.set_num_threads(th)
         hf_gen(2)
         our_gen(2, 1.0)
-        res = {"hf": []} | {e: [] for e in efforts}
+        dense_gen(2)
+        res = {"hf": [], "dense": []} | {e: [] for e in efforts}
         real = {}
         for _ in range(a.repeats):
             res["hf"].append((n - 1) / (timed(lambda: hf_gen(n)) - timed(lambda: hf_gen(1))))
@@ -84,11 +95,15 @@ def main() -> None:
                 tn = timed(lambda e=e: our_gen(n, e))
                 real[e] = ours.realised_effort()
                 res[e].append((n - 1) / (tn - t1))
+            res["dense"].append(
+                (n - 1) / (timed(lambda: dense_gen(n)) - timed(lambda: dense_gen(1)))
+            )
         med = {k: statistics.median(v) for k, v in res.items()}
         cols = " | ".join(f"{med[e]:.1f}" for e in efforts)
         reals = "/".join(f"{real[e]:.3f}" for e in efforts)
         ups = "/".join(f"{med[e] / med['hf']:.2f}x" for e in efforts)
-        print(f"| {th} | {med['hf']:.1f} | {cols} | {reals} | {ups} |", flush=True)
+        print(f"| {th} | {med['hf']:.1f} | {cols} | {reals} | {ups} | {med['dense']:.1f} |",
+              flush=True)  # fmt: skip
     mb = mats / 2**20
     print(f"\n(bucket matrices {mb:.0f} MiB, read in proportion to the effort; "
           f"LM head dense fp16 {ours.lm_head.nbytes / 2**20:.0f} MiB; "
