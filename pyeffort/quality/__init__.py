@@ -1,0 +1,9 @@
+"""The quality harness: what each effort costs against the exact model, next to the peers' rules.
+
+- ``rules``: selection rules on one matrix (default, original Effort, TEAL, WINA, int8, oracle)
+- ``harness``: teacher-forced evaluation through the model's linear-layer hooks
+- ``allocation`` / ``calibrate``: the budget split between matrices, calibrated on other text
+- ``speed``: measured time per token, for comparisons at equal speed-up
+- ``text``: the Botchan evaluation text; ``report``: markdown, JSON and plots
+- ``cli``: ``pyeffort eval``; ``minillama``: a small numpy Llama (tiny test models, GGUF)
+"""
