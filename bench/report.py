@@ -7,7 +7,9 @@ import sys
 
 def main(path: str) -> None:
     rows = {}
-    for b in json.load(open(path))["benchmarks"]:
+    with open(path) as f:
+        benchmarks = json.load(f)["benchmarks"]
+    for b in benchmarks:
         e = b["extra_info"]
         rows.setdefault(e["shape"], {})[e["kind"]] = (b["stats"]["median"], e)
     print("| shape | kind | median ms | realised effort | GB/s | time / dense f16 |")

@@ -67,7 +67,11 @@ def test_matmul_speed(benchmark, shape, kind):
         e = 1e-9 if kind == "select_only" else float(kind.split("_")[1])
         out = np.empty(shape[1], np.float32)
         _, info = pyeffort.matmul(x, b, e, out=out, return_info=True)  # also packs once
-        fn, nbytes, effort = (lambda: pyeffort.matmul(x, b, e, out=out)), info.bytes_read, info.effort
+        fn, nbytes, effort = (
+            (lambda: pyeffort.matmul(x, b, e, out=out)),
+            info.bytes_read,
+            info.effort,
+        )
     benchmark.pedantic(fn, rounds=rounds_for(shape), iterations=1, warmup_rounds=3)
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(

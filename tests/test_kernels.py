@@ -44,7 +44,7 @@ def activations(rng, n_tokens, n_in):
 def buckets_of(rng, shape, loaded=1.0):
     w = (rng.standard_normal(shape) * 0.05).astype(np.float16)
     b = pyeffort.build_buckets(w)
-    n_rows = int(round(loaded * b.n_rows))
+    n_rows = round(loaded * b.n_rows)
     if n_rows < b.n_rows:  # a partial load keeps a row prefix
         b = pyeffort.Buckets(b.values[:n_rows], b.positions[:n_rows], b.stats, b.order, b.n_out)
     return w, b
@@ -157,22 +157,26 @@ def test_dense_rows_rejects_bad_rows(rng):
 
 def test_packed_copy_follows_its_arrays(rng):
     """The packed copy is cached per values array and rebuilt for new arrays."""
-    w1, b1 = buckets_of(rng, (50, 70))
-    w2, b2 = buckets_of(rng, (50, 70))
+    _, b1 = buckets_of(rng, (50, 70))
+    _, b2 = buckets_of(rng, (50, 70))
     x = activations(rng, 1, 50)
     for b in (b1, b2, b1):
-        ref, got, want, have = run_both(x, b, 1.0)
+        ref, got, _, _ = run_both(x, b, 1.0)
         assert close(got, ref) <= 2e-6
 
 
 def test_disable_cpu_features_forces_a_lower_tier():
     code = "from pyeffort import _core; print(_core.available_kernels(), _core.kernel_name())"
     env = dict(os.environ, PYEFFORT_DISABLE_CPU_FEATURES="avx512,avx2,neon")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
     assert out.stdout.strip() == "['scalar'] scalar", out.stderr
     if "avx2" in KERNELS:
         env["PYEFFORT_DISABLE_CPU_FEATURES"] = "avx512"
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+        )
         assert out.stdout.strip() == "['avx2', 'scalar'] avx2", out.stderr
 
 
