@@ -17,7 +17,7 @@ int main(int argc, char **argv){
   uint16_t *w = malloc(2*n_in*n_out); srand(1);
   for (int64_t i=0;i<n_in*n_out;i++){ float u=(rand()/(float)RAND_MAX-0.5f)*0.04f; w[i]=f2h(u);}  
   uint16_t *v; uint8_t *p; /* 2 MiB aligned and huge pages, as numpy does for large arrays */
-  posix_memalign((void **)&v, 2 << 20, 2*16*n_in*G); posix_memalign((void **)&p, 2 << 20, 16*n_in*((G+1)/2));
+  if (posix_memalign((void **)&v, 2 << 20, 2*16*n_in*G) || posix_memalign((void **)&p, 2 << 20, 16*n_in*((G+1)/2))) return 1;
   madvise(v, 2*16*n_in*G, MADV_HUGEPAGE); madvise(p, 16*n_in*((G+1)/2), MADV_HUGEPAGE); float *st=malloc(4*16*n_in); int32_t *o=malloc(4*16*n_in);
   pe_build_f16(w,n_in,n_out,v,p,st,o);
   pe_buckets b={v,p,st,o,n_in,n_out,G,16*n_in};

@@ -201,7 +201,9 @@ pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens,
     int64_t used = rows ? n_rows : n_in;
     for (int64_t i = 0; rows && i < n_rows; i++)
         if (rows[i] < 0 || rows[i] >= n_in) return PE_ERR_ARG;
-    int nt = threads_for((n_out + 63) / 64, 2 * used * n_out);
+    /* the dense product is memory-bound: below a few MiB (in cache) a second thread's hand-off
+     * costs about what it saves, so small matrices stay on one thread */
+    int nt = 2 * used * n_out < (4 << 20) ? 1 : threads_for((n_out + 63) / 64, 2 * used * n_out);
     int nc = chunks_for((n_out + 63) / 64, nt);
     for (int64_t t = 0; t < n_tokens; t++) {
         dense_job job = {kern->dense_f16, x + t * n_in, w, n_in, n_out, rows, n_rows,
