@@ -100,8 +100,9 @@ def test_partial_loads(kernel, rng, loaded):
 
 def test_thread_counts_give_identical_bits(kernel, threads, rng):
     _, b = buckets_of(rng, (600, 3000))
-    w = (rng.standard_normal((600, 3000)) * 0.05).astype(np.float16)
+    w = (rng.standard_normal((1500, 3000)) * 0.05).astype(np.float16)  # 9 MB: threaded
     x = activations(rng, 2, 600)
+    xd = activations(rng, 2, 1500)
     results = []
     for n in [1, 2, 3, 7]:
         _core.set_num_threads(n)
@@ -109,8 +110,8 @@ def test_thread_counts_give_identical_bits(kernel, threads, rng):
         d = np.empty_like(y)
         r = np.empty_like(y)
         _core.bucketmul(x, b.values, b.positions, b.stats, b.order, b.n_out, 0.3, y)
-        _core.dense_f16(x, w, d)
-        _core.dense_rows_f16(x, w, np.arange(0, 600, 3, dtype=np.int32), r)
+        _core.dense_f16(xd, w, d)
+        _core.dense_rows_f16(xd, w, np.arange(0, 1500, 2, dtype=np.int32), r)
         results.append((y, d, r))
     for other in results[1:]:
         for a, c in zip(results[0], other):
