@@ -32,6 +32,7 @@ void pe_dense_f16_neon(const float *x, const uint16_t *w, int64_t n_in, int64_t 
             vst1q_f32(yj + j + 4, hi);
         }
         for (int64_t j = full; j < n; j++) /* tail: scalar FMA, the same rounding */
-            for (int u = 0; u < nu; u++) yj[j] = __builtin_fmaf(pe_f16_to_f32(wr[u][j]), xs[u], yj[j]);
+            for (int u = 0; u < nu; u++)
+                yj[j] = __builtin_fmaf(pe_f16_to_f32(wr[u][j]), xs[u], yj[j]);
     }
 }

@@ -134,7 +134,7 @@ pe_status pe_bucketmul(const pe_buckets *b, const float *x, int64_t n_tokens, do
     return PE_OK;
 }
 
-/* ---------------------------------------------------------------- packed (SIMD kernels) */
+/* ------------------------------------------------ input-major index (SIMD kernels) */
 
 typedef struct {
     pe_packedmul_fn fn;

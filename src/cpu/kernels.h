@@ -5,7 +5,7 @@
 
 #include "pyeffort.h"
 
-#define PE_TILE 16 /* groups per tile of the packed layout: 16 groups = 256 outputs */
+#define PE_TILE 16 /* groups per tile: 16 groups = 256 outputs */
 
 /* One dispatched bucket row and the input value it is multiplied by (canonical layout). */
 typedef struct {
@@ -13,7 +13,7 @@ typedef struct {
     float x;
 } pe_task;
 
-/* A run of dispatched slots of one input in the packed layout: slots [slot, slot + n), value x. */
+/* A run of dispatched slots of one input (pe_packed): slots [slot, slot + n), value x. */
 typedef struct {
     int32_t slot, n;
     float x;
@@ -36,7 +36,7 @@ struct pe_packed {
  * copied in row order into a contiguous buffer (streaming reads), then, tile by tile, the tile's
  * accumulators stay in registers or L1 while the staged rows pass. */
 #define PE_BATCH 64
-#define PE_CHUNK 64 /* tiles per pass: 64 KiB of accumulators on the stack */
+#define PE_CHUNK 64 /* tiles per pass: 64 KiB of thread-local accumulators */
 
 /* The end of the batch of runs starting at r0: at most PE_BATCH slots, at least one run. */
 static inline int64_t pe_batch_end(const pe_run *runs, int64_t n_runs, int64_t r0) {

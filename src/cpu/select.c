@@ -108,7 +108,8 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
     for (int ps = 1; ps < 3; ps++) {
         uint32_t mask = (1u << bits[ps]) - 1;
         memset(hist, 0, sizeof(int64_t) << bits[ps]);
-        for (int64_t t = 0; t < n_cand; t++) hist[(key[cand[t]] >> shift[ps]) & mask] += m[cand[t] & 15];
+        for (int64_t t = 0; t < n_cand; t++)
+            hist[(key[cand[t]] >> shift[ps]) & mask] += m[cand[t] & 15];
         bin = (uint32_t)pick_bin(hist, 1 << bits[ps], budget, &above);
         prefix |= bin << shift[ps];
         int64_t kept = 0;
