@@ -86,28 +86,30 @@ class GGUFSource:
             return a
         return a.T  # (n_in, n_out)
 
-    def _tokenizer(self) -> Tokenizer:
-        model = self._field("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise ValueError(f"{self.path}: GGUF tokenizer {model!r} not supported (gpt2 BPE only)")
-        from tokenizers import AddedToken, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
+    def _strings(self, key: str) -> list[str]:
+        f = self.reader.fields[key]
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
 
+    def _tokenizer(self) -> Tokenizer:
+        from tokenizers import AddedToken
+
+        model = self._field("tokenizer.ggml.model")
         r = self.reader
-        f = r.fields["tokenizer.ggml.tokens"]
-        toks = [bytes(f.parts[i]).decode("utf-8") for i in f.data]
-        m = r.fields["tokenizer.ggml.merges"]
-        merges = [tuple(bytes(m.parts[i]).decode("utf-8").split(" ", 1)) for i in m.data]
+        toks = self._strings("tokenizer.ggml.tokens")
         tt = r.fields.get("tokenizer.ggml.token_type")
         types = [int(tt.parts[i][0]) for i in tt.data] if tt is not None else [1] * len(toks)
-        tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(toks)}, merges))
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False),
-            ]
-        )
-        tok.decoder = decoders.ByteLevel()
+        if model == "gpt2":
+            tok = _byte_level_bpe(toks, self._strings("tokenizer.ggml.merges"))
+            default_bos = False
+        elif model == "llama":
+            sc = r.fields["tokenizer.ggml.scores"]
+            scores = [float(sc.parts[i][0]) for i in sc.data]
+            tok = _sentencepiece_bpe(
+                toks, scores, types, self._field("tokenizer.ggml.add_space_prefix", True)
+            )
+            default_bos = True
+        else:
+            raise ValueError(f"{self.path}: GGUF tokenizer {model!r} not supported (gpt2, llama)")
         tok.add_special_tokens(
             [AddedToken(t, special=True) for t, ty in zip(toks, types, strict=True) if ty == 3]
         )
@@ -124,7 +126,7 @@ class GGUFSource:
             "tokenizers",
             bos if bos >= 0 else None,
             eos_ids,
-            bool(self._field("tokenizer.ggml.add_bos_token", False)),
+            bool(self._field("tokenizer.ggml.add_bos_token", default_bos)),
             tmpl.contents() if tmpl is not None else None,
         )
 
@@ -134,3 +136,49 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     Hugging Face's (head, 2, hd/2)."""
     n_out = w.shape[0]
     return w.reshape(n_head, n_out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _byte_level_bpe(toks: list[str], merges: list[str]):
+    """GPT-2 style byte-level BPE (SmolLM2: digits split one by one, as its tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(toks)}, pairs))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece_bpe(toks: list[str], scores: list[float], types: list[int], prefix: bool):
+    """SentencePiece BPE (Llama, Mistral) from vocabulary and scores: merges ranked by the score of
+    the merged piece (as transformers' converter does), byte fallback for <0xNN> tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {t: i for i, t in enumerate(toks)}
+    merges = []
+    for t, i in vocab.items():
+        if types[i] != 1 or len(t) < 2:  # normal pieces only
+            continue
+        for k in range(1, len(t)):
+            a, b = t[:k], t[k:]
+            if a in vocab and b in vocab:
+                merges.append((scores[i], vocab[a], vocab[b], a, b))
+    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+    unk = next((i for i, ty in enumerate(types) if ty == 2), 0)
+    bpe = models.BPE(vocab, [(m[3], m[4]) for m in merges], unk_token=toks[unk], fuse_unk=True,
+                     byte_fallback=True)  # fmt: skip
+    tok = Tokenizer(bpe)
+    norm = [normalizers.Replace(" ", "\u2581")]
+    if prefix:
+        norm.insert(0, normalizers.Prepend("\u2581"))
+    tok.normalizer = normalizers.Sequence(norm)
+    dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        dec.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(dec)
+    return tok
