@@ -211,6 +211,17 @@ def test_effort_is_realised_and_changes_per_token(tiny_model):
     assert lin.total > 0
 
 
+def test_lm_head_dense_unless_asked(tiny):
+    m = from_source(tiny)
+    ids = prompt_ids(m, 6)
+    dense = m.forward(ids, 0, 0.3)
+    m.effort_head(True)
+    np.testing.assert_allclose(m.forward(ids, 0, 1.0), load(tiny).forward(ids, 0, 1.0), atol=1e-4)
+    m.head.reset_counters()
+    low = m.forward(ids, 0, 0.3)
+    assert m.head.mults < 0.35 * m.head.total and not np.allclose(low, dense)
+
+
 def test_hook_replaces_every_linear(tiny_model):
     ids = prompt_ids(tiny_model, 5)
     seen = []

@@ -16,6 +16,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-fraction", type=float, default=1.0,
                    help="map only this fraction of every matrix (converted models)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels")
+    p.add_argument("--effort-head", action="store_true",
+                   help="the LM head at effort too (default: dense)")  # fmt: skip
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +62,10 @@ def load_model(args):
 
     if args.threads is not None:
         pyeffort.set_num_threads(args.threads)
-    return models.load(args.model, fraction=args.load_fraction, progress=True)
+    model = models.load(args.model, fraction=args.load_fraction, progress=True)
+    if args.effort_head:
+        model.effort_head(True)
+    return model
 
 
 class TextStream:

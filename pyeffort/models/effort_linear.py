@@ -35,7 +35,7 @@ class EffortLinear:
     def dense(self) -> np.ndarray:
         """W (n_in, n_out) float16; rows dropped by a partial load are zero."""
         if self.w16 is None:
-            self.w16 = self.buckets.to_dense()
+            self.w16 = np.ascontiguousarray(self.buckets.to_dense())
         return self.w16
 
     def reset_counters(self) -> None:

@@ -112,6 +112,7 @@ class Model:
         self.norm = RMSNorm(w["norm"], args.norm_eps)
         head = self.embed.T if args.tie_embeddings else w["lm_head"]
         self.lm_head = np.ascontiguousarray(head, dtype=np.float16)  # (dim, vocab)
+        self.head: EffortLinear | None = None  # set by effort_head(True): the LM head at effort
         self.cache = KVCache(args.n_layers, args.n_kv_heads, args.head_dim)
 
     def linears(self) -> Iterator[EffortLinear]:
@@ -128,6 +129,11 @@ class Model:
     def reset(self) -> None:
         self.cache.reset()
 
+    def effort_head(self, on: bool = True) -> None:
+        """Run the LM head through ``pyeffort.matmul`` at the requested effort too (it is dense
+        by default); its buckets are built here. It is not among ``linears()``."""
+        self.head = EffortLinear("lm_head", pyeffort.build_buckets(self.lm_head)) if on else None
+
     def forward(self, tokens, start_pos: int = 0, effort: float = 1.0, *, last_only=False):
         """tokens (T,) ints -> logits (T, vocab) float32 (``last_only``: (1, vocab))."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -142,7 +148,10 @@ class Model:
             h = b(h, start_pos, effort, self.cache)
         if last_only:
             h = h[-1:]
-        return pyeffort.dense_matmul(np.ascontiguousarray(self.norm(h)), self.lm_head)
+        x = np.ascontiguousarray(self.norm(h), dtype=np.float32)
+        if self.head is not None:
+            return self.head(x, effort)
+        return pyeffort.dense_matmul(x, self.lm_head)
 
     __call__ = forward
 
