@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyeffort.models import load
+from pyeffort.models import config, load
 from pyeffort.models.default import CACHE_NAME, default_gguf, default_model_path
 from pyeffort.models.generate import Stats, generate
 
@@ -62,6 +62,9 @@ def test_default_model_is_cached(model, cache):
     a = model.args
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size) == (576, 30, 9, 3, 49152)
     assert a.tie_embeddings and a.rope_theta == 1e5
+    named = config("SmolLM2-135M")  # the named config describes the same shapes
+    for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "head_dim"):
+        assert getattr(named, k) == getattr(a, k), k
     before = (cache / CACHE_NAME / "main.safetensors").stat().st_mtime_ns
     default_model_path(progress=False)  # a second use loads, it does not convert again
     assert (cache / CACHE_NAME / "main.safetensors").stat().st_mtime_ns == before
