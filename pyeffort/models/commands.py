@@ -93,7 +93,7 @@ class TextStream:
 def summary(st) -> str:
     asked = sum(st.efforts) / len(st.efforts) if st.efforts else float("nan")
     return (
-        f"[{st.decoded + 1} tokens; prefill {st.prompt_tokens} tokens in {st.prefill_s:.2f} s; "
+        f"[{st.generated} tokens; prefill {st.prompt_tokens} tokens in {st.prefill_s:.2f} s; "
         f"decode {st.decode_tps:.1f} tokens/s; effort asked {asked:.3f}, "
         f"realised {st.realised:.3f}]"
     )

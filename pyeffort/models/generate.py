@@ -17,6 +17,7 @@ from pyeffort.models.llama import Model
 @dataclass
 class Stats:
     prompt_tokens: int = 0
+    generated: int = 0  # tokens yielded
     prefill_s: float = 0.0
     decoded: int = 0  # tokens produced by decode forwards (the first token comes from prefill)
     decode_s: float = 0.0
@@ -83,6 +84,7 @@ def generate(
     model.reset_counters()
     for i in range(max_tokens):
         token = sample(logits, temperature, top_p, rng)
+        st.generated += 1
         yield token
         if token in stop or i == max_tokens - 1:
             break
