@@ -68,12 +68,13 @@ class Allocation:
             return np.ones(len(self.names))
         grid = np.asarray(self.profile["efforts"], dtype=np.float64)
         table = self.profile["weights"]
+        strength = float(self.profile.get("strength", 1.0))  # 0 = uniform, 1 = the full split
         out = np.ones(len(self.names))
         for k, n in enumerate(self.names):
             row = table.get(n, table.get(matrix_type(n)))
             if row is not None:
                 logw = np.log(np.maximum(np.asarray(row, dtype=np.float64), 1e-6))
-                out[k] = math.exp(np.interp(effort, grid, logw))
+                out[k] = math.exp(strength * np.interp(effort, grid, logw))
         return out
 
     def efforts(self, effort: float) -> dict[str, float]:

@@ -132,3 +132,27 @@ def equal_effort(results: list[dict], efforts) -> str:
             verdict = "yes" if all(kl[default[0]] < kl[p] for p in peers) else "NO"
         rows.append(f"| {e:.2f} | " + " | ".join(cells) + f" | {verdict} |")
     return head + "\n".join(rows) + "\n"
+
+
+def equal_time_table(results: list[dict], targets=(1.5, 2.0, 3.0)) -> str:
+    """Markdown: KL of the default rule and of the best channel rule at equal measured speed-up
+    (log-interpolated along each curve of KL against speed-up)."""
+    labels = {r["rule"]: r.get("label", r["rule"]) for r in results if r.get("speedup")}
+    lines = ["| speed-up | pyeffort KL | best channel rule KL | which |", "|---|---|---|---|"]
+
+    def fmt(v):
+        return "out of measured range" if v is None else f"{v:.4f}"
+
+    for t in targets:
+        ours = (
+            interp_at(results, labels["pyeffort"], "speedup", t) if "pyeffort" in labels else None
+        )
+        peers = [
+            (interp_at(results, labels[r], "speedup", t), r)
+            for r in ("teal", "wina")
+            if r in labels
+        ]
+        peers = [p for p in peers if p[0] is not None]
+        best = min(peers) if peers else (None, "-")
+        lines.append(f"| {t:g}x | {fmt(ours)} | {fmt(best[0])} | {best[1]} |")
+    return "\n".join(lines) + "\n"
