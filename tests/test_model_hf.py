@@ -188,6 +188,18 @@ def test_kv_cache_decode_equals_prefill(tiny_model):
         tiny_model.forward(ids, 100, 1.0)
 
 
+def test_prefill_without_dense_copy(tiny):
+    m = from_source(tiny)
+    ids = prompt_ids(m)
+    for lin in m.linears():
+        lin.prefill_dense = False
+    a = m.forward(ids, 0, 1.0)  # every token through pyeffort.matmul at effort 1.0
+    assert all(lin.w16 is None for lin in m.linears())
+    for lin in m.linears():
+        lin.prefill_dense = True
+    np.testing.assert_allclose(a, m.forward(ids, 0, 1.0), rtol=0, atol=1e-3 * np.abs(a).max())
+
+
 def test_sliding_window_changes_late_positions(tiny, tmp_path):
     write_tiny_mistral(tmp_path / "nowin", window=None)
     free = from_source(tmp_path / "nowin")

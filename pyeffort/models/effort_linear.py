@@ -24,6 +24,7 @@ class EffortLinear:
         self.buckets = buckets
         self.hook = None
         self.w16 = None  # (n_in, n_out) float16 dense copy, made on first need
+        self.prefill_dense = True  # False: prefill at 1.0 through pyeffort.matmul (no copy)
         self.mults = 0  # multiplications done by pyeffort.matmul since reset_counters()
         self.total = 0  # multiplications a dense product would have done
         self._loaded = round(buckets.loaded_fraction * buckets.n_in * buckets.n_out)
@@ -47,7 +48,7 @@ class EffortLinear:
         x = np.ascontiguousarray(x, dtype=np.float32)
         n_tok = 1 if x.ndim == 1 else x.shape[0]
         n = self.buckets.n_in * self.buckets.n_out
-        if effort >= 1.0 and n_tok >= PREFILL_DENSE_MIN_TOKENS:
+        if effort >= 1.0 and n_tok >= PREFILL_DENSE_MIN_TOKENS and self.prefill_dense:
             # prefill: the dense fp16 kernel is ~10x faster per token than the bucket kernel
             # at full effort (and numpy's BLAS threads would fight pyeffort's thread pool)
             self.mults += n_tok * self._loaded

@@ -22,6 +22,7 @@ from pyeffort.models.rope import Rope
 
 ATTN = ("wq", "wk", "wv", "wo")
 FFN = ("w1", "w3", "w2")  # gate, up, down
+DENSE_PREFILL_MAX_BYTES = 4 * 2**30
 
 
 class RMSNorm:
@@ -114,6 +115,10 @@ class Model:
         self.lm_head = np.ascontiguousarray(head, dtype=np.float16)  # (dim, vocab)
         self.head: EffortLinear | None = None  # set by effort_head(True): the LM head at effort
         self.cache = KVCache(args.n_layers, args.n_kv_heads, args.head_dim)
+        # a dense float16 copy for fast prefill costs 0.8x the buckets' memory: only when small
+        small = sum(lin.buckets.nbytes for lin in self.linears()) < DENSE_PREFILL_MAX_BYTES
+        for lin in self.linears():
+            lin.prefill_dense = small
 
     def linears(self) -> Iterator[EffortLinear]:
         """Every effort matrix, layer by layer: wq wk wv wo w1 w3 w2."""
