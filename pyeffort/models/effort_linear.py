@@ -6,7 +6,11 @@ Interface (stable; the quality harness relies on it):
 - ``buckets``: the ``pyeffort.Buckets`` of W (n_in, n_out);
 - ``__call__(x, effort) -> y``: x (n_in,) or (T, n_in) float32 -> (n_out,) or (T, n_out) float32;
 - ``hook`` (default None): when set, ``__call__`` returns ``hook(self, x, effort)`` instead;
-- ``dense()``: W as float16 (n_in, n_out) (the exact reference), built once from the buckets.
+- ``dense()``: W as float16 (n_in, n_out) (the exact reference), built once from the buckets;
+- ``mults`` / ``total``: multiplications done / of a dense product since ``reset_counters()``.
+
+Decode (one token) always runs ``pyeffort.matmul`` at the given effort. A batch of tokens at
+effort 1.0 (the prefill) runs ``pyeffort.dense_matmul`` on ``dense()`` when ``prefill_dense``.
 """
 
 from __future__ import annotations
