@@ -189,7 +189,8 @@ def test_botchan_is_fetched_from_the_sentencepiece_sdist(tmp_path, monkeypatch):
         s = text.botchan()
     except RuntimeError as exc:  # no package index reachable
         pytest.skip(str(exc))
-    assert len(s.encode("utf-8")) == 278779 and "Botchan" in s[:2000] or "Chapter I" in s[:5000]
+    assert "Botchan" in s[:200] and len(s) > 250_000
+    assert (tmp_path / "botchan.txt").stat().st_size == 278779  # the file as shipped
     assert (tmp_path / "botchan.txt").exists()
     assert pyeffort.__version__
 
