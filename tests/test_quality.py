@@ -218,3 +218,14 @@ def test_pyeffort_eval_subcommand(tmp_path):
     args += ["--windows", "1", "--length", "24", "--out", str(tmp_path), "--no-progress"]
     assert cli.main(args) == 0
     assert json.loads((tmp_path / "quality.json").read_text())["results"][0]["rule"] == "wina"
+
+
+def test_plots_are_skipped_with_a_message_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from pyeffort.quality import report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    res = [{"rule": "a", "realised": 0.2, "kl": 1.0, "effort": 0.2}]
+    assert report.plots(res, tmp_path) == []
+    assert "matplotlib is not installed" in capsys.readouterr().out
