@@ -158,17 +158,7 @@ def tiny_random(args: ModelArgs | None = None, seed: int = 0) -> Model:
     return Model(a, w)
 
 
-GGUF_NAMES = {
-    "attn_q": "attn.wq",
-    "attn_k": "attn.wk",
-    "attn_v": "attn.wv",
-    "attn_output": "attn.wo",
-    "ffn_gate": "ffn.w1",
-    "ffn_up": "ffn.w3",
-    "ffn_down": "ffn.w2",
-    "attn_norm": "attn_norm",
-    "ffn_norm": "ffn_norm",
-}
+from pyeffort.models.loaders.gguf import NAMES as GGUF_NAMES  # noqa: E402  (one table)
 
 
 def from_gguf(path: str) -> Model:
