@@ -73,6 +73,28 @@ def test_the_machine_runs_scalar_and_names_its_kernel():
         assert "avx512f" in _core.cpu_features()
 
 
+def test_the_tiered_kernel_leads_where_the_cpu_has_vbmi2():
+    if "avx512vbmi2" in _core.cpu_features().split():
+        assert KERNELS[0] == "avx512vbmi2"
+    else:
+        assert "avx512vbmi2" not in KERNELS
+
+
+@pytest.mark.parametrize("scale", [3.0, 1.0000001])
+def test_statistics_that_rise_with_rank_still_match(kernel, rng, scale):
+    """A file may hold statistics that rise with rank (then a token dispatches a non-prefix of
+    ranks): kernels that need a prefix (the tiered copy) must fall back, not go wrong."""
+    _, b = buckets_of(rng, (70, 300))
+    stats = b.stats.copy()
+    stats[1:4] *= scale  # ranks 1..3 above rank 0 for many inputs
+    b = pyeffort.Buckets(b.values, b.positions, stats, b.order, b.n_out)
+    x = activations(rng, 2, 70)
+    for e in [0.05, 0.3, 0.7]:
+        ref, got, want, have = run_both(x, b, e)
+        assert have == want, (kernel, e)
+        assert close(got, ref) <= 2e-6, (kernel, e)
+
+
 def test_unknown_kernel_is_refused():
     with pytest.raises(ValueError):
         _core.use_kernel("sse9")
@@ -179,6 +201,12 @@ def test_disable_cpu_features_forces_a_lower_tier():
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
         )
         assert out.stdout.strip() == "['avx2', 'scalar'] avx2", out.stderr
+    if "avx512vbmi2" in KERNELS:
+        env["PYEFFORT_DISABLE_CPU_FEATURES"] = "avx512vbmi2"
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+        )
+        assert out.stdout.strip() == "['avx512', 'avx2', 'scalar'] avx512", out.stderr
 
 
 def test_concurrent_callers_get_the_same_results(kernel, threads, rng):

@@ -96,7 +96,7 @@ static void batch_tile_pair(const uint16_t *vals, const uint8_t *pos, const floa
 
 /* runs (slots of P) -> y[256 t0, min(256 t1, n_out)): batches of runs, staged, tile by tile
  * (pairs of tiles: the first routed in registers, the second through L1). */
-static void packedmul_f16_avx512(const pe_packed *pk, const pe_buckets *b, const pe_run *runs,
+void pe_packedmul_f16_avx512(const pe_packed *pk, const pe_buckets *b, const pe_run *runs,
                                  int64_t n_runs, int64_t t0, int64_t t1, float *y) {
     static _Thread_local float acc[PE_CHUNK][256] __attribute__((aligned(64)));
     static _Thread_local uint16_t vals[PE_BATCH * PE_CHUNK * PE_TILE] __attribute__((aligned(64)));
@@ -124,5 +124,5 @@ static void packedmul_f16_avx512(const pe_packed *pk, const pe_buckets *b, const
     }
 }
 
-const pe_cpu_kernels pe_kernels_avx512 = {"avx512", NULL, packedmul_f16_avx512,
+const pe_cpu_kernels pe_kernels_avx512 = {"avx512", NULL, pe_packedmul_f16_avx512,
                                           pe_dense_f16_avx512};

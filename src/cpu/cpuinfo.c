@@ -1,5 +1,6 @@
 /* CPU features, detected once (cpuid and xgetbv on x86-64; baseline NEON on arm64), and the
- * kernel sets they allow, best first. PYEFFORT_DISABLE_CPU_FEATURES=avx512,avx2 drops tiers. */
+ * kernel sets they allow, best first. PYEFFORT_DISABLE_CPU_FEATURES=avx512vbmi2,avx512,avx2 drops
+ * tiers. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,9 +17,10 @@ static uint64_t xgetbv0(void) {
 }
 
 /* Appends the names of the features this machine has; sets *avx2, *avx512 (kernel tiers). */
-static void detect(char *out, size_t n, int *avx2, int *avx512) {
+static void detect(char *out, size_t n, int *avx2, int *avx512, int *vbmi2) {
     unsigned a, b, c, d;
     int fma = 0, f16c = 0, os_avx = 0, os_zmm = 0, has_avx2 = 0, f = 0, bw = 0, vl = 0, dq = 0;
+    int vb2 = 0;
     if (__get_cpuid(1, &a, &b, &c, &d)) {
         fma = (c >> 12) & 1;
         f16c = (c >> 29) & 1;
@@ -34,13 +36,15 @@ static void detect(char *out, size_t n, int *avx2, int *avx512) {
         dq = (b >> 17) & 1;
         bw = (b >> 30) & 1;
         vl = (b >> 31) & 1;
+        vb2 = (c >> 6) & 1;
     }
-    snprintf(out, n, "%s%s%s%s%s%s%s%s", has_avx2 && os_avx ? "avx2 " : "", fma ? "fma " : "",
+    snprintf(out, n, "%s%s%s%s%s%s%s%s%s", has_avx2 && os_avx ? "avx2 " : "", fma ? "fma " : "",
              f16c ? "f16c " : "", f && os_zmm ? "avx512f " : "", bw && os_zmm ? "avx512bw " : "",
              vl && os_zmm ? "avx512vl " : "", dq && os_zmm ? "avx512dq " : "",
-             os_avx ? "" : "(no OS AVX state) ");
+             vb2 && os_zmm ? "avx512vbmi2 " : "", os_avx ? "" : "(no OS AVX state) ");
     *avx2 = os_avx && has_avx2 && fma && f16c;
     *avx512 = *avx2 && os_zmm && f && bw && vl && dq;
+    *vbmi2 = *avx512 && vb2;
 }
 #endif
 
@@ -57,15 +61,17 @@ static int disabled(const char *feature) {
 }
 
 static char features[256];
-static const pe_cpu_kernels *tiers[4];
+static const pe_cpu_kernels *tiers[5];
 static int n_tiers;
 
 /* Fills features and tiers once (called under pthread_once by dispatch.c). */
 void pe_detect_cpu(void) {
 #if defined(__x86_64__) || defined(_M_X64)
-    int avx2, avx512;
-    detect(features, sizeof features, &avx2, &avx512);
-    if (avx512 && !disabled("avx512") && !disabled("avx2")) tiers[n_tiers++] = &pe_kernels_avx512;
+    int avx2, avx512, vbmi2;
+    detect(features, sizeof features, &avx2, &avx512, &vbmi2);
+    int no512 = disabled("avx512") || disabled("avx2");
+    if (vbmi2 && !no512 && !disabled("avx512vbmi2")) tiers[n_tiers++] = &pe_kernels_avx512vbmi2;
+    if (avx512 && !no512) tiers[n_tiers++] = &pe_kernels_avx512;
     if (avx2 && !disabled("avx2")) tiers[n_tiers++] = &pe_kernels_avx2;
 #elif defined(__aarch64__)
     snprintf(features, sizeof features, "neon fp16-conversion");

@@ -34,6 +34,15 @@ static const pe_cpu_kernels *kernels(void) {
 
 const char *pe_kernel_name(void) { return kernels()->name; }
 int pe_kernel_packed(void) { return kernels()->packedmul_f16 != NULL; }
+
+int pe_tiers_wanted(void) {
+    int n;
+    kernels();
+    const pe_cpu_kernels *const *t = pe_tiers(&n);
+    for (int i = 0; i < n; i++)
+        if (t[i]->tiermul_f16) return 1;
+    return 0;
+}
 const char *pe_available_kernels(void) {
     kernels();
     return available;
@@ -152,11 +161,55 @@ static void packed_run(void *ctx, int t, int n) {
     if (t1 > t0) j->fn(j->p, j->b, j->runs, j->n_runs, t0, t1, j->y);
 }
 
+/* ------------------------------------------------ tiered copy (expand kernels) */
+
+typedef struct {
+    pe_tiermul_fn fn;
+    const pe_packed *p;
+    const pe_item *items;
+    const int64_t *start;
+    float *y;
+} tier_job;
+
+static void tier_run(void *ctx, int t, int n) {
+    tier_job *j = ctx;
+    int64_t c0, c1;
+    split(j->p->n_chunks, 1, t, n, &c0, &c1);
+    if (c1 > c0) j->fn(j->p, j->items, j->start, c0, c1, j->y);
+}
+
+static pe_status bucketmul_tiers(const pe_cpu_kernels *kern, const pe_packed *p, const float *x,
+                                 int64_t n_tokens, double effort, float *y, int64_t *mults,
+                                 int64_t *bytes) {
+    int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2, n_keys = p->n_in * PE_RANKS;
+    uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)(2 * n_keys + 1), 0);
+    pe_item *items = scratch(sizeof(pe_item) * (size_t)(p->n_in + 1), 2);
+    if (!sc || !items) return PE_ERR_ALLOC;
+    for (int64_t t = 0; t < n_tokens; t++) {
+        int64_t start[PE_CLASSES + 1], n_rows = 0, done = 0;
+        pe_status st = pe_select_items(p, x + t * p->n_in, effort, items, start, &n_rows, &done,
+                                       sc);
+        if (st != PE_OK) return st;
+        tier_job job = {kern->tiermul_f16, p, items, start, y + t * p->n_out};
+        /* one column range per thread: a range walks every dispatched row, and short walks
+         * cost stream restarts (bench/README.md) */
+        int nt = threads_for(p->n_chunks, n_rows * row_bytes);
+        if ((st = pe_parallel(tier_run, &job, nt, nt)) != PE_OK)
+            return st;
+        *mults += done;
+        *bytes += n_rows * row_bytes;
+    }
+    return PE_OK;
+}
+
 pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const float *x,
                               int64_t n_tokens, double effort, float *y, int64_t *mults,
                               int64_t *bytes) {
     const pe_cpu_kernels *kern = kernels();
-    if (!kern->packedmul_f16 || b->n_rows != p->n_slots || b->n_in != p->n_in) return PE_ERR_ARG;
+    if (b->n_rows != p->n_slots || b->n_in != p->n_in) return PE_ERR_ARG;
+    if (kern->tiermul_f16 && p->tiers)
+        return bucketmul_tiers(kern, p, x, n_tokens, effort, y, mults, bytes);
+    if (!kern->packedmul_f16) return PE_ERR_ARG;
     int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2, n_keys = p->n_in * PE_RANKS;
     uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)(2 * n_keys + 1), 0);
     pe_run *runs = scratch(sizeof(pe_run) * (size_t)(p->n_slots + 1), 2);

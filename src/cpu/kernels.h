@@ -30,7 +30,31 @@ struct pe_packed {
     int64_t n_in, n_out, n_groups, n_tiles, n_slots;
     int64_t m[PE_RANKS];  /* real multiplications of a row of rank k                     */
     int64_t unloaded;     /* sum of m over the slots that are not loaded                 */
+    /* The tiered copy (tiers.c), built when a kernel set that reads it is available and
+     * every input's statistics fall with rank (so a token dispatches a prefix of ranks);
+     * NULL otherwise. */
+    uint8_t *tiers;       /* tier rows, PE_TIER_CHUNK bytes per chunk                     */
+    int64_t *tier_off;    /* (n_in,) byte offset of input i's first tier row              */
+    int64_t n_chunks;     /* chunks of 4 groups (64 outputs), ceil(G / 4)                 */
 };
+
+/* The tiered layout. Tier t of input i holds ranks 4t..4t+3 of every group in position order:
+ * a tier row is n_chunks records of 40 bytes (chunk c = groups 4c..4c+3: a u64 of four 16-bit
+ * masks, the positions of the tier's 4 ranks in each group, then 16 fp16 values, 4 per group
+ * in position order), then 3 n_chunks u64 prefix masks: the positions of the tier's first
+ * K' = 1, 2, 3 ranks (for a token that dispatches only part of a tier). Tiers of one input
+ * cover disjoint positions, so they merge into one vector per group before the multiply.
+ * Unloaded ranks of a partly loaded tier are zero values at free positions. */
+#define PE_TIER 4
+#define PE_TIER_CHUNK 64 /* bytes per chunk per tier row: 40 record + 3 x 8 prefix masks */
+#define PE_TIER_REC 40
+
+/* One dispatched input: its first k ranks (k >= 1), multiplied by x. */
+typedef struct {
+    int32_t input, k;
+    float x;
+} pe_item;
+#define PE_CLASSES 8 /* items are grouped by class 2 (ceil(k / 4) - 1) + (k % 4 != 0) */
 
 /* Kernels walk the runs in batches of about PE_BATCH slots: a batch's row segments are first
  * copied in row order into a contiguous buffer (streaming reads), then, tile by tile, the tile's
@@ -109,17 +133,25 @@ typedef void (*pe_dense_fn)(const float *x, const uint16_t *w, int64_t n_in, int
                             const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1,
                             float *y);
 
+/* items (n_items, grouped by class: class c is items[start[c], start[c + 1])) through the
+ * tiered copy of P -> y[64 c0, min(64 c1, n_out)) f32, overwritten. */
+typedef void (*pe_tiermul_fn)(const pe_packed *p, const pe_item *items,
+                              const int64_t start[PE_CLASSES + 1], int64_t c0, int64_t c1,
+                              float *y);
+
 typedef struct {
     const char *name;
     pe_bucketmul_fn bucketmul_f16; /* canonical layout (the scalar spec), or NULL */
     pe_packedmul_fn packedmul_f16; /* input-major index (pe_packed), or NULL       */
     pe_dense_fn dense_f16;
+    pe_tiermul_fn tiermul_f16;     /* tiered copy (pe_packed.tiers), or NULL        */
 } pe_cpu_kernels;
 
 extern const pe_cpu_kernels pe_kernels_scalar;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const pe_cpu_kernels pe_kernels_avx2;
 extern const pe_cpu_kernels pe_kernels_avx512;
+extern const pe_cpu_kernels pe_kernels_avx512vbmi2;
 #endif
 #if defined(__aarch64__)
 extern const pe_cpu_kernels pe_kernels_neon;
@@ -132,6 +164,16 @@ pe_status pe_select(const pe_buckets *b, const float *x, double effort, pe_task 
  * scratch: 2 * 16 * n_in + 1 uint32. Same dispatched rows as pe_select (reference.cutoff). */
 pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe_run *runs,
                            int64_t *n_runs, int64_t *n_rows, int64_t *mults, uint32_t *scratch);
+
+/* As pe_select_packed, but the dispatched inputs as items grouped by class (start, PE_CLASSES
+ * + 1 offsets); needs p->tiers (every dispatch a prefix of ranks). items sized n_in. */
+pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_item *items,
+                          int64_t start[PE_CLASSES + 1], int64_t *n_rows, int64_t *mults,
+                          uint32_t *scratch);
+/* Builds p->tiers from b (tiers.c) when stats fall with rank; leaves it NULL otherwise. */
+pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p);
+/* 1 if a kernel set this machine runs reads the tiered copy (dispatch.c). */
+int pe_tiers_wanted(void);
 
 /* Thread pool (threads.c): fn(ctx, c, n_chunks) for every chunk c in [0, n_chunks), on up to
  * n_threads threads (the caller included), in any order and assignment. */

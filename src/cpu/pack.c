@@ -1,5 +1,6 @@
 /* The input-major index the SIMD kernels use (kernels.h, struct pe_packed): built once per
- * matrix; the canonical rows are read in place (no copy of the weights). */
+ * matrix; the canonical rows are read in place, or through the tiered copy (tiers.c) where a
+ * kernel set that reads it runs. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,6 +12,8 @@ void pe_packed_free(pe_packed *p) {
     free(p->stats);
     free(p->slot0);
     free(p->n_loaded);
+    free(p->tiers);
+    free(p->tier_off);
     free(p);
 }
 
@@ -57,6 +60,14 @@ pe_status pe_pack(const pe_buckets *b, pe_packed **out) {
     }
     pack_index(b, p);
     for (int64_t r = 0; r < S; r++) p->row[p->slot0[b->order[r]] + r / n_in] = (int32_t)r;
+    p->n_chunks = (G + 3) / 4;
+    if (pe_tiers_wanted()) {
+        pe_status st = pe_build_tiers(b, p);
+        if (st != PE_OK) {
+            pe_packed_free(p);
+            return st;
+        }
+    }
     *out = p;
     return PE_OK;
 }

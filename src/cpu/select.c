@@ -134,14 +134,15 @@ static int64_t emit_runs(const pe_packed *p, int64_t i, uint32_t mask, float x, 
     return n;
 }
 
-pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe_run *runs,
-                           int64_t *n_runs, int64_t *n_rows, int64_t *mults, uint32_t *scratch) {
-    int64_t n_in = p->n_in, total = -p->unloaded, nr = 0, rows = 0, done = 0;
+/* keys of x in slot order and the cutoff c at effort (dispatch: key >= c); PE_OK, or
+ * PE_ERR_NONFINITE. *none set when nothing is dispatched (effort <= 0). */
+static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort, uint32_t *key,
+                               uint32_t *cand, uint32_t *c, int *none) {
+    int64_t n_in = p->n_in, total = -p->unloaded;
     for (int64_t i = 0; i < n_in; i++)
         if (!isfinite(x[i])) return PE_ERR_NONFINITE;
-    *n_runs = *n_rows = *mults = 0;
-    if (!(effort > 0.0)) return PE_OK;
-    uint32_t *key = scratch, *cand = scratch + n_in * PE_RANKS;
+    *none = !(effort > 0.0);
+    if (*none) return PE_OK;
     for (int64_t i = 0; i < n_in; i++) {
         float ax = fabsf(x[i]);
         const float *st = p->stats + i * PE_RANKS;
@@ -152,21 +153,77 @@ pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe
     }
     for (int k = 0; k < PE_RANKS; k++) total += p->m[k] * n_in;
     double budget = effort * (double)(p->n_in * p->n_out);
-    uint32_t c = (double)total < budget ? 0u : radix_cutoff_packed(p, key, cand, budget);
+    *c = (double)total < budget ? 0u : radix_cutoff_packed(p, key, cand, budget);
+    return PE_OK;
+}
+
+/* Dispatched ranks of input i: bits k < n_loaded with key >= c. */
+static uint32_t dispatched(const pe_packed *p, const uint32_t *key, int64_t i, uint32_t c) {
+    const uint32_t *ki = key + i * PE_RANKS;
+    uint32_t mask = 0;
+    for (int k = 0; k < PE_RANKS; k++) mask |= (uint32_t)(ki[k] >= c) << k;
+    return mask & ((1u << p->n_loaded[i]) - 1);
+}
+
+/* Multiplications of the rows in mask (a tail group's padding does not count). */
+static int64_t mask_mults(const pe_packed *p, uint32_t mask) {
     int tail = (int)(p->n_out % PE_GROUP);
     uint32_t tail_mask = tail ? 0xFFFFu & ~((1u << tail) - 1) : 0u;
-    for (int64_t i = 0; i < n_in; i++) {
-        const uint32_t *ki = key + i * PE_RANKS;
-        uint32_t mask = 0;
-        for (int k = 0; k < PE_RANKS; k++) mask |= (uint32_t)(ki[k] >= c) << k;
-        mask &= (1u << p->n_loaded[i]) - 1;
+    return __builtin_popcount(mask) * p->n_groups - __builtin_popcount(mask & tail_mask);
+}
+
+pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe_run *runs,
+                           int64_t *n_runs, int64_t *n_rows, int64_t *mults, uint32_t *scratch) {
+    int64_t nr = 0, rows = 0, done = 0;
+    uint32_t *key = scratch, *cand = scratch + p->n_in * PE_RANKS, c = 0;
+    int none = 0;
+    *n_runs = *n_rows = *mults = 0;
+    pe_status st = packed_cutoff(p, x, effort, key, cand, &c, &none);
+    if (st != PE_OK || none) return st;
+    for (int64_t i = 0; i < p->n_in; i++) {
+        uint32_t mask = dispatched(p, key, i, c);
         if (!mask) continue;
-        int cnt = __builtin_popcount(mask);
-        rows += cnt;
-        done += cnt * p->n_groups - __builtin_popcount(mask & tail_mask);
+        rows += __builtin_popcount(mask);
+        done += mask_mults(p, mask);
         nr += emit_runs(p, i, mask, x[i], runs + nr);
     }
     *n_runs = nr;
+    *n_rows = rows;
+    *mults = done;
+    return PE_OK;
+}
+
+pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_item *items,
+                          int64_t start[PE_CLASSES + 1], int64_t *n_rows, int64_t *mults,
+                          uint32_t *scratch) {
+    int64_t rows = 0, done = 0, count[PE_CLASSES] = {0};
+    uint32_t *key = scratch, *cand = scratch + p->n_in * PE_RANKS, c = 0;
+    uint8_t *ks = (uint8_t *)cand; /* the candidates are spent once c is known */
+    int none = 0;
+    memset(start, 0, sizeof(int64_t) * (PE_CLASSES + 1));
+    *n_rows = *mults = 0;
+    pe_status st = packed_cutoff(p, x, effort, key, cand, &c, &none);
+    if (st != PE_OK || none) return st;
+    for (int64_t i = 0; i < p->n_in; i++) {
+        uint32_t mask = dispatched(p, key, i, c);
+        int k = __builtin_popcount(mask); /* a prefix: stats fall with rank (tiers.c) */
+        ks[i] = (uint8_t)k;
+        if (!k) continue;
+        rows += k;
+        done += mask_mults(p, mask);
+        count[2 * ((k - 1) / PE_TIER) + (k % PE_TIER != 0)]++;
+    }
+    for (int cl = 0; cl < PE_CLASSES; cl++) start[cl + 1] = start[cl] + count[cl];
+    int64_t at[PE_CLASSES];
+    memcpy(at, start, sizeof at);
+    for (int64_t i = 0; i < p->n_in; i++) {
+        int k = ks[i];
+        if (!k) continue;
+        pe_item *it = items + at[2 * ((k - 1) / PE_TIER) + (k % PE_TIER != 0)]++;
+        it->input = (int32_t)i;
+        it->k = k;
+        it->x = x[i];
+    }
     *n_rows = rows;
     *mults = done;
     return PE_OK;
