@@ -1,8 +1,10 @@
 /* The tiered copy of a matrix (kernels.h, "The tiered layout"), built once from the canonical
  * rows through the input-major index: the kernels that read it route 4 ranks of a group with
  * one expand instead of one masked add per weight. Same values, same bytes per rank. */
+#define _GNU_SOURCE /* madvise */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "kernels.h"
 
@@ -23,38 +25,54 @@ static int position(const pe_buckets *b, int64_t r, int64_t g) {
     return (g & 1) ? q >> 4 : q & 15;
 }
 
+/* Per group of one input: each position's value and the positions of each tier's ranks. */
+typedef struct {
+    uint16_t vals[PE_GROUP], mask[PE_RANKS / PE_TIER], prefix[PE_RANKS / PE_TIER][3], used;
+} group_tiers;
+
+/* The loaded ranks (n) of input i, row by row (each canonical row read in order) -> gt (G). */
+static void gather_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n,
+                         group_tiers *gt) {
+    int64_t G = b->n_groups;
+    memset(gt, 0, sizeof(group_tiers) * (size_t)G);
+    for (int k = 0; k < n; k++) {
+        int64_t r = p->row[p->slot0[i] + k];
+        int t = k / PE_TIER;
+        for (int64_t g = 0; g < G; g++) {
+            uint16_t bit = (uint16_t)(1u << position(b, r, g));
+            gt[g].used |= bit;
+            gt[g].mask[t] |= bit;
+            gt[g].vals[position(b, r, g)] = b->values[r * G + g];
+            for (int kk = k % PE_TIER + 1; kk <= 3; kk++) gt[g].prefix[t][kk - 1] |= bit;
+        }
+    }
+}
+
 /* The tier rows of input i (n loaded ranks, ceil(n / 4) rows of row bytes) -> dst. */
 static void fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n, int64_t row,
-                       uint8_t *dst) {
+                       group_tiers *gt, uint8_t *dst) {
     int64_t C = p->n_chunks, G = b->n_groups;
     int n_tiers = (n + PE_TIER - 1) / PE_TIER;
+    gather_input(b, p, i, n, gt);
     for (int64_t g = 0; g < 4 * C; g++) {
-        uint16_t vals[PE_GROUP] = {0}, mask[PE_RANKS / PE_TIER] = {0}, used = 0;
-        uint16_t prefix[PE_RANKS / PE_TIER][3] = {{0}};
-        for (int k = 0; k < n && g < G; k++) {
-            int64_t r = p->row[p->slot0[i] + k];
-            int q = position(b, r, g), t = k / PE_TIER;
-            used |= (uint16_t)(1u << q);
-            mask[t] |= (uint16_t)(1u << q);
-            vals[q] = b->values[r * G + g];
-            for (int kk = k % PE_TIER + 1; kk <= 3; kk++) prefix[t][kk - 1] |= (uint16_t)(1u << q);
-        }
+        group_tiers none = {{0}}, *q = g < G ? gt + g : &none;
+        uint16_t used = q->used;
         for (int t = 0; t < n_tiers; t++) {
             uint8_t *tier = dst + t * row, *rec = tier + (g / 4) * PE_TIER_REC;
             /* a partly loaded tier (or a padding group) still routes 4 slots: zeros at free
              * positions, never where another tier of this input has a value */
-            uint16_t m = mask[t];
-            for (int q = 0; q < PE_GROUP && __builtin_popcount(m) < PE_TIER; q++)
-                if (!((used | m) >> q & 1)) m |= (uint16_t)(1u << q);
+            uint16_t m = q->mask[t];
+            for (int pos = 0; pos < PE_GROUP && __builtin_popcount(m) < PE_TIER; pos++)
+                if (!((used | m) >> pos & 1)) m |= (uint16_t)(1u << pos);
             used |= m;
             memcpy(rec + 2 * (g % 4), &m, 2);
             uint16_t v[PE_TIER];
-            for (int q = 0, s = 0; q < PE_GROUP; q++)
-                if (m >> q & 1) v[s++] = vals[q]; /* 0 at a padding slot */
+            for (int pos = 0, s = 0; pos < PE_GROUP; pos++)
+                if (m >> pos & 1) v[s++] = q->vals[pos]; /* 0 at a padding slot */
             memcpy(rec + 8 + 2 * PE_TIER * (g % 4), v, sizeof v);
             for (int kk = 0; kk < 3; kk++)
                 memcpy(tier + C * PE_TIER_REC + 8 * (kk * C + g / 4) + 2 * (g % 4),
-                       &prefix[t][kk], 2);
+                       &q->prefix[t][kk], 2);
         }
     }
 }
@@ -69,13 +87,29 @@ pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p) {
         p->tier_off[i] = total;
         total += (p->n_loaded[i] + PE_TIER - 1) / PE_TIER * row;
     }
-    p->tiers = aligned_alloc(64, (size_t)((total + 63) / 64 * 64 + 64));
+    /* 2 MiB pages where the system gives them: the kernel walks many rows at once (TLB) */
+    size_t align = total >= (4 << 20) ? (2 << 20) : 64, size = (size_t)(total + 64);
+    void *mem = NULL;
+    if (posix_memalign(&mem, align, (size + align - 1) / align * align)) mem = NULL;
+#ifdef MADV_HUGEPAGE
+    if (mem && align > 64) madvise(mem, (size + align - 1) / align * align, MADV_HUGEPAGE);
+#endif
+    p->tiers = mem;
     if (!p->tiers) {
         free(p->tier_off);
         p->tier_off = NULL;
         return PE_ERR_ALLOC;
     }
+    group_tiers *gt = malloc(sizeof(group_tiers) * (size_t)b->n_groups + 1);
+    if (!gt) {
+        free(p->tiers);
+        free(p->tier_off);
+        p->tiers = NULL;
+        p->tier_off = NULL;
+        return PE_ERR_ALLOC;
+    }
     for (int64_t i = 0; i < p->n_in; i++)
-        fill_input(b, p, i, p->n_loaded[i], row, p->tiers + p->tier_off[i]);
+        fill_input(b, p, i, p->n_loaded[i], row, gt, p->tiers + p->tier_off[i]);
+    free(gt);
     return PE_OK;
 }
