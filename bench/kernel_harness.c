@@ -25,8 +25,8 @@ int main(int argc, char **argv){
   float *x=malloc(4*n_in), *y=malloc(4*n_out);
   for (int64_t i=0;i<n_in;i++){ float g=(rand()/(float)RAND_MAX); x[i]=(rand()/(float)RAND_MAX-0.5f)*(-logf(g+1e-6f)); }
   pe_use_kernel(kn); pe_set_num_threads(nth);
-  double effs[]={1.0,0.5,0.25,0.1};
-  for (int e=0;e<4;e++){ int64_t m=0,by=0; double best=1e9,bc=1e9;
+  double effs[]={1.0,0.75,0.5,0.35,0.25,0.1};
+  for (int e=0;e<6;e++){ int64_t m=0,by=0; double best=1e9,bc=1e9;
     for(int it=0;it<10;it++){ double t0=wall(),c0=now(); pe_bucketmul_packed(pk,&b,x,1,effs[e],y,&m,&by); double t=wall()-t0,c=now()-c0; if(t<best)best=t; if(c<bc)bc=c;}
     printf("%s th%d eff %.2f wall %.3f ms cpu %.3f ms  ns/w(cpu) %.3f\n",kn,nth,effs[e],best*1e3,bc*1e3,bc*1e9/(effs[e]*n_in*n_out));
   }

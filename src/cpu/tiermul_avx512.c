@@ -78,9 +78,9 @@ static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int
     }
 }
 
-/* Prefetches the first bytes of the tier rows of the next batch (at most PF_HEAD per row):
- * a batch starts cold streams that the hardware prefetchers take a while to pick up. */
-#define PF_HEAD 512
+/* Prefetches into L2 the first PF_HEAD bytes of each tier row of the next batch: a batch
+ * starts cold streams that the hardware prefetchers take a while to pick up. */
+#define PF_HEAD 4096
 static inline void prefetch_heads(const pe_packed *p, const pe_item *items, int64_t n, int T,
                                   int64_t cb, int64_t nc) {
     int64_t row = p->n_chunks * PE_TIER_CHUNK, len = nc * PE_TIER_REC;
@@ -88,7 +88,7 @@ static inline void prefetch_heads(const pe_packed *p, const pe_item *items, int6
     for (int64_t u = 0; u < n; u++) {
         const char *r0 = (const char *)(p->tiers + p->tier_off[items[u].input] + cb * PE_TIER_REC);
         for (int t = 0; t < T; t++)
-            for (int64_t o = 0; o < len; o += 64) _mm_prefetch(r0 + t * row + o, _MM_HINT_T0);
+            for (int64_t o = 0; o < len; o += 64) _mm_prefetch(r0 + t * row + o, _MM_HINT_T1);
     }
 }
 
