@@ -1,7 +1,9 @@
 """Effort matmul on the GPU against cuBLAS (torch.nn.functional.linear), both in CUDA graphs,
 with enough weight sets rotated that L2 holds none of them. Prints a table; --json writes it.
+Also grouped calls (q/k/v, w1/w3: one kernel, one input) against one cuBLAS GEMV over the
+concatenated weights.
 
-    python bench/cuda_bench.py [--json out.json] [--shapes 4096x14336,...] [--quick]
+    python bench/cuda_bench.py [--json out.json] [--shapes 4096x14336,...] [--quick] [--no-groups]
 """
 
 from __future__ import annotations
@@ -69,32 +71,25 @@ def time_graph(g, n_calls: int, reps: int = 30) -> float:
     return ts[len(ts) // 2]
 
 
-PHASES = [  # (name, from stamp, to stamp): globaltimer stamps written by the kernels
-    ("k1_launch_wait", 8, 9),
-    ("k1_body", 9, 10),
-    ("k1_to_k2", 10, 11),
-    ("k2_wait", 11, 12),
-    ("k2_hist_load", 12, 20),
-    ("k2_pick_b1", 20, 15),
-    ("k2_scan", 15, 13),
-    ("k2_to_k3", 13, 0),
-    ("k3_wait", 0, 1),
-    ("k3_state_load", 1, 16),
-    ("k3_cand_load", 16, 17),
-    ("k3_l2_hist", 17, 18),
-    ("k3_l2_pick", 18, 19),
-    ("k3_l3", 19, 2),
-    ("k3_dispatch_scan", 2, 3),
-    ("k3_rows_b0", 3, 4),
-    ("k3_team_sum", 4, 5),
-    ("k3_ticket", 5, 6),
-    ("k3_all_splits_done", 8, 14),
-    ("total", 8, 7),
+PHASES = [  # (name, from stamp, to stamp): globaltimer stamps written by the kernel
+    ("prologue", 0, 1),  # block start -> after the PDL wait
+    ("keys_hist", 1, 2),  # keys, level-1 histogram share, signal
+    ("hist_wait", 2, 3),  # until every worker's histogram is in
+    ("pick_b1", 3, 4),
+    ("lists", 4, 5),  # sure rows and candidates compacted, candidates published
+    ("sure_rows", 5, 6),  # the bulk of the bytes
+    ("cut_wait", 6, 7),
+    ("own_cands", 7, 8),
+    ("split_sum", 8, 9),  # partial tile, ticket, (last split) the sum
+    ("sel_cand_wait", 12, 13),  # selector: until every worker's candidates are in
+    ("sel_resolve", 13, 14),  # selector: levels 2 and 3, cut published
+    ("cut_ready_at", 0, 14),
+    ("all_blocks_done_at", 0, 10),
 ]
 
 
 def profile(bs, xs, e):
-    """Phase times (µs) of one call inside a graph, from the kernels' globaltimer stamps."""
+    """Phase times (µs) of one call inside a graph, from the kernel's globaltimer stamps."""
     bs[0].profile(True)
     g = graph_of(
         [lambda: pyeffort.matmul(xs[1], bs[1], e), lambda: pyeffort.matmul(xs[0], bs[0], e)]
@@ -107,7 +102,7 @@ def profile(bs, xs, e):
     return {k: round((st[b] - st[a]) / 1e3, 2) for k, a, b in PHASES}
 
 
-def bench_shape(n_in, n_out, efforts, gen, pdl_check=False):
+def bench_shape(n_in, n_out, efforts, gen, variants=False):
     dense_bytes = 2 * n_in * n_out
     n_sets = max(2, math.ceil(ROTATE_BYTES / dense_bytes))
     per_graph = max(n_sets, 24)
@@ -134,25 +129,19 @@ def bench_shape(n_in, n_out, efforts, gen, pdl_check=False):
     t_dense = time_graph(g_dense, per_graph)
     del g_dense
     g = graph_of([ours(i) for i in idx])
-    sel = graph_of([(lambda i=i: cuda.select(xs[i], bs[i], eff)) for i in idx])
-    sel1 = graph_of([(lambda i=i: cuda.select(xs[i], bs[i], eff, stages=1)) for i in idx])
     rows = []
     for e in efforts:
         eff.fill_(e)
         t = time_graph(g, per_graph)
-        t_sel = time_graph(sel, per_graph)
-        t_sel1 = time_graph(sel1, per_graph)
         _, info = pyeffort.matmul(xs[0], bs[0], e, return_info=True)
-        # selection traffic per row: order, stats, keys and x written and read back
-        sel_bytes = bs[0].n_rows * 20
+        # selection traffic per row: order and stats read, by every tile's block
+        sel_bytes = bs[0].n_rows * 8 * bs[0].n_tiles
         rows.append(
             {
                 "shape": f"{n_in}x{n_out}",
                 "effort": e,
                 "realised": round(info.effort, 4),
                 "us": round(t, 2),
-                "keys_us": round(t_sel1, 2),
-                "select_us": round(t_sel, 2),
                 "cublas_us": round(t_dense, 2),
                 "speedup": round(t_dense / t, 3),
                 "weight_bytes": info.bytes_read,
@@ -168,14 +157,68 @@ def bench_shape(n_in, n_out, efforts, gen, pdl_check=False):
     for r in rows:
         if r["effort"] in (1.0, 0.25):
             r["phases"] = profile(bs, xs, r["effort"])
-    if pdl_check:  # the same graph captured without programmatic dependent launch
-        cuda.set_pdl(False)
-        g2 = graph_of([ours(i) for i in idx])
-        cuda.set_pdl(True)
-        for r in rows:
-            if r["effort"] in (1.0, 0.5, 0.25):
-                eff.fill_(r["effort"])
-                r["us_no_pdl"] = round(time_graph(g2, per_graph), 2)
+    if variants:  # the same graph captured without PDL, and without the cooperative launch
+        for key, setter in (("us_no_pdl", cuda.set_pdl), ("us_no_coop", cuda.set_coop)):
+            setter(False)
+            g2 = graph_of([ours(i) for i in idx])
+            setter(True)
+            for r in rows:
+                if r["effort"] in (1.0, 0.5, 0.25):
+                    eff.fill_(r["effort"])
+                    r[key] = round(time_graph(g2, per_graph), 2)
+            del g2
+    return rows
+
+
+GROUPS = {  # name: (n_in, [n_out...], ct)
+    "qkv 4096x(4096+1024+1024)": (4096, [4096, 1024, 1024], 64),
+    "w1w3 4096x(14336+14336)": (4096, [14336, 14336], 128),
+}
+
+
+def bench_group(name, efforts, gen):
+    """One grouped effort call against one cuBLAS GEMV over the concatenated weights."""
+    n_in, n_outs, ct = GROUPS[name]
+    dense_bytes = 2 * n_in * sum(n_outs)
+    n_sets = max(2, math.ceil(ROTATE_BYTES / dense_bytes))
+    per_graph = max(n_sets, 24)
+    ws, grps, xs, ys = [], [], [], []
+    for _ in range(n_sets):
+        w = (torch.randn((n_in, sum(n_outs)), generator=gen, device="cuda") * 0.02).half()
+        parts = torch.split(w, n_outs, dim=1)
+        grps.append(cuda.CudaGroup([cuda.build_buckets(p.contiguous(), ct=ct) for p in parts]))
+        ws.append(w.t().contiguous())
+        del w, parts
+        xs.append(torch.randn(n_in, generator=gen, device="cuda").half())
+        ys.append([torch.empty(n, dtype=torch.float16, device="cuda") for n in n_outs])
+    idx = [i % n_sets for i in range(per_graph)]
+    eff = torch.tensor([1.0], dtype=torch.float64, device="cuda")
+    g_dense = graph_of([(lambda i=i: F.linear(xs[i].view(1, -1), ws[i])) for i in idx])
+    t_dense = time_graph(g_dense, per_graph)
+    del g_dense
+    g = graph_of([(lambda i=i: cuda.matmul_group(xs[i], grps[i], eff, outs=ys[i])) for i in idx])
+    rows = []
+    for e in efforts:
+        eff.fill_(e)
+        t = time_graph(g, per_graph)
+        _, infos = cuda.matmul_group(xs[0], grps[0], e, return_info=True)
+        nbytes = sum(i.bytes_read for i in infos)
+        rows.append(
+            {
+                "shape": name,
+                "effort": e,
+                "realised": round(sum(i.mults for i in infos) / (n_in * sum(n_outs)), 4),
+                "us": round(t, 2),
+                "cublas_us": round(t_dense, 2),
+                "speedup": round(t_dense / t, 3),
+                "weight_bytes": nbytes,
+                "gbps": round(nbytes / t / 1e3, 1),
+                "cublas_gbps": round(dense_bytes / t_dense / 1e3, 1),
+                "n_sets": n_sets,
+                "ct": ct,
+                "splits": grps[0].splits,
+            }
+        )
     return rows
 
 
@@ -184,6 +227,7 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--shapes")
     ap.add_argument("--quick", action="store_true", help="efforts 1.0, 0.5, 0.25 only")
+    ap.add_argument("--no-groups", action="store_true")
     args = ap.parse_args()
     shapes = SHAPES
     if args.shapes:
@@ -195,20 +239,23 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write): {bw:.0f} GB/s")
     rows = []
     for n_in, n_out in shapes:
-        rows += bench_shape(n_in, n_out, efforts, gen, pdl_check=(n_in, n_out) == (4096, 14336))
+        rows += bench_shape(n_in, n_out, efforts, gen, variants=(n_in, n_out) == (4096, 14336))
         torch.cuda.empty_cache()
+    if not args.no_groups:
+        for name in GROUPS:
+            rows += bench_group(name, [1.0, 0.5, 0.25, 0.1], gen)
+            torch.cuda.empty_cache()
     hdr = (
         "shape",
         "effort",
         "realised",
         "us",
-        "keys_us",
-        "select_us",
         "cublas_us",
         "speedup",
         "gbps",
         "cublas_gbps",
         "us_no_pdl",
+        "us_no_coop",
     )
     print(" | ".join(hdr))
     for r in rows:

@@ -71,8 +71,9 @@ class Decoder:
     """One decode step over a KV cache; ``lin(name, layer, x)`` is the only difference between
     the dense and the effort model."""
 
-    def __init__(self, a: ModelArgs, lin, gen, max_len: int, streams: bool = False):
+    def __init__(self, a: ModelArgs, lin, gen, max_len: int, streams: bool = False, group=None):
         self.a, self.lin, self.max_len = a, lin, max_len
+        self.group = group  # group(names, layer, x) -> outputs: one call for q/k/v, w1/w3
         # streams: k, v (and w3) on side streams, forked and joined inside the graph
         self.side = [torch.cuda.Stream(), torch.cuda.Stream()] if streams else None
         self.keep = []  # side-stream outputs stay referenced until the capture ends
@@ -114,11 +115,17 @@ class Decoder:
 
     def attention(self, layer, x, f, bias):
         a, hd = self.a, self.a.head_dim
-        q, k, v = self.fork(
-            lambda: self.rope(self.lin("wq", layer, x).view(a.n_heads, hd), f),
-            lambda: self.rope(self.lin("wk", layer, x).view(a.n_kv_heads, hd), f),
-            lambda: self.lin("wv", layer, x).view(a.n_kv_heads, hd),
-        )
+        if self.group is not None:
+            q, k, v = self.group(("wq", "wk", "wv"), layer, x)
+            q = self.rope(q.view(a.n_heads, hd), f)
+            k = self.rope(k.view(a.n_kv_heads, hd), f)
+            v = v.view(a.n_kv_heads, hd)
+        else:
+            q, k, v = self.fork(
+                lambda: self.rope(self.lin("wq", layer, x).view(a.n_heads, hd), f),
+                lambda: self.rope(self.lin("wk", layer, x).view(a.n_kv_heads, hd), f),
+                lambda: self.lin("wv", layer, x).view(a.n_kv_heads, hd),
+            )
         kc, vc = self.k_cache[layer], self.v_cache[layer]  # (kv, max_len, hd)
         kc.index_copy_(1, self.pos, k[:, None])
         vc.index_copy_(1, self.pos, v[:, None])
@@ -128,7 +135,10 @@ class Decoder:
         return self.lin("wo", layer, o)
 
     def mlp(self, layer, m):
-        g1, g3 = self.fork(lambda: self.lin("w1", layer, m), lambda: self.lin("w3", layer, m))
+        if self.group is not None:
+            g1, g3 = self.group(("w1", "w3"), layer, m)
+        else:
+            g1, g3 = self.fork(lambda: self.lin("w1", layer, m), lambda: self.lin("w3", layer, m))
         return self.lin("w2", layer, F.silu(g1) * g3)
 
     def step(self):
@@ -184,6 +194,9 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--streams", action="store_true", help="k/v and w1/w3 on parallel streams")
+    ap.add_argument(
+        "--no-groups", action="store_true", help="effort model: q/k/v and w1/w3 as separate calls"
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     a = ModelArgs(n_layers=args.layers)
@@ -194,7 +207,15 @@ def main():
     torch.cuda.synchronize()
     t_gen = time.time() - t0
     t0 = time.time()
-    buckets = [{n: cuda.build_buckets(lw[n].t()) for n in MATS} for lw in weights]
+    ct = {"wq": 64, "wk": 64, "wv": 64}  # one tile width per group; the others by default
+    buckets = [{n: cuda.build_buckets(lw[n].t(), ct=ct.get(n)) for n in MATS} for lw in weights]
+    groups = [
+        {
+            ("wq", "wk", "wv"): cuda.CudaGroup([lb["wq"], lb["wk"], lb["wv"]]),
+            ("w1", "w3"): cuda.CudaGroup([lb["w1"], lb["w3"]]),
+        }
+        for lb in buckets
+    ]
     torch.cuda.synchronize()
     t_build = time.time() - t0
     eff = torch.tensor([1.0], dtype=torch.float64, device="cuda")
@@ -205,9 +226,13 @@ def main():
     def effort_lin(name, layer, x):
         return cuda.matmul(x, buckets[layer][name], eff, out_dtype=torch.float16)
 
+    def effort_group(names, layer, x):
+        return cuda.matmul_group(x, groups[layer][names], eff, out_dtype=torch.float16)
+
     max_len = args.ctx + args.steps + 8
     res = {
         "streams": args.streams,
+        "groups": not args.no_groups,
         "layers": a.n_layers,
         "ctx": args.ctx,
         "steps": args.steps,
@@ -219,7 +244,8 @@ def main():
     g_gen.manual_seed(1)
     dense = Decoder(a, dense_lin, g_gen, max_len, args.streams)
     g_gen.manual_seed(1)
-    ours = Decoder(a, effort_lin, g_gen, max_len, args.streams)  # same embeddings, head and cache
+    grp = None if args.no_groups else effort_group
+    ours = Decoder(a, effort_lin, g_gen, max_len, args.streams, grp)  # same embeddings, head, cache
     gd, ge = capture(dense), capture(ours)
     res["dense_tok_s"] = round(tokens_per_s(dense, gd, args.ctx, args.steps), 1)
     w_bytes = sum(w.numel() * 2 for lw in weights for w in lw.values()) + dense.head.numel() * 2

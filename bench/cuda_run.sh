@@ -1,9 +1,10 @@
 #!/bin/bash
 # One device call: build, check and time the CUDA backend. Usage: bash bench/cuda_run.sh [stage...]
-# stages: env tests quick bench model (default: env tests quick model). Logs go to $OUT.
+# stages: env smoke tests quick bench model model2 (default: env smoke tests quick model).
+# Logs go to $OUT. A prebuilt pyeffort/_pe_cuda.so (carried) is used if it loads, else nvcc.
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 PYEFFORT_CUDA_CACHE=/tmp/pecache PYEFFORT_REAL_NPZ=.devbuild/real.npz
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-stages=${*:-env tests quick model}
+stages=${*:-env smoke tests quick model}
 for s in $stages; do
   echo "=== $s $(date +%T)"
   case $s in
@@ -12,10 +13,17 @@ for s in $stages; do
       python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
       nvcc --version | tail -1
       python3 setup.py build_ext --inplace -q > "$OUT/build_ext.log" 2>&1 || echo "C core build FAILED"
+      python3 -c "from pyeffort import cuda; cuda._lib(); print('prebuilt cuda lib ok')" 2>&1 | tail -1 |
+        grep -q ok || { echo "prebuilt lib unusable: compiling"; rm -f pyeffort/_pe_cuda.so; }
       python3 -c "import time; t=time.time(); from pyeffort import cuda; cuda._lib(); print('cuda lib ok', round(time.time()-t,1), 's')"
       ;;
-    tests) timeout 300 python3 -m pytest tests/test_cuda.py -q -rA --timeout 200 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
-    quick) timeout 150 python3 bench/cuda_bench.py --quick --shapes 4096x14336,4096x4096 --json "$OUT/quick.json" ;;
+    smoke)
+      timeout 120 python3 bench/cuda_smoke.py 2>&1 | tee "$OUT/smoke.log"
+      best=$(grep '^BEST_ENV=' "$OUT/smoke.log" | cut -d= -f2-)
+      [ -n "$best" ] && export $best && echo "using $best"
+      ;;
+    tests) timeout 300 python3 -m pytest tests/test_cuda.py -q -rA --timeout 120 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
+    quick) timeout 200 python3 bench/cuda_bench.py --quick --shapes 4096x14336,4096x4096 --json "$OUT/quick.json" ;;
     bench) timeout 400 python3 bench/cuda_bench.py --json "$OUT/bench.json" ;;
     model) timeout 300 python3 bench/cuda_model.py --json "$OUT/model.json" ;;
     model2) timeout 300 python3 bench/cuda_model.py --streams --json "$OUT/model_streams.json" ;;

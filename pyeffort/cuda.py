@@ -3,9 +3,11 @@
 ``B.to("cuda")`` repacks a Buckets onto the GPU (tile-major rows: each block of the matmul reads
 its column tile of a dispatched row as one contiguous chunk; bytes read still scale with effort).
 ``pyeffort.matmul(x_cuda, B_cuda, effort)`` then runs the cutoff search and the matmul on the
-device, queued on the current stream with no host round trip, so the call can be captured in a
-``torch.cuda.CUDAGraph``. ``effort`` may be a one-element float64 CUDA tensor: changing it
-between graph replays needs no re-capture.
+device as one cooperative kernel, queued on the current stream with no host round trip, so the
+call can be captured in a ``torch.cuda.CUDAGraph``. ``effort`` may be a one-element float64 CUDA
+tensor: changing it between graph replays needs no re-capture. ``matmul_group(x, CudaGroup([Bq,
+Bk, Bv]), effort)`` runs several matrices that share their input in one kernel (each with its own
+cutoff: the same results as separate calls).
 
 The kernels are compiled at first use with ``nvcc`` (cached in ``~/.cache/pyeffort``, or
 ``$PYEFFORT_CUDA_CACHE``) unless ``setup.py`` built ``pyeffort/_pe_cuda.so``
@@ -13,6 +15,8 @@ The kernels are compiled at first use with ``nvcc`` (cached in ``~/.cache/pyeffo
 
 Limits: ``x`` must be finite (the check would need a host round trip; NaN/Inf give unspecified
 outputs). A CudaBuckets holds its own scratch, so one matrix is used by one stream at a time.
+The kernel needs all its blocks resident at once: it is launched cooperative (at most one block
+per multiprocessor), which the driver guarantees.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ GROUP = reference.GROUP
 _ROOT = pathlib.Path(__file__).resolve().parent
 _SRC = _ROOT.parent / "src" / "cuda"
 _PDL = os.environ.get("PYEFFORT_CUDA_PDL", "1") != "0"
+_COOP = os.environ.get("PYEFFORT_CUDA_COOP", "1") != "0"
+MAX_GROUP = 3  # PE_MAX_GROUP in pe_cuda.h
 _lib_handle = None
 
 
@@ -53,21 +59,31 @@ class _Matrix(ctypes.Structure):
         ("wt", ctypes.c_void_p),
         ("order", ctypes.c_void_p),
         ("stats", ctypes.c_void_p),
-        ("keys", ctypes.c_void_p),
-        ("xval", ctypes.c_void_p),
         ("hist", ctypes.c_void_p),
         ("cand", ctypes.c_void_p),
         ("partial", ctypes.c_void_p),
         ("tickets", ctypes.c_void_p),
         ("state", ctypes.c_void_p),
-        ("timing", ctypes.c_void_p),
         ("n_in", ctypes.c_int64),
         ("n_out", ctypes.c_int64),
         ("n_rows", ctypes.c_int64),
         ("ct", ctypes.c_int32),
         ("n_tiles", ctypes.c_int32),
         ("n_splits", ctypes.c_int32),
+        ("block0", ctypes.c_int32),
         ("total_w", ctypes.c_ulonglong),
+    ]
+
+
+class _Group(ctypes.Structure):
+    """Mirror of pe_cuda_group in src/cuda/pe_cuda.h."""
+
+    _fields_ = [
+        ("m", _Matrix * MAX_GROUP),
+        ("y", ctypes.c_void_p * MAX_GROUP),
+        ("timing", ctypes.c_void_p),
+        ("n_mat", ctypes.c_int32),
+        ("n_workers", ctypes.c_int32),
     ]
 
 
@@ -94,7 +110,7 @@ def _arch_flags() -> list[str]:
 
 def nvcc_command(out: str, archs: list[str]) -> list[str]:
     """The nvcc command line that builds the kernel library (setup.py uses it too)."""
-    sources = [str(_SRC / "select.cu"), str(_SRC / "bucketmul.cu")]
+    sources = [str(_SRC / "select.cu"), str(_SRC / "bucketmul.cu")]  # as setup.py
     return [
         _nvcc(),
         "-O3",
@@ -138,8 +154,8 @@ def _lib():
         prebuilt = _ROOT / "_pe_cuda.so"
         lib = ctypes.CDLL(str(prebuilt if prebuilt.exists() else _compiled_path()))
         p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-        lib.pe_cuda_matmul.argtypes = [ctypes.POINTER(_Matrix), p, i32, i64, p, f64, p, i32, p, i32]
-        lib.pe_cuda_select.argtypes = [ctypes.POINTER(_Matrix), p, i32, p, f64, p, i32, i32]
+        grp = ctypes.POINTER(_Group)
+        lib.pe_cuda_matmul.argtypes = [grp, p, i32, i64, p, f64, i32, p, i32, i32]
         lib.pe_cuda_error_string.restype = ctypes.c_char_p
         lib.pe_cuda_error_string.argtypes = [i32]
         _check(lib, lib.pe_cuda_init())
@@ -154,9 +170,21 @@ def _check(lib, status: int) -> None:
 
 
 def set_pdl(enabled: bool) -> None:
-    """Use programmatic dependent launch between the kernels of a call (default on)."""
+    """Launch with programmatic dependent launch: the kernel's prologue overlaps the previous
+    kernel's end (default on; PYEFFORT_CUDA_PDL=0 turns it off)."""
     global _PDL
     _PDL = bool(enabled)
+
+
+def set_coop(enabled: bool) -> None:
+    """Launch cooperative (default on; PYEFFORT_CUDA_COOP=0 turns it off, for measurements only:
+    the kernel then relies on having the GPU to itself to find all its blocks resident)."""
+    global _COOP
+    _COOP = bool(enabled)
+
+
+def num_sms(device) -> int:
+    return _torch().cuda.get_device_properties(device).multi_processor_count
 
 
 # ---------------------------------------------------------------- buckets on the device
@@ -170,9 +198,15 @@ def _dtype_code(torch, dt) -> int:
 
 
 class CudaBuckets:
-    """A Buckets resident on a CUDA device, repacked for the GPU kernels (see module doc)."""
+    """A Buckets resident on a CUDA device, repacked for the GPU kernels (see module doc).
 
-    def __init__(self, values, positions, stats, order, n_out: int, device=None):
+    ``ct``: groups per column tile (32, 64 or 128; by default from the width). Matrices run
+    together in a CudaGroup need the same ``ct``. ``splits``: row splits when used alone (by
+    default as many as fill the multiprocessors)."""
+
+    def __init__(
+        self, values, positions, stats, order, n_out: int, device=None, *, ct=None, splits=None
+    ):
         torch = _torch()
         dev = torch.device(device if device is not None else "cuda")
         if dev.index is None:
@@ -186,55 +220,58 @@ class CudaBuckets:
         g = self.n_groups
         if values.shape != (self.n_rows, g) or positions.shape != (self.n_rows, (g + 1) // 2):
             raise ShapeError("values/positions do not match the matrix shape")
+        if self.n_in * self.n_out >= 2**32:
+            raise ShapeError("the CUDA kernels take matrices of fewer than 2**32 weights")
+        if ct is None:
+            ct = 128 if g >= 512 else 64 if g >= 128 else 32
+        if ct not in (32, 64, 128):
+            raise ShapeError(f"ct must be 32, 64 or 128, got {ct}")
         with torch.cuda.device(dev):
-            self._setup(torch, values, positions, stats, order)
+            self._setup(torch, values, positions, stats, order, int(ct))
+        self._alone = CudaGroup([self], splits=splits)
 
-    def _setup(self, torch, values, positions, stats, order):
+    def _setup(self, torch, values, positions, stats, order, ct):
         g, n_rows, dev = self.n_groups, self.n_rows, self.device
-        ct = 128 if g >= 512 else 64 if g >= 128 else 32
-        n_tiles = -(-g // ct)
-        n_sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        n_splits = max(1, n_sms // n_tiles)
+        self.ct, self.n_tiles = ct, -(-g // ct)
         self.wt = repack(torch, values, positions, ct)  # (n_tiles, n_rows, 5 ct / 2) u8
         self.order = order.reshape(-1)[:n_rows].to(torch.int32).contiguous()  # (n_rows,)
         self.stats = stats.reshape(-1)[:n_rows].to(torch.float32).contiguous()  # (n_rows,)
         i32 = {"dtype": torch.int32, "device": dev}
-        self._keys = torch.empty(n_rows, **i32)
-        self._xval = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        self._hist = torch.zeros(2 * 4096, **i32)
+        self._hist = torch.zeros(2 * 4096, **i32)  # level-1 histograms, by call parity
         self._cand = torch.empty(n_rows, **i32)
-        n_part = n_splits * n_tiles * 16 * ct if n_splits > 1 else 1
-        self._partial = torch.empty(n_part, dtype=torch.float32, device=dev)
-        self._tickets = torch.zeros(n_tiles, **i32)
+        self._tickets = torch.zeros(self.n_tiles, **i32)
         self._state = torch.zeros(8, dtype=torch.int64, device=dev)  # pe_cuda_state
         mults = np.repeat(reference.row_mults(self.n_out), self.n_in)[:n_rows]
-        self.ct, self.n_tiles, self.n_splits = ct, n_tiles, n_splits
-        self._m = _Matrix(
+        self.total_w = int(mults.sum())
+
+    def _matrix(self, partial, n_splits: int, block0: int) -> _Matrix:
+        return _Matrix(
             self.wt.data_ptr(),
             self.order.data_ptr(),
             self.stats.data_ptr(),
-            self._keys.data_ptr(),
-            self._xval.data_ptr(),
             self._hist.data_ptr(),
             self._cand.data_ptr(),
-            self._partial.data_ptr(),
+            partial.data_ptr(),
             self._tickets.data_ptr(),
             self._state.data_ptr(),
-            None,
             self.n_in,
             self.n_out,
-            n_rows,
-            ct,
-            n_tiles,
+            self.n_rows,
+            self.ct,
+            self.n_tiles,
             n_splits,
-            int(mults.sum()),
+            block0,
+            self.total_w,
         )
 
+    @property
+    def n_splits(self) -> int:
+        return self._alone.splits[0]
+
     def profile(self, enabled: bool = True):
-        """Record clock stamps of the matmul kernel's phases (block 0) into ``self.timing``."""
-        torch = _torch()
-        self.timing = torch.zeros(32, dtype=torch.int64, device=self.device) if enabled else None
-        self._m.timing = self.timing.data_ptr() if enabled else None
+        """Record clock stamps of the kernel's phases into ``self.timing`` (see cuda_bench)."""
+        self._alone.profile(enabled)
+        self.timing = self._alone.timing
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -242,7 +279,7 @@ class CudaBuckets:
 
     @property
     def loaded_fraction(self) -> float:
-        return self._m.total_w / (self.n_in * self.n_out)
+        return self.total_w / (self.n_in * self.n_out)
 
     @property
     def nbytes(self) -> int:
@@ -254,6 +291,49 @@ class CudaBuckets:
             f"CudaBuckets(n_in={self.n_in}, n_out={self.n_out}, loaded_fraction="
             f"{self.loaded_fraction:.3f}, device={self.device})"
         )
+
+
+class CudaGroup:
+    """Up to 3 CudaBuckets with the same input size and ``ct``, run by one kernel per call
+    (``matmul_group``): e.g. q/k/v, or w1/w3. Each keeps its own cutoff. The group holds the
+    split partial sums; the matrices' own scratch is shared with their single calls, so a
+    matrix is used by one call at a time."""
+
+    def __init__(self, mats, splits=None):
+        torch = _torch()
+        mats = list(mats)
+        if not 1 <= len(mats) <= MAX_GROUP or not all(isinstance(b, CudaBuckets) for b in mats):
+            raise DTypeError(f"a CudaGroup takes 1 to {MAX_GROUP} CudaBuckets")
+        b0 = mats[0]
+        for b in mats:
+            if b.device != b0.device or b.n_in != b0.n_in or b.ct != b0.ct:
+                raise ShapeError("a CudaGroup needs one device, one n_in and one ct")
+        if len({id(b) for b in mats}) != len(mats):
+            raise ShapeError("a matrix appears twice in a CudaGroup")
+        n_sms = num_sms(b0.device)
+        tiles = sum(b.n_tiles for b in mats)
+        if tiles + len(mats) > n_sms:
+            raise ShapeError(f"too many column tiles ({tiles}) for {n_sms} multiprocessors")
+        if splits is None:
+            splits = max(1, (n_sms - len(mats)) // tiles)
+        elif not 1 <= splits <= (n_sms - len(mats)) // tiles:
+            raise ShapeError(f"splits must lie in 1..{(n_sms - len(mats)) // tiles}")
+        self.mats, self.device, self.timing = mats, b0.device, None
+        self.splits = [min(int(splits), -(-b.n_rows // 32)) for b in mats]
+        self._g = _Group()
+        self._partial, block0 = [], 0
+        for i, (b, sp) in enumerate(zip(mats, self.splits)):
+            n_part = sp * b.n_tiles * 16 * b.ct if sp > 1 else 1
+            part = torch.empty(n_part, dtype=torch.float32, device=b.device)
+            self._partial.append(part)
+            self._g.m[i] = b._matrix(part, sp, block0)
+            block0 += b.n_tiles * sp
+        self._g.n_mat, self._g.n_workers = len(mats), block0
+
+    def profile(self, enabled: bool = True):
+        torch = _torch()
+        self.timing = torch.zeros(32, dtype=torch.int64, device=self.device) if enabled else None
+        self._g.timing = self.timing.data_ptr() if enabled else None
 
 
 def repack(torch, values, positions, ct: int):
@@ -271,12 +351,12 @@ def repack(torch, values, positions, ct: int):
     return torch.cat([v8, p8], dim=2).contiguous()
 
 
-def to_device(b, device="cuda") -> CudaBuckets:
-    """A host Buckets -> CudaBuckets on ``device``."""
-    return CudaBuckets(b.values, b.positions, b.stats, b.order, b.n_out, device)
+def to_device(b, device="cuda", **kw) -> CudaBuckets:
+    """A host Buckets -> CudaBuckets on ``device`` (kw: ct, splits)."""
+    return CudaBuckets(b.values, b.positions, b.stats, b.order, b.n_out, device, **kw)
 
 
-def build_buckets(W) -> CudaBuckets:
+def build_buckets(W, **kw) -> CudaBuckets:
     """reference.build on the GPU: W (n_in, n_out) CUDA tensor (float16/bfloat16/float32) ->
     CudaBuckets, with no host copy. Same buckets as the CPU builder (checked by tests/test_cuda)."""
     torch = _torch()
@@ -286,7 +366,7 @@ def build_buckets(W) -> CudaBuckets:
         raise DTypeError(f"W must be float16, bfloat16 or float32, got {W.dtype}")
     with torch.cuda.device(W.device):
         values, positions, stats, order = build_canonical(W)
-        return CudaBuckets(values, positions, stats, order, W.shape[1], W.device)
+        return CudaBuckets(values, positions, stats, order, W.shape[1], W.device, **kw)
 
 
 def build_canonical(W):
@@ -333,71 +413,82 @@ def matmul(x, B, effort=1.0, *, out=None, return_info: bool = False, out_dtype=N
     ``x``: CUDA tensor ``(n_in,)`` or ``(n_tokens, n_in)``, float16/bfloat16/float32, contiguous.
     Returns float32 (or ``out_dtype``: float32 or x's dtype), shaped like numpy's matmul.
     """
-    torch = _torch()
     if not isinstance(B, CudaBuckets):
         raise DTypeError("CUDA activations need a CudaBuckets: use B.to('cuda')")
-    if not is_cuda_tensor(x) or x.device != B.device:
-        raise DTypeError(f"x must be a CUDA tensor on {B.device}")
+    outs = None if out is None else [out]
+    res = _run(x, B._alone, effort, outs, out_dtype, return_info)
+    if not return_info:
+        return res[0]
+    ys, infos = res
+    return ys[0], infos[0]
+
+
+def matmul_group(x, group, effort=1.0, *, outs=None, return_info: bool = False, out_dtype=None):
+    """``[x @ W for W in group]`` in one kernel launch per token; each matrix at ``effort`` with
+    its own cutoff (the same results as separate ``matmul`` calls). ``group``: a CudaGroup (or
+    a list of CudaBuckets, grouped on the fly). Returns a list (and a list of MatmulInfo)."""
+    if not isinstance(group, CudaGroup):
+        group = CudaGroup(group)
+    if outs is not None and len(outs) != len(group.mats):
+        raise ShapeError(f"outs must hold {len(group.mats)} tensors")
+    return _run(x, group, effort, outs, out_dtype, return_info)
+
+
+def _run(x, group, effort, outs, out_dtype, return_info):
+    torch = _torch()
+    B0 = group.mats[0]
+    if not is_cuda_tensor(x) or x.device != B0.device:
+        raise DTypeError(f"x must be a CUDA tensor on {B0.device}")
     xd = _dtype_code(torch, x.dtype)
-    if x.ndim not in (1, 2) or x.shape[-1] != B.n_in:
+    if x.ndim not in (1, 2) or x.shape[-1] != B0.n_in:
         raise ShapeError(
-            f"x must have shape ({B.n_in},) or (n_tokens, {B.n_in}), got {tuple(x.shape)}"
+            f"x must have shape ({B0.n_in},) or (n_tokens, {B0.n_in}), got {tuple(x.shape)}"
         )
     if not x.is_contiguous():
         raise LayoutError("x must be contiguous")
     n_tok = 1 if x.ndim == 1 else int(x.shape[0])
-    shape = (B.n_out,) if x.ndim == 1 else (n_tok, B.n_out)
-    eff_ptr, eff_val = _effort(torch, effort, B.device)
-    y = _output(torch, out, out_dtype, x.dtype, shape, B.device)
+    eff_ptr, eff_val = _effort(torch, effort, B0.device)
+    ys = []
+    for i, B in enumerate(group.mats):
+        shape = (B.n_out,) if x.ndim == 1 else (n_tok, B.n_out)
+        o = None if outs is None else outs[i]
+        ys.append(_output(torch, o, out_dtype, x.dtype, shape, B.device))
+    if len({y.dtype for y in ys}) != 1:
+        raise DTypeError("the outputs of a group need one dtype")
     lib = _lib()
     if return_info:
-        B._state[6:8].zero_()
-    stream = torch.cuda.current_stream(B.device).cuda_stream
-    with torch.cuda.device(B.device):
+        for B in group.mats:
+            B._state[5:7].zero_()
+    g = group._g
+    for i, y in enumerate(ys):
+        g.y[i] = y.data_ptr()
+    stream = torch.cuda.current_stream(B0.device).cuda_stream
+    with torch.cuda.device(B0.device):
         _check(
             lib,
             lib.pe_cuda_matmul(
-                ctypes.byref(B._m),
+                ctypes.byref(g),
                 x.data_ptr(),
                 xd,
                 n_tok,
                 eff_ptr,
                 eff_val,
-                y.data_ptr(),
-                _dtype_code(torch, y.dtype),
+                _dtype_code(torch, ys[0].dtype),
                 stream,
                 int(_PDL),
+                int(_COOP),
             ),
         )
     if not return_info:
-        return y
+        return ys
     from pyeffort.api import MatmulInfo
 
-    mults, rows = (int(v) for v in B._state[6:8].cpu())
-    total = max(n_tok, 1) * B.n_in * B.n_out
-    return y, MatmulInfo(mults / total, rows * reference.row_bytes(B.n_groups), mults)
-
-
-def select(x, B, effort=1.0, stages: int = 2) -> None:
-    """Parts of the cutoff search of one token, for timing: ``stages=1`` the key kernel, ``2``
-    the key and candidate kernels (the last two levels run inside the matmul kernel); each is
-    followed by a one-block kernel that clears the histogram."""
-    torch = _torch()
-    eff_ptr, eff_val = _effort(torch, effort, B.device)
-    stream = torch.cuda.current_stream(B.device).cuda_stream
-    _check(
-        _lib(),
-        _lib().pe_cuda_select(
-            ctypes.byref(B._m),
-            x.data_ptr(),
-            _dtype_code(torch, x.dtype),
-            eff_ptr,
-            eff_val,
-            stream,
-            int(_PDL),
-            int(stages),
-        ),
-    )
+    infos = []
+    for B in group.mats:
+        mults, rows = (int(v) for v in B._state[5:7].cpu())
+        total = max(n_tok, 1) * B.n_in * B.n_out
+        infos.append(MatmulInfo(mults / total, rows * reference.row_bytes(B.n_groups), mults))
+    return ys, infos
 
 
 def _effort(torch, effort, device):

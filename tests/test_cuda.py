@@ -106,11 +106,13 @@ def test_ties_and_partial_load(gen, rng):
             assert_close(y, ref, scale(x, b), 2e-5)
 
 
-def test_many_equal_keys(gen, rng):
-    """More tied candidates than the matmul kernel holds in shared memory at once (chunks)."""
+@pytest.mark.parametrize("splits", [None, 1])
+def test_many_equal_keys(gen, rng, splits):
+    """More tied candidates than a block keeps in shared memory (splits=1: 16384 rows in one
+    split, two passes of keys, and the rescan of the split for the candidates at the end)."""
     w = rng.choice([-1.0, 1.0], (1024, 64)).astype(np.float16)
     b = pyeffort.build_buckets(w)
-    bc = b.to("cuda")
+    bc = cuda.to_device(b, "cuda", splits=splits)
     for effort in [0.3, 0.7]:
         x = torch.randint(1, 3, (2, 1024), generator=gen, device="cuda").half()
         x[1] = x[1].sign()  # every key equal
@@ -120,15 +122,54 @@ def test_many_equal_keys(gen, rng):
         assert_close(y, ref, scale(x, b), 2e-5)
 
 
-def test_deterministic_and_pdl_off(gen, rng):
+@pytest.mark.parametrize("shape", [(5000, 300), (1000, 2100)])
+def test_one_split_many_passes(shape, gen, rng):
+    """splits=1: the split holds more rows than one pass of keys in registers (8192)."""
+    w = (rng.standard_normal(shape) * rng.lognormal(0, 0.7, (shape[0], 1))).astype(np.float16)
+    b = pyeffort.build_buckets(w)
+    bc = cuda.to_device(b, "cuda", splits=1)
+    for effort in [0.1, 0.5, 1.0]:
+        x = fresh_x(gen, 2, shape[0], torch.float16)
+        y, info = run_gpu(x, bc, effort)
+        ref, mults = reference_out(x, b, effort)
+        assert info.mults == sum(mults)
+        assert_close(y, ref, scale(x, b), 2e-5)
+
+
+def test_group_matches_reference(gen, rng):
+    """Three matrices with one input in one kernel: each its own cutoff, as separate calls."""
+    shapes = [(512, 1000), (512, 200), (512, 37)]
+    bs = [
+        pyeffort.build_buckets(rng.standard_normal(s).astype(np.float16) * (i + 1))
+        for i, s in enumerate(shapes)
+    ]
+    bcs = [cuda.to_device(b, "cuda", ct=32) for b in bs]
+    grp = cuda.CudaGroup(bcs)
+    for effort in [0.0, 0.2, 0.6, 1.0]:
+        x = fresh_x(gen, 2, 512, torch.bfloat16)
+        outs = [torch.full((2, b.n_out), float("nan"), device="cuda") for b in bs]
+        ys, infos = cuda.matmul_group(x, grp, effort, outs=outs, return_info=True)
+        for b, y, info in zip(bs, ys, infos):
+            ref, mults = reference_out(x, b, effort)
+            assert info.mults == sum(mults)
+            assert_close(y, ref, scale(x, b), 2e-5)
+        again = cuda.matmul_group(x, grp, effort)
+        assert all(torch.equal(a, b) for a, b in zip(ys, again))
+    with pytest.raises(pyeffort.ShapeError):
+        cuda.CudaGroup([bcs[0], cuda.to_device(bs[0], "cuda", ct=64)])  # two tile widths
+
+
+def test_deterministic_pdl_and_coop_off(gen, rng):
     w = rng.standard_normal((2048, 3000)).astype(np.float16)
     bc = pyeffort.build_buckets(w).to("cuda")
     x = fresh_x(gen, 1, 2048, torch.float16)[0]
     first = pyeffort.matmul(x, bc, 0.3)
-    for pdl in (True, False, True):
+    for pdl, coop in ((True, True), (False, True), (True, False), (True, True)):
         cuda.set_pdl(pdl)
+        cuda.set_coop(coop)
         assert torch.equal(pyeffort.matmul(x, bc, 0.3), first)
     cuda.set_pdl(True)
+    cuda.set_coop(True)
 
 
 def test_graph_with_device_effort(gen, rng):

@@ -1,106 +1,38 @@
-/* The effort matmul on the device: rows with key >= cut, tile-major repacked, scattered into
- * shared-memory accumulators. Grid: n_tiles column tiles x n_splits row splits (rows go to
- * splits in 32-row stripes, so the work of every split is a fair sample). Every output is summed
- * in a fixed order (rows in list order per team, teams in order, splits in order): the same
- * inputs give the same bits. */
+/* The effort matmul as one cooperative kernel per call (see pe_cuda.h for the block roles).
+ *
+ * Worker (tile, split) of a matrix:
+ *   1. keys of its split's rows in registers (order/stats read before the PDL wait); its share of
+ *      the level-1 weight histogram (12 key bits) -> global; signal hist_done.
+ *   2. wait for every worker's histogram; pick the level-1 bin b1 (every block the same answer).
+ *      Rows above b1 are surely dispatched: -> shared list. Rows in b1 are candidates: -> own
+ *      shared list, and its share of them -> the global candidate list; signal cand_done.
+ *   3. stream the sure rows into shared accumulators (the bulk of the bytes) while the selector
+ *      resolves the cutoff; then wait for the cut, add the own candidates with key >= cut.
+ *   4. split sums: partial tiles in global memory, the last split of a tile adds them in split
+ *      order -> y. The last block of the matrix resets the counters.
+ * Selector of a matrix: clears the next call's histogram buffer, picks b1, waits for cand_done,
+ * runs levels 2 and 3 over the candidates (resolve.cuh) and publishes the cut.
+ * Every output is summed in a fixed order (rows in list order per team, teams in order, splits
+ * in order) and the cutoff comes from integer histograms: the same inputs give the same bits. */
 #include "common.cuh"
 #include "resolve.cuh"
+#include "rows.cuh"
 
 #include <stddef.h>
 
-#define PE_MM_THREADS 512
-#define PE_MM_WARPS (PE_MM_THREADS / 32)
-#define PE_LIST_CAP 8192 /* dispatched rows held in shared memory at a time */
-#define PE_UNROLL 8      /* rows per load batch of a team (two batches in flight) */
-#define PE_ROUNDS 8      /* key rounds loaded at once in the dispatch scan */
+#define PE_MODE_SEARCH 0
+#define PE_MODE_NONE 1
+#define PE_MODE_ALL 2
 
-static_assert(offsetof(pe_cuda_state, mode) == 12 && offsetof(pe_cuda_state, b1) == 16 &&
-                  offsetof(pe_cuda_state, above_n) == 24 && sizeof(pe_cuda_state) == 64,
-              "k_bucketmul reads the state as two uint4 words");
-
-template <int CT>
-struct Tile {
-    static constexpr int TPT = CT / 4;              /* threads per team, 4 groups each      */
-    static constexpr int NT = PE_MM_THREADS / TPT;  /* teams per block                      */
-    static constexpr int ACC = 16 * CT + TPT;       /* floats per team (padded: no conflicts) */
-    static constexpr int CB = CT * 5 / 2;           /* bytes of one row's chunk in a tile   */
-    static constexpr size_t SMEM = sizeof(float) * NT * ACC + 4 * PE_LIST_CAP;
-};
-
-/* Loads of U list entries (rows j0, j0 + NT, ...) of a team: values, nibbles and x. */
-template <int CT>
-__device__ __forceinline__ void load_rows(const int *list_r, uint32_t n, uint32_t j0,
-                                          const uint8_t *tile_base, const float *xval, int t,
-                                          uint2 (&v)[PE_UNROLL], uint32_t (&p)[PE_UNROLL],
-                                          float (&xv)[PE_UNROLL]) {
-    typedef Tile<CT> T;
-#pragma unroll
-    for (int u = 0; u < PE_UNROLL; u++) {
-        uint32_t j = j0 + u * T::NT;
-        v[u] = make_uint2(0u, 0u);
-        p[u] = 0u;
-        xv[u] = 0.f;
-        if (j < n) {
-            const int r = list_r[j];
-            const uint8_t *c = tile_base + (size_t)r * T::CB;
-            v[u] = __ldg((const uint2 *)(c + 8 * t));
-            p[u] = __ldg((const unsigned short *)(c + 2 * CT + 2 * t));
-            xv[u] = __ldg(xval + r);
-        }
-    }
-}
-
-/* acc[16 g + pos] += x * w for the loaded entries that exist (j < n). */
-template <int CT>
-__device__ __forceinline__ void add_rows(uint32_t n, uint32_t j0, float *my,
-                                         const uint2 (&v)[PE_UNROLL],
-                                         const uint32_t (&p)[PE_UNROLL],
-                                         const float (&xv)[PE_UNROLL]) {
-    typedef Tile<CT> T;
-#pragma unroll
-    for (int u = 0; u < PE_UNROLL; u++) {
-        if (j0 + u * T::NT >= n) break;
-        float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].x));
-        float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].y));
-        my[((p[u] >> 0) & 15) * CT + 0 * T::TPT] += xv[u] * a.x;
-        my[((p[u] >> 4) & 15) * CT + 1 * T::TPT] += xv[u] * a.y;
-        my[((p[u] >> 8) & 15) * CT + 2 * T::TPT] += xv[u] * b.x;
-        my[((p[u] >> 12) & 15) * CT + 3 * T::TPT] += xv[u] * b.y;
-    }
-}
-
-/* list (n rows of this split) -> team accumulators; the next U rows load while U add. */
-template <int CT>
-__device__ __forceinline__ void process(const int *list_r, uint32_t n, const uint8_t *tile_base,
-                                        const float *xval, float *my, int team, int t) {
-    constexpr uint32_t STEP = Tile<CT>::NT * PE_UNROLL;
-    uint2 v0[PE_UNROLL], v1[PE_UNROLL];
-    uint32_t p0[PE_UNROLL], p1[PE_UNROLL];
-    float x0[PE_UNROLL], x1[PE_UNROLL];
-    load_rows<CT>(list_r, n, team, tile_base, xval, t, v0, p0, x0);
-    for (uint32_t j0 = team; j0 < n; j0 += 2 * STEP) {
-        load_rows<CT>(list_r, n, j0 + STEP, tile_base, xval, t, v1, p1, x1);
-        add_rows<CT>(n, j0, my, v0, p0, x0);
-        if (j0 + STEP >= n) break;
-        load_rows<CT>(list_r, n, j0 + 2 * STEP, tile_base, xval, t, v0, p0, x0);
-        add_rows<CT>(n, j0 + STEP, my, v1, p1, x1);
-    }
-}
-
-/* x (n_in,) @ rows with key >= state.cut -> y (n_out,) (via partial sums when n_splits > 1). */
-/* Output column (inside a tile) of accumulator slot o = pos * CT + e * TPT + t: group 4t + e. */
-template <int CT>
-__device__ __forceinline__ int slot_col(int o) {
-    constexpr int TPT = CT / 4;
-    const int pos = o / CT, rem = o % CT;
-    return 16 * (4 * (rem % TPT) + rem / TPT) + pos;
-}
+static_assert(sizeof(pe_cuda_state) == 64 && offsetof(pe_cuda_state, done) == 16 &&
+                  offsetof(pe_cuda_state, info_mults) == 40,
+              "the kernel reads and resets the state as uint4 words");
 
 /* Sum of the n_splits partial tiles (slot order) -> y (fixed order over splits); VEC slots per
  * thread, 16 loads in flight. Run by the last block of a tile to finish. */
 template <typename TY, int CT>
 __device__ __forceinline__ void sum_splits(const pe_cuda_matrix &m, int tile, TY *y) {
-    constexpr int VEC = 16 * CT / PE_MM_THREADS, DEPTH = 16;
+    constexpr int VEC = 16 * CT / PE_THREADS, DEPTH = 16;
     const size_t split_stride = (size_t)m.n_tiles * 16 * CT;
     const int o0 = threadIdx.x * VEC;
     const float *p = m.partial + (size_t)tile * 16 * CT + o0;
@@ -121,197 +53,377 @@ __device__ __forceinline__ void sum_splits(const pe_cuda_matrix &m, int tile, TY
     }
 #pragma unroll
     for (int k = 0; k < VEC; k++) {
-        int64_t gc = (int64_t)tile * 16 * CT + slot_col<CT>(o0 + k);
+        const int64_t gc = (int64_t)tile * 16 * CT + pe_slot_col<CT>(o0 + k);
         if (gc < m.n_out) pe_store(&y[gc], s[k]);
     }
 }
 
-/* x (n_in,) @ rows with key >= cut -> y (n_out,) (via partial sums when n_splits > 1). Every
- * block first finishes the cutoff search (resolve.cuh); block 0 records it. */
-template <typename TX, typename TY, int CT>
-__global__ void __launch_bounds__(PE_MM_THREADS, 1)
-    k_bucketmul(const TX *__restrict__ x, pe_cuda_matrix m, TY *__restrict__ y,
-                const double *eff_ptr, double eff_val) {
-    typedef Tile<CT> T;
-    extern __shared__ float smem[];
-    float *acc = smem;                           /* (NT, ACC)   */
-    int *list_r = (int *)(acc + T::NT * T::ACC); /* (LIST_CAP,) */
-    __shared__ uint32_t warp_n[PE_ROUNDS * PE_MM_WARPS], s_total;
-    __shared__ bool last;
-    const int tile = blockIdx.x % m.n_tiles, split = blockIdx.x / m.n_tiles;
-#define PE_STAMP(i) PE_STAMP0(m, i)
-    PE_STAMP(0);
-    for (int i = threadIdx.x; i < T::NT * T::ACC; i += PE_MM_THREADS) acc[i] = 0.f;
-    pe_pdl_wait();
-    PE_STAMP(1);
-    pe_pdl_launch();
-    pe_cuda_state *st = m.state;
-    if (blockIdx.x == 0) /* the candidate kernel is done with the histogram: clear it */
-        for (int i = threadIdx.x; i < 2 * PE_NB1; i += PE_MM_THREADS) m.hist[i] = 0;
-    const int64_t stride = m.n_splits;
+/* hist (PE_NB1 weights, global) -> h (shared) -> b1 and the weight above it, by mode. */
+__device__ __forceinline__ int pick_level1(const uint32_t *hist, uint32_t *h, int mode,
+                                           double budget, unsigned long long *above) {
+    *above = 0;
+    if (mode == PE_MODE_NONE) return PE_NB1; /* nothing is above, nothing is a candidate */
+    if (mode == PE_MODE_ALL) return -1;      /* every row is above */
+    const uint4 *src = (const uint4 *)hist;
+    uint4 v[PE_NB1 / 4 / PE_THREADS];
 #pragma unroll
-    for (int q = 0; q < PE_ROUNDS; q++) { /* the first keys of the dispatch scan, into L1 */
-        int64_t r = (split + (q * PE_MM_WARPS + (threadIdx.x >> 5)) * stride) * 32 + (threadIdx.x & 31);
-        if (r < m.n_rows) asm volatile("prefetch.global.L1 [%0];" ::"l"(m.keys + r));
+    for (int q = 0; q < PE_NB1 / 4 / PE_THREADS; q++) v[q] = __ldcg(src + q * PE_THREADS + threadIdx.x);
+#pragma unroll
+    for (int q = 0; q < PE_NB1 / 4 / PE_THREADS; q++)
+        reinterpret_cast<uint4 *>(h)[q * PE_THREADS + threadIdx.x] = v[q];
+    __syncthreads();
+    uint32_t b;
+    pe_pick_bin(h, PE_NB1, budget, &b, above);
+    return (int)b;
+}
+
+/* The last block of a matrix (done ticket) resets its counters for the next call. */
+__device__ __forceinline__ void finish_matrix(pe_cuda_state *st, uint32_t n_blocks,
+                                              uint32_t parity) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&st->done, 1u) == n_blocks - 1) {
+            __threadfence();
+            uint4 *w = (uint4 *)st;
+            w[0] = make_uint4(0u, 0u, 0u, 0u);
+            w[1] = make_uint4(0u, parity ^ 1u, __ldcg(&st->cut), 0u);
+        }
     }
-    /* the state and the effort in one round trip: (ticket1, ticket2, n_cand, mode),
-     * (b1, cut, above_n, rows), above_w */
-    const uint4 s0 = __ldcg((const uint4 *)st), s1 = __ldcg((const uint4 *)st + 1);
-    const unsigned long long above_w = __ldcg(&st->above_w);
+}
+
+/* One pass of a worker's keys against level-1 bin b1: rows above it (sure) -> list (from 0);
+ * rows in it (candidates) -> own list cand_rx/cand_k from *n_c (as far as it holds), and the
+ * worker's share (candidate index % n_tiles == tile) -> the global list m.cand. Block-wide;
+ * -> the number of sure rows; *n_c grows by the candidates. */
+__device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, bool do_def,
+                                               bool do_cand, int tile, const int (&ri)[PE_KR],
+                                               const float (&xv)[PE_KR],
+                                               const uint32_t (&key)[PE_KR], int2 *list,
+                                               int2 *cand_rx, uint32_t *cand_k, uint32_t *n_c,
+                                               uint32_t (*warp_n)[PE_KR * PE_WARPS],
+                                               uint32_t *s_tot, uint32_t *s_base) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tail = (int)(m.n_out % 16);
+    const uint32_t nt = (uint32_t)m.n_tiles, c0 = *n_c;
+    /* number of candidate indices o < v with o % nt == tile: this worker's share */
+    auto share_below = [&](uint32_t v) -> uint32_t {
+        return v > (uint32_t)tile ? (v - (uint32_t)tile + nt - 1) / nt : 0u;
+    };
+    unsigned dm[PE_KR], cm[PE_KR];
+#pragma unroll
+    for (int q = 0; q < PE_KR; q++) {
+        const bool ok = ri[q] >= 0;
+        const int bin = (int)(key[q] >> 19);
+        dm[q] = __ballot_sync(0xFFFFFFFFu, do_def && ok && bin > b1);
+        cm[q] = __ballot_sync(0xFFFFFFFFu, do_cand && ok && bin == b1);
+        if (lane == 0) {
+            warp_n[0][q * PE_WARPS + warp] = __popc(dm[q]);
+            warp_n[1][q * PE_WARPS + warp] = __popc(cm[q]);
+        }
+    }
+    __syncthreads();
+    if (warp < 2) {
+        const uint32_t tot = pe_warp_scan256(warp_n[warp]);
+        if (lane == 0) s_tot[warp] = tot;
+    }
+    __syncthreads();
+    const uint32_t nd = s_tot[0], nc = s_tot[1];
+    if (threadIdx.x == 0 && nc) {
+        const uint32_t first = share_below(c0), mine = share_below(c0 + nc) - first;
+        *s_base = (mine ? atomicAdd(&m.state->n_cand, mine) : 0u) - first;
+    }
+    const unsigned lt = (1u << lane) - 1u;
+#pragma unroll
+    for (int q = 0; q < PE_KR; q++) {
+        if (dm[q] >> lane & 1u)
+            list[warp_n[0][q * PE_WARPS + warp] + __popc(dm[q] & lt)] =
+                make_int2(ri[q], __float_as_int(xv[q]));
+        if (cm[q] >> lane & 1u) {
+            const uint32_t o = c0 + warp_n[1][q * PE_WARPS + warp] + __popc(cm[q] & lt);
+            if (o < PE_CAND_CAP) {
+                cand_rx[o] = make_int2(ri[q], __float_as_int(xv[q]));
+                cand_k[o] = key[q] | (pe_is_short(ri[q], m.n_in, tail) << 31);
+            }
+        }
+    }
+    __syncthreads();
+    if (nc) {
+        const uint32_t base = *s_base;
+#pragma unroll
+        for (int q = 0; q < PE_KR; q++) {
+            if (cm[q] >> lane & 1u) {
+                const uint32_t o = c0 + warp_n[1][q * PE_WARPS + warp] + __popc(cm[q] & lt);
+                if (o % nt == (uint32_t)tile)
+                    m.cand[base + share_below(o)] = key[q] | (pe_is_short(ri[q], m.n_in, tail) << 31);
+            }
+        }
+    }
+    *n_c = c0 + nc;
+    return nd;
+}
+
+#define PE_STAMP(i) \
+    if (g.timing && blockIdx.x == 0 && threadIdx.x == 0) g.timing[i] = pe_now()
+#define PE_STAMP_SEL(i) \
+    if (g.timing && mi == 0 && threadIdx.x == 0) g.timing[i] = pe_now()
+
+template <typename TX, typename TY, int CT>
+__global__ void __launch_bounds__(PE_THREADS, 1)
+    k_effort(const TX *__restrict__ x, const pe_cuda_group g, const double *eff_ptr,
+             double eff_val) {
+    typedef Tile<CT> T;
+    extern __shared__ __align__(16) unsigned char smem[];
+    float *acc = (float *)smem;                                              /* (NT, ACC) */
+    int2 *list = (int2 *)(smem + T::ACC_BYTES);                              /* (PASS_ROWS,) */
+    int2 *cand_rx = (int2 *)(smem + T::ACC_BYTES + T::LIST_BYTES);           /* (CAND_CAP,) */
+    uint32_t *cand_k = (uint32_t *)(cand_rx + PE_CAND_CAP);                  /* (CAND_CAP,) */
+    __shared__ uint32_t warp_n[2][PE_KR * PE_WARPS], s_tot[2], s_base;
+    __shared__ pe_cuda_matrix s_m;
+    __shared__ void *s_y;
+    __shared__ bool s_last;
+
+    const bool selector = (int)blockIdx.x >= g.n_workers;
+    int mi = selector ? (int)blockIdx.x - g.n_workers : 0;
+    if (!selector)
+        while (mi + 1 < g.n_mat && (int)blockIdx.x >= g.m[mi + 1].block0) mi++;
+    if (threadIdx.x == 0) {
+        s_m = g.m[mi];
+        s_y = g.y[mi];
+    }
+    PE_STAMP(0);
+    __syncthreads();
+    const pe_cuda_matrix &m = s_m;
+    pe_cuda_state *st = m.state;
+    const int local = selector ? 0 : (int)blockIdx.x - m.block0;
+    const int tile = local % m.n_tiles, split = local / m.n_tiles;
+    const uint32_t n_workers = (uint32_t)(m.n_tiles * m.n_splits);
+    const uint32_t G = (uint32_t)((m.n_out + 15) / 16);
+    const int tail = (int)(m.n_out % 16);
+    const int64_t n_stripes = (m.n_rows + 31) / 32;
+    const int64_t n_k = selector ? 0 : (n_stripes - split + m.n_splits - 1) / m.n_splits;
+    const int n_pass = (int)((n_k + PE_KR * PE_WARPS - 1) / (PE_KR * PE_WARPS));
+
+    int ri[PE_KR];
+    float xv[PE_KR];
+    uint32_t key[PE_KR];
+    int ord[PE_KR];
+    float sta[PE_KR];
+    if (!selector) {
+        for (int i = threadIdx.x; i < T::NT * T::ACC; i += PE_THREADS) acc[i] = 0.f;
+        pe_load_meta(m, split, 0, ri, ord, sta); /* constant data: before the PDL wait */
+    }
+    pe_pdl_wait();
+    pe_pdl_launch();
+    PE_STAMP(1);
+    const uint4 s1 = __ldcg((const uint4 *)st + 1); /* (done, parity, cut, pad) */
+    const uint32_t parity = s1.y & 1u;
+    uint32_t *hist = m.hist + parity * PE_NB1;
     const double eff = eff_ptr ? __ldcg(eff_ptr) : eff_val;
-    const uint32_t mode = s0.w;
-    PE_STAMP(16); /* state loaded */
-    uint32_t cut, rows;
-    unsigned long long mults;
-    if (mode == PE_MODE_SEARCH) {
-        cut = pe_resolve(m, eff * (double)(m.n_in * m.n_out), s0.z, s1.x, above_w, s1.z,
-                         (uint32_t *)list_r, &mults, &rows);
-    } else {
-        const bool all = mode == PE_MODE_ALL;
-        cut = all ? 0u : 0xFFFFFFFFu;
-        mults = all ? m.total_w : 0ull;
-        rows = all ? (uint32_t)m.n_rows : 0u;
+    const double budget = eff * (double)(m.n_in * m.n_out);
+    const int mode = !(eff > 0.0)                    ? PE_MODE_NONE
+                     : (double)m.total_w < budget ? PE_MODE_ALL
+                                                  : PE_MODE_SEARCH;
+
+    if (selector) { /* ------------------------------------------------ selector block */
+        uint32_t *other = m.hist + (parity ^ 1u) * PE_NB1; /* the last call's: next call's */
+        for (int i = threadIdx.x; i < PE_NB1 / 4; i += PE_THREADS)
+            reinterpret_cast<uint4 *>(other)[i] = make_uint4(0u, 0u, 0u, 0u);
+        uint32_t *h = (uint32_t *)acc, *s_cand = h + PE_NB2;
+        const uint32_t cap = ((T::ACC_BYTES / 4 - PE_NB2) / 4096) * 4096;
+        pe_wait_geq(&st->hist_done, n_workers);
+        PE_STAMP_SEL(12);
+        unsigned long long aw;
+        const int b1 = pick_level1(hist, (uint32_t *)list, mode, budget, &aw);
+        uint32_t cut;
+        unsigned long long mults;
+        if (mode == PE_MODE_SEARCH) {
+            pe_wait_geq(&st->cand_done, n_workers);
+            PE_STAMP_SEL(13);
+            const uint32_t n_c = __ldcg(&st->n_cand);
+            cut = pe_resolve(m, budget, n_c, (uint32_t)b1, aw, s_cand, cap, h, &mults);
+        } else {
+            cut = mode == PE_MODE_ALL ? 0u : PE_INVALID;
+            mults = mode == PE_MODE_ALL ? m.total_w : 0ull;
+        }
+        if (threadIdx.x == 0) {
+            st->cut = cut;
+            st->mults = mults;
+            atomicAdd(&st->info_mults, mults);
+            __threadfence();
+            atomicExch(&st->cut_flag, 1u);
+        }
+        PE_STAMP_SEL(14);
+        finish_matrix(st, n_workers + 1, parity);
+        return;
     }
-    PE_STAMP(2);
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        st->cut = cut;
-        st->mults = mults;
-        st->rows = rows;
-        st->info_mults += mults;
-        st->info_rows += rows;
-    }
+
+    /* ------------------------------------------------------------------ worker block */
     const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *my = acc + team * T::ACC + t;
     const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
-    const int64_t n_stripes = (m.n_rows + 31) / 32;
-    /* stripes of 32 rows: split s owns stripes s, s + stride, ...; warp w takes the w-th of
-     * each round of PE_MM_WARPS stripes; PE_ROUNDS rounds are scanned at once. */
-    uint32_t n = 0;
-    __syncthreads();
-    for (int64_t round0 = split; round0 < n_stripes; round0 += PE_ROUNDS * PE_MM_WARPS * stride) {
-        if (n + PE_ROUNDS * PE_MM_THREADS > PE_LIST_CAP) { /* no room: use the list first */
-            process<CT>(list_r, n, tile_base, m.xval, my, team, t);
-            __syncthreads();
-            n = 0;
-        }
-        uint32_t key[PE_ROUNDS];
-        unsigned mask[PE_ROUNDS];
-#pragma unroll
-        for (int q = 0; q < PE_ROUNDS; q++) {
-            int64_t r = (round0 + (q * PE_MM_WARPS + warp) * stride) * 32 + lane;
-            key[q] = r < m.n_rows ? __ldg(&m.keys[r]) : 0u;
-        }
-#pragma unroll
-        for (int q = 0; q < PE_ROUNDS; q++) {
-            int64_t r = (round0 + (q * PE_MM_WARPS + warp) * stride) * 32 + lane;
-            mask[q] = __ballot_sync(0xFFFFFFFFu, r < m.n_rows && key[q] >= cut);
-            if (lane == 0) warp_n[q * PE_MM_WARPS + warp] = __popc(mask[q]);
-        }
+    pe_finish_keys(x, ri, ord, sta, xv, key);
+    { /* 1. this worker's rounds (round % n_tiles == tile) of the level-1 weight histogram */
+        uint32_t *h1 = (uint32_t *)list;
+        for (int i = threadIdx.x; i < PE_NB1; i += PE_THREADS) h1[i] = 0u;
         __syncthreads();
-        if (warp == 0) { /* exclusive prefix over (round, warp), PE_ROUNDS * 16 / 32 each */
-            constexpr int PER = PE_ROUNDS * PE_MM_WARPS / 32;
-            uint32_t c[PER], sum = 0;
+        if (mode == PE_MODE_SEARCH) {
+            for (int p = 0; p < n_pass; p++) {
+                if (p > 0) pe_load_keys(x, m, split, p, ri, xv, key);
 #pragma unroll
-            for (int k = 0; k < PER; k++) sum += (c[k] = warp_n[lane * PER + k]);
-            uint32_t incl = sum;
-#pragma unroll
-            for (int d = 1; d < 32; d *= 2) {
-                uint32_t o = __shfl_up_sync(0xFFFFFFFFu, incl, d);
-                if (lane >= d) incl += o;
-            }
-            uint32_t run = incl - sum;
-#pragma unroll
-            for (int k = 0; k < PER; k++) {
-                warp_n[lane * PER + k] = run;
-                run += c[k];
-            }
-            if (lane == 31) s_total = run;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int q = 0; q < PE_ROUNDS; q++) {
-            if (mask[q] >> lane & 1u) {
-                int64_t r = (round0 + (q * PE_MM_WARPS + warp) * stride) * 32 + lane;
-                list_r[n + warp_n[q * PE_MM_WARPS + warp] + __popc(mask[q] & ((1u << lane) - 1))] =
-                    (int)r;
+                for (int q = 0; q < PE_KR; q++)
+                    if (ri[q] >= 0 && (p * PE_KR + q) % m.n_tiles == tile)
+                        atomicAdd(&h1[key[q] >> 19], G - pe_is_short(ri[q], m.n_in, tail));
             }
         }
-        n += s_total;
         __syncthreads();
+        for (int i = threadIdx.x; i < PE_NB1; i += PE_THREADS)
+            if (h1[i]) atomicAdd(&hist[i], h1[i]);
+        pe_signal(&st->hist_done);
     }
+    PE_STAMP(2);
+    pe_wait_geq(&st->hist_done, n_workers);
     PE_STAMP(3);
-    process<CT>(list_r, n, tile_base, m.xval, my, team, t);
-    __syncthreads();
+    unsigned long long aw;
+    const int b1 = pick_level1(hist, (uint32_t *)list, mode, budget, &aw);
     PE_STAMP(4);
-    /* teams -> this split's sums, in slot order (coalesced partial writes) */
+
+    /* 2.-3. sure rows -> list -> accumulators; candidates -> own list + global share */
+    uint32_t n_def_all = 0, n_c = 0; /* sure rows, own candidates so far */
+    if (n_pass == 1) { /* keys still in registers: both lists at once */
+        const uint32_t nd = split_rows(m, b1, true, true, tile, ri, xv, key, list, cand_rx, cand_k,
+                                       &n_c, warp_n, s_tot, &s_base);
+        pe_signal(&st->cand_done);
+        PE_STAMP(5);
+        pe_process<CT>(list, nd, tile_base, my, team, t);
+        n_def_all += nd;
+        __syncthreads();
+    } else { /* candidates of every pass first, then the sure rows pass by pass */
+        for (int p = 0; p < n_pass; p++) {
+            pe_load_keys(x, m, split, p, ri, xv, key);
+            split_rows(m, b1, false, true, tile, ri, xv, key, list, cand_rx, cand_k, &n_c, warp_n,
+                       s_tot, &s_base);
+        }
+        pe_signal(&st->cand_done);
+        for (int p = 0; p < n_pass; p++) {
+            pe_load_keys(x, m, split, p, ri, xv, key);
+            const uint32_t nd = split_rows(m, b1, true, false, tile, ri, xv, key, list, cand_rx,
+                                           cand_k, &n_c, warp_n, s_tot, &s_base);
+            pe_process<CT>(list, nd, tile_base, my, team, t);
+            n_def_all += nd;
+            __syncthreads();
+        }
+    }
+    PE_STAMP(6);
+
+    /* 3b. the cut, then the own candidates with key >= cut */
+    pe_wait_geq(&st->cut_flag, 1u);
+    const uint32_t cut = __ldcg(&st->cut);
+    PE_STAMP(7);
+    uint32_t n_take = 0;
+    if (n_c <= PE_CAND_CAP) {
+        for (uint32_t i0 = 0; i0 < n_c; i0 += PE_PASS_ROWS) {
+            bool take[PE_KR];
+#pragma unroll
+            for (int q = 0; q < PE_KR; q++) {
+                const uint32_t i = i0 + q * PE_THREADS + threadIdx.x;
+                take[q] = i < n_c && (cand_k[i] & 0x7FFFFFFFu) >= cut;
+                ri[q] = take[q] ? cand_rx[i].x : -1;
+                xv[q] = take[q] ? __int_as_float(cand_rx[i].y) : 0.f;
+            }
+            const uint32_t n = pe_compact(take, ri, xv, list, 0, warp_n[0], &s_tot[0]);
+            pe_process<CT>(list, n, tile_base, my, team, t);
+            n_take += n;
+            __syncthreads();
+        }
+    } else { /* more candidates than shared memory holds: scan the split's keys again */
+        for (int p = 0; p < n_pass; p++) {
+            pe_load_keys(x, m, split, p, ri, xv, key);
+            bool take[PE_KR];
+#pragma unroll
+            for (int q = 0; q < PE_KR; q++)
+                take[q] = ri[q] >= 0 && (int)(key[q] >> 19) == b1 && key[q] >= cut;
+            const uint32_t n = pe_compact(take, ri, xv, list, 0, warp_n[0], &s_tot[0]);
+            pe_process<CT>(list, n, tile_base, my, team, t);
+            n_take += n;
+            __syncthreads();
+        }
+    }
+    if (tile == 0 && threadIdx.x == 0)
+        atomicAdd(&st->info_rows, (unsigned long long)(n_def_all + n_take));
+    PE_STAMP(8);
+
+    /* 4. teams -> this split's sums, in slot order (coalesced partial writes) */
+    TY *y = (TY *)s_y;
     const int tile_cols = 16 * CT;
     float *part = m.partial + ((size_t)split * m.n_tiles + tile) * tile_cols;
-    for (int o = threadIdx.x; o < tile_cols; o += PE_MM_THREADS) {
+    for (int o = threadIdx.x; o < tile_cols; o += PE_THREADS) {
         float s = 0.f;
         for (int j = 0; j < T::NT; j++) s += acc[j * T::ACC + o];
         if (m.n_splits == 1) {
-            int64_t gc = (int64_t)tile * tile_cols + slot_col<CT>(o);
+            const int64_t gc = (int64_t)tile * tile_cols + pe_slot_col<CT>(o);
             if (gc < m.n_out) pe_store(&y[gc], s);
         } else {
             part[o] = s;
         }
     }
-    PE_STAMP(5);
-    if (m.n_splits == 1) return;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&m.tickets[tile], 1u) == (uint32_t)m.n_splits - 1;
-    __syncthreads();
-    PE_STAMP(6);
-    if (!last) {
-        PE_STAMP_MAX(m, 14);
-        return;
+    if (m.n_splits > 1) {
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) s_last = atomicAdd(&m.tickets[tile], 1u) == (uint32_t)m.n_splits - 1;
+        __syncthreads();
+        if (s_last) {
+            __threadfence();
+            sum_splits<TY, CT>(m, tile, y);
+            if (threadIdx.x == 0) m.tickets[tile] = 0;
+        }
     }
-    __threadfence();
-    sum_splits<TY, CT>(m, tile, y);
-    PE_STAMP_MAX(m, 7);
-    if (threadIdx.x == 0) m.tickets[tile] = 0;
+    PE_STAMP(9);
+    finish_matrix(st, n_workers + 1, parity);
+    if (g.timing && threadIdx.x == 0)
+        atomicMax((unsigned long long *)&g.timing[10], (unsigned long long)pe_now());
 }
 
 /* ---------------------------------------------------------------- launch */
 
-int pe_cuda_select_impl(const pe_cuda_matrix *m, const void *x, int x_dtype,
-                        const double *effort_ptr, double effort_val, void *stream, int pdl,
-                        int stages);
-
 template <typename TX, typename TY, int CT>
-static cudaError_t launch_mm(const pe_cuda_matrix *m, const void *x, void *y, void *stream,
-                             int pdl, const double *effort_ptr, double effort_val) {
+static cudaError_t launch(const pe_cuda_group *g, const void *x, void *stream, int pdl, int coop,
+                          const double *effort_ptr, double effort_val) {
     cudaLaunchConfig_t cfg;
-    cudaLaunchAttribute attr[1];
-    cfg.gridDim = dim3((unsigned)(m->n_tiles * m->n_splits));
-    cfg.blockDim = dim3(PE_MM_THREADS);
+    cudaLaunchAttribute attr[2];
+    int na = 0;
+    if (coop) {
+        attr[na].id = cudaLaunchAttributeCooperative;
+        attr[na++].val.cooperative = 1;
+    }
+    if (pdl) {
+        attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[na++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    cfg.gridDim = dim3((unsigned)(g->n_workers + g->n_mat));
+    cfg.blockDim = dim3(PE_THREADS);
     cfg.dynamicSmemBytes = Tile<CT>::SMEM;
     cfg.stream = (cudaStream_t)stream;
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, k_bucketmul<TX, TY, CT>, (const TX *)x, *m, (TY *)y,
-                              effort_ptr, effort_val);
+    cfg.numAttrs = na;
+    return cudaLaunchKernelEx(&cfg, k_effort<TX, TY, CT>, (const TX *)x, *g, effort_ptr,
+                              effort_val);
 }
 
 template <typename TX, typename TY>
-static cudaError_t launch_ct(const pe_cuda_matrix *m, const void *x, void *y, void *stream,
-                             int pdl, const double *ep, double ev) {
-    switch (m->ct) {
-        case 32: return launch_mm<TX, TY, 32>(m, x, y, stream, pdl, ep, ev);
-        case 64: return launch_mm<TX, TY, 64>(m, x, y, stream, pdl, ep, ev);
-        case 128: return launch_mm<TX, TY, 128>(m, x, y, stream, pdl, ep, ev);
+static cudaError_t launch_ct(const pe_cuda_group *g, const void *x, void *stream, int pdl,
+                             int coop, const double *ep, double ev) {
+    switch (g->m[0].ct) {
+        case 32: return launch<TX, TY, 32>(g, x, stream, pdl, coop, ep, ev);
+        case 64: return launch<TX, TY, 64>(g, x, stream, pdl, coop, ep, ev);
+        case 128: return launch<TX, TY, 128>(g, x, stream, pdl, coop, ep, ev);
         default: return cudaErrorInvalidValue;
     }
 }
 
 template <typename TX, typename TY, int CT>
 static cudaError_t raise_smem() {
-    return cudaFuncSetAttribute(k_bucketmul<TX, TY, CT>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tile<CT>::SMEM);
+    return cudaFuncSetAttribute(k_effort<TX, TY, CT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                Tile<CT>::SMEM);
 }
 
 template <typename TX, typename TY>
@@ -322,11 +434,7 @@ static cudaError_t raise_all() {
     return e;
 }
 
-int pe_cuda_select_init(void);
-
 extern "C" int pe_cuda_init(void) {
-    int st = pe_cuda_select_init();
-    if (st) return st;
     cudaError_t e = raise_all<float, float>();
     if (e == cudaSuccess) e = raise_all<__half, float>();
     if (e == cudaSuccess) e = raise_all<__half, __half>();
@@ -337,49 +445,47 @@ extern "C" int pe_cuda_init(void) {
 
 static int elem_size(int dtype) { return dtype == PE_F32 ? 4 : 2; }
 
-static cudaError_t launch_types(const pe_cuda_matrix *m, const void *x, int xd, void *y, int yd,
-                                void *stream, int pdl, const double *ep, double ev) {
-    if (xd == PE_F32 && yd == PE_F32) return launch_ct<float, float>(m, x, y, stream, pdl, ep, ev);
-    if (xd == PE_F16 && yd == PE_F32) return launch_ct<__half, float>(m, x, y, stream, pdl, ep, ev);
-    if (xd == PE_F16 && yd == PE_F16) return launch_ct<__half, __half>(m, x, y, stream, pdl, ep, ev);
-    if (xd == PE_BF16 && yd == PE_F32) return launch_ct<__nv_bfloat16, float>(m, x, y, stream, pdl, ep, ev);
+static cudaError_t launch_types(const pe_cuda_group *g, const void *x, int xd, int yd,
+                                void *stream, int pdl, int coop, const double *ep, double ev) {
+    if (xd == PE_F32 && yd == PE_F32)
+        return launch_ct<float, float>(g, x, stream, pdl, coop, ep, ev);
+    if (xd == PE_F16 && yd == PE_F32)
+        return launch_ct<__half, float>(g, x, stream, pdl, coop, ep, ev);
+    if (xd == PE_F16 && yd == PE_F16)
+        return launch_ct<__half, __half>(g, x, stream, pdl, coop, ep, ev);
+    if (xd == PE_BF16 && yd == PE_F32)
+        return launch_ct<__nv_bfloat16, float>(g, x, stream, pdl, coop, ep, ev);
     if (xd == PE_BF16 && yd == PE_BF16)
-        return launch_ct<__nv_bfloat16, __nv_bfloat16>(m, x, y, stream, pdl, ep, ev);
+        return launch_ct<__nv_bfloat16, __nv_bfloat16>(g, x, stream, pdl, coop, ep, ev);
     return cudaErrorInvalidValue;
 }
 
-extern "C" int pe_cuda_matmul(const pe_cuda_matrix *m, const void *x, int x_dtype,
+static bool group_ok(const pe_cuda_group *g) {
+    if (!g || g->n_mat < 1 || g->n_mat > PE_MAX_GROUP) return false;
+    int32_t next = 0;
+    for (int i = 0; i < g->n_mat; i++) {
+        const pe_cuda_matrix *m = &g->m[i];
+        if (m->n_rows < 1 || m->n_rows > 16 * m->n_in || m->n_splits < 1 || m->n_tiles < 1 ||
+            m->ct != g->m[0].ct || m->n_in != g->m[0].n_in || m->block0 != next ||
+            (int64_t)m->n_tiles * 16 * m->ct < m->n_out || !g->y[i])
+            return false;
+        next += m->n_tiles * m->n_splits;
+    }
+    return next == g->n_workers;
+}
+
+extern "C" int pe_cuda_matmul(const pe_cuda_group *g, const void *x, int x_dtype,
                               int64_t n_tokens, const double *effort_ptr, double effort_val,
-                              void *y, int y_dtype, void *stream, int pdl) {
-    if (!m || m->n_rows < 1 || m->n_rows > 16 * m->n_in || m->n_splits < 1 || n_tokens < 0 ||
-        (int64_t)m->n_tiles * 16 * m->ct < m->n_out)
-        return PE_CUDA_ERR_ARG;
+                              int y_dtype, void *stream, int pdl, int coop) {
+    if (!group_ok(g) || n_tokens < 0) return PE_CUDA_ERR_ARG;
+    pe_cuda_group gt = *g;
     for (int64_t t = 0; t < n_tokens; t++) {
-        const char *xt = (const char *)x + t * m->n_in * elem_size(x_dtype);
-        char *yt = (char *)y + t * m->n_out * elem_size(y_dtype);
-        int st = pe_cuda_select_impl(m, xt, x_dtype, effort_ptr, effort_val, stream, pdl, 3);
-        if (st) return st;
+        const char *xt = (const char *)x + t * g->m[0].n_in * elem_size(x_dtype);
+        for (int i = 0; i < g->n_mat; i++)
+            gt.y[i] = (char *)g->y[i] + t * g->m[i].n_out * elem_size(y_dtype);
         cudaError_t e =
-            launch_types(m, xt, x_dtype, yt, y_dtype, stream, pdl, effort_ptr, effort_val);
+            launch_types(&gt, xt, x_dtype, y_dtype, stream, pdl, coop, effort_ptr, effort_val);
         if (e != cudaSuccess) return e == cudaErrorInvalidValue ? PE_CUDA_ERR_ARG : (int)e;
     }
     return 0;
-}
-
-extern "C" int pe_cuda_select(const pe_cuda_matrix *m, const void *x, int x_dtype,
-                              const double *effort_ptr, double effort_val, void *stream,
-                              int pdl, int stages) {
-    return pe_cuda_select_impl(m, x, x_dtype, effort_ptr, effort_val, stream, pdl, stages);
-}
-
-extern "C" int pe_cuda_num_sms(void) {
-    int dev = 0, n = 0;
-    cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    return e == cudaSuccess ? n : -(int)e;
-}
-
-extern "C" const char *pe_cuda_error_string(int status) {
-    if (status == PE_CUDA_ERR_ARG) return "inconsistent arguments";
-    return cudaGetErrorString((cudaError_t)status);
 }

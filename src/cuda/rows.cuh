@@ -1,0 +1,187 @@
+/* Row machinery of the effort kernel: keys of a split's rows in registers, block compaction of
+ * the rows to dispatch into shared-memory lists, and the scatter of list rows into accumulators.
+ * Rows of a matrix go to its n_splits splits in 32-row stripes (split s owns stripes s, s + S,
+ * ...: every split is a fair sample); a pass holds PE_KR rounds of PE_WARPS stripes of a split,
+ * one key per thread and round, in registers. */
+#pragma once
+#include "common.cuh"
+
+#define PE_KR 16                          /* rounds per pass: keys held per thread */
+#define PE_PASS_ROWS (PE_KR * PE_THREADS) /* rows of a split per pass (list capacity) */
+#define PE_CAND_CAP 2048                  /* own candidate rows kept in shared memory */
+#define PE_UNROLL 8                       /* rows per load batch of a team (two in flight) */
+#define PE_INVALID 0xFFFFFFFFu            /* key of a missing row (real keys are < 2^31) */
+
+template <int CT>
+struct Tile {
+    static constexpr int TPT = CT / 4;             /* threads per team, 4 groups each      */
+    static constexpr int NT = PE_THREADS / TPT;    /* teams per block                      */
+    static constexpr int ACC = 16 * CT + TPT;      /* floats per team (padded: no conflicts) */
+    static constexpr int CB = CT * 5 / 2;          /* bytes of one row's chunk in a tile   */
+    static constexpr int ACC_BYTES = 4 * NT * ACC; /* accumulators (selector: scratch)     */
+    static constexpr int LIST_BYTES = 8 * PE_PASS_ROWS;  /* (row, x) of dispatched rows   */
+    static constexpr int CAND_BYTES = 12 * PE_CAND_CAP;  /* (row, x), key of own candidates */
+    static constexpr int SMEM = ACC_BYTES + LIST_BYTES + CAND_BYTES;
+};
+
+/* Where a split's rows are: row of (pass p, round q) for this thread, or -1. */
+__device__ __forceinline__ int pe_row_of(const pe_cuda_matrix &m, int split, int p, int q) {
+    const int64_t k = ((int64_t)p * PE_KR + q) * PE_WARPS + (threadIdx.x >> 5);
+    const int64_t r = (split + k * m.n_splits) * 32 + (threadIdx.x & 31);
+    return r < m.n_rows ? (int)r : -1;
+}
+
+/* Pass p of a split, first half (constant data only: may run before the PDL wait). */
+__device__ __forceinline__ void pe_load_meta(const pe_cuda_matrix &m, int split, int p,
+                                             int (&ri)[PE_KR], int (&o)[PE_KR],
+                                             float (&s)[PE_KR]) {
+#pragma unroll
+    for (int q = 0; q < PE_KR; q++) {
+        ri[q] = pe_row_of(m, split, p, q);
+        o[q] = ri[q] >= 0 ? __ldg(m.order + ri[q]) : 0;
+        s[q] = ri[q] >= 0 ? __ldg(m.stats + ri[q]) : 0.f;
+    }
+}
+
+/* Second half: x of each row and its key s = |x| * stat (float bits, sign cleared). */
+template <typename TX>
+__device__ __forceinline__ void pe_finish_keys(const TX *x, const int (&ri)[PE_KR],
+                                               const int (&o)[PE_KR], const float (&s)[PE_KR],
+                                               float (&xv)[PE_KR], uint32_t (&key)[PE_KR]) {
+#pragma unroll
+    for (int q = 0; q < PE_KR; q++) xv[q] = ri[q] >= 0 ? pe_to_f32(x[o[q]]) : 0.f;
+#pragma unroll
+    for (int q = 0; q < PE_KR; q++)
+        key[q] = ri[q] >= 0 ? __float_as_uint(__fmul_rn(fabsf(xv[q]), s[q])) & 0x7FFFFFFFu
+                            : PE_INVALID;
+}
+
+template <typename TX>
+__device__ __forceinline__ void pe_load_keys(const TX *x, const pe_cuda_matrix &m, int split,
+                                             int p, int (&ri)[PE_KR], float (&xv)[PE_KR],
+                                             uint32_t (&key)[PE_KR]) {
+    int o[PE_KR];
+    float s[PE_KR];
+    pe_load_meta(m, split, p, ri, o, s);
+    pe_finish_keys(x, ri, o, s, xv, key);
+}
+
+/* Exclusive prefix of the 256 (round, warp) counts c in place, by one warp; -> the total. */
+__device__ __forceinline__ uint32_t pe_warp_scan256(uint32_t *c) {
+    constexpr int PER = PE_KR * PE_WARPS / 32;
+    const int lane = threadIdx.x & 31;
+    uint32_t v[PER], sum = 0;
+#pragma unroll
+    for (int k = 0; k < PER; k++) sum += (v[k] = c[lane * PER + k]);
+    uint32_t incl = sum;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+        uint32_t o = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+        if (lane >= d) incl += o;
+    }
+    uint32_t run = incl - sum;
+#pragma unroll
+    for (int k = 0; k < PER; k++) {
+        c[lane * PER + k] = run;
+        run += v[k];
+    }
+    return __shfl_sync(0xFFFFFFFFu, run, 31);
+}
+
+/* Block compaction: the rows with take[q] -> list[n0 ...] as (row, x), in (round, warp, lane)
+ * order (deterministic). Block-wide; -> the number taken (all threads). */
+__device__ __forceinline__ uint32_t pe_compact(const bool (&take)[PE_KR], const int (&ri)[PE_KR],
+                                               const float (&xv)[PE_KR], int2 *list, uint32_t n0,
+                                               uint32_t *warp_n, uint32_t *s_tot) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    unsigned mk[PE_KR];
+#pragma unroll
+    for (int q = 0; q < PE_KR; q++) {
+        mk[q] = __ballot_sync(0xFFFFFFFFu, take[q]);
+        if (lane == 0) warp_n[q * PE_WARPS + warp] = __popc(mk[q]);
+    }
+    __syncthreads();
+    if (warp == 0) {
+        uint32_t tot = pe_warp_scan256(warp_n);
+        if (lane == 0) *s_tot = tot;
+    }
+    __syncthreads();
+    const unsigned lt = (1u << lane) - 1u;
+#pragma unroll
+    for (int q = 0; q < PE_KR; q++)
+        if (mk[q] >> lane & 1u)
+            list[n0 + warp_n[q * PE_WARPS + warp] + __popc(mk[q] & lt)] =
+                make_int2(ri[q], __float_as_int(xv[q]));
+    const uint32_t n = *s_tot;
+    __syncthreads();
+    return n;
+}
+
+/* Loads of U list entries (j0, j0 + NT, ...) of a team: values, nibbles and x. */
+template <int CT>
+__device__ __forceinline__ void pe_load_rows(const int2 *list, uint32_t n, uint32_t j0,
+                                             const uint8_t *tile_base, int t,
+                                             uint2 (&v)[PE_UNROLL], uint32_t (&p)[PE_UNROLL],
+                                             float (&xv)[PE_UNROLL]) {
+    typedef Tile<CT> T;
+#pragma unroll
+    for (int u = 0; u < PE_UNROLL; u++) {
+        const uint32_t j = j0 + u * T::NT;
+        v[u] = make_uint2(0u, 0u);
+        p[u] = 0u;
+        xv[u] = 0.f;
+        if (j < n) {
+            const int2 e = list[j];
+            const uint8_t *c = tile_base + (size_t)e.x * T::CB;
+            v[u] = __ldg((const uint2 *)(c + 8 * t));
+            p[u] = __ldg((const unsigned short *)(c + 2 * CT + 2 * t));
+            xv[u] = __int_as_float(e.y);
+        }
+    }
+}
+
+/* acc[16 g + pos] += x * w for the loaded entries that exist (j < n). */
+template <int CT>
+__device__ __forceinline__ void pe_add_rows(uint32_t n, uint32_t j0, float *my,
+                                            const uint2 (&v)[PE_UNROLL],
+                                            const uint32_t (&p)[PE_UNROLL],
+                                            const float (&xv)[PE_UNROLL]) {
+    typedef Tile<CT> T;
+#pragma unroll
+    for (int u = 0; u < PE_UNROLL; u++) {
+        if (j0 + u * T::NT >= n) break;
+        float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].x));
+        float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].y));
+        my[((p[u] >> 0) & 15) * CT + 0 * T::TPT] += xv[u] * a.x;
+        my[((p[u] >> 4) & 15) * CT + 1 * T::TPT] += xv[u] * a.y;
+        my[((p[u] >> 8) & 15) * CT + 2 * T::TPT] += xv[u] * b.x;
+        my[((p[u] >> 12) & 15) * CT + 3 * T::TPT] += xv[u] * b.y;
+    }
+}
+
+/* list (n rows) -> team accumulators; the next U rows load while U add. Team `team` takes list
+ * entries team, team + NT, ... (a fixed order: deterministic sums). */
+template <int CT>
+__device__ __forceinline__ void pe_process(const int2 *list, uint32_t n, const uint8_t *tile_base,
+                                           float *my, int team, int t) {
+    constexpr uint32_t STEP = Tile<CT>::NT * PE_UNROLL;
+    uint2 v0[PE_UNROLL], v1[PE_UNROLL];
+    uint32_t p0[PE_UNROLL], p1[PE_UNROLL];
+    float x0[PE_UNROLL], x1[PE_UNROLL];
+    pe_load_rows<CT>(list, n, team, tile_base, t, v0, p0, x0);
+    for (uint32_t j0 = team; j0 < n; j0 += 2 * STEP) {
+        pe_load_rows<CT>(list, n, j0 + STEP, tile_base, t, v1, p1, x1);
+        pe_add_rows<CT>(n, j0, my, v0, p0, x0);
+        if (j0 + STEP >= n) break;
+        pe_load_rows<CT>(list, n, j0 + 2 * STEP, tile_base, t, v0, p0, x0);
+        pe_add_rows<CT>(n, j0 + STEP, my, v1, p1, x1);
+    }
+}
+
+/* Output column (inside a tile) of accumulator slot o = pos * CT + e * TPT + t: group 4t + e. */
+template <int CT>
+__device__ __forceinline__ int pe_slot_col(int o) {
+    constexpr int TPT = CT / 4;
+    const int pos = o / CT, rem = o % CT;
+    return 16 * (4 * (rem % TPT) + rem / TPT) + pos;
+}
