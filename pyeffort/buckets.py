@@ -99,7 +99,7 @@ class Buckets:
         inputs = self.order.ravel()[: self.n_rows].astype(np.int64)
         cols = GROUP * np.arange(g)[None, :] + pos
         w[inputs[:, None], cols] = self.values
-        return w[:, : self.n_out]
+        return np.ascontiguousarray(w[:, : self.n_out])
 
     def to(self, device):
         """This matrix on ``device``: ``"cpu"`` gives itself, ``"cuda"`` (or ``"cuda:N"``) a

@@ -120,6 +120,7 @@ def test_weight_dtypes_and_from_linear(backend, rng):
     bl = pyeffort.Buckets.from_linear(w.T.copy())  # (n_out, n_in) layer weight
     assert bl.shape == (48, 20) and np.array_equal(bl.values, b16.values)
     np.testing.assert_array_equal(b16.to_dense(), w.astype(np.float16))
+    assert b16.to_dense().flags.c_contiguous  # 20 outputs: a padded last group is cut off
 
 
 def test_dense_matmul_is_accurate(backend, rng):
