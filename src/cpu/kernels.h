@@ -69,6 +69,13 @@ static inline int64_t pe_batch_end(const pe_run *runs, int64_t n_runs, int64_t r
     return r1;
 }
 
+/* Bits set in a 32-bit mask (no popcnt instruction in the portable files: libgcc's is a call). */
+static inline int pe_popcount(uint32_t v) {
+    v = v - ((v >> 1) & 0x55555555u);
+    v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+    return (int)((((v + (v >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
+}
+
 /* memcpy for short, variable sizes: whole 64-byte blocks inline, then the rest. */
 static inline void pe_copy(void *dst, const void *src, int64_t n) {
     char *d = dst;

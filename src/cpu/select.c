@@ -102,9 +102,10 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
         for (int k = 0; k < PE_RANKS; k++) hist[key[r + k] >> 21] += m[k];
     hist[0] -= p->unloaded; /* lanes not loaded have key 0 */
     uint32_t bin = (uint32_t)pick_bin(hist, 2048, budget, &above), prefix = bin << 21;
-    for (int64_t r = 0; r < n; r++)
-        if ((key[r] >> 21) == bin && (bin || (r & 15) < p->n_loaded[r >> 4]))
-            cand[n_cand++] = (uint32_t)r;
+    for (int64_t r = 0; r < n; r++) { /* branch-free: the test is unpredictable */
+        cand[n_cand] = (uint32_t)r;
+        n_cand += (key[r] >> 21) == bin && (bin || (r & 15) < p->n_loaded[r >> 4]);
+    }
     for (int ps = 1; ps < 3; ps++) {
         uint32_t mask = (1u << bits[ps]) - 1;
         memset(hist, 0, sizeof(int64_t) << bits[ps]);
@@ -169,7 +170,7 @@ static uint32_t dispatched(const pe_packed *p, const uint32_t *key, int64_t i, u
 static int64_t mask_mults(const pe_packed *p, uint32_t mask) {
     int tail = (int)(p->n_out % PE_GROUP);
     uint32_t tail_mask = tail ? 0xFFFFu & ~((1u << tail) - 1) : 0u;
-    return __builtin_popcount(mask) * p->n_groups - __builtin_popcount(mask & tail_mask);
+    return pe_popcount(mask) * p->n_groups - pe_popcount(mask & tail_mask);
 }
 
 pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe_run *runs,
@@ -183,7 +184,7 @@ pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe
     for (int64_t i = 0; i < p->n_in; i++) {
         uint32_t mask = dispatched(p, key, i, c);
         if (!mask) continue;
-        rows += __builtin_popcount(mask);
+        rows += pe_popcount(mask);
         done += mask_mults(p, mask);
         nr += emit_runs(p, i, mask, x[i], runs + nr);
     }
@@ -206,7 +207,7 @@ pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_
     if (st != PE_OK || none) return st;
     for (int64_t i = 0; i < p->n_in; i++) {
         uint32_t mask = dispatched(p, key, i, c);
-        int k = __builtin_popcount(mask); /* a prefix: stats fall with rank (tiers.c) */
+        int k = pe_popcount(mask); /* a prefix: stats fall with rank (tiers.c) */
         ks[i] = (uint8_t)k;
         if (!k) continue;
         rows += k;

@@ -62,7 +62,7 @@ static void fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n
             /* a partly loaded tier (or a padding group) still routes 4 slots: zeros at free
              * positions, never where another tier of this input has a value */
             uint16_t m = q->mask[t];
-            for (int pos = 0; pos < PE_GROUP && __builtin_popcount(m) < PE_TIER; pos++)
+            for (int pos = 0; pos < PE_GROUP && pe_popcount(m) < PE_TIER; pos++)
                 if (!((used | m) >> pos & 1)) m |= (uint16_t)(1u << pos);
             used |= m;
             memcpy(rec + 2 * (g % 4), &m, 2);
