@@ -58,4 +58,4 @@ static void packedmul_f16_avx2(const pe_packed *pk, const pe_buckets *b, const p
     }
 }
 
-const pe_cpu_kernels pe_kernels_avx2 = {"avx2", NULL, packedmul_f16_avx2, pe_dense_f16_avx2};
+const pe_cpu_kernels pe_kernels_avx2 = {"avx2", NULL, packedmul_f16_avx2, pe_dense_f16_avx2, NULL};

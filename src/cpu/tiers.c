@@ -55,7 +55,8 @@ static void fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n
     int n_tiers = (n + PE_TIER - 1) / PE_TIER;
     gather_input(b, p, i, n, gt);
     for (int64_t g = 0; g < 4 * C; g++) {
-        group_tiers none = {{0}}, *q = g < G ? gt + g : &none;
+        static const group_tiers none; /* a padding group: no ranks */
+        const group_tiers *q = g < G ? gt + g : &none;
         uint16_t used = q->used;
         for (int t = 0; t < n_tiers; t++) {
             uint8_t *tier = dst + t * row, *rec = tier + (g / 4) * PE_TIER_REC;
