@@ -71,35 +71,56 @@ def time_graph(g, n_calls: int, reps: int = 30) -> float:
     return ts[len(ts) // 2]
 
 
-PHASES = [  # (name, from stamp, to stamp): globaltimer stamps written by the kernel
+PHASES = [  # (name, from stamp, to stamp): block 0's globaltimer stamps (GroupCuda.profile)
     ("prologue", 0, 1),  # block start -> after the PDL wait
     ("keys_hist", 1, 2),  # keys, level-1 histogram share, signal
     ("hist_wait", 2, 3),  # until every worker's histogram is in
     ("pick_b1", 3, 4),
     ("lists", 4, 5),  # sure rows and candidates compacted, candidates published
     ("sure_rows", 5, 6),  # the bulk of the bytes
-    ("cut_wait", 6, 7),
+    ("cut_wait", 6, 7),  # the own candidates' loads are in flight meanwhile
     ("own_cands", 7, 8),
     ("split_sum", 8, 9),  # partial tile, ticket, (last split) the sum
     ("sel_cand_wait", 12, 13),  # selector: until every worker's candidates are in
     ("sel_resolve", 13, 14),  # selector: levels 2 and 3, cut published
-    ("cut_ready_at", 0, 14),
-    ("all_blocks_done_at", 0, 10),
+]
+LATEST = [  # (name, slot): when the last worker reached a stamp, from the first block's start
+    ("start", 16),
+    ("hist_signaled", 18),
+    ("hist_seen", 19),
+    ("lists_done", 21),
+    ("sure_rows_done", 22),
+    ("own_cands_done", 24),
+    ("split_sum_done", 25),
+    ("all_done", 10),
 ]
 
 
 def profile(bs, xs, e):
-    """Phase times (µs) of one call inside a graph, from the kernel's globaltimer stamps."""
+    """Phase times (µs) of the second of two calls inside a graph, from the kernel's
+    globaltimer stamps; "gap" is from the first call's last block end to the second call's
+    first block start."""
     bs[0].profile(True)
+    bs[1].profile(True)
     g = graph_of(
         [lambda: pyeffort.matmul(xs[1], bs[1], e), lambda: pyeffort.matmul(xs[0], bs[0], e)]
     )
-    for _ in range(5):
+    for _ in range(3):
         g.replay()
+    for b in bs[:2]:  # only the last replay's stamps
+        b.timing.zero_()
+        b.timing[11] = 2**62
+    g.replay()
     torch.cuda.synchronize()
-    st = bs[0].timing.cpu().tolist()
+    st, prev = bs[0].timing.cpu().tolist(), bs[1].timing.cpu().tolist()
     bs[0].profile(False)
-    return {k: round((st[b] - st[a]) / 1e3, 2) for k, a, b in PHASES}
+    bs[1].profile(False)
+    res = {k: round((st[b] - st[a]) / 1e3, 2) for k, a, b in PHASES}
+    res["cut_ready_at"] = round((st[14] - st[0]) / 1e3, 2)
+    res.update({"last_" + k: round((st[i] - st[11]) / 1e3, 2) for k, i in LATEST})
+    res["gap_prev_end_to_start"] = round((st[11] - prev[10]) / 1e3, 2)
+    res["prev_call_total"] = round((prev[10] - prev[11]) / 1e3, 2)
+    return res
 
 
 def bench_shape(n_in, n_out, efforts, gen, variants=False):

@@ -71,6 +71,8 @@ class _Matrix(ctypes.Structure):
         ("n_tiles", ctypes.c_int32),
         ("n_splits", ctypes.c_int32),
         ("block0", ctypes.c_int32),
+        ("cand_seg", ctypes.c_int32),
+        ("pad0", ctypes.c_int32),
         ("total_w", ctypes.c_ulonglong),
     ]
 
@@ -151,7 +153,7 @@ def _lib():
     """The kernel library, loaded (and compiled if needed) once."""
     global _lib_handle
     if _lib_handle is None:
-        prebuilt = _ROOT / "_pe_cuda.so"
+        prebuilt = pathlib.Path(os.environ.get("PYEFFORT_CUDA_LIB", _ROOT / "_pe_cuda.so"))
         lib = ctypes.CDLL(str(prebuilt if prebuilt.exists() else _compiled_path()))
         p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
         grp = ctypes.POINTER(_Group)
@@ -188,6 +190,10 @@ def num_sms(device) -> int:
 
 
 # ---------------------------------------------------------------- buckets on the device
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _dtype_code(torch, dt) -> int:
@@ -238,19 +244,18 @@ class CudaBuckets:
         self.stats = stats.reshape(-1)[:n_rows].to(torch.float32).contiguous()  # (n_rows,)
         i32 = {"dtype": torch.int32, "device": dev}
         self._hist = torch.zeros(2 * 4096, **i32)  # level-1 histograms, by call parity
-        self._cand = torch.empty(n_rows, **i32)
         self._tickets = torch.zeros(self.n_tiles, **i32)
         self._state = torch.zeros(8, dtype=torch.int64, device=dev)  # pe_cuda_state
         mults = np.repeat(reference.row_mults(self.n_out), self.n_in)[:n_rows]
         self.total_w = int(mults.sum())
 
-    def _matrix(self, partial, n_splits: int, block0: int) -> _Matrix:
+    def _matrix(self, partial, cand, cand_seg: int, n_splits: int, block0: int) -> _Matrix:
         return _Matrix(
             self.wt.data_ptr(),
             self.order.data_ptr(),
             self.stats.data_ptr(),
             self._hist.data_ptr(),
-            self._cand.data_ptr(),
+            cand.data_ptr(),
             partial.data_ptr(),
             self._tickets.data_ptr(),
             self._state.data_ptr(),
@@ -261,6 +266,8 @@ class CudaBuckets:
             self.n_tiles,
             n_splits,
             block0,
+            cand_seg,
+            0,
             self.total_w,
         )
 
@@ -321,18 +328,27 @@ class CudaGroup:
         self.mats, self.device, self.timing = mats, b0.device, None
         self.splits = [min(int(splits), -(-b.n_rows // 32)) for b in mats]
         self._g = _Group()
-        self._partial, block0 = [], 0
+        self._scratch, block0 = [], 0
         for i, (b, sp) in enumerate(zip(mats, self.splits)):
             n_part = sp * b.n_tiles * 16 * b.ct if sp > 1 else 1
             part = torch.empty(n_part, dtype=torch.float32, device=b.device)
-            self._partial.append(part)
-            self._g.m[i] = b._matrix(part, sp, block0)
+            # candidates: per worker a count and at most its share of its split's rows
+            split_rows = 32 * _ceil_div(_ceil_div(b.n_rows, 32), sp)
+            seg = _ceil_div(split_rows, b.n_tiles)
+            cand = torch.empty(b.n_tiles * sp * (1 + seg), dtype=torch.int32, device=b.device)
+            self._scratch += [part, cand]
+            self._g.m[i] = b._matrix(part, cand, seg, sp, block0)
             block0 += b.n_tiles * sp
         self._g.n_mat, self._g.n_workers = len(mats), block0
 
     def profile(self, enabled: bool = True):
+        """Record %globaltimer stamps (ns) of the next calls into ``self.timing`` (32,): block 0's
+        phases in 0..9, the last block's end in 10, the first block's start in 11, the
+        selector's in 12..14, and the latest of each phase over the workers in 16 + phase."""
         torch = _torch()
         self.timing = torch.zeros(32, dtype=torch.int64, device=self.device) if enabled else None
+        if enabled:
+            self.timing[11] = 2**62  # a minimum
         self._g.timing = self.timing.data_ptr() if enabled else None
 
 

@@ -94,15 +94,16 @@ __device__ __forceinline__ void finish_matrix(pe_cuda_state *st, uint32_t n_bloc
 
 /* One pass of a worker's keys against level-1 bin b1: rows above it (sure) -> list (from 0);
  * rows in it (candidates) -> own list cand_rx/cand_k from *n_c (as far as it holds), and the
- * worker's share (candidate index % n_tiles == tile) -> the global list m.cand. Block-wide;
+ * worker's share (candidate index % n_tiles == tile) -> its segment of m.cand. Block-wide;
  * -> the number of sure rows; *n_c grows by the candidates. */
 __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, bool do_def,
-                                               bool do_cand, int tile, const int (&ri)[PE_KR],
+                                               bool do_cand, int tile, int worker,
+                                               const int (&ri)[PE_KR],
                                                const float (&xv)[PE_KR],
                                                const uint32_t (&key)[PE_KR], int2 *list,
                                                int2 *cand_rx, uint32_t *cand_k, uint32_t *n_c,
                                                uint32_t (*warp_n)[PE_KR * PE_WARPS],
-                                               uint32_t *s_tot, uint32_t *s_base) {
+                                               uint32_t *s_tot) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tail = (int)(m.n_out % 16);
     const uint32_t nt = (uint32_t)m.n_tiles, c0 = *n_c;
     /* number of candidate indices o < v with o % nt == tile: this worker's share */
@@ -128,10 +129,6 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
     }
     __syncthreads();
     const uint32_t nd = s_tot[0], nc = s_tot[1];
-    if (threadIdx.x == 0 && nc) {
-        const uint32_t first = share_below(c0), mine = share_below(c0 + nc) - first;
-        *s_base = (mine ? atomicAdd(&m.state->n_cand, mine) : 0u) - first;
-    }
     const unsigned lt = (1u << lane) - 1u;
 #pragma unroll
     for (int q = 0; q < PE_KR; q++) {
@@ -147,14 +144,14 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
         }
     }
     __syncthreads();
-    if (nc) {
-        const uint32_t base = *s_base;
+    if (nc) { /* this worker's segment of the global list: 1 + share index */
+        uint32_t *seg = m.cand + (size_t)worker * (1 + m.cand_seg) + 1;
 #pragma unroll
         for (int q = 0; q < PE_KR; q++) {
             if (cm[q] >> lane & 1u) {
                 const uint32_t o = c0 + warp_n[1][q * PE_WARPS + warp] + __popc(cm[q] & lt);
                 if (o % nt == (uint32_t)tile)
-                    m.cand[base + share_below(o)] = key[q] | (pe_is_short(ri[q], m.n_in, tail) << 31);
+                    seg[share_below(o)] = key[q] | (pe_is_short(ri[q], m.n_in, tail) << 31);
             }
         }
     }
@@ -162,6 +159,40 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
     return nd;
 }
 
+/* The number of candidates in this worker's segment (its share of the split's n_c). */
+__device__ __forceinline__ void publish_count(const pe_cuda_matrix &m, int worker, int tile,
+                                              uint32_t n_c) {
+    const uint32_t nt = (uint32_t)m.n_tiles;
+    if (threadIdx.x == 0)
+        m.cand[(size_t)worker * (1 + m.cand_seg)] =
+            n_c > (uint32_t)tile ? (n_c - (uint32_t)tile + nt - 1) / nt : 0u;
+}
+
+/* Selector: the per-worker counts -> s_off (exclusive prefix, n_w + 1 entries; n_w <=
+ * PE_THREADS); -> the number of candidates. Block-wide. */
+__device__ __forceinline__ uint32_t gather_counts(const pe_cuda_matrix &m, uint32_t n_w,
+                                                  uint32_t *s_off) {
+    __shared__ uint32_t s_wsum[PE_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint32_t c = threadIdx.x < n_w ? __ldcg(m.cand + (size_t)threadIdx.x * (1 + m.cand_seg)) : 0u;
+    uint32_t incl = c;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+        const uint32_t o = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+        if (lane >= d) incl += o;
+    }
+    if (lane == 31) s_wsum[warp] = incl;
+    __syncthreads();
+    uint32_t before = 0;
+    for (int k = 0; k < warp; k++) before += s_wsum[k];
+    if (threadIdx.x <= n_w) s_off[threadIdx.x] = before + incl - c;
+    __syncthreads();
+    return s_off[n_w];
+}
+
+#define PE_STAMP_MAX(i) \
+    if (g.timing && threadIdx.x == 0) \
+    atomicMax((unsigned long long *)&g.timing[16 + (i)], (unsigned long long)pe_now())
 #define PE_STAMP(i) \
     if (g.timing && blockIdx.x == 0 && threadIdx.x == 0) g.timing[i] = pe_now()
 #define PE_STAMP_SEL(i) \
@@ -177,7 +208,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     int2 *list = (int2 *)(smem + T::ACC_BYTES);                              /* (PASS_ROWS,) */
     int2 *cand_rx = (int2 *)(smem + T::ACC_BYTES + T::LIST_BYTES);           /* (CAND_CAP,) */
     uint32_t *cand_k = (uint32_t *)(cand_rx + PE_CAND_CAP);                  /* (CAND_CAP,) */
-    __shared__ uint32_t warp_n[2][PE_KR * PE_WARPS], s_tot[2], s_base;
+    __shared__ uint32_t warp_n[2][PE_KR * PE_WARPS], s_tot[2];
     __shared__ pe_cuda_matrix s_m;
     __shared__ void *s_y;
     __shared__ bool s_last;
@@ -191,6 +222,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         s_y = g.y[mi];
     }
     PE_STAMP(0);
+    const long long t_start = g.timing ? pe_now() : 0;
     __syncthreads();
     const pe_cuda_matrix &m = s_m;
     pe_cuda_state *st = m.state;
@@ -239,8 +271,17 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         if (mode == PE_MODE_SEARCH) {
             pe_wait_geq(&st->cand_done, n_workers);
             PE_STAMP_SEL(13);
-            const uint32_t n_c = __ldcg(&st->n_cand);
-            cut = pe_resolve(m, budget, n_c, (uint32_t)b1, aw, s_cand, cap, h, &mults);
+            uint32_t *s_off = (uint32_t *)list; /* (n_workers + 1,) */
+            const uint32_t n_c = gather_counts(m, n_workers, s_off);
+            auto fetch = [&](uint32_t i) -> uint32_t { /* i-th candidate: its segment */
+                uint32_t lo = 0, hi = n_workers; /* s_off[lo] <= i < s_off[hi] */
+                while (hi - lo > 1) {
+                    const uint32_t mid = (lo + hi) / 2;
+                    if (s_off[mid] <= i) lo = mid; else hi = mid;
+                }
+                return __ldcg(m.cand + (size_t)lo * (1 + m.cand_seg) + 1 + (i - s_off[lo]));
+            };
+            cut = pe_resolve(m, budget, n_c, (uint32_t)b1, aw, s_cand, cap, h, &mults, fetch);
         } else {
             cut = mode == PE_MODE_ALL ? 0u : PE_INVALID;
             mults = mode == PE_MODE_ALL ? m.total_w : 0ull;
@@ -281,61 +322,64 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         pe_signal(&st->hist_done);
     }
     PE_STAMP(2);
+    PE_STAMP_MAX(2);
     pe_wait_geq(&st->hist_done, n_workers);
     PE_STAMP(3);
+    PE_STAMP_MAX(3);
     unsigned long long aw;
     const int b1 = pick_level1(hist, (uint32_t *)list, mode, budget, &aw);
     PE_STAMP(4);
+    PE_STAMP_MAX(4);
 
     /* 2.-3. sure rows -> list -> accumulators; candidates -> own list + global share */
     uint32_t n_def_all = 0, n_c = 0; /* sure rows, own candidates so far */
     if (n_pass == 1) { /* keys still in registers: both lists at once */
-        const uint32_t nd = split_rows(m, b1, true, true, tile, ri, xv, key, list, cand_rx, cand_k,
-                                       &n_c, warp_n, s_tot, &s_base);
+        const uint32_t nd = split_rows(m, b1, true, true, tile, local, ri, xv, key, list, cand_rx,
+                                       cand_k, &n_c, warp_n, s_tot);
+        publish_count(m, local, tile, n_c);
         pe_signal(&st->cand_done);
         PE_STAMP(5);
+        PE_STAMP_MAX(5);
         pe_process<CT>(list, nd, tile_base, my, team, t);
         n_def_all += nd;
         __syncthreads();
     } else { /* candidates of every pass first, then the sure rows pass by pass */
         for (int p = 0; p < n_pass; p++) {
             pe_load_keys(x, m, split, p, ri, xv, key);
-            split_rows(m, b1, false, true, tile, ri, xv, key, list, cand_rx, cand_k, &n_c, warp_n,
-                       s_tot, &s_base);
+            split_rows(m, b1, false, true, tile, local, ri, xv, key, list, cand_rx, cand_k, &n_c,
+                       warp_n, s_tot);
         }
+        publish_count(m, local, tile, n_c);
         pe_signal(&st->cand_done);
         for (int p = 0; p < n_pass; p++) {
             pe_load_keys(x, m, split, p, ri, xv, key);
-            const uint32_t nd = split_rows(m, b1, true, false, tile, ri, xv, key, list, cand_rx,
-                                           cand_k, &n_c, warp_n, s_tot, &s_base);
+            const uint32_t nd = split_rows(m, b1, true, false, tile, local, ri, xv, key, list,
+                                           cand_rx, cand_k, &n_c, warp_n, s_tot);
             pe_process<CT>(list, nd, tile_base, my, team, t);
             n_def_all += nd;
             __syncthreads();
         }
     }
-    PE_STAMP(6);
 
-    /* 3b. the cut, then the own candidates with key >= cut */
-    pe_wait_geq(&st->cut_flag, 1u);
-    const uint32_t cut = __ldcg(&st->cut);
-    PE_STAMP(7);
+    /* 3b. the own candidates: loads issued, then the cut, then those with key >= cut */
+    auto wait_cut = [&]() -> uint32_t {
+        PE_STAMP(6);
+        PE_STAMP_MAX(6);
+        pe_wait_geq(&st->cut_flag, 1u);
+        PE_STAMP(7);
+        return __ldcg(&st->cut);
+    };
     uint32_t n_take = 0;
     if (n_c <= PE_CAND_CAP) {
-        for (uint32_t i0 = 0; i0 < n_c; i0 += PE_PASS_ROWS) {
-            bool take[PE_KR];
-#pragma unroll
-            for (int q = 0; q < PE_KR; q++) {
-                const uint32_t i = i0 + q * PE_THREADS + threadIdx.x;
-                take[q] = i < n_c && (cand_k[i] & 0x7FFFFFFFu) >= cut;
-                ri[q] = take[q] ? cand_rx[i].x : -1;
-                xv[q] = take[q] ? __int_as_float(cand_rx[i].y) : 0.f;
+        const uint32_t cut = pe_process_cands<CT>(cand_rx, cand_k, n_c, tile_base, my, team, t,
+                                                  wait_cut);
+        if (tile == 0)
+            for (uint32_t i0 = 0; i0 < n_c; i0 += PE_THREADS) {
+                const uint32_t i = i0 + threadIdx.x;
+                n_take += __syncthreads_count(i < n_c && (cand_k[i] & 0x7FFFFFFFu) >= cut);
             }
-            const uint32_t n = pe_compact(take, ri, xv, list, 0, warp_n[0], &s_tot[0]);
-            pe_process<CT>(list, n, tile_base, my, team, t);
-            n_take += n;
-            __syncthreads();
-        }
     } else { /* more candidates than shared memory holds: scan the split's keys again */
+        const uint32_t cut = wait_cut();
         for (int p = 0; p < n_pass; p++) {
             pe_load_keys(x, m, split, p, ri, xv, key);
             bool take[PE_KR];
@@ -348,9 +392,11 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             __syncthreads();
         }
     }
+    __syncthreads();
     if (tile == 0 && threadIdx.x == 0)
         atomicAdd(&st->info_rows, (unsigned long long)(n_def_all + n_take));
     PE_STAMP(8);
+    PE_STAMP_MAX(8);
 
     /* 4. teams -> this split's sums, in slot order (coalesced partial writes) */
     TY *y = (TY *)s_y;
@@ -378,9 +424,13 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         }
     }
     PE_STAMP(9);
+    PE_STAMP_MAX(9);
     finish_matrix(st, n_workers + 1, parity);
-    if (g.timing && threadIdx.x == 0)
+    if (g.timing && threadIdx.x == 0) {
         atomicMax((unsigned long long *)&g.timing[10], (unsigned long long)pe_now());
+        atomicMin((unsigned long long *)&g.timing[11], (unsigned long long)t_start);
+        atomicMax((unsigned long long *)&g.timing[16], (unsigned long long)t_start);
+    }
 }
 
 /* ---------------------------------------------------------------- launch */

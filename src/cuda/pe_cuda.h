@@ -40,12 +40,14 @@ typedef struct {
     const int32_t *order;    /* (n_rows,) input of each row                      */
     const float *stats;      /* (n_rows,) statistic of each row                  */
     uint32_t *hist;          /* (2, 4096) level-1 weight histograms (by parity)  */
-    uint32_t *cand;          /* (n_rows,) scratch: candidate keys | short << 31  */
+    uint32_t *cand;          /* (n_workers, 1 + cand_seg) scratch: per worker a count, then
+                                candidate keys | short << 31                    */
     float *partial;          /* (n_splits, n_tiles * 16 * ct) scratch            */
     uint32_t *tickets;       /* (n_tiles,) scratch, zero between calls           */
     pe_cuda_state *state;
     int64_t n_in, n_out, n_rows;
     int32_t ct, n_tiles, n_splits, block0; /* block0: first worker block in the grid */
+    int32_t cand_seg, pad0;                /* candidates a worker publishes, at most     */
     unsigned long long total_w; /* real multiplications in the loaded rows */
 } pe_cuda_matrix;
 

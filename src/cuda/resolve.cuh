@@ -3,12 +3,13 @@
 #include "common.cuh"
 
 /* Levels 2 and 3 over the n_c candidates (key | short << 31, all in level-1 bin b1, weight aw
- * strictly above it). s_cand: cap words of shared memory (a multiple of PE_THREADS), h: PE_NB2
+ * strictly above it; fetch(i) reads the i-th). s_cand: cap words of shared memory, h: PE_NB2
  * words. Block-wide. -> the cutoff; *mults = the weight of the rows with key >= cutoff. */
+template <typename F>
 __device__ __forceinline__ uint32_t pe_resolve(const pe_cuda_matrix &m, double budget,
                                                uint32_t n_c, uint32_t b1, unsigned long long aw,
                                                uint32_t *s_cand, uint32_t cap, uint32_t *h,
-                                               unsigned long long *mults) {
+                                               unsigned long long *mults, F fetch) {
     const uint32_t G = (uint32_t)((m.n_out + 15) / 16);
     uint32_t prefix = b1 << 19, b = 0;
     for (int level = 0; level < 2; level++) {
@@ -24,7 +25,7 @@ __device__ __forceinline__ uint32_t pe_resolve(const pe_cuda_matrix &m, double b
 #pragma unroll
                     for (int q = 0; q < 8; q++) {
                         const uint32_t i = i0 + q * PE_THREADS + threadIdx.x;
-                        v[q] = i < cnt ? __ldcg(&m.cand[base + i]) : 0u;
+                        v[q] = i < cnt ? fetch(base + i) : 0u;
                     }
 #pragma unroll
                     for (int q = 0; q < 8; q++) {

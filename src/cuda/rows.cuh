@@ -6,9 +6,13 @@
 #pragma once
 #include "common.cuh"
 
-#define PE_KR 16                          /* rounds per pass: keys held per thread */
+#ifndef PE_KR
+#define PE_KR 16 /* rounds per pass: keys held per thread */
+#endif
+#ifndef PE_CAND_CAP
+#define PE_CAND_CAP 2048 /* own candidate rows kept in shared memory */
+#endif
 #define PE_PASS_ROWS (PE_KR * PE_THREADS) /* rows of a split per pass (list capacity) */
-#define PE_CAND_CAP 2048                  /* own candidate rows kept in shared memory */
 #define PE_UNROLL 8                       /* rows per load batch of a team (two in flight) */
 #define PE_INVALID 0xFFFFFFFFu            /* key of a missing row (real keys are < 2^31) */
 
@@ -66,7 +70,8 @@ __device__ __forceinline__ void pe_load_keys(const TX *x, const pe_cuda_matrix &
     pe_finish_keys(x, ri, o, s, xv, key);
 }
 
-/* Exclusive prefix of the 256 (round, warp) counts c in place, by one warp; -> the total. */
+/* Exclusive prefix of the PE_KR * PE_WARPS (round, warp) counts c in place, by one warp;
+ * -> the total. */
 __device__ __forceinline__ uint32_t pe_warp_scan256(uint32_t *c) {
     constexpr int PER = PE_KR * PE_WARPS / 32;
     const int lane = threadIdx.x & 31;
@@ -159,6 +164,27 @@ __device__ __forceinline__ void pe_add_rows(uint32_t n, uint32_t j0, float *my,
     }
 }
 
+/* pe_add_rows for the entries with key k >= cut only (team-uniform per entry). */
+template <int CT>
+__device__ __forceinline__ void pe_add_rows_taken(uint32_t n, uint32_t j0, float *my,
+                                                  const uint2 (&v)[PE_UNROLL],
+                                                  const uint32_t (&p)[PE_UNROLL],
+                                                  const float (&xv)[PE_UNROLL],
+                                                  const uint32_t (&k)[PE_UNROLL], uint32_t cut) {
+    typedef Tile<CT> T;
+#pragma unroll
+    for (int u = 0; u < PE_UNROLL; u++) {
+        if (j0 + u * T::NT >= n) break;
+        if (k[u] < cut) continue;
+        float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].x));
+        float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].y));
+        my[((p[u] >> 0) & 15) * CT + 0 * T::TPT] += xv[u] * a.x;
+        my[((p[u] >> 4) & 15) * CT + 1 * T::TPT] += xv[u] * a.y;
+        my[((p[u] >> 8) & 15) * CT + 2 * T::TPT] += xv[u] * b.x;
+        my[((p[u] >> 12) & 15) * CT + 3 * T::TPT] += xv[u] * b.y;
+    }
+}
+
 /* list (n rows) -> team accumulators; the next U rows load while U add. Team `team` takes list
  * entries team, team + NT, ... (a fixed order: deterministic sums). */
 template <int CT>
@@ -176,6 +202,38 @@ __device__ __forceinline__ void pe_process(const int2 *list, uint32_t n, const u
         pe_load_rows<CT>(list, n, j0 + 2 * STEP, tile_base, t, v0, p0, x0);
         pe_add_rows<CT>(n, j0 + STEP, my, v1, p1, x1);
     }
+}
+
+/* The own candidates (n, list and keys in shared memory): the first batch of each team loads
+ * before the cut is known (wait_cut: block-wide, -> the cut), and rows with key >= cut are
+ * added (a team-uniform branch: the same arithmetic as a list of the taken rows). */
+template <int CT, typename F>
+__device__ __forceinline__ uint32_t pe_process_cands(const int2 *list, const uint32_t *keys,
+                                                     uint32_t n, const uint8_t *tile_base,
+                                                     float *my, int team, int t, F wait_cut) {
+    constexpr uint32_t STEP = Tile<CT>::NT * PE_UNROLL;
+    uint2 v[PE_UNROLL];
+    uint32_t p[PE_UNROLL], k[PE_UNROLL];
+    float xv[PE_UNROLL];
+    pe_load_rows<CT>(list, n, team, tile_base, t, v, p, xv);
+#pragma unroll
+    for (int u = 0; u < PE_UNROLL; u++) {
+        const uint32_t j = team + u * Tile<CT>::NT;
+        k[u] = j < n ? keys[j] & 0x7FFFFFFFu : 0u;
+    }
+    const uint32_t cut = wait_cut();
+    for (uint32_t j0 = team;;) {
+        pe_add_rows_taken<CT>(n, j0, my, v, p, xv, k, cut);
+        j0 += STEP;
+        if (j0 >= n) break;
+        pe_load_rows<CT>(list, n, j0, tile_base, t, v, p, xv);
+#pragma unroll
+        for (int u = 0; u < PE_UNROLL; u++) {
+            const uint32_t j = j0 + u * Tile<CT>::NT;
+            k[u] = j < n ? keys[j] & 0x7FFFFFFFu : 0u;
+        }
+    }
+    return cut;
 }
 
 /* Output column (inside a tile) of accumulator slot o = pos * CT + e * TPT + t: group 4t + e. */
