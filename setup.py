@@ -21,7 +21,7 @@ ISA_FILES = {
     "dense_avx2.c": AVX2,
     "bucketmul_avx512.c": AVX512,
     "dense_avx512.c": AVX512,
-    "tiermul_avx512.c": AVX512 + ["-mavx512vbmi2"],
+    "tiermul_avx512.c": AVX512 + ["-mavx512vbmi2", "-mbmi2"],
 } if X86 else {"bucketmul_neon.c": [], "dense_neon.c": []} if ARM64 else {}
 CFLAGS = ["-O3", "-std=c11", "-fno-fast-math"]
 

@@ -20,7 +20,7 @@ static uint64_t xgetbv0(void) {
 static void detect(char *out, size_t n, int *avx2, int *avx512, int *vbmi2) {
     unsigned a, b, c, d;
     int fma = 0, f16c = 0, os_avx = 0, os_zmm = 0, has_avx2 = 0, f = 0, bw = 0, vl = 0, dq = 0;
-    int vb2 = 0;
+    int vb2 = 0, bmi2 = 0;
     if (__get_cpuid(1, &a, &b, &c, &d)) {
         fma = (c >> 12) & 1;
         f16c = (c >> 29) & 1;
@@ -37,6 +37,7 @@ static void detect(char *out, size_t n, int *avx2, int *avx512, int *vbmi2) {
         bw = (b >> 30) & 1;
         vl = (b >> 31) & 1;
         vb2 = (c >> 6) & 1;
+        bmi2 = (b >> 8) & 1;
     }
     snprintf(out, n, "%s%s%s%s%s%s%s%s%s", has_avx2 && os_avx ? "avx2 " : "", fma ? "fma " : "",
              f16c ? "f16c " : "", f && os_zmm ? "avx512f " : "", bw && os_zmm ? "avx512bw " : "",
@@ -44,7 +45,7 @@ static void detect(char *out, size_t n, int *avx2, int *avx512, int *vbmi2) {
              vb2 && os_zmm ? "avx512vbmi2 " : "", os_avx ? "" : "(no OS AVX state) ");
     *avx2 = os_avx && has_avx2 && fma && f16c;
     *avx512 = *avx2 && os_zmm && f && bw && vl && dq;
-    *vbmi2 = *avx512 && vb2;
+    *vbmi2 = *avx512 && vb2 && bmi2; /* the tiered kernel also uses pext / pdep */
 }
 #endif
 

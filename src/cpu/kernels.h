@@ -41,12 +41,12 @@ struct pe_packed {
 /* The tiered layout. Tier t of input i holds ranks 4t..4t+3 of every group in position order:
  * a tier row is n_chunks records of 40 bytes (chunk c = groups 4c..4c+3: a u64 of four 16-bit
  * masks, the positions of the tier's 4 ranks in each group, then 16 fp16 values, 4 per group
- * in position order), then 3 n_chunks u64 prefix masks: the positions of the tier's first
- * K' = 1, 2, 3 ranks (for a token that dispatches only part of a tier). Tiers of one input
- * cover disjoint positions, so they merge into one vector per group before the multiply.
- * Unloaded ranks of a partly loaded tier are zero values at free positions. */
+ * in position order), then n_chunks u32 rank codes (2 bits per value, in value order: its rank
+ * inside the tier, 0..3), read only for a token that dispatches part of a tier. Tiers of one
+ * input cover disjoint positions, so they merge into one vector per group before the multiply.
+ * Unloaded ranks of a partly loaded tier are zero values at free positions, code 3. */
 #define PE_TIER 4
-#define PE_TIER_CHUNK 64 /* bytes per chunk per tier row: 40 record + 3 x 8 prefix masks */
+#define PE_TIER_CHUNK 44 /* bytes per chunk per tier row: 40 record + 4 rank codes */
 #define PE_TIER_REC 40
 
 /* One dispatched input: its first k ranks (k >= 1), multiplied by x. */

@@ -2,7 +2,8 @@
  * and chunk of 4 groups, each dispatched tier is placed at its positions by two word expands
  * (vpexpandw), the tiers of one input merge into one vector per group (their positions are
  * disjoint), and one convert + FMA per group adds x * w into the accumulators: no per-weight
- * routing. A partly dispatched last tier keeps only its first K' ranks (prefix masks). */
+ * routing. A partly dispatched last tier keeps only its first K' ranks (its rank codes, turned
+ * into a position mask with pext/pdep). */
 #include <immintrin.h>
 #include <string.h>
 
@@ -30,11 +31,20 @@ static inline PE_INLINE void merge_tier(const uint8_t *rec, __m512i *v0, __m512i
     *v1 = _mm512_mask_expand_epi16(*v1, (__mmask32)(m >> 32), w1);
 }
 
-/* The same for a partly dispatched tier: only the positions in the prefix mask keep. */
-static inline PE_INLINE void merge_prefix(const uint8_t *rec, uint64_t keep, __m512i *v0,
-                                          __m512i *v1) {
+/* The positions (64 bits, 4 groups) of the slots whose rank code (2 bits, codes) is below kk,
+ * given the slots' positions m: the 16 slot bits deposited at the set bits of m. */
+static inline PE_INLINE uint64_t keep_mask(uint64_t m, uint32_t codes, int kk) {
+    uint32_t hi = (codes >> 1) & 0x55555555u, lo = codes & 0x55555555u;
+    uint32_t below = kk == 1 ? ~(hi | lo) : kk == 2 ? ~hi : ~(hi & lo); /* code < kk */
+    return _pdep_u64(_pext_u32(below, 0x55555555u), m);
+}
+
+/* The same for a partly dispatched tier: only its slots of rank code below kk keep. */
+static inline PE_INLINE void merge_prefix(const uint8_t *rec, uint32_t codes, int kk,
+                                          __m512i *v0, __m512i *v1) {
     uint64_t m;
     memcpy(&m, rec, 8);
+    uint64_t keep = keep_mask(m, codes, kk);
     __m512i w0 = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rec + 8)));
     __m512i w1 = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rec + 24)));
     *v0 = _mm512_mask_mov_epi16(*v0, (__mmask32)keep, _mm512_maskz_expand_epi16((__mmask32)m, w0));
@@ -48,13 +58,14 @@ static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int
                                    const int PARTIAL, int64_t cb, int64_t nc, float *acc) {
     int64_t row = p->n_chunks * PE_TIER_CHUNK;
     const uint8_t *rec[MAX_BATCH];
-    const uint64_t *keep[MAX_BATCH];
+    const uint32_t *codes[MAX_BATCH];
+    int kk[MAX_BATCH];
     __m512 xv[MAX_BATCH];
     for (int u = 0; u < n; u++) {
         const uint8_t *r0 = p->tiers + p->tier_off[items[u].input];
         rec[u] = r0 + cb * PE_TIER_REC;
-        keep[u] = (const uint64_t *)(r0 + (T - 1) * row + p->n_chunks * PE_TIER_REC) +
-                  (PARTIAL ? (items[u].k % PE_TIER - 1) * p->n_chunks : 0) + cb;
+        codes[u] = (const uint32_t *)(r0 + (T - 1) * row + p->n_chunks * PE_TIER_REC) + cb;
+        kk[u] = items[u].k % PE_TIER;
         xv[u] = _mm512_set1_ps(items[u].x);
     }
     for (int64_t c = 0; c < nc; c++) {
@@ -65,7 +76,7 @@ static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int
             __m512i v0 = _mm512_setzero_si512(), v1 = _mm512_setzero_si512();
             const uint8_t *r = rec[u] + c * PE_TIER_REC;
             for (int t = 0; t < T - PARTIAL; t++) merge_tier(r + t * row, &v0, &v1);
-            if (PARTIAL) merge_prefix(r + (T - 1) * row, keep[u][c], &v0, &v1);
+            if (PARTIAL) merge_prefix(r + (T - 1) * row, codes[u][c], kk[u], &v0, &v1);
             a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(v0)), xv[u], a0);
             a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(v0, 1)), xv[u], a1);
             a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(v1)), xv[u], a2);

@@ -25,9 +25,10 @@ static int position(const pe_buckets *b, int64_t r, int64_t g) {
     return (g & 1) ? q >> 4 : q & 15;
 }
 
-/* Per group of one input: each position's value and the positions of each tier's ranks. */
+/* Per group of one input: each position's value and rank, the positions of each tier. */
 typedef struct {
-    uint16_t vals[PE_GROUP], mask[PE_RANKS / PE_TIER], prefix[PE_RANKS / PE_TIER][3], used;
+    uint16_t vals[PE_GROUP], mask[PE_RANKS / PE_TIER], used;
+    uint8_t rank[PE_GROUP];
 } group_tiers;
 
 /* The loaded ranks (n) of input i, row by row (each canonical row read in order) -> gt (G). */
@@ -43,7 +44,7 @@ static void gather_input(const pe_buckets *b, const pe_packed *p, int64_t i, int
             gt[g].used |= bit;
             gt[g].mask[t] |= bit;
             gt[g].vals[position(b, r, g)] = b->values[r * G + g];
-            for (int kk = k % PE_TIER + 1; kk <= 3; kk++) gt[g].prefix[t][kk - 1] |= bit;
+            gt[g].rank[position(b, r, g)] = (uint8_t)k;
         }
     }
 }
@@ -68,12 +69,16 @@ static void fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n
             used |= m;
             memcpy(rec + 2 * (g % 4), &m, 2);
             uint16_t v[PE_TIER];
-            for (int pos = 0, s = 0; pos < PE_GROUP; pos++)
-                if (m >> pos & 1) v[s++] = q->vals[pos]; /* 0 at a padding slot */
+            uint8_t codes = 0; /* 2 bits per slot: its rank inside the tier; 3 at padding */
+            for (int pos = 0, s = 0; pos < PE_GROUP; pos++) {
+                if (!(m >> pos & 1)) continue;
+                int real = q->mask[t] >> pos & 1;
+                v[s] = real ? q->vals[pos] : 0;
+                codes |= (uint8_t)((real ? q->rank[pos] % PE_TIER : 3) << (2 * s));
+                s++;
+            }
             memcpy(rec + 8 + 2 * PE_TIER * (g % 4), v, sizeof v);
-            for (int kk = 0; kk < 3; kk++)
-                memcpy(tier + C * PE_TIER_REC + 8 * (kk * C + g / 4) + 2 * (g % 4),
-                       &q->prefix[t][kk], 2);
+            tier[C * PE_TIER_REC + g] = codes;
         }
     }
 }
