@@ -144,6 +144,10 @@ static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort
         if (!isfinite(x[i])) return PE_ERR_NONFINITE;
     *none = !(effort > 0.0);
     if (*none) return PE_OK;
+    for (int k = 0; k < PE_RANKS; k++) total += p->m[k] * n_in;
+    double budget = effort * (double)(p->n_in * p->n_out);
+    *c = 0u; /* every loaded row: no keys needed (dispatched() knows) */
+    if ((double)total <= budget) return PE_OK; /* = budget: every row is needed as well */
     for (int64_t i = 0; i < n_in; i++) {
         float ax = fabsf(x[i]);
         const float *st = p->stats + i * PE_RANKS;
@@ -152,17 +156,15 @@ static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort
             memcpy(&key[i * PE_RANKS + k], &s, 4);
         }
     }
-    for (int k = 0; k < PE_RANKS; k++) total += p->m[k] * n_in;
-    double budget = effort * (double)(p->n_in * p->n_out);
-    *c = (double)total < budget ? 0u : radix_cutoff_packed(p, key, cand, budget);
+    *c = radix_cutoff_packed(p, key, cand, budget);
     return PE_OK;
 }
 
 /* Dispatched ranks of input i: bits k < n_loaded with key >= c. */
 static uint32_t dispatched(const pe_packed *p, const uint32_t *key, int64_t i, uint32_t c) {
     const uint32_t *ki = key + i * PE_RANKS;
-    uint32_t mask = 0;
-    for (int k = 0; k < PE_RANKS; k++) mask |= (uint32_t)(ki[k] >= c) << k;
+    uint32_t mask = c ? 0u : 0xFFFFu; /* c = 0: every key (>= +0) is at or above it */
+    for (int k = 0; k < PE_RANKS && c; k++) mask |= (uint32_t)(ki[k] >= c) << k;
     return mask & ((1u << p->n_loaded[i]) - 1);
 }
 
