@@ -83,6 +83,27 @@ static void fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n
     }
 }
 
+typedef struct {
+    const pe_buckets *b;
+    pe_packed *p;
+    int64_t row;
+    volatile int failed; /* a worker could not get its scratch */
+} fill_job;
+
+/* Inputs of chunk c of n -> their tier rows (threads fill disjoint inputs). */
+static void fill_chunk(void *ctx, int c, int n) {
+    fill_job *j = ctx;
+    int64_t i0 = j->p->n_in * c / n, i1 = j->p->n_in * (c + 1) / n;
+    group_tiers *gt = malloc(sizeof(group_tiers) * (size_t)j->b->n_groups + 1);
+    if (!gt) {
+        j->failed = 1;
+        return;
+    }
+    for (int64_t i = i0; i < i1; i++)
+        fill_input(j->b, j->p, i, j->p->n_loaded[i], j->row, gt, j->p->tiers + j->p->tier_off[i]);
+    free(gt);
+}
+
 pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p) {
     p->n_chunks = (b->n_groups + 3) / 4;
     if (!stats_fall(p)) return PE_OK;
@@ -106,16 +127,15 @@ pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p) {
         p->tier_off = NULL;
         return PE_ERR_ALLOC;
     }
-    group_tiers *gt = malloc(sizeof(group_tiers) * (size_t)b->n_groups + 1);
-    if (!gt) {
+    fill_job job = {b, p, row, 0};
+    pe_status st = pe_parallel(fill_chunk, &job, 4 * pe_num_threads(), pe_num_threads());
+    if (st == PE_OK && job.failed) st = PE_ERR_ALLOC;
+    if (st != PE_OK) {
         free(p->tiers);
         free(p->tier_off);
         p->tiers = NULL;
         p->tier_off = NULL;
-        return PE_ERR_ALLOC;
+        return st;
     }
-    for (int64_t i = 0; i < p->n_in; i++)
-        fill_input(b, p, i, p->n_loaded[i], row, gt, p->tiers + p->tier_off[i]);
-    free(gt);
     return PE_OK;
 }
