@@ -123,7 +123,7 @@ def profile(bs, xs, e):
     return res
 
 
-def bench_shape(n_in, n_out, efforts, gen, variants=False):
+def bench_shape(n_in, n_out, efforts, gen, variants=False, ct=None):
     dense_bytes = 2 * n_in * n_out
     n_sets = max(2, math.ceil(ROTATE_BYTES / dense_bytes))
     per_graph = max(n_sets, 24)
@@ -131,7 +131,7 @@ def bench_shape(n_in, n_out, efforts, gen, variants=False):
     ws, bs, xs, ys = [], [], [], []
     for _ in range(n_sets):
         w = (torch.randn((n_in, n_out), generator=gen, device="cuda") * 0.02).half()
-        bs.append(cuda.build_buckets(w))
+        bs.append(cuda.build_buckets(w, ct=ct))
         ws.append(w.t().contiguous())  # nn.Linear layout (n_out, n_in)
         del w
         xs.append(torch.randn(n_in, generator=gen, device="cuda").half())
@@ -197,9 +197,10 @@ GROUPS = {  # name: (n_in, [n_out...], ct)
 }
 
 
-def bench_group(name, efforts, gen):
+def bench_group(name, efforts, gen, ct_override=None):
     """One grouped effort call against one cuBLAS GEMV over the concatenated weights."""
     n_in, n_outs, ct = GROUPS[name]
+    ct = ct_override or ct
     dense_bytes = 2 * n_in * sum(n_outs)
     n_sets = max(2, math.ceil(ROTATE_BYTES / dense_bytes))
     per_graph = max(n_sets, 24)
@@ -249,6 +250,7 @@ def main():
     ap.add_argument("--shapes")
     ap.add_argument("--quick", action="store_true", help="efforts 1.0, 0.5, 0.25 only")
     ap.add_argument("--no-groups", action="store_true")
+    ap.add_argument("--ct", type=int, help="tile width for the shapes and w1w3 (default: auto)")
     args = ap.parse_args()
     shapes = SHAPES
     if args.shapes:
@@ -260,11 +262,14 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write): {bw:.0f} GB/s")
     rows = []
     for n_in, n_out in shapes:
-        rows += bench_shape(n_in, n_out, efforts, gen, variants=(n_in, n_out) == (4096, 14336))
+        big = (n_in, n_out) == (4096, 14336) and not args.ct
+        rows += bench_shape(n_in, n_out, efforts, gen, variants=big, ct=args.ct)
         torch.cuda.empty_cache()
     if not args.no_groups:
         for name in GROUPS:
-            rows += bench_group(name, [1.0, 0.5, 0.25, 0.1], gen)
+            if args.ct and name.startswith("qkv"):
+                continue  # k and v are 64 groups wide: wider tiles would be padding
+            rows += bench_group(name, [1.0, 0.5, 0.25, 0.1], gen, args.ct)
             torch.cuda.empty_cache()
     hdr = (
         "shape",

@@ -206,7 +206,7 @@ def _dtype_code(torch, dt) -> int:
 class CudaBuckets:
     """A Buckets resident on a CUDA device, repacked for the GPU kernels (see module doc).
 
-    ``ct``: groups per column tile (32, 64 or 128; by default from the width). Matrices run
+    ``ct``: groups per column tile (32, 64, 128 or 256; by default from the width). Matrices run
     together in a CudaGroup need the same ``ct``. ``splits``: row splits when used alone (by
     default as many as fill the multiprocessors)."""
 
@@ -229,9 +229,9 @@ class CudaBuckets:
         if self.n_in * self.n_out >= 2**32:
             raise ShapeError("the CUDA kernels take matrices of fewer than 2**32 weights")
         if ct is None:
-            ct = 128 if g >= 512 else 64 if g >= 128 else 32
-        if ct not in (32, 64, 128):
-            raise ShapeError(f"ct must be 32, 64 or 128, got {ct}")
+            ct = 128 if g >= 256 else 64 if g >= 128 else 32
+        if ct not in (32, 64, 128, 256):
+            raise ShapeError(f"ct must be 32, 64, 128 or 256, got {ct}")
         with torch.cuda.device(dev):
             self._setup(torch, values, positions, stats, order, int(ct))
         self._alone = CudaGroup([self], splits=splits)

@@ -136,6 +136,19 @@ def test_one_split_many_passes(shape, gen, rng):
         assert_close(y, ref, scale(x, b), 2e-5)
 
 
+@pytest.mark.parametrize("ct", [32, 64, 128, 256])
+def test_tile_widths(ct, gen, rng):
+    w = rng.standard_normal((700, 2000)).astype(np.float16)
+    b = pyeffort.build_buckets(w)
+    bc = cuda.to_device(b, "cuda", ct=ct)
+    for effort in [0.3, 1.0]:
+        x = fresh_x(gen, 1, 700, torch.float16)
+        y, info = run_gpu(x, bc, effort)
+        ref, mults = reference_out(x, b, effort)
+        assert info.mults == sum(mults)
+        assert_close(y, ref, scale(x, b), 2e-5)
+
+
 def test_group_matches_reference(gen, rng):
     """Three matrices with one input in one kernel: each its own cutoff, as separate calls."""
     shapes = [(512, 1000), (512, 200), (512, 37)]

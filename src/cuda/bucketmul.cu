@@ -8,8 +8,8 @@
  *      shared list, and its share of them -> the global candidate list; signal cand_done.
  *   3. stream the sure rows into shared accumulators (the bulk of the bytes) while the selector
  *      resolves the cutoff; then wait for the cut, add the own candidates with key >= cut.
- *   4. split sums: partial tiles in global memory, the last split of a tile adds them in split
- *      order -> y. The last block of the matrix resets the counters.
+ *   4. split sums: partial tiles in global memory; once all are in, every split of a tile adds
+ *      its slice of them in split order -> y. The last block of the matrix resets the counters.
  * Selector of a matrix: clears the next call's histogram buffer, picks b1, waits for cand_done,
  * runs levels 2 and 3 over the candidates (resolve.cuh) and publishes the cut.
  * Every output is summed in a fixed order (rows in list order per team, teams in order, splits
@@ -28,33 +28,36 @@ static_assert(sizeof(pe_cuda_state) == 64 && offsetof(pe_cuda_state, done) == 16
                   offsetof(pe_cuda_state, info_mults) == 40,
               "the kernel reads and resets the state as uint4 words");
 
-/* Sum of the n_splits partial tiles (slot order) -> y (fixed order over splits); VEC slots per
- * thread, 16 loads in flight. Run by the last block of a tile to finish. */
+/* Slice `split` of a tile (its share of the 16 * CT slots): the sum of the n_splits partial
+ * tiles -> y. Every split of the tile runs it, once all partials are in. K lanes per slot each
+ * add every K-th split, then a fixed butterfly: a fixed order, so the same bits every call. */
 template <typename TY, int CT>
-__device__ __forceinline__ void sum_splits(const pe_cuda_matrix &m, int tile, TY *y) {
-    constexpr int VEC = 16 * CT / PE_THREADS, DEPTH = 16;
-    const size_t split_stride = (size_t)m.n_tiles * 16 * CT;
-    const int o0 = threadIdx.x * VEC;
-    const float *p = m.partial + (size_t)tile * 16 * CT + o0;
-    float s[VEC];
+__device__ __forceinline__ void sum_slice(const pe_cuda_matrix &m, int tile, int split, TY *y) {
+    const int tile_cols = 16 * CT, len = (tile_cols + m.n_splits - 1) / m.n_splits;
+    const int ns = m.n_splits;
+    const int K = ns > 64 ? 16 : ns > 32 ? 8 : ns > 16 ? 4 : ns > 8 ? 2 : 1;
+    const int k = threadIdx.x % K, per_pass = PE_THREADS / K;
+    const size_t split_stride = (size_t)m.n_tiles * tile_cols;
+    const int o_end = min(tile_cols, (split + 1) * len);
+    for (int base = split * len; base < o_end; base += per_pass) {
+        const int o = base + (int)threadIdx.x / K;
+        float s = 0.f;
+        if (o < o_end) {
+            const float *p = m.partial + (size_t)tile * tile_cols + o;
+            for (int sp0 = k; sp0 < ns; sp0 += 8 * K) {
+                float v[8];
 #pragma unroll
-    for (int k = 0; k < VEC; k++) s[k] = 0.f;
-    for (int sp = 0; sp < m.n_splits; sp += DEPTH) {
-        float v[DEPTH][VEC];
+                for (int u = 0; u < 8; u++)
+                    v[u] = sp0 + u * K < ns ? __ldcg(p + (size_t)(sp0 + u * K) * split_stride) : 0.f;
 #pragma unroll
-        for (int u = 0; u < DEPTH; u++)
-#pragma unroll
-            for (int k = 0; k < VEC; k++)
-                v[u][k] = sp + u < m.n_splits ? __ldcg(p + (size_t)(sp + u) * split_stride + k) : 0.f;
-#pragma unroll
-        for (int u = 0; u < DEPTH; u++)
-#pragma unroll
-            for (int k = 0; k < VEC; k++) s[k] += v[u][k];
-    }
-#pragma unroll
-    for (int k = 0; k < VEC; k++) {
-        const int64_t gc = (int64_t)tile * 16 * CT + pe_slot_col<CT>(o0 + k);
-        if (gc < m.n_out) pe_store(&y[gc], s[k]);
+                for (int u = 0; u < 8; u++) s += v[u];
+            }
+        }
+        for (int d = K / 2; d >= 1; d /= 2) s += __shfl_xor_sync(0xFFFFFFFFu, s, d);
+        if (o < o_end && k == 0) {
+            const int64_t gc = (int64_t)tile * tile_cols + pe_slot_col<CT>(o);
+            if (gc < m.n_out) pe_store(&y[gc], s);
+        }
     }
 }
 
@@ -77,19 +80,25 @@ __device__ __forceinline__ int pick_level1(const uint32_t *hist, uint32_t *h, in
     return (int)b;
 }
 
-/* The last block of a matrix (done ticket) resets its counters for the next call. */
-__device__ __forceinline__ void finish_matrix(pe_cuda_state *st, uint32_t n_blocks,
+/* The last block of a matrix (done ticket) resets its counters and tile tickets. */
+__device__ __forceinline__ void finish_matrix(const pe_cuda_matrix &m, uint32_t n_blocks,
                                               uint32_t parity) {
+    __shared__ bool s_last;
+    pe_cuda_state *st = m.state;
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();
-        if (atomicAdd(&st->done, 1u) == n_blocks - 1) {
+        s_last = atomicAdd(&st->done, 1u) == n_blocks - 1;
+        if (s_last) {
             __threadfence();
             uint4 *w = (uint4 *)st;
             w[0] = make_uint4(0u, 0u, 0u, 0u);
             w[1] = make_uint4(0u, parity ^ 1u, __ldcg(&st->cut), 0u);
         }
     }
+    __syncthreads();
+    if (s_last)
+        for (int i = threadIdx.x; i < m.n_tiles; i += PE_THREADS) m.tickets[i] = 0u;
 }
 
 /* One pass of a worker's keys against level-1 bin b1: rows above it (sure) -> list (from 0);
@@ -211,7 +220,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     __shared__ uint32_t warp_n[2][PE_KR * PE_WARPS], s_tot[2];
     __shared__ pe_cuda_matrix s_m;
     __shared__ void *s_y;
-    __shared__ bool s_last;
 
     const bool selector = (int)blockIdx.x >= g.n_workers;
     int mi = selector ? (int)blockIdx.x - g.n_workers : 0;
@@ -240,9 +248,9 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     uint32_t key[PE_KR];
     int ord[PE_KR];
     float sta[PE_KR];
-    if (!selector) {
-        for (int i = threadIdx.x; i < T::NT * T::ACC; i += PE_THREADS) acc[i] = 0.f;
-        pe_load_meta(m, split, 0, ri, ord, sta); /* constant data: before the PDL wait */
+    if (!selector) { /* constant data and shared memory only: before the PDL wait */
+        pe_load_meta(m, split, 0, ri, ord, sta);
+        for (int i = threadIdx.x; i < PE_NB1; i += PE_THREADS) ((uint32_t *)list)[i] = 0u;
     }
     pe_pdl_wait();
     pe_pdl_launch();
@@ -294,7 +302,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             atomicExch(&st->cut_flag, 1u);
         }
         PE_STAMP_SEL(14);
-        finish_matrix(st, n_workers + 1, parity);
+        finish_matrix(m, n_workers + 1, parity);
         return;
     }
 
@@ -304,8 +312,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
     pe_finish_keys(x, ri, ord, sta, xv, key);
     { /* 1. this worker's rounds (round % n_tiles == tile) of the level-1 weight histogram */
-        uint32_t *h1 = (uint32_t *)list;
-        for (int i = threadIdx.x; i < PE_NB1; i += PE_THREADS) h1[i] = 0u;
+        uint32_t *h1 = (uint32_t *)list; /* zeroed before the PDL wait */
         __syncthreads();
         if (mode == PE_MODE_SEARCH) {
             for (int p = 0; p < n_pass; p++) {
@@ -321,6 +328,8 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             if (h1[i]) atomicAdd(&hist[i], h1[i]);
         pe_signal(&st->hist_done);
     }
+    /* the accumulators are zeroed while the other workers' histograms come in */
+    for (int i = threadIdx.x; i < T::NT * T::ACC; i += PE_THREADS) acc[i] = 0.f;
     PE_STAMP(2);
     PE_STAMP_MAX(2);
     pe_wait_geq(&st->hist_done, n_workers);
@@ -412,20 +421,14 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             part[o] = s;
         }
     }
-    if (m.n_splits > 1) {
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) s_last = atomicAdd(&m.tickets[tile], 1u) == (uint32_t)m.n_splits - 1;
-        __syncthreads();
-        if (s_last) {
-            __threadfence();
-            sum_splits<TY, CT>(m, tile, y);
-            if (threadIdx.x == 0) m.tickets[tile] = 0;
-        }
+    if (m.n_splits > 1) { /* every split of the tile waits for all, then sums its slice */
+        pe_signal(&m.tickets[tile]);
+        pe_wait_geq(&m.tickets[tile], (uint32_t)m.n_splits);
+        sum_slice<TY, CT>(m, tile, split, y);
     }
     PE_STAMP(9);
     PE_STAMP_MAX(9);
-    finish_matrix(st, n_workers + 1, parity);
+    finish_matrix(m, n_workers + 1, parity);
     if (g.timing && threadIdx.x == 0) {
         atomicMax((unsigned long long *)&g.timing[10], (unsigned long long)pe_now());
         atomicMin((unsigned long long *)&g.timing[11], (unsigned long long)t_start);
@@ -466,6 +469,7 @@ static cudaError_t launch_ct(const pe_cuda_group *g, const void *x, void *stream
         case 32: return launch<TX, TY, 32>(g, x, stream, pdl, coop, ep, ev);
         case 64: return launch<TX, TY, 64>(g, x, stream, pdl, coop, ep, ev);
         case 128: return launch<TX, TY, 128>(g, x, stream, pdl, coop, ep, ev);
+        case 256: return launch<TX, TY, 256>(g, x, stream, pdl, coop, ep, ev);
         default: return cudaErrorInvalidValue;
     }
 }
@@ -481,6 +485,7 @@ static cudaError_t raise_all() {
     cudaError_t e = raise_smem<TX, TY, 32>();
     if (e == cudaSuccess) e = raise_smem<TX, TY, 64>();
     if (e == cudaSuccess) e = raise_smem<TX, TY, 128>();
+    if (e == cudaSuccess) e = raise_smem<TX, TY, 256>();
     return e;
 }
 
