@@ -110,6 +110,18 @@ def test_bucketmul_matches_reference(kernel, rng, shape):
         assert close(got, ref) <= 2e-6, (kernel, e)
 
 
+@pytest.mark.parametrize("shape", [(40, 3), (17, 35), (64, 64)])
+def test_full_effort_without_zero_inputs(kernel, rng, shape):
+    """No x_i = 0 (so the cutoff is not 0): at effort 1 the padding rows of a last group
+    narrower than 16 (no multiplications) stay out where the reference leaves them out."""
+    _, b = buckets_of(rng, shape)
+    x = (rng.standard_normal((2, shape[0])) + 3.0).astype(np.float32)
+    for e in [0.999, 1.0]:
+        ref, got, want, have = run_both(x, b, e)
+        assert have == want, (kernel, e)
+        assert close(got, ref) <= 2e-6, (kernel, e)
+
+
 @pytest.mark.parametrize("loaded", [0.06, 0.3, 0.5001])
 def test_partial_loads(kernel, rng, loaded):
     _, b = buckets_of(rng, (130, 300), loaded)

@@ -147,7 +147,9 @@ static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort
     for (int k = 0; k < PE_RANKS; k++) total += p->m[k] * n_in;
     double budget = effort * (double)(p->n_in * p->n_out);
     *c = 0u; /* every loaded row: no keys needed (dispatched() knows) */
-    if ((double)total <= budget) return PE_OK; /* = budget: every row is needed as well */
+    /* every row is needed; at total = budget too, unless padding rows (m = 0) would join */
+    if ((double)total < budget || ((double)total == budget && p->n_out % PE_GROUP == 0))
+        return PE_OK;
     for (int64_t i = 0; i < n_in; i++) {
         float ax = fabsf(x[i]);
         const float *st = p->stats + i * PE_RANKS;
