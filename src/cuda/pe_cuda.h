@@ -26,7 +26,7 @@ enum { PE_F32 = 0, PE_F16 = 1, PE_BF16 = 2 };
 /* Per-matrix device state, 64 bytes (zeroed once at allocation; the last block of every call
  * resets the counters, so it is reusable). */
 typedef struct {
-    uint32_t hist_done, cand_done, n_cand, cut_flag; /* meeting counters of one call          */
+    uint32_t hist_done, cand_done, unused0, cut_flag; /* meeting counters of one call         */
     uint32_t done, parity, cut, pad0;                /* parity: histogram buffer of this call */
     unsigned long long mults;                        /* realised mults of the last call       */
     unsigned long long info_mults, info_rows;        /* sums over calls, reset by the caller  */
