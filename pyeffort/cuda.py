@@ -230,6 +230,8 @@ class CudaBuckets:
             raise ShapeError("the CUDA kernels take matrices of fewer than 2**32 weights")
         if ct is None:
             ct = 128 if g >= 256 else 64 if g >= 128 else 32
+            if -(-g // ct) + 1 > num_sms(dev):  # one block per tile must fit: wider tiles
+                ct = 256
         if ct not in (32, 64, 128, 256):
             raise ShapeError(f"ct must be 32, 64, 128 or 256, got {ct}")
         with torch.cuda.device(dev):
