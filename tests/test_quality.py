@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import pyeffort
-from pyeffort.quality import allocation, calibrate, minillama, rules, text
+from pyeffort.quality import allocation, calibrate, rules, text
 from pyeffort.quality.harness import Harness
+from pyeffort.quality.tiny import tiny_random
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_allocation_adds_up_to_the_user_effort():
 
 @pytest.fixture(scope="module")
 def tiny():
-    m = minillama.tiny_random(seed=0)
+    m = tiny_random(seed=0)
     ids = np.random.default_rng(0).integers(0, m.args.vocab_size, 400)
     return m, ids
 
@@ -229,3 +230,56 @@ def test_plots_are_skipped_with_a_message_without_matplotlib(tmp_path, monkeypat
     res = [{"rule": "a", "realised": 0.2, "kl": 1.0, "effort": 0.2}]
     assert report.plots(res, tmp_path) == []
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_model_profile_splits_the_effort_and_keeps_the_total(tiny):
+    m, ids = tiny
+    names = [lin.name for lin in m.linears()]
+    # q and up get three times the weight of the others, at every effort
+    prof = {"efforts": [0.1, 0.9], "weights": {n: [1.0, 1.0] for n in names}}
+    for n in names:
+        if n.endswith(("wq", "w3")):
+            prof["weights"][n] = [3.0, 3.0]
+    m.reset_counters()
+    m.forward(ids[:1], 0, 0.3)
+    uniform = {lin.name: lin.mults for lin in m.linears()}
+    m.set_profile(prof)
+    try:
+        m.reset_counters()
+        for t in range(4):  # decode: one token at a time, as at inference
+            m.forward(ids[t : t + 1], t, 0.3)
+        assert abs(m.realised_effort() - 0.3) < 0.01
+        q = next(lin for lin in m.linears() if lin.name.endswith("wq"))
+        assert q.mults / 4 > 1.5 * uniform[q.name]  # q got more than at uniform effort
+        h = Harness(m, text.windows(ids, 1, 16), progress=False)  # hooks bypass the split
+        assert abs(h.run("pyeffort", 0.3, allocate=False).realised - 0.3) < 0.01
+    finally:
+        m.set_profile(None)
+    assert all(lin.split is None for lin in m.linears())
+
+
+def test_shipped_profile_is_found_for_the_default_model_names():
+    from pyeffort.models.default import CACHE_NAME, GGUF_NAME
+
+    gguf = allocation.shipped(GGUF_NAME)
+    assert gguf is not None and allocation.shipped(f"/x/{CACHE_NAME}/") == gguf
+    prof = allocation.load(gguf)
+    assert len(prof["weights"]) == 210 and 0.25 in prof["efforts"]
+    assert allocation.shipped("some-other-model.gguf") is None
+
+
+def test_torch_twin_matches_the_numpy_twin():
+    torch = pytest.importorskip("torch")
+    from pyeffort.quality.torch_twin import TwinMatrix
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((96, 64)) * 0.1).astype(np.float16)
+    x = rng.standard_normal((6, 96)).astype(np.float32)
+    x[:, :4] *= 8.0
+    st, tm = rules.MatrixState(w), TwinMatrix("m", w, "cpu")
+    assert np.array_equal(tm.stats.numpy(), st.row_stats("rms"))
+    for e in (0.1, 0.3, 0.7):
+        y, mults, _ = rules.bucket_twin(x, st, e)
+        yt, mt = tm(torch.from_numpy(x), e)
+        assert mt == mults
+        np.testing.assert_allclose(yt.numpy(), y, rtol=1e-5, atol=1e-5)

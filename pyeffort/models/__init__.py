@@ -25,10 +25,28 @@ def load(path=None, *, fraction: float = 1.0, progress: bool = False) -> Model:
 
         path = default_model_path(progress=progress)
     if is_converted(path):
-        return load_converted(path, fraction)
-    if fraction != 1.0:
+        model = load_converted(path, fraction)
+    elif fraction != 1.0:
         raise ValueError("a partial load needs a converted model (pyeffort convert)")
-    return from_source(path, progress=progress)
+    else:
+        model = from_source(path, progress=progress)
+    use_shipped_profile(model, path)
+    return model
+
+
+def use_shipped_profile(model: Model, path) -> bool:
+    """Apply the budget profile calibrated for this model and shipped with pyeffort, if there
+    is one whose matrix names match the model's. Returns whether one was applied."""
+    from pyeffort.quality import allocation
+
+    found = allocation.shipped(path)
+    if found is None:
+        return False
+    prof = allocation.load(found)
+    if set(prof["weights"]) != {lin.name for lin in model.linears()}:
+        return False
+    model.set_profile(prof)
+    return True
 
 
 def from_source(path, progress: bool = False) -> Model:
@@ -49,4 +67,13 @@ def from_source(path, progress: bool = False) -> Model:
 
 load_gguf = load  # the quality harness looks for this name
 
-__all__ = ["CONFIGS", "EffortLinear", "Model", "ModelArgs", "config", "from_source", "load"]
+__all__ = [
+    "CONFIGS",
+    "EffortLinear",
+    "Model",
+    "ModelArgs",
+    "config",
+    "from_source",
+    "load",
+    "use_shipped_profile",
+]

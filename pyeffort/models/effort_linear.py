@@ -7,6 +7,8 @@ Interface (stable; the quality harness relies on it):
 - ``__call__(x, effort) -> y``: x (n_in,) or (T, n_in) float32 -> (n_out,) or (T, n_out) float32;
 - ``hook`` (default None): when set, ``__call__`` returns ``hook(self, x, effort)`` instead;
 - ``dense()``: W as float16 (n_in, n_out) (the exact reference), built once from the buckets;
+- ``split`` (default None): when set, ``effort -> this matrix's effort`` under a budget profile
+  (``Model.set_profile``): the model's total multiplications stay the asked fraction;
 - ``mults`` / ``total``: multiplications done / of a dense product since ``reset_counters()``.
 
 Decode (one token) always runs ``pyeffort.matmul`` at the given effort. A batch of tokens at
@@ -27,6 +29,7 @@ class EffortLinear:
         self.name = name
         self.buckets = buckets
         self.hook = None
+        self.split = None  # effort -> this matrix's effort (Model.set_profile)
         self.w16 = None  # (n_in, n_out) float16 dense copy, made on first need
         self.prefill_dense = True  # False: prefill at 1.0 through pyeffort.matmul (no copy)
         self.mults = 0  # multiplications done by pyeffort.matmul since reset_counters()
@@ -49,6 +52,8 @@ class EffortLinear:
     def __call__(self, x: np.ndarray, effort: float) -> np.ndarray:
         if self.hook is not None:
             return self.hook(self, x, effort)
+        if self.split is not None and effort < 1.0:
+            effort = self.split(effort)
         x = np.ascontiguousarray(x, dtype=np.float32)
         n_tok = 1 if x.ndim == 1 else x.shape[0]
         n = self.buckets.n_in * self.buckets.n_out

@@ -115,6 +115,7 @@ class Model:
         self.lm_head = np.ascontiguousarray(head, dtype=np.float16)  # (dim, vocab)
         self.head: EffortLinear | None = None  # set by effort_head(True): the LM head at effort
         self.cache = KVCache(args.n_layers, args.n_kv_heads, args.head_dim)
+        self.profile: dict | None = None  # the budget profile in use (set_profile)
         # a dense float16 copy for fast prefill costs 0.8x the buckets' memory: only when small
         small = sum(lin.buckets.nbytes for lin in self.linears()) < DENSE_PREFILL_MAX_BYTES
         for lin in self.linears():
@@ -133,6 +134,21 @@ class Model:
 
     def reset(self) -> None:
         self.cache.reset()
+
+    def set_profile(self, profile: dict | None) -> None:
+        """Split each asked effort between the matrices by a budget profile
+        (``pyeffort.quality.allocation``); the multiplications of all matrices together stay the
+        asked fraction. None: every matrix at the asked effort."""
+        from pyeffort.quality.allocation import Allocation
+
+        lins = list(self.linears())
+        self.profile = profile
+        alloc = None
+        if profile is not None:
+            alloc = Allocation([lin.name for lin in lins], [lin.shape[0] * lin.shape[1]
+                               for lin in lins], profile)  # fmt: skip
+        for lin in lins:
+            lin.split = None if alloc is None else (lambda e, n=lin.name: alloc.efforts(e)[n])
 
     def effort_head(self, on: bool = True) -> None:
         """Run the LM head through ``pyeffort.matmul`` at the requested effort too (it is dense

@@ -5,5 +5,6 @@
 - ``allocation`` / ``calibrate``: the budget split between matrices, calibrated on other text
 - ``speed``: measured time per token, for comparisons at equal speed-up
 - ``text``: the Botchan evaluation text; ``report``: markdown, JSON and plots
-- ``cli``: ``pyeffort eval``; ``minillama``: a small numpy Llama (tiny test models, GGUF)
+- ``cli``: ``pyeffort eval``; ``tiny``: a tiny random ``pyeffort.models`` Llama for tests
+- ``torch_twin`` / ``torch_search``: the default rule in torch, to search budget splits on a GPU
 """

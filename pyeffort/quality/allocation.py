@@ -89,9 +89,15 @@ class Allocation:
 PROFILES = Path(__file__).parent / "profiles"
 
 
-def shipped(model_id: str) -> Path | None:
-    """The profile calibrated for a model file of that name and shipped with pyeffort, if any."""
-    path = PROFILES / (Path(model_id).stem + ".json")
+# other names of a shipped profile's model: the default model converted into the cache
+ALIASES = {"SmolLM2-135M-Instruct-Q4_1": "SmolLM2-135M-Instruct.Q4_1"}
+
+
+def shipped(model_id) -> Path | None:
+    """The profile calibrated for a model file (or converted folder) of that name and shipped
+    with pyeffort, if any."""
+    stem = Path(str(model_id).rstrip("/")).stem
+    path = PROFILES / (ALIASES.get(stem, stem) + ".json")
     return path if path.exists() else None
 
 

