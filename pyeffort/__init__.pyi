@@ -62,6 +62,7 @@ def matmul(
     out: npt.NDArray[np.float32] | None = None,
     return_info: Literal[True],
 ) -> tuple[npt.NDArray[np.float32], MatmulInfo]: ...
+def prepare(W: Buckets) -> Buckets: ...
 def dense_matmul(
     x: npt.NDArray[np.floating],
     W: npt.NDArray[np.float16],

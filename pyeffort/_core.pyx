@@ -140,6 +140,12 @@ cdef _Packed _packed_for(values, positions, stats, order, int64_t n_out):
     return pk
 
 
+def prepare(values, positions, stats, order, int64_t n_out):
+    """Builds now the in-memory copy the kernels in use read (else built at the first call)."""
+    if pe_kernel_packed():
+        _packed_for(values, positions, stats, order, n_out)
+
+
 def bucketmul(x32, values, positions, stats, order, int64_t n_out, double effort, out):
     """x (n_tokens, n_in) f32 -> out (n_tokens, n_out) f32; returns (mults, bytes)."""
     cdef const float[:, ::1] x = x32

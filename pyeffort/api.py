@@ -63,6 +63,23 @@ def matmul(x, W, effort: float = 1.0, *, out=None, return_info: bool = False):
     return result, MatmulInfo(mults / total, int(nbytes), int(mults))
 
 
+def prepare(W: Buckets) -> Buckets:
+    """Builds now what the CPU kernels read for ``W`` (an input-major index, and on AVX-512
+    VBMI2 machines a repacked copy of the weights), which is otherwise built at its first
+    ``matmul`` (about 0.3 s for a 4096 x 14336 matrix on 2 cores). Returns ``W``.
+
+    >>> import numpy as np, pyeffort
+    >>> B = pyeffort.build_buckets(np.ones((64, 32), dtype=np.float16))
+    >>> pyeffort.prepare(B) is B
+    True
+    """
+    if not isinstance(W, Buckets):
+        raise DTypeError(f"prepare takes a Buckets, got {type(W).__name__}")
+    if hasattr(_backend.current, "prepare"):
+        _backend.current.prepare(W.values, W.positions, W.stats, W.order, W.n_out)
+    return W
+
+
 def dense_matmul(x, W, *, out=None):
     """Our dense product ``x @ W`` for float16 ``W`` ``(n_in, n_out)``, float32 accumulation:
     the honest baseline for every speed claim.

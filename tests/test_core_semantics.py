@@ -157,3 +157,13 @@ def test_bfloat16_weights_from_torch(backend):
     np.testing.assert_array_equal(b.to_dense(), w.float().numpy().astype(np.float16))
     lin = pyeffort.Buckets.from_linear(w.T)
     assert lin.shape == (40, 24)  # weight (n_out=24, n_in=40)
+
+
+def test_prepare_builds_ahead_and_changes_nothing(backend, rng):
+    w = (rng.standard_normal((70, 90)) * 0.05).astype(np.float16)
+    x = rng.standard_normal(70).astype(np.float32)
+    fresh = pyeffort.build_buckets(w)
+    ready = pyeffort.prepare(pyeffort.build_buckets(w))
+    np.testing.assert_array_equal(pyeffort.matmul(x, ready, 0.3), pyeffort.matmul(x, fresh, 0.3))
+    with pytest.raises(pyeffort.DTypeError):
+        pyeffort.prepare(w)

@@ -65,7 +65,22 @@ def load_model(args):
     model = models.load(args.model, fraction=args.load_fraction, progress=True)
     if args.effort_head:
         model.effort_head(True)
+    prepare(model, progress=True)
     return model
+
+
+def prepare(model, progress: bool = False) -> None:
+    """Builds now, with a progress bar, what the first tokens would otherwise build: what the
+    CPU kernels read for every matrix, and the dense copies the prefill multiplies by."""
+    from tqdm import tqdm
+
+    import pyeffort
+
+    for lin in tqdm(list(model.linears()), desc="preparing kernels", unit="matrix",
+                    disable=not progress, leave=False):  # fmt: skip
+        pyeffort.prepare(lin.buckets)
+        if lin.prefill_dense:
+            lin.dense()
 
 
 class TextStream:
