@@ -30,6 +30,7 @@ struct pe_packed {
     int64_t n_in, n_out, n_groups, n_tiles, n_slots;
     int64_t m[PE_RANKS];  /* real multiplications of a row of rank k                     */
     int64_t unloaded;     /* sum of m over the slots that are not loaded                 */
+    int monotone;         /* every input's stats fall with rank: its keys do, for any x   */
     /* The tiered copy (tiers.c), built when a kernel set that reads it is available and
      * every input's statistics fall with rank (so a token dispatches a prefix of ranks);
      * NULL otherwise. */

@@ -17,6 +17,17 @@ void pe_packed_free(pe_packed *p) {
     free(p);
 }
 
+/* 1 if every input's loaded statistics never rise with rank: a cutoff then dispatches a
+ * prefix of ranks per input (true for every matrix pe_build_f16 makes; a file could lie). */
+static int stats_fall(const pe_packed *p) {
+    for (int64_t i = 0; i < p->n_in; i++) {
+        const float *s = p->stats + i * PE_RANKS;
+        for (int k = 1; k < p->n_loaded[i]; k++)
+            if (!(s[k] <= s[k - 1])) return 0;
+    }
+    return 1;
+}
+
 /* Slot bookkeeping: n_loaded, slot0, stats, m, unloaded. */
 static void pack_index(const pe_buckets *b, pe_packed *p) {
     int64_t n_in = b->n_in, tail = b->n_out % PE_GROUP, loaded = 0;
@@ -61,6 +72,7 @@ pe_status pe_pack(const pe_buckets *b, pe_packed **out) {
     pack_index(b, p);
     for (int64_t r = 0; r < S; r++) p->row[p->slot0[b->order[r]] + r / n_in] = (int32_t)r;
     p->n_chunks = (G + 3) / 4;
+    p->monotone = stats_fall(p);
     if (pe_tiers_wanted()) {
         pe_status st = pe_build_tiers(b, p);
         if (st != PE_OK) {

@@ -98,14 +98,37 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
     int64_t hist[2048], above = 0, n = p->n_in * PE_RANKS, n_cand = 0;
     const int64_t *m = p->m;
     memset(hist, 0, sizeof hist);
-    for (int64_t r = 0; r < n; r += PE_RANKS)
-        for (int k = 0; k < PE_RANKS; k++) hist[key[r + k] >> 21] += m[k];
+    for (int64_t r = 0; r < n; r += PE_RANKS) {
+        /* an input's keys fall with rank, so neighbours often share a bin: sum a run in a
+         * register (adding into one bin back to back would wait on each store) */
+        uint32_t bin = key[r] >> 21;
+        int64_t run = m[0];
+        for (int k = 1; k < PE_RANKS; k++) {
+            uint32_t b = key[r + k] >> 21;
+            if (b != bin) {
+                hist[bin] += run;
+                bin = b;
+                run = 0;
+            }
+            run += m[k];
+        }
+        hist[bin] += run;
+    }
     hist[0] -= p->unloaded; /* lanes not loaded have key 0 */
     uint32_t bin = (uint32_t)pick_bin(hist, 2048, budget, &above), prefix = bin << 21;
-    for (int64_t r = 0; r < n; r++) { /* branch-free: the test is unpredictable */
-        cand[n_cand] = (uint32_t)r;
-        n_cand += (key[r] >> 21) == bin && (bin || (r & 15) < p->n_loaded[r >> 4]);
-    }
+    if (p->monotone && bin) /* an input's keys in the bin are one run of ranks */
+        for (int64_t r = 0; r < n; r += PE_RANKS) {
+            if ((key[r] >> 21) < bin || (key[r + PE_RANKS - 1] >> 21) > bin) continue;
+            int k = 0;
+            while ((key[r + k] >> 21) > bin) k++;
+            for (; k < PE_RANKS && (key[r + k] >> 21) == bin; k++)
+                cand[n_cand++] = (uint32_t)(r + k);
+        }
+    else
+        for (int64_t r = 0; r < n; r++) { /* branch-free: the test is unpredictable */
+            cand[n_cand] = (uint32_t)r;
+            n_cand += (key[r] >> 21) == bin && (bin || (r & 15) < p->n_loaded[r >> 4]);
+        }
     for (int ps = 1; ps < 3; ps++) {
         uint32_t mask = (1u << bits[ps]) - 1;
         memset(hist, 0, sizeof(int64_t) << bits[ps]);
@@ -166,7 +189,13 @@ static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort
 static uint32_t dispatched(const pe_packed *p, const uint32_t *key, int64_t i, uint32_t c) {
     const uint32_t *ki = key + i * PE_RANKS;
     uint32_t mask = c ? 0u : 0xFFFFu; /* c = 0: every key (>= +0) is at or above it */
-    for (int k = 0; k < PE_RANKS && c; k++) mask |= (uint32_t)(ki[k] >= c) << k;
+    if (c && p->monotone) { /* keys fall with rank: a prefix, most often empty */
+        int k = 0;
+        while (k < PE_RANKS && ki[k] >= c) k++;
+        mask = (1u << k) - 1;
+    } else {
+        for (int k = 0; k < PE_RANKS && c; k++) mask |= (uint32_t)(ki[k] >= c) << k;
+    }
     return mask & ((1u << p->n_loaded[i]) - 1);
 }
 

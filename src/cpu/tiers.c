@@ -8,17 +8,6 @@
 
 #include "kernels.h"
 
-/* 1 if every input's loaded statistics never rise with rank: a cutoff then dispatches a
- * prefix of ranks per input (true for every matrix pe_build_f16 makes; a file could lie). */
-static int stats_fall(const pe_packed *p) {
-    for (int64_t i = 0; i < p->n_in; i++) {
-        const float *s = p->stats + i * PE_RANKS;
-        for (int k = 1; k < p->n_loaded[i]; k++)
-            if (!(s[k] <= s[k - 1])) return 0;
-    }
-    return 1;
-}
-
 /* Position of rank k in group g of canonical row r. */
 static int position(const pe_buckets *b, int64_t r, int64_t g) {
     uint8_t q = b->positions[r * ((b->n_groups + 1) / 2) + g / 2];
@@ -106,7 +95,7 @@ static void fill_chunk(void *ctx, int c, int n) {
 
 pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p) {
     p->n_chunks = (b->n_groups + 3) / 4;
-    if (!stats_fall(p)) return PE_OK;
+    if (!p->monotone) return PE_OK;
     int64_t row = p->n_chunks * PE_TIER_CHUNK, total = 0;
     p->tier_off = malloc(sizeof(int64_t) * (size_t)p->n_in + 8);
     if (!p->tier_off) return PE_ERR_ALLOC;
