@@ -85,8 +85,8 @@ static int chunks_for(int64_t n_items, int nt) {
 
 /* Per-thread scratch that grows and is kept (no malloc per call). */
 static void *scratch(size_t n, int which) {
-    static _Thread_local void *buf[3];
-    static _Thread_local size_t cap[3];
+    static _Thread_local void *buf[4];
+    static _Thread_local size_t cap[4];
     if (cap[which] < n) {
         free(buf[which]);
         buf[which] = malloc(n);
@@ -163,19 +163,39 @@ static void packed_run(void *ctx, int t, int n) {
 
 /* ------------------------------------------------ tiered copy (expand kernels) */
 
+/* The dispatched inputs are cut into TIER_PARTS fixed parts (half of each class each), summed
+ * into their own outputs and added in part order: threads walk whole rows (the column split
+ * shortens every row walk), and the sum order never depends on the thread count. */
+#ifndef TIER_PARTS
+#define TIER_PARTS 2
+#endif
+
 typedef struct {
     pe_tiermul_fn fn;
     const pe_packed *p;
     const pe_item *items;
-    const int64_t *start;
-    float *y;
+    int64_t begin[TIER_PARTS][PE_CLASSES], end[TIER_PARTS][PE_CLASSES];
+    int ranges; /* column ranges per part */
+    float *y[TIER_PARTS];
 } tier_job;
 
 static void tier_run(void *ctx, int t, int n) {
     tier_job *j = ctx;
+    int part = t % TIER_PARTS;
     int64_t c0, c1;
-    split(j->p->n_chunks, 1, t, n, &c0, &c1);
-    if (c1 > c0) j->fn(j->p, j->items, j->start, c0, c1, j->y);
+    (void)n;
+    split(j->p->n_chunks, 1, t / TIER_PARTS, j->ranges, &c0, &c1);
+    if (c1 > c0) j->fn(j->p, j->items, j->begin[part], j->end[part], c0, c1, j->y[part]);
+}
+
+/* The parts of the items of each class (start: class offsets). */
+static void cut_parts(const int64_t start[PE_CLASSES + 1], tier_job *j) {
+    for (int cl = 0; cl < PE_CLASSES; cl++)
+        for (int q = 0; q < TIER_PARTS; q++) {
+            int64_t n = start[cl + 1] - start[cl];
+            j->begin[q][cl] = start[cl] + n * q / TIER_PARTS;
+            j->end[q][cl] = start[cl] + n * (q + 1) / TIER_PARTS;
+        }
 }
 
 static pe_status bucketmul_tiers(const pe_cpu_kernels *kern, const pe_packed *p, const float *x,
@@ -184,18 +204,24 @@ static pe_status bucketmul_tiers(const pe_cpu_kernels *kern, const pe_packed *p,
     int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2, n_keys = p->n_in * PE_RANKS;
     uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)(2 * n_keys + 1), 0);
     pe_item *items = scratch(sizeof(pe_item) * (size_t)(p->n_in + 1), 2);
-    if (!sc || !items) return PE_ERR_ALLOC;
+    float *extra = scratch(sizeof(float) * (size_t)((TIER_PARTS - 1) * p->n_out + 1), 3);
+    if (!sc || !items || !extra) return PE_ERR_ALLOC;
     for (int64_t t = 0; t < n_tokens; t++) {
         int64_t start[PE_CLASSES + 1], n_rows = 0, done = 0;
         pe_status st = pe_select_items(p, x + t * p->n_in, effort, items, start, &n_rows, &done,
                                        sc);
         if (st != PE_OK) return st;
-        tier_job job = {kern->tiermul_f16, p, items, start, y + t * p->n_out};
-        /* one column range per thread: a range walks every dispatched row, and short walks
-         * cost stream restarts (bench/README.md) */
+        tier_job job = {.fn = kern->tiermul_f16, .p = p, .items = items};
+        cut_parts(start, &job);
+        float *yt = y + t * p->n_out;
+        job.y[0] = yt;
+        for (int q = 1; q < TIER_PARTS; q++) job.y[q] = extra + (q - 1) * p->n_out;
         int nt = threads_for(p->n_chunks, n_rows * row_bytes);
-        if ((st = pe_parallel(tier_run, &job, nt, nt)) != PE_OK)
+        job.ranges = nt > TIER_PARTS ? nt / TIER_PARTS : 1;
+        if ((st = pe_parallel(tier_run, &job, TIER_PARTS * job.ranges, nt)) != PE_OK)
             return st;
+        for (int q = 1; q < TIER_PARTS; q++)
+            for (int64_t o = 0; o < p->n_out; o++) yt[o] += job.y[q][o];
         *mults += done;
         *bytes += n_rows * row_bytes;
     }
@@ -257,7 +283,7 @@ pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens,
     /* the dense product is memory-bound: below a few MiB (in cache) a second thread's hand-off
      * costs about what it saves, so small matrices stay on one thread */
     int nt = 2 * used * n_out < (4 << 20) ? 1 : threads_for((n_out + 63) / 64, 2 * used * n_out);
-    int nc = chunks_for((n_out + 63) / 64, nt);
+    int nc = nt; /* one column range per thread: shorter row segments cost stream restarts */
     for (int64_t t = 0; t < n_tokens; t++) {
         dense_job job = {kern->dense_f16, x + t * n_in, w, n_in, n_out, rows, n_rows,
                          y + t * n_out};

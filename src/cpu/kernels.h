@@ -141,11 +141,11 @@ typedef void (*pe_dense_fn)(const float *x, const uint16_t *w, int64_t n_in, int
                             const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1,
                             float *y);
 
-/* items (n_items, grouped by class: class c is items[start[c], start[c + 1])) through the
- * tiered copy of P -> y[64 c0, min(64 c1, n_out)) f32, overwritten. */
+/* items of class c, items[begin[c], end[c]), through the tiered copy of P, added in that order
+ * -> y[64 c0, min(64 c1, n_out)) f32, overwritten. */
 typedef void (*pe_tiermul_fn)(const pe_packed *p, const pe_item *items,
-                              const int64_t start[PE_CLASSES + 1], int64_t c0, int64_t c1,
-                              float *y);
+                              const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                              int64_t c0, int64_t c1, float *y);
 
 typedef struct {
     const char *name;

@@ -124,14 +124,15 @@ static void run_class(const pe_packed *p, const pe_item *items, int64_t n, int c
 }
 
 static void tiermul_f16_avx512vbmi2(const pe_packed *p, const pe_item *items,
-                                    const int64_t start[PE_CLASSES + 1], int64_t c0, int64_t c1,
+                                    const int64_t begin[PE_CLASSES],
+                                    const int64_t end[PE_CLASSES], int64_t c0, int64_t c1,
                                     float *y) {
     static _Thread_local float acc[BLOCK * 64] __attribute__((aligned(64)));
     for (int64_t cb = c0; cb < c1; cb += BLOCK) {
         int64_t nc = c1 - cb < BLOCK ? c1 - cb : BLOCK;
         memset(acc, 0, sizeof(float) * 64 * (size_t)nc);
         for (int cl = 0; cl < PE_CLASSES; cl++)
-            run_class(p, items + start[cl], start[cl + 1] - start[cl], cl, cb, nc, acc);
+            run_class(p, items + begin[cl], end[cl] - begin[cl], cl, cb, nc, acc);
         int64_t j0 = 64 * cb, m = p->n_out - j0 < 64 * nc ? p->n_out - j0 : 64 * nc;
         memcpy(y + j0, acc, sizeof(float) * (size_t)m);
     }
