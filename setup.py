@@ -16,13 +16,19 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 ARM64 = platform.machine().lower() in ("aarch64", "arm64")
 AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 AVX512 = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
-ISA_FILES = {
-    "bucketmul_avx2.c": AVX2,
-    "dense_avx2.c": AVX2,
-    "bucketmul_avx512.c": AVX512,
-    "dense_avx512.c": AVX512,
-    "tiermul_avx512.c": AVX512 + ["-mavx512vbmi2", "-mbmi2"],
-} if X86 else {"bucketmul_neon.c": [], "dense_neon.c": []} if ARM64 else {}
+ISA_FILES = (
+    {
+        "bucketmul_avx2.c": AVX2,
+        "dense_avx2.c": AVX2,
+        "bucketmul_avx512.c": AVX512,
+        "dense_avx512.c": AVX512,
+        "tiermul_avx512.c": AVX512 + ["-mavx512vbmi2", "-mbmi2"],
+    }
+    if X86
+    else {"bucketmul_neon.c": [], "dense_neon.c": []}
+    if ARM64
+    else {}
+)
 CFLAGS = ["-O3", "-std=c11", "-fno-fast-math"]
 
 core = Extension(
@@ -42,7 +48,9 @@ class build_ext_isa(build_ext):
             objects = []
             for name, flags in ISA_FILES.items():
                 objects += self.compiler.compile(
-                    [CPU + name], output_dir=self.build_temp, include_dirs=[CPU],
+                    [CPU + name],
+                    output_dir=self.build_temp,
+                    include_dirs=[CPU],
                     extra_postargs=CFLAGS + ["-fPIC"] + flags,
                 )
             ext.extra_objects = objects

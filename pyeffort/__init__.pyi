@@ -73,4 +73,22 @@ def set_num_threads(n: int) -> None: ...
 def runtime_info() -> dict[str, object]: ...
 def show_runtime() -> None: ...
 
-__all__: list[str]
+__all__ = [
+    "Buckets",
+    "DTypeError",
+    "EffortError",
+    "FormatError",
+    "LayoutError",
+    "MatmulInfo",
+    "NonFiniteError",
+    "PyEffortError",
+    "ShapeError",
+    "build_buckets",
+    "dense_matmul",
+    "load_buckets",
+    "matmul",
+    "prepare",
+    "runtime_info",
+    "set_num_threads",
+    "show_runtime",
+]
