@@ -72,23 +72,3 @@ def dense_matmul(
 def set_num_threads(n: int) -> None: ...
 def runtime_info() -> dict[str, object]: ...
 def show_runtime() -> None: ...
-
-__all__ = [
-    "Buckets",
-    "DTypeError",
-    "EffortError",
-    "FormatError",
-    "LayoutError",
-    "MatmulInfo",
-    "NonFiniteError",
-    "PyEffortError",
-    "ShapeError",
-    "build_buckets",
-    "dense_matmul",
-    "load_buckets",
-    "matmul",
-    "prepare",
-    "runtime_info",
-    "set_num_threads",
-    "show_runtime",
-]
