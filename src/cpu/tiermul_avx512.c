@@ -7,19 +7,12 @@
 #include <immintrin.h>
 #include <string.h>
 
-#include "kernels.h"
+#include "tierwalk.h"
 
 void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
                          const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y);
 void pe_packedmul_f16_avx512(const pe_packed *pk, const pe_buckets *b, const pe_run *runs,
                              int64_t n_runs, int64_t t0, int64_t t1, float *y);
-
-#define BLOCK 256 /* chunks per pass over the accumulators: 64 x 64 floats = 16 KiB (L1) */
-#define MAX_BATCH 8
-#define PE_INLINE __attribute__((always_inline)) /* T, PARTIAL constant: loops unroll */
-
-/* Inputs per batch for T tiers: about 8 row streams at once (the prefetchers' reach). */
-static const int batch_size[PE_RANKS / PE_TIER + 1] = {0, 8, 4, 3, 2};
 
 /* Tiers of one record -> the merged group pair vectors v0 (groups 0, 1), v1 (groups 2, 3). */
 static inline PE_INLINE void merge_tier(const uint8_t *rec, __m512i *v0, __m512i *v1) {
@@ -52,8 +45,7 @@ static inline PE_INLINE void merge_prefix(const uint8_t *rec, uint32_t codes, in
                                 _mm512_maskz_expand_epi16((__mmask32)(m >> 32), w1));
 }
 
-/* acc[64 c + j] += x_u * w for n inputs items[0, n), each with T tiers (the last one partial
- * when PARTIAL), over chunks [cb, cb + nc) of their tier rows. Inputs add in item order. */
+/* The batch of tierwalk.h: per chunk, 4 accumulators in registers while the inputs pass. */
 static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
                                    const int PARTIAL, int64_t cb, int64_t nc, float *acc) {
     int64_t row = p->n_chunks * PE_TIER_CHUNK;
@@ -89,53 +81,11 @@ static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int
     }
 }
 
-/* Prefetches into L2 the first PF_HEAD bytes of each tier row of the next batch: a batch
- * starts cold streams that the hardware prefetchers take a while to pick up. */
-#define PF_HEAD 4096
-static inline void prefetch_heads(const pe_packed *p, const pe_item *items, int64_t n, int T,
-                                  int64_t cb, int64_t nc) {
-    int64_t row = p->n_chunks * PE_TIER_CHUNK, len = nc * PE_TIER_REC;
-    if (len > PF_HEAD) len = PF_HEAD;
-    for (int64_t u = 0; u < n; u++) {
-        const char *r0 = (const char *)(p->tiers + p->tier_off[items[u].input] + cb * PE_TIER_REC);
-        for (int t = 0; t < T; t++)
-            for (int64_t o = 0; o < len; o += 64) _mm_prefetch(r0 + t * row + o, _MM_HINT_T1);
-    }
-}
-
-/* All items of class cl (T = cl / 2 + 1 tiers, partial = cl & 1) in batches. */
-static void run_class(const pe_packed *p, const pe_item *items, int64_t n, int cl, int64_t cb,
-                      int64_t nc, float *acc) {
-    const int T = cl / 2 + 1, bs = batch_size[T];
-    for (int64_t s = 0; s < n; s += bs) {
-        int m = n - s < bs ? (int)(n - s) : bs;
-        prefetch_heads(p, items + s + bs, n - s - bs < bs ? n - s - bs : bs, T, cb, nc);
-        switch (cl) { /* constant T and PARTIAL: the tier loop unrolls */
-        case 0: batch(p, items + s, m, 1, 0, cb, nc, acc); break;
-        case 1: batch(p, items + s, m, 1, 1, cb, nc, acc); break;
-        case 2: batch(p, items + s, m, 2, 0, cb, nc, acc); break;
-        case 3: batch(p, items + s, m, 2, 1, cb, nc, acc); break;
-        case 4: batch(p, items + s, m, 3, 0, cb, nc, acc); break;
-        case 5: batch(p, items + s, m, 3, 1, cb, nc, acc); break;
-        case 6: batch(p, items + s, m, 4, 0, cb, nc, acc); break;
-        default: batch(p, items + s, m, 4, 1, cb, nc, acc); break;
-        }
-    }
-}
-
 static void tiermul_f16_avx512vbmi2(const pe_packed *p, const pe_item *items,
                                     const int64_t begin[PE_CLASSES],
                                     const int64_t end[PE_CLASSES], int64_t c0, int64_t c1,
                                     float *y) {
-    static _Thread_local float acc[BLOCK * 64] __attribute__((aligned(64)));
-    for (int64_t cb = c0; cb < c1; cb += BLOCK) {
-        int64_t nc = c1 - cb < BLOCK ? c1 - cb : BLOCK;
-        memset(acc, 0, sizeof(float) * 64 * (size_t)nc);
-        for (int cl = 0; cl < PE_CLASSES; cl++)
-            run_class(p, items + begin[cl], end[cl] - begin[cl], cl, cb, nc, acc);
-        int64_t j0 = 64 * cb, m = p->n_out - j0 < 64 * nc ? p->n_out - j0 : 64 * nc;
-        memcpy(y + j0, acc, sizeof(float) * (size_t)m);
-    }
+    tier_walk(p, items, begin, end, c0, c1, y);
 }
 
 /* The routed avx512 kernel stays for matrices without a tiered copy (statistics that rise). */

@@ -1,0 +1,72 @@
+/* The walk shared by the tiered kernels (tiermul_*.c): dispatched inputs by class, in batches
+ * of about 8 row streams, over blocks of chunks. The including file defines, before including
+ * this header, the ISA-specific
+ *   static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n,
+ *                                      const int T, const int PARTIAL, int64_t cb, int64_t nc,
+ *                                      float *acc);
+ * acc[64 c + j] += x_u * w for the n inputs items[0, n) (T tiers each, the last one partial
+ * when PARTIAL) over chunks [cb, cb + nc), inputs added in item order. */
+#ifndef PE_TIERWALK_H
+#define PE_TIERWALK_H
+#include <string.h>
+
+#include "kernels.h"
+
+#define BLOCK 256 /* chunks per pass over the accumulators: 256 x 64 floats = 64 KiB (L2) */
+#define MAX_BATCH 8
+#define PE_INLINE __attribute__((always_inline)) /* T, PARTIAL constant: loops unroll */
+#define PF_HEAD 4096
+
+/* Inputs per batch for T tiers: about 8 row streams at once (the prefetchers' reach). */
+static const int batch_size[PE_RANKS / PE_TIER + 1] = {0, 8, 4, 3, 2};
+
+static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
+                                   const int PARTIAL, int64_t cb, int64_t nc, float *acc);
+
+/* Prefetches into L2 the first PF_HEAD bytes of each tier row of the next batch: a batch
+ * starts cold streams that the hardware prefetchers take a while to pick up. */
+static inline void prefetch_heads(const pe_packed *p, const pe_item *items, int64_t n, int T,
+                                  int64_t cb, int64_t nc) {
+    int64_t row = p->n_chunks * PE_TIER_CHUNK, len = nc * PE_TIER_REC;
+    if (len > PF_HEAD) len = PF_HEAD;
+    for (int64_t u = 0; u < n; u++) {
+        const char *r0 = (const char *)(p->tiers + p->tier_off[items[u].input] + cb * PE_TIER_REC);
+        for (int t = 0; t < T; t++)
+            for (int64_t o = 0; o < len; o += 64) __builtin_prefetch(r0 + t * row + o, 0, 2);
+    }
+}
+
+/* All items of class cl (T = cl / 2 + 1 tiers, partial = cl & 1) in batches. */
+static void run_class(const pe_packed *p, const pe_item *items, int64_t n, int cl, int64_t cb,
+                      int64_t nc, float *acc) {
+    const int T = cl / 2 + 1, bs = batch_size[T];
+    for (int64_t s = 0; s < n; s += bs) {
+        int m = n - s < bs ? (int)(n - s) : bs;
+        prefetch_heads(p, items + s + bs, n - s - bs < bs ? n - s - bs : bs, T, cb, nc);
+        switch (cl) { /* constant T and PARTIAL: the tier loop unrolls */
+        case 0: batch(p, items + s, m, 1, 0, cb, nc, acc); break;
+        case 1: batch(p, items + s, m, 1, 1, cb, nc, acc); break;
+        case 2: batch(p, items + s, m, 2, 0, cb, nc, acc); break;
+        case 3: batch(p, items + s, m, 2, 1, cb, nc, acc); break;
+        case 4: batch(p, items + s, m, 3, 0, cb, nc, acc); break;
+        case 5: batch(p, items + s, m, 3, 1, cb, nc, acc); break;
+        case 6: batch(p, items + s, m, 4, 0, cb, nc, acc); break;
+        default: batch(p, items + s, m, 4, 1, cb, nc, acc); break;
+        }
+    }
+}
+
+/* The pe_tiermul_fn: blocks of chunks, accumulators zeroed, classes walked, copied out. */
+static void tier_walk(const pe_packed *p, const pe_item *items, const int64_t begin[PE_CLASSES],
+                      const int64_t end[PE_CLASSES], int64_t c0, int64_t c1, float *y) {
+    static _Thread_local float acc[BLOCK * 64] __attribute__((aligned(64)));
+    for (int64_t cb = c0; cb < c1; cb += BLOCK) {
+        int64_t nc = c1 - cb < BLOCK ? c1 - cb : BLOCK;
+        memset(acc, 0, sizeof(float) * 64 * (size_t)nc);
+        for (int cl = 0; cl < PE_CLASSES; cl++)
+            run_class(p, items + begin[cl], end[cl] - begin[cl], cl, cb, nc, acc);
+        int64_t j0 = 64 * cb, m = p->n_out - j0 < 64 * nc ? p->n_out - j0 : 64 * nc;
+        memcpy(y + j0, acc, sizeof(float) * (size_t)m);
+    }
+}
+#endif
