@@ -24,8 +24,16 @@ from pyeffort import _core
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (576, 1536), (1536, 576)]
 EFFORTS = [1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1]
-# select_only: a call at effort 1e-9 (one row dispatched): cutoff search, dispatch and threads
-KINDS = ["numpy_f32", "dense_f16"] + [f"effort_{e}" for e in EFFORTS] + ["select_only"]
+CHANNELS = [0.67, 0.5, 0.33]
+# select_only: a call at effort 1e-9 (one row dispatched): cutoff search, dispatch and threads;
+# channels_f: TEAL-style channel skipping on our dense kernel (the rows of the f n_in largest
+# abs(x_i), picked per call), the peer that pyeffort's quality is compared with at equal time
+KINDS = (
+    ["numpy_f32", "dense_f16"]
+    + [f"effort_{e}" for e in EFFORTS]
+    + ["select_only"]
+    + [f"channels_{f}" for f in CHANNELS]
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,6 +72,16 @@ def test_matmul_speed(benchmark, shape, kind):
     elif kind == "dense_f16":
         out = np.empty(shape[1], np.float32)
         fn, nbytes, effort = (lambda: pyeffort.dense_matmul(x, w16, out=out)), 2 * n, 1.0
+    elif kind.startswith("channels_"):
+        f = float(kind.split("_")[1])
+        out = np.empty((1, shape[1]), np.float32)
+        x2, k = x.reshape(1, -1), round(f * shape[0])
+
+        def fn():
+            rows = np.argpartition(-np.abs(x), k - 1)[:k].astype(np.int32)
+            return _core.dense_rows_f16(x2, w16, rows, out)
+
+        nbytes, effort = 2 * k * shape[1], k / shape[0]
     else:
         e = 1e-9 if kind == "select_only" else float(kind.split("_")[1])
         out = np.empty(shape[1], np.float32)
