@@ -24,7 +24,7 @@ from pyeffort import _core
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (576, 1536), (1536, 576)]
 EFFORTS = [1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1]
-CHANNELS = [0.67, 0.5, 0.33]
+CHANNELS = [0.67, 0.5, 0.33, 0.2]
 # select_only: a call at effort 1e-9 (one row dispatched): cutoff search, dispatch and threads;
 # channels_f: TEAL-style channel skipping on our dense kernel (the rows of the f n_in largest
 # abs(x_i), picked per call), the peer that pyeffort's quality is compared with at equal time
