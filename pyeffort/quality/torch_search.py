@@ -68,7 +68,7 @@ class Bench:
         out = {}
         for k in which:
             out[k] = float(kl_per_token(self.exact[k], self.m.forward(self.sets[k], hook)).mean())
-        out["realised"] = acc["mults"] / max(acc["size"], 1)
+        out["realised"] = float(acc["mults"]) / max(acc["size"], 1)
         return out
 
 
@@ -192,7 +192,7 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--gguf", required=True)
     p.add_argument("--ids", required=True)
-    p.add_argument("--stage", choices=("measure", "search", "dynamic"), required=True)
+    p.add_argument("--stage", choices=("measure", "search", "dynamic", "marginal"), required=True)
     p.add_argument("--state", required=True, help="folder kept between stages")
     p.add_argument("--out", required=True)
     p.add_argument("--shipped", default=None)
@@ -230,6 +230,10 @@ def main(argv=None):
         res["meta"] = meta
         (state / "measure.json").write_text(json.dumps(res))
         (out / "measure.json").write_text(json.dumps(res))
+    elif args.stage == "marginal":
+        res = marginal(model, bench, args, log)
+        res["meta"] = meta
+        (out / "marginal.json").write_text(json.dumps(res))
     elif args.stage == "dynamic":
         res = dynamic(model, bench, args, log)
         res["meta"] = meta
@@ -300,10 +304,8 @@ def dynamic_kl(model, bench, efforts: dict, weights: dict, which=("cal", "hold",
                 stash[n] = k
         if name in member:
             k = stash.pop(name)
-            y = torch.zeros(x.shape[0], mat.n_out, device=x.device)
-            for r in range(int(k.max().item())):
-                y += torch.where(k > r, x, 0.0) @ mat.stack[r]
-            mults = int(k.sum().item()) * mat.mults_per_row
+            y = mat.product(x, k)
+            mults = k.sum() * mat.mults_per_row
         else:
             y, mults = mat(x, efforts[name])
         acc["mults"] += mults
@@ -313,7 +315,7 @@ def dynamic_kl(model, bench, efforts: dict, weights: dict, which=("cal", "hold",
     out = {}
     for k in which:
         out[k] = float(kl_per_token(bench.exact[k], model.forward(bench.sets[k], hook)).mean())
-    out["realised"] = acc["mults"] / max(acc["size"], 1)
+    out["realised"] = float(acc["mults"]) / max(acc["size"], 1)
     return out
 
 
@@ -355,6 +357,74 @@ def dynamic(model, bench, args, log):
             )
             out["kl"][str(e)][v] = r
             log(f"{e} {v}: {r}")
+    return out
+
+
+MARGINAL_ORDER = (0.25, 0.5, 0.15, 0.2, 0.3, 0.4)
+
+
+def marginal(model, bench, args, log, delta=0.1, gammas=(0.25, 0.5, 1.0)):
+    """Stage ``marginal``: in-context marginal values. At each effort, with every matrix at its
+    profile effort, the calibration KL saved per extra multiplication when one matrix gets
+    ``delta`` more effort: ``lam_m``. Then the weights move towards equal marginal values,
+    ``w_m * (lam_m / median lam) ** gamma`` (factor clipped to [1/2, 2]); the gamma with the
+    lowest held-out KL is kept, per effort (or none, if none beats the start there)."""
+    res = json.loads((Path(args.state) / "measure.json").read_text())
+    cands = res["candidates"]
+    best = min(
+        (k for k in cands if k != "uniform" and k in res["profiles"]),
+        key=lambda k: sum(math.log(v["hold"]) for v in cands[k].values()),
+    )
+    prof = json.loads(json.dumps(res["profiles"][best]))
+    log(f"start from {best}")
+    names = model.names
+    grid = list(prof["efforts"])
+    out = {"start": best, "kl": {}, "lam": {}}
+    t0 = time.time()
+    for e in MARGINAL_ORDER:
+        if time.time() - t0 > args.budget_s:
+            log(f"budget spent; {e} left as it was")
+            break
+        eff = profile_efforts(model, prof, e)
+        base = bench.kl(eff, ("cal", "hold", "eval"))
+        lam = {}
+        for n in names:
+            up = min(1.0, eff[n] + delta)
+            if up <= eff[n] + 1e-9:
+                lam[n] = float("nan")  # saturated
+                continue
+            kl = bench.kl({**eff, n: up})["cal"]
+            lam[n] = (base["cal"] - kl) / ((up - eff[n]) * model.mats[n].size)
+        finite = np.array([v for v in lam.values() if np.isfinite(v) and v > 0])
+        med = float(np.median(finite))
+        j = grid.index(e)
+        rows = {"start": base}
+        best_g, best_hold, best_w = None, base["hold"], None
+        for g in gammas:
+            w = {}
+            for n in names:
+                f = lam[n] / med if np.isfinite(lam[n]) else 2.0
+                f = min(2.0, max(0.5, f)) ** g if f > 0 else 0.5**g
+                w[n] = prof["weights"][n][j] * f
+            trial = {**prof, "weights": {n: list(prof["weights"][n]) for n in names}}
+            for n in names:
+                trial["weights"][n][j] = w[n]
+            r = bench.kl(profile_efforts(model, trial, e), ("cal", "hold", "eval"))
+            rows[f"gamma {g}"] = r
+            if r["hold"] < best_hold:
+                best_g, best_hold, best_w = g, r["hold"], w
+        if best_w is not None:
+            for n in names:
+                prof["weights"][n][j] = best_w[n]
+        rows["kept"] = best_g
+        out["kl"][str(e)] = rows
+        out["lam"][str(e)] = lam
+        log(
+            f"{e}: "
+            + "; ".join(f"{k}: {v}" for k, v in rows.items())
+            + f" ({time.time() - t0:.0f}s)"
+        )
+    out["profile"] = prof
     return out
 
 

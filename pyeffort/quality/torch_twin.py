@@ -61,14 +61,17 @@ class TwinMatrix:
         return (s.reshape(n, GROUP, self.n_in) >= c[:, None, None]).sum(1)
 
     def __call__(self, x: torch.Tensor, effort: float):
-        """x (N, n_in) -> (y (N, n_out), multiplications done)."""
+        """x (N, n_in) -> (y (N, n_out), multiplications done: a 0-d tensor or an int)."""
         if effort >= 1.0:
             return x @ self.w32, x.shape[0] * self.size
         k = self.keep(x, effort)
-        y = torch.zeros(x.shape[0], self.n_out, device=x.device)
-        for r in range(int(k.max().item()) if k.numel() else 0):
-            y += torch.where(k > r, x, 0.0) @ self.stack[r]
-        return y, int(k.sum().item()) * self.mults_per_row
+        return self.product(x, k), k.sum() * self.mults_per_row
+
+    def product(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """sum over inputs i of x_i times the weights of row i with rank < k[:, i]."""
+        r = torch.arange(GROUP, device=x.device)[:, None, None]
+        xs = torch.where(k[None] > r, x[None], 0.0)  # (16, N, n_in)
+        return torch.bmm(xs, self.stack).sum(0)
 
 
 TYPES = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w3", "ffn.w2")
