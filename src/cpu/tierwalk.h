@@ -56,10 +56,37 @@ static void run_class(const pe_packed *p, const pe_item *items, int64_t n, int c
     }
 }
 
+/* Small jobs (up to PF_ALL_MAX bytes of rows): prefetches every row segment the walk will
+ * read, all at once. The walk visits rows class by class, scattered through memory; cold,
+ * each batch of a small matrix would otherwise wait on DRAM for its short rows. */
+#define PF_ALL_MAX (2 << 20)
+static void prefetch_all(const pe_packed *p, const pe_item *items,
+                         const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                         int64_t c0, int64_t c1) {
+    int64_t row = p->n_chunks * PE_TIER_CHUNK, len = (c1 - c0) * PE_TIER_REC, total = 0;
+    for (int cl = 0; cl < PE_CLASSES; cl++) total += (end[cl] - begin[cl]) * (cl / 2 + 1) * len;
+    if (total > PF_ALL_MAX) return;
+    for (int cl = 0; cl < PE_CLASSES; cl++)
+        for (int64_t i = begin[cl]; i < end[cl]; i++) {
+            const char *r0 = (const char *)(p->tiers + p->tier_off[items[i].input]);
+            for (int t = 0; t <= cl / 2; t++)
+                for (int64_t o = 0; o < len; o += 64)
+                    __builtin_prefetch(r0 + t * row + c0 * PE_TIER_REC + o, 0, 2);
+        }
+}
+
+/* This thread's accumulator block (a call, so that the walk gets a plain pointer: a TLS
+ * address propagated into it costs a __tls_get_addr call per batch in a shared library). */
+static __attribute__((noinline)) float *accumulators(void) {
+    static _Thread_local float acc[BLOCK * 64] __attribute__((aligned(64)));
+    return acc;
+}
+
 /* The pe_tiermul_fn: blocks of chunks, accumulators zeroed, classes walked, copied out. */
 static void tier_walk(const pe_packed *p, const pe_item *items, const int64_t begin[PE_CLASSES],
                       const int64_t end[PE_CLASSES], int64_t c0, int64_t c1, float *y) {
-    static _Thread_local float acc[BLOCK * 64] __attribute__((aligned(64)));
+    float *acc = accumulators();
+    prefetch_all(p, items, begin, end, c0, c1);
     for (int64_t cb = c0; cb < c1; cb += BLOCK) {
         int64_t nc = c1 - cb < BLOCK ? c1 - cb : BLOCK;
         memset(acc, 0, sizeof(float) * 64 * (size_t)nc);
