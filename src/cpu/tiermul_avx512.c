@@ -2,8 +2,8 @@
  * and chunk of 4 groups, each dispatched tier is placed at its positions by two word expands
  * (vpexpandw), the tiers of one input merge into one vector per group (their positions are
  * disjoint), and one convert + FMA per group adds x * w into the accumulators: no per-weight
- * routing. A partly dispatched last tier keeps only its first K' ranks (its rank codes, turned
- * into a position mask with pext/pdep). */
+ * routing. A partly dispatched last tier keeps only its first K' ranks: the values whose rank
+ * codes are not below K' load as zeros (pext turns the codes into a slot mask). */
 #include <immintrin.h>
 #include <string.h>
 
@@ -24,25 +24,23 @@ static inline PE_INLINE void merge_tier(const uint8_t *rec, __m512i *v0, __m512i
     *v1 = _mm512_mask_expand_epi16(*v1, (__mmask32)(m >> 32), w1);
 }
 
-/* The positions (64 bits, 4 groups) of the slots whose rank code (2 bits, codes) is below kk,
- * given the slots' positions m: the 16 slot bits deposited at the set bits of m. */
-static inline PE_INLINE uint64_t keep_mask(uint64_t m, uint32_t codes, int kk) {
+/* The slots (16 bits, 4 groups x 4) whose rank code (2 bits each, codes) is below kk. */
+static inline PE_INLINE uint32_t kept_slots(uint32_t codes, int kk) {
     uint32_t hi = (codes >> 1) & 0x55555555u, lo = codes & 0x55555555u;
     uint32_t below = kk == 1 ? ~(hi | lo) : kk == 2 ? ~hi : ~(hi & lo); /* code < kk */
-    return _pdep_u64(_pext_u32(below, 0x55555555u), m);
+    return _pext_u32(below, 0x55555555u);
 }
 
-/* The same for a partly dispatched tier: only its slots of rank code below kk keep. */
+/* The same for a partly dispatched tier: the values of the slots not kept load as zeros. */
 static inline PE_INLINE void merge_prefix(const uint8_t *rec, uint32_t codes, int kk,
                                           __m512i *v0, __m512i *v1) {
     uint64_t m;
     memcpy(&m, rec, 8);
-    uint64_t keep = keep_mask(m, codes, kk);
-    __m512i w0 = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rec + 8)));
-    __m512i w1 = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rec + 24)));
-    *v0 = _mm512_mask_mov_epi16(*v0, (__mmask32)keep, _mm512_maskz_expand_epi16((__mmask32)m, w0));
-    *v1 = _mm512_mask_mov_epi16(*v1, (__mmask32)(keep >> 32),
-                                _mm512_maskz_expand_epi16((__mmask32)(m >> 32), w1));
+    uint32_t keep = kept_slots(codes, kk);
+    __m512i w0 = _mm512_castsi128_si512(_mm_maskz_loadu_epi16((__mmask8)keep, rec + 8));
+    __m512i w1 = _mm512_castsi128_si512(_mm_maskz_loadu_epi16((__mmask8)(keep >> 8), rec + 24));
+    *v0 = _mm512_mask_expand_epi16(*v0, (__mmask32)m, w0);
+    *v1 = _mm512_mask_expand_epi16(*v1, (__mmask32)(m >> 32), w1);
 }
 
 /* The batch of tierwalk.h: per chunk, 4 accumulators in registers while the inputs pass. */
