@@ -45,7 +45,7 @@ static void detect(char *out, size_t n, int *avx2, int *avx512, int *vbmi2) {
              vb2 && os_zmm ? "avx512vbmi2 " : "", os_avx ? "" : "(no OS AVX state) ");
     *avx2 = os_avx && has_avx2 && fma && f16c;
     *avx512 = *avx2 && os_zmm && f && bw && vl && dq;
-    *vbmi2 = *avx512 && vb2 && bmi2; /* the tiered kernel also uses pext / pdep */
+    *vbmi2 = *avx512 && vb2 && bmi2; /* the tiered kernel also uses pext */
 }
 #endif
 
