@@ -256,6 +256,11 @@ def test_model_profile_splits_the_effort_and_keeps_the_total(tiny):
     finally:
         m.set_profile(None)
     assert all(lin.split is None for lin in m.linears())
+    from pyeffort import models
+
+    # the default model's profile names 210 matrices: not applied to a model it does not fit
+    assert not models.use_shipped_profile(m, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert m.profile is None
 
 
 def test_shipped_profile_is_found_for_the_default_model_names():
