@@ -110,6 +110,24 @@ def test_bucketmul_matches_reference(kernel, rng, shape):
         assert close(got, ref) <= 2e-6, (kernel, e)
 
 
+def test_repeated_positions_still_match(kernel, rng):
+    """A damaged file may give two ranks of a group the same position (the reference then adds
+    both values there): kernels that cannot hold that (the tiered copy) must fall back."""
+    _, b = buckets_of(rng, (50, 64))
+    pos = b.positions.copy()
+    n_in = b.n_in
+    for j in range(n_in):  # rank 1 of every input takes rank 0's position in group 0
+        r0 = int(np.nonzero(b.order[0] == j)[0][0])
+        r1 = n_in + int(np.nonzero(b.order[1] == j)[0][0])
+        pos[r1, 0] = (pos[r1, 0] & 0xF0) | (pos[r0, 0] & 0x0F)
+    b = pyeffort.Buckets(b.values, pos, b.stats, b.order, b.n_out)
+    x = activations(rng, 2, n_in)
+    for e in [0.3, 1.0]:
+        ref, got, want, have = run_both(x, b, e)
+        assert have == want, (kernel, e)
+        assert close(got, ref) <= 2e-6, (kernel, e)
+
+
 @pytest.mark.parametrize("shape", [(40, 3), (17, 35), (64, 64)])
 def test_full_effort_without_zero_inputs(kernel, rng, shape):
     """No x_i = 0 (so the cutoff is not 0): at effort 1 the padding rows of a last group

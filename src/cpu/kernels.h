@@ -50,12 +50,21 @@ struct pe_packed {
 #define PE_TIER_CHUNK 44 /* bytes per chunk per tier row: 40 record + 4 rank codes */
 #define PE_TIER_REC 40
 
-/* One dispatched input: its first k ranks (k >= 1), multiplied by x. */
+/* One dispatched input: its ranks in mask (bit k: rank k; not empty), multiplied by x. A
+ * prefix of ranks when the input's statistics fall with rank (always, for matrices pe_build
+ * makes, but for the padding ranks of a last group narrower than 16), any set otherwise. */
 typedef struct {
-    int32_t input, k;
+    int32_t input;
+    uint32_t mask;
     float x;
 } pe_item;
-#define PE_CLASSES 8 /* items are grouped by class 2 (ceil(k / 4) - 1) + (k % 4 != 0) */
+/* Items are grouped by class 2 (T - 1) + partial: T the tiers up to the last one touched,
+ * partial if a tier below T is not whole (then each tier keeps the ranks its 4 bits name). */
+#define PE_CLASSES 8
+static inline int pe_item_class(uint32_t mask) {
+    int top = 31 - __builtin_clz(mask), t = top / PE_TIER + 1;
+    return 2 * (t - 1) + (mask != (1u << (PE_TIER * t)) - 1);
+}
 
 /* Kernels walk the runs in batches of about PE_BATCH slots: a batch's row segments are first
  * copied in row order into a contiguous buffer (streaming reads), then, tile by tile, the tile's
@@ -174,11 +183,11 @@ pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe
                            int64_t *n_runs, int64_t *n_rows, int64_t *mults, uint32_t *scratch);
 
 /* As pe_select_packed, but the dispatched inputs as items grouped by class (start, PE_CLASSES
- * + 1 offsets); needs p->tiers (every dispatch a prefix of ranks). items sized n_in. */
+ * + 1 offsets). items sized n_in. */
 pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_item *items,
                           int64_t start[PE_CLASSES + 1], int64_t *n_rows, int64_t *mults,
                           uint32_t *scratch);
-/* Builds p->tiers from b (tiers.c) when stats fall with rank; leaves it NULL otherwise. */
+/* Builds p->tiers from b (tiers.c); leaves it NULL if a position repeats in a group. */
 pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p);
 /* 1 if a kernel set this machine runs reads the tiered copy (dispatch.c). */
 int pe_tiers_wanted(void);

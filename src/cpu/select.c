@@ -232,7 +232,7 @@ pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_
                           uint32_t *scratch) {
     int64_t rows = 0, done = 0, count[PE_CLASSES] = {0};
     uint32_t *key = scratch, *cand = scratch + p->n_in * PE_RANKS, c = 0;
-    uint8_t *ks = (uint8_t *)cand; /* the candidates are spent once c is known */
+    uint32_t *ks = cand; /* the candidates are spent once c is known */
     int none = 0;
     memset(start, 0, sizeof(int64_t) * (PE_CLASSES + 1));
     *n_rows = *mults = 0;
@@ -240,22 +240,21 @@ pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_
     if (st != PE_OK || none) return st;
     for (int64_t i = 0; i < p->n_in; i++) {
         uint32_t mask = dispatched(p, key, i, c);
-        int k = pe_popcount(mask); /* a prefix: stats fall with rank (tiers.c) */
-        ks[i] = (uint8_t)k;
-        if (!k) continue;
-        rows += k;
+        ks[i] = mask;
+        if (!mask) continue;
+        rows += pe_popcount(mask);
         done += mask_mults(p, mask);
-        count[2 * ((k - 1) / PE_TIER) + (k % PE_TIER != 0)]++;
+        count[pe_item_class(mask)]++;
     }
     for (int cl = 0; cl < PE_CLASSES; cl++) start[cl + 1] = start[cl] + count[cl];
     int64_t at[PE_CLASSES];
     memcpy(at, start, sizeof at);
     for (int64_t i = 0; i < p->n_in; i++) {
-        int k = ks[i];
-        if (!k) continue;
-        pe_item *it = items + at[2 * ((k - 1) / PE_TIER) + (k % PE_TIER != 0)]++;
+        uint32_t mask = ks[i];
+        if (!mask) continue;
+        pe_item *it = items + at[pe_item_class(mask)]++;
         it->input = (int32_t)i;
-        it->k = k;
+        it->mask = mask;
         it->x = x[i];
     }
     *n_rows = rows;

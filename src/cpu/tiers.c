@@ -20,9 +20,12 @@ typedef struct {
     uint8_t rank[PE_GROUP];
 } group_tiers;
 
-/* The loaded ranks (n) of input i, row by row (each canonical row read in order) -> gt (G). */
-static void gather_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n,
-                         group_tiers *gt) {
+/* The loaded ranks (n) of input i, row by row (each canonical row read in order) -> gt (G).
+ * Returns 0 if a position repeats inside a group (a damaged file: the reference adds both
+ * values there, which the tiered copy cannot hold). */
+static int gather_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n,
+                        group_tiers *gt) {
+    int ok = 1;
     int64_t G = b->n_groups;
     memset(gt, 0, sizeof(group_tiers) * (size_t)G);
     for (int k = 0; k < n; k++) {
@@ -30,20 +33,23 @@ static void gather_input(const pe_buckets *b, const pe_packed *p, int64_t i, int
         int t = k / PE_TIER;
         for (int64_t g = 0; g < G; g++) {
             uint16_t bit = (uint16_t)(1u << position(b, r, g));
+            ok &= !(gt[g].used & bit);
             gt[g].used |= bit;
             gt[g].mask[t] |= bit;
             gt[g].vals[position(b, r, g)] = b->values[r * G + g];
             gt[g].rank[position(b, r, g)] = (uint8_t)k;
         }
     }
+    return ok;
 }
 
-/* The tier rows of input i (n loaded ranks, ceil(n / 4) rows of row bytes) -> dst. */
-static void fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n, int64_t row,
+/* The tier rows of input i (n loaded ranks, ceil(n / 4) rows of row bytes) -> dst; 0 if its
+ * positions repeat (gather_input). */
+static int fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n, int64_t row,
                        group_tiers *gt, uint8_t *dst) {
     int64_t C = p->n_chunks, G = b->n_groups;
     int n_tiers = (n + PE_TIER - 1) / PE_TIER;
-    gather_input(b, p, i, n, gt);
+    if (!gather_input(b, p, i, n, gt)) return 0;
     for (int64_t g = 0; g < 4 * C; g++) {
         static const group_tiers none; /* a padding group: no ranks */
         const group_tiers *q = g < G ? gt + g : &none;
@@ -70,13 +76,15 @@ static void fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n
             tier[C * PE_TIER_REC + g] = codes;
         }
     }
+    return 1;
 }
 
 typedef struct {
     const pe_buckets *b;
     pe_packed *p;
     int64_t row;
-    volatile int failed; /* a worker could not get its scratch */
+    volatile int failed;  /* a worker could not get its scratch */
+    volatile int damaged; /* positions repeat somewhere: no tiered copy */
 } fill_job;
 
 /* Inputs of chunk c of n -> their tier rows (threads fill disjoint inputs). */
@@ -88,14 +96,15 @@ static void fill_chunk(void *ctx, int c, int n) {
         j->failed = 1;
         return;
     }
-    for (int64_t i = i0; i < i1; i++)
-        fill_input(j->b, j->p, i, j->p->n_loaded[i], j->row, gt, j->p->tiers + j->p->tier_off[i]);
+    for (int64_t i = i0; i < i1 && !j->damaged; i++)
+        if (!fill_input(j->b, j->p, i, j->p->n_loaded[i], j->row, gt,
+                        j->p->tiers + j->p->tier_off[i]))
+            j->damaged = 1;
     free(gt);
 }
 
 pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p) {
     p->n_chunks = (b->n_groups + 3) / 4;
-    if (!p->monotone) return PE_OK;
     int64_t row = p->n_chunks * PE_TIER_CHUNK, total = 0;
     p->tier_off = malloc(sizeof(int64_t) * (size_t)p->n_in + 8);
     if (!p->tier_off) return PE_ERR_ALLOC;
@@ -116,10 +125,10 @@ pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p) {
         p->tier_off = NULL;
         return PE_ERR_ALLOC;
     }
-    fill_job job = {b, p, row, 0};
+    fill_job job = {b, p, row, 0, 0};
     pe_status st = pe_parallel(fill_chunk, &job, 4 * pe_num_threads(), pe_num_threads());
     if (st == PE_OK && job.failed) st = PE_ERR_ALLOC;
-    if (st != PE_OK) {
+    if (st != PE_OK || job.damaged) { /* damaged: the routed kernels follow the reference */
         free(p->tiers);
         free(p->tier_off);
         p->tiers = NULL;

@@ -4,8 +4,9 @@
  *   static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n,
  *                                      const int T, const int PARTIAL, int64_t cb, int64_t nc,
  *                                      float *acc);
- * acc[64 c + j] += x_u * w for the n inputs items[0, n) (T tiers each, the last one partial
- * when PARTIAL) over chunks [cb, cb + nc), inputs added in item order. */
+ * acc[64 c + j] += x_u * w for the n inputs items[0, n) (T tiers each, all whole unless
+ * PARTIAL, pe_item_class) over chunks [cb, cb + nc), inputs added in item order. The including
+ * file "defines" it after the include; the prototype below lets the walk call it. */
 #ifndef PE_TIERWALK_H
 #define PE_TIERWALK_H
 #include <string.h>
