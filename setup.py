@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CPU = "src/cpu/"
-PORTABLE = ("build.c", "select.c", "pack.c", "tiers.c", "dispatch.c", "cpuinfo.c", "threads.c")
+PORTABLE = ("build.c", "select.c", "pack.c", "tiers.c", "perm.c", "dispatch.c", "cpuinfo.c", "threads.c")
 SOURCES = ["pyeffort/_core.pyx"] + [CPU + f for f in PORTABLE + ("bucketmul_scalar.c",)]
 # ISA files, each compiled with its own flags (never -march=native); chosen at run time.
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -20,6 +20,7 @@ ISA_FILES = (
     {
         "bucketmul_avx2.c": AVX2,
         "dense_avx2.c": AVX2,
+        "permmul_avx2.c": AVX2,
         "bucketmul_avx512.c": AVX512,
         "dense_avx512.c": AVX512,
         "tiermul_avx512.c": AVX512 + ["-mavx512vbmi2", "-mbmi2"],

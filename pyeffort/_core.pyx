@@ -35,6 +35,7 @@ cdef extern from "pyeffort.h" nogil:
                                   int64_t n_tokens, double effort, float *y, int64_t *mults,
                                   int64_t *bytes)
     int pe_kernel_packed()
+    const char *pe_packed_copy(const pe_packed *p)
     const char *pe_kernel_name()
     const char *pe_cpu_features()
     const char *pe_available_kernels()
@@ -93,7 +94,9 @@ cdef class _Packed:
         pe_packed_free(self.p)
 
 
-_packed = {}  # id(values) -> _Packed; an entry leaves when its values array is collected
+# (id(values), kernel set) -> _Packed: each kernel set reads its own in-memory copy; an entry
+# leaves when its values array is collected
+_packed = {}
 
 
 cdef pe_buckets _view(values, positions, stats, order, int64_t n_out, keep):
@@ -121,7 +124,8 @@ cdef _Packed _packed_for(values, positions, stats, order, int64_t n_out):
     import weakref
 
     arrays = (values, positions, stats, order)
-    cdef _Packed pk = _packed.get(id(values))
+    key = (id(values), pe_kernel_name().decode())
+    cdef _Packed pk = _packed.get(key)
     if pk is not None and all(r() is a for r, a in zip(pk.refs, arrays)):
         return pk
     keep = []
@@ -134,7 +138,6 @@ cdef _Packed _packed_for(values, positions, stats, order, int64_t n_out):
     pk = _Packed()
     pk.p = raw
     pk.refs = tuple(weakref.ref(a) for a in arrays)
-    key = id(values)
     _packed[key] = pk
     weakref.finalize(values, _packed.pop, key, None)
     return pk
@@ -144,6 +147,14 @@ def prepare(values, positions, stats, order, int64_t n_out):
     """Builds now the in-memory copy the kernels in use read (else built at the first call)."""
     if pe_kernel_packed():
         _packed_for(values, positions, stats, order, n_out)
+
+
+def copy_kind(values, positions, stats, order, int64_t n_out):
+    """The weights the kernels in use read for this matrix: "tiered", "permuted" (in-memory
+    copies), "canonical" (the rows in place), or None (the scalar loop, no index)."""
+    if not pe_kernel_packed():
+        return None
+    return pe_packed_copy(_packed_for(values, positions, stats, order, n_out).p).decode()
 
 
 def bucketmul(x32, values, positions, stats, order, int64_t n_out, double effort, out):

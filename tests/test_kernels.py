@@ -110,6 +110,43 @@ def test_bucketmul_matches_reference(kernel, rng, shape):
         assert close(got, ref) <= 2e-6, (kernel, e)
 
 
+COPY = {"avx512vbmi2": "tiered", "avx2": "permuted", "scalar": None}
+
+
+def copy_of(b):
+    return _core.copy_kind(b.values, b.positions, b.stats, b.order, b.n_out)
+
+
+def test_each_kernel_set_reads_its_copy(kernel, rng):
+    """The repacked kernels really run: AVX-512 VBMI2 reads the tiered copy, AVX2 the permuted
+    one (each built for the kernel set in use), the others the canonical rows."""
+    _, b = buckets_of(rng, (40, 100))
+    assert copy_of(b) == COPY.get(kernel, "canonical")
+    _, part = buckets_of(rng, (40, 100), loaded=0.6)  # partial loads keep their copy
+    assert copy_of(part) == COPY.get(kernel, "canonical")
+
+
+def test_non_finite_values_still_match(kernel, rng):
+    """A damaged file may hold inf in a rarely dispatched row: where the reference skips it the
+    result stays finite (a permuted kernel multiplying it by 0 would make NaN), where it is
+    dispatched the result is inf, as in the reference."""
+    _, b = buckets_of(rng, (60, 80))
+    values = b.values.copy()
+    values[-5:, 1] = np.inf  # rank 15 of five inputs, group 1
+    b = pyeffort.Buckets(values, b.positions, b.stats, b.order, b.n_out)
+    if COPY.get(kernel):
+        assert copy_of(b) == "canonical"
+    x = activations(rng, 2, 60)
+    x[:, b.order[-1, -5:]] = 1.0  # those inputs are not zero: effort 1.0 dispatches them
+    for e in [0.3, 1.0]:
+        ref, got, want, have = run_both(x, b, e)
+        assert have == want, (kernel, e)
+        assert np.array_equal(np.isfinite(got), np.isfinite(ref)), (kernel, e)
+        fin = np.isfinite(ref)
+        assert close(np.where(fin, got, 0), np.where(fin, ref, 0)) <= 2e-6, (kernel, e)
+    assert not np.isfinite(ref).all()  # at 1.0 the inf rows are dispatched
+
+
 def test_repeated_positions_still_match(kernel, rng):
     """A damaged file may give two ranks of a group the same position (the reference then adds
     both values there): kernels that cannot hold that (the tiered copy) must fall back."""
@@ -121,6 +158,8 @@ def test_repeated_positions_still_match(kernel, rng):
         r1 = n_in + int(np.nonzero(b.order[1] == j)[0][0])
         pos[r1, 0] = (pos[r1, 0] & 0xF0) | (pos[r0, 0] & 0x0F)
     b = pyeffort.Buckets(b.values, pos, b.stats, b.order, b.n_out)
+    if COPY.get(kernel):
+        assert copy_of(b) == "canonical"
     x = activations(rng, 2, n_in)
     for e in [0.3, 1.0]:
         ref, got, want, have = run_both(x, b, e)

@@ -1,12 +1,10 @@
-/* AVX2 + F16C + FMA kernels. Packed bucket rows: 16 values are converted and scaled in two
- * vectors, then added into the tile's 256 accumulators (L1) at their positions, one by one. */
+/* AVX2 + F16C + FMA routed kernel, for matrices without a permuted copy (permmul_avx2.c). Packed
+ * bucket rows: 16 values are converted and scaled in two vectors, then added into the tile's
+ * 256 accumulators (L1) at their positions, one by one. */
 #include <immintrin.h>
 #include <string.h>
 
 #include "kernels.h"
-
-void pe_dense_f16_avx2(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
-                       const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y);
 
 /* acc[16 l + pos_l] += xw[l] for the 16 nibbles of pos; the shifts are independent. */
 #define SC(L) acc[16 * (L) + ((pos >> (4 * (L))) & 15)] += xw[L]
@@ -34,7 +32,7 @@ static void batch_tile(const uint16_t *vals, const uint8_t *pos, const float *xs
 }
 
 /* runs (slots of P) -> y[256 t0, min(256 t1, n_out)): batches of runs, staged, tile by tile. */
-static void packedmul_f16_avx2(const pe_packed *pk, const pe_buckets *b, const pe_run *runs,
+void pe_packedmul_f16_avx2(const pe_packed *pk, const pe_buckets *b, const pe_run *runs,
                                int64_t n_runs, int64_t t0, int64_t t1, float *y) {
     static _Thread_local float acc[PE_CHUNK][256] __attribute__((aligned(64)));
     static _Thread_local uint16_t vals[PE_BATCH * PE_CHUNK * PE_TILE] __attribute__((aligned(64)));
@@ -57,5 +55,3 @@ static void packedmul_f16_avx2(const pe_packed *pk, const pe_buckets *b, const p
         }
     }
 }
-
-const pe_cpu_kernels pe_kernels_avx2 = {"avx2", NULL, packedmul_f16_avx2, pe_dense_f16_avx2, NULL};

@@ -66,4 +66,5 @@ static void packedmul_f16_neon(const pe_packed *pk, const pe_buckets *b, const p
     }
 }
 
-const pe_cpu_kernels pe_kernels_neon = {"neon", NULL, packedmul_f16_neon, pe_dense_f16_neon, NULL};
+const pe_cpu_kernels pe_kernels_neon = {"neon", NULL, packedmul_f16_neon, pe_dense_f16_neon, NULL,
+                                        NULL};

@@ -35,14 +35,7 @@ static const pe_cpu_kernels *kernels(void) {
 const char *pe_kernel_name(void) { return kernels()->name; }
 int pe_kernel_packed(void) { return kernels()->packedmul_f16 != NULL; }
 
-int pe_tiers_wanted(void) {
-    int n;
-    kernels();
-    const pe_cpu_kernels *const *t = pe_tiers(&n);
-    for (int i = 0; i < n; i++)
-        if (t[i]->tiermul_f16) return 1;
-    return 0;
-}
+const pe_cpu_kernels *pe_active_kernels(void) { return kernels(); }
 const char *pe_available_kernels(void) {
     kernels();
     return available;
@@ -161,7 +154,7 @@ static void packed_run(void *ctx, int t, int n) {
     if (t1 > t0) j->fn(j->p, j->b, j->runs, j->n_runs, t0, t1, j->y);
 }
 
-/* ------------------------------------------------ tiered copy (expand kernels) */
+/* ------------------------------------- tiered or permuted copy (expand, permute kernels) */
 
 /* The dispatched inputs are cut into TIER_PARTS fixed parts (half of each class each), summed
  * into their own outputs and added in part order: threads walk whole rows (the column split
@@ -198,7 +191,7 @@ static void cut_parts(const int64_t start[PE_CLASSES + 1], tier_job *j) {
         }
 }
 
-static pe_status bucketmul_tiers(const pe_cpu_kernels *kern, const pe_packed *p, const float *x,
+static pe_status bucketmul_items(pe_tiermul_fn fn, const pe_packed *p, const float *x,
                                  int64_t n_tokens, double effort, float *y, int64_t *mults,
                                  int64_t *bytes) {
     int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2, n_keys = p->n_in * PE_RANKS;
@@ -211,7 +204,7 @@ static pe_status bucketmul_tiers(const pe_cpu_kernels *kern, const pe_packed *p,
         pe_status st = pe_select_items(p, x + t * p->n_in, effort, items, start, &n_rows, &done,
                                        sc);
         if (st != PE_OK) return st;
-        tier_job job = {.fn = kern->tiermul_f16, .p = p, .items = items};
+        tier_job job = {.fn = fn, .p = p, .items = items};
         cut_parts(start, &job);
         float *yt = y + t * p->n_out;
         job.y[0] = yt;
@@ -234,7 +227,9 @@ pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const flo
     const pe_cpu_kernels *kern = kernels();
     if (b->n_rows != p->n_slots || b->n_in != p->n_in) return PE_ERR_ARG;
     if (kern->tiermul_f16 && p->tiers)
-        return bucketmul_tiers(kern, p, x, n_tokens, effort, y, mults, bytes);
+        return bucketmul_items(kern->tiermul_f16, p, x, n_tokens, effort, y, mults, bytes);
+    if (kern->permmul_f16 && p->perm)
+        return bucketmul_items(kern->permmul_f16, p, x, n_tokens, effort, y, mults, bytes);
     if (!kern->packedmul_f16) return PE_ERR_ARG;
     int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2, n_keys = p->n_in * PE_RANKS;
     uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)(2 * n_keys + 1), 0);

@@ -37,6 +37,10 @@ struct pe_packed {
     uint8_t *tiers;       /* tier rows, PE_TIER_CHUNK bytes per chunk                     */
     int64_t *tier_off;    /* (n_in,) byte offset of input i's first tier row              */
     int64_t n_chunks;     /* chunks of 4 groups (64 outputs), ceil(G / 4)                 */
+    /* The permuted copy (perm.c), built instead where the kernel set in use reads it; NULL
+     * otherwise. */
+    uint8_t *perm;        /* rank maps and rank-ordered values, per input                 */
+    int64_t *perm_off;    /* (n_in,) byte offset of input i's records                     */
 };
 
 /* The tiered layout. Tier t of input i holds ranks 4t..4t+3 of every group in position order:
@@ -49,6 +53,16 @@ struct pe_packed {
 #define PE_TIER 4
 #define PE_TIER_CHUNK 44 /* bytes per chunk per tier row: 40 record + 4 rank codes */
 #define PE_TIER_REC 40
+
+/* The permuted layout, for kernels with a lane permute but no expand (AVX2). Per input i, at
+ * perm_off[i]: n_groups records of 16 bytes (the group's rank map, 8 bytes: byte b holds the
+ * rank of position b in its low nibble and of position b + 8 in its high nibble; then the fp16
+ * values of ranks 0..3 in rank order), then one row per further loaded tier t = 1, 2, 3
+ * (n_groups x 4 fp16: ranks 4t..4t+3). A kernel multiplies a group's rank-ordered values by x
+ * where the item dispatches the rank and by 0 elsewhere, then gathers them to their positions
+ * through the rank map (a lane permute): no per-weight routing, any rank set. A position whose
+ * rank is not loaded names an unloaded rank (never dispatched); unloaded values are 0. */
+#define PE_PERM_REC 16
 
 /* One dispatched input: its ranks in mask (bit k: rank k; not empty), multiplied by x. A
  * prefix of ranks when the input's statistics fall with rank (always, for matrices pe_build
@@ -162,6 +176,7 @@ typedef struct {
     pe_packedmul_fn packedmul_f16; /* input-major index (pe_packed), or NULL       */
     pe_dense_fn dense_f16;
     pe_tiermul_fn tiermul_f16;     /* tiered copy (pe_packed.tiers), or NULL        */
+    pe_tiermul_fn permmul_f16;     /* permuted copy (pe_packed.perm), same contract, or NULL */
 } pe_cpu_kernels;
 
 extern const pe_cpu_kernels pe_kernels_scalar;
@@ -189,8 +204,11 @@ pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_
                           uint32_t *scratch);
 /* Builds p->tiers from b (tiers.c); leaves it NULL if a position repeats in a group. */
 pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p);
-/* 1 if a kernel set this machine runs reads the tiered copy (dispatch.c). */
-int pe_tiers_wanted(void);
+/* Builds p->perm from b (perm.c); leaves it NULL if a position repeats in a group or a value
+ * is not finite (then the routed kernels follow the reference). */
+pe_status pe_build_perm(const pe_buckets *b, pe_packed *p);
+/* The kernel set in use (dispatch.c): pack.c builds the copy it reads. */
+const pe_cpu_kernels *pe_active_kernels(void);
 
 /* Thread pool (threads.c): fn(ctx, c, n_chunks) for every chunk c in [0, n_chunks), on up to
  * n_threads threads (the caller included), in any order and assignment. */

@@ -1,6 +1,6 @@
 /* The input-major index the SIMD kernels use (kernels.h, struct pe_packed): built once per
- * matrix; the canonical rows are read in place, or through the tiered copy (tiers.c) where a
- * kernel set that reads it runs. */
+ * matrix; the canonical rows are read in place, or through the copy the kernel set in use
+ * reads: tiered (tiers.c) or permuted (perm.c). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,6 +14,8 @@ void pe_packed_free(pe_packed *p) {
     free(p->n_loaded);
     free(p->tiers);
     free(p->tier_off);
+    free(p->perm);
+    free(p->perm_off);
     free(p);
 }
 
@@ -73,13 +75,18 @@ pe_status pe_pack(const pe_buckets *b, pe_packed **out) {
     for (int64_t r = 0; r < S; r++) p->row[p->slot0[b->order[r]] + r / n_in] = (int32_t)r;
     p->n_chunks = (G + 3) / 4;
     p->monotone = stats_fall(p);
-    if (pe_tiers_wanted()) {
-        pe_status st = pe_build_tiers(b, p);
-        if (st != PE_OK) {
-            pe_packed_free(p);
-            return st;
-        }
+    const pe_cpu_kernels *kern = pe_active_kernels(); /* the copy the kernels in use read */
+    pe_status st = kern->tiermul_f16   ? pe_build_tiers(b, p)
+                   : kern->permmul_f16 ? pe_build_perm(b, p)
+                                       : PE_OK;
+    if (st != PE_OK) {
+        pe_packed_free(p);
+        return st;
     }
     *out = p;
     return PE_OK;
+}
+
+const char *pe_packed_copy(const pe_packed *p) {
+    return p->tiers ? "tiered" : p->perm ? "permuted" : "canonical";
 }

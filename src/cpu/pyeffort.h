@@ -51,6 +51,9 @@ void pe_packed_free(pe_packed *p);
 pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const float *x,
                               int64_t n_tokens, double effort, float *y, int64_t *mults,
                               int64_t *bytes);
+/* The weights p's kernels read: "tiered" or "permuted" (an in-memory copy, kernels.h) or
+ * "canonical" (the rows in place: no copy for this kernel set, or a damaged matrix). */
+const char *pe_packed_copy(const pe_packed *p);
 /* 1 if the kernel set in use reads through the index, 0 if the canonical loop (scalar). */
 int pe_kernel_packed(void);
 
