@@ -29,6 +29,7 @@ int main(int argc, char **argv){
   for (int64_t i=0;i<n_in;i++){ float g=(rand()/(float)RAND_MAX); x[i]=(rand()/(float)RAND_MAX-0.5f)*(-logf(g+1e-6f)); }
   pe_use_kernel(kn); pe_set_num_threads(nth);
   pe_packed_free(pk); pe_pack(&b,&pk); /* the copy of the kernel set asked for */
+  if (getenv("ROUTED") && *getenv("ROUTED") == '1') { free(pk->perm); free(pk->perm_off); pk->perm = NULL; pk->perm_off = NULL; } /* the routed kernel */
   uint32_t *sc=malloc(4*(2*16*n_in+1)); pe_item *items=malloc(sizeof(pe_item)*(n_in+1));
   double effs[]={1.0,0.75,0.5,0.35,0.25,0.1};
   for (int e=0;e<6;e++){ int64_t m=0,by=0; double best=1e9,bc=1e9;
