@@ -26,7 +26,7 @@ ISA_FILES = (
         "tiermul_avx512.c": AVX512 + ["-mavx512vbmi2", "-mbmi2"],
     }
     if X86
-    else {"bucketmul_neon.c": [], "dense_neon.c": []}
+    else {"bucketmul_neon.c": [], "dense_neon.c": [], "permmul_neon.c": []}
     if ARM64
     else {}
 )

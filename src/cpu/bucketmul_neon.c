@@ -8,6 +8,9 @@
 
 void pe_dense_f16_neon(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
                        const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y);
+void pe_permmul_f16_neon(const pe_packed *p, const pe_item *items,
+                         const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                         int64_t c0, int64_t c1, float *y);
 
 /* 16 fp16 at v times x -> out[16] f32. */
 static inline void scale16(const uint16_t *v, float32x4_t xv, float out[16]) {
@@ -66,5 +69,7 @@ static void packedmul_f16_neon(const pe_packed *pk, const pe_buckets *b, const p
     }
 }
 
+/* The permuted kernel (permmul_neon.c) where pack.c built the copy; the routed one for
+ * matrices without it (repeated positions, values that are not finite). */
 const pe_cpu_kernels pe_kernels_neon = {"neon", NULL, packedmul_f16_neon, pe_dense_f16_neon, NULL,
-                                        NULL};
+                                        pe_permmul_f16_neon};

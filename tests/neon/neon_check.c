@@ -1,6 +1,8 @@
 /* Checks the NEON kernels against the scalar ones (the C-level spec) on fixed and random
  * inputs, odd sizes included: the same dispatched rows, results within float32 rounding, and
- * bitwise identical results for 1 and 3 threads. Exit status 0 if all pass. */
+ * bitwise identical results for 1 and 3 threads. Both effort kernels run: the permuted one
+ * (the copy pack.c builds for the neon set) and the routed one (a matrix packed without the
+ * copy, and damaged matrices, which must get none). Exit status 0 if all pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,16 +45,73 @@ static void expect(int ok, const char *what, int64_t n_in, int64_t n_out, double
     }
 }
 
+/* max |a - b| / max |b| where b is finite; inf if a and b differ in finiteness anywhere. */
 static double rel_err(const float *a, const float *b, int64_t n) {
     double d = 0, m = 1e-30;
     for (int64_t j = 0; j < n; j++) {
+        if (isfinite(a[j]) != isfinite(b[j])) return INFINITY;
+        if (!isfinite(b[j])) continue;
         d = fmax(d, fabs((double)a[j] - b[j]));
         m = fmax(m, fabs((double)b[j]));
     }
     return d / m;
 }
 
-/* One matrix: fixed (all weights 1/2, x = 1) or random, at several efforts and loads. */
+/* b packed for kernel set `kernels` (pack.c builds the copy that set reads); neon selected
+ * after. NULL (a failure counted) if packing fails. */
+static pe_packed *pack_for(const char *kernels, const pe_buckets *b) {
+    pe_packed *pk = NULL;
+    pe_use_kernel(kernels);
+    if (pe_pack(b, &pk) != PE_OK) expect(0, "pack", b->n_in, b->n_out, 0, 0);
+    pe_use_kernel("neon");
+    return pk;
+}
+
+/* x (T, n_in) @ b through pk on neon (1 and 3 threads) vs the scalar spec at every effort:
+ * same mults and bytes, results within float32 rounding (the same outputs not finite), and
+ * bitwise identical for both thread counts. pk's copy must be `copy`. */
+static void compare(const pe_buckets *b, pe_packed *pk, const float *x, int64_t T,
+                    const char *copy, const char *what) {
+    static const double efforts[] = {0.0, 0.01, 0.05, 0.25, 0.5, 1.0};
+    int64_t n_in = b->n_in, n_out = b->n_out;
+    float *ys = malloc(4 * (size_t)(T * n_out)), *yn = malloc(4 * (size_t)(T * n_out));
+    float *y3 = malloc(4 * (size_t)(T * n_out));
+    expect(!strcmp(pe_packed_copy(pk), copy), copy, n_in, n_out, 0, 0);
+    for (int e = 0; e < 6; e++) {
+        int64_t ms = 0, bs = 0, mn = 0, bn = 0, m3 = 0, b3 = 0;
+        pe_use_kernel("scalar");
+        pe_set_num_threads(1);
+        pe_bucketmul(b, x, T, efforts[e], ys, &ms, &bs);
+        pe_use_kernel("neon");
+        pe_bucketmul_packed(pk, b, x, T, efforts[e], yn, &mn, &bn);
+        pe_set_num_threads(3);
+        pe_bucketmul_packed(pk, b, x, T, efforts[e], y3, &m3, &b3);
+        double err = rel_err(yn, ys, T * n_out);
+        expect(ms == mn && bs == bn, "mults/bytes", n_in, n_out, efforts[e], (double)(ms - mn));
+        expect(err <= 2e-6, what, n_in, n_out, efforts[e], err);
+        expect(!memcmp(yn, y3, 4 * (size_t)(T * n_out)), "threads", n_in, n_out, efforts[e], 0);
+    }
+    free(ys); free(yn); free(y3);
+}
+
+/* All weights 1/2 and x = 1 through the permuted copy: every output is n_in / 2 at effort 1. */
+static void check_fixed(const pe_buckets *b, const float *x) {
+    int64_t m = 0, by = 0, n_in = b->n_in, n_out = b->n_out;
+    float *y = malloc(4 * (size_t)n_out);
+    pe_packed *pk = pack_for("neon", b);
+    if (pk) {
+        expect(!strcmp(pe_packed_copy(pk), "permuted"), "fixed copy", n_in, n_out, 1.0, 0);
+        pe_bucketmul_packed(pk, b, x, 1, 1.0, y, &m, &by);
+        for (int64_t j = 0; j < n_out; j++)
+            expect(y[j] == 0.5f * (float)n_in, "fixed", n_in, n_out, 1.0, y[j]);
+        expect(m == n_in * n_out, "fixed mults", n_in, n_out, 1.0, (double)m);
+    }
+    pe_packed_free(pk);
+    free(y);
+}
+
+/* One matrix: fixed (all weights 1/2, x = 1) or random, at several efforts and loads, through
+ * the permuted copy and the canonical rows. */
 static void check(int64_t n_in, int64_t n_out, int fixed) {
     int64_t G = (n_out + 15) / 16, rows = 16 * n_in, T = 2;
     uint16_t *w = malloc(2 * (size_t)(n_in * n_out)), *v = malloc(2 * (size_t)(rows * G));
@@ -60,44 +119,20 @@ static void check(int64_t n_in, int64_t n_out, int fixed) {
     float *st = malloc(4 * (size_t)rows), *x = malloc(4 * (size_t)(T * n_in));
     int32_t *o = malloc(4 * (size_t)rows), *sel = malloc(4 * (size_t)n_in);
     float *ys = malloc(4 * (size_t)(T * n_out)), *yn = malloc(4 * (size_t)(T * n_out));
-    float *y3 = malloc(4 * (size_t)(T * n_out));
     for (int64_t i = 0; i < n_in * n_out; i++) w[i] = to_f16(fixed ? 0.5f : (float)(0.05 * normal()));
     for (int64_t i = 0; i < T * n_in; i++)
         x[i] = fixed ? 1.0f : (i % 7 == 0 ? 0.0f : (float)(normal() * -log(uniform() + 1e-9)));
     pe_build_f16(w, n_in, n_out, v, p, st, o);
-    if (fixed) { /* all ones: every output is n_in / 2 at effort 1 */
-        pe_buckets b = {v, p, st, o, n_in, n_out, G, rows};
-        pe_packed *pk;
-        int64_t m = 0, by = 0;
-        pe_use_kernel("neon");
-        pe_pack(&b, &pk);
-        pe_bucketmul_packed(pk, &b, x, 1, 1.0, yn, &m, &by);
-        for (int64_t j = 0; j < n_out; j++)
-            expect(yn[j] == 0.5f * (float)n_in, "fixed", n_in, n_out, 1.0, yn[j]);
-        expect(m == n_in * n_out, "fixed mults", n_in, n_out, 1.0, (double)m);
-        pe_packed_free(pk);
-    }
-    static const double loads[] = {1.0, 0.3}, efforts[] = {0.0, 0.05, 0.25, 0.5, 1.0};
-    for (int l = 0; l < 2; l++) {
+    if (fixed) check_fixed(&(pe_buckets){v, p, st, o, n_in, n_out, G, rows}, x);
+    static const double loads[] = {1.0, 0.6, 0.3, 0.1}; /* loaded ranks: 16, 9-10, 4-5, 1-2 */
+    for (int l = 0; l < 4; l++) {
         int64_t n_rows = (int64_t)(loads[l] * (double)rows);
         pe_buckets b = {v, p, st, o, n_in, n_out, G, n_rows};
-        pe_packed *pk;
-        if (pe_pack(&b, &pk) != PE_OK) { expect(0, "pack", n_in, n_out, 0, 0); continue; }
-        for (int e = 0; e < 5; e++) {
-            int64_t ms = 0, bs = 0, mn = 0, bn = 0, m3 = 0, b3 = 0;
-            pe_use_kernel("scalar");
-            pe_set_num_threads(1);
-            pe_bucketmul(&b, x, T, efforts[e], ys, &ms, &bs);
-            pe_use_kernel("neon");
-            pe_bucketmul_packed(pk, &b, x, T, efforts[e], yn, &mn, &bn);
-            pe_set_num_threads(3);
-            pe_bucketmul_packed(pk, &b, x, T, efforts[e], y3, &m3, &b3);
-            double err = rel_err(yn, ys, T * n_out);
-            expect(ms == mn && bs == bn, "mults/bytes", n_in, n_out, efforts[e], (double)(ms - mn));
-            expect(err <= 2e-6, "bucketmul", n_in, n_out, efforts[e], err);
-            expect(!memcmp(yn, y3, 4 * (size_t)(T * n_out)), "threads", n_in, n_out, efforts[e], 0);
-        }
+        pe_packed *pk = pack_for("neon", &b), *pc = pack_for("scalar", &b);
+        if (pk) compare(&b, pk, x, T, "permuted", "permmul");
+        if (pc) compare(&b, pc, x, T, "canonical", "packedmul");
         pe_packed_free(pk);
+        pe_packed_free(pc);
     }
     int64_t n_sel = 0;
     for (int64_t i = n_in - 1; i >= 0; i -= 2) sel[n_sel++] = (int32_t)i; /* any order */
@@ -113,7 +148,52 @@ static void check(int64_t n_in, int64_t n_out, int fixed) {
         double err = rel_err(yn, ys, T * n_out);
         expect(err <= 2e-6, rows_case ? "dense_rows" : "dense", n_in, n_out, 1.0, err);
     }
-    free(w); free(v); free(p); free(st); free(x); free(o); free(sel); free(ys); free(yn); free(y3);
+    free(w); free(v); free(p); free(st); free(x); free(o); free(sel); free(ys); free(yn);
+}
+
+/* Files pe_build_f16 would not write, through pack_for("neon"): statistics that rise with
+ * rank (any rank set dispatched: the permuted copy stays), then positions repeated in a group
+ * and inf values (no permuted copy: the routed kernel, which follows the reference). */
+static void check_odd_files(int64_t n_in, int64_t n_out) {
+    int64_t G = (n_out + 15) / 16, rows = 16 * n_in, T = 2, ps = (G + 1) / 2;
+    uint16_t *w = malloc(2 * (size_t)(n_in * n_out)), *v = malloc(2 * (size_t)(rows * G));
+    uint8_t *p = malloc((size_t)(rows * ps)), *p2 = malloc((size_t)(rows * ps));
+    float *st = malloc(4 * (size_t)rows), *st2 = malloc(4 * (size_t)rows);
+    float *x = malloc(4 * (size_t)(T * n_in));
+    int32_t *o = malloc(4 * (size_t)rows), *at = malloc(4 * (size_t)(2 * n_in));
+    uint16_t *v2 = malloc(2 * (size_t)(rows * G));
+    for (int64_t i = 0; i < n_in * n_out; i++) w[i] = to_f16((float)(0.05 * normal()));
+    for (int64_t i = 0; i < T * n_in; i++) x[i] = i % 7 == 0 ? 0.0f : (float)normal();
+    pe_build_f16(w, n_in, n_out, v, p, st, o);
+    static const float scales[] = {3.0f, 1.0000001f};
+    for (int s = 0; s < 2; s++) { /* ranks 1..3 above rank 0 */
+        memcpy(st2, st, 4 * (size_t)rows);
+        for (int64_t r = n_in; r < 4 * n_in; r++) st2[r] *= scales[s];
+        pe_buckets b = {v, p, st2, o, n_in, n_out, G, rows};
+        pe_packed *pk = pack_for("neon", &b);
+        if (pk) compare(&b, pk, x, T, "permuted", "rising stats");
+        pe_packed_free(pk);
+    }
+    memcpy(p2, p, (size_t)(rows * ps)); /* rank 1 of every input at rank 0's position, group 0 */
+    for (int64_t r = 0; r < 2 * n_in; r++) at[(r / n_in) * n_in + o[r]] = (int32_t)r;
+    for (int64_t j = 0; j < n_in; j++) {
+        uint8_t *q1 = p2 + at[n_in + j] * ps, q0 = p2[at[j] * ps];
+        *q1 = (uint8_t)((*q1 & 0xF0) | (q0 & 0x0F));
+    }
+    pe_buckets rep = {v, p2, st, o, n_in, n_out, G, rows};
+    pe_packed *pk = pack_for("neon", &rep);
+    if (pk) compare(&rep, pk, x, T, "canonical", "repeated positions");
+    pe_packed_free(pk);
+    memcpy(v2, v, 2 * (size_t)(rows * G)); /* rank 15 of five inputs, group 1: inf */
+    for (int64_t r = rows - 5; r < rows; r++) {
+        v2[r * G + 1] = 0x7C00;
+        for (int64_t t = 0; t < T; t++) x[t * n_in + o[r]] = 1.0f; /* dispatched at 1.0 */
+    }
+    pe_buckets inf = {v2, p, st, o, n_in, n_out, G, rows};
+    pk = pack_for("neon", &inf);
+    if (pk) compare(&inf, pk, x, T, "canonical", "inf value");
+    pe_packed_free(pk);
+    free(w); free(v); free(p); free(p2); free(st); free(st2); free(x); free(o); free(at); free(v2);
 }
 
 int main(void) {
@@ -122,11 +202,14 @@ int main(void) {
         return 1;
     }
     static const int64_t shapes[][2] = {{64, 40}, {5, 17}, {33, 257}, {130, 300}, {17, 3},
-                                        {96, 1100}, {1, 16}, {200, 4100}};
-    for (int s = 0; s < 8; s++) {
+                                        {96, 1100}, {1, 16}, {200, 4100}, {700, 72},
+                                        {3, 16500}}; /* the last: two accumulator blocks */
+    for (int s = 0; s < 10; s++) {
         check(shapes[s][0], shapes[s][1], 0);
         check(shapes[s][0], shapes[s][1], 1);
     }
+    check_odd_files(60, 80);
+    check_odd_files(50, 64);
     printf("%s: neon vs scalar, %d failures (kernels %s, features %s)\n",
            failures ? "FAILED" : "OK", failures, pe_available_kernels(), pe_cpu_features());
     return failures != 0;

@@ -16,7 +16,7 @@ fi
 S=src/cpu
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-SRC="build select pack tiers perm dispatch cpuinfo threads bucketmul_scalar bucketmul_neon dense_neon"
+SRC="build select pack tiers perm dispatch cpuinfo threads bucketmul_scalar bucketmul_neon permmul_neon dense_neon"
 for f in $SRC; do
     aarch64-linux-gnu-gcc -O2 -std=c11 -Wall -Wextra -Werror -I$S -c $S/$f.c -o "$OUT/$f.o"
 done

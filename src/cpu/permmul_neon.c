@@ -1,0 +1,162 @@
+/* NEON effort matmul on the permuted copy (kernels.h, "The permuted layout"). Per input and
+ * group, the rank-ordered fp16 values of the dispatched tiers are converted and multiplied by
+ * x (0 for the ranks the item does not dispatch), then gathered to their 16 positions by table
+ * lookups (vqtbl1q..vqtbl4q_u8) through the group's rank map: a rank past the item's tiers
+ * indexes past the table and reads 0, so no blend is needed and no weight is routed alone. */
+#include <arm_neon.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define INLINE __attribute__((always_inline)) /* T constant: the tier loads and lookups unroll */
+#define BLOCK 1024 /* groups per pass over the accumulators: 64 KiB */
+#define MAX_BATCH 8
+#define PF_HEAD 4096 /* bytes of each row of the next batch prefetched */
+#define QUARTERS (PE_RANKS / PE_TIER)
+
+/* Inputs per batch for T tiers: about 8 row streams at once, as the AVX2 kernel. */
+static const int batch_size[QUARTERS + 1] = {0, 8, 4, 3, 2};
+
+/* x in the lanes of ranks 4 t .. 4 t + 3 that mask dispatches, 0 in the others. */
+static inline float32x4_t masked_x(uint32_t mask, float x, int t) {
+    static const uint32_t bits[4] = {1, 2, 4, 8};
+    uint32x4_t on = vtstq_u32(vdupq_n_u32(mask >> (PE_TIER * t)), vld1q_u32(bits));
+    return vreinterpretq_f32_u32(vandq_u32(on, vreinterpretq_u32_f32(vdupq_n_f32(x))));
+}
+
+/* rank map (8 bytes) -> byte indices into the rank-ordered f32 values: vector j, byte
+ * 4 l + b = 4 rank(4 j + l) + b, for positions 4 j .. 4 j + 3. */
+static inline uint8x16x4_t gather_indices(const uint8_t *map) {
+    static const uint8_t byte_of_lane[16] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
+    const uint8x16_t lane = vld1q_u8(byte_of_lane);
+    uint8x8_t m = vld1_u8(map);
+    uint8x16_t rank4 = vcombine_u8(vand_u8(vshl_n_u8(m, 2), vdup_n_u8(0x3C)), /* positions 0..7 */
+                                   vand_u8(vshr_n_u8(m, 2), vdup_n_u8(0x3C))); /* 8..15 */
+    uint8x16_t lo = vzip1q_u8(rank4, rank4), hi = vzip2q_u8(rank4, rank4); /* each twice */
+    uint8x16x4_t idx = {{vorrq_u8(vzip1q_u8(lo, lo), lane), vorrq_u8(vzip2q_u8(lo, lo), lane),
+                         vorrq_u8(vzip1q_u8(hi, hi), lane), vorrq_u8(vzip2q_u8(hi, hi), lane)}};
+    return idx;
+}
+
+/* v[0..T) (ranks 0 .. 4 T - 1, f32) at the 4 positions idx names; 0 for ranks >= 4 T. */
+static inline INLINE float32x4_t gather(const float32x4_t v[QUARTERS], uint8x16_t idx,
+                                        const int T) {
+    uint8x16_t r;
+    if (T == 1) {
+        r = vqtbl1q_u8(vreinterpretq_u8_f32(v[0]), idx);
+    } else if (T == 2) {
+        uint8x16x2_t t = {{vreinterpretq_u8_f32(v[0]), vreinterpretq_u8_f32(v[1])}};
+        r = vqtbl2q_u8(t, idx);
+    } else if (T == 3) {
+        uint8x16x3_t t = {{vreinterpretq_u8_f32(v[0]), vreinterpretq_u8_f32(v[1]),
+                           vreinterpretq_u8_f32(v[2])}};
+        r = vqtbl3q_u8(t, idx);
+    } else {
+        uint8x16x4_t t = {{vreinterpretq_u8_f32(v[0]), vreinterpretq_u8_f32(v[1]),
+                           vreinterpretq_u8_f32(v[2]), vreinterpretq_u8_f32(v[3])}};
+        r = vqtbl4q_u8(t, idx);
+    }
+    return vreinterpretq_f32_u8(r);
+}
+
+/* 4 fp16 at h -> f32. */
+static inline float32x4_t load4_f16(const uint16_t *h) {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+}
+
+/* Group row bases of an item with T tiers: its records, and tier rows 1 .. T - 1 (4 fp16 per
+ * group each). */
+typedef struct {
+    const uint8_t *rec;
+    const uint16_t *tier[QUARTERS];
+} item_rows;
+
+static inline item_rows rows_of(const pe_packed *p, const pe_item *it, int T, int64_t g0) {
+    const uint8_t *base = p->perm + p->perm_off[it->input];
+    const uint16_t *t1 = (const uint16_t *)(base + p->n_groups * PE_PERM_REC);
+    item_rows r = {base + g0 * PE_PERM_REC, {NULL}};
+    for (int t = 1; t < T; t++) r.tier[t] = t1 + ((t - 1) * p->n_groups + g0) * PE_TIER;
+    return r;
+}
+
+/* acc[16 g + j] += x_u * w for the n items (T tiers each) over groups [g0, g0 + ng), items
+ * added in order; a group's accumulators stay in registers while the items pass. */
+static inline INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
+                                int64_t g0, int64_t ng, float *acc) {
+    item_rows r[MAX_BATCH];
+    float32x4_t xq[MAX_BATCH][QUARTERS];
+    for (int u = 0; u < n; u++) {
+        r[u] = rows_of(p, items + u, T, g0);
+        for (int t = 0; t < T; t++) xq[u][t] = masked_x(items[u].mask, items[u].x, t);
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        float32x4_t a[4];
+        for (int j = 0; j < 4; j++) a[j] = vld1q_f32(acc + 16 * g + 4 * j);
+        for (int u = 0; u < n; u++) {
+            const uint8_t *rec = r[u].rec + g * PE_PERM_REC;
+            uint8x16x4_t idx = gather_indices(rec);
+            float32x4_t v[QUARTERS];
+            v[0] = vmulq_f32(load4_f16((const uint16_t *)(rec + 8)), xq[u][0]);
+            for (int t = 1; t < QUARTERS; t++)
+                v[t] = t < T ? vmulq_f32(load4_f16(r[u].tier[t] + 4 * g), xq[u][t])
+                             : vdupq_n_f32(0);
+            for (int j = 0; j < 4; j++) a[j] = vaddq_f32(a[j], gather(v, idx.val[j], T));
+        }
+        for (int j = 0; j < 4; j++) vst1q_f32(acc + 16 * g + 4 * j, a[j]);
+    }
+}
+
+/* Prefetches the first PF_HEAD bytes of each row of items[0, n) (T tiers) from group g0 on:
+ * a batch starts cold streams. */
+static void prefetch_heads(const pe_packed *p, const pe_item *items, int64_t n, int T,
+                           int64_t g0, int64_t ng) {
+    int64_t rec_len = ng * PE_PERM_REC < PF_HEAD ? ng * PE_PERM_REC : PF_HEAD;
+    int64_t tier_len = ng * 2 * PE_TIER < PF_HEAD ? ng * 2 * PE_TIER : PF_HEAD;
+    for (int64_t u = 0; u < n; u++) {
+        item_rows r = rows_of(p, items + u, T, g0);
+        for (int64_t o = 0; o < rec_len; o += 64) __builtin_prefetch(r.rec + o, 0, 2);
+        for (int t = 1; t < T; t++)
+            for (int64_t o = 0; o < tier_len; o += 64)
+                __builtin_prefetch((const char *)r.tier[t] + o, 0, 2);
+    }
+}
+
+/* The n items of class cl (T = cl / 2 + 1 tiers) in batches, in order. */
+static void run_class(const pe_packed *p, const pe_item *items, int64_t n, int cl, int64_t g0,
+                      int64_t ng, float *acc) {
+    const int T = cl / 2 + 1, bs = batch_size[T];
+    for (int64_t s = 0; s < n; s += bs) {
+        int m = n - s < bs ? (int)(n - s) : bs;
+        if (n - s > bs) prefetch_heads(p, items + s + bs, n - s - bs < bs ? n - s - bs : bs, T, g0, ng);
+        switch (T) { /* constant T: the tier loads and lookups unroll */
+        case 1: batch(p, items + s, m, 1, g0, ng, acc); break;
+        case 2: batch(p, items + s, m, 2, g0, ng, acc); break;
+        case 3: batch(p, items + s, m, 3, g0, ng, acc); break;
+        default: batch(p, items + s, m, 4, g0, ng, acc); break;
+        }
+    }
+}
+
+/* This thread's accumulator block (a call: no TLS address lookup inside the walk). */
+static __attribute__((noinline)) float *accumulators(void) {
+    static _Thread_local float acc[BLOCK * PE_GROUP] __attribute__((aligned(64)));
+    return acc;
+}
+
+/* The pe_tiermul_fn on the permuted copy: items by class, in order -> y[64 c0, min(64 c1,
+ * n_out)), overwritten; chunks [c0, c1) (4 groups each) in blocks of BLOCK groups. */
+void pe_permmul_f16_neon(const pe_packed *p, const pe_item *items,
+                         const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                         int64_t c0, int64_t c1, float *y) {
+    float *acc = accumulators();
+    int64_t g_end = 4 * c1 < p->n_groups ? 4 * c1 : p->n_groups;
+    for (int64_t g0 = 4 * c0; g0 < g_end; g0 += BLOCK) {
+        int64_t ng = g_end - g0 < BLOCK ? g_end - g0 : BLOCK;
+        memset(acc, 0, sizeof(float) * PE_GROUP * (size_t)ng);
+        for (int cl = 0; cl < PE_CLASSES; cl++)
+            run_class(p, items + begin[cl], end[cl] - begin[cl], cl, g0, ng, acc);
+        int64_t j0 = PE_GROUP * g0;
+        int64_t m = p->n_out - j0 < PE_GROUP * ng ? p->n_out - j0 : PE_GROUP * ng;
+        memcpy(y + j0, acc, sizeof(float) * (size_t)m);
+    }
+}
