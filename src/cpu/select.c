@@ -98,22 +98,11 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
     int64_t hist[2048], above = 0, n = p->n_in * PE_RANKS, n_cand = 0;
     const int64_t *m = p->m;
     memset(hist, 0, sizeof hist);
-    for (int64_t r = 0; r < n; r += PE_RANKS) {
-        /* an input's keys fall with rank, so neighbours often share a bin: sum a run in a
-         * register (adding into one bin back to back would wait on each store) */
-        uint32_t bin = key[r] >> 21;
-        int64_t run = m[0];
-        for (int k = 1; k < PE_RANKS; k++) {
-            uint32_t b = key[r + k] >> 21;
-            if (b != bin) {
-                hist[bin] += run;
-                bin = b;
-                run = 0;
-            }
-            run += m[k];
-        }
-        hist[bin] += run;
-    }
+    /* rank by rank: neighbours are then different inputs, whose bins seldom repeat, so the
+     * adds rarely wait on each other's stores and nothing branches on the data (an input's
+     * own keys share bins in runs of unpredictable length) */
+    for (int k = 0; k < PE_RANKS; k++)
+        for (int64_t r = k; r < n; r += PE_RANKS) hist[key[r] >> 21] += m[k];
     hist[0] -= p->unloaded; /* lanes not loaded have key 0 */
     uint32_t bin = (uint32_t)pick_bin(hist, 2048, budget, &above), prefix = bin << 21;
     if (p->monotone && bin) /* an input's keys in the bin are one run of ranks */
