@@ -172,6 +172,28 @@ def test_group_matches_reference(gen, rng):
         cuda.CudaGroup([bcs[0], cuda.to_device(bs[0], "cuda", ct=64)])  # two tile widths
 
 
+def test_alone_and_grouped_calls_interleave(gen, rng):
+    """The meeting counters of a matrix only grow (no reset at the end of a call): calls alone
+    and in a group, with other split and worker counts, interleave and stay right."""
+    bs = [
+        pyeffort.build_buckets(rng.standard_normal((1024, n)).astype(np.float16))
+        for n in (3000, 700)
+    ]
+    bcs = [cuda.to_device(b, "cuda", ct=32) for b in bs]
+    grp = cuda.CudaGroup(bcs)
+    for effort in (0.3, 1.0, 0.05):
+        x = fresh_x(gen, 1, 1024, torch.float16)
+        refs = [reference_out(x, b, effort) for b in bs]
+        for _ in range(2):
+            ys, infos = cuda.matmul_group(x, grp, effort, return_info=True)
+            for bc, b, y, info, (ref, mults) in zip(bcs, bs, ys, infos, refs):
+                assert info.mults == sum(mults)
+                assert_close(y, ref, scale(x, b), 2e-5)
+                y1, info1 = run_gpu(x, bc, effort)
+                assert info1.mults == sum(mults)
+                assert_close(y1, ref, scale(x, b), 2e-5)
+
+
 def test_deterministic_pdl_and_coop_off(gen, rng):
     w = rng.standard_normal((2048, 3000)).astype(np.float16)
     bc = pyeffort.build_buckets(w).to("cuda")

@@ -9,9 +9,11 @@
  *   3. stream the sure rows into shared accumulators (the bulk of the bytes) while the selector
  *      resolves the cutoff; then wait for the cut, add the own candidates with key >= cut.
  *   4. split sums: partial tiles in global memory; once all are in, every split of a tile adds
- *      its slice of them in split order -> y. The last block of the matrix resets the counters.
- * Selector of a matrix: clears the next call's histogram buffer, picks b1, waits for cand_done,
- * runs levels 2 and 3 over the candidates (resolve.cuh) and publishes the cut.
+ *      its slice of them in split order -> y. Nothing is reset: the meeting counters only grow,
+ *      and a call waits for base + participants (pe_cuda_state).
+ * Selector of a matrix: clears the next call's histogram buffer, waits for the histograms,
+ * advances the epoch, picks b1, waits for cand_done, runs levels 2 and 3 over the candidates
+ * (resolve.cuh) and publishes the cut.
  * Every output is summed in a fixed order (rows in list order per team, teams in order, splits
  * in order) and the cutoff comes from integer histograms: the same inputs give the same bits. */
 #include "common.cuh"
@@ -24,9 +26,9 @@
 #define PE_MODE_NONE 1
 #define PE_MODE_ALL 2
 
-static_assert(sizeof(pe_cuda_state) == 64 && offsetof(pe_cuda_state, done) == 16 &&
-                  offsetof(pe_cuda_state, info_mults) == 40,
-              "the kernel reads and resets the state as uint4 words");
+static_assert(sizeof(pe_cuda_state) == 64 && offsetof(pe_cuda_state, tbase) == 16 &&
+                  offsetof(pe_cuda_state, hbase) == 28 && offsetof(pe_cuda_state, info_mults) == 40,
+              "the kernel reads the bases as one uint4 word");
 
 /* Slice `split` of a tile (its share of the 16 * CT slots): the sum of the n_splits partial
  * tiles -> y. Every split of the tile runs it, once all partials are in. K lanes per slot each
@@ -78,27 +80,6 @@ __device__ __forceinline__ int pick_level1(const uint32_t *hist, uint32_t *h, in
     uint32_t b;
     pe_pick_bin(h, PE_NB1, budget, &b, above);
     return (int)b;
-}
-
-/* The last block of a matrix (done ticket) resets its counters and tile tickets. */
-__device__ __forceinline__ void finish_matrix(const pe_cuda_matrix &m, uint32_t n_blocks,
-                                              uint32_t parity) {
-    __shared__ bool s_last;
-    pe_cuda_state *st = m.state;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        s_last = atomicAdd(&st->done, 1u) == n_blocks - 1;
-        if (s_last) {
-            __threadfence();
-            uint4 *w = (uint4 *)st;
-            w[0] = make_uint4(0u, 0u, 0u, 0u);
-            w[1] = make_uint4(0u, parity ^ 1u, __ldcg(&st->cut), 0u);
-        }
-    }
-    __syncthreads();
-    if (s_last)
-        for (int i = threadIdx.x; i < m.n_tiles; i += PE_THREADS) m.tickets[i] = 0u;
 }
 
 /* One pass of a worker's keys against level-1 bin b1: rows above it (sure) -> list (from 0);
@@ -255,8 +236,9 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     pe_pdl_wait();
     pe_pdl_launch();
     PE_STAMP(1);
-    const uint4 s1 = __ldcg((const uint4 *)st + 1); /* (done, parity, cut, pad) */
-    const uint32_t parity = s1.y & 1u;
+    const uint4 s1 = __ldcg((const uint4 *)st + 1); /* (tbase, epoch, cut, hbase) */
+    const uint32_t epoch = s1.y, parity = epoch & 1u;
+    const uint32_t all_in = s1.w + n_workers; /* hist_done / cand_done target of this call */
     uint32_t *hist = m.hist + parity * PE_NB1;
     const double eff = eff_ptr ? __ldcg(eff_ptr) : eff_val;
     const double budget = eff * (double)(m.n_in * m.n_out);
@@ -270,14 +252,19 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             reinterpret_cast<uint4 *>(other)[i] = make_uint4(0u, 0u, 0u, 0u);
         uint32_t *h = (uint32_t *)acc, *s_cand = h + PE_NB2;
         const uint32_t cap = ((T::ACC_BYTES / 4 - PE_NB2) / 4096) * 4096;
-        pe_wait_geq(&st->hist_done, n_workers);
+        pe_wait_geq(&st->hist_done, all_in);
+        if (threadIdx.x == 0) { /* every worker has read the bases: the next call's */
+            st->tbase = s1.x + (m.n_splits > 1 ? (uint32_t)m.n_splits : 0u);
+            st->epoch = epoch + 1u;
+            st->hbase = all_in;
+        }
         PE_STAMP_SEL(12);
         unsigned long long aw;
         const int b1 = pick_level1(hist, (uint32_t *)list, mode, budget, &aw);
         uint32_t cut;
         unsigned long long mults;
         if (mode == PE_MODE_SEARCH) {
-            pe_wait_geq(&st->cand_done, n_workers);
+            pe_wait_geq(&st->cand_done, all_in);
             PE_STAMP_SEL(13);
             uint32_t *s_off = (uint32_t *)list; /* (n_workers + 1,) */
             const uint32_t n_c = gather_counts(m, n_workers, s_off);
@@ -299,10 +286,9 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             st->mults = mults;
             atomicAdd(&st->info_mults, mults);
             __threadfence();
-            atomicExch(&st->cut_flag, 1u);
+            atomicExch(&st->cut_flag, epoch + 1u);
         }
         PE_STAMP_SEL(14);
-        finish_matrix(m, n_workers + 1, parity);
         return;
     }
 
@@ -332,7 +318,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     for (int i = threadIdx.x; i < T::NT * T::ACC; i += PE_THREADS) acc[i] = 0.f;
     PE_STAMP(2);
     PE_STAMP_MAX(2);
-    pe_wait_geq(&st->hist_done, n_workers);
+    pe_wait_geq(&st->hist_done, all_in);
     PE_STAMP(3);
     PE_STAMP_MAX(3);
     unsigned long long aw;
@@ -374,7 +360,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     auto wait_cut = [&]() -> uint32_t {
         PE_STAMP(6);
         PE_STAMP_MAX(6);
-        pe_wait_geq(&st->cut_flag, 1u);
+        pe_wait_geq(&st->cut_flag, epoch + 1u);
         PE_STAMP(7);
         return __ldcg(&st->cut);
     };
@@ -423,12 +409,11 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     }
     if (m.n_splits > 1) { /* every split of the tile waits for all, then sums its slice */
         pe_signal(&m.tickets[tile]);
-        pe_wait_geq(&m.tickets[tile], (uint32_t)m.n_splits);
+        pe_wait_geq(&m.tickets[tile], s1.x + (uint32_t)m.n_splits);
         sum_slice<TY, CT>(m, tile, split, y);
     }
     PE_STAMP(9);
     PE_STAMP_MAX(9);
-    finish_matrix(m, n_workers + 1, parity);
     if (g.timing && threadIdx.x == 0) {
         atomicMax((unsigned long long *)&g.timing[10], (unsigned long long)pe_now());
         atomicMin((unsigned long long *)&g.timing[11], (unsigned long long)t_start);

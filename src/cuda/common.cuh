@@ -40,8 +40,9 @@ __device__ __forceinline__ long long pe_now() {
 }
 
 /* Block meetings through a counter in global memory (all blocks are resident: cooperative
- * launch). pe_signal: every thread's earlier writes, then +1. pe_wait_geq: until >= target (a
- * wait of seconds traps: a kernel error instead of a hang, should blocks ever not be resident). */
+ * launch). pe_signal: every thread's earlier writes, then +1. pe_wait_geq: until >= target, mod
+ * 2^32 (a wait of seconds traps: a kernel error instead of a hang, should blocks ever not be
+ * resident). */
 __device__ __forceinline__ void pe_signal(uint32_t *counter) {
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -55,9 +56,9 @@ __device__ __forceinline__ uint32_t pe_ld_acquire(const uint32_t *p) {
     return v;
 }
 __device__ __forceinline__ void pe_wait_geq(const uint32_t *counter, uint32_t target) {
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0) { /* counters only grow, mod 2^32: a wrap-safe comparison */
         uint32_t spins = 0;
-        while (pe_ld_acquire(counter) < target)
+        while ((int32_t)(pe_ld_acquire(counter) - target) < 0)
             if (++spins == (1u << 25)) __trap(); /* seconds: a block never came; fail, not hang */
     }
     __syncthreads();

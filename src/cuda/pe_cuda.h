@@ -23,11 +23,16 @@ extern "C" {
 /* dtype codes of activations and outputs */
 enum { PE_F32 = 0, PE_F16 = 1, PE_BF16 = 2 };
 
-/* Per-matrix device state, 64 bytes (zeroed once at allocation; the last block of every call
- * resets the counters, so it is reusable). */
+/* Per-matrix device state, 64 bytes (zeroed once at allocation). The meeting counters only
+ * grow (mod 2^32); a call waits for them to reach base + participants, with the bases read at
+ * its start (hbase for hist_done and cand_done, tbase for the tile tickets, epoch + 1 for
+ * cut_flag). Nothing is reset at the end of a call: the selector advances the bases as soon as
+ * every worker has read them (all histograms in). A matrix may run alone and in groups, with
+ * other split counts: the bases follow. */
 typedef struct {
-    uint32_t hist_done, cand_done, unused0, cut_flag; /* meeting counters of one call         */
-    uint32_t done, parity, cut, pad0;                /* parity: histogram buffer of this call */
+    uint32_t hist_done, cand_done, unused0, cut_flag; /* meeting counters                    */
+    uint32_t tbase, epoch, cut, hbase;               /* epoch: calls so far (its parity picks
+                                                        the histogram buffer)               */
     unsigned long long mults;                        /* realised mults of the last call       */
     unsigned long long info_mults, info_rows;        /* sums over calls, reset by the caller  */
     unsigned long long pad1;
@@ -43,7 +48,7 @@ typedef struct {
     uint32_t *cand;          /* (n_workers, 1 + cand_seg) scratch: per worker a count, then
                                 candidate keys | short << 31                    */
     float *partial;          /* (n_splits, n_tiles * 16 * ct) scratch            */
-    uint32_t *tickets;       /* (n_tiles,) scratch, zero between calls           */
+    uint32_t *tickets;       /* (n_tiles,) per-tile split counters (only grow)   */
     pe_cuda_state *state;
     int64_t n_in, n_out, n_rows;
     int32_t ct, n_tiles, n_splits, block0; /* block0: first worker block in the grid */
