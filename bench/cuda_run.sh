@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: build, check and time the CUDA backend. Usage: bash bench/cuda_run.sh [stage...]
-# stages: env smoke tests quick variants ct256 bench model modelng model2 (default: env smoke tests quick model).
+# stages: env smoke tests quick variants libs ct256 bench model modelng model2 (default: env smoke tests quick model).
 # Logs go to $OUT. A prebuilt pyeffort/_pe_cuda.so (carried) is used if it loads, else nvcc.
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 PYEFFORT_CUDA_CACHE=/tmp/pecache PYEFFORT_REAL_NPZ=.devbuild/real.npz
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -32,6 +32,10 @@ for s in $stages; do
         PYEFFORT_CUDA_LIB=$lib timeout 150 python3 bench/cuda_bench.py --quick --no-groups \
           --shapes 4096x14336,4096x4096,14336x4096 --json "$OUT/variant_$(basename $lib .so).json"
       done ;;
+    libs)  # the builds in .devbuild/libs side by side in one process (bench/cuda_variants.py)
+      timeout 480 python3 bench/cuda_variants.py .devbuild/libs/*.so --shapes "${SHAPES:-4096x14336,4096x4096}" \
+        --json "$OUT/libs.json" 2>&1 |
+        tee "$OUT/libs.log" ;;
     bench) timeout 400 python3 bench/cuda_bench.py --json "$OUT/bench.json" ;;
     model) timeout 300 python3 bench/cuda_model.py --json "$OUT/model.json" ;;
     model2) timeout 300 python3 bench/cuda_model.py --streams --json "$OUT/model_streams.json" ;;

@@ -1,0 +1,119 @@
+"""Builds of the CUDA kernels side by side in one process: the same weight sets, the same
+cuBLAS baseline, the libraries interleaved over rounds (so drift shows as spread). Each library
+must give the same output bits as the first (the summation order is part of the design).
+
+    python bench/cuda_variants.py LIB.so [LIB.so ...] [--shapes 4096x14336,4096x4096]
+        [--efforts 1.0,0.5,0.25,0.1] [--rounds 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import pyeffort
+from pyeffort import cuda
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from cuda_bench import ROTATE_BYTES, graph_of, profile, time_graph  # noqa: E402
+
+
+def use_lib(path: str, bs) -> None:
+    """Load another build; its meeting counters start from zero."""
+    os.environ["PYEFFORT_CUDA_LIB"] = path
+    cuda._lib_handle = None
+    cuda._lib()
+    torch.cuda.synchronize()
+    for b in bs:
+        b._state.zero_()
+        b._tickets.zero_()
+        b._hist.zero_()
+
+
+def bench_shape(n_in, n_out, libs, efforts, rounds, gen):
+    n_sets = max(2, math.ceil(ROTATE_BYTES / (2 * n_in * n_out)))
+    per_graph = max(n_sets, 24)
+    bs, ws, xs, ys = [], [], [], []
+    for _ in range(n_sets):
+        w = (torch.randn((n_in, n_out), generator=gen, device="cuda") * 0.02).half()
+        bs.append(cuda.build_buckets(w))
+        ws.append(w.t().contiguous())
+        del w
+        xs.append(torch.randn(n_in, generator=gen, device="cuda").half())
+        ys.append(torch.empty(n_out, dtype=torch.float16, device="cuda"))
+    idx = [i % n_sets for i in range(per_graph)]
+    eff = torch.tensor([1.0], dtype=torch.float64, device="cuda")
+    res = {lib: {"us": {e: [] for e in efforts}} for lib in libs}
+    cublas = []
+    ref_bits = {}
+    for r in range(rounds):
+        g = graph_of([(lambda i=i: F.linear(xs[i].view(1, -1), ws[i])) for i in idx])
+        cublas.append(time_graph(g, per_graph))
+        del g
+        for lib in libs:
+            use_lib(lib, bs)
+            g = graph_of([(lambda i=i: pyeffort.matmul(xs[i], bs[i], eff, out=ys[i])) for i in idx])
+            for e in efforts:
+                eff.fill_(e)
+                res[lib]["us"][e].append(round(time_graph(g, per_graph), 2))
+            del g
+            for e in efforts:  # same bits as the first library, same realised work
+                y, info = pyeffort.matmul(xs[0], bs[0], e, return_info=True)
+                y2 = pyeffort.matmul(xs[0], bs[0], e)
+                bits = (y.cpu().view(torch.int32).tolist(), info.mults)
+                assert torch.equal(y.view(torch.int32), y2.view(torch.int32)), (lib, e, "repeat")
+                if e not in ref_bits:
+                    ref_bits[e] = bits
+                res[lib].setdefault("same_bits", True)
+                if bits != ref_bits[e]:
+                    res[lib]["same_bits"] = False
+                res[lib].setdefault("realised", {})[e] = round(info.effort, 4)
+            if r == 0:
+                res[lib]["phases_0.25"] = profile(bs, xs, 0.25)
+    out = {"shape": f"{n_in}x{n_out}", "cublas_us": [round(t, 2) for t in cublas], "libs": res}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("libs", nargs="+")
+    ap.add_argument("--shapes", default="4096x14336,4096x4096")
+    ap.add_argument("--efforts", default="1.0,0.5,0.25,0.1")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    efforts = [float(v) for v in args.efforts.split(",")]
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(0)
+    allres = []
+    for s in args.shapes.split(","):
+        n_in, n_out = (int(v) for v in s.split("x"))
+        allres.append(bench_shape(n_in, n_out, args.libs, efforts, args.rounds, gen))
+        torch.cuda.empty_cache()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(allres, f, indent=1, default=str)
+    for r in allres:
+        cb = min(r["cublas_us"])
+        print(f"{r['shape']}  cuBLAS {r['cublas_us']} µs")
+        for lib, v in r["libs"].items():
+            name = pathlib.Path(lib).stem
+            cells = "  ".join(
+                f"{e}: {min(ts):.1f} ({cb / min(ts):.2f}x) {ts}" for e, ts in v["us"].items()
+            )
+            print(f"  {name:10s} bits={'same' if v['same_bits'] else 'DIFF'}  {cells}")
+        for lib, v in r["libs"].items():
+            ph = v["phases_0.25"]
+            cells = " ".join(f"{k}={x}" for k, x in ph.items())
+            print(f"  {pathlib.Path(lib).stem:10s} phases@0.25 {cells}")
+
+
+if __name__ == "__main__":
+    main()
