@@ -36,8 +36,8 @@ def botchan(cache: Path | None = None) -> str:
                 "pip",
                 "download",
                 "--no-deps",
-                "--no-binary",
-                ":all:",
+                "--no-binary",  # the sdist of sentencepiece only: its build requirements
+                "sentencepiece",  # come as wheels (":all:" compiled cmake from source: ~10 min)
                 "-q",
                 "-d",
                 tmp,
