@@ -4,18 +4,8 @@
  * lookups (vqtbl1q..vqtbl4q_u8) through the group's rank map: a rank past the item's tiers
  * indexes past the table and reads 0, so no blend is needed and no weight is routed alone. */
 #include <arm_neon.h>
-#include <string.h>
 
-#include "kernels.h"
-
-#define INLINE __attribute__((always_inline)) /* T constant: the tier loads and lookups unroll */
-#define BLOCK 1024 /* groups per pass over the accumulators: 64 KiB */
-#define MAX_BATCH 8
-#define PF_HEAD 4096 /* bytes of each row of the next batch prefetched */
-#define QUARTERS (PE_RANKS / PE_TIER)
-
-/* Inputs per batch for T tiers: about 8 row streams at once, as the AVX2 kernel. */
-static const int batch_size[QUARTERS + 1] = {0, 8, 4, 3, 2};
+#include "permwalk.h"
 
 /* x in the lanes of ranks 4 t .. 4 t + 3 that mask dispatches, 0 in the others. */
 static inline float32x4_t masked_x(uint32_t mask, float x, int t) {
@@ -39,8 +29,8 @@ static inline uint8x16x4_t gather_indices(const uint8_t *map) {
 }
 
 /* v[0..T) (ranks 0 .. 4 T - 1, f32) at the 4 positions idx names; 0 for ranks >= 4 T. */
-static inline INLINE float32x4_t gather(const float32x4_t v[QUARTERS], uint8x16_t idx,
-                                        const int T) {
+static inline PE_INLINE float32x4_t gather(const float32x4_t v[QUARTERS], uint8x16_t idx,
+                                           const int T) {
     uint8x16_t r;
     if (T == 1) {
         r = vqtbl1q_u8(vreinterpretq_u8_f32(v[0]), idx);
@@ -64,25 +54,9 @@ static inline float32x4_t load4_f16(const uint16_t *h) {
     return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
 }
 
-/* Group row bases of an item with T tiers: its records, and tier rows 1 .. T - 1 (4 fp16 per
- * group each). */
-typedef struct {
-    const uint8_t *rec;
-    const uint16_t *tier[QUARTERS];
-} item_rows;
-
-static inline item_rows rows_of(const pe_packed *p, const pe_item *it, int T, int64_t g0) {
-    const uint8_t *base = p->perm + p->perm_off[it->input];
-    const uint16_t *t1 = (const uint16_t *)(base + p->n_groups * PE_PERM_REC);
-    item_rows r = {base + g0 * PE_PERM_REC, {NULL}};
-    for (int t = 1; t < T; t++) r.tier[t] = t1 + ((t - 1) * p->n_groups + g0) * PE_TIER;
-    return r;
-}
-
-/* acc[16 g + j] += x_u * w for the n items (T tiers each) over groups [g0, g0 + ng), items
- * added in order; a group's accumulators stay in registers while the items pass. */
-static inline INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
-                                int64_t g0, int64_t ng, float *acc) {
+/* The batch of permwalk.h: a group's accumulators stay in registers while the items pass. */
+static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
+                                   int64_t g0, int64_t ng, float *acc) {
     item_rows r[MAX_BATCH];
     float32x4_t xq[MAX_BATCH][QUARTERS];
     for (int u = 0; u < n; u++) {
@@ -106,57 +80,10 @@ static inline INLINE void batch(const pe_packed *p, const pe_item *items, int n,
     }
 }
 
-/* Prefetches the first PF_HEAD bytes of each row of items[0, n) (T tiers) from group g0 on:
- * a batch starts cold streams. */
-static void prefetch_heads(const pe_packed *p, const pe_item *items, int64_t n, int T,
-                           int64_t g0, int64_t ng) {
-    int64_t rec_len = ng * PE_PERM_REC < PF_HEAD ? ng * PE_PERM_REC : PF_HEAD;
-    int64_t tier_len = ng * 2 * PE_TIER < PF_HEAD ? ng * 2 * PE_TIER : PF_HEAD;
-    for (int64_t u = 0; u < n; u++) {
-        item_rows r = rows_of(p, items + u, T, g0);
-        for (int64_t o = 0; o < rec_len; o += 64) __builtin_prefetch(r.rec + o, 0, 2);
-        for (int t = 1; t < T; t++)
-            for (int64_t o = 0; o < tier_len; o += 64)
-                __builtin_prefetch((const char *)r.tier[t] + o, 0, 2);
-    }
-}
-
-/* The n items of class cl (T = cl / 2 + 1 tiers) in batches, in order. */
-static void run_class(const pe_packed *p, const pe_item *items, int64_t n, int cl, int64_t g0,
-                      int64_t ng, float *acc) {
-    const int T = cl / 2 + 1, bs = batch_size[T];
-    for (int64_t s = 0; s < n; s += bs) {
-        int m = n - s < bs ? (int)(n - s) : bs;
-        if (n - s > bs) prefetch_heads(p, items + s + bs, n - s - bs < bs ? n - s - bs : bs, T, g0, ng);
-        switch (T) { /* constant T: the tier loads and lookups unroll */
-        case 1: batch(p, items + s, m, 1, g0, ng, acc); break;
-        case 2: batch(p, items + s, m, 2, g0, ng, acc); break;
-        case 3: batch(p, items + s, m, 3, g0, ng, acc); break;
-        default: batch(p, items + s, m, 4, g0, ng, acc); break;
-        }
-    }
-}
-
-/* This thread's accumulator block (a call: no TLS address lookup inside the walk). */
-static __attribute__((noinline)) float *accumulators(void) {
-    static _Thread_local float acc[BLOCK * PE_GROUP] __attribute__((aligned(64)));
-    return acc;
-}
-
 /* The pe_tiermul_fn on the permuted copy: items by class, in order -> y[64 c0, min(64 c1,
  * n_out)), overwritten; chunks [c0, c1) (4 groups each) in blocks of BLOCK groups. */
 void pe_permmul_f16_neon(const pe_packed *p, const pe_item *items,
                          const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
                          int64_t c0, int64_t c1, float *y) {
-    float *acc = accumulators();
-    int64_t g_end = 4 * c1 < p->n_groups ? 4 * c1 : p->n_groups;
-    for (int64_t g0 = 4 * c0; g0 < g_end; g0 += BLOCK) {
-        int64_t ng = g_end - g0 < BLOCK ? g_end - g0 : BLOCK;
-        memset(acc, 0, sizeof(float) * PE_GROUP * (size_t)ng);
-        for (int cl = 0; cl < PE_CLASSES; cl++)
-            run_class(p, items + begin[cl], end[cl] - begin[cl], cl, g0, ng, acc);
-        int64_t j0 = PE_GROUP * g0;
-        int64_t m = p->n_out - j0 < PE_GROUP * ng ? p->n_out - j0 : PE_GROUP * ng;
-        memcpy(y + j0, acc, sizeof(float) * (size_t)m);
-    }
+    perm_walk(p, items, begin, end, c0, c1, y);
 }
