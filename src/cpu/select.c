@@ -94,7 +94,9 @@ pe_status pe_select(const pe_buckets *b, const float *x, double effort, pe_task 
 /* key (16 n_in) -> the largest c with weight(key >= c) >= budget; lanes past n_loaded weigh 0. */
 static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uint32_t *cand,
                                     double budget) {
-    static const int shift[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
+    /* digits: 11 bits over all keys, then 7 + 7 + 7 over the few candidates (small histograms
+     * to clear and scan) */
+    static const int shift[4] = {21, 14, 7, 0}, bits[4] = {11, 7, 7, 7};
     int64_t hist[2048], above = 0, n = p->n_in * PE_RANKS, n_cand = 0;
     const int64_t *m = p->m;
     memset(hist, 0, sizeof hist);
@@ -104,7 +106,10 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
     for (int k = 0; k < PE_RANKS; k++)
         for (int64_t r = k; r < n; r += PE_RANKS) hist[key[r] >> 21] += m[k];
     hist[0] -= p->unloaded; /* lanes not loaded have key 0 */
-    uint32_t bin = (uint32_t)pick_bin(hist, 2048, budget, &above), prefix = bin << 21;
+    uint32_t top = 2047; /* the highest bin holding a key: the scan for the budget starts there */
+    if (p->monotone) /* rank 0 holds an input's largest key */
+        for (int64_t r = top = 0; r < n; r += PE_RANKS) top = key[r] >> 21 > top ? key[r] >> 21 : top;
+    uint32_t bin = (uint32_t)pick_bin(hist, (int)top + 1, budget, &above), prefix = bin << 21;
     if (p->monotone && bin) /* an input's keys in the bin are one run of ranks */
         for (int64_t r = 0; r < n; r += PE_RANKS) {
             if ((key[r] >> 21) < bin || (key[r + PE_RANKS - 1] >> 21) > bin) continue;
@@ -118,7 +123,7 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
             cand[n_cand] = (uint32_t)r;
             n_cand += (key[r] >> 21) == bin && (bin || (r & 15) < p->n_loaded[r >> 4]);
         }
-    for (int ps = 1; ps < 3; ps++) {
+    for (int ps = 1; ps < 4; ps++) {
         uint32_t mask = (1u << bits[ps]) - 1;
         memset(hist, 0, sizeof(int64_t) << bits[ps]);
         for (int64_t t = 0; t < n_cand; t++)
