@@ -103,8 +103,11 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
     /* rank by rank: neighbours are then different inputs, whose bins seldom repeat, so the
      * adds rarely wait on each other's stores and nothing branches on the data (an input's
      * own keys share bins in runs of unpredictable length) */
-    for (int k = 0; k < PE_RANKS; k++)
-        for (int64_t r = k; r < n; r += PE_RANKS) hist[key[r] >> 21] += m[k];
+    for (int k = 0; k < PE_RANKS; k++) {
+        const int64_t mk = m[k];
+#pragma GCC unroll 4
+        for (int64_t r = k; r < n; r += PE_RANKS) hist[key[r] >> 21] += mk;
+    }
     hist[0] -= p->unloaded; /* lanes not loaded have key 0 */
     uint32_t top = 2047; /* the highest bin holding a key: the scan for the budget starts there */
     if (p->monotone) /* rank 0 holds an input's largest key */
