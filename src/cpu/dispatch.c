@@ -181,13 +181,14 @@ static void tier_run(void *ctx, int t, int n) {
     if (c1 > c0) j->fn(j->p, j->items, j->begin[part], j->end[part], c0, c1, j->y[part]);
 }
 
-/* The parts of the items of each class (start: class offsets). */
-static void cut_parts(const int64_t start[PE_CLASSES + 1], tier_job *j) {
+/* The parts of the items of each class (class cl: items[begin[cl], end[cl])). */
+static void cut_parts(const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                      tier_job *j) {
     for (int cl = 0; cl < PE_CLASSES; cl++)
         for (int q = 0; q < TIER_PARTS; q++) {
-            int64_t n = start[cl + 1] - start[cl];
-            j->begin[q][cl] = start[cl] + n * q / TIER_PARTS;
-            j->end[q][cl] = start[cl] + n * (q + 1) / TIER_PARTS;
+            int64_t n = end[cl] - begin[cl];
+            j->begin[q][cl] = begin[cl] + n * q / TIER_PARTS;
+            j->end[q][cl] = begin[cl] + n * (q + 1) / TIER_PARTS;
         }
 }
 
@@ -196,16 +197,16 @@ static pe_status bucketmul_items(pe_tiermul_fn fn, const pe_packed *p, const flo
                                  int64_t *bytes) {
     int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2, n_keys = p->n_in * PE_RANKS;
     uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)(2 * n_keys + 1), 0);
-    pe_item *items = scratch(sizeof(pe_item) * (size_t)(p->n_in + 1), 2);
+    pe_item *items = scratch(sizeof(pe_item) * (size_t)(PE_CLASSES * p->n_in + 1), 2);
     float *extra = scratch(sizeof(float) * (size_t)((TIER_PARTS - 1) * p->n_out + 1), 3);
     if (!sc || !items || !extra) return PE_ERR_ALLOC;
     for (int64_t t = 0; t < n_tokens; t++) {
-        int64_t start[PE_CLASSES + 1], n_rows = 0, done = 0;
-        pe_status st = pe_select_items(p, x + t * p->n_in, effort, items, start, &n_rows, &done,
-                                       sc);
+        int64_t begin[PE_CLASSES], end[PE_CLASSES], n_rows = 0, done = 0;
+        pe_status st = pe_select_items(p, x + t * p->n_in, effort, items, begin, end, &n_rows,
+                                       &done, sc);
         if (st != PE_OK) return st;
         tier_job job = {.fn = fn, .p = p, .items = items};
-        cut_parts(start, &job);
+        cut_parts(begin, end, &job);
         float *yt = y + t * p->n_out;
         job.y[0] = yt;
         for (int q = 1; q < TIER_PARTS; q++) job.y[q] = extra + (q - 1) * p->n_out;

@@ -197,11 +197,11 @@ pe_status pe_select(const pe_buckets *b, const float *x, double effort, pe_task 
 pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe_run *runs,
                            int64_t *n_runs, int64_t *n_rows, int64_t *mults, uint32_t *scratch);
 
-/* As pe_select_packed, but the dispatched inputs as items grouped by class (start, PE_CLASSES
- * + 1 offsets). items sized n_in. */
+/* As pe_select_packed, but the dispatched inputs as items grouped by class: class cl is
+ * items[begin[cl], end[cl]), in input order. items sized PE_CLASSES * n_in. */
 pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_item *items,
-                          int64_t start[PE_CLASSES + 1], int64_t *n_rows, int64_t *mults,
-                          uint32_t *scratch);
+                          int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES], int64_t *n_rows,
+                          int64_t *mults, uint32_t *scratch);
 /* Builds p->tiers from b (tiers.c); leaves it NULL if a position repeats in a group. */
 pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p);
 /* Builds p->perm from b (perm.c); leaves it NULL if a position repeats in a group or a value

@@ -223,36 +223,27 @@ pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe
 }
 
 pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_item *items,
-                          int64_t start[PE_CLASSES + 1], int64_t *n_rows, int64_t *mults,
-                          uint32_t *scratch) {
-    int64_t rows = 0, done = 0, count[PE_CLASSES] = {0};
-    uint32_t *key = scratch, *cand = scratch + p->n_in * PE_RANKS, c = 0;
-    uint32_t *ks = cand; /* the candidates are spent once c is known */
+                          int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES], int64_t *n_rows,
+                          int64_t *mults, uint32_t *scratch) {
+    int tail = (int)(p->n_out % PE_GROUP);
+    uint32_t tail_mask = tail ? 0xFFFFu & ~((1u << tail) - 1) : 0u, *key = scratch, c = 0;
+    int64_t ranks = 0, padding = 0; /* dispatched rows, and their padding slots */
     int none = 0;
-    memset(start, 0, sizeof(int64_t) * (PE_CLASSES + 1));
+    for (int cl = 0; cl < PE_CLASSES; cl++) begin[cl] = end[cl] = cl * p->n_in;
     *n_rows = *mults = 0;
-    pe_status st = packed_cutoff(p, x, effort, key, cand, &c, &none);
+    pe_status st = packed_cutoff(p, x, effort, key, scratch + p->n_in * PE_RANKS, &c, &none);
     if (st != PE_OK || none) return st;
-    for (int64_t i = 0; i < p->n_in; i++) {
+    for (int64_t i = 0; i < p->n_in; i++) { /* one pass: each class has room for every input */
         uint32_t mask = dispatched(p, key, i, c);
-        ks[i] = mask;
         if (!mask) continue;
-        rows += pe_popcount(mask);
-        done += mask_mults(p, mask);
-        count[pe_item_class(mask)]++;
-    }
-    for (int cl = 0; cl < PE_CLASSES; cl++) start[cl + 1] = start[cl] + count[cl];
-    int64_t at[PE_CLASSES];
-    memcpy(at, start, sizeof at);
-    for (int64_t i = 0; i < p->n_in; i++) {
-        uint32_t mask = ks[i];
-        if (!mask) continue;
-        pe_item *it = items + at[pe_item_class(mask)]++;
+        ranks += pe_popcount(mask);
+        padding += pe_popcount(mask & tail_mask);
+        pe_item *it = items + end[pe_item_class(mask)]++;
         it->input = (int32_t)i;
         it->mask = mask;
         it->x = x[i];
     }
-    *n_rows = rows;
-    *mults = done;
+    *n_rows = ranks;
+    *mults = ranks * p->n_groups - padding; /* as mask_mults, summed */
     return PE_OK;
 }
