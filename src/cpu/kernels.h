@@ -54,7 +54,8 @@ struct pe_packed {
 #define PE_TIER_CHUNK 44 /* bytes per chunk per tier row: 40 record + 4 rank codes */
 #define PE_TIER_REC 40
 
-/* The permuted layout, for kernels with a lane permute but no expand (AVX2). Per input i, at
+/* The permuted layout, for kernels with a lane permute or table lookup but no expand (AVX2,
+ * NEON). Per input i, at
  * perm_off[i]: n_groups records of 16 bytes (the group's rank map, 8 bytes: byte b holds the
  * rank of position b in its low nibble and of position b + 8 in its high nibble; then the fp16
  * values of ranks 0..3 in rank order), then one row per further loaded tier t = 1, 2, 3
@@ -204,6 +205,9 @@ pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_
                           int64_t *mults, uint32_t *scratch);
 /* Builds p->tiers from b (tiers.c); leaves it NULL if a position repeats in a group. */
 pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p);
+/* size bytes for an in-memory copy, 64-byte aligned, on 2 MiB pages where the system gives
+ * them when large (the kernels walk many rows at once: TLB); NULL if out of memory (pack.c). */
+void *pe_alloc_copy(size_t size);
 /* Builds p->perm from b (perm.c); leaves it NULL if a position repeats in a group or a value
  * is not finite (then the routed kernels follow the reference). */
 pe_status pe_build_perm(const pe_buckets *b, pe_packed *p);

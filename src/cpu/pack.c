@@ -1,10 +1,22 @@
 /* The input-major index the SIMD kernels use (kernels.h, struct pe_packed): built once per
  * matrix; the canonical rows are read in place, or through the copy the kernel set in use
  * reads: tiered (tiers.c) or permuted (perm.c). */
+#define _GNU_SOURCE /* madvise */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "kernels.h"
+
+void *pe_alloc_copy(size_t size) {
+    size_t align = size >= (4u << 20) ? (2u << 20) : 64, padded = (size + align - 1) / align * align;
+    void *mem = NULL;
+    if (posix_memalign(&mem, align, padded)) return NULL;
+#ifdef MADV_HUGEPAGE
+    if (align > 64) madvise(mem, padded, MADV_HUGEPAGE);
+#endif
+    return mem;
+}
 
 void pe_packed_free(pe_packed *p) {
     if (!p) return;

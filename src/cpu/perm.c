@@ -2,10 +2,8 @@
  * canonical rows through the input-major index: the kernels that read it gather a group's
  * dispatched ranks to their positions with lane permutes instead of one routed add per
  * weight. Same values; 2.5 bytes per weight, as the canonical rows. */
-#define _GNU_SOURCE /* madvise */
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include "kernels.h"
 
@@ -58,28 +56,15 @@ static void fill_chunk(void *ctx, int c, int n) {
             j->damaged = 1;
 }
 
-/* size bytes, 64-byte aligned; on 2 MiB pages where the system gives them when large (the
- * kernels walk many rows at once: TLB). NULL if out of memory. */
-static void *alloc_copy(size_t size) {
-    size_t align = size >= (4u << 20) ? (2u << 20) : 64, padded = (size + align - 1) / align * align;
-    void *mem = NULL;
-    if (posix_memalign(&mem, align, padded)) return NULL;
-#ifdef MADV_HUGEPAGE
-    if (align > 64) madvise(mem, padded, MADV_HUGEPAGE);
-#endif
-    return mem;
-}
-
 pe_status pe_build_perm(const pe_buckets *b, pe_packed *p) {
     int64_t total = 0;
-    p->n_chunks = (b->n_groups + 3) / 4;
     p->perm_off = malloc(sizeof(int64_t) * (size_t)p->n_in + 8);
     if (!p->perm_off) return PE_ERR_ALLOC;
     for (int64_t i = 0; i < p->n_in; i++) {
         p->perm_off[i] = total;
         total += input_bytes(b->n_groups, p->n_loaded[i]);
     }
-    p->perm = alloc_copy((size_t)total + 64);
+    p->perm = pe_alloc_copy((size_t)total + 64);
     if (!p->perm) {
         free(p->perm_off);
         p->perm_off = NULL;

@@ -110,8 +110,10 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
     }
     hist[0] -= p->unloaded; /* lanes not loaded have key 0 */
     uint32_t top = 2047; /* the highest bin holding a key: the scan for the budget starts there */
-    if (p->monotone) /* rank 0 holds an input's largest key */
-        for (int64_t r = top = 0; r < n; r += PE_RANKS) top = key[r] >> 21 > top ? key[r] >> 21 : top;
+    if (p->monotone) { /* rank 0 holds an input's largest key */
+        top = 0;
+        for (int64_t r = 0; r < n; r += PE_RANKS) top = key[r] >> 21 > top ? key[r] >> 21 : top;
+    }
     uint32_t bin = (uint32_t)pick_bin(hist, (int)top + 1, budget, &above), prefix = bin << 21;
     if (p->monotone && bin) /* an input's keys in the bin are one run of ranks */
         for (int64_t r = 0; r < n; r += PE_RANKS) {
@@ -195,10 +197,12 @@ static uint32_t dispatched(const pe_packed *p, const uint32_t *key, int64_t i, u
 }
 
 /* Multiplications of the rows in mask (a tail group's padding does not count). */
-static int64_t mask_mults(const pe_packed *p, uint32_t mask) {
+static uint32_t padding_ranks(const pe_packed *p) { /* ranks whose last-group slot is padding */
     int tail = (int)(p->n_out % PE_GROUP);
-    uint32_t tail_mask = tail ? 0xFFFFu & ~((1u << tail) - 1) : 0u;
-    return pe_popcount(mask) * p->n_groups - pe_popcount(mask & tail_mask);
+    return tail ? 0xFFFFu & ~((1u << tail) - 1) : 0u;
+}
+static int64_t mask_mults(const pe_packed *p, uint32_t mask) {
+    return pe_popcount(mask) * p->n_groups - pe_popcount(mask & padding_ranks(p));
 }
 
 pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe_run *runs,
@@ -225,8 +229,7 @@ pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe
 pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_item *items,
                           int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES], int64_t *n_rows,
                           int64_t *mults, uint32_t *scratch) {
-    int tail = (int)(p->n_out % PE_GROUP);
-    uint32_t tail_mask = tail ? 0xFFFFu & ~((1u << tail) - 1) : 0u, *key = scratch, c = 0;
+    uint32_t tail_mask = padding_ranks(p), *key = scratch, c = 0;
     int64_t ranks = 0, padding = 0; /* dispatched rows, and their padding slots */
     int none = 0;
     for (int cl = 0; cl < PE_CLASSES; cl++) begin[cl] = end[cl] = cl * p->n_in;

@@ -1,10 +1,8 @@
 /* The tiered copy of a matrix (kernels.h, "The tiered layout"), built once from the canonical
  * rows through the input-major index: the kernels that read it route 4 ranks of a group with
  * one expand instead of one masked add per weight. Same values, same bytes per rank. */
-#define _GNU_SOURCE /* madvise */
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include "kernels.h"
 
@@ -112,14 +110,7 @@ pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p) {
         p->tier_off[i] = total;
         total += (p->n_loaded[i] + PE_TIER - 1) / PE_TIER * row;
     }
-    /* 2 MiB pages where the system gives them: the kernel walks many rows at once (TLB) */
-    size_t align = total >= (4 << 20) ? (2 << 20) : 64, size = (size_t)(total + 64);
-    void *mem = NULL;
-    if (posix_memalign(&mem, align, (size + align - 1) / align * align)) mem = NULL;
-#ifdef MADV_HUGEPAGE
-    if (mem && align > 64) madvise(mem, (size + align - 1) / align * align, MADV_HUGEPAGE);
-#endif
-    p->tiers = mem;
+    p->tiers = pe_alloc_copy((size_t)(total + 64));
     if (!p->tiers) {
         free(p->tier_off);
         p->tier_off = NULL;
