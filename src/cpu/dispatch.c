@@ -196,7 +196,7 @@ static pe_status bucketmul_items(pe_tiermul_fn fn, const pe_packed *p, const flo
                                  int64_t n_tokens, double effort, float *y, int64_t *mults,
                                  int64_t *bytes) {
     int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2, n_keys = p->n_in * PE_RANKS;
-    uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)(2 * n_keys + 1), 0);
+    uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)(2 * n_keys + PE_RANKS), 0);
     pe_item *items = scratch(sizeof(pe_item) * (size_t)(PE_CLASSES * p->n_in + 1), 2);
     float *extra = scratch(sizeof(float) * (size_t)((TIER_PARTS - 1) * p->n_out + 1), 3);
     if (!sc || !items || !extra) return PE_ERR_ALLOC;
@@ -233,7 +233,7 @@ pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const flo
         return bucketmul_items(kern->permmul_f16, p, x, n_tokens, effort, y, mults, bytes);
     if (!kern->packedmul_f16) return PE_ERR_ARG;
     int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2, n_keys = p->n_in * PE_RANKS;
-    uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)(2 * n_keys + 1), 0);
+    uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)(2 * n_keys + PE_RANKS), 0);
     pe_run *runs = scratch(sizeof(pe_run) * (size_t)(p->n_slots + 1), 2);
     if (!sc || !runs) return PE_ERR_ALLOC;
     for (int64_t t = 0; t < n_tokens; t++) {

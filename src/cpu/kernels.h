@@ -194,7 +194,7 @@ extern const pe_cpu_kernels pe_kernels_neon;
 pe_status pe_select(const pe_buckets *b, const float *x, double effort, pe_task *tasks,
                     int64_t *n_tasks, int64_t *mults, uint32_t *scratch);
 /* x (n_in,) f32 at effort -> runs (at most n_slots); *n_runs, *n_rows, *mults set.
- * scratch: 2 * 16 * n_in + 1 uint32. Same dispatched rows as pe_select (reference.cutoff). */
+ * scratch: 2 * 16 * n_in + 16 uint32. Same dispatched rows as pe_select (reference.cutoff). */
 pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe_run *runs,
                            int64_t *n_runs, int64_t *n_rows, int64_t *mults, uint32_t *scratch);
 

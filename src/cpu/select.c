@@ -10,6 +10,20 @@ static void row_mults(const pe_buckets *b, int64_t m[PE_RANKS]) {
     for (int k = 0; k < PE_RANKS; k++) m[k] = b->n_groups - (tail && k >= tail ? 1 : 0);
 }
 
+/* Counts over an input's 16 keys in 4-lane vectors (GCC/Clang vector extensions: SSE2 on
+ * x86-64, NEON on arm64); keys are positive floats' bits, below 2^31, so signed compares
+ * order them. How many keys k have (k >> shift) > t. */
+typedef int32_t lanes4 __attribute__((vector_size(16)));
+static inline int count_above(const uint32_t *key, int shift, int32_t t) {
+    lanes4 acc = {0, 0, 0, 0}, tv = {t, t, t, t};
+    for (int q = 0; q < PE_RANKS / 4; q++) {
+        lanes4 kv;
+        memcpy(&kv, key + 4 * q, sizeof kv);
+        acc += (kv >> shift) > tv; /* -1 where true */
+    }
+    return -(acc[0] + acc[1] + acc[2] + acc[3]);
+}
+
 /* One radix digit: the highest bin where the weight at or above it first reaches budget.
  * hist (n_bins) weights of the candidates by digit; *above: weight strictly above, updated. */
 static int pick_bin(const int64_t *hist, int n_bins, double budget, int64_t *above) {
@@ -91,37 +105,102 @@ pe_status pe_select(const pe_buckets *b, const float *x, double effort, pe_task 
  * The same cutoff on keys in slot order (input-major, 16 lanes per input): the cutoff depends
  * only on the multiset of (key, m), so it is the same c, and the same rows are dispatched. */
 
-/* key (16 n_in) -> the largest c with weight(key >= c) >= budget; lanes past n_loaded weigh 0. */
-static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uint32_t *cand,
-                                    double budget) {
-    /* digits: 11 bits over all keys, then 7 + 7 + 7 over the few candidates (small histograms
-     * to clear and scan) */
-    static const int shift[4] = {21, 14, 7, 0}, bits[4] = {11, 7, 7, 7};
-    int64_t hist[2048], above = 0, n = p->n_in * PE_RANKS, n_cand = 0;
-    const int64_t *m = p->m;
-    memset(hist, 0, sizeof hist);
+/* The keys of inputs [i0, i1) (key[16 i + k] = abs(x_i) stat_ik's bits), their first radix
+ * digits (key >> 21) weighted by m added into hist, and the highest digit when p is monotone
+ * (else 2047): one pass over the stats, the part of the search that grows with the matrix. */
+static uint32_t keys_and_digits(const pe_packed *p, const float *x, int64_t i0, int64_t i1,
+                                uint32_t *key, int64_t *hist) {
+    for (int64_t i = i0; i < i1; i++) { /* 16 products in a row: the compiler vectorises */
+        float ax = fabsf(x[i]), s[PE_RANKS];
+        const float *st = p->stats + i * PE_RANKS;
+        for (int k = 0; k < PE_RANKS; k++) s[k] = ax * st[k];
+        memcpy(key + i * PE_RANKS, s, sizeof s);
+    }
     /* rank by rank: neighbours are then different inputs, whose bins seldom repeat, so the
      * adds rarely wait on each other's stores and nothing branches on the data (an input's
      * own keys share bins in runs of unpredictable length) */
     for (int k = 0; k < PE_RANKS; k++) {
-        const int64_t mk = m[k];
+        const int64_t mk = p->m[k];
 #pragma GCC unroll 4
-        for (int64_t r = k; r < n; r += PE_RANKS) hist[key[r] >> 21] += mk;
+        for (int64_t r = i0 * PE_RANKS + k; r < i1 * PE_RANKS; r += PE_RANKS)
+            hist[key[r] >> 21] += mk;
     }
-    hist[0] -= p->unloaded; /* lanes not loaded have key 0 */
     uint32_t top = 2047; /* the highest bin holding a key: the scan for the budget starts there */
     if (p->monotone) { /* rank 0 holds an input's largest key */
         top = 0;
-        for (int64_t r = 0; r < n; r += PE_RANKS) top = key[r] >> 21 > top ? key[r] >> 21 : top;
+        for (int64_t r = i0 * PE_RANKS; r < i1 * PE_RANKS; r += PE_RANKS)
+            top = key[r] >> 21 > top ? key[r] >> 21 : top;
     }
+    return top;
+}
+
+/* Inputs per part of the first pass when it is split over the threads (below: one part). */
+#ifndef SPLIT_MIN_INPUTS
+#define SPLIT_MIN_INPUTS 256
+#endif
+#define MAX_PARTS 4
+
+typedef struct {
+    const pe_packed *p;
+    const float *x;
+    uint32_t *key;
+    int64_t hist[MAX_PARTS][2048];
+    uint32_t top[MAX_PARTS];
+} digits_job;
+
+static void digits_part(void *ctx, int t, int n) {
+    digits_job *j = ctx;
+    int64_t i0 = j->p->n_in * t / n, i1 = j->p->n_in * (t + 1) / n;
+    memset(j->hist[t], 0, sizeof j->hist[t]);
+    j->top[t] = keys_and_digits(j->p, j->x, i0, i1, j->key, j->hist[t]);
+}
+
+/* keys_and_digits over every input, split over the thread pool for large matrices (disjoint
+ * input ranges; the histogram is a sum of integers, so the split never changes the cutoff). */
+static uint32_t all_keys_and_digits(const pe_packed *p, const float *x, uint32_t *key,
+                                    int64_t hist[2048]) {
+    int n = pe_num_threads() < MAX_PARTS ? pe_num_threads() : MAX_PARTS;
+    if (n < 2 || p->n_in < n * SPLIT_MIN_INPUTS) {
+        memset(hist, 0, sizeof(int64_t) * 2048);
+        return keys_and_digits(p, x, 0, p->n_in, key, hist);
+    }
+    digits_job job;
+    job.p = p;
+    job.x = x;
+    job.key = key;
+    if (pe_parallel(digits_part, &job, n, n) != PE_OK) { /* no worker: one part */
+        memset(hist, 0, sizeof(int64_t) * 2048);
+        return keys_and_digits(p, x, 0, p->n_in, key, hist);
+    }
+    uint32_t top = 0;
+    for (int b = 0; b < 2048; b++) {
+        int64_t h = 0;
+        for (int t = 0; t < n; t++) h += job.hist[t][b];
+        hist[b] = h;
+    }
+    for (int t = 0; t < n; t++) top = job.top[t] > top ? job.top[t] : top;
+    return top;
+}
+
+/* key (16 n_in) with its first digits in hist (all_keys_and_digits, top the highest) -> the
+ * largest c with weight(key >= c) >= budget; lanes past n_loaded weigh 0. */
+static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uint32_t *cand,
+                                    int64_t hist[2048], uint32_t top, double budget) {
+    /* digits: 11 bits over all keys, then 7 + 7 + 7 over the few candidates (small histograms
+     * to clear and scan) */
+    static const int shift[4] = {21, 14, 7, 0}, bits[4] = {11, 7, 7, 7};
+    int64_t above = 0, n = p->n_in * PE_RANKS, n_cand = 0;
+    const int64_t *m = p->m;
+    hist[0] -= p->unloaded; /* lanes not loaded have key 0 */
     uint32_t bin = (uint32_t)pick_bin(hist, (int)top + 1, budget, &above), prefix = bin << 21;
-    if (p->monotone && bin) /* an input's keys in the bin are one run of ranks */
+    if (p->monotone && bin) /* an input's keys in the bin are one run of ranks [k0, k1) */
         for (int64_t r = 0; r < n; r += PE_RANKS) {
-            if ((key[r] >> 21) < bin || (key[r + PE_RANKS - 1] >> 21) > bin) continue;
-            int k = 0;
-            while ((key[r + k] >> 21) > bin) k++;
-            for (; k < PE_RANKS && (key[r + k] >> 21) == bin; k++)
-                cand[n_cand++] = (uint32_t)(r + k);
+            /* counted, not searched: no branch on the data */
+            int k0 = count_above(key + r, 21, (int32_t)bin),
+                k1 = count_above(key + r, 21, (int32_t)bin - 1);
+            for (int k = 0; k < PE_RANKS; k++) /* all 16 written, the run kept (cand has room) */
+                cand[n_cand + k] = (uint32_t)(r + k0 + k);
+            n_cand += k1 - k0;
         }
     else
         for (int64_t r = 0; r < n; r++) { /* branch-free: the test is unpredictable */
@@ -172,13 +251,9 @@ static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort
     /* every row is needed; at total = budget too, unless padding rows (m = 0) would join */
     if ((double)total < budget || ((double)total == budget && p->n_out % PE_GROUP == 0))
         return PE_OK;
-    for (int64_t i = 0; i < n_in; i++) { /* 16 products in a row: the compiler vectorises */
-        float ax = fabsf(x[i]), s[PE_RANKS];
-        const float *st = p->stats + i * PE_RANKS;
-        for (int k = 0; k < PE_RANKS; k++) s[k] = ax * st[k];
-        memcpy(key + i * PE_RANKS, s, sizeof s);
-    }
-    *c = radix_cutoff_packed(p, key, cand, budget);
+    int64_t hist[2048];
+    uint32_t top = all_keys_and_digits(p, x, key, hist);
+    *c = radix_cutoff_packed(p, key, cand, hist, top, budget);
     return PE_OK;
 }
 
@@ -186,10 +261,8 @@ static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort
 static uint32_t dispatched(const pe_packed *p, const uint32_t *key, int64_t i, uint32_t c) {
     const uint32_t *ki = key + i * PE_RANKS;
     uint32_t mask = c ? 0u : 0xFFFFu; /* c = 0: every key (>= +0) is at or above it */
-    if (c && p->monotone) { /* keys fall with rank: a prefix, most often empty */
-        int k = 0;
-        while (k < PE_RANKS && ki[k] >= c) k++;
-        mask = (1u << k) - 1;
+    if (c && p->monotone) { /* keys fall with rank: a prefix, its length counted */
+        mask = (1u << count_above(ki, 0, (int32_t)c - 1)) - 1; /* key >= c */
     } else {
         for (int k = 0; k < PE_RANKS && c; k++) mask |= (uint32_t)(ki[k] >= c) << k;
     }
@@ -238,13 +311,17 @@ pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_
     if (st != PE_OK || none) return st;
     for (int64_t i = 0; i < p->n_in; i++) { /* one pass: each class has room for every input */
         uint32_t mask = dispatched(p, key, i, c);
-        if (!mask) continue;
         ranks += pe_popcount(mask);
         padding += pe_popcount(mask & tail_mask);
-        pe_item *it = items + end[pe_item_class(mask)]++;
+        /* written whether dispatched or not, kept only if so (about 1 in 4 inputs is not, at
+         * random: a branch would miss often). An empty mask writes past the end of class 1,
+         * which then has room: not every input is in it. */
+        int cl = pe_item_class(mask + (mask == 0));
+        pe_item *it = items + end[cl];
         it->input = (int32_t)i;
         it->mask = mask;
         it->x = x[i];
+        end[cl] += mask != 0;
     }
     *n_rows = ranks;
     *mults = ranks * p->n_groups - padding; /* as mask_mults, summed */
