@@ -332,12 +332,14 @@ class CudaGroup:
         self._g = _Group()
         self._scratch, block0 = [], 0
         for i, (b, sp) in enumerate(zip(mats, self.splits)):
+            # split sums: tagged words (tag << 32 | float bits); zeroed, so no stale tag matches
             n_part = sp * b.n_tiles * 16 * b.ct if sp > 1 else 1
-            part = torch.empty(n_part, dtype=torch.float32, device=b.device)
-            # candidates: per worker a count and at most its share of its split's rows
+            part = torch.zeros(n_part, dtype=torch.int64, device=b.device)
+            # candidates: per worker a tagged 64-bit count and at most its share of its split's
+            # rows (pe_cand_stride: seg + 2 words, rounded up to even)
             split_rows = 32 * _ceil_div(_ceil_div(b.n_rows, 32), sp)
             seg = _ceil_div(split_rows, b.n_tiles)
-            cand = torch.empty(b.n_tiles * sp * (1 + seg), dtype=torch.int32, device=b.device)
+            cand = torch.zeros(b.n_tiles * sp * (seg + 3), dtype=torch.int32, device=b.device)
             self._scratch += [part, cand]
             self._g.m[i] = b._matrix(part, cand, seg, sp, block0)
             block0 += b.n_tiles * sp

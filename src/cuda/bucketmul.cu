@@ -4,16 +4,24 @@
  *   1. keys of its split's rows in registers (order/stats read before the PDL wait); its share of
  *      the level-1 weight histogram (12 key bits) -> global; signal hist_done.
  *   2. wait for every worker's histogram; pick the level-1 bin b1 (every block the same answer).
- *      Rows above b1 are surely dispatched: -> shared list. Rows in b1 are candidates: -> own
- *      shared list, and its share of them -> the global candidate list; signal cand_done.
- *   3. stream the sure rows into shared accumulators (the bulk of the bytes) while the selector
- *      resolves the cutoff; then wait for the cut, add the own candidates with key >= cut.
- *   4. split sums: partial tiles in global memory; once all are in, every split of a tile adds
- *      its slice of them in split order -> y. Nothing is reset: the meeting counters only grow,
- *      and a call waits for base + participants (pe_cuda_state).
+ *      Pass by pass: rows above b1 are surely dispatched: -> shared list. Rows in b1 are
+ *      candidates: -> own shared list, and its share of them -> the global candidate list, whose
+ *      tagged count goes out with the last pass.
+ *   3. stream each pass's sure rows into shared accumulators (the bulk of the bytes), the last
+ *      while the selector resolves the cutoff; then wait for the cut, add the own candidates
+ *      with key >= cut.
+ *   4. split sums: tagged partial tiles in global memory; every split of a tile adds its slice
+ *      of them in split order -> y, polling each word until it carries this call's tag. Nothing
+ *      is reset: the meeting counter only grows, and a call waits for base + participants;
+ *      the other meetings are tagged words (pe_cuda_state).
  * Selector of a matrix: clears the next call's histogram buffer, waits for the histograms,
- * advances the epoch, picks b1, waits for cand_done, runs levels 2 and 3 over the candidates
- * (resolve.cuh) and publishes the cut.
+ * advances the epoch, picks b1, polls the workers' tagged candidate counts, runs levels 2 and 3
+ * over the candidates (resolve.cuh) and publishes the tagged cut.
+ * When the effort covers every loaded row (budget == total_w: effort 1.0 on a full load) the
+ * search is skipped (PE_MODE_FULL): the workers meet once for the smallest key of a row with
+ * real multiplications, which is the cut the search would find; the same rows go to the same
+ * lists, so the same bits. Above the loaded total (PE_MODE_ALL) and at effort 0 (PE_MODE_NONE)
+ * the workers do not wait at all.
  * Every output is summed in a fixed order (rows in list order per team, teams in order, splits
  * in order) and the cutoff comes from integer histograms: the same inputs give the same bits. */
 #include "common.cuh"
@@ -25,16 +33,28 @@
 #define PE_MODE_SEARCH 0
 #define PE_MODE_NONE 1
 #define PE_MODE_ALL 2
+#define PE_MODE_FULL 3 /* budget == total_w: every row with real multiplications, no search */
 
 static_assert(sizeof(pe_cuda_state) == 64 && offsetof(pe_cuda_state, tbase) == 16 &&
-                  offsetof(pe_cuda_state, hbase) == 28 && offsetof(pe_cuda_state, info_mults) == 40,
+                  offsetof(pe_cuda_state, hbase) == 28 && offsetof(pe_cuda_state, info_mults) == 40 &&
+                  offsetof(pe_cuda_state, cut_word) == 8,
               "the kernel reads the bases as one uint4 word");
+
+#ifndef PE_POLL_NS
+#define PE_POLL_NS 128 /* pause between polls of a split partial that is not in yet */
+#endif
+
+/* Words per worker in m.cand: a 64-bit tagged count, then up to cand_seg keys (even: aligned). */
+__device__ __forceinline__ size_t pe_cand_stride(const pe_cuda_matrix &m) {
+    return (size_t)((m.cand_seg + 3) & ~1);
+}
 
 /* Slice `split` of a tile (its share of the 16 * CT slots): the sum of the n_splits partial
  * tiles -> y. Every split of the tile runs it, once all partials are in. K lanes per slot each
  * add every K-th split, then a fixed butterfly: a fixed order, so the same bits every call. */
 template <typename TY, int CT>
-__device__ __forceinline__ void sum_slice(const pe_cuda_matrix &m, int tile, int split, TY *y) {
+__device__ __forceinline__ void sum_slice(const pe_cuda_matrix &m, int tile, int split, TY *y,
+                                          uint32_t tag) {
     const int tile_cols = 16 * CT, len = (tile_cols + m.n_splits - 1) / m.n_splits;
     const int ns = m.n_splits;
     const int K = ns > 64 ? 16 : ns > 32 ? 8 : ns > 16 ? 4 : ns > 8 ? 2 : 1;
@@ -45,14 +65,21 @@ __device__ __forceinline__ void sum_slice(const pe_cuda_matrix &m, int tile, int
         const int o = base + (int)threadIdx.x / K;
         float s = 0.f;
         if (o < o_end) {
-            const float *p = m.partial + (size_t)tile * tile_cols + o;
+            const unsigned long long *p = m.partial + (size_t)tile * tile_cols + o;
             for (int sp0 = k; sp0 < ns; sp0 += 8 * K) {
-                float v[8];
+                unsigned long long v[8]; /* 8 polls in flight, then each until its tag */
 #pragma unroll
                 for (int u = 0; u < 8; u++)
-                    v[u] = sp0 + u * K < ns ? __ldcg(p + (size_t)(sp0 + u * K) * split_stride) : 0.f;
+                    v[u] = sp0 + u * K < ns ? pe_ld_relaxed64(p + (size_t)(sp0 + u * K) * split_stride)
+                                            : pe_tagged(tag, 0u);
 #pragma unroll
-                for (int u = 0; u < 8; u++) s += v[u];
+                for (int u = 0; u < 8; u++) {
+                    const uint32_t b = (uint32_t)(v[u] >> 32) == tag
+                                           ? (uint32_t)v[u]
+                                           : pe_poll_tag<false, PE_POLL_NS>(
+                                                 p + (size_t)(sp0 + u * K) * split_stride, tag);
+                    s += __uint_as_float(b);
+                }
             }
         }
         for (int d = K / 2; d >= 1; d /= 2) s += __shfl_xor_sync(0xFFFFFFFFu, s, d);
@@ -61,6 +88,12 @@ __device__ __forceinline__ void sum_slice(const pe_cuda_matrix &m, int tile, int
             if (gc < m.n_out) pe_store(&y[gc], s);
         }
     }
+}
+
+/* PE_MODE_FULL: hist[0] holds 0x7FFFFFFF - (smallest key of a row with real multiplications),
+ * the maximum of the workers' (zero: none yet, as cleared). -> that key: the cut. */
+__device__ __forceinline__ uint32_t pe_full_cut(const uint32_t *hist) {
+    return 0x7FFFFFFFu - __ldcg(hist);
 }
 
 /* hist (PE_NB1 weights, global) -> h (shared) -> b1 and the weight above it, by mode. */
@@ -87,7 +120,7 @@ __device__ __forceinline__ int pick_level1(const uint32_t *hist, uint32_t *h, in
  * worker's share (candidate index % n_tiles == tile) -> its segment of m.cand. Block-wide;
  * -> the number of sure rows; *n_c grows by the candidates. */
 __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, bool do_def,
-                                               bool do_cand, int tile, int worker,
+                                               bool do_cand, bool publish, int tile, int worker,
                                                const int (&ri)[PE_KR],
                                                const float (&xv)[PE_KR],
                                                const uint32_t (&key)[PE_KR], int2 *list,
@@ -134,8 +167,8 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
         }
     }
     __syncthreads();
-    if (nc) { /* this worker's segment of the global list: 1 + share index */
-        uint32_t *seg = m.cand + (size_t)worker * (1 + m.cand_seg) + 1;
+    if (nc && publish) { /* this worker's segment of the global list: 2 + share index */
+        uint32_t *seg = m.cand + (size_t)worker * pe_cand_stride(m) + 2;
 #pragma unroll
         for (int q = 0; q < PE_KR; q++) {
             if (cm[q] >> lane & 1u) {
@@ -149,22 +182,29 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
     return nd;
 }
 
-/* The number of candidates in this worker's segment (its share of the split's n_c). */
+/* The number of candidates in this worker's segment (its share of the split's n_c), tagged,
+ * released after the block's key writes. Block-wide. */
 __device__ __forceinline__ void publish_count(const pe_cuda_matrix &m, int worker, int tile,
-                                              uint32_t n_c) {
+                                              uint32_t n_c, uint32_t tag) {
     const uint32_t nt = (uint32_t)m.n_tiles;
+    __syncthreads();
     if (threadIdx.x == 0)
-        m.cand[(size_t)worker * (1 + m.cand_seg)] =
-            n_c > (uint32_t)tile ? (n_c - (uint32_t)tile + nt - 1) / nt : 0u;
+        pe_st_release64((unsigned long long *)(m.cand + (size_t)worker * pe_cand_stride(m)),
+                        pe_tagged(tag, n_c > (uint32_t)tile ? (n_c - (uint32_t)tile + nt - 1) / nt : 0u));
 }
 
-/* Selector: the per-worker counts -> s_off (exclusive prefix, n_w + 1 entries; n_w <=
- * PE_THREADS); -> the number of candidates. Block-wide. */
+/* Selector: the per-worker counts, each polled until it carries this call's tag -> s_off
+ * (exclusive prefix, n_w + 1 entries; n_w < PE_THREADS); -> the number of candidates.
+ * Block-wide. */
 __device__ __forceinline__ uint32_t gather_counts(const pe_cuda_matrix &m, uint32_t n_w,
-                                                  uint32_t *s_off) {
+                                                  uint32_t *s_off, uint32_t tag) {
     __shared__ uint32_t s_wsum[PE_WARPS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const uint32_t c = threadIdx.x < n_w ? __ldcg(m.cand + (size_t)threadIdx.x * (1 + m.cand_seg)) : 0u;
+    const uint32_t c =
+        threadIdx.x < n_w ? pe_poll_tag<true>((const unsigned long long *)(m.cand + (size_t)threadIdx.x *
+                                                                                       pe_cand_stride(m)),
+                                              tag)
+                          : 0u;
     uint32_t incl = c;
 #pragma unroll
     for (int d = 1; d < 32; d *= 2) {
@@ -230,21 +270,22 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     int ord[PE_KR];
     float sta[PE_KR];
     if (!selector) { /* constant data and shared memory only: before the PDL wait */
-        pe_load_meta(m, split, 0, ri, ord, sta);
+        pe_load_meta(m, split, n_pass - 1, ri, ord, sta); /* the last pass: see 1. */
         for (int i = threadIdx.x; i < PE_NB1; i += PE_THREADS) ((uint32_t *)list)[i] = 0u;
     }
     pe_pdl_wait();
     pe_pdl_launch();
     PE_STAMP(1);
     const uint4 s1 = __ldcg((const uint4 *)st + 1); /* (tbase, epoch, cut, hbase) */
-    const uint32_t epoch = s1.y, parity = epoch & 1u;
-    const uint32_t all_in = s1.w + n_workers; /* hist_done / cand_done target of this call */
+    const uint32_t epoch = s1.y, parity = epoch & 1u, tag = epoch + 1u; /* tag: this call's */
+    const uint32_t all_in = s1.w + n_workers; /* hist_done target of this call */
     uint32_t *hist = m.hist + parity * PE_NB1;
     const double eff = eff_ptr ? __ldcg(eff_ptr) : eff_val;
     const double budget = eff * (double)(m.n_in * m.n_out);
-    const int mode = !(eff > 0.0)                    ? PE_MODE_NONE
-                     : (double)m.total_w < budget ? PE_MODE_ALL
-                                                  : PE_MODE_SEARCH;
+    const int mode = !(eff > 0.0)                     ? PE_MODE_NONE
+                     : (double)m.total_w < budget  ? PE_MODE_ALL
+                     : (double)m.total_w == budget ? PE_MODE_FULL
+                                                   : PE_MODE_SEARCH;
 
     if (selector) { /* ------------------------------------------------ selector block */
         uint32_t *other = m.hist + (parity ^ 1u) * PE_NB1; /* the last call's: next call's */
@@ -254,39 +295,37 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         const uint32_t cap = ((T::ACC_BYTES / 4 - PE_NB2) / 4096) * 4096;
         pe_wait_geq(&st->hist_done, all_in);
         if (threadIdx.x == 0) { /* every worker has read the bases: the next call's */
-            st->tbase = s1.x + (m.n_splits > 1 ? (uint32_t)m.n_splits : 0u);
             st->epoch = epoch + 1u;
             st->hbase = all_in;
         }
         PE_STAMP_SEL(12);
-        unsigned long long aw;
-        const int b1 = pick_level1(hist, (uint32_t *)list, mode, budget, &aw);
         uint32_t cut;
         unsigned long long mults;
         if (mode == PE_MODE_SEARCH) {
-            pe_wait_geq(&st->cand_done, all_in);
-            PE_STAMP_SEL(13);
+            unsigned long long aw;
+            const int b1 = pick_level1(hist, (uint32_t *)list, mode, budget, &aw);
             uint32_t *s_off = (uint32_t *)list; /* (n_workers + 1,) */
-            const uint32_t n_c = gather_counts(m, n_workers, s_off);
+            const uint32_t n_c = gather_counts(m, n_workers, s_off, tag);
+            PE_STAMP_SEL(13);
+            const size_t stride = pe_cand_stride(m);
             auto fetch = [&](uint32_t i) -> uint32_t { /* i-th candidate: its segment */
                 uint32_t lo = 0, hi = n_workers; /* s_off[lo] <= i < s_off[hi] */
                 while (hi - lo > 1) {
                     const uint32_t mid = (lo + hi) / 2;
                     if (s_off[mid] <= i) lo = mid; else hi = mid;
                 }
-                return __ldcg(m.cand + (size_t)lo * (1 + m.cand_seg) + 1 + (i - s_off[lo]));
+                return __ldcg(m.cand + (size_t)lo * stride + 2 + (i - s_off[lo]));
             };
             cut = pe_resolve(m, budget, n_c, (uint32_t)b1, aw, s_cand, cap, h, &mults, fetch);
         } else {
-            cut = mode == PE_MODE_ALL ? 0u : PE_INVALID;
-            mults = mode == PE_MODE_ALL ? m.total_w : 0ull;
+            cut = mode == PE_MODE_FULL ? pe_full_cut(hist) : mode == PE_MODE_ALL ? 0u : PE_INVALID;
+            mults = mode == PE_MODE_NONE ? 0ull : m.total_w;
         }
-        if (threadIdx.x == 0) {
+        if (threadIdx.x == 0) { /* the workers read the cut from its tagged word alone */
+            pe_st_relaxed64(&st->cut_word, pe_tagged(tag, cut));
             st->cut = cut;
             st->mults = mults;
             atomicAdd(&st->info_mults, mults);
-            __threadfence();
-            atomicExch(&st->cut_flag, epoch + 1u);
         }
         PE_STAMP_SEL(14);
         return;
@@ -297,59 +336,78 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     float *my = acc + team * T::ACC + t;
     const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
     pe_finish_keys(x, ri, ord, sta, xv, key);
-    { /* 1. this worker's rounds (round % n_tiles == tile) of the level-1 weight histogram */
+    int loaded = n_pass - 1; /* the pass whose keys are in registers */
+    { /* 1. this worker's rounds (round % n_tiles == tile) of the level-1 weight histogram, or
+         (PE_MODE_FULL) of the smallest key of a row with real multiplications. Passes from the
+         last to the first: pass 0's keys stay in registers for 2. */
         uint32_t *h1 = (uint32_t *)list; /* zeroed before the PDL wait */
         __syncthreads();
         if (mode == PE_MODE_SEARCH) {
-            for (int p = 0; p < n_pass; p++) {
-                if (p > 0) pe_load_keys(x, m, split, p, ri, xv, key);
+            for (int p = n_pass - 1; p >= 0; p--) {
+                if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
 #pragma unroll
                 for (int q = 0; q < PE_KR; q++)
                     if (ri[q] >= 0 && (p * PE_KR + q) % m.n_tiles == tile)
                         atomicAdd(&h1[key[q] >> 19], G - pe_is_short(ri[q], m.n_in, tail));
             }
+        } else if (mode == PE_MODE_FULL) {
+            uint32_t mn = 0x7FFFFFFFu; /* none (real keys are finite: below 0x7F800000) */
+            for (int p = n_pass - 1; p >= 0; p--) {
+                if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
+#pragma unroll
+                for (int q = 0; q < PE_KR; q++)
+                    if (ri[q] >= 0 && (p * PE_KR + q) % m.n_tiles == tile &&
+                        G > pe_is_short(ri[q], m.n_in, tail))
+                        mn = min(mn, key[q]);
+            }
+            mn = __reduce_min_sync(0xFFFFFFFFu, mn);
+            if ((threadIdx.x & 31) == 0 && mn != 0x7FFFFFFFu) atomicMax(&hist[0], 0x7FFFFFFFu - mn);
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < PE_NB1; i += PE_THREADS)
-            if (h1[i]) atomicAdd(&hist[i], h1[i]);
-        pe_signal(&st->hist_done);
+        if (mode == PE_MODE_SEARCH)
+            for (int i = threadIdx.x; i < PE_NB1; i += PE_THREADS)
+                if (h1[i]) atomicAdd(&hist[i], h1[i]);
+        pe_signal(&st->hist_done); /* in every mode: the selector advances the bases after it */
     }
     /* the accumulators are zeroed while the other workers' histograms come in */
-    for (int i = threadIdx.x; i < T::NT * T::ACC; i += PE_THREADS) acc[i] = 0.f;
+    for (int i = threadIdx.x; i < T::NT * T::ACC / 4; i += PE_THREADS)
+        reinterpret_cast<float4 *>(acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     PE_STAMP(2);
     PE_STAMP_MAX(2);
-    pe_wait_geq(&st->hist_done, all_in);
+    if (mode == PE_MODE_SEARCH || mode == PE_MODE_FULL) pe_wait_geq(&st->hist_done, all_in);
+    else __syncthreads();
     PE_STAMP(3);
     PE_STAMP_MAX(3);
-    unsigned long long aw;
-    const int b1 = pick_level1(hist, (uint32_t *)list, mode, budget, &aw);
+    unsigned long long aw = 0;
+    const uint32_t known_cut = mode == PE_MODE_FULL ? pe_full_cut(hist)
+                               : mode == PE_MODE_ALL ? 0u
+                                                     : PE_INVALID;
+    const int b1 = mode == PE_MODE_FULL ? (int)(known_cut >> 19)
+                                        : pick_level1(hist, (uint32_t *)list, mode, budget, &aw);
+    const bool publish = mode == PE_MODE_SEARCH; /* the selector reads the candidates */
     PE_STAMP(4);
     PE_STAMP_MAX(4);
 
-    /* 2.-3. sure rows -> list -> accumulators; candidates -> own list + global share */
+    /* 2.-3. pass by pass: sure rows -> list -> accumulators; candidates -> own list + global
+     * share, the count published with the last pass's (before its streaming). One key load per
+     * pass after 1. (was three with two passes); the same lists in the same order. */
     uint32_t n_def_all = 0, n_c = 0; /* sure rows, own candidates so far */
-    if (n_pass == 1) { /* keys still in registers: both lists at once */
-        const uint32_t nd = split_rows(m, b1, true, true, tile, local, ri, xv, key, list, cand_rx,
-                                       cand_k, &n_c, warp_n, s_tot);
-        publish_count(m, local, tile, n_c);
-        pe_signal(&st->cand_done);
+    if (n_pass == 1) { /* keys still in registers (a branch of its own: the compiler allocates
+                          this common case's registers better, 0.4-1.9 us) */
+        const uint32_t nd = split_rows(m, b1, true, true, publish, tile, local, ri, xv, key, list,
+                                       cand_rx, cand_k, &n_c, warp_n, s_tot);
+        if (publish) publish_count(m, local, tile, n_c, tag);
         PE_STAMP(5);
         PE_STAMP_MAX(5);
         pe_process<CT>(list, nd, tile_base, my, team, t);
         n_def_all += nd;
         __syncthreads();
-    } else { /* candidates of every pass first, then the sure rows pass by pass */
+    } else {
         for (int p = 0; p < n_pass; p++) {
-            pe_load_keys(x, m, split, p, ri, xv, key);
-            split_rows(m, b1, false, true, tile, local, ri, xv, key, list, cand_rx, cand_k, &n_c,
-                       warp_n, s_tot);
-        }
-        publish_count(m, local, tile, n_c);
-        pe_signal(&st->cand_done);
-        for (int p = 0; p < n_pass; p++) {
-            pe_load_keys(x, m, split, p, ri, xv, key);
-            const uint32_t nd = split_rows(m, b1, true, false, tile, local, ri, xv, key, list,
-                                           cand_rx, cand_k, &n_c, warp_n, s_tot);
+            if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
+            const uint32_t nd = split_rows(m, b1, true, true, publish, tile, local, ri, xv, key,
+                                           list, cand_rx, cand_k, &n_c, warp_n, s_tot);
+            if (p == n_pass - 1 && publish) publish_count(m, local, tile, n_c, tag);
             pe_process<CT>(list, nd, tile_base, my, team, t);
             n_def_all += nd;
             __syncthreads();
@@ -357,12 +415,15 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     }
 
     /* 3b. the own candidates: loads issued, then the cut, then those with key >= cut */
-    auto wait_cut = [&]() -> uint32_t {
+    __shared__ uint32_t s_cut;
+    auto wait_cut = [&]() -> uint32_t { /* block-wide */
         PE_STAMP(6);
         PE_STAMP_MAX(6);
-        pe_wait_geq(&st->cut_flag, epoch + 1u);
+        if (mode != PE_MODE_SEARCH) return known_cut; /* no search: known here */
+        if (threadIdx.x == 0) s_cut = pe_poll_tag<false>(&st->cut_word, tag);
+        __syncthreads();
         PE_STAMP(7);
-        return __ldcg(&st->cut);
+        return s_cut;
     };
     uint32_t n_take = 0;
     if (n_c <= PE_CAND_CAP) {
@@ -393,10 +454,10 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     PE_STAMP(8);
     PE_STAMP_MAX(8);
 
-    /* 4. teams -> this split's sums, in slot order (coalesced partial writes) */
+    /* 4. teams -> this split's sums, in slot order (coalesced, tagged partial writes) */
     TY *y = (TY *)s_y;
     const int tile_cols = 16 * CT;
-    float *part = m.partial + ((size_t)split * m.n_tiles + tile) * tile_cols;
+    unsigned long long *part = m.partial + ((size_t)split * m.n_tiles + tile) * tile_cols;
     for (int o = threadIdx.x; o < tile_cols; o += PE_THREADS) {
         float s = 0.f;
         for (int j = 0; j < T::NT; j++) s += acc[j * T::ACC + o];
@@ -404,14 +465,11 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             const int64_t gc = (int64_t)tile * tile_cols + pe_slot_col<CT>(o);
             if (gc < m.n_out) pe_store(&y[gc], s);
         } else {
-            part[o] = s;
+            pe_st_relaxed64(&part[o], pe_tagged(tag, __float_as_uint(s)));
         }
     }
-    if (m.n_splits > 1) { /* every split of the tile waits for all, then sums its slice */
-        pe_signal(&m.tickets[tile]);
-        pe_wait_geq(&m.tickets[tile], s1.x + (uint32_t)m.n_splits);
-        sum_slice<TY, CT>(m, tile, split, y);
-    }
+    if (m.n_splits > 1) /* every split of the tile sums its slice, each partial once tagged */
+        sum_slice<TY, CT>(m, tile, split, y, tag);
     PE_STAMP(9);
     PE_STAMP_MAX(9);
     if (g.timing && threadIdx.x == 0) {
@@ -474,12 +532,15 @@ static cudaError_t raise_all() {
     return e;
 }
 
+/* PE_BENCH_ONLY: fp16 activations only (a faster build of a variant, for timing runs). */
 extern "C" int pe_cuda_init(void) {
-    cudaError_t e = raise_all<float, float>();
-    if (e == cudaSuccess) e = raise_all<__half, float>();
+    cudaError_t e = raise_all<__half, float>();
     if (e == cudaSuccess) e = raise_all<__half, __half>();
+#ifndef PE_BENCH_ONLY
+    if (e == cudaSuccess) e = raise_all<float, float>();
     if (e == cudaSuccess) e = raise_all<__nv_bfloat16, float>();
     if (e == cudaSuccess) e = raise_all<__nv_bfloat16, __nv_bfloat16>();
+#endif
     return (int)e;
 }
 
@@ -487,16 +548,18 @@ static int elem_size(int dtype) { return dtype == PE_F32 ? 4 : 2; }
 
 static cudaError_t launch_types(const pe_cuda_group *g, const void *x, int xd, int yd,
                                 void *stream, int pdl, int coop, const double *ep, double ev) {
-    if (xd == PE_F32 && yd == PE_F32)
-        return launch_ct<float, float>(g, x, stream, pdl, coop, ep, ev);
     if (xd == PE_F16 && yd == PE_F32)
         return launch_ct<__half, float>(g, x, stream, pdl, coop, ep, ev);
     if (xd == PE_F16 && yd == PE_F16)
         return launch_ct<__half, __half>(g, x, stream, pdl, coop, ep, ev);
+#ifndef PE_BENCH_ONLY
+    if (xd == PE_F32 && yd == PE_F32)
+        return launch_ct<float, float>(g, x, stream, pdl, coop, ep, ev);
     if (xd == PE_BF16 && yd == PE_F32)
         return launch_ct<__nv_bfloat16, float>(g, x, stream, pdl, coop, ep, ev);
     if (xd == PE_BF16 && yd == PE_BF16)
         return launch_ct<__nv_bfloat16, __nv_bfloat16>(g, x, stream, pdl, coop, ep, ev);
+#endif
     return cudaErrorInvalidValue;
 }
 

@@ -55,6 +55,41 @@ __device__ __forceinline__ uint32_t pe_ld_acquire(const uint32_t *p) {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
+/* Tagged words: (tag << 32) | value in one 64-bit word, so that a reader needs no separate
+ * flag: it polls the word itself until the tag is this call's (pe_poll_tag). */
+__device__ __forceinline__ unsigned long long pe_ld_relaxed64(const unsigned long long *p) {
+    unsigned long long v;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ unsigned long long pe_ld_acquire64(const unsigned long long *p) {
+    unsigned long long v;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void pe_st_relaxed64(unsigned long long *p, unsigned long long v) {
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void pe_st_release64(unsigned long long *p, unsigned long long v) {
+    asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ unsigned long long pe_tagged(uint32_t tag, uint32_t v) {
+    return ((unsigned long long)tag << 32) | v;
+}
+/* The value of *p once its tag is `tag` (acquire: with what the writer released before it).
+ * SLEEP_NS > 0: a pause between polls (many threads polling at once load L2 for the blocks
+ * still streaming). A wait of seconds traps, as pe_wait_geq. */
+template <bool ACQUIRE, unsigned SLEEP_NS = 0>
+__device__ __forceinline__ uint32_t pe_poll_tag(const unsigned long long *p, uint32_t tag) {
+    uint32_t spins = 0;
+    for (;;) {
+        const unsigned long long v = ACQUIRE ? pe_ld_acquire64(p) : pe_ld_relaxed64(p);
+        if ((uint32_t)(v >> 32) == tag) return (uint32_t)v;
+        if (++spins == (1u << 25)) __trap();
+        if (SLEEP_NS) __nanosleep(SLEEP_NS);
+    }
+}
+
 __device__ __forceinline__ void pe_wait_geq(const uint32_t *counter, uint32_t target) {
     if (threadIdx.x == 0) { /* counters only grow, mod 2^32: a wrap-safe comparison */
         uint32_t spins = 0;

@@ -23,16 +23,18 @@ extern "C" {
 /* dtype codes of activations and outputs */
 enum { PE_F32 = 0, PE_F16 = 1, PE_BF16 = 2 };
 
-/* Per-matrix device state, 64 bytes (zeroed once at allocation). The meeting counters only
- * grow (mod 2^32); a call waits for them to reach base + participants, with the bases read at
- * its start (hbase for hist_done and cand_done, tbase for the tile tickets, epoch + 1 for
- * cut_flag). Nothing is reset at the end of a call: the selector advances the bases as soon as
- * every worker has read them (all histograms in). A matrix may run alone and in groups, with
- * other split counts: the bases follow. */
+/* Per-matrix device state, 64 bytes (zeroed once at allocation). The meeting counter only
+ * grows (mod 2^32); a call waits for it to reach base + participants, with the base read at its
+ * start (hbase for hist_done). Nothing is reset at the end of a call: the selector advances the
+ * bases as soon as every worker has read them (all histograms in). The other meetings are
+ * tagged words, (tag << 32) | value with tag = epoch + 1 of the call: the cut (cut_word), each
+ * worker's candidate count and the split partial sums (scratch of the group). A matrix may run
+ * alone and in groups, with other split counts: the bases and tags follow. */
 typedef struct {
-    uint32_t hist_done, cand_done, unused0, cut_flag; /* meeting counters                    */
+    uint32_t hist_done, unused0;                     /* meeting counter                      */
+    unsigned long long cut_word;                     /* (epoch + 1) << 32 | cut              */
     uint32_t tbase, epoch, cut, hbase;               /* epoch: calls so far (its parity picks
-                                                        the histogram buffer)               */
+                                                        the histogram buffer); tbase: unused */
     unsigned long long mults;                        /* realised mults of the last call       */
     unsigned long long info_mults, info_rows;        /* sums over calls, reset by the caller  */
     unsigned long long pad1;
@@ -45,10 +47,11 @@ typedef struct {
     const int32_t *order;    /* (n_rows,) input of each row                      */
     const float *stats;      /* (n_rows,) statistic of each row                  */
     uint32_t *hist;          /* (2, 4096) level-1 weight histograms (by parity)  */
-    uint32_t *cand;          /* (n_workers, 1 + cand_seg) scratch: per worker a count, then
-                                candidate keys | short << 31                    */
-    float *partial;          /* (n_splits, n_tiles * 16 * ct) scratch            */
-    uint32_t *tickets;       /* (n_tiles,) per-tile split counters (only grow)   */
+    uint32_t *cand;          /* (n_workers, pe_cand_stride) scratch, zeroed: per worker a
+                                tagged count (64 bits), then candidate keys | short << 31 */
+    unsigned long long *partial; /* (n_splits, n_tiles * 16 * ct) scratch, zeroed: tagged
+                                    float bits of the split sums                */
+    uint32_t *tickets;       /* unused                                           */
     pe_cuda_state *state;
     int64_t n_in, n_out, n_rows;
     int32_t ct, n_tiles, n_splits, block0; /* block0: first worker block in the grid */

@@ -13,7 +13,9 @@
 #define PE_CAND_CAP 1024 /* own candidate rows kept in shared memory */
 #endif
 #define PE_PASS_ROWS (PE_KR * PE_THREADS) /* rows of a split per pass (list capacity) */
-#define PE_UNROLL 8                       /* rows per load batch of a team (two in flight) */
+#ifndef PE_UNROLL
+#define PE_UNROLL 8 /* rows per load batch of a team (two in flight) */
+#endif
 #define PE_INVALID 0xFFFFFFFFu            /* key of a missing row (real keys are < 2^31) */
 
 template <int CT>
@@ -122,6 +124,34 @@ __device__ __forceinline__ uint32_t pe_compact(const bool (&take)[PE_KR], const 
     return n;
 }
 
+/* Loads of the streamed rows (read once). Chunks of CT >= 64 are whole 32-byte sectors: loaded
+ * without an L1 allocation (the streamed bytes no longer evict what the block reuses from L1;
+ * 4096x14336 at 0.5: 41.7 -> 37.2 us). Chunks of CT = 32 (80 bytes) share sectors with their
+ * neighbours, which teams load next: through L1 (no_allocate was 1.3 us slower at 4096x1024,
+ * effort 1.0). PE_LD_L1 forces L1 loads for every width (the old kernel, for comparisons). */
+template <int CT>
+__device__ __forceinline__ uint2 pe_ld_row8(const uint8_t *a) {
+#ifndef PE_LD_L1
+    if (CT >= 64) {
+        uint2 v;
+        asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(a));
+        return v;
+    }
+#endif
+    return __ldg((const uint2 *)a);
+}
+template <int CT>
+__device__ __forceinline__ uint32_t pe_ld_row2(const uint8_t *a) {
+#ifndef PE_LD_L1
+    if (CT >= 64) {
+        unsigned short v;
+        asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(a));
+        return v;
+    }
+#endif
+    return __ldg((const unsigned short *)a);
+}
+
 /* Loads of U list entries (j0, j0 + NT, ...) of a team: values, nibbles and x. */
 template <int CT>
 __device__ __forceinline__ void pe_load_rows(const int2 *list, uint32_t n, uint32_t j0,
@@ -138,33 +168,15 @@ __device__ __forceinline__ void pe_load_rows(const int2 *list, uint32_t n, uint3
         if (j < n) {
             const int2 e = list[j];
             const uint8_t *c = tile_base + (size_t)e.x * T::CB;
-            v[u] = __ldg((const uint2 *)(c + 8 * t));
-            p[u] = __ldg((const unsigned short *)(c + 2 * CT + 2 * t));
+            v[u] = pe_ld_row8<CT>(c + 8 * t);
+            p[u] = pe_ld_row2<CT>(c + 2 * CT + 2 * t);
             xv[u] = __int_as_float(e.y);
         }
     }
 }
 
-/* acc[16 g + pos] += x * w for the loaded entries that exist (j < n). */
-template <int CT>
-__device__ __forceinline__ void pe_add_rows(uint32_t n, uint32_t j0, float *my,
-                                            const uint2 (&v)[PE_UNROLL],
-                                            const uint32_t (&p)[PE_UNROLL],
-                                            const float (&xv)[PE_UNROLL]) {
-    typedef Tile<CT> T;
-#pragma unroll
-    for (int u = 0; u < PE_UNROLL; u++) {
-        if (j0 + u * T::NT >= n) break;
-        float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].x));
-        float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].y));
-        my[((p[u] >> 0) & 15) * CT + 0 * T::TPT] += xv[u] * a.x;
-        my[((p[u] >> 4) & 15) * CT + 1 * T::TPT] += xv[u] * a.y;
-        my[((p[u] >> 8) & 15) * CT + 2 * T::TPT] += xv[u] * b.x;
-        my[((p[u] >> 12) & 15) * CT + 3 * T::TPT] += xv[u] * b.y;
-    }
-}
-
-/* pe_add_rows for the entries with key k >= cut only (team-uniform per entry). */
+/* acc[16 g + pos] += x * w for the loaded entries that exist (j < n) with key k >= cut
+ * (team-uniform per entry). */
 template <int CT>
 __device__ __forceinline__ void pe_add_rows_taken(uint32_t n, uint32_t j0, float *my,
                                                   const uint2 (&v)[PE_UNROLL],
@@ -185,6 +197,43 @@ __device__ __forceinline__ void pe_add_rows_taken(uint32_t n, uint32_t j0, float
     }
 }
 
+/* Loads of U list entries (j0, j0 + NT, ...) of a team for pe_process: values and nibbles
+ * only; x is read from the list again when the row is added (8 fewer registers per batch in
+ * flight: the kernel's spills went from 76 to 8 bytes). */
+template <int CT>
+__device__ __forceinline__ void pe_load_rows_vp(const int2 *list, uint32_t n, uint32_t j0,
+                                                const uint8_t *tile_base, int t,
+                                                uint2 (&v)[PE_UNROLL], uint32_t (&p)[PE_UNROLL]) {
+    typedef Tile<CT> T;
+#pragma unroll
+    for (int u = 0; u < PE_UNROLL; u++) {
+        const uint32_t j = j0 + u * T::NT;
+        v[u] = make_uint2(0u, 0u);
+        p[u] = 0u;
+        if (j < n) {
+            const uint8_t *c = tile_base + (size_t)list[j].x * T::CB;
+            v[u] = pe_ld_row8<CT>(c + 8 * t);
+            p[u] = pe_ld_row2<CT>(c + 2 * CT + 2 * t);
+        }
+    }
+}
+template <int CT>
+__device__ __forceinline__ void pe_add_rows_vp(const int2 *list, uint32_t n, uint32_t j0, float *my,
+                                               const uint2 (&v)[PE_UNROLL],
+                                               const uint32_t (&p)[PE_UNROLL]) {
+    typedef Tile<CT> T;
+#pragma unroll
+    for (int u = 0; u < PE_UNROLL; u++) {
+        if (j0 + u * T::NT >= n) break;
+        const float xv = __int_as_float(list[j0 + u * T::NT].y);
+        float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].x));
+        float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].y));
+        my[((p[u] >> 0) & 15) * CT + 0 * T::TPT] += xv * a.x;
+        my[((p[u] >> 4) & 15) * CT + 1 * T::TPT] += xv * a.y;
+        my[((p[u] >> 8) & 15) * CT + 2 * T::TPT] += xv * b.x;
+        my[((p[u] >> 12) & 15) * CT + 3 * T::TPT] += xv * b.y;
+    }
+}
 /* list (n rows) -> team accumulators; the next U rows load while U add. Team `team` takes list
  * entries team, team + NT, ... (a fixed order: deterministic sums). */
 template <int CT>
@@ -193,14 +242,13 @@ __device__ __forceinline__ void pe_process(const int2 *list, uint32_t n, const u
     constexpr uint32_t STEP = Tile<CT>::NT * PE_UNROLL;
     uint2 v0[PE_UNROLL], v1[PE_UNROLL];
     uint32_t p0[PE_UNROLL], p1[PE_UNROLL];
-    float x0[PE_UNROLL], x1[PE_UNROLL];
-    pe_load_rows<CT>(list, n, team, tile_base, t, v0, p0, x0);
+    pe_load_rows_vp<CT>(list, n, team, tile_base, t, v0, p0);
     for (uint32_t j0 = team; j0 < n; j0 += 2 * STEP) {
-        pe_load_rows<CT>(list, n, j0 + STEP, tile_base, t, v1, p1, x1);
-        pe_add_rows<CT>(n, j0, my, v0, p0, x0);
+        pe_load_rows_vp<CT>(list, n, j0 + STEP, tile_base, t, v1, p1);
+        pe_add_rows_vp<CT>(list, n, j0, my, v0, p0);
         if (j0 + STEP >= n) break;
-        pe_load_rows<CT>(list, n, j0 + 2 * STEP, tile_base, t, v0, p0, x0);
-        pe_add_rows<CT>(n, j0 + STEP, my, v1, p1, x1);
+        pe_load_rows_vp<CT>(list, n, j0 + 2 * STEP, tile_base, t, v0, p0);
+        pe_add_rows_vp<CT>(list, n, j0 + STEP, my, v1, p1);
     }
 }
 
