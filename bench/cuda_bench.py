@@ -97,24 +97,24 @@ LATEST = [  # (name, slot): when the last worker reached a stamp, from the first
 
 
 def profile(bs, xs, e):
-    """Phase times (µs) of the second of two calls inside a graph, from the kernel's
-    globaltimer stamps; "gap" is from the first call's last block end to the second call's
-    first block start."""
-    bs[0].profile(True)
-    bs[1].profile(True)
-    g = graph_of(
-        [lambda: pyeffort.matmul(xs[1], bs[1], e), lambda: pyeffort.matmul(xs[0], bs[0], e)]
-    )
+    """Phase times (µs) of the last of up to four calls (weight sets 1, 2, 3, 0) inside a
+    graph, from the kernel's globaltimer stamps; "gap" is from the previous call's last block
+    end to the profiled call's first block start."""
+    order = list(range(1, min(4, len(bs)))) + [0]
+    prev_b, last_b = bs[order[-2]], bs[0]
+    for b in (prev_b, last_b):
+        b.profile(True)
+    g = graph_of([(lambda i=i: pyeffort.matmul(xs[i], bs[i], e)) for i in order])
     for _ in range(3):
         g.replay()
-    for b in bs[:2]:  # only the last replay's stamps
+    for b in (prev_b, last_b):  # only the last replay's stamps
         b.timing.zero_()
         b.timing[11] = 2**62
     g.replay()
     torch.cuda.synchronize()
-    st, prev = bs[0].timing.cpu().tolist(), bs[1].timing.cpu().tolist()
-    bs[0].profile(False)
-    bs[1].profile(False)
+    st, prev = last_b.timing.cpu().tolist(), prev_b.timing.cpu().tolist()
+    for b in (prev_b, last_b):
+        b.profile(False)
     res = {k: round((st[b] - st[a]) / 1e3, 2) for k, a, b in PHASES}
     res["cut_ready_at"] = round((st[14] - st[0]) / 1e3, 2)
     res.update({"last_" + k: round((st[i] - st[11]) / 1e3, 2) for k, i in LATEST})

@@ -3,13 +3,18 @@ scale), batch 1, KV cache of 1k tokens, each step one CUDA graph. The effort mod
 seven matrices of every layer through pyeffort (effort is a device tensor: one graph serves
 every effort); the dense model runs the same fp16 weights through torch (cuBLAS).
 
-    python bench/cuda_model.py [--layers 32] [--steps 64] [--json out.json]
+    python bench/cuda_model.py [--layers 32] [--steps 64] [--json out.json] [--libs A.so,B.so]
+
+--libs times several kernel builds in this one process, two interleaved rounds (dense again
+before each), so that builds compare without the drift between processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pathlib
 import time
 from dataclasses import dataclass
 
@@ -197,6 +202,9 @@ def main():
     ap.add_argument(
         "--no-groups", action="store_true", help="effort model: q/k/v and w1/w3 as separate calls"
     )
+    ap.add_argument(
+        "--libs", help="comma-separated kernel builds, each timed in this process (interleaved)"
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     a = ModelArgs(n_layers=args.layers)
@@ -247,24 +255,50 @@ def main():
     grp = None if args.no_groups else effort_group
     ours = Decoder(a, effort_lin, g_gen, max_len, args.streams, grp)  # same embeddings, head, cache
     gd, ge = capture(dense), capture(ours)
-    res["dense_tok_s"] = round(tokens_per_s(dense, gd, args.ctx, args.steps), 1)
     w_bytes = sum(w.numel() * 2 for lw in weights for w in lw.values()) + dense.head.numel() * 2
-    res["dense_weight_gbps"] = round(res["dense_tok_s"] * w_bytes / 1e9, 1)
-    for e in (1.0, 0.5, 0.25):
-        eff.fill_(e)
-        for d in (dense, ours):  # one step from the same state: how close are the logits?
-            d.pos.fill_(args.ctx)
-            d.token.fill_(7)
-        gd.replay()
-        ge.replay()
-        torch.cuda.synchronize()
-        cos = F.cosine_similarity(dense.logits.float(), ours.logits.float(), dim=0).item()
-        tps = tokens_per_s(ours, ge, args.ctx, args.steps)
-        res[f"effort_{e}"] = {
-            "tok_s": round(tps, 1),
-            "vs_dense": round(tps / res["dense_tok_s"], 3),
-            "logits_cos": round(cos, 4),
-        }
+
+    def measure(out):
+        out["dense_tok_s"] = round(tokens_per_s(dense, gd, args.ctx, args.steps), 1)
+        out["dense_weight_gbps"] = round(out["dense_tok_s"] * w_bytes / 1e9, 1)
+        for e in (1.0, 0.5, 0.25):
+            eff.fill_(e)
+            for d in (dense, ours):  # one step from the same state: how close are the logits?
+                d.pos.fill_(args.ctx)
+                d.token.fill_(7)
+            gd.replay()
+            ge.replay()
+            torch.cuda.synchronize()
+            cos = F.cosine_similarity(dense.logits.float(), ours.logits.float(), dim=0).item()
+            tps = tokens_per_s(ours, ge, args.ctx, args.steps)
+            out[f"effort_{e}"] = {
+                "tok_s": round(tps, 1),
+                "vs_dense": round(tps / out["dense_tok_s"], 3),
+                "logits_cos": round(cos, 4),
+            }
+
+    if not args.libs:
+        measure(res)
+    else:  # each build: fresh meeting counters and scratch, a new capture, then the same timing
+        res["libs"] = {}
+        for rnd in range(2):
+            for lib in args.libs.split(","):
+                os.environ["PYEFFORT_CUDA_LIB"] = lib
+                cuda._lib_handle = None
+                cuda._lib()
+                torch.cuda.synchronize()
+                for lb in buckets:
+                    for b in lb.values():
+                        for t in (b._state, b._tickets, b._hist, *b._alone._scratch):
+                            t.zero_()
+                for lg in groups:
+                    for gr in lg.values():
+                        for t in gr._scratch:
+                            t.zero_()
+                del ge
+                ge = capture(ours)
+                out = {}
+                measure(out)
+                res["libs"].setdefault(pathlib.Path(lib).stem, []).append(out)
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:

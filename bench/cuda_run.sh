@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: build, check and time the CUDA backend. Usage: bash bench/cuda_run.sh [stage...]
-# stages: env smoke tests quick variants libs ct256 bench model modelng model2 (default: env smoke tests quick model).
+# stages: env smoke tests quick build variants libs ct256 bench model modelng model2 (default: env smoke tests quick model).
 # Logs go to $OUT. A prebuilt pyeffort/_pe_cuda.so (carried) is used if it loads, else nvcc.
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 PYEFFORT_CUDA_CACHE=/tmp/pecache PYEFFORT_REAL_NPZ=.devbuild/real.npz
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,6 +23,9 @@ for s in $stages; do
       [ -n "$best" ] && export $best && echo "using $best"
       ;;
     tests) timeout 300 python3 -m pytest tests/test_cuda.py -q -rA --timeout 120 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
+    build)  # VARIANTS="name:srcdir:flags ..." built in parallel into .devbuild/libs (cuda_build.sh)
+      bash bench/cuda_build.sh $VARIANTS 2>&1 | tee "$OUT/build.txt"
+      tar czf "$OUT/buildlogs.tgz" .devbuild/libs/*.log ;;
     quick) timeout 200 python3 bench/cuda_bench.py --quick --shapes 4096x14336,4096x4096 --json "$OUT/quick.json" ;;
     ct256) timeout 150 python3 bench/cuda_bench.py --quick --ct 256 --shapes 4096x14336,14336x4096 --json "$OUT/ct256.json" ;;
     modelng) timeout 300 python3 bench/cuda_model.py --no-groups --json "$OUT/model_nogroups.json" ;;

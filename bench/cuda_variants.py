@@ -2,8 +2,11 @@
 cuBLAS baseline, the libraries interleaved over rounds (so drift shows as spread). Each library
 must give the same output bits as the first (the summation order is part of the design).
 
-    python bench/cuda_variants.py LIB.so [LIB.so ...] [--shapes 4096x14336,4096x4096]
+    python bench/cuda_variants.py LIB.so [LIB.so@nocoop ...] [--shapes 4096x14336,4096x4096]
         [--efforts 1.0,0.5,0.25,0.1] [--rounds 2] [--json out.json]
+
+A library named as LIB.so@nocoop runs without the cooperative launch attribute (measurement
+only: co-residency is then not guaranteed).
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ import pyeffort
 from pyeffort import cuda
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from cuda_bench import ROTATE_BYTES, graph_of, profile, time_graph  # noqa: E402
+from cuda_bench import GROUPS, ROTATE_BYTES, graph_of, profile, time_graph  # noqa: E402
 
 
-def use_lib(path: str, bs) -> None:
-    """Load another build; its meeting counters start from zero."""
+def use_lib(spec: str, bs, groups=()) -> None:
+    """Load another build (PATH or PATH@nocoop); its meeting counters and tagged scratch start
+    from zero (the tags follow the call count, which restarts)."""
+    path, _, mode = spec.partition("@")
+    cuda.set_coop(mode != "nocoop")
     os.environ["PYEFFORT_CUDA_LIB"] = path
     cuda._lib_handle = None
     cuda._lib()
@@ -35,6 +41,11 @@ def use_lib(path: str, bs) -> None:
         b._state.zero_()
         b._tickets.zero_()
         b._hist.zero_()
+        for t in b._alone._scratch:
+            t.zero_()
+    for grp in groups:
+        for t in grp._scratch:
+            t.zero_()
 
 
 def bench_shape(n_in, n_out, libs, efforts, rounds, gen):
@@ -81,12 +92,58 @@ def bench_shape(n_in, n_out, libs, efforts, rounds, gen):
     return out
 
 
+VGROUPS = {**GROUPS, "w1w3 ct256 4096x(14336+14336)": (4096, [14336, 14336], 256)}
+
+
+def bench_group(name, libs, efforts, rounds, gen):
+    """A grouped call (VGROUPS) of each library against one fused cuBLAS GEMV."""
+    n_in, n_outs, ct = VGROUPS[name]
+    n_sets = max(2, math.ceil(ROTATE_BYTES / (2 * n_in * sum(n_outs))))
+    per_graph = max(n_sets, 24)
+    grps, ws, xs, ys = [], [], [], []
+    for _ in range(n_sets):
+        w = (torch.randn((n_in, sum(n_outs)), generator=gen, device="cuda") * 0.02).half()
+        parts = torch.split(w, n_outs, dim=1)
+        grps.append(cuda.CudaGroup([cuda.build_buckets(p.contiguous(), ct=ct) for p in parts]))
+        ws.append(w.t().contiguous())
+        del w, parts
+        xs.append(torch.randn(n_in, generator=gen, device="cuda").half())
+        ys.append([torch.empty(n, dtype=torch.float16, device="cuda") for n in n_outs])
+    bs = [b for grp in grps for b in grp.mats]
+    idx = [i % n_sets for i in range(per_graph)]
+    eff = torch.tensor([1.0], dtype=torch.float64, device="cuda")
+    res = {lib: {"us": {e: [] for e in efforts}} for lib in libs}
+    cublas, ref_bits = [], {}
+    for r in range(rounds):
+        g = graph_of([(lambda i=i: F.linear(xs[i].view(1, -1), ws[i])) for i in idx])
+        cublas.append(time_graph(g, per_graph))
+        del g
+        for lib in libs:
+            use_lib(lib, bs, grps)
+            g = graph_of(
+                [(lambda i=i: cuda.matmul_group(xs[i], grps[i], eff, outs=ys[i])) for i in idx]
+            )
+            for e in efforts:
+                eff.fill_(e)
+                res[lib]["us"][e].append(round(time_graph(g, per_graph), 2))
+            del g
+            for e in efforts:
+                out = cuda.matmul_group(xs[0], grps[0], e)
+                bits = [y.cpu().view(torch.int32).tolist() for y in out]
+                ref_bits.setdefault(e, bits)
+                res[lib].setdefault("same_bits", True)
+                if bits != ref_bits[e]:
+                    res[lib]["same_bits"] = False
+    return {"shape": name, "cublas_us": [round(t, 2) for t in cublas], "libs": res}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("libs", nargs="+")
     ap.add_argument("--shapes", default="4096x14336,4096x4096")
     ap.add_argument("--efforts", default="1.0,0.5,0.25,0.1")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--groups", action="store_true", help="also q,k,v and w1,w3 grouped calls")
     ap.add_argument("--json")
     args = ap.parse_args()
     efforts = [float(v) for v in args.efforts.split(",")]
@@ -100,19 +157,27 @@ def main():
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(allres, f, indent=1, default=str)
+    for name in VGROUPS if args.groups else ():
+        allres.append(bench_group(name, args.libs, efforts, args.rounds, gen))
+        torch.cuda.empty_cache()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(allres, f, indent=1, default=str)
     for r in allres:
         cb = min(r["cublas_us"])
         print(f"{r['shape']}  cuBLAS {r['cublas_us']} µs")
         for lib, v in r["libs"].items():
-            name = pathlib.Path(lib).stem
+            name = pathlib.Path(lib).name.replace(".so", "")
             cells = "  ".join(
                 f"{e}: {min(ts):.1f} ({cb / min(ts):.2f}x) {ts}" for e, ts in v["us"].items()
             )
             print(f"  {name:10s} bits={'same' if v['same_bits'] else 'DIFF'}  {cells}")
         for lib, v in r["libs"].items():
-            ph = v["phases_0.25"]
+            ph = v.get("phases_0.25")
+            if ph is None:
+                continue
             cells = " ".join(f"{k}={x}" for k, x in ph.items())
-            print(f"  {pathlib.Path(lib).stem:10s} phases@0.25 {cells}")
+            print(f"  {pathlib.Path(lib).name.replace('.so', ''):10s} phases@0.25 {cells}")
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ class CudaBuckets:
         self.stats = stats.reshape(-1)[:n_rows].to(torch.float32).contiguous()  # (n_rows,)
         i32 = {"dtype": torch.int32, "device": dev}
         self._hist = torch.zeros(2 * 4096, **i32)  # level-1 histograms, by call parity
-        self._tickets = torch.zeros(self.n_tiles, **i32)
+        self._tickets = torch.zeros(self.n_tiles, **i32)  # unused (older builds' tile tickets)
         self._state = torch.zeros(8, dtype=torch.int64, device=dev)  # pe_cuda_state
         mults = np.repeat(reference.row_mults(self.n_out), self.n_in)[:n_rows]
         self.total_w = int(mults.sum())
