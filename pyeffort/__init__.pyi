@@ -1,3 +1,4 @@
+from collections.abc import Sequence
 from os import PathLike
 from typing import Literal, NamedTuple, overload
 
@@ -62,6 +63,13 @@ def matmul(
     out: npt.NDArray[np.float32] | None = None,
     return_info: Literal[True],
 ) -> tuple[npt.NDArray[np.float32], MatmulInfo]: ...
+def matmul_group(
+    x: npt.NDArray[np.floating],
+    Ws: Sequence[Buckets],
+    effort: float | Sequence[float] = 1.0,
+    *,
+    return_info: bool = False,
+) -> list[npt.NDArray[np.float32]] | tuple[list[npt.NDArray[np.float32]], list[MatmulInfo]]: ...
 def prepare(W: Buckets) -> Buckets: ...
 def dense_matmul(
     x: npt.NDArray[np.floating],

@@ -35,6 +35,10 @@ cdef extern from "pyeffort.h" nogil:
                                   int64_t n_tokens, double effort, float *y, int64_t *mults,
                                   int64_t *bytes)
     int pe_kernel_packed()
+    int PE_MAX_GROUP
+    pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets *const *bs,
+                                 const float *x, const double *efforts, float *const *ys,
+                                 int64_t *mults, int64_t *bytes)
     const char *pe_packed_copy(const pe_packed *p)
     const char *pe_kernel_name()
     const char *pe_cpu_features()
@@ -177,6 +181,51 @@ def bucketmul(x32, values, positions, stats, order, int64_t n_out, double effort
             st = pe_bucketmul(&b, &x[0, 0], x.shape[0], effort, &y[0, 0], &mults, &nbytes)
     _check(st)
     return mults, nbytes
+
+
+def bucketmul_group(x32, mats, efforts, outs):
+    """One token x (n_in,) f32 @ each matrix of mats ((values, positions, stats, order, n_out),
+    one n_in, at most MAX_GROUP) at its effort -> outs[j] (n_out_j,) f32; returns [(mults,
+    bytes)]: the same as one bucketmul call per matrix (the searches side by side, one kernel
+    job)."""
+    cdef int n = len(mats), j
+    if n < 1 or n > PE_MAX_GROUP:
+        raise ValueError(f"a group has 1 to {PE_MAX_GROUP} matrices, got {n}")
+    if not pe_kernel_packed():  # the scalar spec: one call after another
+        res = []
+        for m, e, o in zip(mats, efforts, outs):
+            res.append(bucketmul(x32.reshape(1, -1), *m, e, o.reshape(1, -1)))
+        return res
+    cdef const float[::1] x = x32
+    cdef const pe_packed *ps[8]
+    cdef const pe_buckets *bp[8]
+    cdef pe_buckets bs[8]
+    cdef float *ys[8]
+    cdef double es[8]
+    cdef int64_t mults[8]
+    cdef int64_t nbytes[8]
+    cdef float[::1] y
+    cdef _Packed pk
+    cdef pe_status st
+    keep = []
+    for j in range(n):
+        values, positions, stats, order, n_out = mats[j]
+        bs[j] = _view(values, positions, stats, order, n_out, keep)
+        pk = _packed_for(values, positions, stats, order, n_out)
+        keep.append(pk)
+        ps[j] = pk.p
+        bp[j] = &bs[j]
+        y = outs[j]
+        ys[j] = &y[0]
+        es[j] = efforts[j]
+        mults[j] = nbytes[j] = 0
+    with nogil:
+        st = pe_bucketmul_group(n, ps, bp, &x[0], es, ys, mults, nbytes)
+    _check(st)
+    return [(mults[j], nbytes[j]) for j in range(n)]
+
+
+MAX_GROUP = PE_MAX_GROUP
 
 
 def dense_f16(x32, w16, out):

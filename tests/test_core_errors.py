@@ -135,3 +135,27 @@ def test_garbage_never_crashes(tmp_path_factory, x, w, effort, fraction):
             call()
         except (ValueError, TypeError, errors.PyEffortError):
             pass
+
+
+def test_matmul_group_bad_input(rng):
+    b1 = pyeffort.build_buckets(rng.standard_normal((32, 16)).astype(np.float16))
+    b2 = pyeffort.build_buckets(rng.standard_normal((24, 16)).astype(np.float16))
+    x = np.ones(32, np.float32)
+    with pytest.raises(pyeffort.ShapeError, match="share n_in"):
+        pyeffort.matmul_group(x, [b1, b2])
+    with pytest.raises(pyeffort.ShapeError, match="2 efforts for 1 matrices"):
+        pyeffort.matmul_group(x, [b1], [0.5, 0.5])
+    with pytest.raises(pyeffort.ShapeError, match="1 to 4"):
+        pyeffort.matmul_group(x, [b1] * 5)
+    with pytest.raises(pyeffort.DTypeError, match="Buckets"):
+        pyeffort.matmul_group(x, [b1, np.ones((32, 16), np.float16)])
+    with pytest.raises(pyeffort.EffortError):
+        pyeffort.matmul_group(x, [b1], [1.5])
+    with pytest.raises(pyeffort.ShapeError, match="inputs"):
+        pyeffort.matmul_group(np.ones(31, np.float32), [b1])
+    with pytest.raises(pyeffort.NonFiniteError):
+        pyeffort.matmul_group(np.full(32, np.nan, np.float32), [b1, b1], 0.5)
+    # a batch of tokens is one matmul per matrix: the same results
+    xs = rng.standard_normal((3, 32)).astype(np.float32)
+    (y,) = pyeffort.matmul_group(xs, [b1], 0.4)
+    assert np.array_equal(y, pyeffort.matmul(xs, b1, 0.4))

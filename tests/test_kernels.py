@@ -296,3 +296,22 @@ def test_concurrent_callers_get_the_same_results(kernel, threads, rng):
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(one, xs))
         assert all(np.array_equal(a, t) for a, t in zip(alone, together))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_group_equals_separate_calls(kernel, threads, rng, n_threads):
+    """matmul_group: the same bits, mults and bytes as one matmul per matrix, for every kernel
+    set, thread count, odd size, partial load and per-matrix effort (0 and 1 included)."""
+    _core.set_num_threads(n_threads)
+    n_in = 577
+    mats = [
+        buckets_of(rng, (n_in, n), loaded)[1]
+        for n, loaded in [(600, 1.0), (17, 1.0), (1030, 0.4), (64, 0.7)]
+    ]
+    for efforts in ([0.3, 0.3, 0.3, 0.3], [0.0, 1.0, 0.77, 0.05], [1.0, 1.0, 1.0, 1.0]):
+        x = activations(rng, 1, n_in)[0]
+        for k in (1, 2, 4):
+            ys, infos = pyeffort.matmul_group(x, mats[:k], efforts[:k], return_info=True)
+            for y, info, b, e in zip(ys, infos, mats, efforts):
+                y1, info1 = pyeffort.matmul(x, b, e, return_info=True)
+                assert np.array_equal(y, y1) and info == info1

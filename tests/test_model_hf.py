@@ -451,3 +451,23 @@ def test_gguf_loader_undoes_the_permutation(tmp_path):
         assert gg.tokenizer.decode(gg.tokenizer.encode(text)) == hf.tokenizer.decode(
             hf.tokenizer.encode(text)
         )
+
+
+def test_grouped_decode_equals_one_matrix_at_a_time(tiny_model, monkeypatch):
+    """q/k/v and gate/up go through pyeffort.matmul_group in decode: the same tokens, logits
+    and counted multiplications as one call per matrix."""
+    from pyeffort.models import llama
+
+    ids = prompt_ids(tiny_model)
+
+    def run():
+        tiny_model.reset_counters()
+        logits = [tiny_model.forward(ids, 0, 0.4)[-1]]
+        for i in range(4):
+            logits.append(tiny_model.forward(np.array([i + 3]), len(ids) + i, 0.4)[0])
+        return np.stack(logits), tiny_model.realised_effort()
+
+    grouped = run()
+    monkeypatch.setattr(llama, "call_group", lambda lins, x, e: [lin(x, e) for lin in lins])
+    single = run()
+    assert np.array_equal(grouped[0], single[0]) and grouped[1] == single[1]

@@ -70,3 +70,22 @@ class EffortLinear:
 
     def __repr__(self) -> str:
         return f"EffortLinear({self.name!r}, shape={self.shape})"
+
+
+def call_group(lins: list[EffortLinear], x: np.ndarray, effort: float) -> list[np.ndarray]:
+    """``[lin(x, effort) for lin in lins]`` for matrices that share their input (q/k/v,
+    gate/up). One decode token with no hooks goes through ``pyeffort.matmul_group`` (the same
+    results, bit for bit: the cutoff searches side by side, one job for all the kernels);
+    anything else through each ``lin``."""
+    one = x.ndim == 1 or x.shape[0] == 1
+    if not one or any(lin.hook is not None for lin in lins):
+        return [lin(x, effort) for lin in lins]
+    efforts = [
+        lin.split(effort) if lin.split is not None and effort < 1.0 else effort for lin in lins
+    ]
+    x1 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    ys, infos = pyeffort.matmul_group(x1, [lin.buckets for lin in lins], efforts, return_info=True)
+    for lin, info in zip(lins, infos):
+        lin.mults += info.mults
+        lin.total += lin.buckets.n_in * lin.buckets.n_out
+    return [y.reshape(x.shape[:-1] + y.shape) for y in ys]

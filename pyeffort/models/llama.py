@@ -17,7 +17,7 @@ import numpy as np
 import pyeffort
 from pyeffort.models.args import ModelArgs
 from pyeffort.models.cache import KVCache
-from pyeffort.models.effort_linear import EffortLinear
+from pyeffort.models.effort_linear import EffortLinear, call_group
 from pyeffort.models.rope import Rope
 
 ATTN = ("wq", "wk", "wv", "wo")
@@ -49,9 +49,10 @@ class Attention:
         """x (T, dim) at positions start.. -> (T, dim)."""
         t, hd, n_kv = x.shape[0], self.hd, self.n_kv
         rep = self.n_heads // n_kv
-        q = self.rope(self.wq(x, effort).reshape(t, self.n_heads, hd), start)
-        k = self.rope(self.wk(x, effort).reshape(t, n_kv, hd), start)
-        v = self.wv(x, effort).reshape(t, n_kv, hd)
+        q, k, v = call_group([self.wq, self.wk, self.wv], x, effort)
+        q = self.rope(q.reshape(t, self.n_heads, hd), start)
+        k = self.rope(k.reshape(t, n_kv, hd), start)
+        v = v.reshape(t, n_kv, hd)
         keys, vals = cache.update(self.layer, start, k, v)  # (n_kv, S, hd)
         lo = max(0, start - self.window + 1) if self.window else 0
         keys, vals = keys[:, lo:], vals[:, lo:]
@@ -80,8 +81,7 @@ class FeedForward:
         self.w1, self.w3, self.w2 = (EffortLinear(p + n, w[p + n]) for n in FFN)
 
     def __call__(self, x: np.ndarray, effort: float) -> np.ndarray:
-        g = self.w1(x, effort)
-        u = self.w3(x, effort)
+        g, u = call_group([self.w1, self.w3], x, effort)
         return self.w2(g / (1.0 + np.exp(-g)) * u, effort)
 
 

@@ -251,6 +251,121 @@ pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const flo
     return PE_OK;
 }
 
+/* ------------------------------------------------ a group of matrices that share x */
+
+/* Per matrix of a group: its selection's outputs and scratch, and its kernel job. */
+typedef struct {
+    const pe_packed *p;
+    double effort;
+    uint32_t *sc;
+    pe_item *items;
+    int64_t begin[PE_CLASSES], end[PE_CLASSES], n_rows, done;
+    pe_status st;
+    tier_job job;
+    int nt, chunk0;
+} group_member;
+
+typedef struct {
+    group_member *m;
+    const float *x;
+} group_job;
+
+/* Chunk j: matrix j's cutoff search (its first pass inline: the pool is busy with this job). */
+static void group_select(void *ctx, int j, int n) {
+    group_job *g = ctx;
+    group_member *m = g->m + j;
+    (void)n;
+    m->st = pe_select_items(m->p, g->x, m->effort, m->items, m->begin, m->end, &m->n_rows,
+                            &m->done, m->sc);
+}
+
+/* Chunk c: chunk c - chunk0 of the kernel job of the matrix whose chunks hold c. */
+static void group_kernels(void *ctx, int c, int n) {
+    group_job *g = ctx;
+    int j = 0;
+    while (g->m[j + 1].chunk0 <= c) j++;
+    tier_run(&g->m[j].job, c - g->m[j].chunk0, n);
+}
+
+pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets *const *bs,
+                             const float *x, const double *efforts, float *const *ys,
+                             int64_t *mults, int64_t *bytes) {
+    const pe_cpu_kernels *kern = kernels();
+    if (n < 1 || n > PE_MAX_GROUP) return PE_ERR_ARG;
+    for (int j = 0; j < n; j++) {
+        if (bs[j]->n_rows != ps[j]->n_slots || bs[j]->n_in != ps[j]->n_in ||
+            ps[j]->n_in != ps[0]->n_in)
+            return PE_ERR_ARG;
+    }
+    pe_tiermul_fn fn[PE_MAX_GROUP];
+    int items_path = 1;
+    for (int j = 0; j < n; j++) {
+        fn[j] = kern->tiermul_f16 && ps[j]->tiers  ? kern->tiermul_f16
+                : kern->permmul_f16 && ps[j]->perm ? kern->permmul_f16
+                                                   : NULL;
+        items_path &= fn[j] != NULL;
+    }
+    /* a matrix without an in-memory copy, or one thread (nothing to overlap, and one call's
+     * scratch stays in cache): one call after another */
+    if (!items_path || n_threads < 2) {
+        for (int j = 0; j < n; j++) {
+            pe_status st = pe_bucketmul_packed(ps[j], bs[j], x, 1, efforts[j], ys[j], mults + j,
+                                               bytes + j);
+            if (st != PE_OK) return st;
+        }
+        return PE_OK;
+    }
+    /* every member's scratch in one buffer of the calling thread */
+    int64_t n_in = ps[0]->n_in, n_keys = n_in * PE_RANKS, per_sc = 2 * n_keys + PE_RANKS;
+    size_t total = 0, off_items, off_extra[PE_MAX_GROUP];
+    total += sizeof(uint32_t) * (size_t)(n * per_sc);
+    total = (total + 63) & ~(size_t)63;
+    off_items = total;
+    total += sizeof(pe_item) * (size_t)(n * (PE_CLASSES * n_in + 1));
+    for (int j = 0; j < n; j++) {
+        total = (total + 63) & ~(size_t)63;
+        off_extra[j] = total;
+        total += sizeof(float) * (size_t)((TIER_PARTS - 1) * ps[j]->n_out + 1);
+    }
+    char *buf = scratch(total, 0);
+    if (!buf) return PE_ERR_ALLOC;
+    group_member m[PE_MAX_GROUP + 1];
+    for (int j = 0; j < n; j++) {
+        m[j].p = ps[j];
+        m[j].effort = efforts[j];
+        m[j].sc = (uint32_t *)buf + j * per_sc;
+        m[j].items = (pe_item *)(buf + off_items) + j * (PE_CLASSES * n_in + 1);
+    }
+    group_job g = {m, x};
+    pe_status st = pe_parallel(group_select, &g, n, n_threads < n ? n_threads : n);
+    if (st != PE_OK) return st;
+    int chunks = 0;
+    for (int j = 0; j < n; j++) {
+        if (m[j].st != PE_OK) return m[j].st;
+        const pe_packed *p = ps[j];
+        int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2;
+        tier_job *job = &m[j].job;
+        *job = (tier_job){.fn = fn[j], .p = p, .items = m[j].items};
+        cut_parts(m[j].begin, m[j].end, job);
+        job->y[0] = ys[j];
+        for (int q = 1; q < TIER_PARTS; q++)
+            job->y[q] = (float *)(buf + off_extra[j]) + (q - 1) * p->n_out;
+        /* as a call alone: the same parts and column ranges, so the same bits */
+        int nt = threads_for(p->n_chunks, m[j].n_rows * row_bytes);
+        job->ranges = nt > TIER_PARTS ? nt / TIER_PARTS : 1;
+        m[j].chunk0 = chunks;
+        chunks += TIER_PARTS * job->ranges;
+        mults[j] += m[j].done;
+        bytes[j] += m[j].n_rows * row_bytes;
+    }
+    m[n].chunk0 = chunks; /* the end sentinel of group_kernels' search */
+    if ((st = pe_parallel(group_kernels, &g, chunks, n_threads)) != PE_OK) return st;
+    for (int j = 0; j < n; j++)
+        for (int q = 1; q < TIER_PARTS; q++)
+            for (int64_t o = 0; o < ps[j]->n_out; o++) ys[j][o] += m[j].job.y[q][o];
+    return PE_OK;
+}
+
 /* ---------------------------------------------------------------- dense */
 
 typedef struct {

@@ -51,6 +51,15 @@ void pe_packed_free(pe_packed *p);
 pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const float *x,
                               int64_t n_tokens, double effort, float *y, int64_t *mults,
                               int64_t *bytes);
+/* Matrices that share their input, multiplied together (q/k/v, gate/up). */
+#define PE_MAX_GROUP 4
+/* One token x (n_in,) f32 @ the n (1..PE_MAX_GROUP) matrices bs[j] (indices ps[j], one n_in),
+ * matrix j at efforts[j] -> ys[j] (n_out_j,) f32; adds to mults[j], bytes[j]. The same bits as n
+ * pe_bucketmul_packed calls: the n cutoff searches run side by side on the pool, then one pool
+ * job runs every matrix's kernel (one hand-off instead of n). */
+pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets *const *bs,
+                             const float *x, const double *efforts, float *const *ys,
+                             int64_t *mults, int64_t *bytes);
 /* The weights p's kernels read: "tiered" or "permuted" (an in-memory copy, kernels.h) or
  * "canonical" (the rows in place: no copy for this kernel set, or a damaged matrix). */
 const char *pe_packed_copy(const pe_packed *p);
