@@ -392,8 +392,9 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
      * share, the count published with the last pass's (before its streaming). One key load per
      * pass after 1. (was three with two passes); the same lists in the same order. */
     uint32_t n_def_all = 0, n_c = 0; /* sure rows, own candidates so far */
-    if (n_pass == 1) { /* keys still in registers (a branch of its own: the compiler allocates
-                          this common case's registers better, 0.4-1.9 us) */
+    if (n_pass == 1) { /* keys still in registers. A branch of its own: one loop for every
+                          pass count measured 0.7-1.9 us slower on 4096x4096 (code generation),
+                          though faster at effort 1.0 on the largest shapes (README_cuda.md) */
         const uint32_t nd = split_rows(m, b1, true, true, publish, tile, local, ri, xv, key, list,
                                        cand_rx, cand_k, &n_c, warp_n, s_tot);
         if (publish) publish_count(m, local, tile, n_c, tag);

@@ -125,10 +125,11 @@ __device__ __forceinline__ uint32_t pe_compact(const bool (&take)[PE_KR], const 
 }
 
 /* Loads of the streamed rows (read once). Chunks of CT >= 64 are whole 32-byte sectors: loaded
- * without an L1 allocation (the streamed bytes no longer evict what the block reuses from L1;
- * 4096x14336 at 0.5: 41.7 -> 37.2 us). Chunks of CT = 32 (80 bytes) share sectors with their
- * neighbours, which teams load next: through L1 (no_allocate was 1.3 us slower at 4096x1024,
- * effort 1.0). PE_LD_L1 forces L1 loads for every width (the old kernel, for comparisons). */
+ * without an L1 allocation (4096x14336 at 0.5: 43.8 -> 37.0 us against __ldg; the cause is not
+ * verified: likely misses waiting for L1 lines, ~60 KB of L1 being left beside the shared
+ * memory). Chunks of CT = 32 (80 bytes) share sectors with their neighbours, which other teams
+ * load next: through L1 (no_allocate was 1.3 us slower at 4096x1024, effort 1.0). PE_LD_L1
+ * forces L1 loads for every width (for comparisons). */
 template <int CT>
 __device__ __forceinline__ uint2 pe_ld_row8(const uint8_t *a) {
 #ifndef PE_LD_L1
@@ -199,7 +200,7 @@ __device__ __forceinline__ void pe_add_rows_taken(uint32_t n, uint32_t j0, float
 
 /* Loads of U list entries (j0, j0 + NT, ...) of a team for pe_process: values and nibbles
  * only; x is read from the list again when the row is added (8 fewer registers per batch in
- * flight: the kernel's spills went from 76 to 8 bytes). */
+ * flight: spill stores of the kernel 148-152 -> 4-8 bytes). */
 template <int CT>
 __device__ __forceinline__ void pe_load_rows_vp(const int2 *list, uint32_t n, uint32_t j0,
                                                 const uint8_t *tile_base, int t,
