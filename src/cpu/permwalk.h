@@ -2,9 +2,12 @@
  * batches of about 8 row streams, over blocks of groups. The including file defines, after
  * including this header, the ISA-specific
  *   static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n,
- *                                      const int T, int64_t g0, int64_t ng, float *acc);
- * acc[16 g + j] += x_u * w for the n items items[0, n) (T tiers each, pe_item_class) over
- * groups [g0, g0 + ng), items added in order; the prototype below lets the walk call it. */
+ *                                      const int T, const int full, int64_t g0, int64_t ng,
+ *                                      float *acc);
+ * acc[16 g + j] += x_u * w for the n items items[0, n) (T tiers each, pe_item_class; full: each
+ * dispatches all 4 T ranks of its tiers, so no rank needs masking) over groups [g0, g0 + ng),
+ * items added in order; the prototype below lets the walk call it. The walk calls it with
+ * constant T and full, and with a constant n for whole batches (registers, no spills). */
 #ifndef PE_PERMWALK_H
 #define PE_PERMWALK_H
 #include <string.h>
@@ -22,7 +25,7 @@
 static const int batch_size[QUARTERS + 1] = {0, 8, 4, 3, 2};
 
 static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
-                                   int64_t g0, int64_t ng, float *acc);
+                                   const int full, int64_t g0, int64_t ng, float *acc);
 
 /* Group row bases of an item with T tiers: its records, and tier rows 1 .. T - 1 (4 fp16 per
  * group each). */
@@ -54,7 +57,14 @@ static void prefetch_rows(const pe_packed *p, const pe_item *items, int64_t n, i
     }
 }
 
-/* All items of class cl (T = cl / 2 + 1 tiers) in batches, in order. */
+/* A batch of class (T, full): whole batches (n == bs) with n a constant. */
+#define BATCH(T, FULL)                                                                      \
+    do {                                                                                    \
+        if (m == batch_size[T]) batch(p, items + s, batch_size[T], T, FULL, g0, ng, acc);  \
+        else batch(p, items + s, m, T, FULL, g0, ng, acc);                                 \
+    } while (0)
+
+/* All items of class cl (T = cl / 2 + 1 tiers; cl even: whole tiers) in batches, in order. */
 static void run_class(const pe_packed *p, const pe_item *items, int64_t n, int cl, int64_t g0,
                       int64_t ng, float *acc) {
     const int T = cl / 2 + 1, bs = batch_size[T];
@@ -62,11 +72,15 @@ static void run_class(const pe_packed *p, const pe_item *items, int64_t n, int c
         int m = n - s < bs ? (int)(n - s) : bs;
         if (n - s > bs)
             prefetch_rows(p, items + s + bs, n - s - bs < bs ? n - s - bs : bs, T, g0, ng, PF_HEAD);
-        switch (T) { /* constant T: the tier loads unroll */
-        case 1: batch(p, items + s, m, 1, g0, ng, acc); break;
-        case 2: batch(p, items + s, m, 2, g0, ng, acc); break;
-        case 3: batch(p, items + s, m, 3, g0, ng, acc); break;
-        default: batch(p, items + s, m, 4, g0, ng, acc); break;
+        switch (cl) { /* constant T and full: the tier loads unroll */
+        case 0: BATCH(1, 1); break;
+        case 1: BATCH(1, 0); break;
+        case 2: BATCH(2, 1); break;
+        case 3: BATCH(2, 0); break;
+        case 4: BATCH(3, 1); break;
+        case 5: BATCH(3, 0); break;
+        case 6: BATCH(4, 1); break;
+        default: BATCH(4, 0); break;
         }
     }
 }
