@@ -205,6 +205,7 @@ def main():
     ap.add_argument(
         "--libs", help="comma-separated kernel builds, each timed in this process (interleaved)"
     )
+    ap.add_argument("--ct-w13", type=int, help="tile width of w1 and w3 (default: by width, 128)")
     ap.add_argument("--json")
     args = ap.parse_args()
     a = ModelArgs(n_layers=args.layers)
@@ -216,6 +217,8 @@ def main():
     t_gen = time.time() - t0
     t0 = time.time()
     ct = {"wq": 64, "wk": 64, "wv": 64}  # one tile width per group; the others by default
+    if args.ct_w13:
+        ct.update(w1=args.ct_w13, w3=args.ct_w13)
     buckets = [{n: cuda.build_buckets(lw[n].t(), ct=ct.get(n)) for n in MATS} for lw in weights]
     groups = [
         {
@@ -239,6 +242,7 @@ def main():
 
     max_len = args.ctx + args.steps + 8
     res = {
+        "ct_w13": args.ct_w13,
         "streams": args.streams,
         "groups": not args.no_groups,
         "layers": a.n_layers,
