@@ -315,3 +315,23 @@ def test_group_equals_separate_calls(kernel, threads, rng, n_threads):
             for y, info, b, e in zip(ys, infos, mats, efforts):
                 y1, info1 = pyeffort.matmul(x, b, e, return_info=True)
                 assert np.array_equal(y, y1) and info == info1
+
+
+def test_search_split_over_threads_selects_the_same_rows(kernel, threads, rng):
+    """A matrix of 2 x 1024+ inputs has the first pass of its cutoff search split over the
+    threads: the same rows, mults and bits as the reference, for any thread count (a new x
+    each call, so a key the split missed would keep the previous call's value)."""
+    _, b = buckets_of(rng, (2100, 40))
+    xs = [activations(rng, 1, 2100) for _ in range(8)]
+    by_threads = []
+    for n in [1, 2, 3]:
+        _core.set_num_threads(n)
+        outs = []
+        for x, e in zip(xs, [0.02, 0.3, 0.9, 0.5, 0.1, 0.7, 0.25, 0.4]):
+            ref, got, want, have = run_both(x, b, e)
+            assert have == want
+            assert close(got, ref) <= 2e-6
+            outs.append(got)
+        by_threads.append(outs)
+    for other in by_threads[1:]:
+        assert all(np.array_equal(a, c) for a, c in zip(by_threads[0], other))

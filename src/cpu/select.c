@@ -136,7 +136,7 @@ static uint32_t keys_and_digits(const pe_packed *p, const float *x, int64_t i0, 
 
 /* Inputs per part of the first pass when it is split over the threads (below: one part). */
 #ifndef SPLIT_MIN_INPUTS
-#define SPLIT_MIN_INPUTS 256
+#define SPLIT_MIN_INPUTS 1024
 #endif
 #define MAX_PARTS 4
 
