@@ -12,26 +12,32 @@ void pe_dense_f16_avx2(const float *x, const uint16_t *w, int64_t n_in, int64_t 
 void pe_packedmul_f16_avx2(const pe_packed *pk, const pe_buckets *b, const pe_run *runs,
                            int64_t n_runs, int64_t t0, int64_t t1, float *y);
 
-/* x in the lanes of ranks 8 h .. 8 h + 7 that mask dispatches, 0 in the others. */
-static inline __m256 masked_x(uint32_t mask, float x, int h) {
+/* All ones in the lanes of ranks 8 h .. 8 h + 7 that mask dispatches, 0 in the others. */
+static inline __m256 rank_lanes(uint32_t mask, int h) {
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     __m256i m = _mm256_set1_epi32((int)(mask >> (8 * h)));
-    __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(m, bit), bit);
-    return _mm256_and_ps(_mm256_castsi256_ps(on), _mm256_set1_ps(x));
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(m, bit), bit));
+}
+
+/* x in the lanes of ranks 8 h .. 8 h + 7 that mask dispatches, 0 in the others. */
+static inline __m256 masked_x(uint32_t mask, float x, int h) {
+    return _mm256_and_ps(rank_lanes(mask, h), _mm256_set1_ps(x));
 }
 
 /* The batch of permwalk.h: a group's accumulators stay in registers while the items pass. */
 static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
                                    const int full, int64_t g0, int64_t ng, float *acc) {
     item_rows r[MAX_BATCH];
-    __m256 xlo[MAX_BATCH], xhi[MAX_BATCH];
+    __m256 xlo[MAX_BATCH], xhi[MAX_BATCH], keep[MAX_BATCH];
     const __m256 zero = _mm256_setzero_ps();
+    /* full (every rank of the T tiers) and prefix items: x multiplies after the gather (one
+     * FMA per 8 outputs instead of a multiply per 8 ranks and an add); a prefix masks only its
+     * last tier's half (keep: the dispatched lanes of ranks 0-7 for T <= 2, 8-15 for T >= 3) */
     for (int u = 0; u < n; u++) {
         r[u] = rows_of(p, items + u, T, g0);
-        /* full: every rank of the T tiers, so x multiplies after the gather (one FMA per 8
-         * outputs instead of a multiply per 8 ranks and an add) */
         xlo[u] = full ? _mm256_set1_ps(items[u].x) : masked_x(items[u].mask, items[u].x, 0);
         xhi[u] = full ? xlo[u] : masked_x(items[u].mask, items[u].x, 1);
+        if (full == 2) keep[u] = rank_lanes(items[u].mask, T >= 3);
     }
     for (int64_t g = 0; g < ng; g++) {
         __m256 a0 = _mm256_load_ps(acc + 16 * g), a1 = _mm256_load_ps(acc + 16 * g + 8);
@@ -46,6 +52,7 @@ static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int
                 h = _mm_castpd_si128(
                     _mm_loadh_pd(_mm_castsi128_pd(h), (const double *)(r[u].tier[1] + 4 * g)));
             __m256 v = full ? _mm256_cvtph_ps(h) : _mm256_mul_ps(_mm256_cvtph_ps(h), xlo[u]);
+            if (full == 2 && T <= 2) v = _mm256_and_ps(v, keep[u]);
             __m256 lo = _mm256_permutevar8x32_ps(v, map), hi = _mm256_permutevar8x32_ps(v, map_hi);
             __m256 lo2 = zero, hi2 = zero;
             if (T >= 3) {
@@ -54,6 +61,7 @@ static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int
                     h2 = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(h2),
                                                        (const double *)(r[u].tier[3] + 4 * g)));
                 __m256 v2 = full ? _mm256_cvtph_ps(h2) : _mm256_mul_ps(_mm256_cvtph_ps(h2), xhi[u]);
+                if (full == 2) v2 = _mm256_and_ps(v2, keep[u]);
                 lo2 = _mm256_permutevar8x32_ps(v2, map);
                 hi2 = _mm256_permutevar8x32_ps(v2, map_hi);
             }

@@ -4,8 +4,10 @@
  *   static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n,
  *                                      const int T, const int full, int64_t g0, int64_t ng,
  *                                      float *acc);
- * acc[16 g + j] += x_u * w for the n items items[0, n) (T tiers each, pe_item_class; full: each
- * dispatches all 4 T ranks of its tiers, so no rank needs masking) over groups [g0, g0 + ng),
+ * acc[16 g + j] += x_u * w for the n items items[0, n) (T tiers each, pe_item_class; full = 1:
+ * each dispatches all 4 T ranks of its tiers, so no rank needs masking; full = 2: each
+ * dispatches a prefix of ranks, so only the last tier needs masking; full = 0: any rank set)
+ * over groups [g0, g0 + ng),
  * items added in order; the prototype below lets the walk call it. The walk calls it with
  * constant T and full, and with a constant n for whole batches (registers, no spills). */
 #ifndef PE_PERMWALK_H
@@ -72,7 +74,9 @@ static void run_class(const pe_packed *p, const pe_item *items, int64_t n, int c
         int m = n - s < bs ? (int)(n - s) : bs;
         if (n - s > bs)
             prefetch_rows(p, items + s + bs, n - s - bs < bs ? n - s - bs : bs, T, g0, ng, PF_HEAD);
-        switch (cl) { /* constant T and full: the tier loads unroll */
+        /* constant T and full: the tier loads unroll; a monotone matrix's partial items are
+         * prefixes */
+        switch (cl + (cl & 1 && p->monotone ? 8 : 0)) {
         case 0: BATCH(1, 1); break;
         case 1: BATCH(1, 0); break;
         case 2: BATCH(2, 1); break;
@@ -80,7 +84,11 @@ static void run_class(const pe_packed *p, const pe_item *items, int64_t n, int c
         case 4: BATCH(3, 1); break;
         case 5: BATCH(3, 0); break;
         case 6: BATCH(4, 1); break;
-        default: BATCH(4, 0); break;
+        case 7: BATCH(4, 0); break;
+        case 9: BATCH(1, 2); break;
+        case 11: BATCH(2, 2); break;
+        case 13: BATCH(3, 2); break;
+        default: BATCH(4, 2); break;
         }
     }
 }
