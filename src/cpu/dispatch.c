@@ -192,6 +192,28 @@ static void cut_parts(const int64_t begin[PE_CLASSES], const int64_t end[PE_CLAS
         }
 }
 
+/* The kernel job of one selection (items by class in [begin, end), n_rows rows) writing y,
+ * parts past the first into extra ((TIER_PARTS - 1) n_out); returns the threads it needs. The
+ * parts and column ranges depend only on the selection, never on who runs it: the same bits. */
+static int tier_job_for(tier_job *j, pe_tiermul_fn fn, const pe_packed *p, const pe_item *items,
+                        const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                        int64_t n_rows, float *y, float *extra) {
+    int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2;
+    *j = (tier_job){.fn = fn, .p = p, .items = items};
+    cut_parts(begin, end, j);
+    j->y[0] = y;
+    for (int q = 1; q < TIER_PARTS; q++) j->y[q] = extra + (q - 1) * p->n_out;
+    int nt = threads_for(p->n_chunks, n_rows * row_bytes);
+    j->ranges = nt > TIER_PARTS ? nt / TIER_PARTS : 1;
+    return nt;
+}
+
+/* y += the parts past the first, in part order. */
+static void add_parts(const tier_job *j) {
+    for (int q = 1; q < TIER_PARTS; q++)
+        for (int64_t o = 0; o < j->p->n_out; o++) j->y[0][o] += j->y[q][o];
+}
+
 static pe_status bucketmul_items(pe_tiermul_fn fn, const pe_packed *p, const float *x,
                                  int64_t n_tokens, double effort, float *y, int64_t *mults,
                                  int64_t *bytes) {
@@ -205,17 +227,11 @@ static pe_status bucketmul_items(pe_tiermul_fn fn, const pe_packed *p, const flo
         pe_status st = pe_select_items(p, x + t * p->n_in, effort, items, begin, end, &n_rows,
                                        &done, sc);
         if (st != PE_OK) return st;
-        tier_job job = {.fn = fn, .p = p, .items = items};
-        cut_parts(begin, end, &job);
-        float *yt = y + t * p->n_out;
-        job.y[0] = yt;
-        for (int q = 1; q < TIER_PARTS; q++) job.y[q] = extra + (q - 1) * p->n_out;
-        int nt = threads_for(p->n_chunks, n_rows * row_bytes);
-        job.ranges = nt > TIER_PARTS ? nt / TIER_PARTS : 1;
+        tier_job job;
+        int nt = tier_job_for(&job, fn, p, items, begin, end, n_rows, y + t * p->n_out, extra);
         if ((st = pe_parallel(tier_run, &job, TIER_PARTS * job.ranges, nt)) != PE_OK)
             return st;
-        for (int q = 1; q < TIER_PARTS; q++)
-            for (int64_t o = 0; o < p->n_out; o++) yt[o] += job.y[q][o];
+        add_parts(&job);
         *mults += done;
         *bytes += n_rows * row_bytes;
     }
@@ -344,25 +360,17 @@ pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets
         if (m[j].st != PE_OK) return m[j].st;
         const pe_packed *p = ps[j];
         int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2;
-        tier_job *job = &m[j].job;
-        *job = (tier_job){.fn = fn[j], .p = p, .items = m[j].items};
-        cut_parts(m[j].begin, m[j].end, job);
-        job->y[0] = ys[j];
-        for (int q = 1; q < TIER_PARTS; q++)
-            job->y[q] = (float *)(buf + off_extra[j]) + (q - 1) * p->n_out;
         /* as a call alone: the same parts and column ranges, so the same bits */
-        int nt = threads_for(p->n_chunks, m[j].n_rows * row_bytes);
-        job->ranges = nt > TIER_PARTS ? nt / TIER_PARTS : 1;
+        tier_job_for(&m[j].job, fn[j], p, m[j].items, m[j].begin, m[j].end, m[j].n_rows, ys[j],
+                     (float *)(buf + off_extra[j]));
         m[j].chunk0 = chunks;
-        chunks += TIER_PARTS * job->ranges;
+        chunks += TIER_PARTS * m[j].job.ranges;
         mults[j] += m[j].done;
         bytes[j] += m[j].n_rows * row_bytes;
     }
     m[n].chunk0 = chunks; /* the end sentinel of group_kernels' search */
     if ((st = pe_parallel(group_kernels, &g, chunks, n_threads)) != PE_OK) return st;
-    for (int j = 0; j < n; j++)
-        for (int q = 1; q < TIER_PARTS; q++)
-            for (int64_t o = 0; o < ps[j]->n_out; o++) ys[j][o] += m[j].job.y[q][o];
+    for (int j = 0; j < n; j++) add_parts(&m[j].job);
     return PE_OK;
 }
 
