@@ -52,8 +52,7 @@ class EffortLinear:
     def __call__(self, x: np.ndarray, effort: float) -> np.ndarray:
         if self.hook is not None:
             return self.hook(self, x, effort)
-        if self.split is not None and effort < 1.0:
-            effort = self.split(effort)
+        effort = self.own_effort(effort)
         x = np.ascontiguousarray(x, dtype=np.float32)
         n_tok = 1 if x.ndim == 1 else x.shape[0]
         n = self.buckets.n_in * self.buckets.n_out
@@ -64,9 +63,17 @@ class EffortLinear:
             self.total += n_tok * n
             return pyeffort.dense_matmul(x, self.dense())
         y, info = pyeffort.matmul(x, self.buckets, effort, return_info=True)
-        self.mults += info.mults
-        self.total += n_tok * n
+        self.count(info, n_tok)
         return y
+
+    def own_effort(self, effort: float) -> float:
+        """This matrix's effort when the model asks ``effort`` (its budget split, if any)."""
+        return self.split(effort) if self.split is not None and effort < 1.0 else effort
+
+    def count(self, info: pyeffort.MatmulInfo, n_tok: int) -> None:
+        """Adds a ``pyeffort.matmul`` call of n_tok tokens to ``mults`` / ``total``."""
+        self.mults += info.mults
+        self.total += n_tok * self.buckets.n_in * self.buckets.n_out
 
     def __repr__(self) -> str:
         return f"EffortLinear({self.name!r}, shape={self.shape})"
@@ -80,12 +87,9 @@ def call_group(lins: list[EffortLinear], x: np.ndarray, effort: float) -> list[n
     one = x.ndim == 1 or x.shape[0] == 1
     if not one or any(lin.hook is not None for lin in lins):
         return [lin(x, effort) for lin in lins]
-    efforts = [
-        lin.split(effort) if lin.split is not None and effort < 1.0 else effort for lin in lins
-    ]
+    efforts = [lin.own_effort(effort) for lin in lins]
     x1 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     ys, infos = pyeffort.matmul_group(x1, [lin.buckets for lin in lins], efforts, return_info=True)
     for lin, info in zip(lins, infos):
-        lin.mults += info.mults
-        lin.total += lin.buckets.n_in * lin.buckets.n_out
+        lin.count(info, 1)
     return [y.reshape(x.shape[:-1] + y.shape) for y in ys]
