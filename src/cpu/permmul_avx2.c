@@ -26,7 +26,8 @@ static inline __m256 masked_x(uint32_t mask, float x, int h) {
 
 /* The batch of permwalk.h: a group's accumulators stay in registers while the items pass. */
 static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
-                                   const int full, int64_t g0, int64_t ng, float *acc) {
+                                   const int full, int64_t g0, int64_t ng, float *acc,
+                                   const next_rows *nx) {
     item_rows r[MAX_BATCH];
     __m256 xlo[MAX_BATCH], xhi[MAX_BATCH], keep[MAX_BATCH];
     const __m256 zero = _mm256_setzero_ps();
@@ -40,6 +41,7 @@ static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int
         if (full == 2) keep[u] = rank_lanes(items[u].mask, T >= 3);
     }
     for (int64_t g = 0; g < ng; g++) {
+        if ((g & 3) == 0) prefetch_next(nx, g);
         __m256 a0 = _mm256_load_ps(acc + 16 * g), a1 = _mm256_load_ps(acc + 16 * g + 8);
         for (int u = 0; u < n; u++) {
             const uint8_t *rec = r[u].rec + g * PE_PERM_REC;

@@ -56,7 +56,8 @@ static inline float32x4_t load4_f16(const uint16_t *h) {
 
 /* The batch of permwalk.h: a group's accumulators stay in registers while the items pass. */
 static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
-                                   const int full, int64_t g0, int64_t ng, float *acc) {
+                                   const int full, int64_t g0, int64_t ng, float *acc,
+                                   const next_rows *nx) {
     (void)full; /* the masked x costs nothing extra here: one multiply per tier either way */
     item_rows r[MAX_BATCH];
     float32x4_t xq[MAX_BATCH][QUARTERS];
@@ -65,6 +66,7 @@ static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int
         for (int t = 0; t < T; t++) xq[u][t] = masked_x(items[u].mask, items[u].x, t);
     }
     for (int64_t g = 0; g < ng; g++) {
+        if ((g & 3) == 0) prefetch_next(nx, g);
         float32x4_t a[4];
         for (int j = 0; j < 4; j++) a[j] = vld1q_f32(acc + 16 * g + 4 * j);
         for (int u = 0; u < n; u++) {

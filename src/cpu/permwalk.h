@@ -3,13 +3,13 @@
  * including this header, the ISA-specific
  *   static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n,
  *                                      const int T, const int full, int64_t g0, int64_t ng,
- *                                      float *acc);
+ *                                      float *acc, const next_rows *nx);
  * acc[16 g + j] += x_u * w for the n items items[0, n) (T tiers each, pe_item_class; full = 1:
  * each dispatches all 4 T ranks of its tiers, so no rank needs masking; full = 2: each
  * dispatches a prefix of ranks, so only the last tier needs masking; full = 0: any rank set)
- * over groups [g0, g0 + ng),
- * items added in order; the prototype below lets the walk call it. The walk calls it with
- * constant T and full, and with a constant n for whole batches (registers, no spills). */
+ * over groups [g0, g0 + ng), items added in order, calling prefetch_next(nx, g) at every
+ * fourth group g; the prototype below lets the walk call it. The walk calls it with constant
+ * T and full, and with a constant n for whole batches (registers, no spills). */
 #ifndef PE_PERMWALK_H
 #define PE_PERMWALK_H
 #include <string.h>
@@ -20,14 +20,32 @@
 #define BLOCK 1024    /* groups per pass over the accumulators: 64 KiB (L2) */
 #define MAX_BATCH 8
 #define QUARTERS (PE_RANKS / PE_TIER)
-#define PF_HEAD 4096  /* bytes of each row of the next batch prefetched */
-#define PF_ALL_MAX (2 << 20)
+#define PF_GROUPS 256 /* groups of the first batch's rows prefetched before it starts */
 
 /* Inputs per batch for T tiers: about 8 row streams at once (the prefetchers' reach). */
 static const int batch_size[QUARTERS + 1] = {0, 8, 4, 3, 2};
 
+/* The rows of the next batch, for the running batch to prefetch group by group: at its group g
+ * it prefetches the next batch's group g, one batch ahead, at the rate the rows are read (a
+ * burst of prefetches at a batch's start stalls on the miss buffers). */
+typedef struct {
+    const uint8_t *rec[MAX_BATCH];
+    const uint16_t *tier[MAX_BATCH][QUARTERS];
+    int n, T;
+} next_rows;
+
+/* Prefetches (into L2) the lines of nx's rows holding group g (g a multiple of 4: one record
+ * line per 4 groups, one tier line per 8). */
+static inline void prefetch_next(const next_rows *nx, int64_t g) {
+    for (int u = 0; u < nx->n; u++) __builtin_prefetch(nx->rec[u] + g * PE_PERM_REC, 0, 2);
+    if (g & 7) return;
+    for (int u = 0; u < nx->n; u++)
+        for (int t = 1; t < nx->T; t++) __builtin_prefetch(nx->tier[u][t] + g * PE_TIER, 0, 2);
+}
+
 static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
-                                   const int full, int64_t g0, int64_t ng, float *acc);
+                                   const int full, int64_t g0, int64_t ng, float *acc,
+                                   const next_rows *nx);
 
 /* Group row bases of an item with T tiers: its records, and tier rows 1 .. T - 1 (4 fp16 per
  * group each). */
@@ -44,66 +62,85 @@ static inline item_rows rows_of(const pe_packed *p, const pe_item *it, int T, in
     return r;
 }
 
-/* Prefetches into L2 the first limit bytes of each row of items[0, n) (T tiers) from group g0
- * on: a batch starts cold streams that the hardware prefetchers take a while to pick up. */
-static void prefetch_rows(const pe_packed *p, const pe_item *items, int64_t n, int T, int64_t g0,
-                          int64_t ng, int64_t limit) {
-    int64_t rec_len = ng * PE_PERM_REC < limit ? ng * PE_PERM_REC : limit;
-    int64_t tier_len = ng * 2 * PE_TIER < limit ? ng * 2 * PE_TIER : limit;
-    for (int64_t u = 0; u < n; u++) {
+/* The rows of the m items from items on (T tiers) from group g0 on. */
+static void rows_for(next_rows *nx, const pe_packed *p, const pe_item *items, int m, int T,
+                     int64_t g0) {
+    nx->n = m;
+    nx->T = T;
+    for (int u = 0; u < m; u++) {
         item_rows r = rows_of(p, items + u, T, g0);
-        for (int64_t o = 0; o < rec_len; o += 64) __builtin_prefetch(r.rec + o, 0, 2);
-        for (int t = 1; t < T; t++)
-            for (int64_t o = 0; o < tier_len; o += 64)
-                __builtin_prefetch((const char *)r.tier[t] + o, 0, 2);
+        nx->rec[u] = r.rec;
+        for (int t = 1; t < T; t++) nx->tier[u][t] = r.tier[t];
     }
 }
 
-/* A batch of class (T, full): whole batches (n == bs) with n a constant. */
-#define BATCH(T, FULL)                                                                      \
-    do {                                                                                    \
-        if (m == batch_size[T]) batch(p, items + s, batch_size[T], T, FULL, g0, ng, acc);  \
-        else batch(p, items + s, m, T, FULL, g0, ng, acc);                                 \
+/* A batch of class (T, FULL): whole batches (m == bs) with m a constant. */
+#define BATCH(T, FULL)                                                                       \
+    do {                                                                                     \
+        if (m == batch_size[T]) batch(p, items, batch_size[T], T, FULL, g0, ng, acc, nx);   \
+        else batch(p, items, m, T, FULL, g0, ng, acc, nx);                                  \
     } while (0)
 
-/* All items of class cl (T = cl / 2 + 1 tiers; cl even: whole tiers) in batches, in order. */
-static void run_class(const pe_packed *p, const pe_item *items, int64_t n, int cl, int64_t g0,
-                      int64_t ng, float *acc) {
-    const int T = cl / 2 + 1, bs = batch_size[T];
-    for (int64_t s = 0; s < n; s += bs) {
-        int m = n - s < bs ? (int)(n - s) : bs;
-        if (n - s > bs)
-            prefetch_rows(p, items + s + bs, n - s - bs < bs ? n - s - bs : bs, T, g0, ng, PF_HEAD);
-        /* constant T and full: the tier loads unroll; a monotone matrix's partial items are
-         * prefixes */
-        switch (cl + (cl & 1 && p->monotone ? 8 : 0)) {
-        case 0: BATCH(1, 1); break;
-        case 1: BATCH(1, 0); break;
-        case 2: BATCH(2, 1); break;
-        case 3: BATCH(2, 0); break;
-        case 4: BATCH(3, 1); break;
-        case 5: BATCH(3, 0); break;
-        case 6: BATCH(4, 1); break;
-        case 7: BATCH(4, 0); break;
-        case 9: BATCH(1, 2); break;
-        case 11: BATCH(2, 2); break;
-        case 13: BATCH(3, 2); break;
-        default: BATCH(4, 2); break;
-        }
+/* The m items from items on, of class cl (T = cl / 2 + 1 tiers; cl even: whole tiers), with
+ * T and full constant: the tier loads unroll; a monotone matrix's partial items are prefixes. */
+static void run_batch(const pe_packed *p, const pe_item *items, int m, int cl, int64_t g0,
+                      int64_t ng, float *acc, const next_rows *nx) {
+    switch (cl + (cl & 1 && p->monotone ? 8 : 0)) {
+    case 0: BATCH(1, 1); break;
+    case 1: BATCH(1, 0); break;
+    case 2: BATCH(2, 1); break;
+    case 3: BATCH(2, 0); break;
+    case 4: BATCH(3, 1); break;
+    case 5: BATCH(3, 0); break;
+    case 6: BATCH(4, 1); break;
+    case 7: BATCH(4, 0); break;
+    case 9: BATCH(1, 2); break;
+    case 11: BATCH(2, 2); break;
+    case 13: BATCH(3, 2); break;
+    default: BATCH(4, 2); break;
     }
 }
 
-/* Rows of a small job (up to PF_ALL_MAX bytes) all prefetched up front: cold, each batch of a
- * small matrix would otherwise wait on DRAM for its short rows. */
-static void prefetch_all(const pe_packed *p, const pe_item *items,
-                         const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                         int64_t g0, int64_t ng) {
-    int64_t total = 0;
-    for (int cl = 0; cl < PE_CLASSES; cl++)
-        total += (end[cl] - begin[cl]) * (PE_PERM_REC + cl / 2 * 2 * PE_TIER) * ng;
-    if (total > PF_ALL_MAX) return;
-    for (int cl = 0; cl < PE_CLASSES; cl++)
-        prefetch_rows(p, items + begin[cl], end[cl] - begin[cl], cl / 2 + 1, g0, ng, INT64_MAX);
+/* A batch: class cl, items [s, s + m) of the class (m = 0: past the last class). */
+typedef struct {
+    int cl;
+    int64_t s;
+    int m;
+} batch_at;
+
+/* The batch after the one at (cl, s) in walk order (classes in order, batches of batch_size
+ * items in order), or m = 0 when none is left. */
+static batch_at next_batch(const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES], int cl,
+                           int64_t s) {
+    for (; cl < PE_CLASSES; cl++, s = 0) {
+        int64_t n = end[cl] - begin[cl], bs = batch_size[cl / 2 + 1];
+        if (s < n) return (batch_at){cl, s, (int)(n - s < bs ? n - s : bs)};
+    }
+    return (batch_at){PE_CLASSES, 0, 0};
+}
+
+/* The rows of batch b (none when b.m = 0). */
+static void rows_of_batch(next_rows *nx, const pe_packed *p, const pe_item *items,
+                          const int64_t begin[PE_CLASSES], batch_at b, int64_t g0) {
+    nx->n = 0;
+    if (b.m) rows_for(nx, p, items + begin[b.cl] + b.s, b.m, b.cl / 2 + 1, g0);
+}
+
+/* All items, by class, in batches over groups [g0, g0 + ng): each batch prefetches the next
+ * one's rows while it computes (across classes too); the first batch's first PF_GROUPS groups
+ * are prefetched before it starts. */
+static void run_block(const pe_packed *p, const pe_item *items, const int64_t begin[PE_CLASSES],
+                      const int64_t end[PE_CLASSES], int64_t g0, int64_t ng, float *acc) {
+    next_rows nx;
+    batch_at b = next_batch(begin, end, 0, 0);
+    rows_of_batch(&nx, p, items, begin, b, g0);
+    for (int64_t g = 0; g < ng && g < PF_GROUPS; g += 4) prefetch_next(&nx, g);
+    while (b.m) {
+        batch_at nb = next_batch(begin, end, b.cl, b.s + b.m);
+        rows_of_batch(&nx, p, items, begin, nb, g0);
+        run_batch(p, items + begin[b.cl] + b.s, b.m, b.cl, g0, ng, acc, &nx);
+        b = nb;
+    }
 }
 
 /* This thread's accumulator block (a call: no TLS address lookup inside the walk). */
@@ -118,12 +155,10 @@ static void perm_walk(const pe_packed *p, const pe_item *items, const int64_t be
                       const int64_t end[PE_CLASSES], int64_t c0, int64_t c1, float *y) {
     float *acc = accumulators();
     int64_t g_end = 4 * c1 < p->n_groups ? 4 * c1 : p->n_groups;
-    prefetch_all(p, items, begin, end, 4 * c0, g_end - 4 * c0);
     for (int64_t g0 = 4 * c0; g0 < g_end; g0 += BLOCK) {
         int64_t ng = g_end - g0 < BLOCK ? g_end - g0 : BLOCK;
         memset(acc, 0, sizeof(float) * PE_GROUP * (size_t)ng);
-        for (int cl = 0; cl < PE_CLASSES; cl++)
-            run_class(p, items + begin[cl], end[cl] - begin[cl], cl, g0, ng, acc);
+        run_block(p, items, begin, end, g0, ng, acc);
         int64_t j0 = PE_GROUP * g0;
         int64_t m = p->n_out - j0 < PE_GROUP * ng ? p->n_out - j0 : PE_GROUP * ng;
         memcpy(y + j0, acc, sizeof(float) * (size_t)m);
