@@ -198,8 +198,9 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
             /* counted, not searched: no branch on the data */
             int k0 = count_above(key + r, 21, (int32_t)bin),
                 k1 = count_above(key + r, 21, (int32_t)bin - 1);
-            for (int k = 0; k < PE_RANKS; k++) /* all 16 written, the run kept (cand has room) */
-                cand[n_cand + k] = (uint32_t)(r + k0 + k);
+            lanes4 v = {0, 1, 2, 3}; /* all 16 written (4 stores), the run kept (cand has room) */
+            v += (int32_t)(r + k0);
+            for (int q = 0; q < PE_RANKS / 4; q++, v += 4) memcpy(cand + n_cand + 4 * q, &v, sizeof v);
             n_cand += k1 - k0;
         }
     else
@@ -299,6 +300,32 @@ pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe
     return PE_OK;
 }
 
+/* pe_select_items' pass for a monotone matrix (c > 0): input i dispatches its K ranks with key
+ * >= c (a prefix, counted), so its mask, class and multiplications follow from K alone. */
+static void monotone_items(const pe_packed *p, const float *x, const uint32_t *key, uint32_t c,
+                           pe_item *items, int64_t end[PE_CLASSES], int64_t *n_rows,
+                           int64_t *mults) {
+    static const int8_t class_of[PE_RANKS + 1] = {1, 1, 1, 1, 0, 3, 3, 3, 2,
+                                                   5, 5, 5, 4, 7, 7, 7, 6};
+    int tail = (int)(p->n_out % PE_GROUP); /* ranks >= tail have a padding slot (tail > 0) */
+    int64_t ranks = 0, padding = 0;
+    for (int64_t i = 0; i < p->n_in; i++) {
+        int k = count_above(key + i * PE_RANKS, 0, (int32_t)c - 1), nl = p->n_loaded[i];
+        k = k < nl ? k : nl;
+        ranks += k;
+        padding += tail && k > tail ? k - tail : 0;
+        /* written whether dispatched or not, kept only if so (k = 0 writes past class 1's end:
+         * room, as below) */
+        pe_item *it = items + end[class_of[k]];
+        it->input = (int32_t)i;
+        it->mask = (1u << k) - 1;
+        it->x = x[i];
+        end[class_of[k]] += k != 0;
+    }
+    *n_rows = ranks;
+    *mults = ranks * p->n_groups - padding;
+}
+
 pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_item *items,
                           int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES], int64_t *n_rows,
                           int64_t *mults, uint32_t *scratch) {
@@ -309,6 +336,10 @@ pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_
     *n_rows = *mults = 0;
     pe_status st = packed_cutoff(p, x, effort, key, scratch + p->n_in * PE_RANKS, &c, &none);
     if (st != PE_OK || none) return st;
+    if (c && p->monotone) {
+        monotone_items(p, x, key, c, items, end, n_rows, mults);
+        return PE_OK;
+    }
     for (int64_t i = 0; i < p->n_in; i++) { /* one pass: each class has room for every input */
         uint32_t mask = dispatched(p, key, i, c);
         ranks += pe_popcount(mask);
