@@ -105,31 +105,37 @@ pe_status pe_select(const pe_buckets *b, const float *x, double effort, pe_task 
  * The same cutoff on keys in slot order (input-major, 16 lanes per input): the cutoff depends
  * only on the multiset of (key, m), so it is the same c, and the same rows are dispatched. */
 
+#define HIST_BLOCK 256 /* inputs per block of keys and digits: 16 KiB of keys (L1) */
+
 /* The keys of inputs [i0, i1) (key[16 i + k] = abs(x_i) stat_ik's bits), their first radix
  * digits (key >> 21) weighted by m added into hist, and the highest digit when p is monotone
  * (else 2047): one pass over the stats, the part of the search that grows with the matrix. */
 static uint32_t keys_and_digits(const pe_packed *p, const float *x, int64_t i0, int64_t i1,
                                 uint32_t *key, int64_t *hist) {
-    for (int64_t i = i0; i < i1; i++) { /* 16 products in a row: the compiler vectorises */
-        float ax = fabsf(x[i]), s[PE_RANKS];
-        const float *st = p->stats + i * PE_RANKS;
-        for (int k = 0; k < PE_RANKS; k++) s[k] = ax * st[k];
-        memcpy(key + i * PE_RANKS, s, sizeof s);
-    }
     /* rank by rank: neighbours are then different inputs, whose bins seldom repeat, so the
      * adds rarely wait on each other's stores and nothing branches on the data (an input's
-     * own keys share bins in runs of unpredictable length) */
-    for (int k = 0; k < PE_RANKS; k++) {
-        const int64_t mk = p->m[k];
+     * own keys share bins in runs of unpredictable length); in blocks of inputs whose keys
+     * stay in L1 (the strided walk over all of them missed it) */
+    uint32_t top = p->monotone ? 0 : 2047; /* the highest bin holding a key: the scan for the
+                                            * budget starts there (monotone: rank 0 holds an
+                                            * input's largest key) */
+    for (int64_t b0 = i0; b0 < i1; b0 += HIST_BLOCK) {
+        int64_t b1 = i1 - b0 < HIST_BLOCK ? i1 : b0 + HIST_BLOCK;
+        for (int64_t i = b0; i < b1; i++) { /* 16 products in a row: the compiler vectorises */
+            float ax = fabsf(x[i]), s[PE_RANKS];
+            const float *st = p->stats + i * PE_RANKS;
+            for (int k = 0; k < PE_RANKS; k++) s[k] = ax * st[k];
+            memcpy(key + i * PE_RANKS, s, sizeof s);
+        }
+        for (int k = 0; k < PE_RANKS; k++) {
+            const int64_t mk = p->m[k];
 #pragma GCC unroll 4
-        for (int64_t r = i0 * PE_RANKS + k; r < i1 * PE_RANKS; r += PE_RANKS)
-            hist[key[r] >> 21] += mk;
-    }
-    uint32_t top = 2047; /* the highest bin holding a key: the scan for the budget starts there */
-    if (p->monotone) { /* rank 0 holds an input's largest key */
-        top = 0;
-        for (int64_t r = i0 * PE_RANKS; r < i1 * PE_RANKS; r += PE_RANKS)
-            top = key[r] >> 21 > top ? key[r] >> 21 : top;
+            for (int64_t r = b0 * PE_RANKS + k; r < b1 * PE_RANKS; r += PE_RANKS)
+                hist[key[r] >> 21] += mk;
+        }
+        if (p->monotone)
+            for (int64_t r = b0 * PE_RANKS; r < b1 * PE_RANKS; r += PE_RANKS)
+                top = key[r] >> 21 > top ? key[r] >> 21 : top;
     }
     return top;
 }
