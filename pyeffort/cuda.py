@@ -336,10 +336,11 @@ class CudaGroup:
             n_part = sp * b.n_tiles * 16 * b.ct if sp > 1 else 1
             part = torch.zeros(n_part, dtype=torch.int64, device=b.device)
             # candidates: per worker a tagged 64-bit count and at most its share of its split's
-            # rows (pe_cand_stride: seg + 2 words, rounded up to even)
+            # rows as tagged 64-bit keys (pe_cand_stride: 2 seg + 2 words; older builds read
+            # seg + 2 words, rounded up to even, of the same space)
             split_rows = 32 * _ceil_div(_ceil_div(b.n_rows, 32), sp)
             seg = _ceil_div(split_rows, b.n_tiles)
-            cand = torch.zeros(b.n_tiles * sp * (seg + 3), dtype=torch.int32, device=b.device)
+            cand = torch.zeros(b.n_tiles * sp * (2 * seg + 4), dtype=torch.int32, device=b.device)
             self._scratch += [part, cand]
             self._g.m[i] = b._matrix(part, cand, seg, sp, block0)
             block0 += b.n_tiles * sp

@@ -4,19 +4,21 @@
  *   1. keys of its split's rows in registers (order/stats read before the PDL wait); its share of
  *      the level-1 weight histogram (12 key bits) -> global; signal hist_done.
  *   2. wait for every worker's histogram; pick the level-1 bin b1 (every block the same answer).
- *      Pass by pass: rows above b1 are surely dispatched: -> shared list. Rows in b1 are
- *      candidates: -> own shared list, and its share of them -> the global candidate list, whose
- *      tagged count goes out with the last pass.
- *   3. stream each pass's sure rows into shared accumulators (the bulk of the bytes), the last
- *      while the selector resolves the cutoff; then wait for the cut, add the own candidates
- *      with key >= cut.
+ *      Rows above b1 are surely dispatched: -> shared list. Rows in b1 are candidates: -> own
+ *      shared list, and its share of them -> the global candidate list (tagged keys), whose
+ *      tagged count goes out as soon as it is known (no fence). With a search, every pass's
+ *      candidates go out before any row streams (sure rows of the passes appended to one list
+ *      while it holds them; the rest stream pass by pass after it, keys loaded again).
+ *   3. stream the sure rows into shared accumulators (the bulk of the bytes) while the selector
+ *      resolves the cutoff; then wait for the cut, add the own candidates with key >= cut.
  *   4. split sums: tagged partial tiles in global memory; every split of a tile adds its slice
  *      of them in split order -> y, polling each word until it carries this call's tag. Nothing
  *      is reset: the meeting counter only grows, and a call waits for base + participants;
  *      the other meetings are tagged words (pe_cuda_state).
  * Selector of a matrix: clears the next call's histogram buffer, waits for the histograms,
  * advances the epoch, picks b1, polls the workers' tagged candidate counts, runs levels 2 and 3
- * over the candidates (resolve.cuh) and publishes the tagged cut.
+ * over the candidates (resolve.cuh; the last level by one warp when the level-2 bin holds at most
+ * 32 of them) and publishes the tagged cut.
  * When the effort covers every loaded row (budget == total_w: effort 1.0 on a full load) the
  * search is skipped (PE_MODE_FULL): the workers meet once for the smallest key of a row with
  * real multiplications, which is the cut the search would find; the same rows go to the same
@@ -44,9 +46,9 @@ static_assert(sizeof(pe_cuda_state) == 64 && offsetof(pe_cuda_state, tbase) == 1
 #define PE_POLL_NS 128 /* pause between polls of a split partial that is not in yet */
 #endif
 
-/* Words per worker in m.cand: a 64-bit tagged count, then up to cand_seg keys (even: aligned). */
+/* Words per worker in m.cand: a tagged count, then up to cand_seg tagged keys (64 bits each). */
 __device__ __forceinline__ size_t pe_cand_stride(const pe_cuda_matrix &m) {
-    return (size_t)((m.cand_seg + 3) & ~1);
+    return (size_t)(2 * m.cand_seg + 2);
 }
 
 /* Slice `split` of a tile (its share of the 16 * CT slots): the sum of the n_splits partial
@@ -115,18 +117,21 @@ __device__ __forceinline__ int pick_level1(const uint32_t *hist, uint32_t *h, in
     return (int)b;
 }
 
-/* One pass of a worker's keys against level-1 bin b1: rows above it (sure) -> list (from 0);
+/* One pass of a worker's keys against level-1 bin b1: rows above it (sure) -> list (from
+ * list_base, if they all fit; the caller checks list_base + result <= PE_PASS_ROWS);
  * rows in it (candidates) -> own list cand_rx/cand_k from *n_c (as far as it holds), and the
  * worker's share (candidate index % n_tiles == tile) -> its segment of m.cand. Block-wide;
- * -> the number of sure rows; *n_c grows by the candidates. */
+ * -> the number of sure rows; *n_c grows by the candidates. With publish and last, the
+ * worker's tagged count goes out before its keys (tagged too: the selector polls each). */
 __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, bool do_def,
                                                bool do_cand, bool publish, int tile, int worker,
                                                const int (&ri)[PE_KR],
                                                const float (&xv)[PE_KR],
                                                const uint32_t (&key)[PE_KR], int2 *list,
-                                               int2 *cand_rx, uint32_t *cand_k, uint32_t *n_c,
+                                               uint32_t list_base, int2 *cand_rx,
+                                               uint32_t *cand_k, uint32_t *n_c,
                                                uint32_t (*warp_n)[PE_KR * PE_WARPS],
-                                               uint32_t *s_tot) {
+                                               uint32_t *s_tot, uint32_t tag, bool last) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tail = (int)(m.n_out % 16);
     const uint32_t nt = (uint32_t)m.n_tiles, c0 = *n_c;
     /* number of candidate indices o < v with o % nt == tile: this worker's share */
@@ -153,10 +158,16 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
     __syncthreads();
     const uint32_t nd = s_tot[0], nc = s_tot[1];
     const unsigned lt = (1u << lane) - 1u;
+    /* sure rows go to list[list_base ...] only if all fit (list_base 0: always) */
+    const bool wd = list_base == 0 || list_base + nd <= PE_PASS_ROWS;
+    /* the count goes out at once (the last pass): each key carries the tag, so no fence */
+    if (publish && last && threadIdx.x == 0)
+        pe_st_relaxed64((unsigned long long *)(m.cand + (size_t)worker * pe_cand_stride(m)),
+                        pe_tagged(tag, share_below(c0 + nc)));
 #pragma unroll
     for (int q = 0; q < PE_KR; q++) {
-        if (dm[q] >> lane & 1u)
-            list[warp_n[0][q * PE_WARPS + warp] + __popc(dm[q] & lt)] =
+        if (wd && (dm[q] >> lane & 1u))
+            list[list_base + warp_n[0][q * PE_WARPS + warp] + __popc(dm[q] & lt)] =
                 make_int2(ri[q], __float_as_int(xv[q]));
         if (cm[q] >> lane & 1u) {
             const uint32_t o = c0 + warp_n[1][q * PE_WARPS + warp] + __popc(cm[q] & lt);
@@ -167,30 +178,22 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
         }
     }
     __syncthreads();
-    if (nc && publish) { /* this worker's segment of the global list: 2 + share index */
-        uint32_t *seg = m.cand + (size_t)worker * pe_cand_stride(m) + 2;
+    if (nc && publish) { /* this worker's segment of the global list: 1 + share index */
+        unsigned long long *seg =
+            (unsigned long long *)(m.cand + (size_t)worker * pe_cand_stride(m)) + 1;
 #pragma unroll
         for (int q = 0; q < PE_KR; q++) {
             if (cm[q] >> lane & 1u) {
                 const uint32_t o = c0 + warp_n[1][q * PE_WARPS + warp] + __popc(cm[q] & lt);
-                if (o % nt == (uint32_t)tile)
-                    seg[share_below(o)] = key[q] | (pe_is_short(ri[q], m.n_in, tail) << 31);
+                if (o % nt == (uint32_t)tile) {
+                    const uint32_t e = key[q] | (pe_is_short(ri[q], m.n_in, tail) << 31);
+                    pe_st_relaxed64(&seg[share_below(o)], pe_tagged(tag, e));
+                }
             }
         }
     }
     *n_c = c0 + nc;
     return nd;
-}
-
-/* The number of candidates in this worker's segment (its share of the split's n_c), tagged,
- * released after the block's key writes. Block-wide. */
-__device__ __forceinline__ void publish_count(const pe_cuda_matrix &m, int worker, int tile,
-                                              uint32_t n_c, uint32_t tag) {
-    const uint32_t nt = (uint32_t)m.n_tiles;
-    __syncthreads();
-    if (threadIdx.x == 0)
-        pe_st_release64((unsigned long long *)(m.cand + (size_t)worker * pe_cand_stride(m)),
-                        pe_tagged(tag, n_c > (uint32_t)tile ? (n_c - (uint32_t)tile + nt - 1) / nt : 0u));
 }
 
 /* Selector: the per-worker counts, each polled until it carries this call's tag -> s_off
@@ -200,11 +203,9 @@ __device__ __forceinline__ uint32_t gather_counts(const pe_cuda_matrix &m, uint3
                                                   uint32_t *s_off, uint32_t tag) {
     __shared__ uint32_t s_wsum[PE_WARPS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const uint32_t c =
-        threadIdx.x < n_w ? pe_poll_tag<true>((const unsigned long long *)(m.cand + (size_t)threadIdx.x *
-                                                                                       pe_cand_stride(m)),
-                                              tag)
-                          : 0u;
+    const unsigned long long *cw =
+        (const unsigned long long *)(m.cand + (size_t)threadIdx.x * pe_cand_stride(m));
+    const uint32_t c = threadIdx.x < n_w ? pe_poll_tag<false>(cw, tag) : 0u; /* keys: own tags */
     uint32_t incl = c;
 #pragma unroll
     for (int d = 1; d < 32; d *= 2) {
@@ -308,15 +309,16 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             const uint32_t n_c = gather_counts(m, n_workers, s_off, tag);
             PE_STAMP_SEL(13);
             const size_t stride = pe_cand_stride(m);
-            auto fetch = [&](uint32_t i) -> uint32_t { /* i-th candidate: its segment */
+            auto fetch = [&](uint32_t i) { /* i-th candidate: its segment */
                 uint32_t lo = 0, hi = n_workers; /* s_off[lo] <= i < s_off[hi] */
                 while (hi - lo > 1) {
                     const uint32_t mid = (lo + hi) / 2;
                     if (s_off[mid] <= i) lo = mid; else hi = mid;
                 }
-                return __ldcg(m.cand + (size_t)lo * stride + 2 + (i - s_off[lo]));
+                return (const unsigned long long *)(m.cand + (size_t)lo * stride) + 1 +
+                       (i - s_off[lo]);
             };
-            cut = pe_resolve(m, budget, n_c, (uint32_t)b1, aw, s_cand, cap, h, &mults, fetch);
+            cut = pe_resolve(m, budget, n_c, (uint32_t)b1, aw, s_cand, cap, h, &mults, fetch, tag);
         } else {
             cut = mode == PE_MODE_FULL ? pe_full_cut(hist) : mode == PE_MODE_ALL ? 0u : PE_INVALID;
             mults = mode == PE_MODE_NONE ? 0ull : m.total_w;
@@ -396,19 +398,39 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
                           pass count measured 0.7-1.9 us slower on 4096x4096 (code generation),
                           though faster at effort 1.0 on the largest shapes (README_cuda.md) */
         const uint32_t nd = split_rows(m, b1, true, true, publish, tile, local, ri, xv, key, list,
-                                       cand_rx, cand_k, &n_c, warp_n, s_tot);
-        if (publish) publish_count(m, local, tile, n_c, tag);
+                                       0u, cand_rx, cand_k, &n_c, warp_n, s_tot, tag, true);
         PE_STAMP(5);
         PE_STAMP_MAX(5);
         pe_process<CT>(list, nd, tile_base, my, team, t);
         n_def_all += nd;
         __syncthreads();
     } else {
-        for (int p = 0; p < n_pass; p++) {
+        /* With a search, every pass's candidates (and the count) go out before any streaming:
+         * the selector resolves while the rows stream. Sure rows of the passes are appended to
+         * one list while they fit; the passes from the first that does not (pend) stream
+         * after it, keys loaded again. Without a search: pass 0 first, as below. */
+        uint32_t n_list = 0;
+        int pend = n_pass, visited = 0;
+        for (int p = 0; p < n_pass && (publish || p == 0); p++, visited++) {
             if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
-            const uint32_t nd = split_rows(m, b1, true, true, publish, tile, local, ri, xv, key,
-                                           list, cand_rx, cand_k, &n_c, warp_n, s_tot);
-            if (p == n_pass - 1 && publish) publish_count(m, local, tile, n_c, tag);
+            const bool app = pend == n_pass;
+            const uint32_t nd = split_rows(m, b1, app, true, publish, tile, local, ri, xv, key,
+                                           list, n_list, cand_rx, cand_k, &n_c, warp_n, s_tot,
+                                           tag, p == n_pass - 1);
+            if (app && (n_list == 0 || n_list + nd <= PE_PASS_ROWS)) n_list += nd;
+            else if (app) pend = p;
+        }
+        if (pend == n_pass) pend = visited;
+        PE_STAMP(5);
+        PE_STAMP_MAX(5);
+        pe_process<CT>(list, n_list, tile_base, my, team, t);
+        n_def_all += n_list;
+        __syncthreads();
+        for (int p = pend; p < n_pass; p++) {
+            if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
+            const uint32_t nd = split_rows(m, b1, true, p >= visited, false, tile, local, ri, xv,
+                                           key, list, 0u, cand_rx, cand_k, &n_c, warp_n, s_tot,
+                                           tag, false);
             pe_process<CT>(list, nd, tile_base, my, team, t);
             n_def_all += nd;
             __syncthreads();

@@ -48,7 +48,8 @@ typedef struct {
     const float *stats;      /* (n_rows,) statistic of each row                  */
     uint32_t *hist;          /* (2, 4096) level-1 weight histograms (by parity)  */
     uint32_t *cand;          /* (n_workers, pe_cand_stride) scratch, zeroed: per worker a
-                                tagged count (64 bits), then candidate keys | short << 31 */
+                                tagged count, then tagged candidate keys | short << 31 (64
+                                bits each) */
     unsigned long long *partial; /* (n_splits, n_tiles * 16 * ct) scratch, zeroed: tagged
                                     float bits of the split sums                */
     uint32_t *tickets;       /* unused                                           */
