@@ -205,6 +205,12 @@ def main():
     ap.add_argument(
         "--libs", help="comma-separated kernel builds, each timed in this process (interleaved)"
     )
+    ap.add_argument(
+        "--splits",
+        help="';'-separated row-split settings timed in this process (with --libs: each build"
+        " x each setting), e.g. 'qkv=12,wo=32;qkv=8' (names qkv, wo, w13, w2; 0 or absent:"
+        " the default); an empty setting is the default",
+    )
     ap.add_argument("--ct-w13", type=int, help="tile width of w1 and w3 (default: by width, 128)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -280,16 +286,34 @@ def main():
                 "logits_cos": round(cos, 4),
             }
 
-    if not args.libs:
+    def set_splits(spec: str) -> None:
+        """Row splits of every layer's calls (a setting of --splits): new groups, new scratch."""
+        sp = {k: int(v) or None for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+        for lb, lg in zip(buckets, groups):
+            lg[("wq", "wk", "wv")] = cuda.CudaGroup(
+                [lb["wq"], lb["wk"], lb["wv"]], splits=sp.get("qkv")
+            )
+            lg[("w1", "w3")] = cuda.CudaGroup([lb["w1"], lb["w3"]], splits=sp.get("w13"))
+            for n in ("wo", "w2"):
+                lb[n]._alone = cuda.CudaGroup([lb[n]], splits=sp.get(n))
+
+    if not args.libs and args.splits is None:
         measure(res)
-    else:  # each build: fresh meeting counters and scratch, a new capture, then the same timing
+    else:  # each build (x each split setting): fresh meeting counters and scratch, a new
+        # capture, then the same timing
         res["libs"] = {}
+        libs = args.libs.split(",") if args.libs else [os.environ.get("PYEFFORT_CUDA_LIB", "")]
+        specs = args.splits.split(";") if args.splits is not None else [""]
+        configs = [(lib, spec) for lib in libs for spec in specs]
         for rnd in range(2):
-            for lib in args.libs.split(","):
-                os.environ["PYEFFORT_CUDA_LIB"] = lib
+            for lib, spec in configs:
+                if lib:
+                    os.environ["PYEFFORT_CUDA_LIB"] = lib
                 cuda._lib_handle = None
                 cuda._lib()
                 torch.cuda.synchronize()
+                del ge
+                set_splits(spec)
                 for lb in buckets:
                     for b in lb.values():
                         for t in (b._state, b._tickets, b._hist, *b._alone._scratch):
@@ -298,11 +322,11 @@ def main():
                     for gr in lg.values():
                         for t in gr._scratch:
                             t.zero_()
-                del ge
                 ge = capture(ours)
                 out = {}
                 measure(out)
-                res["libs"].setdefault(pathlib.Path(lib).stem, []).append(out)
+                name = pathlib.Path(lib).stem + (f" {spec}" if spec else "")
+                res["libs"].setdefault(name, []).append(out)
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:
