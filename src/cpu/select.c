@@ -206,7 +206,8 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
                 k1 = count_above(key + r, 21, (int32_t)bin - 1);
             lanes4 v = {0, 1, 2, 3}; /* all 16 written (4 stores), the run kept (cand has room) */
             v += (int32_t)(r + k0);
-            for (int q = 0; q < PE_RANKS / 4; q++, v += 4) memcpy(cand + n_cand + 4 * q, &v, sizeof v);
+            for (int q = 0; q < PE_RANKS / 4; q++, v += 4)
+                memcpy(cand + n_cand + 4 * q, &v, sizeof v);
             n_cand += k1 - k0;
         }
     else
