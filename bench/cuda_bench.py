@@ -96,15 +96,16 @@ LATEST = [  # (name, slot): when the last worker reached a stamp, from the first
 ]
 
 
-def profile(bs, xs, e):
+def profile_calls(objs, call):
     """Phase times (µs) of the last of up to four calls (weight sets 1, 2, 3, 0) inside a
-    graph, from the kernel's globaltimer stamps; "gap" is from the previous call's last block
-    end to the profiled call's first block start."""
-    order = list(range(1, min(4, len(bs)))) + [0]
-    prev_b, last_b = bs[order[-2]], bs[0]
+    graph, from the kernel's globaltimer stamps; objs[i] (a CudaBuckets or CudaGroup) holds
+    set i's stamps, call(i) makes its call; "gap" is from the previous call's last block end
+    to the profiled call's first block start."""
+    order = list(range(1, min(4, len(objs)))) + [0]
+    prev_b, last_b = objs[order[-2]], objs[0]
     for b in (prev_b, last_b):
         b.profile(True)
-    g = graph_of([(lambda i=i: pyeffort.matmul(xs[i], bs[i], e)) for i in order])
+    g = graph_of([(lambda i=i: call(i)) for i in order])
     for _ in range(3):
         g.replay()
     for b in (prev_b, last_b):  # only the last replay's stamps
@@ -121,6 +122,11 @@ def profile(bs, xs, e):
     res["gap_prev_end_to_start"] = round((st[11] - prev[10]) / 1e3, 2)
     res["prev_call_total"] = round((prev[10] - prev[11]) / 1e3, 2)
     return res
+
+
+def profile(bs, xs, e):
+    """profile_calls for single matrices bs[i] on xs[i] at effort e."""
+    return profile_calls(bs, lambda i: pyeffort.matmul(xs[i], bs[i], e))
 
 
 def bench_shape(n_in, n_out, efforts, gen, variants=False, ct=None):

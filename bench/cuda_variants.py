@@ -27,39 +27,18 @@ from pyeffort import cuda
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from cuda_bench import (
     GROUPS,
-    LATEST,
-    PHASES,
     ROTATE_BYTES,
     graph_of,
     profile,
+    profile_calls,
     time_graph,
 )
 
 
 def profile_group(grps, xs, e):
-    """cuda_bench.profile for grouped calls: phase times (µs) of the last of up to four calls
-    in a graph (stamps of the group's block 0 and of its first matrix's selector)."""
-    order = list(range(1, min(4, len(grps)))) + [0]
-    prev_g, last_g = grps[order[-2]], grps[0]
-    for gr in (prev_g, last_g):
-        gr.profile(True)
-    g = graph_of([(lambda i=i: cuda.matmul_group(xs[i], grps[i], e)) for i in order])
-    for _ in range(3):
-        g.replay()
-    for gr in (prev_g, last_g):
-        gr.timing.zero_()
-        gr.timing[11] = 2**62
-    g.replay()
-    torch.cuda.synchronize()
-    st, prev = last_g.timing.cpu().tolist(), prev_g.timing.cpu().tolist()
-    for gr in (prev_g, last_g):
-        gr.profile(False)
-    res = {k: round((st[b] - st[a]) / 1e3, 2) for k, a, b in PHASES}
-    res["cut_ready_at"] = round((st[14] - st[0]) / 1e3, 2)
-    res.update({"last_" + k: round((st[i] - st[11]) / 1e3, 2) for k, i in LATEST})
-    res["gap_prev_end_to_start"] = round((st[11] - prev[10]) / 1e3, 2)
-    res["prev_call_total"] = round((prev[10] - prev[11]) / 1e3, 2)
-    return res
+    """cuda_bench.profile_calls for grouped calls (stamps of the group's block 0 and of its
+    first matrix's selector)."""
+    return profile_calls(grps, lambda i: cuda.matmul_group(xs[i], grps[i], e))
 
 
 def use_lib(spec: str, bs, groups=()) -> None:
