@@ -25,9 +25,9 @@ static inline __m256 masked_x(uint32_t mask, float x, int h) {
 }
 
 /* The batch of permwalk.h: a group's accumulators stay in registers while the items pass. */
-static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
-                                   const int full, int64_t g0, int64_t ng, float *acc,
-                                   const next_rows *nx) {
+static inline PE_INLINE void batch(const pe_item *items, int n, const int T, const int full,
+                                   int64_t ng, float *acc, const batch_rows *cur,
+                                   const batch_rows *nx) {
     item_rows r[MAX_BATCH];
     __m256 xlo[MAX_BATCH], xhi[MAX_BATCH], keep[MAX_BATCH];
     const __m256 zero = _mm256_setzero_ps();
@@ -35,7 +35,7 @@ static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int
      * FMA per 8 outputs instead of a multiply per 8 ranks and an add); a prefix masks only its
      * last tier's half (keep: the dispatched lanes of ranks 0-7 for T <= 2, 8-15 for T >= 3) */
     for (int u = 0; u < n; u++) {
-        r[u] = rows_of(p, items + u, T, g0);
+        r[u] = cur->r[u];
         xlo[u] = full ? _mm256_set1_ps(items[u].x) : masked_x(items[u].mask, items[u].x, 0);
         xhi[u] = full ? xlo[u] : masked_x(items[u].mask, items[u].x, 1);
         if (full == 2) keep[u] = rank_lanes(items[u].mask, T >= 3);

@@ -55,14 +55,14 @@ static inline float32x4_t load4_f16(const uint16_t *h) {
 }
 
 /* The batch of permwalk.h: a group's accumulators stay in registers while the items pass. */
-static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
-                                   const int full, int64_t g0, int64_t ng, float *acc,
-                                   const next_rows *nx) {
+static inline PE_INLINE void batch(const pe_item *items, int n, const int T, const int full,
+                                   int64_t ng, float *acc, const batch_rows *cur,
+                                   const batch_rows *nx) {
     (void)full; /* the masked x costs nothing extra here: one multiply per tier either way */
     item_rows r[MAX_BATCH];
     float32x4_t xq[MAX_BATCH][QUARTERS];
     for (int u = 0; u < n; u++) {
-        r[u] = rows_of(p, items + u, T, g0);
+        r[u] = cur->r[u];
         for (int t = 0; t < T; t++) xq[u][t] = masked_x(items[u].mask, items[u].x, t);
     }
     for (int64_t g = 0; g < ng; g++) {

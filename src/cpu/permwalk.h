@@ -1,15 +1,16 @@
 /* The walk shared by the permuted-copy kernels (permmul_*.c): dispatched inputs by class, in
  * batches of about 8 row streams, over blocks of groups. The including file defines, after
  * including this header, the ISA-specific
- *   static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n,
- *                                      const int T, const int full, int64_t g0, int64_t ng,
- *                                      float *acc, const next_rows *nx);
+ *   static inline PE_INLINE void batch(const pe_item *items, int n, const int T,
+ *                                      const int full, int64_t ng, float *acc,
+ *                                      const batch_rows *cur, const batch_rows *nx);
  * acc[16 g + j] += x_u * w for the n items items[0, n) (T tiers each, pe_item_class; full = 1:
  * each dispatches all 4 T ranks of its tiers, so no rank needs masking; full = 2: each
  * dispatches a prefix of ranks, so only the last tier needs masking; full = 0: any rank set)
- * over groups [g0, g0 + ng), items added in order, calling prefetch_next(nx, g) at every
- * fourth group g; the prototype below lets the walk call it. The walk calls it with constant
- * T and full, and with a constant n for whole batches (registers, no spills). */
+ * over the ng groups from cur's rows on (the walk made them, from the block's first group),
+ * items added in order, calling prefetch_next(nx, g) at every fourth group g; the prototype
+ * below lets the walk call it. The walk calls it with constant T and full, and with a constant
+ * n for whole batches (registers, no spills). */
 #ifndef PE_PERMWALK_H
 #define PE_PERMWALK_H
 #include <string.h>
@@ -25,34 +26,34 @@
 /* Inputs per batch for T tiers: about 8 row streams at once (the prefetchers' reach). */
 static const int batch_size[QUARTERS + 1] = {0, 8, 4, 3, 2};
 
-/* The rows of the next batch, for the running batch to prefetch group by group: at its group g
- * it prefetches the next batch's group g, one batch ahead, at the rate the rows are read (a
- * burst of prefetches at a batch's start stalls on the miss buffers). */
-typedef struct {
-    const uint8_t *rec[MAX_BATCH];
-    const uint16_t *tier[MAX_BATCH][QUARTERS];
-    int n, T;
-} next_rows;
-
-/* Prefetches (into L2) the lines of nx's rows holding group g (g a multiple of 4: one record
- * line per 4 groups, one tier line per 8). */
-static inline void prefetch_next(const next_rows *nx, int64_t g) {
-    for (int u = 0; u < nx->n; u++) __builtin_prefetch(nx->rec[u] + g * PE_PERM_REC, 0, 2);
-    if (g & 7) return;
-    for (int u = 0; u < nx->n; u++)
-        for (int t = 1; t < nx->T; t++) __builtin_prefetch(nx->tier[u][t] + g * PE_TIER, 0, 2);
-}
-
-static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
-                                   const int full, int64_t g0, int64_t ng, float *acc,
-                                   const next_rows *nx);
-
 /* Group row bases of an item with T tiers: its records, and tier rows 1 .. T - 1 (4 fp16 per
  * group each). */
 typedef struct {
     const uint8_t *rec;
     const uint16_t *tier[QUARTERS];
 } item_rows;
+
+/* The rows of a batch's items (n items, T tiers), made once by the walk: the running batch
+ * reads its own, and prefetches the next batch's group by group: at its group g the next
+ * batch's group g, one batch ahead, at the rate the rows are read (a burst of prefetches at a
+ * batch's start stalls on the miss buffers). */
+typedef struct {
+    item_rows r[MAX_BATCH];
+    int n, T;
+} batch_rows;
+
+/* Prefetches (into L2) the lines of nx's rows holding group g (g a multiple of 4: one record
+ * line per 4 groups, one tier line per 8). */
+static inline void prefetch_next(const batch_rows *nx, int64_t g) {
+    for (int u = 0; u < nx->n; u++) __builtin_prefetch(nx->r[u].rec + g * PE_PERM_REC, 0, 2);
+    if (g & 7) return;
+    for (int u = 0; u < nx->n; u++)
+        for (int t = 1; t < nx->T; t++) __builtin_prefetch(nx->r[u].tier[t] + g * PE_TIER, 0, 2);
+}
+
+static inline PE_INLINE void batch(const pe_item *items, int n, const int T, const int full,
+                                   int64_t ng, float *acc, const batch_rows *cur,
+                                   const batch_rows *nx);
 
 static inline item_rows rows_of(const pe_packed *p, const pe_item *it, int T, int64_t g0) {
     const uint8_t *base = p->perm + p->perm_off[it->input];
@@ -63,28 +64,24 @@ static inline item_rows rows_of(const pe_packed *p, const pe_item *it, int T, in
 }
 
 /* The rows of the m items from items on (T tiers) from group g0 on. */
-static void rows_for(next_rows *nx, const pe_packed *p, const pe_item *items, int m, int T,
+static void rows_for(batch_rows *br, const pe_packed *p, const pe_item *items, int m, int T,
                      int64_t g0) {
-    nx->n = m;
-    nx->T = T;
-    for (int u = 0; u < m; u++) {
-        item_rows r = rows_of(p, items + u, T, g0);
-        nx->rec[u] = r.rec;
-        for (int t = 1; t < T; t++) nx->tier[u][t] = r.tier[t];
-    }
+    br->n = m;
+    br->T = T;
+    for (int u = 0; u < m; u++) br->r[u] = rows_of(p, items + u, T, g0);
 }
 
 /* A batch of class (T, FULL): whole batches (m == bs) with m a constant. */
-#define BATCH(T, FULL)                                                                       \
-    do {                                                                                     \
-        if (m == batch_size[T]) batch(p, items, batch_size[T], T, FULL, g0, ng, acc, nx);   \
-        else batch(p, items, m, T, FULL, g0, ng, acc, nx);                                  \
+#define BATCH(T, FULL)                                                                   \
+    do {                                                                                 \
+        if (m == batch_size[T]) batch(items, batch_size[T], T, FULL, ng, acc, cur, nx); \
+        else batch(items, m, T, FULL, ng, acc, cur, nx);                                \
     } while (0)
 
 /* The m items from items on, of class cl (T = cl / 2 + 1 tiers; cl even: whole tiers), with
  * T and full constant: the tier loads unroll; a monotone matrix's partial items are prefixes. */
-static void run_batch(const pe_packed *p, const pe_item *items, int m, int cl, int64_t g0,
-                      int64_t ng, float *acc, const next_rows *nx) {
+static void run_batch(const pe_packed *p, const pe_item *items, int m, int cl, int64_t ng,
+                      float *acc, const batch_rows *cur, const batch_rows *nx) {
     switch (cl + (cl & 1 && p->monotone ? 8 : 0)) {
     case 0: BATCH(1, 1); break;
     case 1: BATCH(1, 0); break;
@@ -120,10 +117,10 @@ static batch_at next_batch(const int64_t begin[PE_CLASSES], const int64_t end[PE
 }
 
 /* The rows of batch b (none when b.m = 0). */
-static void rows_of_batch(next_rows *nx, const pe_packed *p, const pe_item *items,
+static void rows_of_batch(batch_rows *br, const pe_packed *p, const pe_item *items,
                           const int64_t begin[PE_CLASSES], batch_at b, int64_t g0) {
-    nx->n = 0;
-    if (b.m) rows_for(nx, p, items + begin[b.cl] + b.s, b.m, b.cl / 2 + 1, g0);
+    br->n = 0;
+    if (b.m) rows_for(br, p, items + begin[b.cl] + b.s, b.m, b.cl / 2 + 1, g0);
 }
 
 /* All items, by class, in batches over groups [g0, g0 + ng): each batch prefetches the next
@@ -131,15 +128,16 @@ static void rows_of_batch(next_rows *nx, const pe_packed *p, const pe_item *item
  * are prefetched before it starts. */
 static void run_block(const pe_packed *p, const pe_item *items, const int64_t begin[PE_CLASSES],
                       const int64_t end[PE_CLASSES], int64_t g0, int64_t ng, float *acc) {
-    next_rows nx;
+    batch_rows rows[2], *cur = rows, *nx = rows + 1, *swap;
     batch_at b = next_batch(begin, end, 0, 0);
-    rows_of_batch(&nx, p, items, begin, b, g0);
-    for (int64_t g = 0; g < ng && g < PF_GROUPS; g += 4) prefetch_next(&nx, g);
+    rows_of_batch(cur, p, items, begin, b, g0);
+    for (int64_t g = 0; g < ng && g < PF_GROUPS; g += 4) prefetch_next(cur, g);
     while (b.m) {
         batch_at nb = next_batch(begin, end, b.cl, b.s + b.m);
-        rows_of_batch(&nx, p, items, begin, nb, g0);
-        run_batch(p, items + begin[b.cl] + b.s, b.m, b.cl, g0, ng, acc, &nx);
+        rows_of_batch(nx, p, items, begin, nb, g0);
+        run_batch(p, items + begin[b.cl] + b.s, b.m, b.cl, ng, acc, cur, nx);
         b = nb;
+        swap = cur, cur = nx, nx = swap;
     }
 }
 
