@@ -335,3 +335,35 @@ def test_search_split_over_threads_selects_the_same_rows(kernel, threads, rng):
         by_threads.append(outs)
     for other in by_threads[1:]:
         assert all(np.array_equal(a, c) for a, c in zip(by_threads[0], other))
+
+
+def hard_activations(case, rng, n_in):
+    """Rows whose cutoff keys tie in long runs, span the float range, or are denormal."""
+    if case == "all_equal":
+        return np.ones((1, n_in), np.float32)
+    if case == "two_values":
+        return rng.choice([1.0, -2.0], size=(1, n_in)).astype(np.float32)
+    if case == "wide":
+        return (rng.choice([-1, 1], n_in) * 10.0 ** rng.uniform(-30, 30, n_in))[None].astype(np.float32)
+    if case == "denormal":
+        return (rng.standard_normal((1, n_in)) * 1e-38).astype(np.float32)
+    x = np.zeros((1, n_in), np.float32)  # "sparse": three inputs carry everything
+    x[0, rng.choice(n_in, 3, replace=False)] = [3.0, -0.5, 1e-3]
+    return x
+
+
+@pytest.mark.parametrize("case", ["all_equal", "two_values", "wide", "denormal", "sparse"])
+@pytest.mark.parametrize("shape", [(300, 517), (40, 3), (2100, 33)])
+def test_cutoff_search_on_hard_keys(kernel, rng, case, shape):
+    """The cutoff search (probing below 2048 inputs, histograms above) dispatches the rows the
+    reference does where keys tie in long runs, span the float range or are denormal, also for
+    equal weight magnitudes (every statistic of a rank the same)."""
+    w = np.where(rng.random(shape) < 0.5, -0.01, 0.01).astype(np.float16)
+    if case in ("wide", "sparse"):
+        w = (rng.standard_normal(shape) * 0.05).astype(np.float16)
+    b = pyeffort.build_buckets(w)
+    x = hard_activations(case, rng, shape[0])
+    for e in [0.004, 0.1, 0.33, 0.5, 0.9, 0.999]:
+        ref, got, want, have = run_both(x, b, e)
+        assert have == want, (case, e)
+        assert close(got, ref) <= 2e-6

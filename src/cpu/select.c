@@ -1,6 +1,9 @@
 /* Cutoff selection: which bucket rows one token dispatches (reference.cutoff). Scalar, exact. */
 #include <math.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #include "kernels.h"
 
@@ -230,6 +233,171 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
     return prefix;
 }
 
+/* ---------------------------------------------------------------- probed cutoff
+ * For a monotone matrix of fewer than 32768 inputs the same c is found by probing instead of a
+ * histogram: the keys' top 16 bits (a float's sign, exponent and 7 mantissa bits) are bisected
+ * with vector compares counted per rank (no scatter: 6 SSE2 operations per input and probe)
+ * until few keys lie in the bracket; those candidates are then bisected on their whole keys.
+ * c is still the largest key with weight(key >= c) >= budget: only the way there changes.
+ * x86-64 uses SSE2 (its baseline); other targets the same steps in plain C. */
+
+#define PROBE_MAX_INPUTS 32767 /* per-rank counts are int16 */
+#define PROBE_CANDIDATES 64    /* bisect the top 16 bits until about this few keys lie between */
+
+/* keys (16 per input, slot order) of x and their top 16 bits (k16: keys < 2^31, so signed). */
+static void keys_and_tops(const pe_packed *p, const float *x, uint32_t *key, int16_t *k16) {
+    for (int64_t i = 0; i < p->n_in; i++) {
+        const float *st = p->stats + i * PE_RANKS;
+        uint32_t *ki = key + i * PE_RANKS;
+        int16_t *hi = k16 + i * PE_RANKS;
+#ifdef __SSE2__
+        __m128 ax = _mm_set1_ps(fabsf(x[i]));
+        __m128i k[4];
+        for (int q = 0; q < 4; q++) {
+            k[q] = _mm_castps_si128(_mm_mul_ps(ax, _mm_loadu_ps(st + 4 * q)));
+            _mm_storeu_si128((__m128i *)(ki + 4 * q), k[q]);
+            k[q] = _mm_srai_epi32(k[q], 16);
+        }
+        _mm_storeu_si128((__m128i *)hi, _mm_packs_epi32(k[0], k[1]));
+        _mm_storeu_si128((__m128i *)(hi + 8), _mm_packs_epi32(k[2], k[3]));
+#else
+        float ax = fabsf(x[i]), s[PE_RANKS];
+        for (int k = 0; k < PE_RANKS; k++) s[k] = ax * st[k];
+        memcpy(ki, s, sizeof s);
+        for (int k = 0; k < PE_RANKS; k++) hi[k] = (int16_t)(ki[k] >> 16);
+#endif
+    }
+}
+
+/* Bit k set where k16[k] >= t (16 lanes; 1 <= t <= 32767). */
+static inline uint32_t ge_mask16(const int16_t *k16, int32_t t) {
+#ifdef __SSE2__
+    __m128i tv = _mm_set1_epi16((int16_t)(t - 1));
+    __m128i a = _mm_cmpgt_epi16(_mm_loadu_si128((const __m128i *)k16), tv);
+    __m128i b = _mm_cmpgt_epi16(_mm_loadu_si128((const __m128i *)(k16 + 8)), tv);
+    return (uint32_t)_mm_movemask_epi8(_mm_packs_epi16(a, b));
+#else
+    uint32_t m = 0;
+    for (int k = 0; k < PE_RANKS; k++) m |= (uint32_t)(k16[k] >= t) << k;
+    return m;
+#endif
+}
+
+/* Bit k set where key[k] >= t (16 lanes; 1 <= t < 2^31: keys compare as signed). */
+static inline uint32_t ge_mask32(const uint32_t *key, uint32_t t) {
+#ifdef __SSE2__
+    __m128i tv = _mm_set1_epi32((int32_t)(t - 1)), c[4];
+    for (int q = 0; q < 4; q++)
+        c[q] = _mm_cmpgt_epi32(_mm_loadu_si128((const __m128i *)(key + 4 * q)), tv);
+    __m128i w = _mm_packs_epi16(_mm_packs_epi32(c[0], c[1]), _mm_packs_epi32(c[2], c[3]));
+    return (uint32_t)_mm_movemask_epi8(w);
+#else
+    uint32_t m = 0;
+    for (int k = 0; k < PE_RANKS; k++) m |= (uint32_t)(key[k] >= t) << k;
+    return m;
+#endif
+}
+
+/* The length of the prefix of ones of a 16-bit mask (a monotone input's keys >= t). */
+static inline int prefix_len(uint32_t mask) { return __builtin_ctz(~mask); }
+
+/* The weight (sum of m) of the keys whose top 16 bits are >= t (1 <= t <= 32767). */
+static int64_t weight_from(const pe_packed *p, const int16_t *k16, int32_t t) {
+    int16_t cnt[PE_RANKS]; /* keys >= t per rank: at most n_in < 2^15 */
+#ifdef __SSE2__
+    __m128i tv = _mm_set1_epi16((int16_t)(t - 1)), a0 = _mm_setzero_si128(), a1 = a0, b0 = a0,
+            b1 = a0;
+    int64_t i = 0, n = p->n_in;
+    for (; i + 1 < n; i += 2) { /* two inputs per step: two chains of adds */
+        const __m128i *k = (const __m128i *)(k16 + 16 * i);
+        a0 = _mm_sub_epi16(a0, _mm_cmpgt_epi16(_mm_loadu_si128(k), tv)); /* -1 where true */
+        a1 = _mm_sub_epi16(a1, _mm_cmpgt_epi16(_mm_loadu_si128(k + 1), tv));
+        b0 = _mm_sub_epi16(b0, _mm_cmpgt_epi16(_mm_loadu_si128(k + 2), tv));
+        b1 = _mm_sub_epi16(b1, _mm_cmpgt_epi16(_mm_loadu_si128(k + 3), tv));
+    }
+    if (i < n) {
+        const __m128i *k = (const __m128i *)(k16 + 16 * i);
+        a0 = _mm_sub_epi16(a0, _mm_cmpgt_epi16(_mm_loadu_si128(k), tv));
+        a1 = _mm_sub_epi16(a1, _mm_cmpgt_epi16(_mm_loadu_si128(k + 1), tv));
+    }
+    _mm_storeu_si128((__m128i *)cnt, _mm_add_epi16(a0, b0));
+    _mm_storeu_si128((__m128i *)(cnt + 8), _mm_add_epi16(a1, b1));
+#else
+    memset(cnt, 0, sizeof cnt);
+    for (int64_t r = 0; r < p->n_in * PE_RANKS; r++) cnt[r & 15] += k16[r] >= t;
+#endif
+    int64_t w = 0;
+    for (int k = 0; k < PE_RANKS; k++) w += p->m[k] * cnt[k];
+    return w;
+}
+
+/* The exact cut among the candidates (slots in cand, keys in [lo, hi) with weight(key >= lo)
+ * >= budget > above = weight(key >= hi)): bisection on the whole keys, the list filtered to
+ * the half that holds c at each step. */
+static uint32_t bisect_candidates(const pe_packed *p, const uint32_t *key, uint32_t *cand,
+                                  int64_t n_cand, uint32_t lo, uint32_t hi, int64_t above,
+                                  double budget) {
+    while (hi - lo > 1 && n_cand > 1) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        int64_t w = above, kept = 0;
+        for (int64_t t = 0; t < n_cand; t++) w += key[cand[t]] >= mid ? p->m[cand[t] & 15] : 0;
+        int up = (double)w >= budget; /* c >= mid: keep [mid, hi) */
+        for (int64_t t = 0; t < n_cand; t++) {
+            uint32_t k = key[cand[t]];
+            cand[kept] = cand[t];
+            kept += up ? k >= mid : k < mid;
+        }
+        n_cand = kept;
+        if (up) lo = mid;
+        else hi = mid, above = w;
+    }
+    /* c is the largest key >= lo with weight(key >= c) >= budget: here one candidate is left
+     * (or several equal ones), and it is c */
+    return n_cand ? key[cand[0]] : lo;
+}
+
+/* The cutoff of a monotone matrix (total >= budget > 0) by probing; fills key. scratch2 holds
+ * 16 n_in + 16 uint32: the candidates from its start, the top bits in its upper half (input
+ * i's candidates, written after its tops are read, end before input i + 1's tops begin). */
+static uint32_t probed_cutoff(const pe_packed *p, const float *x, uint32_t *key,
+                              uint32_t *scratch2, int64_t total, double budget) {
+    int16_t *k16 = (int16_t *)(scratch2 + 8 * p->n_in + 16);
+    keys_and_tops(p, x, key, k16);
+    int16_t top = 0; /* rank 0 holds an input's largest key */
+    for (int64_t i = 0; i < p->n_in; i++) top = k16[i * PE_RANKS] > top ? k16[i * PE_RANKS] : top;
+    /* weight(top16 >= lo) >= budget > weight(top16 >= hi); lo = 0 counts every loaded key */
+    int32_t lo = 0, hi = top + 1;
+    int64_t w_lo = total, w_hi = 0, m_min = p->m[PE_RANKS - 1] < 1 ? 1 : p->m[PE_RANKS - 1];
+    /* down from the top an octave (128 steps of the top bits) at a time, doubling: c lies a
+     * few octaves below the largest key; then bisection */
+    for (int32_t step = 128; hi - step > lo; step *= 2) {
+        int64_t w = weight_from(p, k16, hi - step);
+        if ((double)w >= budget) {
+            lo = hi - step, w_lo = w;
+            break;
+        }
+        hi -= step, w_hi = w;
+    }
+    while (hi - lo > 1 && (w_lo - w_hi) / m_min > PROBE_CANDIDATES) {
+        int32_t mid = lo + (hi - lo) / 2;
+        int64_t w = weight_from(p, k16, mid);
+        if ((double)w >= budget) lo = mid, w_lo = w;
+        else hi = mid, w_hi = w;
+    }
+    /* the candidates: an input's keys with top 16 bits in [lo, hi) are one run of its loaded
+     * ranks [k0, k1) */
+    uint32_t *cand = scratch2;
+    int64_t n_cand = 0;
+    for (int64_t i = 0; i < p->n_in; i++) {
+        int k0 = prefix_len(ge_mask16(k16 + i * PE_RANKS, hi)), nl = p->n_loaded[i];
+        int k1 = lo ? prefix_len(ge_mask16(k16 + i * PE_RANKS, lo)) : nl;
+        k1 = k1 < nl ? k1 : nl;
+        for (int k = k0; k < k1; k++) cand[n_cand++] = (uint32_t)(i * PE_RANKS + k);
+    }
+    return bisect_candidates(p, key, cand, n_cand, (uint32_t)lo << 16, (uint32_t)hi << 16, w_hi,
+                             budget);
+}
+
 /* Dispatched lanes of input i (bits k < n_loaded with key >= c) -> runs; returns runs added. */
 static int64_t emit_runs(const pe_packed *p, int64_t i, uint32_t mask, float x, pe_run *runs) {
     int64_t n = 0;
@@ -259,6 +427,10 @@ static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort
     /* every row is needed; at total = budget too, unless padding rows (m = 0) would join */
     if ((double)total < budget || ((double)total == budget && p->n_out % PE_GROUP == 0))
         return PE_OK;
+    if (p->monotone && p->n_in <= PROBE_MAX_INPUTS && p->n_in < 2 * SPLIT_MIN_INPUTS) {
+        *c = probed_cutoff(p, x, key, cand, total, budget);
+        return PE_OK;
+    }
     int64_t hist[2048];
     uint32_t top = all_keys_and_digits(p, x, key, hist);
     *c = radix_cutoff_packed(p, key, cand, hist, top, budget);
@@ -268,12 +440,8 @@ static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort
 /* Dispatched ranks of input i: bits k < n_loaded with key >= c. */
 static uint32_t dispatched(const pe_packed *p, const uint32_t *key, int64_t i, uint32_t c) {
     const uint32_t *ki = key + i * PE_RANKS;
-    uint32_t mask = c ? 0u : 0xFFFFu; /* c = 0: every key (>= +0) is at or above it */
-    if (c && p->monotone) { /* keys fall with rank: a prefix, its length counted */
-        mask = (1u << count_above(ki, 0, (int32_t)c - 1)) - 1; /* key >= c */
-    } else {
-        for (int k = 0; k < PE_RANKS && c; k++) mask |= (uint32_t)(ki[k] >= c) << k;
-    }
+    /* c = 0: every key (>= +0) is at or above it */
+    uint32_t mask = c ? ge_mask32(ki, c) : 0xFFFFu;
     return mask & ((1u << p->n_loaded[i]) - 1);
 }
 
@@ -317,7 +485,7 @@ static void monotone_items(const pe_packed *p, const float *x, const uint32_t *k
     int tail = (int)(p->n_out % PE_GROUP); /* ranks >= tail have a padding slot (tail > 0) */
     int64_t ranks = 0, padding = 0;
     for (int64_t i = 0; i < p->n_in; i++) {
-        int k = count_above(key + i * PE_RANKS, 0, (int32_t)c - 1), nl = p->n_loaded[i];
+        int k = prefix_len(ge_mask32(key + i * PE_RANKS, c)), nl = p->n_loaded[i];
         k = k < nl ? k : nl;
         ranks += k;
         padding += tail && k > tail ? k - tail : 0;
