@@ -15,6 +15,8 @@ ACTIVATION_DTYPES = (np.float16, np.float32)
 
 def effort(value, name: str = "effort") -> float:
     """A real number in [0, 1] -> float."""
+    if type(value) is float and 0.0 <= value <= 1.0:  # the common case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise EffortError(f"{name} must be a real number in [0, 1], got {type(value).__name__}")
     e = float(value)
