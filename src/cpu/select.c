@@ -243,12 +243,16 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
 
 #define PROBE_MAX_INPUTS 32767 /* per-rank counts are int16 */
 #define PROBE_CANDIDATES 64    /* bisect the top 16 bits until about this few keys lie between */
+#ifndef PF_STATS
+#define PF_STATS 16 /* statistics prefetched this many inputs (a line each) ahead */
+#endif
 
 /* keys (16 per input, slot order) of x and their top 16 bits (k16: keys < 2^31, so signed). */
 static void keys_and_tops(const pe_packed *p, const float *x, uint32_t *key, int16_t *k16) {
     for (int64_t i = 0; i < p->n_in; i++) {
         const float *st = p->stats + i * PE_RANKS;
         uint32_t *ki = key + i * PE_RANKS;
+        __builtin_prefetch(st + PF_STATS * PE_RANKS); /* read cold in decoding */
         int16_t *hi = k16 + i * PE_RANKS;
 #ifdef __SSE2__
         __m128 ax = _mm_set1_ps(fabsf(x[i]));
