@@ -121,6 +121,9 @@ def profile_calls(objs, call):
     res.update({"last_" + k: round((st[i] - st[11]) / 1e3, 2) for k, i in LATEST})
     res["gap_prev_end_to_start"] = round((st[11] - prev[10]) / 1e3, 2)
     res["prev_call_total"] = round((prev[10] - prev[11]) / 1e3, 2)
+    for k in range(26, 30):  # builds with -DPE_SUBSTAMP: inside block 0's lists, from pick end
+        if st[k]:
+            res[f"lists_s{k}"] = round((st[k] - st[4]) / 1e3, 2)
     return res
 
 

@@ -140,6 +140,26 @@ def test_one_split_many_passes(shape, gen, rng):
         assert torch.equal(y.view(torch.int32), y2.view(torch.int32))
 
 
+@pytest.mark.parametrize("partial", [False, True])
+def test_one_split_two_passes(partial, gen, rng):
+    """splits=1 with 4097..8192 rows: exactly two passes of keys (as w1/w3 of a 7B model at
+    ct 128). Every mode: effort 0, searches, an overflowing list, 1.0 (full load), above the
+    loaded rows (partial load); the same bits on a repeat call."""
+    w = (rng.standard_normal((500, 300)) * rng.lognormal(0, 0.7, (500, 1))).astype(np.float16)
+    b = pyeffort.build_buckets(w)
+    if partial:  # 6000 of 8000 rows
+        b = pyeffort.Buckets(b.values[:6000], b.positions[:6000], b.stats, b.order, b.n_out)
+    bc = cuda.to_device(b, "cuda", splits=1)
+    for effort in [0.0, 0.02, 0.1, 0.25, 0.5, 0.8, 1.0]:
+        x = fresh_x(gen, 2, 500, torch.float16)
+        y, info = run_gpu(x, bc, effort)
+        ref, mults = reference_out(x, b, effort)
+        assert info.mults == sum(mults), (effort, info.mults, mults)
+        assert_close(y, ref, scale(x, b), 2e-5)
+        y2, _ = run_gpu(x, bc, effort)
+        assert torch.equal(y.view(torch.int32), y2.view(torch.int32))
+
+
 @pytest.mark.parametrize("ct", [32, 64, 128, 256])
 def test_tile_widths(ct, gen, rng):
     w = rng.standard_normal((700, 2000)).astype(np.float16)

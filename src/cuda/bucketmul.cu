@@ -2,8 +2,9 @@
  *
  * Worker (tile, split) of a matrix:
  *   1. keys of its split's rows in registers (order/stats read before the PDL wait); its share of
- *      the level-1 weight histogram (12 key bits) -> global; signal hist_done.
- *   2. wait for every worker's histogram; pick the level-1 bin b1 (every block the same answer).
+ *      the level-1 weight histogram (12 key bits) -> global (REDs, no fence); count hist_done.
+ *   2. wait for every worker's histogram: with a search, the histogram is loaded until its bins
+ *      sum to the loaded total (complete); pick the level-1 bin b1 (every block the same answer).
  *      Rows above b1 are surely dispatched: -> shared list. Rows in b1 are candidates: -> own
  *      shared list, and its share of them -> the global candidate list (tagged keys), whose
  *      tagged count goes out as soon as it is known (no fence). With a search, every pass's
@@ -15,8 +16,8 @@
  *      of them in split order -> y, polling each word until it carries this call's tag. Nothing
  *      is reset: the meeting counter only grows, and a call waits for base + participants;
  *      the other meetings are tagged words (pe_cuda_state).
- * Selector of a matrix: clears the next call's histogram buffer, waits for the histograms,
- * advances the epoch, picks b1, polls the workers' tagged candidate counts, runs levels 2 and 3
+ * Selector of a matrix: clears the next call's histogram buffer, waits for the histograms
+ * (by their sum, as the workers), advances the epoch, picks b1, polls the workers' tagged candidate counts, runs levels 2 and 3
  * over the candidates (resolve.cuh; the last level by one warp when the level-2 bin holds at most
  * 32 of them) and publishes the tagged cut.
  * When the effort covers every loaded row (budget == total_w: effort 1.0 on a full load) the
@@ -98,12 +99,55 @@ __device__ __forceinline__ uint32_t pe_full_cut(const uint32_t *hist) {
     return 0x7FFFFFFFu - __ldcg(hist);
 }
 
-/* hist (PE_NB1 weights, global) -> h (shared) -> b1 and the weight above it, by mode. */
+/* Search mode: the level-1 histogram is loaded until its bins sum to total_w, which proves
+ * every worker's share is in: the bins only grow from zero during the call, so a sum of the
+ * loaded values equal to the final sum means each loaded bin is final. This replaces the
+ * workers' fence, the meeting counter and its poll before the load (README_cuda.md, update 4).
+ * Block-wide; h: PE_NB1 words of shared memory. -> b1; *above = the weight above it. */
+__device__ __forceinline__ int pick_level1_poll(const uint32_t *hist, uint32_t *h, double budget,
+                                                unsigned long long total_w,
+                                                unsigned long long *above) {
+    __shared__ unsigned long long s_ww[2][PE_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint4 *src = (const uint4 *)hist;
+    uint4 v[PE_NB1 / 4 / PE_THREADS];
+    for (uint32_t it = 0;; it++) {
+#pragma unroll
+        for (int q = 0; q < PE_NB1 / 4 / PE_THREADS; q++)
+            v[q] = __ldcg(src + q * PE_THREADS + threadIdx.x);
+        unsigned long long sm = 0;
+#pragma unroll
+        for (int q = 0; q < PE_NB1 / 4 / PE_THREADS; q++)
+            sm += (unsigned long long)v[q].x + v[q].y + v[q].z + v[q].w;
+#pragma unroll
+        for (int d = 16; d >= 1; d /= 2) sm += __shfl_xor_sync(0xFFFFFFFFu, sm, d);
+        if (lane == 0) s_ww[it & 1][warp] = sm;
+        __syncthreads(); /* s_ww[it & 1] is written again only after the next barrier */
+        unsigned long long tot = 0;
+#pragma unroll
+        for (int k = 0; k < PE_WARPS; k++) tot += s_ww[it & 1][k];
+        if (tot == total_w) break; /* the same answer in every thread */
+        if (tot > total_w || it == (1u << 24)) __trap(); /* not zeroed, or a share never came */
+    }
+#pragma unroll
+    for (int q = 0; q < PE_NB1 / 4 / PE_THREADS; q++)
+        reinterpret_cast<uint4 *>(h)[q * PE_THREADS + threadIdx.x] = v[q];
+    __syncthreads();
+    uint32_t b;
+    *above = 0;
+    pe_pick_bin(h, PE_NB1, budget, &b, above);
+    return (int)b;
+}
+
+/* hist (PE_NB1 weights, global) -> h (shared) -> b1 and the weight above it, by mode;
+ * total_w != 0 (search mode): pick_level1_poll. Block-wide. */
 __device__ __forceinline__ int pick_level1(const uint32_t *hist, uint32_t *h, int mode,
-                                           double budget, unsigned long long *above) {
+                                           double budget, unsigned long long *above,
+                                           unsigned long long total_w = 0) {
     *above = 0;
     if (mode == PE_MODE_NONE) return PE_NB1; /* nothing is above, nothing is a candidate */
     if (mode == PE_MODE_ALL) return -1;      /* every row is above */
+    if (total_w) return pick_level1_poll(hist, h, budget, total_w, above);
     const uint4 *src = (const uint4 *)hist;
     uint4 v[PE_NB1 / 4 / PE_THREADS];
 #pragma unroll
@@ -131,7 +175,14 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
                                                uint32_t list_base, int2 *cand_rx,
                                                uint32_t *cand_k, uint32_t *n_c,
                                                uint32_t (*warp_n)[PE_KR * PE_WARPS],
-                                               uint32_t *s_tot, uint32_t tag, bool last) {
+                                               uint32_t *s_tot, uint32_t tag, bool last,
+                                               long long *tm = nullptr) {
+#ifdef PE_SUBSTAMP /* block 0's stamps inside the lists phase (slots 26-29) */
+#define PE_SUB(i) \
+    if (tm && threadIdx.x == 0) tm[i] = pe_now()
+#else
+#define PE_SUB(i)
+#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tail = (int)(m.n_out % 16);
     const uint32_t nt = (uint32_t)m.n_tiles, c0 = *n_c;
     /* number of candidate indices o < v with o % nt == tile: this worker's share */
@@ -151,12 +202,14 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
         }
     }
     __syncthreads();
+    PE_SUB(26);
     if (warp < 2) {
         const uint32_t tot = pe_warp_scan256(warp_n[warp]);
         if (lane == 0) s_tot[warp] = tot;
     }
     __syncthreads();
     const uint32_t nd = s_tot[0], nc = s_tot[1];
+    PE_SUB(27);
     const unsigned lt = (1u << lane) - 1u;
     /* sure rows go to list[list_base ...] only if all fit (list_base 0: always) */
     const bool wd = list_base == 0 || list_base + nd <= PE_PASS_ROWS;
@@ -178,22 +231,34 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
         }
     }
     __syncthreads();
+    PE_SUB(28);
     if (nc && publish) { /* this worker's segment of the global list: 1 + share index */
         unsigned long long *seg =
             (unsigned long long *)(m.cand + (size_t)worker * pe_cand_stride(m)) + 1;
+        /* from the own list when it holds them all: a short loop instead of 8 unrolled rounds
+         * with two divisions each. The same stores; this code runs once per call on the
+         * critical path, and its size was what cost (-1.0 to -1.4 us per call, update 4) */
+        if (c0 + nc <= PE_CAND_CAP) {
+            for (uint32_t o = c0 + threadIdx.x; o < c0 + nc; o += PE_THREADS)
+                if (o % nt == (uint32_t)tile)
+                    pe_st_relaxed64(&seg[share_below(o)], pe_tagged(tag, cand_k[o]));
+        } else {
 #pragma unroll
-        for (int q = 0; q < PE_KR; q++) {
-            if (cm[q] >> lane & 1u) {
-                const uint32_t o = c0 + warp_n[1][q * PE_WARPS + warp] + __popc(cm[q] & lt);
-                if (o % nt == (uint32_t)tile) {
-                    const uint32_t e = key[q] | (pe_is_short(ri[q], m.n_in, tail) << 31);
-                    pe_st_relaxed64(&seg[share_below(o)], pe_tagged(tag, e));
+            for (int q = 0; q < PE_KR; q++) {
+                if (cm[q] >> lane & 1u) {
+                    const uint32_t o = c0 + warp_n[1][q * PE_WARPS + warp] + __popc(cm[q] & lt);
+                    if (o % nt == (uint32_t)tile) {
+                        const uint32_t e = key[q] | (pe_is_short(ri[q], m.n_in, tail) << 31);
+                        pe_st_relaxed64(&seg[share_below(o)], pe_tagged(tag, e));
+                    }
                 }
             }
         }
     }
     *n_c = c0 + nc;
+    PE_SUB(29);
     return nd;
+#undef PE_SUB
 }
 
 /* Selector: the per-worker counts, each polled until it carries this call's tag -> s_off
@@ -294,17 +359,26 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             reinterpret_cast<uint4 *>(other)[i] = make_uint4(0u, 0u, 0u, 0u);
         uint32_t *h = (uint32_t *)acc, *s_cand = h + PE_NB2;
         const uint32_t cap = ((T::ACC_BYTES / 4 - PE_NB2) / 4096) * 4096;
-        pe_wait_geq(&st->hist_done, all_in);
-        if (threadIdx.x == 0) { /* every worker has read the bases: the next call's */
-            st->epoch = epoch + 1u;
-            st->hbase = all_in;
+        const bool hsum = mode == PE_MODE_SEARCH; /* the complete histogram is the meeting */
+        if (!hsum) {
+            pe_wait_geq(&st->hist_done, all_in);
+            if (threadIdx.x == 0) { /* every worker has read the bases: the next call's */
+                st->epoch = epoch + 1u;
+                st->hbase = all_in;
+            }
         }
         PE_STAMP_SEL(12);
         uint32_t cut;
         unsigned long long mults;
         if (mode == PE_MODE_SEARCH) {
             unsigned long long aw;
-            const int b1 = pick_level1(hist, (uint32_t *)list, mode, budget, &aw);
+            const int b1 = pick_level1(hist, (uint32_t *)list, mode, budget, &aw,
+                                       hsum ? m.total_w : 0ull);
+            if (hsum && threadIdx.x == 0) { /* every share is in, so every worker has read the
+                                               bases (before its share): the next call's */
+                st->epoch = epoch + 1u;
+                st->hbase = all_in;
+            }
             uint32_t *s_off = (uint32_t *)list; /* (n_workers + 1,) */
             const uint32_t n_c = gather_counts(m, n_workers, s_off, tag);
             PE_STAMP_SEL(13);
@@ -334,6 +408,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     }
 
     /* ------------------------------------------------------------------ worker block */
+    long long *const tm0 = blockIdx.x == 0 ? g.timing : nullptr; /* split_rows' sub-stamps */
     const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
     float *my = acc + team * T::ACC + t;
     const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
@@ -369,14 +444,25 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         if (mode == PE_MODE_SEARCH)
             for (int i = threadIdx.x; i < PE_NB1; i += PE_THREADS)
                 if (h1[i]) atomicAdd(&hist[i], h1[i]);
-        pe_signal(&st->hist_done); /* in every mode: the selector advances the bases after it */
+        if (mode == PE_MODE_SEARCH) {
+            /* no fence: the readers check the histogram by its sum (pick_level1). The counter
+             * only keeps the bases in step (the next call's hbase); every thread has used the
+             * bases (s1) before this barrier (its predicate reads them), so none can read the
+             * selector's update of them. */
+            if (__syncthreads_or(s1.y == 0xFFFFFFFFu && s1.w == 0xFFFFFFFFu) && threadIdx.x == 0)
+                asm volatile("" ::: "memory");
+            if (threadIdx.x == 0) atomicAdd(&st->hist_done, 1u);
+        } else {
+            pe_signal(&st->hist_done); /* the selector advances the bases after it */
+        }
     }
     /* the accumulators are zeroed while the other workers' histograms come in */
     for (int i = threadIdx.x; i < T::NT * T::ACC / 4; i += PE_THREADS)
         reinterpret_cast<float4 *>(acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     PE_STAMP(2);
     PE_STAMP_MAX(2);
-    if (mode == PE_MODE_SEARCH || mode == PE_MODE_FULL) pe_wait_geq(&st->hist_done, all_in);
+    const unsigned long long hsum = mode == PE_MODE_SEARCH ? m.total_w : 0ull;
+    if (mode == PE_MODE_FULL) pe_wait_geq(&st->hist_done, all_in);
     else __syncthreads();
     PE_STAMP(3);
     PE_STAMP_MAX(3);
@@ -385,7 +471,8 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
                                : mode == PE_MODE_ALL ? 0u
                                                      : PE_INVALID;
     const int b1 = mode == PE_MODE_FULL ? (int)(known_cut >> 19)
-                                        : pick_level1(hist, (uint32_t *)list, mode, budget, &aw);
+                                        : pick_level1(hist, (uint32_t *)list, mode, budget, &aw,
+                                                      hsum);
     const bool publish = mode == PE_MODE_SEARCH; /* the selector reads the candidates */
     PE_STAMP(4);
     PE_STAMP_MAX(4);
@@ -398,7 +485,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
                           pass count measured 0.7-1.9 us slower on 4096x4096 (code generation),
                           though faster at effort 1.0 on the largest shapes (README_cuda.md) */
         const uint32_t nd = split_rows(m, b1, true, true, publish, tile, local, ri, xv, key, list,
-                                       0u, cand_rx, cand_k, &n_c, warp_n, s_tot, tag, true);
+                                       0u, cand_rx, cand_k, &n_c, warp_n, s_tot, tag, true, tm0);
         PE_STAMP(5);
         PE_STAMP_MAX(5);
         pe_process<CT>(list, nd, tile_base, my, team, t);
@@ -416,7 +503,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             const bool app = pend == n_pass;
             const uint32_t nd = split_rows(m, b1, app, true, publish, tile, local, ri, xv, key,
                                            list, n_list, cand_rx, cand_k, &n_c, warp_n, s_tot,
-                                           tag, p == n_pass - 1);
+                                           tag, p == n_pass - 1, tm0);
             if (app && (n_list == 0 || n_list + nd <= PE_PASS_ROWS)) n_list += nd;
             else if (app) pend = p;
         }
