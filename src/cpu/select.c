@@ -479,8 +479,9 @@ pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe
     return PE_OK;
 }
 
-/* pe_select_items' pass for a monotone matrix (c > 0): input i dispatches its K ranks with key
- * >= c (a prefix, counted), so its mask, class and multiplications follow from K alone. */
+/* pe_select_items' pass for a monotone matrix: input i dispatches its K ranks with key >= c (a
+ * prefix, counted; c = 0: all its loaded ranks), so its mask, class and multiplications follow
+ * from K alone. */
 static void monotone_items(const pe_packed *p, const float *x, const uint32_t *key, uint32_t c,
                            pe_item *items, int64_t end[PE_CLASSES], int64_t *n_rows,
                            int64_t *mults) {
@@ -489,7 +490,7 @@ static void monotone_items(const pe_packed *p, const float *x, const uint32_t *k
     int tail = (int)(p->n_out % PE_GROUP); /* ranks >= tail have a padding slot (tail > 0) */
     int64_t ranks = 0, padding = 0;
     for (int64_t i = 0; i < p->n_in; i++) {
-        int k = prefix_len(ge_mask32(key + i * PE_RANKS, c)), nl = p->n_loaded[i];
+        int k = c ? prefix_len(ge_mask32(key + i * PE_RANKS, c)) : PE_RANKS, nl = p->n_loaded[i];
         k = k < nl ? k : nl;
         ranks += k;
         padding += tail && k > tail ? k - tail : 0;
@@ -515,7 +516,7 @@ pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_
     *n_rows = *mults = 0;
     pe_status st = packed_cutoff(p, x, effort, key, scratch + p->n_in * PE_RANKS, &c, &none);
     if (st != PE_OK || none) return st;
-    if (c && p->monotone) {
+    if (p->monotone) { /* c = 0 (effort 1): every loaded rank, a prefix too */
         monotone_items(p, x, key, c, items, end, n_rows, mults);
         return PE_OK;
     }
