@@ -422,20 +422,27 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         if (mode == PE_MODE_SEARCH) {
             for (int p = n_pass - 1; p >= 0; p--) {
                 if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
+                /* the round's tile by a wrapped counter: one division per pass, not 8 inlined
+                 * (once-per-call code: its size costs, README_cuda.md update (4)) */
+                int rt = (p * PE_KR) % m.n_tiles;
 #pragma unroll
-                for (int q = 0; q < PE_KR; q++)
-                    if (ri[q] >= 0 && (p * PE_KR + q) % m.n_tiles == tile)
+                for (int q = 0; q < PE_KR; q++) {
+                    if (ri[q] >= 0 && rt == tile)
                         atomicAdd(&h1[key[q] >> 19], G - pe_is_short(ri[q], m.n_in, tail));
+                    if (++rt == m.n_tiles) rt = 0;
+                }
             }
         } else if (mode == PE_MODE_FULL) {
             uint32_t mn = 0x7FFFFFFFu; /* none (real keys are finite: below 0x7F800000) */
             for (int p = n_pass - 1; p >= 0; p--) {
                 if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
+                int rt = (p * PE_KR) % m.n_tiles;
 #pragma unroll
-                for (int q = 0; q < PE_KR; q++)
-                    if (ri[q] >= 0 && (p * PE_KR + q) % m.n_tiles == tile &&
-                        G > pe_is_short(ri[q], m.n_in, tail))
+                for (int q = 0; q < PE_KR; q++) {
+                    if (ri[q] >= 0 && rt == tile && G > pe_is_short(ri[q], m.n_in, tail))
                         mn = min(mn, key[q]);
+                    if (++rt == m.n_tiles) rt = 0;
+                }
             }
             mn = __reduce_min_sync(0xFFFFFFFFu, mn);
             if ((threadIdx.x & 31) == 0 && mn != 0x7FFFFFFFu) atomicMax(&hist[0], 0x7FFFFFFFu - mn);
