@@ -298,7 +298,7 @@ def test_concurrent_callers_get_the_same_results(kernel, threads, rng):
         assert all(np.array_equal(a, t) for a, t in zip(alone, together))
 
 
-@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 4])
 def test_group_equals_separate_calls(kernel, threads, rng, n_threads):
     """matmul_group: the same bits, mults and bytes as one matmul per matrix, for every kernel
     set, thread count, odd size, partial load and per-matrix effort (0 and 1 included)."""

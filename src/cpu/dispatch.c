@@ -1,6 +1,7 @@
 /* Drivers: pick the CPU kernel set once, run selection and kernels per token, split the
  * outputs over the thread pool (disjoint ranges: deterministic for any thread count). */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -269,38 +270,53 @@ pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const flo
 
 /* ------------------------------------------------ a group of matrices that share x */
 
-/* Per matrix of a group: its selection's outputs and scratch, and its kernel job. */
+/* Per matrix of a group: its selection's outputs and scratch, its kernel job, and whether both
+ * are ready (set by the thread that ran the selection). */
 typedef struct {
     const pe_packed *p;
     double effort;
     uint32_t *sc;
     pe_item *items;
+    float *extra;
+    float *y;
+    pe_tiermul_fn fn;
     int64_t begin[PE_CLASSES], end[PE_CLASSES], n_rows, done;
     pe_status st;
     tier_job job;
-    int nt, chunk0;
+    atomic_int ready;
 } group_member;
 
 typedef struct {
     group_member *m;
     const float *x;
+    int n, per; /* matrices; kernel chunks per matrix (the most any selection can need) */
 } group_job;
 
-/* Chunk j: matrix j's cutoff search (its first pass inline: the pool is busy with this job). */
-static void group_select(void *ctx, int j, int n) {
-    group_job *g = ctx;
+/* Matrix j's cutoff search and kernel job (its first pass inline: the pool is busy here). */
+static void group_select(group_job *g, int j) {
     group_member *m = g->m + j;
-    (void)n;
     m->st = pe_select_items(m->p, g->x, m->effort, m->items, m->begin, m->end, &m->n_rows,
                             &m->done, m->sc);
+    if (m->st == PE_OK) /* as a call alone: the same parts and column ranges, so the same bits */
+        tier_job_for(&m->job, m->fn, m->p, m->items, m->begin, m->end, m->n_rows, m->y,
+                     m->extra);
+    atomic_store_explicit(&m->ready, 1, memory_order_release);
 }
 
-/* Chunk c: chunk c - chunk0 of the kernel job of the matrix whose chunks hold c. */
-static void group_kernels(void *ctx, int c, int n) {
+/* Chunks 0..n-1: the selections; then per matrix `per` kernel chunks, which wait for their
+ * matrix's selection (claimed earlier, so running or done): a thread past the selections starts
+ * on the first matrix's kernel while another still selects for the last. */
+static void group_chunk(void *ctx, int c, int n_chunks) {
     group_job *g = ctx;
-    int j = 0;
-    while (g->m[j + 1].chunk0 <= c) j++;
-    tier_run(&g->m[j].job, c - g->m[j].chunk0, n);
+    (void)n_chunks;
+    if (c < g->n) {
+        group_select(g, c);
+        return;
+    }
+    group_member *m = g->m + (c - g->n) / g->per;
+    int q = (c - g->n) % g->per;
+    while (!atomic_load_explicit(&m->ready, memory_order_acquire)) pe_cpu_relax();
+    if (m->st == PE_OK && q < TIER_PARTS * m->job.ranges) tier_run(&m->job, q, 0);
 }
 
 pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets *const *bs,
@@ -345,32 +361,29 @@ pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets
     }
     char *buf = scratch(total, 0);
     if (!buf) return PE_ERR_ALLOC;
-    group_member m[PE_MAX_GROUP + 1];
+    group_member m[PE_MAX_GROUP];
     for (int j = 0; j < n; j++) {
         m[j].p = ps[j];
         m[j].effort = efforts[j];
         m[j].sc = (uint32_t *)buf + j * per_sc;
         m[j].items = (pe_item *)(buf + off_items) + j * (PE_CLASSES * n_in + 1);
+        m[j].extra = (float *)(buf + off_extra[j]);
+        m[j].y = ys[j];
+        m[j].fn = fn[j];
+        atomic_init(&m[j].ready, 0);
     }
-    group_job g = {m, x};
-    pe_status st = pe_parallel(group_select, &g, n, n_threads < n ? n_threads : n);
+    int ranges = n_threads > TIER_PARTS ? n_threads / TIER_PARTS : 1; /* tier_job_for's most */
+    group_job g = {m, x, n, TIER_PARTS * ranges};
+    pe_status st = pe_parallel(group_chunk, &g, n + n * g.per, n_threads);
     if (st != PE_OK) return st;
-    int chunks = 0;
     for (int j = 0; j < n; j++) {
         if (m[j].st != PE_OK) return m[j].st;
         const pe_packed *p = ps[j];
         int64_t row_bytes = 2 * p->n_groups + (p->n_groups + 1) / 2;
-        /* as a call alone: the same parts and column ranges, so the same bits */
-        tier_job_for(&m[j].job, fn[j], p, m[j].items, m[j].begin, m[j].end, m[j].n_rows, ys[j],
-                     (float *)(buf + off_extra[j]));
-        m[j].chunk0 = chunks;
-        chunks += TIER_PARTS * m[j].job.ranges;
+        add_parts(&m[j].job);
         mults[j] += m[j].done;
         bytes[j] += m[j].n_rows * row_bytes;
     }
-    m[n].chunk0 = chunks; /* the end sentinel of group_kernels' search */
-    if ((st = pe_parallel(group_kernels, &g, chunks, n_threads)) != PE_OK) return st;
-    for (int j = 0; j < n; j++) add_parts(&m[j].job);
     return PE_OK;
 }
 

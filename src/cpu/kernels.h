@@ -73,6 +73,15 @@ typedef struct {
     uint32_t mask;
     float x;
 } pe_item;
+/* A spin-wait's pause (threads.c, and waits inside a job). */
+static inline void pe_cpu_relax(void) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 /* Items are grouped by class 2 (T - 1) + partial: T the tiers up to the last one touched,
  * partial if a tier below T is not whole (then each tier keeps the ranks its 4 bits name). */
 #define PE_CLASSES 8

@@ -29,13 +29,6 @@ static job_t jobs[2]; /* job g lives in jobs[g & 1]: a late worker never reads a
 static int n_workers;
 static uint64_t start_gen[MAX_THREADS]; /* the generation when worker i was started */
 
-static void cpu_relax(void) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -49,7 +42,7 @@ static uint64_t wait_job(uint64_t seen) {
     for (int i = 0;; i++) {
         uint64_t g = atomic_load_explicit(&generation, memory_order_acquire);
         if (g != seen) return g;
-        cpu_relax();
+        pe_cpu_relax();
         if ((i & 255) == 255 && now_ns() - t0 > SPIN_NS) break;
     }
     pthread_mutex_lock(&wake_lock);
@@ -134,7 +127,7 @@ pe_status pe_parallel(pe_job_fn fn, void *ctx, int n_chunks, int n_threads) {
         pthread_mutex_unlock(&wake_lock);
     }
     run_chunks(g); /* the caller works too, and takes every chunk no worker has claimed */
-    while (atomic_load_explicit(&done, memory_order_acquire) < n_chunks) cpu_relax();
+    while (atomic_load_explicit(&done, memory_order_acquire) < n_chunks) pe_cpu_relax();
     pthread_mutex_unlock(&job_lock);
     return PE_OK;
 }
