@@ -215,6 +215,53 @@ static void add_parts(const tier_job *j) {
         for (int64_t o = 0; o < j->p->n_out; o++) j->y[0][o] += j->y[q][o];
 }
 
+/* One token's selection on one thread while another reads the matrix's permuted copy from its
+ * start into the caches, until the selection is done: in decoding the copy comes from DRAM, and
+ * the kernel that follows then finds part of it nearer. */
+typedef struct {
+    const pe_packed *p;
+    const float *x;
+    double effort;
+    pe_item *items;
+    int64_t *begin, *end, n_rows, done;
+    uint32_t *sc;
+    pe_status st;
+    atomic_int selected;
+} select_warm;
+
+static void select_or_warm(void *ctx, int c, int n) {
+    select_warm *j = ctx;
+    (void)n;
+    if (c == 0) {
+        j->st = pe_select_items(j->p, j->x, j->effort, j->items, j->begin, j->end, &j->n_rows,
+                                &j->done, j->sc);
+        atomic_store_explicit(&j->selected, 1, memory_order_release);
+        return;
+    }
+    const volatile uint8_t *a = j->p->perm;
+    uint8_t sink = 0;
+    for (int64_t o = 0; o < j->p->perm_bytes; o += 64) { /* a load per line */
+        if ((o & 4095) == 0 && atomic_load_explicit(&j->selected, memory_order_relaxed)) break;
+        sink ^= a[o];
+    }
+    (void)sink;
+}
+
+/* pe_select_items, with the copy warmed by a second thread when one is free and the search
+ * costs something (effort < 1). */
+static pe_status select_items(const pe_packed *p, const float *x, double effort, pe_item *items,
+                              int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES],
+                              int64_t *n_rows, int64_t *done, uint32_t *sc) {
+    if (n_threads < 2 || !p->perm || !(effort < 1.0))
+        return pe_select_items(p, x, effort, items, begin, end, n_rows, done, sc);
+    select_warm j = {p, x, effort, items, begin, end, 0, 0, sc, PE_OK};
+    atomic_init(&j.selected, 0);
+    pe_status st = pe_parallel(select_or_warm, &j, 2, 2);
+    *n_rows = j.n_rows;
+    *done = j.done;
+    return st != PE_OK ? st : j.st;
+}
+
 static pe_status bucketmul_items(pe_tiermul_fn fn, const pe_packed *p, const float *x,
                                  int64_t n_tokens, double effort, float *y, int64_t *mults,
                                  int64_t *bytes) {
@@ -225,8 +272,8 @@ static pe_status bucketmul_items(pe_tiermul_fn fn, const pe_packed *p, const flo
     if (!sc || !items || !extra) return PE_ERR_ALLOC;
     for (int64_t t = 0; t < n_tokens; t++) {
         int64_t begin[PE_CLASSES], end[PE_CLASSES], n_rows = 0, done = 0;
-        pe_status st = pe_select_items(p, x + t * p->n_in, effort, items, begin, end, &n_rows,
-                                       &done, sc);
+        pe_status st = select_items(p, x + t * p->n_in, effort, items, begin, end, &n_rows,
+                                    &done, sc);
         if (st != PE_OK) return st;
         tier_job job;
         int nt = tier_job_for(&job, fn, p, items, begin, end, n_rows, y + t * p->n_out, extra);

@@ -41,6 +41,7 @@ struct pe_packed {
      * otherwise. */
     uint8_t *perm;        /* rank maps and rank-ordered values, per input                 */
     int64_t *perm_off;    /* (n_in,) byte offset of input i's records                     */
+    int64_t perm_bytes;   /* the copy's size                                              */
 };
 
 /* The tiered layout. Tier t of input i holds ranks 4t..4t+3 of every group in position order:

@@ -65,6 +65,7 @@ pe_status pe_build_perm(const pe_buckets *b, pe_packed *p) {
         total += input_bytes(b->n_groups, p->n_loaded[i]);
     }
     p->perm = pe_alloc_copy((size_t)total + 64);
+    p->perm_bytes = total;
     if (!p->perm) {
         free(p->perm_off);
         p->perm_off = NULL;
