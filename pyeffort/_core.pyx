@@ -191,7 +191,7 @@ def bucketmul(x32, values, positions, stats, order, int64_t n_out, double effort
 def bucketmul_group(x32, mats, efforts, outs):
     """One token x (n_in,) f32 @ each matrix of mats ((values, positions, stats, order, n_out),
     one n_in, at most MAX_GROUP) at its effort -> outs[j] (n_out_j,) f32; returns [(mults,
-    bytes)]: the same as one bucketmul call per matrix (the searches side by side, one kernel
+    bytes)]: the same as one bucketmul call per matrix (the searches and kernels in one pool
     job)."""
     cdef int n = len(mats), j
     if n < 1 or n > PE_MAX_GROUP:

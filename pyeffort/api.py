@@ -65,8 +65,9 @@ def matmul(x, W, effort: float = 1.0, *, out=None, return_info: bool = False):
 
 def matmul_group(x, Ws, effort=1.0, *, return_info: bool = False):
     """``[matmul(x, W, e) for W, e in zip(Ws, efforts)]`` for matrices that share their input
-    (q/k/v, gate/up): the same results, bit for bit, in fewer thread hand-offs — on the CPU the
-    matrices' cutoff searches run side by side, then one job runs all their kernels.
+    (q/k/v, gate/up): the same results, bit for bit, in fewer thread hand-offs — on the CPU one
+    job runs the matrices' cutoff searches and then their kernels, each matrix's kernel as soon
+    as its search is done.
 
     ``Ws``: 1 to 4 Buckets with one ``n_in``; ``effort``: one effort, or one per matrix.
     ``x``: ``(n_in,)`` or ``(n_tokens, n_in)``. Returns a list of arrays (and with

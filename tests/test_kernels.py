@@ -344,7 +344,9 @@ def hard_activations(case, rng, n_in):
     if case == "two_values":
         return rng.choice([1.0, -2.0], size=(1, n_in)).astype(np.float32)
     if case == "wide":
-        return (rng.choice([-1, 1], n_in) * 10.0 ** rng.uniform(-30, 30, n_in))[None].astype(np.float32)
+        return (rng.choice([-1, 1], n_in) * 10.0 ** rng.uniform(-30, 30, n_in))[None].astype(
+            np.float32
+        )
     if case == "denormal":
         return (rng.standard_normal((1, n_in)) * 1e-38).astype(np.float32)
     x = np.zeros((1, n_in), np.float32)  # "sparse": three inputs carry everything

@@ -82,7 +82,7 @@ class EffortLinear:
 def call_group(lins: list[EffortLinear], x: np.ndarray, effort: float) -> list[np.ndarray]:
     """``[lin(x, effort) for lin in lins]`` for matrices that share their input (q/k/v,
     gate/up). One decode token with no hooks goes through ``pyeffort.matmul_group`` (the same
-    results, bit for bit: the cutoff searches side by side, one job for all the kernels);
+    results, bit for bit: the cutoff searches and the kernels in one thread-pool job);
     anything else through each ``lin``."""
     one = x.ndim == 1 or x.shape[0] == 1
     if not one or any(lin.hook is not None for lin in lins):

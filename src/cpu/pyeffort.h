@@ -55,8 +55,8 @@ pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const flo
 #define PE_MAX_GROUP 4
 /* One token x (n_in,) f32 @ the n (1..PE_MAX_GROUP) matrices bs[j] (indices ps[j], one n_in),
  * matrix j at efforts[j] -> ys[j] (n_out_j,) f32; adds to mults[j], bytes[j]. The same bits as n
- * pe_bucketmul_packed calls: the n cutoff searches run side by side on the pool, then one pool
- * job runs every matrix's kernel (one hand-off instead of n). */
+ * pe_bucketmul_packed calls: one pool job runs the n cutoff searches, then every matrix's
+ * kernel, each as soon as its search is done (one hand-off instead of n). */
 pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets *const *bs,
                              const float *x, const double *efforts, float *const *ys,
                              int64_t *mults, int64_t *bytes);
