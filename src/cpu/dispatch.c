@@ -254,7 +254,8 @@ static pe_status select_items(const pe_packed *p, const float *x, double effort,
                               int64_t *n_rows, int64_t *done, uint32_t *sc) {
     if (n_threads < 2 || !p->perm || !(effort < 1.0))
         return pe_select_items(p, x, effort, items, begin, end, n_rows, done, sc);
-    select_warm j = {p, x, effort, items, begin, end, 0, 0, sc, PE_OK};
+    select_warm j = {.p = p, .x = x, .effort = effort, .items = items, .begin = begin,
+                     .end = end, .sc = sc, .st = PE_OK};
     atomic_init(&j.selected, 0);
     pe_status st = pe_parallel(select_or_warm, &j, 2, 2);
     *n_rows = j.n_rows;
