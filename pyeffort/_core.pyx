@@ -31,6 +31,7 @@ cdef extern from "pyeffort.h" nogil:
         pass
     pe_status pe_pack(const pe_buckets *b, pe_packed **out)
     void pe_packed_free(pe_packed *p)
+    void pe_warm_packed(const pe_packed *p)
     pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const float *x,
                                   int64_t n_tokens, double effort, float *y, int64_t *mults,
                                   int64_t *bytes)
@@ -150,6 +151,12 @@ cdef _Packed _packed_for(values, positions, stats, order, int64_t n_out):
     _packed[key] = pk
     weakref.finalize(values, _packed.pop, key, None)
     return pk
+
+
+def warm(values, positions, stats, order, int64_t n_out):
+    """Starts an idle pool thread reading this matrix's in-memory copy into the caches."""
+    if pe_kernel_packed():
+        pe_warm_packed((<_Packed>_packed_for(values, positions, stats, order, n_out)).p)
 
 
 def prepare(values, positions, stats, order, int64_t n_out):

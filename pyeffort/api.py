@@ -120,6 +120,22 @@ def matmul_group(x, Ws, effort=1.0, *, return_info: bool = False):
 GROUP_MAX = 4  # matrices per matmul_group call (the C core's PE_MAX_GROUP)
 
 
+def prefetch(W: Buckets) -> None:
+    """Starts reading ``W``'s in-memory copy into the CPU caches on an idle thread of the pool,
+    and returns at once: call it for the matrix you multiply next, before other work (a
+    decoding step's attention, norms, activations). Results never change; with one thread, the
+    numpy backend, or nothing idle, it does nothing.
+
+    >>> import numpy as np, pyeffort
+    >>> B = pyeffort.build_buckets(np.ones((64, 32), dtype=np.float16))
+    >>> pyeffort.prefetch(B)
+    """
+    if not isinstance(W, Buckets):
+        raise DTypeError(f"prefetch takes a Buckets, got {type(W).__name__}")
+    if hasattr(_backend.current, "warm"):
+        _backend.current.warm(W.values, W.positions, W.stats, W.order, W.n_out)
+
+
 def prepare(W: Buckets) -> Buckets:
     """Builds now what the CPU kernels read for ``W`` (an input-major index, and on AVX-512
     VBMI2 machines a repacked copy of the weights), which is otherwise built at its first

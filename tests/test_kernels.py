@@ -369,3 +369,47 @@ def test_cutoff_search_on_hard_keys(kernel, rng, case, shape):
         ref, got, want, have = run_both(x, b, e)
         assert have == want, (case, e)
         assert close(got, ref) <= 2e-6
+
+
+def test_prefetch_changes_nothing(kernel, threads, rng):
+    """pyeffort.prefetch (an idle pool thread reads the matrix's copy) leaves results alone."""
+    _core.set_num_threads(2)
+    x = activations(rng, 1, 256)[0]
+    _, keep = buckets_of(rng, (256, 1500))
+    want = pyeffort.matmul(x, keep, 0.4)
+    for _ in range(20):
+        _, b = buckets_of(rng, (256, 1500))
+        pyeffort.matmul(x, b, 0.4)  # builds its copy (and starts the pool)
+        pyeffort.prefetch(b)
+        del b
+        pyeffort.prefetch(keep)
+        assert np.array_equal(pyeffort.matmul(x, keep, 0.4), want)
+    with pytest.raises(pyeffort.errors.DTypeError):
+        pyeffort.prefetch(np.ones((4, 4), np.float16))
+
+
+FREED_WHILE_READ = """
+import numpy as np, pyeffort
+pyeffort.set_num_threads(2)
+rng = np.random.default_rng(0)
+w = (rng.standard_normal((4096, 4096)) * 0.05).astype(np.float16)
+x = rng.standard_normal(4096).astype(np.float32)
+for _ in range(4):
+    b = pyeffort.build_buckets(w)
+    pyeffort.matmul(x, b, 0.4)
+    pyeffort.prefetch(b)  # a worker starts reading the 40 MB copy (its own mapping) ...
+    del b  # ... which is freed at once: the free must wait for the reader
+print("ok")
+"""
+
+
+def test_a_matrix_freed_while_prefetched_is_not_read_after():
+    """Without the wait in the free the reader touches unmapped pages (a crash: checked)."""
+    out = subprocess.run(
+        [sys.executable, "-c", FREED_WHILE_READ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -9,7 +9,8 @@ Interface (stable; the quality harness relies on it):
 - ``dense()``: W as float16 (n_in, n_out) (the exact reference), built once from the buckets;
 - ``split`` (default None): when set, ``effort -> this matrix's effort`` under a budget profile
   (``Model.set_profile``): the model's total multiplications stay the asked fraction;
-- ``mults`` / ``total``: multiplications done / of a dense product since ``reset_counters()``.
+- ``mults`` / ``total``: multiplications done / of a dense product since ``reset_counters()``;
+- ``prefetch()``: starts reading the matrix's copy into the caches (decoding, the next matrix).
 
 Decode (one token) always runs ``pyeffort.matmul`` at the given effort. A batch of tokens at
 effort 1.0 (the prefill) runs ``pyeffort.dense_matmul`` on ``dense()`` when ``prefill_dense``.
@@ -65,6 +66,12 @@ class EffortLinear:
         y, info = pyeffort.matmul(x, self.buckets, effort, return_info=True)
         self.count(info, n_tok)
         return y
+
+    def prefetch(self) -> None:
+        """Starts an idle pool thread reading this matrix's copy (``pyeffort.prefetch``): the
+        model calls it for the next matrix of a decoding step before the work in between."""
+        if self.hook is None:
+            pyeffort.prefetch(self.buckets)
 
     def own_effort(self, effort: float) -> float:
         """This matrix's effort when the model asks ``effort`` (its budget split, if any)."""

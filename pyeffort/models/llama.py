@@ -50,6 +50,8 @@ class Attention:
         t, hd, n_kv = x.shape[0], self.hd, self.n_kv
         rep = self.n_heads // n_kv
         q, k, v = call_group([self.wq, self.wk, self.wv], x, effort)
+        if t == 1:  # decoding: wo's copy comes in while the attention runs
+            self.wo.prefetch()
         q = self.rope(q.reshape(t, self.n_heads, hd), start)
         k = self.rope(k.reshape(t, n_kv, hd), start)
         v = v.reshape(t, n_kv, hd)
@@ -165,8 +167,10 @@ class Model:
         if not 0 <= start_pos <= self.cache.length:
             raise ValueError(f"start_pos {start_pos} outside 0..{self.cache.length} (cache)")
         h = self.embed[tokens].astype(np.float32)  # (T, dim)
-        for b in self.layers:
+        for i, b in enumerate(self.layers):
             h = b(h, start_pos, effort, self.cache)
+            if h.shape[0] == 1 and i + 1 < len(self.layers):  # decoding: the next layer's q
+                self.layers[i + 1].attn.wq.prefetch()
         if last_only:
             h = h[-1:]
         x = np.ascontiguousarray(self.norm(h), dtype=np.float32)

@@ -20,6 +20,7 @@ void *pe_alloc_copy(size_t size) {
 
 void pe_packed_free(pe_packed *p) {
     if (!p) return;
+    if (p->perm) pe_pool_unwarm(p->perm);
     free(p->row);
     free(p->stats);
     free(p->slot0);
@@ -29,6 +30,10 @@ void pe_packed_free(pe_packed *p) {
     free(p->perm);
     free(p->perm_off);
     free(p);
+}
+
+void pe_warm_packed(const pe_packed *p) {
+    if (p->perm && pe_num_threads() >= 2) pe_pool_warm(p->perm, (size_t)p->perm_bytes);
 }
 
 /* 1 if every input's loaded statistics never rise with rank: a cutoff then dispatches a

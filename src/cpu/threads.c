@@ -4,6 +4,7 @@
  * who runs a chunk). One job at a time; a second concurrent caller runs its job inline. */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <stdint.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <time.h>
@@ -36,12 +37,68 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Waits until the generation moves past seen; returns the new one. */
-static uint64_t wait_job(uint64_t seen) {
+/* A warm request (pe_pool_warm): bytes an idle worker reads into the caches while it waits
+ * for the next job, e.g. the matrix a decoding step multiplies next, during the Python work
+ * between two calls. One request at a time, the newest wins; a job or a newer request stops
+ * the reading. */
+static pthread_mutex_t warm_lock = PTHREAD_MUTEX_INITIALIZER;
+static const uint8_t *warm_req;       /* guarded by warm_lock                          */
+static size_t warm_req_len;           /* guarded by warm_lock                          */
+static atomic_int warm_pending;       /* a request (or a cancel) is waiting            */
+static _Atomic(const uint8_t *) warming[MAX_THREADS]; /* what worker i reads now, or NULL */
+
+void pe_pool_warm(const void *base, size_t len) {
+    if (n_workers < 1) return; /* no pool thread yet: nobody idle to read it */
+    pthread_mutex_lock(&warm_lock);
+    warm_req = base;
+    warm_req_len = len;
+    atomic_store(&warm_pending, 1);
+    pthread_mutex_unlock(&warm_lock);
+}
+
+void pe_pool_unwarm(const void *base) {
+    pthread_mutex_lock(&warm_lock);
+    if (warm_req == base) warm_req = NULL;
+    atomic_store(&warm_pending, 1); /* also stops a reading in progress (it sees a request) */
+    pthread_mutex_unlock(&warm_lock);
+    for (int i = 0; i < MAX_THREADS; i++)
+        while (atomic_load(&warming[i]) == (const uint8_t *)base) pe_cpu_relax();
+}
+
+/* Worker id takes the pending request and reads it, a load per line, until it ends or a job
+ * (the generation past seen) or another request comes. */
+static void serve_warm(uint64_t seen, int id) {
+    pthread_mutex_lock(&warm_lock);
+    const uint8_t *b = warm_req;
+    size_t len = warm_req_len;
+    warm_req = NULL;
+    atomic_store(&warm_pending, 0);
+    atomic_store(&warming[id], b); /* under the lock: pe_pool_unwarm then waits for it */
+    pthread_mutex_unlock(&warm_lock);
+    if (!b) return;
+    const volatile uint8_t *a = b;
+    uint8_t sink = 0;
+    for (size_t o = 0; o < len; o += 64) {
+        if ((o & 4095) == 0 && (atomic_load_explicit(&generation, memory_order_relaxed) != seen ||
+                                atomic_load_explicit(&warm_pending, memory_order_relaxed)))
+            break;
+        sink ^= a[o];
+    }
+    (void)sink;
+    atomic_store(&warming[id], NULL);
+}
+
+/* Worker id waits until the generation moves past seen (serving warm requests meanwhile);
+ * returns the new one. */
+static uint64_t wait_job(uint64_t seen, int id) {
     int64_t t0 = now_ns();
     for (int i = 0;; i++) {
         uint64_t g = atomic_load_explicit(&generation, memory_order_acquire);
         if (g != seen) return g;
+        if (atomic_load_explicit(&warm_pending, memory_order_relaxed)) {
+            serve_warm(seen, id);
+            t0 = now_ns(); /* the spin restarts after the reading */
+        }
         pe_cpu_relax();
         if ((i & 255) == 255 && now_ns() - t0 > SPIN_NS) break;
     }
@@ -73,7 +130,7 @@ static void *worker(void *arg) {
     int id = (int)(intptr_t)arg;
     uint64_t seen = start_gen[id];
     for (;;) {
-        seen = wait_job(seen);
+        seen = wait_job(seen, id);
         run_chunks(seen);
     }
     return NULL;
@@ -81,6 +138,10 @@ static void *worker(void *arg) {
 
 static void after_fork_child(void) {
     n_workers = 0; /* the workers do not exist in a forked child */
+    pthread_mutex_init(&warm_lock, NULL);
+    warm_req = NULL;
+    atomic_store(&warm_pending, 0);
+    for (int i = 0; i < MAX_THREADS; i++) atomic_store(&warming[i], NULL);
     pthread_mutex_init(&job_lock, NULL);
     pthread_mutex_init(&wake_lock, NULL);
     pthread_cond_init(&wake, NULL);
