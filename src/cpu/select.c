@@ -13,19 +13,42 @@ static void row_mults(const pe_buckets *b, int64_t m[PE_RANKS]) {
     for (int k = 0; k < PE_RANKS; k++) m[k] = b->n_groups - (tail && k >= tail ? 1 : 0);
 }
 
-/* Counts over an input's 16 keys in 4-lane vectors (GCC/Clang vector extensions: SSE2 on
- * x86-64, NEON on arm64); keys are positive floats' bits, below 2^31, so signed compares
- * order them. How many keys k have (k >> shift) > t. */
+/* An input's 16 keys are positive floats' bits, below 2^31, so signed compares order them.
+ * x86-64 compares them with SSE2 (its baseline), other targets in plain C; candidate slots are
+ * written 4 at a time in 4-lane vectors (GCC/Clang vector extensions). */
 typedef int32_t lanes4 __attribute__((vector_size(16)));
-static inline int count_above(const uint32_t *key, int shift, int32_t t) {
-    lanes4 acc = {0, 0, 0, 0}, tv = {t, t, t, t};
-    for (int q = 0; q < PE_RANKS / 4; q++) {
-        lanes4 kv;
-        memcpy(&kv, key + 4 * q, sizeof kv);
-        acc += (kv >> shift) > tv; /* -1 where true */
-    }
-    return -(acc[0] + acc[1] + acc[2] + acc[3]);
+
+/* Bit k set where k16[k] >= t (16 lanes; 1 <= t <= 32767). */
+static inline uint32_t ge_mask16(const int16_t *k16, int32_t t) {
+#ifdef __SSE2__
+    __m128i tv = _mm_set1_epi16((int16_t)(t - 1));
+    __m128i a = _mm_cmpgt_epi16(_mm_loadu_si128((const __m128i *)k16), tv);
+    __m128i b = _mm_cmpgt_epi16(_mm_loadu_si128((const __m128i *)(k16 + 8)), tv);
+    return (uint32_t)_mm_movemask_epi8(_mm_packs_epi16(a, b));
+#else
+    uint32_t m = 0;
+    for (int k = 0; k < PE_RANKS; k++) m |= (uint32_t)(k16[k] >= t) << k;
+    return m;
+#endif
 }
+
+/* Bit k set where key[k] >= t (16 lanes; 1 <= t < 2^31: keys compare as signed). */
+static inline uint32_t ge_mask32(const uint32_t *key, uint32_t t) {
+#ifdef __SSE2__
+    __m128i tv = _mm_set1_epi32((int32_t)(t - 1)), c[4];
+    for (int q = 0; q < 4; q++)
+        c[q] = _mm_cmpgt_epi32(_mm_loadu_si128((const __m128i *)(key + 4 * q)), tv);
+    __m128i w = _mm_packs_epi16(_mm_packs_epi32(c[0], c[1]), _mm_packs_epi32(c[2], c[3]));
+    return (uint32_t)_mm_movemask_epi8(w);
+#else
+    uint32_t m = 0;
+    for (int k = 0; k < PE_RANKS; k++) m |= (uint32_t)(key[k] >= t) << k;
+    return m;
+#endif
+}
+
+/* The length of the prefix of ones of a 16-bit mask (a monotone input's keys >= t). */
+static inline int prefix_len(uint32_t mask) { return __builtin_ctz(~mask); }
 
 /* One radix digit: the highest bin where the weight at or above it first reaches budget.
  * hist (n_bins) weights of the candidates by digit; *above: weight strictly above, updated. */
@@ -205,8 +228,8 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
     if (p->monotone && bin) /* an input's keys in the bin are one run of ranks [k0, k1) */
         for (int64_t r = 0; r < n; r += PE_RANKS) {
             /* counted, not searched: no branch on the data */
-            int k0 = count_above(key + r, 21, (int32_t)bin),
-                k1 = count_above(key + r, 21, (int32_t)bin - 1);
+            int k0 = prefix_len(ge_mask32(key + r, (bin + 1) << 21)),
+                k1 = prefix_len(ge_mask32(key + r, bin << 21));
             lanes4 v = {0, 1, 2, 3}; /* all 16 written (4 stores), the run kept (cand has room) */
             v += (int32_t)(r + k0);
             for (int q = 0; q < PE_RANKS / 4; q++, v += 4)
@@ -272,38 +295,6 @@ static void keys_and_tops(const pe_packed *p, const float *x, uint32_t *key, int
 #endif
     }
 }
-
-/* Bit k set where k16[k] >= t (16 lanes; 1 <= t <= 32767). */
-static inline uint32_t ge_mask16(const int16_t *k16, int32_t t) {
-#ifdef __SSE2__
-    __m128i tv = _mm_set1_epi16((int16_t)(t - 1));
-    __m128i a = _mm_cmpgt_epi16(_mm_loadu_si128((const __m128i *)k16), tv);
-    __m128i b = _mm_cmpgt_epi16(_mm_loadu_si128((const __m128i *)(k16 + 8)), tv);
-    return (uint32_t)_mm_movemask_epi8(_mm_packs_epi16(a, b));
-#else
-    uint32_t m = 0;
-    for (int k = 0; k < PE_RANKS; k++) m |= (uint32_t)(k16[k] >= t) << k;
-    return m;
-#endif
-}
-
-/* Bit k set where key[k] >= t (16 lanes; 1 <= t < 2^31: keys compare as signed). */
-static inline uint32_t ge_mask32(const uint32_t *key, uint32_t t) {
-#ifdef __SSE2__
-    __m128i tv = _mm_set1_epi32((int32_t)(t - 1)), c[4];
-    for (int q = 0; q < 4; q++)
-        c[q] = _mm_cmpgt_epi32(_mm_loadu_si128((const __m128i *)(key + 4 * q)), tv);
-    __m128i w = _mm_packs_epi16(_mm_packs_epi32(c[0], c[1]), _mm_packs_epi32(c[2], c[3]));
-    return (uint32_t)_mm_movemask_epi8(w);
-#else
-    uint32_t m = 0;
-    for (int k = 0; k < PE_RANKS; k++) m |= (uint32_t)(key[k] >= t) << k;
-    return m;
-#endif
-}
-
-/* The length of the prefix of ones of a 16-bit mask (a monotone input's keys >= t). */
-static inline int prefix_len(uint32_t mask) { return __builtin_ctz(~mask); }
 
 /* The weight (sum of m) of the keys whose top 16 bits are >= t (1 <= t <= 32767). */
 static int64_t weight_from(const pe_packed *p, const int16_t *k16, int32_t t) {
