@@ -317,11 +317,13 @@ def test_group_equals_separate_calls(kernel, threads, rng, n_threads):
                 assert np.array_equal(y, y1) and info == info1
 
 
-def test_search_split_over_threads_selects_the_same_rows(kernel, threads, rng):
+@pytest.mark.parametrize("n_out", [40, 600])
+def test_search_split_over_threads_selects_the_same_rows(kernel, threads, rng, n_out):
     """A matrix of 2 x 1024+ inputs has the first pass of its cutoff search split over the
-    threads: the same rows, mults and bits as the reference, for any thread count (a new x
-    each call, so a key the split missed would keep the previous call's value)."""
-    _, b = buckets_of(rng, (2100, 40))
+    threads (and its candidates taken as runs of ranks): the same rows, mults and bits as the
+    reference, for any thread count (a new x each call, so a key the split missed would keep
+    the previous call's value)."""
+    _, b = buckets_of(rng, (2100, n_out))
     xs = [activations(rng, 1, 2100) for _ in range(8)]
     by_threads = []
     for n in [1, 2, 3]:
