@@ -83,3 +83,20 @@ def weight_matrix(w, what: str = "W") -> np.ndarray:
     if w.dtype != np.float16 and np.abs(w32).max() > 65504.0:
         raise ValueError(f"{what} has values beyond the float16 range (|w| > 65504)")
     return np.ascontiguousarray(w32, dtype=np.float16)
+
+
+def out_weight(a, n_out: int) -> np.ndarray:
+    """Per-output weights (n_out,): a float array, finite, non-negative, not all zero ->
+    float32."""
+    a = ndarray("out_weight", a)
+    if a.dtype.kind != "f":
+        raise DTypeError(f"out_weight must be a float array, got {a.dtype}")
+    if a.shape != (n_out,):
+        raise ShapeError(f"out_weight must have shape ({n_out},) (one per output), got {a.shape}")
+    a32 = np.ascontiguousarray(a, dtype=np.float32)
+    finite("out_weight", a32)
+    if (a32 < 0).any():
+        raise ValueError("out_weight must be non-negative")
+    if not (a32 > 0).any():
+        raise ValueError("out_weight is all zero: no output would be ranked")
+    return a32

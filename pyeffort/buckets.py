@@ -2,9 +2,10 @@
 
 File format (version 1): a safetensors file whose ``__metadata__`` holds ``format=pyeffort``,
 ``version=1``, ``kind=buckets`` and, per matrix, ``{prefix}n_in``, ``{prefix}n_out``,
-``{prefix}stat``, ``{prefix}source_dtype``; tensors ``{prefix}values`` (F16, 16*n_in x G),
-``{prefix}positions`` (U8, 16*n_in x ceil(G/2)), ``{prefix}stats`` (F32, 16 x n_in) and
-``{prefix}order`` (I32, 16 x n_in), rows rank-major as reference.py describes. A model file
+``{prefix}stat`` (``rms``, or ``rms_out_weighted`` for buckets built with per-output weights;
+a file without it is ``rms``), ``{prefix}source_dtype``; tensors ``{prefix}values`` (F16,
+16*n_in x G), ``{prefix}positions`` (U8, 16*n_in x ceil(G/2)), ``{prefix}stats`` (F32, 16 x
+n_in) and ``{prefix}order`` (I32, 16 x n_in), rows rank-major as reference.py describes. A model file
 holds many matrices under different prefixes.
 """
 
@@ -17,7 +18,9 @@ from pyeffort.errors import FormatError
 
 FORMAT, VERSION = "pyeffort", 1
 GROUP, N_RANKS = reference.GROUP, reference.N_RANKS
-STAT = "rms"
+STAT = "rms"  # the plain build's row statistic
+STAT_OUT_WEIGHTED = "rms_out_weighted"  # build_buckets(W, out_weight=a)
+STATS = (STAT, STAT_OUT_WEIGHTED)
 
 
 class Buckets:
@@ -30,7 +33,10 @@ class Buckets:
     ((64, 40), 3, 1.0)
     """
 
-    def __init__(self, values, positions, stats, order, n_out: int, source_dtype: str = "float16"):
+    def __init__(
+        self, values, positions, stats, order, n_out: int, source_dtype: str = "float16",
+        stat: str = STAT,
+    ):  # fmt: skip
         self.values = values  # (n_rows, G) float16, rank-major bucket rows
         self.positions = positions  # (n_rows, ceil(G/2)) uint8, 4-bit positions
         self.stats = stats  # (16, n_in) float32, row statistic in row order
@@ -38,13 +44,15 @@ class Buckets:
         self.n_in = int(stats.shape[1])
         self.n_out = int(n_out)
         self.source_dtype = source_dtype
+        self.stat = stat  # what the row statistic is: STAT or STAT_OUT_WEIGHTED
         self._device = None  # backends may attach a repacked copy here
 
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_linear(cls, weight) -> Buckets:
-        """From a layer weight ``(n_out, n_in)`` (``nn.Linear.weight``): buckets of ``weight.T``.
+    def from_linear(cls, weight, out_weight=None) -> Buckets:
+        """From a layer weight ``(n_out, n_in)`` (``nn.Linear.weight``): buckets of ``weight.T``
+        (``out_weight``: as in ``build_buckets``).
 
         >>> import numpy as np, pyeffort
         >>> lin = np.ones((3, 5), dtype=np.float32)  # 5 inputs, 3 outputs
@@ -58,7 +66,7 @@ class Buckets:
             from pyeffort.errors import ShapeError
 
             raise ShapeError(f"weight must be 2-D (n_out, n_in), got shape {w.shape}")
-        return build_buckets(w.T)
+        return build_buckets(w.T, out_weight)
 
     # ------------------------------------------------------------ properties
 
@@ -128,7 +136,7 @@ class Buckets:
         return {
             prefix + "n_in": str(self.n_in),
             prefix + "n_out": str(self.n_out),
-            prefix + "stat": STAT,
+            prefix + "stat": self.stat,
             prefix + "source_dtype": self.source_dtype,
         }
 
@@ -147,21 +155,54 @@ class Buckets:
         fileformat.write(path, self.tensor_specs(), meta)
 
 
-def build_buckets(W) -> Buckets:
+def build_buckets(W, out_weight=None) -> Buckets:
     """Preprocess ``W`` ``(n_in, n_out)`` (float16, float32 or bfloat16) once for effort matmuls.
 
     Any layout is accepted (the matrix is copied to float16). NaN or Inf raise NonFiniteError.
+    ``out_weight`` (optional, ``(n_out,)`` floats, non-negative, not all zero): how much each
+    output matters (e.g. calibrated per model). Each group's ranks then follow
+    ``abs(fp16(a_j * w_ij))`` and each bucket row's statistic is the RMS of those weighted
+    values (``stat == "rms_out_weighted"``); the stored values are still the true weights, so
+    effort 1.0 is still the full product.
 
     >>> import numpy as np, pyeffort
     >>> W = np.arange(12, dtype=np.float32).reshape(3, 4)
     >>> x = np.ones(3, dtype=np.float32)
     >>> pyeffort.matmul(x, pyeffort.build_buckets(W), effort=1.0)
     array([12., 15., 18., 21.], dtype=float32)
+    >>> a = np.array([4.0, 1.0, 1.0, 1.0], dtype=np.float32)  # output 0 matters most
+    >>> B = pyeffort.build_buckets(W, out_weight=a)
+    >>> B.stat, pyeffort.matmul(x, B, effort=1.0)
+    ('rms_out_weighted', array([12., 15., 18., 21.], dtype=float32))
     """
     source = str(getattr(W, "dtype", type(W).__name__)).replace("torch.", "")
     w16 = _validate.weight_matrix(W)
-    values, positions, stats, order = _backend.current.build(w16)
-    return Buckets(values, positions, stats, order, w16.shape[1], source_dtype=str(source))
+    if out_weight is None:
+        values, positions, stats, order = _backend.current.build(w16)
+        return Buckets(values, positions, stats, order, w16.shape[1], source_dtype=str(source))
+    a = _validate.out_weight(out_weight, w16.shape[1])
+    with np.errstate(over="ignore"):
+        weighted = (w16.astype(np.float32) * a).astype(np.float16)  # ranks and stats follow these
+    if not np.isfinite(weighted).all():
+        raise ValueError("out_weight * W overflows float16 (scale out_weight down)")
+    values, positions, stats, order = _backend.current.build(weighted)
+    values = _true_values(w16, positions, order)
+    return Buckets(values, positions, stats, order, w16.shape[1], str(source), STAT_OUT_WEIGHTED)
+
+
+def _true_values(w16: np.ndarray, positions: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """The weights of ``w16`` at each bucket row's positions: (16 n_in, G) float16."""
+    n_in, n_out = w16.shape
+    g = reference.n_groups(n_out)
+    padded = np.zeros((n_in, g * GROUP), dtype=np.float16)
+    padded[:, :n_out] = w16
+    cols = GROUP * np.arange(g, dtype=np.int64)[None, :]
+    values = np.empty((N_RANKS * n_in, g), dtype=np.float16)
+    for k in range(N_RANKS):  # one rank at a time: the index arrays stay n_in x G
+        rows = slice(k * n_in, (k + 1) * n_in)
+        pos = reference.unpack_nibbles(positions[rows], g).astype(np.int64)
+        values[rows] = padded[order[k].astype(np.int64)[:, None], cols + pos]
+    return values
 
 
 # ---------------------------------------------------------------- loading
@@ -212,7 +253,10 @@ def read_buckets(reader: fileformat.Reader, prefix: str = "", fraction: float = 
     values = reader.array(prefix + "values", rows=n_rows)
     positions = reader.array(prefix + "positions", rows=n_rows)
     source = reader.metadata.get(prefix + "source_dtype", "float16")
-    return Buckets(values, positions, stats, order, n_out, source_dtype=source)
+    stat = reader.metadata.get(prefix + "stat", STAT)
+    if stat not in STATS:
+        raise FormatError(f"{reader.path}: {prefix}stat={stat!r} is not one of {STATS}")
+    return Buckets(values, positions, stats, order, n_out, source, stat)
 
 
 def _check_rows(path, stats: np.ndarray, order: np.ndarray) -> None:

@@ -8,6 +8,9 @@ Buckets (built once per matrix)
     group of input ``i`` forms the *bucket row* ``(k, i)``: ``G`` fp16 values and ``G`` 4-bit
     positions (0..15 inside the group), stored apart from the values (no truncation bias).
     Each row has a statistic, the root mean square of its real (unpadded) entries.
+    With per-output weights ``a`` (n_out,) (``stat=rms_out_weighted``) the ranks and the
+    statistic follow ``fp16(a_j * w_ij)`` instead: an output that matters more keeps its weights
+    longer; the stored values are still the true weights.
     Rows are stored rank-major: all rank-0 rows, then rank-1 rows, ...; inside a rank the rows are
     ordered by statistic (largest first, ties by input). Row ``r = k * n_in + j`` is the ``j``-th
     row of rank ``k``; ``order[k, j]`` names its input and ``stats[k, j]`` its statistic. So any
@@ -56,20 +59,29 @@ def row_bytes(n_groups_: int) -> int:
 # ---------------------------------------------------------------- build
 
 
-def build(w16: np.ndarray):
+def build(w16: np.ndarray, out_weight: np.ndarray | None = None):
     """W (n_in, n_out) float16 -> values (16*n_in, G) f16, positions (16*n_in, ceil(G/2)) u8,
-    stats (16, n_in) f32 and order (16, n_in) i32, both in row order."""
+    stats (16, n_in) f32 and order (16, n_in) i32, both in row order.
+
+    ``out_weight`` a (n_out,) float32 (the output-weighted statistic, ``stat=rms_out_weighted``):
+    ranks and statistics follow the weighted weights ``fp16(a_j * w_ij)`` (float32 product
+    rounded to float16) instead of ``w_ij``; the stored values stay the true weights."""
     n_in, n_out = w16.shape
     g = n_groups(n_out)
     padded = np.zeros((n_in, g * GROUP), dtype=np.float16)
     padded[:, :n_out] = w16
     padded = padded.reshape(n_in, g, GROUP)
-    key = (padded.view(np.uint16) & 0x7FFF).astype(np.int32)  # |w| as fp16 magnitude bits
+    ranked = padded  # what ranks and statistics are computed from
+    if out_weight is not None:
+        weighted = (w16.astype(np.float32) * out_weight.astype(np.float32)).astype(np.float16)
+        ranked = np.zeros_like(padded).reshape(n_in, g * GROUP)
+        ranked[:, :n_out] = weighted
+        ranked = ranked.reshape(n_in, g, GROUP)
+    key = (ranked.view(np.uint16) & 0x7FFF).astype(np.int32)  # |w| as fp16 magnitude bits
     rank_to_pos = np.argsort(-key, axis=-1, kind="stable")  # (n_in, g, 16)
-    vals = np.take_along_axis(padded, rank_to_pos, axis=-1)
-    vals = vals.transpose(2, 0, 1)  # (16, n_in, g)
+    vals = np.take_along_axis(padded, rank_to_pos, axis=-1).transpose(2, 0, 1)  # (16, n_in, g)
     pos = rank_to_pos.transpose(2, 0, 1).astype(np.uint8)
-    v64 = vals.astype(np.float64)
+    v64 = np.take_along_axis(ranked, rank_to_pos, axis=-1).transpose(2, 0, 1).astype(np.float64)
     m = np.maximum(row_mults(n_out), 1)[:, None]  # a rank made only of padding has stat 0
     stats = np.sqrt((v64 * v64).sum(-1) / m).astype(np.float32)
     order = np.argsort(-stats, axis=1, kind="stable")  # (16, n_in): input of each row

@@ -4,8 +4,9 @@ Every rule is ``rule(x (T, n_in) f32, state: MatrixState, effort) -> (y (T, n_ou
 bytes)``: ``mults`` the multiplications done and ``bytes`` the weight bytes read, summed over the
 T tokens (realised effort = mults / (T * n_in * n_out)). Each token picks its own selection.
 
-- ``pyeffort``  the default rule: ``pyeffort.matmul`` on the layer's Buckets (RMS row statistic,
-  exact cutoff); ``bucket_twin`` is its vectorised numpy twin (same selection, BLAS products).
+- ``pyeffort``  the default rule: ``pyeffort.matmul`` on the layer's Buckets (their row statistic,
+  RMS or output-weighted RMS, exact cutoff); ``bucket_twin`` is its vectorised numpy twin (the
+  same ranks and statistics, read from the Buckets, the same selection, BLAS products).
 - ``original``  the 2024 Effort rule: mean-|w| row statistic, positions truncated into the 4 low
   fp16 mantissa bits, cutoff from 4096-style probes (the diagonal), so the effort is missed.
 - ``original_exact``  the same statistic and truncation with an exact budget (an ablation).
@@ -98,11 +99,34 @@ class MatrixState:
 
         return self.get(f"stats_{stat}_{w16 is None}", make)
 
+    def bucket_selection(self) -> tuple[np.ndarray, np.ndarray]:
+        """What ``pyeffort.matmul`` selects by, read from the (fully loaded) Buckets: the rank
+        of each weight (n_in, n_out) uint8 and the row statistics (16, n_in) f32 by input."""
 
-def _prefix_product(x, state: MatrixState, keep_ranks: np.ndarray, w32: np.ndarray) -> np.ndarray:
-    """y_t = sum over inputs i of x_ti * (the weights of row i with rank < keep_ranks[t, i])."""
-    rank = state.ranks()
-    stack = state._cache.get("rank_stack") if w32 is state._cache.get("stack_of") else None
+        def make():
+            b = self.buckets
+            g = reference.n_groups(self.n_out)
+            pos = reference.unpack_nibbles(np.asarray(b.positions), g).astype(np.int64)
+            rank = np.empty((self.n_in, g * GROUP), dtype=np.uint8)
+            stats = np.empty((N_RANKS, self.n_in), dtype=np.float32)
+            cols = GROUP * np.arange(g)[None, :]
+            for k in range(N_RANKS):
+                inputs = b.order[k].astype(np.int64)
+                rank[inputs[:, None], cols + pos[k * self.n_in : (k + 1) * self.n_in]] = k
+                stats[k, inputs] = b.stats[k]
+            return np.ascontiguousarray(rank[:, : self.n_out]), stats
+
+        return self.get("bucket_selection", make)
+
+
+def _prefix_product(
+    x, state: MatrixState, keep_ranks: np.ndarray, w32: np.ndarray, rank: np.ndarray | None = None
+) -> np.ndarray:
+    """y_t = sum over inputs i of x_ti * (the weights of row i with rank < keep_ranks[t, i]);
+    ``rank`` the rank of each weight (default: by abs(w), ``state.ranks()``)."""
+    rank = state.ranks() if rank is None else rank
+    pinned = w32 is state._cache.get("stack_of") and rank is state._cache.get("stack_ranks")
+    stack = state._cache.get("rank_stack") if pinned else None
     y = np.zeros((x.shape[0], state.n_out), dtype=np.float32)
     for k in range(int(keep_ranks.max(initial=0))):
         xk = np.where(keep_ranks > k, x, 0.0).astype(np.float32)  # (T, n_in)
@@ -111,18 +135,19 @@ def _prefix_product(x, state: MatrixState, keep_ranks: np.ndarray, w32: np.ndarr
 
 
 def pin_rank_stack(state: MatrixState) -> np.ndarray:
-    """Keep W split by rank, (16, n_in, n_out) float32, for many calls in a row (unpin after:
-    16x the matrix in memory). Returns the float32 W the stack belongs to."""
+    """Keep W split by the Buckets' ranks, (16, n_in, n_out) float32, for many calls of
+    ``bucket_twin`` in a row (unpin after: 16x the matrix in memory). Returns the float32 W the
+    stack belongs to."""
     w32 = state.w32
-    rank = state.ranks()
+    rank = state.bucket_selection()[0]
     state._cache["rank_stack"] = np.stack([np.where(rank == k, w32, 0.0) for k in range(N_RANKS)])
-    state._cache["stack_of"] = w32
+    state._cache["stack_of"], state._cache["stack_ranks"] = w32, rank
     return w32
 
 
 def unpin_rank_stack(state: MatrixState) -> None:
-    state._cache.pop("rank_stack", None)
-    state._cache.pop("stack_of", None)
+    for k in ("rank_stack", "stack_of", "stack_ranks"):
+        state._cache.pop(k, None)
 
 
 def _exact_budget_ranks(x, stats_in: np.ndarray, n_out: int, effort: float) -> np.ndarray:
@@ -168,10 +193,12 @@ def pyeffort_rule(x, state: MatrixState, effort: float):
 
 
 def bucket_twin(x, state: MatrixState, effort: float):
-    """The default rule's selection (RMS statistic, exact cutoff) with BLAS products."""
+    """The default rule's selection (the Buckets' ranks and statistics, exact cutoff) with BLAS
+    products."""
     e = min(max(float(effort), 0.0), 1.0)
-    keep = _exact_budget_ranks(x, state.row_stats("rms"), state.n_out, e)
-    y = _prefix_product(x, state, keep, state._cache.get("stack_of", state.w32))
+    rank, stats = state.bucket_selection()
+    keep = _exact_budget_ranks(x, stats, state.n_out, e)
+    y = _prefix_product(x, state, keep, state._cache.get("stack_of", state.w32), rank)
     return (y, *_bucket_mults_bytes(keep, state.n_out))
 
 
