@@ -47,6 +47,11 @@ cdef extern from "pyeffort.h" nogil:
     pe_status pe_use_kernel(const char *name)
     int pe_num_threads()
     void pe_set_num_threads(int n)
+    void pe_rmsnorm_f32(const float *x, const float *w, int64_t n, float eps, float *out)
+    void pe_rope_f32(float *x, int64_t heads, int64_t hd, const float *cos, const float *sin)
+    pe_status pe_attend_f32(const float *q, const float *k, const float *v, int64_t n_heads,
+                            int64_t n_kv, int64_t cap, int64_t hd, int64_t lo, int64_t end,
+                            float scale, float *out)
 
 NAME = "c"
 pe_kernel_name()  # CPU features are detected once, here at import (cpuid and xgetbv)
@@ -305,3 +310,52 @@ def num_threads():
 
 def set_num_threads(int n):
     pe_set_num_threads(n)
+
+
+# ---------------------------------------------------------------- decoding steps (one token)
+
+
+def rmsnorm(x32, w32, float eps, out):
+    """x (n,) f32, w (n,) f32 -> out (n,) f32: x / sqrt(mean(x^2) + eps) * w (reference.rmsnorm)."""
+    cdef const float[::1] x = x32
+    cdef const float[::1] w = w32
+    cdef float[::1] y = out
+    if w.shape[0] != x.shape[0] or y.shape[0] != x.shape[0] or x.shape[0] == 0:
+        raise ShapeError(f"rmsnorm: x {x.shape[0]}, w {w.shape[0]}, out {y.shape[0]}: one length > 0")
+    with nogil:
+        pe_rmsnorm_f32(&x[0], &w[0], x.shape[0], eps, &y[0])
+
+
+def rope(x32, cos32, sin32):
+    """x (heads, hd) f32 rotated in place at one position; cos, sin (hd/2,) f32 (reference.rope)."""
+    cdef float[:, ::1] x = x32
+    cdef const float[::1] c = cos32
+    cdef const float[::1] s = sin32
+    if x.shape[1] % 2 or c.shape[0] != x.shape[1] // 2 or s.shape[0] != c.shape[0] or c.shape[0] == 0:
+        raise ShapeError(f"rope: x (heads, hd) with hd even, cos and sin (hd/2,); got x "
+                         f"{tuple(x32.shape)}, cos {c.shape[0]}, sin {s.shape[0]}")
+    if x.shape[0] == 0:
+        return
+    with nogil:
+        pe_rope_f32(&x[0, 0], x.shape[0], x.shape[1], &c[0], &s[0])
+
+
+def attend(q32, k32, v32, int64_t lo, int64_t end, float scale, out):
+    """q (n_heads, hd) f32 against the cache k, v (n_kv, cap, hd) f32 at positions [lo, end) ->
+    out (n_heads, hd) f32 (reference.attend)."""
+    cdef const float[:, ::1] q = q32
+    cdef const float[:, :, ::1] k = k32
+    cdef const float[:, :, ::1] v = v32
+    cdef float[:, ::1] y = out
+    cdef pe_status st
+    cdef int64_t n_heads = q.shape[0], hd = q.shape[1], n_kv = k.shape[0], cap = k.shape[1]
+    if (k.shape[2] != hd or tuple(k32.shape) != tuple(v32.shape) or n_kv == 0 or hd == 0
+            or n_heads % n_kv or y.shape[0] != n_heads or y.shape[1] != hd
+            or not 0 <= lo < end <= cap):
+        raise ShapeError(f"attend: q (n_heads, hd) {tuple(q32.shape)}, k and v (n_kv, cap, hd) "
+                         f"{tuple(k32.shape)} {tuple(v32.shape)}, out {tuple(out.shape)}, "
+                         f"positions [{lo}, {end}): n_heads a multiple of n_kv, 0 <= lo < end <= cap")
+    with nogil:
+        st = pe_attend_f32(&q[0, 0], &k[0, 0, 0], &v[0, 0, 0], n_heads, n_kv, cap, hd, lo, end,
+                           scale, &y[0, 0])
+    _check(st)

@@ -179,3 +179,34 @@ def oracle(x: np.ndarray, w: np.ndarray, effort: float) -> np.ndarray:
         return np.zeros(w.shape[1])
     thr = np.partition(np.abs(p).ravel(), p.size - keep)[p.size - keep]
     return np.where(np.abs(p) >= thr, p, 0.0).sum(0)
+
+
+# ---------------------------------------------------------------- decoding steps (one token)
+
+
+def rmsnorm(x32: np.ndarray, w32: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """x (n,) f32, w (n,) f32 -> out (n,) f32: x / sqrt(mean(x^2) + eps) * w."""
+    out[...] = x32 / np.sqrt(np.mean(x32 * x32) + np.float32(eps)) * w32
+
+
+def rope(x32: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """x (heads, hd) f32 rotated in place at one position: pairs (j, j + hd/2) ("rotate half"),
+    cos and sin (hd/2,) of their angles."""
+    h = x32.shape[1] // 2
+    a, b = x32[:, :h].copy(), x32[:, h:].copy()
+    x32[:, :h] = a * cos - b * sin
+    x32[:, h:] = b * cos + a * sin
+
+
+def attend(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, lo: int, end: int, scale: float, out: np.ndarray
+) -> None:
+    """q (n_heads, hd) f32 against the cache k, v (n_kv, cap, hd) f32 at positions [lo, end) ->
+    out (n_heads, hd): head t reads kv head t // (n_heads // n_kv); softmax of scale * q.k."""
+    n_heads, hd = q.shape
+    n_kv = k.shape[0]
+    qq = q.reshape(n_kv, n_heads // n_kv, hd)
+    s = (qq @ k[:, lo:end].transpose(0, 2, 1)) * np.float32(scale)
+    s = np.exp(s - s.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    out[...] = (s @ v[:, lo:end]).reshape(n_heads, hd)

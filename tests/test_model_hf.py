@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import pyeffort
+from pyeffort import _backend
 from pyeffort.models import convert as conv
 from pyeffort.models import from_source, load
 from pyeffort.models.generate import Stats, generate
@@ -186,6 +187,22 @@ def test_kv_cache_decode_equals_prefill(tiny_model):
     np.testing.assert_array_equal(tiny_model.forward(ids, 0, 1.0), full)
     with pytest.raises(ValueError):
         tiny_model.forward(ids, 100, 1.0)
+
+
+def test_decode_steps_same_on_both_backends(tiny_model):
+    """Decoding runs norm, rope and attention as backend calls (decode.c or the numpy
+    reference): both give the same logits, past the sliding window too."""
+    ids = prompt_ids(tiny_model)
+    assert len(ids) > WINDOW
+    runs = []
+    for name in _backend.NAMES:
+        previous = _backend.use(name)
+        try:
+            tiny_model.reset()
+            runs.append(np.array([tiny_model.forward([t], i, 0.6)[0] for i, t in enumerate(ids)]))
+        finally:
+            _backend.current = previous
+    np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=1e-4 * np.abs(runs[1]).max())
 
 
 def test_prefill_without_dense_copy(tiny):

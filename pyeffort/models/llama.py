@@ -15,10 +15,18 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 import pyeffort
+from pyeffort import _backend
 from pyeffort.models.args import ModelArgs
 from pyeffort.models.cache import KVCache
 from pyeffort.models.effort_linear import EffortLinear, call_group
 from pyeffort.models.rope import Rope
+
+
+def ops():
+    """The backend's decoding steps (rmsnorm, rope, attend): the compiled core, or the numpy
+    reference under ``PYEFFORT_BACKEND=numpy``."""
+    return _backend.current
+
 
 ATTN = ("wq", "wk", "wv", "wo")
 FFN = ("w1", "w3", "w2")  # gate, up, down
@@ -32,6 +40,10 @@ class RMSNorm:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x (T, dim) -> (T, dim) float32."""
+        if x.shape[0] == 1:  # decoding: one call into the backend
+            out = np.empty(x.shape, np.float32)
+            ops().rmsnorm(np.ascontiguousarray(x[0], np.float32), self.weight, self.eps, out[0])
+            return out
         ms = np.mean(x * x, axis=-1, keepdims=True)
         return (x / np.sqrt(ms + self.eps)) * self.weight
 
@@ -52,6 +64,7 @@ class Attention:
         q, k, v = call_group([self.wq, self.wk, self.wv], x, effort)
         if t == 1:  # decoding: wo's copy comes in while the attention runs
             self.wo.prefetch()
+            return self.wo(self._attend_one(q, k, v, start, cache), effort)
         q = self.rope(q.reshape(t, self.n_heads, hd), start)
         k = self.rope(k.reshape(t, n_kv, hd), start)
         v = v.reshape(t, n_kv, hd)
@@ -67,6 +80,28 @@ class Attention:
         s /= s.sum(-1, keepdims=True)
         o = (s @ vals).reshape(n_kv, rep, t, hd).transpose(2, 0, 1, 3).reshape(t, -1)
         return self.wo(np.ascontiguousarray(o), effort)
+
+    def _attend_one(self, q, k, v, start: int, cache: KVCache) -> np.ndarray:
+        """One decoding step's rope, cache write and attention, each one backend call:
+        q (1, n_heads * hd), k, v (1, n_kv * hd) at position start -> (1, n_heads * hd)."""
+        be, hd = ops(), self.hd
+        q, k = q.reshape(self.n_heads, hd), k.reshape(self.n_kv, hd)
+        cos, sin = self.rope.at(start)
+        be.rope(q, cos, sin)
+        be.rope(k, cos, sin)
+        cache.update(self.layer, start, k[None], v.reshape(1, self.n_kv, hd))
+        lo = max(0, start - self.window + 1) if self.window else 0
+        out = np.empty((1, self.n_heads * hd), np.float32)
+        be.attend(
+            q,
+            cache.k[self.layer],
+            cache.v[self.layer],
+            lo,
+            start + 1,
+            self.scale,
+            out.reshape(self.n_heads, hd),
+        )
+        return out
 
     def _mask(self, start: int, t: int, lo: int, n_keys: int) -> np.ndarray:
         """(T, S) additive mask: query start+i sees key lo+j iff 0 <= (start+i)-(lo+j) < window."""

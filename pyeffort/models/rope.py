@@ -21,11 +21,19 @@ class Rope:
         self.cos = np.cos(ang).astype(np.float32)  # (n_pos, hd/2)
         self.sin = np.sin(ang).astype(np.float32)  # (n_pos, hd/2)
 
+    def _cover(self, end: int) -> None:
+        if end > self.cos.shape[0]:
+            self._build(max(2 * self.cos.shape[0], end))
+
+    def at(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (hd/2,) float32 of position pos (for ``_backend.current.rope``)."""
+        self._cover(pos + 1)
+        return self.cos[pos], self.sin[pos]
+
     def __call__(self, x: np.ndarray, start_pos: int) -> np.ndarray:
         """x (T, heads, hd) at positions start_pos.. -> rotated (T, heads, hd) float32."""
         t = x.shape[0]
-        if start_pos + t > self.cos.shape[0]:
-            self._build(max(2 * self.cos.shape[0], start_pos + t))
+        self._cover(start_pos + t)
         c = self.cos[start_pos : start_pos + t, None, :]  # (T, 1, hd/2)
         s = self.sin[start_pos : start_pos + t, None, :]
         h = self.head_dim // 2

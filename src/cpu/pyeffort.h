@@ -69,6 +69,17 @@ const char *pe_packed_copy(const pe_packed *p);
 /* 1 if the kernel set in use reads through the index, 0 if the canonical loop (scalar). */
 int pe_kernel_packed(void);
 
+/* One decoding step's vector work between the matrix products (decode.c; reference.rmsnorm,
+ * rope, attend): x (n,) -> out (n,) = x / sqrt(mean(x^2) + eps) * w; */
+void pe_rmsnorm_f32(const float *x, const float *w, int64_t n, float eps, float *out);
+/* x (heads, hd) rotated in place at one position, pairs (j, j + hd/2), cos, sin (hd/2,); */
+void pe_rope_f32(float *x, int64_t heads, int64_t hd, const float *cos, const float *sin);
+/* q (n_heads, hd) against the cache k, v (n_kv, cap, hd) at positions [lo, end) -> out
+ * (n_heads, hd), head t on kv head t / (n_heads / n_kv), softmax of scale * q.k. */
+pe_status pe_attend_f32(const float *q, const float *k, const float *v, int64_t n_heads,
+                        int64_t n_kv, int64_t cap, int64_t hd, int64_t lo, int64_t end,
+                        float scale, float *out);
+
 /* Name of the CPU kernel set in use, and the features the machine has. */
 const char *pe_kernel_name(void);
 const char *pe_cpu_features(void);  /* e.g. "avx2 f16c fma avx512f avx512bw avx512vl" */
