@@ -60,12 +60,12 @@ __device__ __forceinline__ void sum_slice(const pe_cuda_matrix &m, int tile, int
                                           uint32_t tag) {
     const int tile_cols = 16 * CT, len = (tile_cols + m.n_splits - 1) / m.n_splits;
     const int ns = m.n_splits;
-    const int K = ns > 64 ? 16 : ns > 32 ? 8 : ns > 16 ? 4 : ns > 8 ? 2 : 1;
-    const int k = threadIdx.x % K, per_pass = PE_THREADS / K;
+    const int lk = ns > 64 ? 4 : ns > 32 ? 3 : ns > 16 ? 2 : ns > 8 ? 1 : 0, K = 1 << lk;
+    const int k = threadIdx.x & (K - 1), per_pass = PE_THREADS >> lk; /* shifts: no division */
     const size_t split_stride = (size_t)m.n_tiles * tile_cols;
     const int o_end = min(tile_cols, (split + 1) * len);
     for (int base = split * len; base < o_end; base += per_pass) {
-        const int o = base + (int)threadIdx.x / K;
+        const int o = base + (int)(threadIdx.x >> lk);
         float s = 0.f;
         if (o < o_end) {
             const unsigned long long *p = m.partial + (size_t)tile * tile_cols + o;
@@ -176,14 +176,14 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
                                                uint32_t *cand_k, uint32_t *n_c,
                                                uint32_t (*warp_n)[PE_KR * PE_WARPS],
                                                uint32_t *s_tot, uint32_t tag, bool last,
-                                               long long *tm = nullptr) {
+                                               uint32_t short_from, long long *tm = nullptr) {
 #ifdef PE_SUBSTAMP /* block 0's stamps inside the lists phase (slots 26-29) */
 #define PE_SUB(i) \
     if (tm && threadIdx.x == 0) tm[i] = pe_now()
 #else
 #define PE_SUB(i)
 #endif
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tail = (int)(m.n_out % 16);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const uint32_t nt = (uint32_t)m.n_tiles, c0 = *n_c;
     /* number of candidate indices o < v with o % nt == tile: this worker's share */
     auto share_below = [&](uint32_t v) -> uint32_t {
@@ -226,7 +226,7 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
             const uint32_t o = c0 + warp_n[1][q * PE_WARPS + warp] + __popc(cm[q] & lt);
             if (o < PE_CAND_CAP) {
                 cand_rx[o] = make_int2(ri[q], __float_as_int(xv[q]));
-                cand_k[o] = key[q] | (pe_is_short(ri[q], m.n_in, tail) << 31);
+                cand_k[o] = key[q] | (pe_is_short(ri[q], short_from) << 31);
             }
         }
     }
@@ -238,18 +238,20 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
         /* from the own list when it holds them all: a short loop instead of 8 unrolled rounds
          * with two divisions each. The same stores; this code runs once per call on the
          * critical path, and its size was what cost (-1.0 to -1.4 us per call, update 4) */
-        if (c0 + nc <= PE_CAND_CAP) {
-            for (uint32_t o = c0 + threadIdx.x; o < c0 + nc; o += PE_THREADS)
-                if (o % nt == (uint32_t)tile)
-                    pe_st_relaxed64(&seg[share_below(o)], pe_tagged(tag, cand_k[o]));
+        if (c0 + nc <= PE_CAND_CAP) { /* candidate o = tile + j * nt is the share's j-th */
+            uint32_t o;
+            for (uint32_t j = share_below(c0) + threadIdx.x; (o = tile + j * nt) < c0 + nc;
+                 j += PE_THREADS)
+                pe_st_relaxed64(&seg[j], pe_tagged(tag, cand_k[o]));
         } else {
 #pragma unroll
             for (int q = 0; q < PE_KR; q++) {
                 if (cm[q] >> lane & 1u) {
                     const uint32_t o = c0 + warp_n[1][q * PE_WARPS + warp] + __popc(cm[q] & lt);
-                    if (o % nt == (uint32_t)tile) {
-                        const uint32_t e = key[q] | (pe_is_short(ri[q], m.n_in, tail) << 31);
-                        pe_st_relaxed64(&seg[share_below(o)], pe_tagged(tag, e));
+                    const uint32_t j = o / nt; /* o % nt == tile: the share's j-th */
+                    if (o - j * nt == (uint32_t)tile) {
+                        const uint32_t e = key[q] | (pe_is_short(ri[q], short_from) << 31);
+                        pe_st_relaxed64(&seg[j], pe_tagged(tag, e));
                     }
                 }
             }
@@ -322,12 +324,13 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     const pe_cuda_matrix &m = s_m;
     pe_cuda_state *st = m.state;
     const int local = selector ? 0 : (int)blockIdx.x - m.block0;
-    const int tile = local % m.n_tiles, split = local / m.n_tiles;
+    const int split = (uint32_t)local / (uint32_t)m.n_tiles, tile = local - split * m.n_tiles;
     const uint32_t n_workers = (uint32_t)(m.n_tiles * m.n_splits);
     const uint32_t G = (uint32_t)((m.n_out + 15) / 16);
-    const int tail = (int)(m.n_out % 16);
-    const int64_t n_stripes = (m.n_rows + 31) / 32;
-    const int64_t n_k = selector ? 0 : (n_stripes - split + m.n_splits - 1) / m.n_splits;
+    const uint32_t short_from = pe_short_from(m.n_in, m.n_out);
+    const uint32_t n_stripes = (uint32_t)((m.n_rows + 31) / 32); /* rows < 2^31: 32-bit */
+    const uint32_t n_k =
+        selector ? 0u : (n_stripes - split + m.n_splits - 1) / (uint32_t)m.n_splits;
     const int n_pass = (int)((n_k + PE_KR * PE_WARPS - 1) / (PE_KR * PE_WARPS));
 
     int ri[PE_KR];
@@ -424,11 +427,11 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
                 if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
                 /* the round's tile by a wrapped counter: one division per pass, not 8 inlined
                  * (once-per-call code: its size costs, README_cuda.md update (4)) */
-                int rt = (p * PE_KR) % m.n_tiles;
+                int rt = (int)((uint32_t)(p * PE_KR) % (uint32_t)m.n_tiles);
 #pragma unroll
                 for (int q = 0; q < PE_KR; q++) {
                     if (ri[q] >= 0 && rt == tile)
-                        atomicAdd(&h1[key[q] >> 19], G - pe_is_short(ri[q], m.n_in, tail));
+                        atomicAdd(&h1[key[q] >> 19], G - pe_is_short(ri[q], short_from));
                     if (++rt == m.n_tiles) rt = 0;
                 }
             }
@@ -436,10 +439,10 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             uint32_t mn = 0x7FFFFFFFu; /* none (real keys are finite: below 0x7F800000) */
             for (int p = n_pass - 1; p >= 0; p--) {
                 if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
-                int rt = (p * PE_KR) % m.n_tiles;
+                int rt = (int)((uint32_t)(p * PE_KR) % (uint32_t)m.n_tiles);
 #pragma unroll
                 for (int q = 0; q < PE_KR; q++) {
-                    if (ri[q] >= 0 && rt == tile && G > pe_is_short(ri[q], m.n_in, tail))
+                    if (ri[q] >= 0 && rt == tile && G > pe_is_short(ri[q], short_from))
                         mn = min(mn, key[q]);
                     if (++rt == m.n_tiles) rt = 0;
                 }
@@ -492,7 +495,8 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
                           pass count measured 0.7-1.9 us slower on 4096x4096 (code generation),
                           though faster at effort 1.0 on the largest shapes (README_cuda.md) */
         const uint32_t nd = split_rows(m, b1, true, true, publish, tile, local, ri, xv, key, list,
-                                       0u, cand_rx, cand_k, &n_c, warp_n, s_tot, tag, true, tm0);
+                                       0u, cand_rx, cand_k, &n_c, warp_n, s_tot, tag, true,
+                                       short_from, tm0);
         PE_STAMP(5);
         PE_STAMP_MAX(5);
         pe_process<CT>(list, nd, tile_base, my, team, t);
@@ -510,7 +514,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             const bool app = pend == n_pass;
             const uint32_t nd = split_rows(m, b1, app, true, publish, tile, local, ri, xv, key,
                                            list, n_list, cand_rx, cand_k, &n_c, warp_n, s_tot,
-                                           tag, p == n_pass - 1, tm0);
+                                           tag, p == n_pass - 1, short_from, tm0);
             if (app && (n_list == 0 || n_list + nd <= PE_PASS_ROWS)) n_list += nd;
             else if (app) pend = p;
         }
@@ -524,7 +528,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
             const uint32_t nd = split_rows(m, b1, true, p >= visited, false, tile, local, ri, xv,
                                            key, list, 0u, cand_rx, cand_k, &n_c, warp_n, s_tot,
-                                           tag, false);
+                                           tag, false, short_from);
             pe_process<CT>(list, nd, tile_base, my, team, t);
             n_def_all += nd;
             __syncthreads();

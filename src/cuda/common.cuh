@@ -99,9 +99,15 @@ __device__ __forceinline__ void pe_wait_geq(const uint32_t *counter, uint32_t ta
     __syncthreads();
 }
 
-/* Row r of rank r / n_in is short (G - 1 real multiplications) past the last group's size. */
-__device__ __forceinline__ uint32_t pe_is_short(int64_t r, int64_t n_in, int tail) {
-    return (tail != 0 && r / n_in >= tail) ? 1u : 0u;
+/* Row r (rank r / n_in) is short (G - 1 real multiplications) from rank tail = n_out % 16 on,
+ * that is from row tail * n_in (none when tail == 0; rows are < 2^31): a compare instead of a
+ * 64-bit division per row (once-per-call code: its size costs, README_cuda.md update (5)). */
+__device__ __forceinline__ uint32_t pe_short_from(int64_t n_in, int64_t n_out) {
+    const int64_t tail = n_out % 16;
+    return tail == 0 ? 0xFFFFFFFFu : (uint32_t)min(tail * n_in, (int64_t)0xFFFFFFFF);
+}
+__device__ __forceinline__ uint32_t pe_is_short(int r, uint32_t short_from) {
+    return (uint32_t)r >= short_from ? 1u : 0u;
 }
 
 /* The highest bin b (of nb weights w in shared memory) where above + (weight of bins >= b) first
