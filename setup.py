@@ -9,8 +9,17 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CPU = "src/cpu/"
-PORTABLE = ("build.c", "select.c", "pack.c", "tiers.c", "perm.c", "dispatch.c", "cpuinfo.c", "threads.c",
-            "decode.c")
+PORTABLE = (
+    "build.c",
+    "select.c",
+    "pack.c",
+    "tiers.c",
+    "perm.c",
+    "dispatch.c",
+    "cpuinfo.c",
+    "threads.c",
+    "decode.c",
+)
 SOURCES = ["pyeffort/_core.pyx"] + [CPU + f for f in PORTABLE + ("bucketmul_scalar.c",)]
 # ISA files, each compiled with its own flags (never -march=native); chosen at run time.
 X86 = platform.machine().lower() in ("x86_64", "amd64")
