@@ -65,6 +65,8 @@ def test_default_model_is_cached(model, cache):
     named = config("SmolLM2-135M")  # the named config describes the same shapes
     for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "head_dim"):
         assert getattr(named, k) == getattr(a, k), k
+    # built with the per-output weights shipped for it (the cache folder's name says so)
+    assert {lin.buckets.stat for lin in model.linears()} == {"rms_out_weighted"}
     before = (cache / CACHE_NAME / "main.safetensors").stat().st_mtime_ns
     default_model_path(progress=False)  # a second use loads, it does not convert again
     assert (cache / CACHE_NAME / "main.safetensors").stat().st_mtime_ns == before

@@ -62,11 +62,11 @@ def bucket_specs(prefix: str, n_in: int, n_out: int, get) -> list[fileformat.Ten
     ]
 
 
-def bucket_meta(prefix: str, n_in: int, n_out: int) -> dict[str, str]:
+def bucket_meta(prefix: str, n_in: int, n_out: int, stat: str = bk.STAT) -> dict[str, str]:
     return {
         prefix + "n_in": str(n_in),
         prefix + "n_out": str(n_out),
-        prefix + "stat": bk.STAT,
+        prefix + "stat": stat,
         prefix + "source_dtype": "float32",
     }
 
@@ -87,15 +87,36 @@ def _plain_shape(a: ModelArgs, name: str) -> tuple[int, ...]:
     return {"embed": (a.vocab_size, a.dim), "lm_head": (a.dim, a.vocab_size)}.get(name, (a.dim,))
 
 
-def convert(src_path, dst, *, progress: bool = True, overwrite: bool = False) -> Path:
-    """Convert a GGUF file or Hugging Face folder into a pyeffort model folder at ``dst``."""
+def out_weights_for(src_path, args: ModelArgs, out_weights="auto") -> dict:
+    """Per-output weights to build each matrix with (``pyeffort.build_buckets(W, a)``):
+    ``"auto"`` the ones shipped for this model (pyeffort/quality/profiles), if any and if they
+    fit its matrices; ``None`` none (the plain RMS build); or a dict ``{matrix name: (n_out,)}``
+    (matrices it does not name are built plain)."""
+    if out_weights is None:
+        return {}
+    if isinstance(out_weights, str):
+        if out_weights != "auto":
+            raise ValueError(f"out_weights must be 'auto', None or a dict, got {out_weights!r}")
+        from pyeffort.quality import out_weights as ow
+
+        shapes = {n: matrix_shape(args, n) for n in matrix_names(args)}
+        return ow.for_model(src_path, shapes) or {}
+    return dict(out_weights)
+
+
+def convert(
+    src_path, dst, *, progress: bool = True, overwrite: bool = False, out_weights="auto"
+) -> Path:
+    """Convert a GGUF file or Hugging Face folder into a pyeffort model folder at ``dst``
+    (``out_weights``: see ``out_weights_for``; by default the weights shipped for the model)."""
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists (use overwrite)")
     src = open_source(src_path)
     args = src.args
     meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(args.__dict__)}
-    plan = _plan(src)  # [(file name, specs, metadata, built buckets to free)]
+    weights = out_weights_for(src_path, args, out_weights)
+    plan = _plan(src, weights)  # [(file name, specs, metadata, built buckets to free)]
     total = sum(s.nbytes for _, specs, _, _ in plan for s in specs)
     bar = _bar(total, f"converting {Path(src_path).name}", progress)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +148,7 @@ def convert(src_path, dst, *, progress: bool = True, overwrite: bool = False) ->
     return dst
 
 
-def _plan(src):
+def _plan(src, weights: dict):
     args = src.args
     main = [_plain_spec(src, "embed", np.float16), _plain_spec(src, "norm", np.float32)]
     if not args.tie_embeddings:
@@ -141,14 +162,15 @@ def _plan(src):
         def get_layer(names=names, built=built):  # this layer's Buckets, built on first use
             if not built:
                 for n in names:
-                    built[n] = pyeffort.build_buckets(src.get(n))
+                    built[n] = pyeffort.build_buckets(src.get(n), weights.get(n))
             return built
 
         specs, fmeta = [], {"kind": "model-layer", "layer": str(i)}
         for n in names:
             n_in, n_out = matrix_shape(args, n)
             specs += bucket_specs(n + ".", n_in, n_out, lambda n=n, g=get_layer: g()[n])
-            fmeta.update(bucket_meta(n + ".", n_in, n_out))
+            stat = bk.STAT_OUT_WEIGHTED if n in weights else bk.STAT
+            fmeta.update(bucket_meta(n + ".", n_in, n_out, stat))
         norms = [p for p in plain_names(args) if p.startswith(f"layers.{i}.")]
         specs += [_plain_spec(src, p, np.float32) for p in norms]
         plan.append((f"layers.{i:03d}.safetensors", specs, fmeta, built))

@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1.pyeffort-v1"
+# The cache folder's version changes whenever the default model's build changes, so an old
+# cache is rebuilt rather than reused: v2 = buckets built with the shipped per-output weights
+# (stat rms_out_weighted, pyeffort/quality/out_weights.py); v1 = the plain RMS build.
+CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1.pyeffort-v2"
 
 
 def cache_dir() -> Path:

