@@ -175,6 +175,25 @@ def test_eval_cli_on_a_tiny_model(tmp_path, capsys):
         cli.main(["--tiny", "--text", str(src), "--efforts", "1.5", "--out", str(out)])
 
 
+def test_eval_windows_start_at_a_token_or_at_a_marker(tmp_path):
+    from pyeffort.quality import cli
+
+    src = tmp_path / "text.txt"
+    src.write_text("HEADER " * 30 + "STORY the quick brown fox jumps over the lazy dog. " * 20)
+    starts = {}
+    for start in ("0", "17", "STORY"):
+        out = tmp_path / start
+        argv = ["--tiny", "--text", str(src), "--rules", "teal", "--efforts", "0.5"]
+        argv += ["--windows", "2", "--length", "32", "--out", str(out), "--no-progress"]
+        assert cli.main(argv + ["--start", start]) == 0
+        meta = json.loads((out / "quality.json").read_text())["meta"]
+        starts[start] = meta["start"]
+        assert f"from token {meta['start']}" in (out / "quality.md").read_text()
+    assert starts == {"0": 0, "17": 17, "STORY": 7 * 30}  # the tiny model: a token per byte
+    with pytest.raises(SystemExit, match="does not occur"):
+        cli.main(["--tiny", "--text", str(src), "--start", "CHAPTER IX", "--out", str(tmp_path)])
+
+
 def test_windows_are_disjoint_and_checked():
     ids = np.arange(1000)
     ev, cal = text.split(ids, 2, 100, 2, 100)

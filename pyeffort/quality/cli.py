@@ -42,6 +42,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--text", default=None, help="a text file instead of Botchan")
     p.add_argument(
+        "--start",
+        default="0",
+        help="where the evaluation windows begin: a token index (default 0), or a piece of the "
+        "text whose first occurrence marks it (e.g. 'CHAPTER I': Botchan's story itself, past "
+        "the Project Gutenberg header and the translator's preface)",
+    )
+    p.add_argument(
         "--profile",
         default="auto",
         help="budget split for the default rule: 'auto' (the profile shipped for the model, "
@@ -95,13 +102,30 @@ def load(args):
     if args.tiny:
         m = tiny.tiny_random()
         ids = np.frombuffer(raw.encode("utf-8"), np.uint8).astype(np.int64) % m.args.vocab_size
+        args.start = window_start(args.start, raw, lambda t: t.encode("utf-8"))  # a byte a token
         return m, ids, "tiny-random"
     path = args.model or default_gguf()
     model = models.load(path, out_weights=None if args.out_weights == "none" else "auto")
-    tok = model.tokenizer
-    ids = tok.encode(raw)
-    ids = getattr(ids, "ids", ids)  # tokenizers.Encoding or a list of ids
-    return model, np.asarray(ids, dtype=np.int64), Path(path).name
+    ids = _encode(model.tokenizer, raw)
+    args.start = window_start(args.start, raw, lambda t: _encode(model.tokenizer, t))
+    return model, ids, Path(path).name
+
+
+def _encode(tok, text: str) -> np.ndarray:
+    ids = tok.encode(text)
+    return np.asarray(getattr(ids, "ids", ids), dtype=np.int64)  # tokenizers.Encoding or a list
+
+
+def window_start(start, raw: str, encode) -> int:
+    """--start -> a token index: an int as it is, else the token where the text ``start``
+    first occurs in ``raw`` (the number of tokens of the text before it)."""
+    try:
+        return int(start)
+    except ValueError:
+        at = raw.find(start)
+        if at < 0:
+            raise SystemExit(f"pyeffort eval: --start {start!r} does not occur in the text")
+        return len(encode(raw[:at]))
 
 
 def default_gguf() -> str:
@@ -159,7 +183,7 @@ def run(args) -> int:
     for path in args.merge or []:
         merged += json.loads(Path(path).read_text())["results"]
     model, ids, model_id = load(args)
-    ev = text.windows(ids, args.windows, args.length, 0)
+    ev = text.windows(ids, args.windows, args.length, args.start)
     h = Harness(model, ev, progress=not args.no_progress)
     prof = (
         profile_for(args, h, ids, model_id)
@@ -188,13 +212,15 @@ def run(args) -> int:
     meta = {
         "model": model_id,
         "windows": args.windows,
+        "start": args.start,
         "length": args.length,
         "exact_ppl": h.exact_ppl(),
         "profile": args.profile,
         "stats": sorted({lin.buckets.stat for lin in h.linears}),
     }
     md = (
-        f"Model {model_id}, {args.windows} windows x {args.length} tokens, exact perplexity "
+        f"Model {model_id}, {args.windows} windows x {args.length} tokens from token "
+        f"{args.start}, exact perplexity "
         f"{meta['exact_ppl']:.3f}\n\n" + report.markdown(results)
     )
     md += "\nAt equal realised effort:\n\n" + report.equal_effort(results, efforts)
