@@ -153,12 +153,53 @@ __device__ __forceinline__ uint32_t pe_ld_row2(const uint8_t *a) {
     return __ldg((const unsigned short *)a);
 }
 
+/* Where this thread's share of a row's chunk is: values at b8 + row * CB (8 bytes), nibbles at
+ * b2 + row * CB (2 bytes). The bases are opaque to the compiler, so that each address is one
+ * wide multiply-add (it re-associated them into three instructions: 6 instead of 2 per row). */
+struct RowBases {
+    const uint8_t *b8, *b2;
+};
+template <int CT>
+__device__ __forceinline__ RowBases pe_row_bases(const uint8_t *tile_base, int t) {
+    RowBases rb{tile_base + 8 * t, tile_base + 2 * CT + 2 * t};
+    asm("" : "+l"(rb.b8), "+l"(rb.b2));
+    return rb;
+}
+template <int CT>
+__device__ __forceinline__ void pe_load_row(const RowBases &rb, int row, uint2 &v, uint32_t &p) {
+    const size_t o = (size_t)(uint32_t)row * Tile<CT>::CB;
+    v = pe_ld_row8<CT>(rb.b8 + o);
+    p = pe_ld_row2<CT>(rb.b2 + o);
+}
+
+/* acc[16 g + pos] += x * w for this thread's 4 groups g of one row (pos: the row's nibbles):
+ * byte offsets of the position rows by a shift and a mask each, the group's column as the
+ * load's immediate (3 instructions per address instead of 4); fused multiply-adds, as the
+ * compiler made of `acc += x * w` before. */
+template <int CT>
+__device__ __forceinline__ void pe_add_row(float *my, uint2 v, uint32_t p, float xv) {
+    typedef Tile<CT> T;
+    const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v.x));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v.y));
+    constexpr int SH = CT == 32 ? 7 : CT == 64 ? 8 : CT == 128 ? 9 : 10; /* 4 * CT bytes */
+    static_assert(4 * CT == 1 << SH, "CT is 32, 64, 128 or 256");
+    constexpr uint32_t M = 15u << SH;
+    char *mb = reinterpret_cast<char *>(my);
+    float *q0 = reinterpret_cast<float *>(mb + ((p << SH) & M));
+    float *q1 = reinterpret_cast<float *>(mb + ((p << (SH - 4)) & M));
+    float *q2 = reinterpret_cast<float *>(mb + ((SH >= 8 ? p << (SH - 8) : p >> (8 - SH)) & M));
+    float *q3 = reinterpret_cast<float *>(mb + ((p >> (12 - SH)) & M));
+    q0[0 * T::TPT] = __fmaf_rn(xv, a.x, q0[0 * T::TPT]);
+    q1[1 * T::TPT] = __fmaf_rn(xv, a.y, q1[1 * T::TPT]);
+    q2[2 * T::TPT] = __fmaf_rn(xv, b.x, q2[2 * T::TPT]);
+    q3[3 * T::TPT] = __fmaf_rn(xv, b.y, q3[3 * T::TPT]);
+}
+
 /* Loads of U list entries (j0, j0 + NT, ...) of a team: values, nibbles and x. */
 template <int CT>
 __device__ __forceinline__ void pe_load_rows(const int2 *list, uint32_t n, uint32_t j0,
-                                             const uint8_t *tile_base, int t,
-                                             uint2 (&v)[PE_UNROLL], uint32_t (&p)[PE_UNROLL],
-                                             float (&xv)[PE_UNROLL]) {
+                                             const RowBases &rb, uint2 (&v)[PE_UNROLL],
+                                             uint32_t (&p)[PE_UNROLL], float (&xv)[PE_UNROLL]) {
     typedef Tile<CT> T;
 #pragma unroll
     for (int u = 0; u < PE_UNROLL; u++) {
@@ -168,9 +209,7 @@ __device__ __forceinline__ void pe_load_rows(const int2 *list, uint32_t n, uint3
         xv[u] = 0.f;
         if (j < n) {
             const int2 e = list[j];
-            const uint8_t *c = tile_base + (size_t)e.x * T::CB;
-            v[u] = pe_ld_row8<CT>(c + 8 * t);
-            p[u] = pe_ld_row2<CT>(c + 2 * CT + 2 * t);
+            pe_load_row<CT>(rb, e.x, v[u], p[u]);
             xv[u] = __int_as_float(e.y);
         }
     }
@@ -189,12 +228,7 @@ __device__ __forceinline__ void pe_add_rows_taken(uint32_t n, uint32_t j0, float
     for (int u = 0; u < PE_UNROLL; u++) {
         if (j0 + u * T::NT >= n) break;
         if (k[u] < cut) continue;
-        float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].x));
-        float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].y));
-        my[((p[u] >> 0) & 15) * CT + 0 * T::TPT] += xv[u] * a.x;
-        my[((p[u] >> 4) & 15) * CT + 1 * T::TPT] += xv[u] * a.y;
-        my[((p[u] >> 8) & 15) * CT + 2 * T::TPT] += xv[u] * b.x;
-        my[((p[u] >> 12) & 15) * CT + 3 * T::TPT] += xv[u] * b.y;
+        pe_add_row<CT>(my, v[u], p[u], xv[u]);
     }
 }
 
@@ -203,19 +237,15 @@ __device__ __forceinline__ void pe_add_rows_taken(uint32_t n, uint32_t j0, float
  * flight: spill stores of the kernel 148-152 -> 4-8 bytes). */
 template <int CT>
 __device__ __forceinline__ void pe_load_rows_vp(const int2 *list, uint32_t n, uint32_t j0,
-                                                const uint8_t *tile_base, int t,
-                                                uint2 (&v)[PE_UNROLL], uint32_t (&p)[PE_UNROLL]) {
+                                                const RowBases &rb, uint2 (&v)[PE_UNROLL],
+                                                uint32_t (&p)[PE_UNROLL]) {
     typedef Tile<CT> T;
 #pragma unroll
     for (int u = 0; u < PE_UNROLL; u++) {
         const uint32_t j = j0 + u * T::NT;
         v[u] = make_uint2(0u, 0u);
         p[u] = 0u;
-        if (j < n) {
-            const uint8_t *c = tile_base + (size_t)list[j].x * T::CB;
-            v[u] = pe_ld_row8<CT>(c + 8 * t);
-            p[u] = pe_ld_row2<CT>(c + 2 * CT + 2 * t);
-        }
+        if (j < n) pe_load_row<CT>(rb, list[j].x, v[u], p[u]);
     }
 }
 template <int CT>
@@ -226,13 +256,7 @@ __device__ __forceinline__ void pe_add_rows_vp(const int2 *list, uint32_t n, uin
 #pragma unroll
     for (int u = 0; u < PE_UNROLL; u++) {
         if (j0 + u * T::NT >= n) break;
-        const float xv = __int_as_float(list[j0 + u * T::NT].y);
-        float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].x));
-        float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v[u].y));
-        my[((p[u] >> 0) & 15) * CT + 0 * T::TPT] += xv * a.x;
-        my[((p[u] >> 4) & 15) * CT + 1 * T::TPT] += xv * a.y;
-        my[((p[u] >> 8) & 15) * CT + 2 * T::TPT] += xv * b.x;
-        my[((p[u] >> 12) & 15) * CT + 3 * T::TPT] += xv * b.y;
+        pe_add_row<CT>(my, v[u], p[u], __int_as_float(list[j0 + u * T::NT].y));
     }
 }
 /* list (n rows) -> team accumulators; the next U rows load while U add. Team `team` takes list
@@ -243,12 +267,13 @@ template <int CT>
 __device__ __forceinline__ void pe_process(const int2 *list, uint32_t n, const uint8_t *tile_base,
                                            float *my, int team, int t) {
     constexpr uint32_t STEP = Tile<CT>::NT * PE_UNROLL;
+    const RowBases rb = pe_row_bases<CT>(tile_base, t);
     uint2 v0[PE_UNROLL], v1[PE_UNROLL];
     uint32_t p0[PE_UNROLL], p1[PE_UNROLL];
-    pe_load_rows_vp<CT>(list, n, team, tile_base, t, v0, p0);
+    pe_load_rows_vp<CT>(list, n, team, rb, v0, p0);
 #pragma unroll 1
     for (uint32_t j0 = team; j0 < n; j0 += STEP) {
-        pe_load_rows_vp<CT>(list, n, j0 + STEP, tile_base, t, v1, p1);
+        pe_load_rows_vp<CT>(list, n, j0 + STEP, rb, v1, p1);
         pe_add_rows_vp<CT>(list, n, j0, my, v0, p0);
 #pragma unroll
         for (int u = 0; u < PE_UNROLL; u++) v0[u] = v1[u], p0[u] = p1[u];
@@ -266,7 +291,8 @@ __device__ __forceinline__ uint32_t pe_process_cands(const int2 *list, const uin
     uint2 v[PE_UNROLL];
     uint32_t p[PE_UNROLL], k[PE_UNROLL];
     float xv[PE_UNROLL];
-    pe_load_rows<CT>(list, n, team, tile_base, t, v, p, xv);
+    const RowBases rb = pe_row_bases<CT>(tile_base, t);
+    pe_load_rows<CT>(list, n, team, rb, v, p, xv);
 #pragma unroll
     for (int u = 0; u < PE_UNROLL; u++) {
         const uint32_t j = team + u * Tile<CT>::NT;
@@ -277,7 +303,7 @@ __device__ __forceinline__ uint32_t pe_process_cands(const int2 *list, const uin
         pe_add_rows_taken<CT>(n, j0, my, v, p, xv, k, cut);
         j0 += STEP;
         if (j0 >= n) break;
-        pe_load_rows<CT>(list, n, j0, tile_base, t, v, p, xv);
+        pe_load_rows<CT>(list, n, j0, rb, v, p, xv);
 #pragma unroll
         for (int u = 0; u < PE_UNROLL; u++) {
             const uint32_t j = j0 + u * Tile<CT>::NT;
