@@ -270,8 +270,10 @@ static uint32_t radix_cutoff_packed(const pe_packed *p, const uint32_t *key, uin
 #define PF_STATS 16 /* statistics prefetched this many inputs (a line each) ahead */
 #endif
 
-/* keys (16 per input, slot order) of x and their top 16 bits (k16: keys < 2^31, so signed). */
-static void keys_and_tops(const pe_packed *p, const float *x, uint32_t *key, int16_t *k16) {
+/* keys (16 per input, slot order) of x and their top 16 bits (k16: keys < 2^31, so signed);
+ * returns the largest top (rank 0 holds an input's largest key). */
+static int16_t keys_and_tops(const pe_packed *p, const float *x, uint32_t *key, int16_t *k16) {
+    int16_t top = 0;
     for (int64_t i = 0; i < p->n_in; i++) {
         const float *st = p->stats + i * PE_RANKS;
         uint32_t *ki = key + i * PE_RANKS;
@@ -287,13 +289,17 @@ static void keys_and_tops(const pe_packed *p, const float *x, uint32_t *key, int
         }
         _mm_storeu_si128((__m128i *)hi, _mm_packs_epi32(k[0], k[1]));
         _mm_storeu_si128((__m128i *)(hi + 8), _mm_packs_epi32(k[2], k[3]));
+        int16_t t0 = (int16_t)_mm_cvtsi128_si32(k[0]); /* rank 0's top */
 #else
         float ax = fabsf(x[i]), s[PE_RANKS];
         for (int k = 0; k < PE_RANKS; k++) s[k] = ax * st[k];
         memcpy(ki, s, sizeof s);
         for (int k = 0; k < PE_RANKS; k++) hi[k] = (int16_t)(ki[k] >> 16);
+        int16_t t0 = hi[0];
 #endif
+        top = t0 > top ? t0 : top;
     }
+    return top;
 }
 
 /* The weight (sum of m) of the keys whose top 16 bits are >= t (1 <= t <= 32767). */
@@ -357,9 +363,7 @@ static uint32_t bisect_candidates(const pe_packed *p, const uint32_t *key, uint3
 static uint32_t probed_cutoff(const pe_packed *p, const float *x, uint32_t *key,
                               uint32_t *scratch2, int64_t total, double budget) {
     int16_t *k16 = (int16_t *)(scratch2 + 8 * p->n_in + 16);
-    keys_and_tops(p, x, key, k16);
-    int16_t top = 0; /* rank 0 holds an input's largest key */
-    for (int64_t i = 0; i < p->n_in; i++) top = k16[i * PE_RANKS] > top ? k16[i * PE_RANKS] : top;
+    int16_t top = keys_and_tops(p, x, key, k16);
     /* weight(top16 >= lo) >= budget > weight(top16 >= hi); lo = 0 counts every loaded key */
     int32_t lo = 0, hi = top + 1;
     int64_t w_lo = total, w_hi = 0, m_min = p->m[PE_RANKS - 1] < 1 ? 1 : p->m[PE_RANKS - 1];
