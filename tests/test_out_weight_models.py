@@ -102,3 +102,18 @@ def test_eval_labels_the_plain_build_apart():
         rows += [{"rule": "r", "label": lb, "realised": e, "kl": scale / e} for e in (0.2, 0.4)]
     table = report.equal_effort(rows, [0.3])
     assert table.strip().endswith("| NO |")  # (e) above (a): the (e') rows do not count
+
+
+def test_eval_reports_the_statistic(tmp_path):
+    """pyeffort eval writes which statistic the model's matrices were built with; --out-weights
+    none on a model without shipped weights is the plain build, labelled as the default."""
+    from pyeffort.quality import cli
+
+    src = tmp_path / "text.txt"
+    src.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    argv = ["--tiny", "--text", str(src), "--rules", "pyeffort", "--efforts", "0.5"]
+    argv += ["--windows", "1", "--length", "32", "--no-progress", "--profile", "uniform"]
+    assert cli.main(argv + ["--out", str(tmp_path / "o"), "--out-weights", "none"]) == 0
+    data = json.loads((tmp_path / "o" / "quality.json").read_text())
+    assert data["meta"]["stats"] == [STAT]
+    assert data["results"][0]["label"].startswith("(e) ")
