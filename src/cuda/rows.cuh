@@ -189,10 +189,13 @@ __device__ __forceinline__ void pe_add_row(float *my, uint2 v, uint32_t p, float
     float *q1 = reinterpret_cast<float *>(mb + ((p << (SH - 4)) & M));
     float *q2 = reinterpret_cast<float *>(mb + ((SH >= 8 ? p << (SH - 8) : p >> (8 - SH)) & M));
     float *q3 = reinterpret_cast<float *>(mb + ((p >> (12 - SH)) & M));
-    q0[0 * T::TPT] = __fmaf_rn(xv, a.x, q0[0 * T::TPT]);
-    q1[1 * T::TPT] = __fmaf_rn(xv, a.y, q1[1 * T::TPT]);
-    q2[2 * T::TPT] = __fmaf_rn(xv, b.x, q2[2 * T::TPT]);
-    q3[3 * T::TPT] = __fmaf_rn(xv, b.y, q3[3 * T::TPT]);
+    /* the 4 addresses differ (column e * TPT + pos * CT, e = 0..3): the 4 loads go first, not
+     * one read-modify-write after the other (the compiler cannot know they do not alias) */
+    const float s0 = q0[0 * T::TPT], s1 = q1[1 * T::TPT], s2 = q2[2 * T::TPT], s3 = q3[3 * T::TPT];
+    q0[0 * T::TPT] = __fmaf_rn(xv, a.x, s0);
+    q1[1 * T::TPT] = __fmaf_rn(xv, a.y, s1);
+    q2[2 * T::TPT] = __fmaf_rn(xv, b.x, s2);
+    q3[3 * T::TPT] = __fmaf_rn(xv, b.y, s3);
 }
 
 /* Loads of U list entries (j0, j0 + NT, ...) of a team: values, nibbles and x. */
