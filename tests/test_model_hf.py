@@ -270,6 +270,26 @@ def test_hook_replaces_every_linear(tiny_model):
     np.testing.assert_allclose(hooked, tiny_model.forward(ids, 0, 1.0), atol=1e-3)
 
 
+def test_decode_takes_any_hook_output(tiny_model):
+    """A hook may return float64 or a non-contiguous array: one-token decoding (the backend's
+    norm, rope and attention calls) takes it as the batched path does."""
+    ids = prompt_ids(tiny_model, 6)
+
+    def hook(lin, x, effort):  # float64, in Fortran order
+        return np.asfortranarray(x.astype(np.float64) @ lin.dense().astype(np.float64))
+
+    want = tiny_model.forward(ids, 0, 1.0)[-1]
+    tiny_model.forward(ids[:-1], 0, 1.0)
+    for lin in tiny_model.linears():
+        lin.hook = hook
+    try:
+        got = tiny_model.forward(ids[-1:], len(ids) - 1, 1.0)[0]
+    finally:
+        for lin in tiny_model.linears():
+            lin.hook = None
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
+
+
 def test_convert_roundtrip_and_partial_load(tiny, tiny_model, tmp_path):
     dst = conv.convert(tiny, tmp_path / "conv", progress=False)
     m = load(dst)

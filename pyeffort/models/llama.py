@@ -85,7 +85,8 @@ class Attention:
         """One decoding step's rope, cache write and attention, each one backend call:
         q (1, n_heads * hd), k, v (1, n_kv * hd) at position start -> (1, n_heads * hd)."""
         be, hd = ops(), self.hd
-        q, k = q.reshape(self.n_heads, hd), k.reshape(self.n_kv, hd)
+        q = np.ascontiguousarray(q, np.float32).reshape(self.n_heads, hd)  # a hook's output too
+        k = np.ascontiguousarray(k, np.float32).reshape(self.n_kv, hd)
         cos, sin = self.rope.at(start)
         be.rope(q, cos, sin)
         be.rope(k, cos, sin)
