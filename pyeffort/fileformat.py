@@ -50,6 +50,14 @@ class TensorSpec:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
+def default_mode(mode: int) -> int:
+    """``mode`` less the process umask: what ``open()`` / ``mkdir()`` would give a new file or
+    folder (``tempfile`` makes its files 0600 and folders 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def write(path, specs: Iterable[TensorSpec], metadata: dict[str, str], progress=None) -> None:
     """Write a safetensors file atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
@@ -70,6 +78,7 @@ def write(path, specs: Iterable[TensorSpec], metadata: dict[str, str], progress=
     blob += b" " * (-len(blob) % 8)
     fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_mode(0o666))  # mkstemp makes 0600: give the file what open() would
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)

@@ -30,6 +30,21 @@ def test_round_trip(saved, rng):
     assert [p.name for p in path.parent.iterdir()] == ["w.safetensors"]  # no temporary left
 
 
+def test_saved_file_has_the_umask_mode(tmp_path):
+    """Written through a temporary file (mkstemp: 0600), the file still gets what open() would
+    give it, so a saved matrix or converted model is readable by whoever the umask allows."""
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "w.safetensors"
+        pyeffort.build_buckets(np.ones((20, 16), np.float16)).save(path)
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        pyeffort.build_buckets(np.ones((20, 16), np.float16)).save(path)
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_safetensors_library_reads_our_files(saved):
     from safetensors.numpy import load_file
 

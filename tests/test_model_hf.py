@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -291,7 +292,15 @@ def test_decode_takes_any_hook_output(tiny_model):
 
 
 def test_convert_roundtrip_and_partial_load(tiny, tiny_model, tmp_path):
-    dst = conv.convert(tiny, tmp_path / "conv", progress=False)
+    old = os.umask(0o022)
+    try:
+        dst = conv.convert(tiny, tmp_path / "conv", progress=False)
+    finally:
+        os.umask(old)
+    assert dst.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    assert {p.stat().st_mode & 0o777 for p in dst.iterdir() if p.suffix == ".safetensors"} == {
+        0o644
+    }
     m = load(dst)
     ids = prompt_ids(m)
     np.testing.assert_array_equal(m.forward(ids, 0, 1.0), tiny_model.forward(ids, 0, 1.0))

@@ -121,6 +121,7 @@ def convert(
     bar = _bar(total, f"converting {Path(src_path).name}", progress)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    os.chmod(tmp, fileformat.default_mode(0o777))  # mkdtemp makes 0700
     try:
         for fname, specs, fmeta, built in plan:
             fileformat.write(
