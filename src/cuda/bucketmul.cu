@@ -99,6 +99,20 @@ __device__ __forceinline__ uint32_t pe_full_cut(const uint32_t *hist) {
     return 0x7FFFFFFFu - __ldcg(hist);
 }
 
+/* This thread's loaded histogram words v -> h (shared) -> the bin b1 holding the budget and
+ * *above, the weight above it. Block-wide. */
+__device__ __forceinline__ int pick_staged(const uint4 *v, uint32_t *h, double budget,
+                                           unsigned long long *above) {
+#pragma unroll
+    for (int q = 0; q < PE_NB1 / 4 / PE_THREADS; q++)
+        reinterpret_cast<uint4 *>(h)[q * PE_THREADS + threadIdx.x] = v[q];
+    __syncthreads();
+    uint32_t b;
+    *above = 0;
+    pe_pick_bin(h, PE_NB1, budget, &b, above);
+    return (int)b;
+}
+
 /* Search mode: the level-1 histogram is loaded until its bins sum to total_w, which proves
  * every worker's share is in: the bins only grow from zero during the call, so a sum of the
  * loaded values equal to the final sum means each loaded bin is final. This replaces the
@@ -129,14 +143,7 @@ __device__ __forceinline__ int pick_level1_poll(const uint32_t *hist, uint32_t *
         if (tot == total_w) break; /* the same answer in every thread */
         if (tot > total_w || it == (1u << 24)) __trap(); /* not zeroed, or a share never came */
     }
-#pragma unroll
-    for (int q = 0; q < PE_NB1 / 4 / PE_THREADS; q++)
-        reinterpret_cast<uint4 *>(h)[q * PE_THREADS + threadIdx.x] = v[q];
-    __syncthreads();
-    uint32_t b;
-    *above = 0;
-    pe_pick_bin(h, PE_NB1, budget, &b, above);
-    return (int)b;
+    return pick_staged(v, h, budget, above);
 }
 
 /* hist (PE_NB1 weights, global) -> h (shared) -> b1 and the weight above it, by mode;
@@ -152,13 +159,7 @@ __device__ __forceinline__ int pick_level1(const uint32_t *hist, uint32_t *h, in
     uint4 v[PE_NB1 / 4 / PE_THREADS];
 #pragma unroll
     for (int q = 0; q < PE_NB1 / 4 / PE_THREADS; q++) v[q] = __ldcg(src + q * PE_THREADS + threadIdx.x);
-#pragma unroll
-    for (int q = 0; q < PE_NB1 / 4 / PE_THREADS; q++)
-        reinterpret_cast<uint4 *>(h)[q * PE_THREADS + threadIdx.x] = v[q];
-    __syncthreads();
-    uint32_t b;
-    pe_pick_bin(h, PE_NB1, budget, &b, above);
-    return (int)b;
+    return pick_staged(v, h, budget, above);
 }
 
 /* One pass of a worker's keys against level-1 bin b1: rows above it (sure) -> list (from
