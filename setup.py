@@ -28,6 +28,7 @@ AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 AVX512 = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 ISA_FILES = (
     {
+        "select_avx2.c": ["-mavx2"],
         "bucketmul_avx2.c": AVX2,
         "dense_avx2.c": AVX2,
         "permmul_avx2.c": AVX2,

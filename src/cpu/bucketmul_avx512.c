@@ -125,4 +125,5 @@ void pe_packedmul_f16_avx512(const pe_packed *pk, const pe_buckets *b, const pe_
 }
 
 const pe_cpu_kernels pe_kernels_avx512 = {"avx512", NULL, pe_packedmul_f16_avx512,
-                                          pe_dense_f16_avx512, NULL, NULL};
+                                          pe_dense_f16_avx512, NULL, NULL,
+                                          pe_select_items_avx2};

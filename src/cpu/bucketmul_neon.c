@@ -72,4 +72,4 @@ static void packedmul_f16_neon(const pe_packed *pk, const pe_buckets *b, const p
 /* The permuted kernel (permmul_neon.c) where pack.c built the copy; the routed one for
  * matrices without it (repeated positions, values that are not finite). */
 const pe_cpu_kernels pe_kernels_neon = {"neon", NULL, packedmul_f16_neon, pe_dense_f16_neon, NULL,
-                                        pe_permmul_f16_neon};
+                                        pe_permmul_f16_neon, NULL};

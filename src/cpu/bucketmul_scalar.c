@@ -42,4 +42,4 @@ static void dense_f16_scalar(const float *x, const uint16_t *w, int64_t n_in, in
 }
 
 const pe_cpu_kernels pe_kernels_scalar = {"scalar", bucketmul_f16_scalar, NULL, dense_f16_scalar,
-                                          NULL, NULL};
+                                          NULL, NULL, NULL};

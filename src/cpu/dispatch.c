@@ -33,6 +33,15 @@ static const pe_cpu_kernels *kernels(void) {
     return active;
 }
 
+/* The active kernel set's build of the cutoff search (the portable one if it has none). */
+static pe_status select_items_isa(const pe_packed *p, const float *x, double effort,
+                                  pe_item *items, int64_t begin[PE_CLASSES],
+                                  int64_t end[PE_CLASSES], int64_t *n_rows, int64_t *mults,
+                                  uint32_t *scratch) {
+    pe_select_items_fn fn = kernels()->select_items ? kernels()->select_items : pe_select_items;
+    return fn(p, x, effort, items, begin, end, n_rows, mults, scratch);
+}
+
 const char *pe_kernel_name(void) { return kernels()->name; }
 int pe_kernel_packed(void) { return kernels()->packedmul_f16 != NULL; }
 
@@ -233,8 +242,8 @@ static void select_or_warm(void *ctx, int c, int n) {
     select_warm *j = ctx;
     (void)n;
     if (c == 0) {
-        j->st = pe_select_items(j->p, j->x, j->effort, j->items, j->begin, j->end, &j->n_rows,
-                                &j->done, j->sc);
+        j->st = select_items_isa(j->p, j->x, j->effort, j->items, j->begin, j->end, &j->n_rows,
+                                 &j->done, j->sc);
         atomic_store_explicit(&j->selected, 1, memory_order_release);
         return;
     }
@@ -253,7 +262,7 @@ static pe_status select_items(const pe_packed *p, const float *x, double effort,
                               int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES],
                               int64_t *n_rows, int64_t *done, uint32_t *sc) {
     if (n_threads < 2 || !p->perm || !(effort < 1.0))
-        return pe_select_items(p, x, effort, items, begin, end, n_rows, done, sc);
+        return select_items_isa(p, x, effort, items, begin, end, n_rows, done, sc);
     select_warm j = {.p = p, .x = x, .effort = effort, .items = items, .begin = begin,
                      .end = end, .sc = sc, .st = PE_OK};
     atomic_init(&j.selected, 0);
@@ -343,8 +352,8 @@ typedef struct {
 /* Matrix j's cutoff search and kernel job (its first pass inline: the pool is busy here). */
 static void group_select(group_job *g, int j) {
     group_member *m = g->m + j;
-    m->st = pe_select_items(m->p, g->x, m->effort, m->items, m->begin, m->end, &m->n_rows,
-                            &m->done, m->sc);
+    m->st = select_items_isa(m->p, g->x, m->effort, m->items, m->begin, m->end, &m->n_rows,
+                             &m->done, m->sc);
     if (m->st == PE_OK) /* as a call alone: the same parts and column ranges, so the same bits */
         tier_job_for(&m->job, m->fn, m->p, m->items, m->begin, m->end, m->n_rows, m->y,
                      m->extra);

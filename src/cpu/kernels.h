@@ -181,6 +181,12 @@ typedef void (*pe_tiermul_fn)(const pe_packed *p, const pe_item *items,
                               const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
                               int64_t c0, int64_t c1, float *y);
 
+/* pe_select_items' contract (below): a build of the cutoff search for one ISA. */
+typedef pe_status (*pe_select_items_fn)(const pe_packed *p, const float *x, double effort,
+                                        pe_item *items, int64_t begin[PE_CLASSES],
+                                        int64_t end[PE_CLASSES], int64_t *n_rows,
+                                        int64_t *mults, uint32_t *scratch);
+
 typedef struct {
     const char *name;
     pe_bucketmul_fn bucketmul_f16; /* canonical layout (the scalar spec), or NULL */
@@ -188,6 +194,7 @@ typedef struct {
     pe_dense_fn dense_f16;
     pe_tiermul_fn tiermul_f16;     /* tiered copy (pe_packed.tiers), or NULL        */
     pe_tiermul_fn permmul_f16;     /* permuted copy (pe_packed.perm), same contract, or NULL */
+    pe_select_items_fn select_items; /* the search built for this ISA, or NULL: the portable */
 } pe_cpu_kernels;
 
 extern const pe_cpu_kernels pe_kernels_scalar;
@@ -213,6 +220,11 @@ pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe
 pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_item *items,
                           int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES], int64_t *n_rows,
                           int64_t *mults, uint32_t *scratch);
+#if defined(__x86_64__) || defined(_M_X64)
+pe_status pe_select_items_avx2(const pe_packed *p, const float *x, double effort, pe_item *items,
+                               int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES],
+                               int64_t *n_rows, int64_t *mults, uint32_t *scratch);
+#endif
 /* Builds p->tiers from b (tiers.c); leaves it NULL if a position repeats in a group. */
 pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p);
 /* size bytes for an in-memory copy, 64-byte aligned, on 2 MiB pages where the system gives

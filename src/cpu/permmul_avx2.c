@@ -90,4 +90,4 @@ static void permmul_f16_avx2(const pe_packed *p, const pe_item *items,
 /* The routed kernel stays for matrices without a permuted copy (repeated positions, values
  * that are not finite). */
 const pe_cpu_kernels pe_kernels_avx2 = {"avx2", NULL, pe_packedmul_f16_avx2, pe_dense_f16_avx2,
-                                        NULL, permmul_f16_avx2};
+                                        NULL, permmul_f16_avx2, pe_select_items_avx2};

@@ -1,11 +1,30 @@
-/* Cutoff selection: which bucket rows one token dispatches (reference.cutoff). Scalar, exact. */
+/* Cutoff selection: which bucket rows one token dispatches (reference.cutoff). Exact.
+ * Built twice: portable (SSE2 on x86-64, plain C elsewhere) and, as select_avx2.c, with AVX2
+ * for the x86 kernel sets (8- and 16-lane compares): the same cutoffs, rows and items. */
 #include <math.h>
 #include <string.h>
-#ifdef __SSE2__
+#if defined(__AVX2__)
+#include <immintrin.h>
+#elif defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
 #include "kernels.h"
+
+#ifndef PE_SELECT_NAME /* select_avx2.c renames the entry points */
+#define PE_SELECT_NAME(f) f
+#endif
+
+/* 1 if no x_i is a NaN or an infinity (exponent bits all ones): a loop that vectorises. */
+static int all_finite(const float *x, int64_t n) {
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, sizeof u);
+        bad |= (u & 0x7F800000u) == 0x7F800000u;
+    }
+    return !bad;
+}
 
 /* Real multiplications in a row of each rank: m[k] = G, minus 1 past the last group's size. */
 static void row_mults(const pe_buckets *b, int64_t m[PE_RANKS]) {
@@ -20,7 +39,12 @@ typedef int32_t lanes4 __attribute__((vector_size(16)));
 
 /* Bit k set where k16[k] >= t (16 lanes; 1 <= t <= 32767). */
 static inline uint32_t ge_mask16(const int16_t *k16, int32_t t) {
-#ifdef __SSE2__
+#if defined(__AVX2__)
+    __m256i c = _mm256_cmpgt_epi16(_mm256_loadu_si256((const __m256i *)k16),
+                                   _mm256_set1_epi16((int16_t)(t - 1)));
+    __m128i b = _mm_packs_epi16(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    return (uint32_t)_mm_movemask_epi8(b);
+#elif defined(__SSE2__)
     __m128i tv = _mm_set1_epi16((int16_t)(t - 1));
     __m128i a = _mm_cmpgt_epi16(_mm_loadu_si128((const __m128i *)k16), tv);
     __m128i b = _mm_cmpgt_epi16(_mm_loadu_si128((const __m128i *)(k16 + 8)), tv);
@@ -34,7 +58,13 @@ static inline uint32_t ge_mask16(const int16_t *k16, int32_t t) {
 
 /* Bit k set where key[k] >= t (16 lanes; 1 <= t < 2^31: keys compare as signed). */
 static inline uint32_t ge_mask32(const uint32_t *key, uint32_t t) {
-#ifdef __SSE2__
+#if defined(__AVX2__)
+    __m256i tv = _mm256_set1_epi32((int32_t)(t - 1));
+    __m256i c0 = _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)key), tv),
+            c1 = _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)(key + 8)), tv);
+    return (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(c0)) |
+           (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(c1)) << 8;
+#elif defined(__SSE2__)
     __m128i tv = _mm_set1_epi32((int32_t)(t - 1)), c[4];
     for (int q = 0; q < 4; q++)
         c[q] = _mm_cmpgt_epi32(_mm_loadu_si128((const __m128i *)(key + 4 * q)), tv);
@@ -97,11 +127,11 @@ static uint32_t radix_cutoff(const pe_buckets *b, const uint32_t *key, uint32_t 
     return prefix;
 }
 
-pe_status pe_select(const pe_buckets *b, const float *x, double effort, pe_task *tasks,
-                    int64_t *n_tasks, int64_t *mults, uint32_t *scratch) {
+pe_status PE_SELECT_NAME(pe_select)(const pe_buckets *b, const float *x, double effort,
+                                    pe_task *tasks, int64_t *n_tasks, int64_t *mults,
+                                    uint32_t *scratch) {
     int64_t m[PE_RANKS], total = 0, n_in = b->n_in;
-    for (int64_t i = 0; i < n_in; i++)
-        if (!isfinite(x[i])) return PE_ERR_NONFINITE;
+    if (!all_finite(x, n_in)) return PE_ERR_NONFINITE;
     *n_tasks = 0;
     *mults = 0;
     if (!(effort > 0.0)) return PE_OK;
@@ -279,7 +309,19 @@ static int16_t keys_and_tops(const pe_packed *p, const float *x, uint32_t *key, 
         uint32_t *ki = key + i * PE_RANKS;
         __builtin_prefetch(st + PF_STATS * PE_RANKS); /* read cold in decoding */
         int16_t *hi = k16 + i * PE_RANKS;
-#ifdef __SSE2__
+#if defined(__AVX2__)
+        __m256 ax = _mm256_set1_ps(fabsf(x[i]));
+        __m256i k0 = _mm256_castps_si256(_mm256_mul_ps(ax, _mm256_loadu_ps(st))),
+                k1 = _mm256_castps_si256(_mm256_mul_ps(ax, _mm256_loadu_ps(st + 8)));
+        _mm256_storeu_si256((__m256i *)ki, k0);
+        _mm256_storeu_si256((__m256i *)(ki + 8), k1);
+        k0 = _mm256_srai_epi32(k0, 16);
+        k1 = _mm256_srai_epi32(k1, 16);
+        /* the in-lane pack leaves 64-bit quarters in the order ranks 0-3, 8-11, 4-7, 12-15 */
+        __m256i h = _mm256_permute4x64_epi64(_mm256_packs_epi32(k0, k1), 0xD8);
+        _mm256_storeu_si256((__m256i *)hi, h);
+        int16_t t0 = (int16_t)_mm256_cvtsi256_si32(k0); /* rank 0's top */
+#elif defined(__SSE2__)
         __m128 ax = _mm_set1_ps(fabsf(x[i]));
         __m128i k[4];
         for (int q = 0; q < 4; q++) {
@@ -305,7 +347,21 @@ static int16_t keys_and_tops(const pe_packed *p, const float *x, uint32_t *key, 
 /* The weight (sum of m) of the keys whose top 16 bits are >= t (1 <= t <= 32767). */
 static int64_t weight_from(const pe_packed *p, const int16_t *k16, int32_t t) {
     int16_t cnt[PE_RANKS]; /* keys >= t per rank: at most n_in < 2^15 */
-#ifdef __SSE2__
+#if defined(__AVX2__)
+    __m256i tv = _mm256_set1_epi16((int16_t)(t - 1)), a0 = _mm256_setzero_si256(), a1 = a0,
+            a2 = a0, a3 = a0;
+    int64_t i = 0, n = p->n_in;
+    const __m256i *k = (const __m256i *)k16; /* one input per vector */
+    for (; i + 3 < n; i += 4) { /* four chains of adds */
+        a0 = _mm256_sub_epi16(a0, _mm256_cmpgt_epi16(_mm256_loadu_si256(k + i), tv));
+        a1 = _mm256_sub_epi16(a1, _mm256_cmpgt_epi16(_mm256_loadu_si256(k + i + 1), tv));
+        a2 = _mm256_sub_epi16(a2, _mm256_cmpgt_epi16(_mm256_loadu_si256(k + i + 2), tv));
+        a3 = _mm256_sub_epi16(a3, _mm256_cmpgt_epi16(_mm256_loadu_si256(k + i + 3), tv));
+    }
+    for (; i < n; i++) a0 = _mm256_sub_epi16(a0, _mm256_cmpgt_epi16(_mm256_loadu_si256(k + i), tv));
+    _mm256_storeu_si256((__m256i *)cnt,
+                        _mm256_add_epi16(_mm256_add_epi16(a0, a1), _mm256_add_epi16(a2, a3)));
+#elif defined(__SSE2__)
     __m128i tv = _mm_set1_epi16((int16_t)(t - 1)), a0 = _mm_setzero_si128(), a1 = a0, b0 = a0,
             b1 = a0;
     int64_t i = 0, n = p->n_in;
@@ -416,8 +472,7 @@ static int64_t emit_runs(const pe_packed *p, int64_t i, uint32_t mask, float x, 
 static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort, uint32_t *key,
                                uint32_t *cand, uint32_t *c, int *none) {
     int64_t n_in = p->n_in, total = -p->unloaded;
-    for (int64_t i = 0; i < n_in; i++)
-        if (!isfinite(x[i])) return PE_ERR_NONFINITE;
+    if (!all_finite(x, n_in)) return PE_ERR_NONFINITE;
     *none = !(effort > 0.0);
     if (*none) return PE_OK;
     for (int k = 0; k < PE_RANKS; k++) total += p->m[k] * n_in;
@@ -453,8 +508,9 @@ static int64_t mask_mults(const pe_packed *p, uint32_t mask) {
     return pe_popcount(mask) * p->n_groups - pe_popcount(mask & padding_ranks(p));
 }
 
-pe_status pe_select_packed(const pe_packed *p, const float *x, double effort, pe_run *runs,
-                           int64_t *n_runs, int64_t *n_rows, int64_t *mults, uint32_t *scratch) {
+pe_status PE_SELECT_NAME(pe_select_packed)(const pe_packed *p, const float *x, double effort,
+                                           pe_run *runs, int64_t *n_runs, int64_t *n_rows,
+                                           int64_t *mults, uint32_t *scratch) {
     int64_t nr = 0, rows = 0, done = 0;
     uint32_t *key = scratch, *cand = scratch + p->n_in * PE_RANKS, c = 0;
     int none = 0;
@@ -501,9 +557,10 @@ static void monotone_items(const pe_packed *p, const float *x, const uint32_t *k
     *mults = ranks * p->n_groups - padding;
 }
 
-pe_status pe_select_items(const pe_packed *p, const float *x, double effort, pe_item *items,
-                          int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES], int64_t *n_rows,
-                          int64_t *mults, uint32_t *scratch) {
+pe_status PE_SELECT_NAME(pe_select_items)(const pe_packed *p, const float *x, double effort,
+                                          pe_item *items, int64_t begin[PE_CLASSES],
+                                          int64_t end[PE_CLASSES], int64_t *n_rows,
+                                          int64_t *mults, uint32_t *scratch) {
     uint32_t tail_mask = padding_ranks(p), *key = scratch, c = 0;
     int64_t ranks = 0, padding = 0; /* dispatched rows, and their padding slots */
     int none = 0;

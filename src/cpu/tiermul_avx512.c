@@ -96,4 +96,4 @@ static void tiermul_f16_avx512vbmi2(const pe_packed *p, const pe_item *items,
 /* The routed avx512 kernel stays for matrices without a tiered copy (statistics that rise). */
 const pe_cpu_kernels pe_kernels_avx512vbmi2 = {"avx512vbmi2", NULL, pe_packedmul_f16_avx512,
                                                pe_dense_f16_avx512, tiermul_f16_avx512vbmi2,
-                                               NULL};
+                                               NULL, pe_select_items_avx2};
