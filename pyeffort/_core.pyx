@@ -31,7 +31,7 @@ cdef extern from "pyeffort.h" nogil:
         pass
     pe_status pe_pack(const pe_buckets *b, pe_packed **out)
     void pe_packed_free(pe_packed *p)
-    void pe_warm_packed(const pe_packed *p)
+    void pe_warm_packed(const pe_packed *const *ps, int n)
     pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const float *x,
                                   int64_t n_tokens, double effort, float *y, int64_t *mults,
                                   int64_t *bytes)
@@ -158,10 +158,17 @@ cdef _Packed _packed_for(values, positions, stats, order, int64_t n_out):
     return pk
 
 
-def warm(values, positions, stats, order, int64_t n_out):
-    """Starts an idle pool thread reading this matrix's in-memory copy into the caches."""
-    if pe_kernel_packed():
-        pe_warm_packed((<_Packed>_packed_for(values, positions, stats, order, n_out)).p)
+def warm(mats):
+    """Starts an idle pool thread reading the matrices' statistics, then their in-memory
+    copies, into the caches; mats: (values, positions, stats, order, n_out), at most 8."""
+    cdef const pe_packed *ps[8]
+    cdef int n = 0
+    if not pe_kernel_packed():
+        return
+    for values, positions, stats, order, n_out in mats[:8]:
+        ps[n] = (<_Packed>_packed_for(values, positions, stats, order, n_out)).p
+        n += 1
+    pe_warm_packed(ps, n)
 
 
 def prepare(values, positions, stats, order, int64_t n_out):

@@ -120,20 +120,30 @@ def matmul_group(x, Ws, effort=1.0, *, return_info: bool = False):
 GROUP_MAX = 4  # matrices per matmul_group call (the C core's PE_MAX_GROUP)
 
 
-def prefetch(W: Buckets) -> None:
-    """Starts reading ``W``'s in-memory copy into the CPU caches on an idle thread of the pool,
-    and returns at once: call it for the matrix you multiply next, before other work (a
-    decoding step's attention, norms, activations). Results never change; with one thread, the
-    numpy backend, or nothing idle, it does nothing.
+def prefetch(W) -> None:
+    """Starts reading ``W``'s cutoff statistics and in-memory copy into the CPU caches on an
+    idle thread of the pool, and returns at once: call it for the matrix you multiply next,
+    before other work (a decoding step's attention, norms, activations). ``W`` may be a list
+    of up to 8 Buckets (the matrices of a ``matmul_group``): all their statistics are read
+    first, then their copies in order. A newer call replaces the request. Results never
+    change; with one thread, the numpy backend, or nothing idle, it does nothing.
 
     >>> import numpy as np, pyeffort
     >>> B = pyeffort.build_buckets(np.ones((64, 32), dtype=np.float16))
     >>> pyeffort.prefetch(B)
+    >>> pyeffort.prefetch([B, B])
     """
-    if not isinstance(W, Buckets):
-        raise DTypeError(f"prefetch takes a Buckets, got {type(W).__name__}")
-    if hasattr(_backend.current, "warm"):
-        _backend.current.warm(W.values, W.positions, W.stats, W.order, W.n_out)
+    Ws = list(W) if isinstance(W, (list, tuple)) else [W]
+    for B in Ws:
+        if not isinstance(B, Buckets):
+            raise DTypeError(f"prefetch takes a Buckets or a list of them, got {type(B).__name__}")
+    if len(Ws) > PREFETCH_MAX:
+        raise ValueError(f"prefetch takes at most {PREFETCH_MAX} matrices, got {len(Ws)}")
+    if Ws and hasattr(_backend.current, "warm"):
+        _backend.current.warm([(B.values, B.positions, B.stats, B.order, B.n_out) for B in Ws])
+
+
+PREFETCH_MAX = 8  # matrices per prefetch call
 
 
 def prepare(W: Buckets) -> Buckets:

@@ -68,10 +68,10 @@ class EffortLinear:
         return y
 
     def prefetch(self) -> None:
-        """Starts an idle pool thread reading this matrix's copy (``pyeffort.prefetch``): the
-        model calls it for the next matrix of a decoding step before the work in between."""
-        if self.hook is None:
-            pyeffort.prefetch(self.buckets)
+        """Starts an idle pool thread reading this matrix's statistics and copy
+        (``pyeffort.prefetch``): the model calls it for the next matrix of a decoding step
+        before the work in between."""
+        prefetch_group([self])
 
     def own_effort(self, effort: float) -> float:
         """This matrix's effort when the model asks ``effort`` (its budget split, if any)."""
@@ -84,6 +84,14 @@ class EffortLinear:
 
     def __repr__(self) -> str:
         return f"EffortLinear({self.name!r}, shape={self.shape})"
+
+
+def prefetch_group(lins: list[EffortLinear]) -> None:
+    """``prefetch`` for matrices multiplied next together (q/k/v, gate/up): all their
+    statistics first (the cutoff searches read them first), then their copies."""
+    bs = [lin.buckets for lin in lins if lin.hook is None]
+    if bs:
+        pyeffort.prefetch(bs)
 
 
 def call_group(lins: list[EffortLinear], x: np.ndarray, effort: float) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ import pyeffort
 from pyeffort import _backend
 from pyeffort.models.args import ModelArgs
 from pyeffort.models.cache import KVCache
-from pyeffort.models.effort_linear import EffortLinear, call_group
+from pyeffort.models.effort_linear import EffortLinear, call_group, prefetch_group
 from pyeffort.models.rope import Rope
 
 
@@ -205,8 +205,9 @@ class Model:
         h = self.embed[tokens].astype(np.float32)  # (T, dim)
         for i, b in enumerate(self.layers):
             h = b(h, start_pos, effort, self.cache)
-            if h.shape[0] == 1 and i + 1 < len(self.layers):  # decoding: the next layer's q
-                self.layers[i + 1].attn.wq.prefetch()
+            if h.shape[0] == 1 and i + 1 < len(self.layers):  # decoding: the next layer's qkv
+                nxt = self.layers[i + 1].attn
+                prefetch_group([nxt.wq, nxt.wk, nxt.wv])
         if last_only:
             h = h[-1:]
         x = np.ascontiguousarray(self.norm(h), dtype=np.float32)

@@ -240,9 +240,15 @@ const pe_cpu_kernels *pe_active_kernels(void);
  * n_threads threads (the caller included), in any order and assignment. */
 typedef void (*pe_job_fn)(void *ctx, int c, int n_chunks);
 pe_status pe_parallel(pe_job_fn fn, void *ctx, int n_chunks, int n_threads);
-/* Asks an idle pool worker to read [base, base + len) into the caches while it waits for the
- * next job (returns at once; nothing happens without a worker). pe_pool_unwarm(base) cancels
- * it and returns once no worker reads base: call it before freeing. */
-void pe_pool_warm(const void *base, size_t len);
-void pe_pool_unwarm(const void *base);
+/* Asks an idle pool worker to read the n ranges (at most PE_WARM_RANGES) into the caches, in
+ * order, while it waits for the next job (returns at once; nothing happens without a worker).
+ * pe_pool_unwarm(owner) cancels a request with a range of that owner and returns once no
+ * worker reads one: call it before freeing the owner's memory. */
+#define PE_WARM_RANGES 16
+typedef struct {
+    const void *base, *owner;
+    size_t len;
+} pe_warm_range;
+void pe_pool_warm(const pe_warm_range *ranges, int n);
+void pe_pool_unwarm(const void *owner);
 #endif

@@ -20,7 +20,7 @@ void *pe_alloc_copy(size_t size) {
 
 void pe_packed_free(pe_packed *p) {
     if (!p) return;
-    if (p->perm) pe_pool_unwarm(p->perm);
+    pe_pool_unwarm(p);
     free(p->row);
     free(p->stats);
     free(p->slot0);
@@ -32,8 +32,17 @@ void pe_packed_free(pe_packed *p) {
     free(p);
 }
 
-void pe_warm_packed(const pe_packed *p) {
-    if (p->perm && pe_num_threads() >= 2) pe_pool_warm(p->perm, (size_t)p->perm_bytes);
+void pe_warm_packed(const pe_packed *const *ps, int n) {
+    pe_warm_range r[PE_WARM_RANGES];
+    int k = 0;
+    if (pe_num_threads() < 2) return;
+    for (int j = 0; j < n && k < PE_WARM_RANGES; j++) { /* what the cutoff searches read */
+        size_t len = sizeof(float) * (size_t)(ps[j]->n_in * PE_RANKS);
+        r[k++] = (pe_warm_range){ps[j]->stats, ps[j], len};
+    }
+    for (int j = 0; j < n && k < PE_WARM_RANGES; j++) /* then what the kernels read */
+        if (ps[j]->perm) r[k++] = (pe_warm_range){ps[j]->perm, ps[j], (size_t)ps[j]->perm_bytes};
+    pe_pool_warm(r, k);
 }
 
 /* 1 if every input's loaded statistics never rise with rank: a cutoff then dispatches a

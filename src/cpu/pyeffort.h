@@ -47,9 +47,10 @@ pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens,
 typedef struct pe_packed pe_packed;
 pe_status pe_pack(const pe_buckets *b, pe_packed **out);
 void pe_packed_free(pe_packed *p);
-/* Starts reading p's in-memory copy into the caches on an idle pool thread (two or more
- * threads), returning at once: for the matrix a caller multiplies next. */
-void pe_warm_packed(const pe_packed *p);
+/* Starts reading the n matrices' statistics, then their in-memory copies, into the caches on
+ * an idle pool thread (two or more threads), returning at once: for the matrices a caller
+ * multiplies next (a newer call replaces the request). */
+void pe_warm_packed(const pe_packed *const *ps, int n);
 /* As pe_bucketmul, through the index p built from b; the same rows, mults and bytes. */
 pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const float *x,
                               int64_t n_tokens, double effort, float *y, int64_t *mults,

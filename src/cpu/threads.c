@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <time.h>
@@ -37,55 +38,78 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* A warm request (pe_pool_warm): bytes an idle worker reads into the caches while it waits
- * for the next job, e.g. the matrix a decoding step multiplies next, during the Python work
- * between two calls. One request at a time, the newest wins; a job or a newer request stops
- * the reading. */
+/* A warm request (pe_pool_warm): ranges an idle worker reads into the caches, in order, while
+ * it waits for the next job, e.g. the statistics and copies of the matrices a decoding step
+ * multiplies next, during the Python work between two calls. One request at a time, the
+ * newest wins; a job or a newer request stops the reading. */
 static pthread_mutex_t warm_lock = PTHREAD_MUTEX_INITIALIZER;
-static const uint8_t *warm_req;       /* guarded by warm_lock                          */
-static size_t warm_req_len;           /* guarded by warm_lock                          */
-static atomic_int warm_pending;       /* a request (or a cancel) is waiting            */
-static _Atomic(const uint8_t *) warming[MAX_THREADS]; /* what worker i reads now, or NULL */
+static pe_warm_range warm_req[PE_WARM_RANGES]; /* guarded by warm_lock                    */
+static int warm_n;                             /* ranges in warm_req; guarded by warm_lock */
+static atomic_int warm_pending;                /* a request (or a cancel) is waiting       */
+/* the ranges worker i reads now (n_warming[i] = 0: none); guarded by warm_lock */
+static pe_warm_range warming[MAX_THREADS][PE_WARM_RANGES];
+static int n_warming[MAX_THREADS];
 
-void pe_pool_warm(const void *base, size_t len) {
+void pe_pool_warm(const pe_warm_range *ranges, int n) {
     if (n_workers < 1) return; /* no pool thread yet: nobody idle to read it */
+    if (n > PE_WARM_RANGES) n = PE_WARM_RANGES;
     pthread_mutex_lock(&warm_lock);
-    warm_req = base;
-    warm_req_len = len;
+    memcpy(warm_req, ranges, sizeof(pe_warm_range) * (size_t)n);
+    warm_n = n;
     atomic_store(&warm_pending, 1);
     pthread_mutex_unlock(&warm_lock);
 }
 
-void pe_pool_unwarm(const void *base) {
-    pthread_mutex_lock(&warm_lock);
-    if (warm_req == base) warm_req = NULL;
-    atomic_store(&warm_pending, 1); /* also stops a reading in progress (it sees a request) */
-    pthread_mutex_unlock(&warm_lock);
-    for (int i = 0; i < MAX_THREADS; i++)
-        while (atomic_load(&warming[i]) == (const uint8_t *)base) pe_cpu_relax();
+/* 1 if one of the n ranges belongs to owner. */
+static int owned(const pe_warm_range *r, int n, const void *owner) {
+    for (int i = 0; i < n; i++)
+        if (r[i].owner == owner) return 1;
+    return 0;
 }
 
-/* Worker id takes the pending request and reads it, a load per line, until it ends or a job
- * (the generation past seen) or another request comes. */
+void pe_pool_unwarm(const void *owner) {
+    pthread_mutex_lock(&warm_lock);
+    if (owned(warm_req, warm_n, owner)) warm_n = 0;
+    atomic_store(&warm_pending, 1); /* also stops a reading in progress (it sees a request) */
+    for (;;) {
+        int busy = 0;
+        for (int i = 0; i < MAX_THREADS; i++) busy |= owned(warming[i], n_warming[i], owner);
+        if (!busy) break;
+        pthread_mutex_unlock(&warm_lock);
+        pe_cpu_relax();
+        pthread_mutex_lock(&warm_lock);
+    }
+    pthread_mutex_unlock(&warm_lock);
+}
+
+/* Worker id takes the pending request and reads its ranges, a load per line, until they end
+ * or a job (the generation past seen) or another request comes. */
 static void serve_warm(uint64_t seen, int id) {
     pthread_mutex_lock(&warm_lock);
-    const uint8_t *b = warm_req;
-    size_t len = warm_req_len;
-    warm_req = NULL;
+    int n = warm_n;
+    memcpy(warming[id], warm_req, sizeof(pe_warm_range) * (size_t)n);
+    n_warming[id] = n; /* under the lock: pe_pool_unwarm then waits for it */
+    warm_n = 0;
     atomic_store(&warm_pending, 0);
-    atomic_store(&warming[id], b); /* under the lock: pe_pool_unwarm then waits for it */
     pthread_mutex_unlock(&warm_lock);
-    if (!b) return;
-    const volatile uint8_t *a = b;
     uint8_t sink = 0;
-    for (size_t o = 0; o < len; o += 64) {
-        if ((o & 4095) == 0 && (atomic_load_explicit(&generation, memory_order_relaxed) != seen ||
-                                atomic_load_explicit(&warm_pending, memory_order_relaxed)))
-            break;
-        sink ^= a[o];
+    int stop = 0;
+    for (int r = 0; r < n && !stop; r++) {
+        const volatile uint8_t *a = warming[id][r].base;
+        for (size_t o = 0; o < warming[id][r].len; o += 64) {
+            if ((o & 4095) == 0 &&
+                (atomic_load_explicit(&generation, memory_order_relaxed) != seen ||
+                 atomic_load_explicit(&warm_pending, memory_order_relaxed))) {
+                stop = 1;
+                break;
+            }
+            sink ^= a[o];
+        }
     }
     (void)sink;
-    atomic_store(&warming[id], NULL);
+    pthread_mutex_lock(&warm_lock);
+    n_warming[id] = 0;
+    pthread_mutex_unlock(&warm_lock);
 }
 
 /* Worker id waits until the generation moves past seen (serving warm requests meanwhile);
@@ -139,9 +163,9 @@ static void *worker(void *arg) {
 static void after_fork_child(void) {
     n_workers = 0; /* the workers do not exist in a forked child */
     pthread_mutex_init(&warm_lock, NULL);
-    warm_req = NULL;
+    warm_n = 0;
     atomic_store(&warm_pending, 0);
-    for (int i = 0; i < MAX_THREADS; i++) atomic_store(&warming[i], NULL);
+    memset(n_warming, 0, sizeof n_warming);
     pthread_mutex_init(&job_lock, NULL);
     pthread_mutex_init(&wake_lock, NULL);
     pthread_cond_init(&wake, NULL);
