@@ -5,7 +5,9 @@ interleaved, at the same thread count.
     python bench/bench_decode.py --threads 1,2 --tokens 64 --repeats 3
 
 Tokens/s = (N - 1) / (t(N new tokens) - t(1 new token)): prefill excluded the same way for both.
-Greedy decoding; the median over repeats is reported. Needs torch and transformers.
+Greedy decoding; the median over repeats is reported; each repeat starts the efforts at the next
+one (1.0, 0.5, 0.25, then 0.5, 0.25, 1.0, ...), so no effort always runs right after
+transformers. Needs torch and transformers.
 """
 
 from __future__ import annotations
@@ -87,9 +89,9 @@ def main() -> None:
         dense_gen(2)
         res = {"hf": [], "dense": []} | {e: [] for e in efforts}
         real = {}
-        for _ in range(a.repeats):
+        for r in range(a.repeats):
             res["hf"].append((n - 1) / (timed(lambda: hf_gen(n)) - timed(lambda: hf_gen(1))))
-            for e in efforts:
+            for e in efforts[r % len(efforts) :] + efforts[: r % len(efforts)]:  # rotated
                 t1 = timed(lambda e=e: our_gen(1, e))
                 ours.reset_counters()
                 tn = timed(lambda e=e: our_gen(n, e))
