@@ -61,7 +61,7 @@ def use_lib(spec: str, bs, groups=()) -> None:
             t.zero_()
 
 
-def bench_shape(n_in, n_out, libs, efforts, rounds, gen):
+def bench_shape(n_in, n_out, libs, efforts, rounds, gen, prof_efforts=(0.25,)):
     n_sets = max(2, math.ceil(ROTATE_BYTES / (2 * n_in * n_out)))
     per_graph = max(n_sets, 24)
     bs, ws, xs, ys = [], [], [], []
@@ -98,9 +98,12 @@ def bench_shape(n_in, n_out, libs, efforts, rounds, gen):
                 res[lib].setdefault("same_bits", True)
                 if bits != ref_bits[e]:
                     res[lib]["same_bits"] = False
+                    if e not in res[lib].setdefault("diff_at", []):
+                        res[lib]["diff_at"].append(e)
                 res[lib].setdefault("realised", {})[e] = round(info.effort, 4)
             if r == 0:
-                res[lib]["phases_0.25"] = profile(bs, xs, 0.25)
+                for pe in prof_efforts:
+                    res[lib][f"phases_{pe}"] = profile(bs, xs, pe)
     out = {"shape": f"{n_in}x{n_out}", "cublas_us": [round(t, 2) for t in cublas], "libs": res}
     return out
 
@@ -108,7 +111,7 @@ def bench_shape(n_in, n_out, libs, efforts, rounds, gen):
 VGROUPS = {**GROUPS, "w1w3 ct256 4096x(14336+14336)": (4096, [14336, 14336], 256)}
 
 
-def bench_group(name, libs, efforts, rounds, gen):
+def bench_group(name, libs, efforts, rounds, gen, prof_efforts=(0.25,)):
     """A grouped call (VGROUPS) of each library against one fused cuBLAS GEMV."""
     n_in, n_outs, ct = VGROUPS[name]
     n_sets = max(2, math.ceil(ROTATE_BYTES / (2 * n_in * sum(n_outs))))
@@ -147,8 +150,11 @@ def bench_group(name, libs, efforts, rounds, gen):
                 res[lib].setdefault("same_bits", True)
                 if bits != ref_bits[e]:
                     res[lib]["same_bits"] = False
+                    if e not in res[lib].setdefault("diff_at", []):
+                        res[lib]["diff_at"].append(e)
             if r == 0:
-                res[lib]["phases_0.25"] = profile_group(grps, xs, 0.25)
+                for pe in prof_efforts:
+                    res[lib][f"phases_{pe}"] = profile_group(grps, xs, pe)
     return {"shape": name, "cublas_us": [round(t, 2) for t in cublas], "libs": res}
 
 
@@ -159,21 +165,23 @@ def main():
     ap.add_argument("--efforts", default="1.0,0.5,0.25,0.1")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--groups", action="store_true", help="also q,k,v and w1,w3 grouped calls")
+    ap.add_argument("--profile", default="0.25", help="efforts whose phases are stamped")
     ap.add_argument("--json")
     args = ap.parse_args()
     efforts = [float(v) for v in args.efforts.split(",")]
+    prof = [float(v) for v in args.profile.split(",")]
     gen = torch.Generator(device="cuda")
     gen.manual_seed(0)
     allres = []
     for s in args.shapes.split(","):
         n_in, n_out = (int(v) for v in s.split("x"))
-        allres.append(bench_shape(n_in, n_out, args.libs, efforts, args.rounds, gen))
+        allres.append(bench_shape(n_in, n_out, args.libs, efforts, args.rounds, gen, prof))
         torch.cuda.empty_cache()
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(allres, f, indent=1, default=str)
     for name in VGROUPS if args.groups else ():
-        allres.append(bench_group(name, args.libs, efforts, args.rounds, gen))
+        allres.append(bench_group(name, args.libs, efforts, args.rounds, gen, prof))
         torch.cuda.empty_cache()
         if args.json:
             with open(args.json, "w") as f:
@@ -186,13 +194,15 @@ def main():
             cells = "  ".join(
                 f"{e}: {min(ts):.1f} ({cb / min(ts):.2f}x) {ts}" for e, ts in v["us"].items()
             )
-            print(f"  {name:10s} bits={'same' if v['same_bits'] else 'DIFF'}  {cells}")
+            bits = "same" if v["same_bits"] else "DIFF@" + "/".join(map(str, v["diff_at"]))
+            print(f"  {name:10s} bits={bits}  {cells}")
         for lib, v in r["libs"].items():
-            ph = v.get("phases_0.25")
-            if ph is None:
-                continue
-            cells = " ".join(f"{k}={x}" for k, x in ph.items())
-            print(f"  {pathlib.Path(lib).name.replace('.so', ''):10s} phases@0.25 {cells}")
+            for pe in prof:
+                ph = v.get(f"phases_{pe}")
+                if ph is None:
+                    continue
+                cells = " ".join(f"{k}={x}" for k, x in ph.items() if not k.startswith("last_"))
+                print(f"  {pathlib.Path(lib).name.replace('.so', ''):10s} phases@{pe} {cells}")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def gen(request):
     return g
 
 
-SHAPES = [(100, 37), (257, 300), (1000, 1000), (4096, 1024), (96, 4100), (5000, 300)]
+SHAPES = [(100, 37), (257, 300), (1000, 1000), (4096, 1024), (96, 4100), (5000, 300), (300, 7)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)  # 5000 inputs: the separate candidate kernel

@@ -20,11 +20,10 @@
  * (by their sum, as the workers), advances the epoch, picks b1, polls the workers' tagged candidate counts, runs levels 2 and 3
  * over the candidates (resolve.cuh; the last level by one warp when the level-2 bin holds at most
  * 32 of them) and publishes the tagged cut.
- * When the effort covers every loaded row (budget == total_w: effort 1.0 on a full load) the
- * search is skipped (PE_MODE_FULL): the workers meet once for the smallest key of a row with
- * real multiplications, which is the cut the search would find; the same rows go to the same
- * lists, so the same bits. Above the loaded total (PE_MODE_ALL) and at effort 0 (PE_MODE_NONE)
- * the workers do not wait at all.
+ * When the effort covers every loaded row (budget >= total_w: effort 1.0 on a full load, or
+ * above the loaded total) there is no search (PE_MODE_ALL): each worker streams every row of
+ * its split in row order (pe_worker_all: no keys, no histogram, no lists by ballot, no
+ * meeting); at effort 0 (PE_MODE_NONE) the workers do not wait either.
  * Every output is summed in a fixed order (rows in list order per team, teams in order, splits
  * in order) and the cutoff comes from integer histograms: the same inputs give the same bits. */
 #include "common.cuh"
@@ -35,14 +34,17 @@
 
 #define PE_MODE_SEARCH 0
 #define PE_MODE_NONE 1
-#define PE_MODE_ALL 2
-#define PE_MODE_FULL 3 /* budget == total_w: every row with real multiplications, no search */
+#define PE_MODE_ALL 2 /* budget >= total_w: every loaded row, no search */
 
 static_assert(sizeof(pe_cuda_state) == 64 && offsetof(pe_cuda_state, tbase) == 16 &&
                   offsetof(pe_cuda_state, hbase) == 28 && offsetof(pe_cuda_state, info_mults) == 40 &&
                   offsetof(pe_cuda_state, cut_word) == 8,
               "the kernel reads the bases as one uint4 word");
 
+#ifndef PE_OWNP_MAX
+#define PE_OWNP_MAX 32 /* the own partial tile from shared memory with at most this many splits
+                          (more: 4096x4096 and 4096x1024 ran 0.1-0.5 us slower with it) */
+#endif
 #ifndef PE_POLL_NS
 #define PE_POLL_NS 128 /* pause between polls of a split partial that is not in yet */
 #endif
@@ -54,12 +56,16 @@ __device__ __forceinline__ size_t pe_cand_stride(const pe_cuda_matrix &m) {
 
 /* Slice `split` of a tile (its share of the 16 * CT slots): the sum of the n_splits partial
  * tiles -> y. Every split of the tile runs it, once all partials are in. K lanes per slot each
- * add every K-th split, then a fixed butterfly: a fixed order, so the same bits every call. */
+ * add every K-th split, then a fixed butterfly: a fixed order, so the same bits every call.
+ * own: this split's partial tile in shared memory (or NULL), taken from there instead of being
+ * loaded back (the same values in the same order; the load of a word this block had just
+ * stored mostly missed its tag and slept a poll: README_cuda.md, update (6)). */
 template <typename TY, int CT>
 __device__ __forceinline__ void sum_slice(const pe_cuda_matrix &m, int tile, int split, TY *y,
-                                          uint32_t tag) {
+                                          uint32_t tag, const float *own) {
     const int tile_cols = 16 * CT, len = (tile_cols + m.n_splits - 1) / m.n_splits;
     const int ns = m.n_splits;
+    const int own_sp = own ? split : -1;
     const int lk = ns > 64 ? 4 : ns > 32 ? 3 : ns > 16 ? 2 : ns > 8 ? 1 : 0, K = 1 << lk;
     const int k = threadIdx.x & (K - 1), per_pass = PE_THREADS >> lk; /* shifts: no division */
     const size_t split_stride = (size_t)m.n_tiles * tile_cols;
@@ -73,8 +79,10 @@ __device__ __forceinline__ void sum_slice(const pe_cuda_matrix &m, int tile, int
                 unsigned long long v[8]; /* 8 polls in flight, then each until its tag */
 #pragma unroll
                 for (int u = 0; u < 8; u++)
-                    v[u] = sp0 + u * K < ns ? pe_ld_relaxed64(p + (size_t)(sp0 + u * K) * split_stride)
-                                            : pe_tagged(tag, 0u);
+                    v[u] = sp0 + u * K == own_sp ? pe_tagged(tag, __float_as_uint(own[o]))
+                           : sp0 + u * K < ns
+                               ? pe_ld_relaxed64(p + (size_t)(sp0 + u * K) * split_stride)
+                               : pe_tagged(tag, 0u);
 #pragma unroll
                 for (int u = 0; u < 8; u++) {
                     const uint32_t b = (uint32_t)(v[u] >> 32) == tag
@@ -91,12 +99,6 @@ __device__ __forceinline__ void sum_slice(const pe_cuda_matrix &m, int tile, int
             if (gc < m.n_out) pe_store(&y[gc], s);
         }
     }
-}
-
-/* PE_MODE_FULL: hist[0] holds 0x7FFFFFFF - (smallest key of a row with real multiplications),
- * the maximum of the workers' (zero: none yet, as cleared). -> that key: the cut. */
-__device__ __forceinline__ uint32_t pe_full_cut(const uint32_t *hist) {
-    return 0x7FFFFFFFu - __ldcg(hist);
 }
 
 /* This thread's loaded histogram words v -> h (shared) -> the bin b1 holding the budget and
@@ -289,6 +291,110 @@ __device__ __forceinline__ uint32_t gather_counts(const pe_cuda_matrix &m, uint3
     return s_off[n_w];
 }
 
+/* 4. teams -> this split's sums, in slot order (coalesced, tagged partial writes); with
+ * several splits, every split of the tile then sums its slice, each partial once tagged (with
+ * at most PE_OWNP_MAX splits its own from own: shared memory, free by then). */
+template <typename TY, int CT>
+__device__ __forceinline__ void pe_write_sums(const pe_cuda_matrix &m, const float *acc, int tile,
+                                              int split, TY *y, uint32_t tag, float *own) {
+    typedef Tile<CT> T;
+    const int tile_cols = 16 * CT;
+    unsigned long long *part = m.partial + ((size_t)split * m.n_tiles + tile) * tile_cols;
+    for (int o = threadIdx.x; o < tile_cols; o += PE_THREADS) {
+        float s = 0.f;
+        for (int j = 0; j < T::NT; j++) s += acc[j * T::ACC + o];
+        if (m.n_splits == 1) {
+            const int64_t gc = (int64_t)tile * tile_cols + pe_slot_col<CT>(o);
+            if (gc < m.n_out) pe_store(&y[gc], s);
+        } else {
+            pe_st_relaxed64(&part[o], pe_tagged(tag, __float_as_uint(s)));
+            if (m.n_splits <= PE_OWNP_MAX) own[o] = s;
+        }
+    }
+    if (m.n_splits > 1) {
+        const bool ownp = m.n_splits <= PE_OWNP_MAX;
+        if (ownp) __syncthreads();
+        sum_slice<TY, CT>(m, tile, split, y, tag, ownp ? own : nullptr);
+    }
+}
+
+/* A worker when the effort covers every loaded row (PE_MODE_ALL: 1.0 on a full load): every
+ * row of its split is dispatched, so no keys, no histogram, no ballots and no meeting. The rows
+ * of a pass are listed by their index (row order), the first batch's loads go out before x is
+ * in (the accumulators are zeroed meanwhile), the passes from the last (its order loaded before
+ * the PDL wait) to the first; then the split sums as in the search. Out of line (its code and
+ * registers apart from the search's; inline and out of line, the search's times moved alike,
+ * 0 to +0.4 us: README_cuda.md, update (6)). mp: the matrix (shared); yv: its output; s1y,
+ * s1w: the bases this thread read. */
+template <typename TX, typename TY, int CT>
+__device__ __noinline__ void pe_worker_all(const TX *x, const pe_cuda_matrix *mp, void *yv,
+                                           uint32_t tag, uint32_t s1y, uint32_t s1w, int split,
+                                           int tile, int n_pass, uint32_t n_k,
+                                           uint32_t n_stripes, long long *timing,
+                                           long long t_start) {
+    typedef Tile<CT> T;
+    extern __shared__ __align__(16) unsigned char smem[];
+    float *acc = (float *)smem;
+    int2 *list = (int2 *)(smem + T::ACC_BYTES);
+    const pe_cuda_matrix &m = *mp;
+    pe_cuda_state *st = m.state;
+    const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
+    float *my = acc + team * T::ACC + t;
+    const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
+#define PE_STAMP_A(i)                                                   \
+    if (timing && threadIdx.x == 0) {                                   \
+        if (blockIdx.x == 0) timing[i] = pe_now();                      \
+        atomicMax((unsigned long long *)&timing[16 + (i)], (unsigned long long)pe_now()); \
+    }
+    int ri[PE_KR], ord[PE_KR];
+    float sta[PE_KR], xv[PE_KR];
+    pe_load_meta(m, split, n_pass - 1, ri, ord, sta); /* as before the PDL wait: cached */
+    pe_gather_x(x, ri, ord, xv);
+    __syncthreads(); /* the list space was zeroed (as the search's histogram) before */
+    const uint32_t n = pe_list_rows(n_pass - 1, n_k, split, m.n_splits, n_stripes,
+                                    (uint32_t)m.n_rows, ri, list);
+    /* counted in with no fence (nothing this block wrote matters to the selector); every thread
+     * has used the bases before this barrier, whose predicate reads them */
+    if (__syncthreads_or(s1y == 0xFFFFFFFFu && s1w == 0xFFFFFFFFu) && threadIdx.x == 0)
+        asm volatile("" ::: "memory");
+    if (threadIdx.x == 0) atomicAdd(&st->hist_done, 1u);
+    PE_STAMP_A(2);
+    PE_STAMP_A(3);
+    PE_STAMP_A(4);
+    PE_STAMP_A(5);
+    pe_process<CT>(list, n, tile_base, my, team, t, [&] {
+        for (int i = threadIdx.x; i < T::NT * T::ACC / 4; i += PE_THREADS)
+            reinterpret_cast<float4 *>(acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        pe_list_x(ri, xv, list);
+        __syncthreads();
+    });
+    uint32_t n_all = n;
+    for (int p = n_pass - 2; p >= 0; p--) {
+        __syncthreads();
+        pe_load_meta(m, split, p, ri, ord, sta);
+        pe_gather_x(x, ri, ord, xv);
+        const uint32_t np = pe_list_rows(p, n_k, split, m.n_splits, n_stripes,
+                                         (uint32_t)m.n_rows, ri, list);
+        pe_list_x(ri, xv, list);
+        __syncthreads();
+        pe_process<CT>(list, np, tile_base, my, team, t);
+        n_all += np;
+    }
+    __syncthreads();
+    if (tile == 0 && threadIdx.x == 0) atomicAdd(&st->info_rows, (unsigned long long)n_all);
+    PE_STAMP_A(6);
+    PE_STAMP_A(7);
+    PE_STAMP_A(8);
+    pe_write_sums<TY, CT>(m, acc, tile, split, (TY *)yv, tag, (float *)list);
+    PE_STAMP_A(9);
+    if (timing && threadIdx.x == 0) {
+        atomicMax((unsigned long long *)&timing[10], (unsigned long long)pe_now());
+        atomicMin((unsigned long long *)&timing[11], (unsigned long long)t_start);
+        atomicMax((unsigned long long *)&timing[16], (unsigned long long)t_start);
+    }
+#undef PE_STAMP_A
+}
+
 #define PE_STAMP_MAX(i) \
     if (g.timing && threadIdx.x == 0) \
     atomicMax((unsigned long long *)&g.timing[16 + (i)], (unsigned long long)pe_now())
@@ -353,8 +459,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     const double eff = eff_ptr ? __ldcg(eff_ptr) : eff_val;
     const double budget = eff * (double)(m.n_in * m.n_out);
     const int mode = !(eff > 0.0)                     ? PE_MODE_NONE
-                     : (double)m.total_w < budget  ? PE_MODE_ALL
-                     : (double)m.total_w == budget ? PE_MODE_FULL
+                     : (double)m.total_w <= budget ? PE_MODE_ALL
                                                    : PE_MODE_SEARCH;
 
     if (selector) { /* ------------------------------------------------ selector block */
@@ -398,7 +503,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             };
             cut = pe_resolve(m, budget, n_c, (uint32_t)b1, aw, s_cand, cap, h, &mults, fetch, tag);
         } else {
-            cut = mode == PE_MODE_FULL ? pe_full_cut(hist) : mode == PE_MODE_ALL ? 0u : PE_INVALID;
+            cut = mode == PE_MODE_ALL ? 0u : PE_INVALID;
             mults = mode == PE_MODE_NONE ? 0ull : m.total_w;
         }
         if (threadIdx.x == 0) { /* the workers read the cut from its tagged word alone */
@@ -412,15 +517,19 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     }
 
     /* ------------------------------------------------------------------ worker block */
+    if (mode == PE_MODE_ALL) {
+        pe_worker_all<TX, TY, CT>(x, &m, s_y, tag, s1.y, s1.w, split, tile, n_pass, n_k,
+                                  n_stripes, g.timing, t_start);
+        return;
+    }
     long long *const tm0 = blockIdx.x == 0 ? g.timing : nullptr; /* split_rows' sub-stamps */
     const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
     float *my = acc + team * T::ACC + t;
     const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
     pe_finish_keys(x, ri, ord, sta, xv, key);
     int loaded = n_pass - 1; /* the pass whose keys are in registers */
-    { /* 1. this worker's rounds (round % n_tiles == tile) of the level-1 weight histogram, or
-         (PE_MODE_FULL) of the smallest key of a row with real multiplications. Passes from the
-         last to the first: pass 0's keys stay in registers for 2. */
+    { /* 1. this worker's rounds (round % n_tiles == tile) of the level-1 weight histogram.
+         Passes from the last to the first: pass 0's keys stay in registers for 2. */
         uint32_t *h1 = (uint32_t *)list; /* zeroed before the PDL wait */
         __syncthreads();
         if (mode == PE_MODE_SEARCH) {
@@ -436,20 +545,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
                     if (++rt == m.n_tiles) rt = 0;
                 }
             }
-        } else if (mode == PE_MODE_FULL) {
-            uint32_t mn = 0x7FFFFFFFu; /* none (real keys are finite: below 0x7F800000) */
-            for (int p = n_pass - 1; p >= 0; p--) {
-                if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
-                int rt = (int)((uint32_t)(p * PE_KR) % (uint32_t)m.n_tiles);
-#pragma unroll
-                for (int q = 0; q < PE_KR; q++) {
-                    if (ri[q] >= 0 && rt == tile && G > pe_is_short(ri[q], short_from))
-                        mn = min(mn, key[q]);
-                    if (++rt == m.n_tiles) rt = 0;
-                }
-            }
-            mn = __reduce_min_sync(0xFFFFFFFFu, mn);
-            if ((threadIdx.x & 31) == 0 && mn != 0x7FFFFFFFu) atomicMax(&hist[0], 0x7FFFFFFFu - mn);
         }
         __syncthreads();
         if (mode == PE_MODE_SEARCH)
@@ -473,17 +568,12 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     PE_STAMP(2);
     PE_STAMP_MAX(2);
     const unsigned long long hsum = mode == PE_MODE_SEARCH ? m.total_w : 0ull;
-    if (mode == PE_MODE_FULL) pe_wait_geq(&st->hist_done, all_in);
-    else __syncthreads();
+    __syncthreads();
     PE_STAMP(3);
     PE_STAMP_MAX(3);
     unsigned long long aw = 0;
-    const uint32_t known_cut = mode == PE_MODE_FULL ? pe_full_cut(hist)
-                               : mode == PE_MODE_ALL ? 0u
-                                                     : PE_INVALID;
-    const int b1 = mode == PE_MODE_FULL ? (int)(known_cut >> 19)
-                                        : pick_level1(hist, (uint32_t *)list, mode, budget, &aw,
-                                                      hsum);
+    const uint32_t known_cut = PE_INVALID; /* effort 0: nothing */
+    const int b1 = pick_level1(hist, (uint32_t *)list, mode, budget, &aw, hsum);
     const bool publish = mode == PE_MODE_SEARCH; /* the selector reads the candidates */
     PE_STAMP(4);
     PE_STAMP_MAX(4);
@@ -576,22 +666,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     PE_STAMP(8);
     PE_STAMP_MAX(8);
 
-    /* 4. teams -> this split's sums, in slot order (coalesced, tagged partial writes) */
-    TY *y = (TY *)s_y;
-    const int tile_cols = 16 * CT;
-    unsigned long long *part = m.partial + ((size_t)split * m.n_tiles + tile) * tile_cols;
-    for (int o = threadIdx.x; o < tile_cols; o += PE_THREADS) {
-        float s = 0.f;
-        for (int j = 0; j < T::NT; j++) s += acc[j * T::ACC + o];
-        if (m.n_splits == 1) {
-            const int64_t gc = (int64_t)tile * tile_cols + pe_slot_col<CT>(o);
-            if (gc < m.n_out) pe_store(&y[gc], s);
-        } else {
-            pe_st_relaxed64(&part[o], pe_tagged(tag, __float_as_uint(s)));
-        }
-    }
-    if (m.n_splits > 1) /* every split of the tile sums its slice, each partial once tagged */
-        sum_slice<TY, CT>(m, tile, split, y, tag);
+    pe_write_sums<TY, CT>(m, acc, tile, split, (TY *)s_y, tag, (float *)list); /* list: free */
     PE_STAMP(9);
     PE_STAMP_MAX(9);
     if (g.timing && threadIdx.x == 0) {

@@ -49,13 +49,20 @@ __device__ __forceinline__ void pe_load_meta(const pe_cuda_matrix &m, int split,
     }
 }
 
+/* x of each row (0 where there is none). */
+template <typename TX>
+__device__ __forceinline__ void pe_gather_x(const TX *x, const int (&ri)[PE_KR],
+                                            const int (&o)[PE_KR], float (&xv)[PE_KR]) {
+#pragma unroll
+    for (int q = 0; q < PE_KR; q++) xv[q] = ri[q] >= 0 ? pe_to_f32(x[o[q]]) : 0.f;
+}
+
 /* Second half: x of each row and its key s = |x| * stat (float bits, sign cleared). */
 template <typename TX>
 __device__ __forceinline__ void pe_finish_keys(const TX *x, const int (&ri)[PE_KR],
                                                const int (&o)[PE_KR], const float (&s)[PE_KR],
                                                float (&xv)[PE_KR], uint32_t (&key)[PE_KR]) {
-#pragma unroll
-    for (int q = 0; q < PE_KR; q++) xv[q] = ri[q] >= 0 ? pe_to_f32(x[o[q]]) : 0.f;
+    pe_gather_x(x, ri, o, xv);
 #pragma unroll
     for (int q = 0; q < PE_KR; q++)
         key[q] = ri[q] >= 0 ? __float_as_uint(__fmul_rn(fabsf(xv[q]), s[q])) & 0x7FFFFFFFu
@@ -93,6 +100,32 @@ __device__ __forceinline__ uint32_t pe_warp_scan256(uint32_t *c) {
         run += v[k];
     }
     return __shfl_sync(0xFFFFFFFFu, run, 31);
+}
+
+/* Every row of pass p of a split, as pe_compact would list them with every row taken: entry
+ * q * PE_THREADS + threadIdx.x (the same (round, warp, lane) order, which is row order) gets
+ * the row (list[].x; x, list[].y, is the caller's). The rows that exist (ri >= 0) are a prefix
+ * of the entries, since every stripe of the split is whole but the matrix's last, which ends
+ * at n_rows. No barrier; -> their number (all threads). n_k: stripes of the split. */
+__device__ __forceinline__ uint32_t pe_list_rows(int p, uint32_t n_k, int split, int n_splits,
+                                                 uint32_t n_stripes, uint32_t n_rows,
+                                                 const int (&ri)[PE_KR], int2 *list) {
+#pragma unroll
+    for (int q = 0; q < PE_KR; q++)
+        if (ri[q] >= 0) list[q * PE_THREADS + threadIdx.x].x = ri[q];
+    const uint32_t k0 = (uint32_t)p * (PE_KR * PE_WARPS), kend = min(n_k, k0 + PE_KR * PE_WARPS);
+    uint32_t n = 32u * (kend - k0);
+    const uint32_t rem = n_rows & 31u;
+    if (rem && kend == n_k && (uint32_t)split + (n_k - 1u) * (uint32_t)n_splits == n_stripes - 1u)
+        n -= 32u - rem;
+    return n;
+}
+/* x of those entries -> list[].y. */
+__device__ __forceinline__ void pe_list_x(const int (&ri)[PE_KR], const float (&xv)[PE_KR],
+                                          int2 *list) {
+#pragma unroll
+    for (int q = 0; q < PE_KR; q++)
+        if (ri[q] >= 0) list[q * PE_THREADS + threadIdx.x].y = __float_as_int(xv[q]);
 }
 
 /* Block compaction: the rows with take[q] -> list[n0 ...] as (row, x), in (round, warp, lane)
@@ -266,14 +299,20 @@ __device__ __forceinline__ void pe_add_rows_vp(const int2 *list, uint32_t n, uin
  * entries team, team + NT, ... (a fixed order: deterministic sums). One copy of the body, the
  * next batch moved into place (unroll 1): the two-copy loop (no moves) was 12.8 KB of code,
  * this one 6.8 KB, and 4096x14336 ran 56.1 -> 47.5 us at effort 1.0 (README_cuda.md, (5)). */
-template <int CT>
+/* mid(): block work run once the first batch's loads are out, before any row is added (it may
+ * write the accumulators and x of the list, with a barrier). */
+struct PeNoMid {
+    __device__ __forceinline__ void operator()() const {}
+};
+template <int CT, typename F = PeNoMid>
 __device__ __forceinline__ void pe_process(const int2 *list, uint32_t n, const uint8_t *tile_base,
-                                           float *my, int team, int t) {
+                                           float *my, int team, int t, F mid = F()) {
     constexpr uint32_t STEP = Tile<CT>::NT * PE_UNROLL;
     const RowBases rb = pe_row_bases<CT>(tile_base, t);
     uint2 v0[PE_UNROLL], v1[PE_UNROLL];
     uint32_t p0[PE_UNROLL], p1[PE_UNROLL];
     pe_load_rows_vp<CT>(list, n, team, rb, v0, p0);
+    mid();
 #pragma unroll 1
     for (uint32_t j0 = team; j0 < n; j0 += STEP) {
         pe_load_rows_vp<CT>(list, n, j0 + STEP, rb, v1, p1);
