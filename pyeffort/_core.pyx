@@ -48,6 +48,7 @@ cdef extern from "pyeffort.h" nogil:
     int pe_num_threads()
     void pe_set_num_threads(int n)
     void pe_rmsnorm_f32(const float *x, const float *w, int64_t n, float eps, float *out)
+    void pe_silu_mul_f32(const float *g, const float *u, int64_t n, float *out)
     void pe_rope_f32(float *x, int64_t heads, int64_t hd, const float *cos, const float *sin)
     pe_status pe_attend_f32(const float *q, const float *k, const float *v, int64_t n_heads,
                             int64_t n_kv, int64_t cap, int64_t hd, int64_t lo, int64_t end,
@@ -331,6 +332,17 @@ def rmsnorm(x32, w32, float eps, out):
         raise ShapeError(f"rmsnorm: x {x.shape[0]}, w {w.shape[0]}, out {y.shape[0]}: one length > 0")
     with nogil:
         pe_rmsnorm_f32(&x[0], &w[0], x.shape[0], eps, &y[0])
+
+
+def silu_mul(g32, u32, out):
+    """g, u (n,) f32 -> out (n,) f32: g / (1 + exp(-g)) * u (reference.silu_mul)."""
+    cdef const float[::1] g = g32
+    cdef const float[::1] u = u32
+    cdef float[::1] y = out
+    if u.shape[0] != g.shape[0] or y.shape[0] != g.shape[0] or g.shape[0] == 0:
+        raise ShapeError(f"silu_mul: g {g.shape[0]}, u {u.shape[0]}, out {y.shape[0]}: one length > 0")
+    with nogil:
+        pe_silu_mul_f32(&g[0], &u[0], g.shape[0], &y[0])
 
 
 def rope(x32, cos32, sin32):

@@ -189,6 +189,12 @@ def rmsnorm(x32: np.ndarray, w32: np.ndarray, eps: float, out: np.ndarray) -> No
     out[...] = x32 / np.sqrt(np.mean(x32 * x32) + np.float32(eps)) * w32
 
 
+def silu_mul(g32: np.ndarray, u32: np.ndarray, out: np.ndarray) -> None:
+    """g, u (n,) f32 -> out (n,) f32: silu(g) * u = g / (1 + exp(-g)) * u (SwiGLU)."""
+    with np.errstate(over="ignore"):  # exp(-g) = inf for g < -88: silu(g) = -0
+        out[...] = g32 / (np.float32(1) + np.exp(-g32)) * u32
+
+
 def rope(x32: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     """x (heads, hd) f32 rotated in place at one position: pairs (j, j + hd/2) ("rotate half"),
     cos and sin (hd/2,) of their angles."""

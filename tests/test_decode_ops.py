@@ -1,5 +1,5 @@
 """The compiled decoding steps (src/cpu/decode.c through pyeffort._core) against their numpy spec
-(reference.rmsnorm / rope / attend), at odd sizes, with the errors a wrong shape raises."""
+(reference.rmsnorm / silu_mul / rope / attend), at odd sizes, with the errors a wrong shape raises."""
 
 import numpy as np
 import pytest
@@ -24,6 +24,21 @@ def test_rmsnorm(rng, n):
     np.testing.assert_allclose(a, b, **TOL)
     _core.rmsnorm(np.zeros(n, np.float32), w, 1e-5, a)  # all zero: eps keeps it finite
     assert np.array_equal(a, np.zeros(n, np.float32))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1536, 1001])
+def test_silu_mul(rng, n):
+    g, u = f32(rng, n, scale=4.0), f32(rng, n)
+    g[: min(n, 6)] = [0.0, -0.0, 95.0, -95.0, 88.5, -88.5][: min(n, 6)]  # exp(-g) overflows
+    a, b = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    _core.silu_mul(g, u, a)
+    R.silu_mul(g, u, b)
+    np.testing.assert_allclose(a, b, **TOL)
+    assert np.isfinite(a).all()
+    g = np.array([np.inf, np.nan, 1.0], np.float32)
+    _core.silu_mul(g, np.ones(3, np.float32), a[:3] if n >= 3 else np.empty(3, np.float32))
+    if n >= 3:  # silu(inf) = inf; a NaN stays NaN (the matmul then refuses it)
+        assert a[0] == np.inf and np.isnan(a[1]) and np.isclose(a[2], 1 / (1 + np.exp(-1.0)))
 
 
 @pytest.mark.parametrize("heads, hd", [(1, 2), (3, 6), (9, 64), (4, 130)])
@@ -73,6 +88,10 @@ def test_bad_shapes_raise():
     z = np.zeros
     with pytest.raises(ShapeError, match="rmsnorm"):
         _core.rmsnorm(z(4, np.float32), z(5, np.float32), 1e-5, z(4, np.float32))
+    with pytest.raises(ShapeError, match="silu_mul"):
+        _core.silu_mul(z(4, np.float32), z(3, np.float32), z(4, np.float32))
+    with pytest.raises(ShapeError, match="silu_mul"):
+        _core.silu_mul(z(0, np.float32), z(0, np.float32), z(0, np.float32))
     with pytest.raises(ShapeError, match="rope"):
         _core.rope(z((2, 5), np.float32), z(2, np.float32), z(2, np.float32))
     with pytest.raises(ShapeError, match="rope"):

@@ -37,6 +37,17 @@ class KVCache:
             self.length = end
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
+    def put(self, layer: int, pos: int, k: np.ndarray, v: np.ndarray) -> None:
+        """One decoding step's k, v (n_kv, hd) at position pos: ``update`` for one token,
+        without making views."""
+        if pos >= self.capacity or (pos > self.length and layer == 0):
+            self.update(layer, pos, k[None], v[None])  # grows, or raises
+            return
+        self.k[layer][:, pos] = k
+        self.v[layer][:, pos] = v
+        if layer == len(self.k) - 1:
+            self.length = pos + 1
+
     def _grow(self, need: int) -> None:
         cap = max(need, 2 * self.capacity)
         n_kv, old, hd = self.shape

@@ -33,6 +33,11 @@ FFN = ("w1", "w3", "w2")  # gate, up, down
 DENSE_PREFILL_MAX_BYTES = 4 * 2**30
 
 
+def _row(a: np.ndarray) -> np.ndarray:
+    """The first row of a (1, n) result as a contiguous float32 (n,) (a hook's output too)."""
+    return np.ascontiguousarray(a[0], np.float32)
+
+
 class RMSNorm:
     def __init__(self, weight: np.ndarray, eps: float):
         self.weight = np.asarray(weight, dtype=np.float32)  # (dim,)
@@ -90,7 +95,7 @@ class Attention:
         cos, sin = self.rope.at(start)
         be.rope(q, cos, sin)
         be.rope(k, cos, sin)
-        cache.update(self.layer, start, k[None], v.reshape(1, self.n_kv, hd))
+        cache.put(self.layer, start, k, v.reshape(self.n_kv, hd))
         lo = max(0, start - self.window + 1) if self.window else 0
         out = np.empty((1, self.n_heads * hd), np.float32)
         be.attend(
@@ -120,6 +125,10 @@ class FeedForward:
 
     def __call__(self, x: np.ndarray, effort: float) -> np.ndarray:
         g, u = call_group([self.w1, self.w3], x, effort)
+        if x.shape[0] == 1:  # decoding: one call into the backend
+            a = np.empty(g.shape, np.float32)
+            ops().silu_mul(_row(g), _row(u), a[0])
+            return self.w2(a, effort)
         return self.w2(g / (1.0 + np.exp(-g)) * u, effort)
 
 

@@ -40,6 +40,15 @@ static inline float exp_nonpositive(float x) {
     return x < -87.0f ? 0.0f : y * scale;
 }
 
+/* g, u (n,) -> out (n,): silu(g) * u = g / (1 + e^-g) * u, the sigmoid from e^-|g| (so the
+ * exponential never overflows) */
+void pe_silu_mul_f32(const float *g, const float *u, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        float e = exp_nonpositive(-fabsf(g[i])), sig = (g[i] >= 0.0f ? 1.0f : e) / (1.0f + e);
+        out[i] = g[i] * sig * u[i];
+    }
+}
+
 /* x (n,) -> out (n,): x / sqrt(mean(x^2) + eps) * w */
 void pe_rmsnorm_f32(const float *x, const float *w, int64_t n, float eps, float *out) {
     float inv = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);

@@ -73,6 +73,8 @@ int pe_kernel_packed(void);
 /* One decoding step's vector work between the matrix products (decode.c; reference.rmsnorm,
  * rope, attend): x (n,) -> out (n,) = x / sqrt(mean(x^2) + eps) * w; */
 void pe_rmsnorm_f32(const float *x, const float *w, int64_t n, float eps, float *out);
+/* g, u (n,) -> out (n,) = silu(g) * u = g / (1 + e^-g) * u (the SwiGLU activation) */
+void pe_silu_mul_f32(const float *g, const float *u, int64_t n, float *out);
 /* x (heads, hd) rotated in place at one position, pairs (j, j + hd/2), cos, sin (hd/2,); */
 void pe_rope_f32(float *x, int64_t heads, int64_t hd, const float *cos, const float *sin);
 /* q (n_heads, hd) against the cache k, v (n_kv, cap, hd) at positions [lo, end) -> out
