@@ -16,6 +16,12 @@
 #ifndef PE_UNROLL
 #define PE_UNROLL 8 /* rows per load batch of a team (two in flight) */
 #endif
+#ifndef PE_UNROLL64
+#define PE_UNROLL64 PE_UNROLL /* the same for tiles of 64 groups */
+#endif
+#ifndef PE_UNROLL32
+#define PE_UNROLL32 PE_UNROLL /* the same for tiles of 32 groups */
+#endif
 #define PE_INVALID 0xFFFFFFFFu            /* key of a missing row (real keys are < 2^31) */
 
 template <int CT>
@@ -28,6 +34,7 @@ struct Tile {
     static constexpr int LIST_BYTES = 8 * PE_PASS_ROWS;  /* (row, x) of dispatched rows   */
     static constexpr int CAND_BYTES = 12 * PE_CAND_CAP;  /* (row, x), key of own candidates */
     static constexpr int SMEM = ACC_BYTES + LIST_BYTES + CAND_BYTES;
+    static constexpr int U = CT == 64 ? PE_UNROLL64 : CT == 32 ? PE_UNROLL32 : PE_UNROLL;
 };
 
 /* Where a split's rows are: row of (pass p, round q) for this thread, or -1. */
@@ -234,11 +241,11 @@ __device__ __forceinline__ void pe_add_row(float *my, uint2 v, uint32_t p, float
 /* Loads of U list entries (j0, j0 + NT, ...) of a team: values, nibbles and x. */
 template <int CT>
 __device__ __forceinline__ void pe_load_rows(const int2 *list, uint32_t n, uint32_t j0,
-                                             const RowBases &rb, uint2 (&v)[PE_UNROLL],
-                                             uint32_t (&p)[PE_UNROLL], float (&xv)[PE_UNROLL]) {
+                                             const RowBases &rb, uint2 (&v)[Tile<CT>::U],
+                                             uint32_t (&p)[Tile<CT>::U], float (&xv)[Tile<CT>::U]) {
     typedef Tile<CT> T;
 #pragma unroll
-    for (int u = 0; u < PE_UNROLL; u++) {
+    for (int u = 0; u < Tile<CT>::U; u++) {
         const uint32_t j = j0 + u * T::NT;
         v[u] = make_uint2(0u, 0u);
         p[u] = 0u;
@@ -255,13 +262,13 @@ __device__ __forceinline__ void pe_load_rows(const int2 *list, uint32_t n, uint3
  * (team-uniform per entry). */
 template <int CT>
 __device__ __forceinline__ void pe_add_rows_taken(uint32_t n, uint32_t j0, float *my,
-                                                  const uint2 (&v)[PE_UNROLL],
-                                                  const uint32_t (&p)[PE_UNROLL],
-                                                  const float (&xv)[PE_UNROLL],
-                                                  const uint32_t (&k)[PE_UNROLL], uint32_t cut) {
+                                                  const uint2 (&v)[Tile<CT>::U],
+                                                  const uint32_t (&p)[Tile<CT>::U],
+                                                  const float (&xv)[Tile<CT>::U],
+                                                  const uint32_t (&k)[Tile<CT>::U], uint32_t cut) {
     typedef Tile<CT> T;
 #pragma unroll
-    for (int u = 0; u < PE_UNROLL; u++) {
+    for (int u = 0; u < Tile<CT>::U; u++) {
         if (j0 + u * T::NT >= n) break;
         if (k[u] < cut) continue;
         pe_add_row<CT>(my, v[u], p[u], xv[u]);
@@ -273,11 +280,11 @@ __device__ __forceinline__ void pe_add_rows_taken(uint32_t n, uint32_t j0, float
  * flight: spill stores of the kernel 148-152 -> 4-8 bytes). */
 template <int CT>
 __device__ __forceinline__ void pe_load_rows_vp(const int2 *list, uint32_t n, uint32_t j0,
-                                                const RowBases &rb, uint2 (&v)[PE_UNROLL],
-                                                uint32_t (&p)[PE_UNROLL]) {
+                                                const RowBases &rb, uint2 (&v)[Tile<CT>::U],
+                                                uint32_t (&p)[Tile<CT>::U]) {
     typedef Tile<CT> T;
 #pragma unroll
-    for (int u = 0; u < PE_UNROLL; u++) {
+    for (int u = 0; u < Tile<CT>::U; u++) {
         const uint32_t j = j0 + u * T::NT;
         v[u] = make_uint2(0u, 0u);
         p[u] = 0u;
@@ -286,11 +293,11 @@ __device__ __forceinline__ void pe_load_rows_vp(const int2 *list, uint32_t n, ui
 }
 template <int CT>
 __device__ __forceinline__ void pe_add_rows_vp(const int2 *list, uint32_t n, uint32_t j0, float *my,
-                                               const uint2 (&v)[PE_UNROLL],
-                                               const uint32_t (&p)[PE_UNROLL]) {
+                                               const uint2 (&v)[Tile<CT>::U],
+                                               const uint32_t (&p)[Tile<CT>::U]) {
     typedef Tile<CT> T;
 #pragma unroll
-    for (int u = 0; u < PE_UNROLL; u++) {
+    for (int u = 0; u < Tile<CT>::U; u++) {
         if (j0 + u * T::NT >= n) break;
         pe_add_row<CT>(my, v[u], p[u], __int_as_float(list[j0 + u * T::NT].y));
     }
@@ -307,10 +314,10 @@ struct PeNoMid {
 template <int CT, typename F = PeNoMid>
 __device__ __forceinline__ void pe_process(const int2 *list, uint32_t n, const uint8_t *tile_base,
                                            float *my, int team, int t, F mid = F()) {
-    constexpr uint32_t STEP = Tile<CT>::NT * PE_UNROLL;
+    constexpr uint32_t STEP = Tile<CT>::NT * Tile<CT>::U;
     const RowBases rb = pe_row_bases<CT>(tile_base, t);
-    uint2 v0[PE_UNROLL], v1[PE_UNROLL];
-    uint32_t p0[PE_UNROLL], p1[PE_UNROLL];
+    uint2 v0[Tile<CT>::U], v1[Tile<CT>::U];
+    uint32_t p0[Tile<CT>::U], p1[Tile<CT>::U];
     pe_load_rows_vp<CT>(list, n, team, rb, v0, p0);
     mid();
 #pragma unroll 1
@@ -318,7 +325,7 @@ __device__ __forceinline__ void pe_process(const int2 *list, uint32_t n, const u
         pe_load_rows_vp<CT>(list, n, j0 + STEP, rb, v1, p1);
         pe_add_rows_vp<CT>(list, n, j0, my, v0, p0);
 #pragma unroll
-        for (int u = 0; u < PE_UNROLL; u++) v0[u] = v1[u], p0[u] = p1[u];
+        for (int u = 0; u < Tile<CT>::U; u++) v0[u] = v1[u], p0[u] = p1[u];
     }
 }
 
@@ -329,14 +336,14 @@ template <int CT, typename F>
 __device__ __forceinline__ uint32_t pe_process_cands(const int2 *list, const uint32_t *keys,
                                                      uint32_t n, const uint8_t *tile_base,
                                                      float *my, int team, int t, F wait_cut) {
-    constexpr uint32_t STEP = Tile<CT>::NT * PE_UNROLL;
-    uint2 v[PE_UNROLL];
-    uint32_t p[PE_UNROLL], k[PE_UNROLL];
-    float xv[PE_UNROLL];
+    constexpr uint32_t STEP = Tile<CT>::NT * Tile<CT>::U;
+    uint2 v[Tile<CT>::U];
+    uint32_t p[Tile<CT>::U], k[Tile<CT>::U];
+    float xv[Tile<CT>::U];
     const RowBases rb = pe_row_bases<CT>(tile_base, t);
     pe_load_rows<CT>(list, n, team, rb, v, p, xv);
 #pragma unroll
-    for (int u = 0; u < PE_UNROLL; u++) {
+    for (int u = 0; u < Tile<CT>::U; u++) {
         const uint32_t j = team + u * Tile<CT>::NT;
         k[u] = j < n ? keys[j] & 0x7FFFFFFFu : 0u;
     }
@@ -347,7 +354,7 @@ __device__ __forceinline__ uint32_t pe_process_cands(const int2 *list, const uin
         if (j0 >= n) break;
         pe_load_rows<CT>(list, n, j0, rb, v, p, xv);
 #pragma unroll
-        for (int u = 0; u < PE_UNROLL; u++) {
+        for (int u = 0; u < Tile<CT>::U; u++) {
             const uint32_t j = j0 + u * Tile<CT>::NT;
             k[u] = j < n ? keys[j] & 0x7FFFFFFFu : 0u;
         }
