@@ -1,6 +1,8 @@
 """Per-token decode latency of the default model at several efforts, interleaved in one process
-(20th percentile and median, ms; the prefill token dropped), and with ``--by-call`` the time
-per ``pyeffort.matmul`` / ``matmul_group`` call by matrix shape.
+(20th percentile and median, ms; the prefill token dropped), each repeat's efforts side by side
+(per repeat, the ratio of tokens/s from one effort to the next lower one: a paired measurement
+that the machine's slow drifts cancel out of), and with ``--by-call`` the time per
+``pyeffort.matmul`` / ``matmul_group`` call by matrix shape.
 
     python bench/decode_latency.py --threads 1 --efforts 1.0,0.5,0.25 --tokens 32 --repeats 2
     python bench/decode_latency.py --threads 2 --by-call
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import os
 import sys
 import time
@@ -84,18 +87,27 @@ def main() -> None:
     if a.by_call:
         timed_calls(acc, cnt)
     res: dict[float, list[float]] = {e: [] for e in efforts}
+    rounds: list[dict[float, float]] = []  # per repeat: effort -> median seconds per token
     per_call: dict[float, dict] = {}
-    for _ in range(a.repeats):
-        for e in efforts:
+    for r in range(a.repeats):
+        rounds.append({})
+        for e in efforts[r % len(efforts) :] + efforts[: r % len(efforts)]:  # rotated
             acc.clear()
             cnt.clear()
-            res[e].extend(token_times(model, ids, e, a.tokens))
+            ts = token_times(model, ids, e, a.tokens)
+            res[e].extend(ts)
+            rounds[-1][e] = float(np.median(ts))
             per_call[e] = {k: (acc[k] / cnt[k], cnt[k]) for k in acc}
     cols = [
         f"{e}: p20 {np.percentile(res[e], 20) * 1e3:.1f} med {np.median(res[e]) * 1e3:.1f}"
         for e in efforts
     ]
     print(f"{a.label} threads {a.threads} ms/token  " + "  ".join(cols), flush=True)
+    for lo, hi in itertools.pairwise(efforts):  # paired: each repeat's medians side by side
+        up = [rd[lo] / rd[hi] for rd in rounds]  # > 1: tokens/s rose from lo to hi effort
+        print(f"  tokens/s at {hi:g} over {lo:g}, per repeat: "
+              + " ".join(f"{u:.2f}" for u in up)
+              + f" (median {np.median(up):.3f}; higher in {sum(u > 1 for u in up)} of {len(up)})")  # fmt: skip
     for e in efforts if a.by_call else []:
         for k, (s, n) in sorted(per_call[e].items(), key=str):
             print(f"  effort {e} {k}: {s * 1e6:.0f} us per call, {n} calls")
