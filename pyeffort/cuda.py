@@ -377,21 +377,25 @@ def to_device(b, device="cuda", **kw) -> CudaBuckets:
     return CudaBuckets(b.values, b.positions, b.stats, b.order, b.n_out, device, **kw)
 
 
-def build_buckets(W, **kw) -> CudaBuckets:
+def build_buckets(W, out_weight=None, **kw) -> CudaBuckets:
     """reference.build on the GPU: W (n_in, n_out) CUDA tensor (float16/bfloat16/float32) ->
-    CudaBuckets, with no host copy. Same buckets as the CPU builder (checked by tests/test_cuda)."""
+    CudaBuckets, with no host copy. Same buckets as the CPU builder (checked by tests/test_cuda
+    and, on CPU tensors, by tests/test_out_weight), ``out_weight`` as in
+    ``pyeffort.build_buckets`` (a numpy array or a tensor, (n_out,))."""
     torch = _torch()
     if not torch.is_tensor(W) or not W.is_cuda or W.ndim != 2:
         raise DTypeError("cuda.build_buckets takes a 2-D CUDA tensor (n_in, n_out)")
     if W.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise DTypeError(f"W must be float16, bfloat16 or float32, got {W.dtype}")
     with torch.cuda.device(W.device):
-        values, positions, stats, order = build_canonical(W)
+        values, positions, stats, order = build_canonical(W, out_weight)
         return CudaBuckets(values, positions, stats, order, W.shape[1], W.device, **kw)
 
 
-def build_canonical(W):
-    """W (n_in, n_out) CUDA -> canonical (values, positions, stats, order) CUDA tensors."""
+def build_canonical(W, out_weight=None):
+    """W (n_in, n_out) torch tensor -> canonical (values, positions, stats, order) tensors on
+    its device; with ``out_weight`` the ranks and statistics follow fp16(a_j * w_ij) and the
+    values stay the true weights (``pyeffort.build_buckets``)."""
     torch = _torch()
     n_in, n_out = W.shape
     g = reference.n_groups(n_out)
@@ -400,15 +404,27 @@ def build_canonical(W):
         from pyeffort.errors import NonFiniteError
 
         raise NonFiniteError("W holds NaN or Inf (or values beyond the float16 range)")
-    padded = torch.zeros((n_in, g * GROUP), dtype=torch.float16, device=W.device)
+    rank16 = w16  # what the ranks and statistics follow
+    if out_weight is not None:
+        if torch.is_tensor(out_weight):
+            out_weight = out_weight.detach().cpu().numpy()
+        a = torch.as_tensor(_validate.out_weight(out_weight, n_out), device=W.device)
+        rank16 = (w16.to(torch.float32) * a).to(torch.float16)
+        if not torch.isfinite(rank16).all():
+            raise ValueError("out_weight * W overflows float16 (scale out_weight down)")
+    padded, ranked = (
+        torch.zeros((n_in, g * GROUP), dtype=torch.float16, device=W.device) for _ in range(2)
+    )
     padded[:, :n_out] = w16
-    padded = padded.view(n_in, g, GROUP)
-    key = padded.view(torch.int16).to(torch.int32) & 0x7FFF
+    ranked[:, :n_out] = rank16
+    padded, ranked = padded.view(n_in, g, GROUP), ranked.view(n_in, g, GROUP)
+    key = ranked.view(torch.int16).to(torch.int32) & 0x7FFF
     rank_to_pos = torch.sort(-key, dim=-1, stable=True).indices  # (n_in, g, 16)
     vals = torch.gather(padded, -1, rank_to_pos).permute(2, 0, 1)  # (16, n_in, g)
+    rvals = torch.gather(ranked, -1, rank_to_pos).permute(2, 0, 1)
     pos = rank_to_pos.permute(2, 0, 1).to(torch.uint8)
     m = torch.as_tensor(np.maximum(reference.row_mults(n_out), 1), device=W.device)
-    v64 = vals.to(torch.float64)
+    v64 = rvals.to(torch.float64)
     stats = torch.sqrt((v64 * v64).sum(-1) / m[:, None]).to(torch.float32)  # (16, n_in)
     order = torch.sort(-stats, dim=1, stable=True).indices  # (16, n_in)
     idx = order[:, :, None].expand(-1, -1, g)

@@ -179,3 +179,27 @@ def test_numpy_twin_follows_the_buckets_statistic(rng):
     rules.pin_rank_stack(st)  # the pinned stack is split by the same ranks
     np.testing.assert_array_equal(rules.bucket_twin(x, st, 0.3)[0], before)
     rules.unpin_rank_stack(st)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(1, 1), (17, 15), (33, 100), (8, 16)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gpu_builder_matches_on_cpu_tensors(rng, n_in, n_out, weighted):
+    """pyeffort.cuda's builder is torch code: run on CPU tensors, it gives the CPU builder's
+    buckets bit for bit, with and without out_weight (on a GPU: tests/test_cuda.py)."""
+    torch = pytest.importorskip("torch")
+    from pyeffort import cuda
+
+    w = rng.standard_normal((n_in, n_out)).astype(np.float16)
+    w[0, : min(n_out, 5)] = 0.5  # ties
+    a = weights(rng, n_out) if weighted else None
+    got = cuda.build_canonical(torch.from_numpy(w), a)
+    want = pyeffort.build_buckets(w, out_weight=a)
+    for g, r in zip(got, (want.values, want.positions, want.stats, want.order)):
+        np.testing.assert_array_equal(g.numpy(), r)
+    if weighted:  # a tensor works as well as an array; bad weights raise as on the CPU
+        got2 = cuda.build_canonical(torch.from_numpy(w), torch.from_numpy(a))
+        np.testing.assert_array_equal(got2[0].numpy(), want.values)
+        with pytest.raises(errors.ShapeError):
+            cuda.build_canonical(torch.from_numpy(w), a[:-1] if n_out > 1 else np.ones(2, "f4"))
+        with pytest.raises(ValueError, match="overflows"):
+            cuda.build_canonical(torch.from_numpy(w), np.full(n_out, 1e6, np.float32))
