@@ -53,9 +53,22 @@ class TensorSpec:
 def default_mode(mode: int) -> int:
     """``mode`` less the process umask: what ``open()`` / ``mkdir()`` would give a new file or
     folder (``tempfile`` makes its files 0600 and folders 0700)."""
+    return mode & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc where Linux shows it (reading it elsewhere means
+    setting it and restoring it, which a file created by another thread meanwhile would see)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
-    return mode & ~mask
+    return mask
 
 
 def write(path, specs: Iterable[TensorSpec], metadata: dict[str, str], progress=None) -> None:

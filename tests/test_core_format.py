@@ -45,6 +45,24 @@ def test_saved_file_has_the_umask_mode(tmp_path):
         os.umask(old)
 
 
+def test_umask_read_without_setting_it(tmp_path, monkeypatch):
+    """The umask comes from /proc/self/status (the value os.umask reports), so reading it never
+    changes it, not even for a moment."""
+    from pyeffort import fileformat
+
+    old = os.umask(0o027)
+    try:
+        assert fileformat.current_umask() == 0o027
+        calls = []
+        monkeypatch.setattr(os, "umask", lambda m: calls.append(m) or 0o027)
+        assert fileformat.default_mode(0o666) == 0o640
+        if os.path.exists("/proc/self/status"):
+            assert calls == []  # Linux: read, never set
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+
+
 def test_safetensors_library_reads_our_files(saved):
     from safetensors.numpy import load_file
 
