@@ -57,9 +57,15 @@ def test_convert_info_bench(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "format version 1" in r.stdout and "layers.1.ffn.w2" in r.stdout
     assert "(128, 64) buckets" in r.stdout
-    r = cli("bench", "--model", str(tiny), "--efforts", "1,0.5", "--tokens", "4")
+    r = cli("bench", "--model", str(tiny), "--efforts", "1,0.5", "--tokens", "4", "--rounds", "2")
     assert r.returncode == 0, r.stderr
-    assert len([ln for ln in r.stdout.splitlines() if ln.strip().startswith(("1.00", "0.50"))]) == 2
+    rows = [ln.split() for ln in r.stdout.splitlines() if ln.strip().startswith(("1.00", "0.50"))]
+    assert [row[0] for row in rows] == ["1.00", "0.50"] and "median of 2 rounds" in r.stdout
+    for row in rows:  # realised effort, median tokens/s inside its range
+        lo, hi = map(float, row[4].split("-"))
+        assert abs(float(row[1]) - float(row[0])) < 0.05 and lo <= float(row[2]) <= hi
+    r = cli("bench", "--model", str(tiny), "--rounds", "0")
+    assert r.returncode == 1 and "--rounds" in r.stderr
 
 
 def test_bad_input_is_a_clear_error(tiny, tmp_path):

@@ -51,7 +51,9 @@ def add_parser(subparsers) -> None:
     b = subparsers.add_parser("bench", help="decode tokens/s at several efforts")
     add_model_args(b)
     b.add_argument("--efforts", default="1.0,0.5,0.25")
-    b.add_argument("--tokens", type=int, default=64, help="decoded tokens per effort")
+    b.add_argument("--tokens", type=int, default=64, help="decoded tokens per effort and round")
+    b.add_argument("--rounds", type=int, default=3,
+                   help="rounds over all efforts, each in a rotated order; medians are reported")  # fmt: skip
     b.add_argument("--prompt", default="The history of the city began")
     b.set_defaults(func=cmd_bench)
 
@@ -170,20 +172,33 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import statistics
+
     import pyeffort
     from pyeffort.models.generate import Stats, generate
 
+    if args.rounds < 1 or args.tokens < 1:
+        raise ValueError("--rounds and --tokens must be at least 1")
     model = load_model(args)
     ids = model.tokenizer.encode(args.prompt)
     efforts = [float(e) for e in args.efforts.split(",")]
     rt = pyeffort.runtime_info()
-    print(f"kernel {rt['kernel']}, {rt['threads']} threads, {args.tokens} tokens per effort")
-    print(f"{'effort':>7} {'realised':>9} {'tokens/s':>9} {'ms/token':>9}")
+    print(f"kernel {rt['kernel']}, {rt['threads']} threads, {args.tokens} tokens per effort, "
+          f"median of {args.rounds} rounds (efforts in a rotated order each round)")  # fmt: skip
+    print(f"{'effort':>7} {'realised':>9} {'tokens/s':>9} {'ms/token':>9} {'range tok/s':>13}")
     list(generate(model, ids, max_tokens=4, stop=[]))  # warm up (dense copies, caches)
+    tps: dict[float, list[float]] = {e: [] for e in efforts}
+    real: dict[float, float] = {}
+    for r in range(args.rounds):  # a machine's slow drifts then hit every effort alike
+        for e in efforts[r % len(efforts) :] + efforts[: r % len(efforts)]:
+            st = Stats()
+            list(generate(model, ids, max_tokens=args.tokens + 1, effort=e, stop=[], stats=st))
+            tps[e].append(st.decode_tps)
+            real[e] = st.realised
     for e in efforts:
-        st = Stats()
-        list(generate(model, ids, max_tokens=args.tokens + 1, effort=e, stop=[], stats=st))
-        print(f"{e:7.2f} {st.realised:9.3f} {st.decode_tps:9.1f} {1e3 / st.decode_tps:9.2f}")
+        med = statistics.median(tps[e])
+        span = f"{min(tps[e]):.1f}-{max(tps[e]):.1f}"
+        print(f"{e:7.2f} {real[e]:9.3f} {med:9.1f} {1e3 / med:9.2f} {span:>13}")
     return 0
 
 
