@@ -254,12 +254,14 @@ def test_graph_with_device_effort(gen, rng):
         assert torch.equal(y, pyeffort.matmul(x, bc, e)), e
 
 
-def test_gpu_builder_matches_cpu_builder(rng):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gpu_builder_matches_cpu_builder(rng, weighted):
     for shape in [(64, 40), (513, 1000), (1024, 4096)]:
         w = rng.standard_normal(shape).astype(np.float16)
         w[::7] = np.round(w[::7])  # ties inside groups
-        b = pyeffort.build_buckets(w)
-        values, positions, stats, order = cuda.build_canonical(torch.from_numpy(w).cuda())
+        a = np.exp(rng.standard_normal(shape[1])).astype(np.float32) if weighted else None
+        b = pyeffort.build_buckets(w, out_weight=a)
+        values, positions, stats, order = cuda.build_canonical(torch.from_numpy(w).cuda(), a)
         np.testing.assert_array_equal(values.cpu().numpy(), b.values)
         np.testing.assert_array_equal(positions.cpu().numpy(), b.positions)
         np.testing.assert_array_equal(stats.cpu().numpy(), b.stats)
