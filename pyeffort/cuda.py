@@ -412,16 +412,18 @@ def build_canonical(W, out_weight=None):
         rank16 = (w16.to(torch.float32) * a).to(torch.float16)
         if not torch.isfinite(rank16).all():
             raise ValueError("out_weight * W overflows float16 (scale out_weight down)")
-    padded, ranked = (
-        torch.zeros((n_in, g * GROUP), dtype=torch.float16, device=W.device) for _ in range(2)
-    )
-    padded[:, :n_out] = w16
-    ranked[:, :n_out] = rank16
-    padded, ranked = padded.view(n_in, g, GROUP), ranked.view(n_in, g, GROUP)
+
+    def grouped(a16):  # (n_in, n_out) -> (n_in, g, 16), the last group padded with zeros
+        padded = torch.zeros((n_in, g * GROUP), dtype=torch.float16, device=W.device)
+        padded[:, :n_out] = a16
+        return padded.view(n_in, g, GROUP)
+
+    padded = grouped(w16)
+    ranked = padded if rank16 is w16 else grouped(rank16)
     key = ranked.view(torch.int16).to(torch.int32) & 0x7FFF
     rank_to_pos = torch.sort(-key, dim=-1, stable=True).indices  # (n_in, g, 16)
     vals = torch.gather(padded, -1, rank_to_pos).permute(2, 0, 1)  # (16, n_in, g)
-    rvals = torch.gather(ranked, -1, rank_to_pos).permute(2, 0, 1)
+    rvals = vals if rank16 is w16 else torch.gather(ranked, -1, rank_to_pos).permute(2, 0, 1)
     pos = rank_to_pos.permute(2, 0, 1).to(torch.uint8)
     m = torch.as_tensor(np.maximum(reference.row_mults(n_out), 1), device=W.device)
     v64 = rvals.to(torch.float64)

@@ -23,8 +23,8 @@ from pyeffort.models.rope import Rope
 
 
 def ops():
-    """The backend's decoding steps (rmsnorm, rope, attend): the compiled core, or the numpy
-    reference under ``PYEFFORT_BACKEND=numpy``."""
+    """The backend's decoding steps (rmsnorm, silu_mul, rope, attend): the compiled core, or
+    the numpy reference under ``PYEFFORT_BACKEND=numpy``."""
     return _backend.current
 
 
@@ -47,7 +47,7 @@ class RMSNorm:
         """x (T, dim) -> (T, dim) float32."""
         if x.shape[0] == 1:  # decoding: one call into the backend
             out = np.empty(x.shape, np.float32)
-            ops().rmsnorm(np.ascontiguousarray(x[0], np.float32), self.weight, self.eps, out[0])
+            ops().rmsnorm(_row(x), self.weight, self.eps, out[0])
             return out
         ms = np.mean(x * x, axis=-1, keepdims=True)
         return (x / np.sqrt(ms + self.eps)) * self.weight
