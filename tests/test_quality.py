@@ -307,3 +307,42 @@ def test_torch_twin_matches_the_numpy_twin():
         yt, mt = tm(torch.from_numpy(x), e)
         assert mt == mults
         np.testing.assert_allclose(yt.numpy(), y, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_twin_follows_the_output_weighted_build():
+    """The twin with ``out_weight`` selects as ``build_buckets(W, out_weight=a)`` does (the
+    budget split for the shipped statistic is solved on it)."""
+    torch = pytest.importorskip("torch")
+    from pyeffort.quality.torch_twin import TwinMatrix
+
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((96, 64)) * 0.1).astype(np.float16)
+    a = rng.gamma(0.5, 2.0, 64).astype(np.float32)
+    x = rng.standard_normal((6, 96)).astype(np.float32)
+    x[:, :4] *= 8.0
+    st = rules.MatrixState(w, buckets=pyeffort.build_buckets(w, out_weight=a))
+    tm, plain = TwinMatrix("m", w, "cpu", a), TwinMatrix("m", w, "cpu")
+    assert not np.array_equal(tm.stats.numpy(), plain.stats.numpy())
+    for e in (0.1, 0.3, 0.7):
+        y, mults, _ = rules.bucket_twin(x, st, e)
+        yt, mt = tm(torch.from_numpy(x), e)
+        assert mt == mults
+        np.testing.assert_allclose(yt.numpy(), y, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_twin_puts_qk_weights_in_gguf_order():
+    """The shipped weights follow the loader's de-interleaved q/k rows; the twin's GGUF rows
+    are interleaved, so ``a`` is interleaved back (the loader's ``unpermute`` undoes it)."""
+    pytest.importorskip("torch")
+    from pyeffort.models.loaders.gguf import unpermute
+    from pyeffort.quality.torch_twin import TwinLlama
+
+    twin = TwinLlama.__new__(TwinLlama)
+    twin.n_heads, twin.n_kv = 3, 1
+    a = np.arange(3 * 8, dtype=np.float32)
+    g = twin._gguf_order("layers.0.attn.wq", a)
+    np.testing.assert_array_equal(unpermute(g[:, None], 3)[:, 0], a)
+    k = twin._gguf_order("layers.0.attn.wk", a[:8])
+    assert not np.array_equal(k, a[:8])
+    np.testing.assert_array_equal(unpermute(k[:, None], 1)[:, 0], a[:8])
+    assert twin._gguf_order("layers.0.ffn.w1", a) is a

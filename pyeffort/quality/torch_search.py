@@ -8,6 +8,7 @@ windows are reported, never used to choose). Stage ``search``: coordinate search
 per-layer multipliers on top of the best measured profile, judged by the calibration KL.
 
 python -m pyeffort.quality.torch_search --gguf M.gguf --ids ids.npy --stage measure --state S
+    [--out-weights pyeffort/quality/profiles/M.out_weights.safetensors]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from pyeffort.quality import allocation as A
 from pyeffort.quality import calibrate as C
+from pyeffort.quality import out_weights
 from pyeffort.quality.torch_twin import TYPES, TwinLlama, exact_hook, kl_per_token
 
 EFFORTS = (0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
@@ -196,6 +198,11 @@ def main(argv=None):
     p.add_argument("--state", required=True, help="folder kept between stages")
     p.add_argument("--out", required=True)
     p.add_argument("--shipped", default=None)
+    p.add_argument(
+        "--out-weights",
+        default=None,
+        help="per-output weights (.safetensors, as shipped) for the output-weighted statistic",
+    )
     p.add_argument("--sens-efforts", default="0.15,0.25,0.5")
     p.add_argument("--n-cal", type=int, default=12)
     p.add_argument("--length", type=int, default=256)
@@ -217,7 +224,8 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False
     ids = np.load(args.ids)
     sets, cal_starts, hold_starts = windows(ids, args.n_cal, 4, args.length)
-    model = TwinLlama(args.gguf, args.device)
+    ow = out_weights.load(args.out_weights) if args.out_weights else None
+    model = TwinLlama(args.gguf, args.device, ow)
     log("model loaded")
     bench = Bench(model, sets)
     log("exact done")

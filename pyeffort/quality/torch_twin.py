@@ -2,7 +2,8 @@
 
 The model is the harness's Llama (GGUF weights dequantised to float16, float32 products, the
 interleaved GGUF rotary layout, tied LM head) over a batch of windows; every linear runs
-``twin(x, effort)``: the default rule's selection (RMS bucket-row statistic, exact cutoff on
+``twin(x, effort)``: the default rule's selection (RMS bucket-row statistic, plain or weighted by
+per-output weights as ``build_buckets(W, out_weight=a)`` makes it; exact cutoff on
 ``abs(x_i) * stat(k, i)``, each input keeping a prefix of its ranks) with the products of the kept
 weights, as ``rules.bucket_twin`` does in numpy. Used only to search for a profile; the tables in
 ``bench/QUALITY.md`` come from the numpy harness and ``pyeffort.matmul``.
@@ -19,16 +20,25 @@ GROUP = 16
 
 
 class TwinMatrix:
-    """W (n_in, n_out) float16 on a device: float32 copy, split by rank, RMS row statistic."""
+    """W (n_in, n_out) float16 on a device: float32 copy, split by rank, RMS row statistic.
 
-    def __init__(self, name: str, w16: np.ndarray, device):
+    ``out_weight`` (n_out,) float32 or None: ranks and statistics follow ``fp16(a_j * w_ij)``, as
+    ``reference.build(w16, out_weight)`` (``stat=rms_out_weighted``); the products use W."""
+
+    def __init__(self, name: str, w16: np.ndarray, device, out_weight: np.ndarray | None = None):
         self.name = name
         n_in, n_out = w16.shape
         if n_out % GROUP:
             raise ValueError(f"{name}: n_out {n_out} is not a multiple of {GROUP}")
         self.n_in, self.n_out, self.size = n_in, n_out, n_in * n_out
         w = torch.from_numpy(np.ascontiguousarray(w16)).to(device)
-        key = (w.view(torch.int16).to(torch.int32) & 0x7FFF).reshape(n_in, -1, GROUP)
+        ranked = w
+        if out_weight is not None:
+            a = np.asarray(out_weight, dtype=np.float32)
+            if a.shape != (n_out,):
+                raise ValueError(f"{name}: out_weight shape {a.shape}, expected ({n_out},)")
+            ranked = (w.float() * torch.from_numpy(a).to(device)[None, :]).half()
+        key = (ranked.view(torch.int16).to(torch.int32) & 0x7FFF).reshape(n_in, -1, GROUP)
         order = torch.sort(key, dim=-1, descending=True, stable=True).indices
         rank = torch.empty_like(order)
         rank.scatter_(-1, order, torch.arange(GROUP, device=device).expand_as(order).contiguous())
@@ -37,7 +47,7 @@ class TwinMatrix:
         self.rank = rank.to(torch.uint8)
         g = n_out // GROUP
         sq = torch.zeros(GROUP, n_in, dtype=torch.float64, device=device)
-        sq.scatter_add_(0, rank.T.contiguous(), (self.w32.double() ** 2).T.contiguous())
+        sq.scatter_add_(0, rank.T.contiguous(), (ranked.double() ** 2).T.contiguous())
         self.stats = (sq / g).sqrt().float()  # (16, n_in)
         self.mults_per_row = g
         self._stack = None
@@ -91,7 +101,10 @@ GGUF = {
 class TwinLlama:
     """``forward(tokens (B, T), hook) -> logits (B, T, vocab)``; ``hook(name, matrix, x)``."""
 
-    def __init__(self, gguf_path: str, device="cuda"):
+    """``out_weights``: {matrix name: (n_out,) float32} in ``pyeffort.models``' row order (q/k
+    de-interleaved, as the shipped file keeps them) for the output-weighted statistic, or None."""
+
+    def __init__(self, gguf_path: str, device="cuda", out_weights: dict | None = None):
         import gguf
 
         r = gguf.GGUFReader(gguf_path)
@@ -120,8 +133,17 @@ class TwinLlama:
                 if arr.ndim == 1:
                     self.vecs[name] = torch.from_numpy(arr.astype(np.float32)).to(device)
                 else:
-                    self.mats[name] = TwinMatrix(name, arr.T.astype(np.float16), device)
+                    a = self._gguf_order(name, (out_weights or {}).get(name))
+                    self.mats[name] = TwinMatrix(name, arr.T.astype(np.float16), device, a)
         self.names = [f"layers.{i}.{t}" for i in range(self.n_layers) for t in TYPES]
+
+    def _gguf_order(self, name: str, a: np.ndarray | None) -> np.ndarray | None:
+        """The twin keeps GGUF's interleaved q/k rows: ``a`` permuted the inverse way of the
+        loader's ``unpermute`` ((head, 2, hd/2) -> (head, hd/2, 2))."""
+        if a is None or not name.endswith(("attn.wq", "attn.wk")):
+            return a
+        heads = self.n_heads if name.endswith("wq") else self.n_kv
+        return np.asarray(a).reshape(heads, 2, -1).swapaxes(1, 2).reshape(-1)
 
     def _rms(self, x, w):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps) * w
