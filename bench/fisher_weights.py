@@ -3,19 +3,22 @@
 a_j of each matrix = sqrt(mean over calibration tokens of (d log q(y) / d out_j)^2), y sampled
 from the exact model (``samples`` draws per position), normalised to mean 1 per matrix: the
 diagonal Fisher information of the matrix's outputs (``quality_stat.fisher_weights``, the torch
-twin on CPU). Calibration text: every third of the 24 calibration windows of bench/QUALITY.md
-(8 x 256 tokens of Botchan's second half), never the evaluation windows (tokens 0..1023).
+twin). Calibration text: the 24 calibration windows of bench/QUALITY.md (24 x 256 tokens of
+Botchan's second half), never the evaluation windows (tokens 0..1023); 8 draws per position.
 
 The twin keeps GGUF's interleaved q/k layout; pyeffort.models undoes it, so the q/k weights are
 permuted the same way before saving (checked against the loader's matrices).
 
-OMP_NUM_THREADS=1 nice -n 19 python bench/fisher_weights.py   # ~10 min on one core
+python bench/fisher_weights.py --device cuda   # the shipped file (H200: 2 s of compute)
+python bench/fisher_weights.py                 # on CPU: the draws come from another generator,
+                                               # so the weights differ a little (~30 min, 1 core)
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,36 +34,44 @@ from pyeffort.quality.torch_twin import TwinLlama
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--every", type=int, default=3, help="every N-th of the 24 calibration windows")
+    p.add_argument("--every", type=int, default=1, help="every N-th of the 24 calibration windows")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="default: the shipped file")
+    p.add_argument("--gguf", default=None, help="default: the default model's GGUF")
+    p.add_argument(
+        "--ids", default=None, help="Botchan's token ids (.npy; default: tokenised here)"
+    )
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    gguf = default_gguf()
+    gguf = Path(args.gguf) if args.gguf else default_gguf()
     src = open_source(gguf)
-    enc = src.tokenizer.encode(text.botchan())
-    ids = np.asarray(getattr(enc, "ids", enc), dtype=np.int64)
+    if args.ids:
+        ids = np.load(args.ids)
+    else:
+        enc = src.tokenizer.encode(text.botchan())
+        ids = np.asarray(getattr(enc, "ids", enc), dtype=np.int64)
     sets, starts, _ = S.windows(ids, 24, 4, 256)
     cal = sets["cal"][:: args.every]
     assert min(starts) >= 4 * 256, "calibration windows overlap the evaluation windows"
-    model = TwinLlama(str(gguf), "cpu")
+    model = TwinLlama(str(gguf), args.device)
     t0 = time.time()
     a = fisher_weights(model, torch.from_numpy(np.asarray(cal)), args.samples, args.seed)
     print(f"fisher weights: {time.time() - t0:.0f} s", flush=True)
     out = {}
     for name, v in a.items():
-        v = v.double().numpy()
+        v = v.double().cpu().numpy()
         if name.endswith(("attn.wq", "attn.wk")):
             heads = src.args.n_heads if name.endswith("wq") else src.args.n_kv_heads
             v = unpermute(v[:, None], heads)[:, 0]
             if name.startswith("layers.0."):  # the same permutation as the loader's
-                tw = unpermute(model.mats[name].w32.numpy().T, heads).T
+                tw = unpermute(model.mats[name].w32.cpu().numpy().T, heads).T
                 assert np.array_equal(tw.astype(np.float16), src.get(name).astype(np.float16))
         out[name] = (v / v.mean()).astype(np.float32)
     meta = {
-        "model": gguf.name,
+        "model": Path(gguf).name,
         "method": "diagonal Fisher of each matrix output, RMS over tokens, mean 1 per matrix",
         "calibration": f"botchan ids, 24 windows x 256 from {starts[0]} (every {args.every}-th)",
         "samples": str(args.samples),

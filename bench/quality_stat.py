@@ -147,7 +147,8 @@ def fisher_weights(model: TwinLlama, tokens: torch.Tensor, samples: int = 4, see
     """Output weights from the diagonal Fisher of each matrix's output on calibration windows:
     a_j = sqrt(mean over tokens of (d log q(y) / d out_j)^2), y sampled from the exact model."""
     fwd = TwinLlama.forward.__wrapped__
-    gen = torch.Generator().manual_seed(seed)
+    tokens = tokens.to(model.device)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
     acc: dict = {}
     for _ in range(samples):
         outs = {}
