@@ -31,8 +31,12 @@ def speedups(path: str, shape: str) -> tuple[list, list]:
 
 
 def kl_curve(path: str, rule: str) -> list:
-    """(realised effort, KL) of one rule on the default model."""
-    return sorted((r["realised"], r["kl"]) for r in _load(path)["results"] if r["rule"] == rule)
+    """(realised effort, KL) of one rule on the default model; for "pyeffort" only the default's
+    rows (label "(e) ..."), not the variants merged beside them ((e'), (e-6))."""
+    rows = [r for r in _load(path)["results"] if r["rule"] == rule]
+    if rule == "pyeffort":
+        rows = [r for r in rows if r.get("label", "(e)").startswith("(e) ")]
+    return sorted((r["realised"], r["kl"]) for r in rows)
 
 
 def kl_at(points: list, x: float | None) -> float | None:
