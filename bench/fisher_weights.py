@@ -32,11 +32,26 @@ from pyeffort.quality import torch_search as S
 from pyeffort.quality.torch_twin import TwinLlama
 
 
+def calibration(ids, n: int, every: int = 1, length: int = 256):
+    """n windows spread over the second half as the split's calibration windows are (n = 24:
+    those), every ``every``-th, without any that overlaps a held-out window of the split's set
+    (tokens) or the evaluation windows (the first 1024 tokens)."""
+    sets, starts, _ = S.windows(ids, n, 4, length)
+    _, _, hold = S.windows(ids, 24, 4, length)
+    keep = [
+        i
+        for i in range(0, n, every)
+        if all(abs(starts[i] - h) >= length for h in hold) and starts[i] >= 4 * length
+    ]
+    return sets["cal"][keep], [starts[i] for i in keep]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--every", type=int, default=1, help="every N-th of the 24 calibration windows")
+    p.add_argument("--windows", type=int, default=24, help="windows spread over the second half")
+    p.add_argument("--every", type=int, default=1, help="every N-th of those windows")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="default: the shipped file")
     p.add_argument("--gguf", default=None, help="default: the default model's GGUF")
@@ -53,9 +68,7 @@ def main(argv=None) -> None:
     else:
         enc = src.tokenizer.encode(text.botchan())
         ids = np.asarray(getattr(enc, "ids", enc), dtype=np.int64)
-    sets, starts, _ = S.windows(ids, 24, 4, 256)
-    cal = sets["cal"][:: args.every]
-    assert min(starts) >= 4 * 256, "calibration windows overlap the evaluation windows"
+    cal, starts = calibration(ids, args.windows, args.every)
     model = TwinLlama(str(gguf), args.device)
     t0 = time.time()
     a = fisher_weights(model, torch.from_numpy(np.asarray(cal)), args.samples, args.seed)
@@ -73,7 +86,8 @@ def main(argv=None) -> None:
     meta = {
         "model": Path(gguf).name,
         "method": "diagonal Fisher of each matrix output, RMS over tokens, mean 1 per matrix",
-        "calibration": f"botchan ids, 24 windows x 256 from {starts[0]} (every {args.every}-th)",
+        "calibration": f"botchan ids, {len(starts)} windows x 256 from {starts[0]} to {starts[-1]}"
+        f" ({args.windows} spread over the second half, every {args.every}-th, held-out ones out)",
         "samples": str(args.samples),
         "seed": str(args.seed),
     }
