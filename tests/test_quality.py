@@ -346,3 +346,24 @@ def test_torch_twin_puts_qk_weights_in_gguf_order():
     assert not np.array_equal(k, a[:8])
     np.testing.assert_array_equal(unpermute(k[:, None], 1)[:, 0], a[:8])
     assert twin._gguf_order("layers.0.ffn.w1", a) is a
+
+
+def test_equal_time_table_reads_the_default_not_a_variant_merged_after_it():
+    from pyeffort.quality import report
+
+    def row(rule, label, speedup, kl):
+        return {"rule": rule, "label": label, "speedup": speedup, "kl": kl}
+
+    results = [
+        row("pyeffort", "(e) pyeffort default + budget split", 1.2, 1.0),
+        row("pyeffort", "(e) pyeffort default + budget split", 1.8, 2.0),
+        row("pyeffort", "(e') pyeffort default, plain RMS statistic", 1.2, 5.0),
+        row("pyeffort", "(e') pyeffort default, plain RMS statistic", 1.8, 6.0),
+        row("teal", "(b) TEAL", 1.4, 3.0),
+        row("teal", "(b) TEAL", 2.2, 4.0),
+    ]
+    line = next(
+        ln for ln in report.equal_time_table(results).splitlines() if ln.startswith("| 1.5x")
+    )
+    ours = float(line.split("|")[2])
+    assert 1.0 < ours < 2.0, line

@@ -141,7 +141,11 @@ def equal_effort(results: list[dict], efforts) -> str:
 def equal_time_table(results: list[dict], targets=(1.5, 2.0, 3.0)) -> str:
     """Markdown: KL of the default rule and of the best channel rule at equal measured speed-up
     (log-interpolated along each curve of KL against speed-up)."""
-    labels = {r["rule"]: r.get("label", r["rule"]) for r in results if r.get("speedup")}
+    labels = {}
+    for r in results:  # per rule its first label; for pyeffort the default's, not a variant's
+        lb = r.get("label", r["rule"])
+        if r.get("speedup") and (r["rule"] not in labels or lb.startswith("(e) ")):
+            labels[r["rule"]] = lb
     lines = ["| speed-up | pyeffort KL | best channel rule KL | which |", "|---|---|---|---|"]
 
     def fmt(v):
