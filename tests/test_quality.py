@@ -292,7 +292,11 @@ def test_shipped_profile_is_found_for_the_default_model_names():
     assert allocation.shipped("some-other-model.gguf") is None
 
 
-def test_torch_twin_matches_the_numpy_twin():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_torch_twin_matches_the_numpy_twin(weighted):
+    """The twin selects as ``pyeffort.matmul`` does, plain or with ``out_weight`` as
+    ``build_buckets(W, out_weight=a)`` (the budget split for the shipped statistic is solved on
+    it)."""
     torch = pytest.importorskip("torch")
     from pyeffort.quality.torch_twin import TwinMatrix
 
@@ -300,29 +304,11 @@ def test_torch_twin_matches_the_numpy_twin():
     w = (rng.standard_normal((96, 64)) * 0.1).astype(np.float16)
     x = rng.standard_normal((6, 96)).astype(np.float32)
     x[:, :4] *= 8.0
-    st, tm = rules.MatrixState(w), TwinMatrix("m", w, "cpu")
-    assert np.array_equal(tm.stats.numpy(), st.row_stats("rms"))
-    for e in (0.1, 0.3, 0.7):
-        y, mults, _ = rules.bucket_twin(x, st, e)
-        yt, mt = tm(torch.from_numpy(x), e)
-        assert mt == mults
-        np.testing.assert_allclose(yt.numpy(), y, rtol=1e-5, atol=1e-5)
-
-
-def test_torch_twin_follows_the_output_weighted_build():
-    """The twin with ``out_weight`` selects as ``build_buckets(W, out_weight=a)`` does (the
-    budget split for the shipped statistic is solved on it)."""
-    torch = pytest.importorskip("torch")
-    from pyeffort.quality.torch_twin import TwinMatrix
-
-    rng = np.random.default_rng(4)
-    w = (rng.standard_normal((96, 64)) * 0.1).astype(np.float16)
-    a = rng.gamma(0.5, 2.0, 64).astype(np.float32)
-    x = rng.standard_normal((6, 96)).astype(np.float32)
-    x[:, :4] *= 8.0
+    a = rng.gamma(0.5, 2.0, 64).astype(np.float32) if weighted else None
     st = rules.MatrixState(w, buckets=pyeffort.build_buckets(w, out_weight=a))
     tm, plain = TwinMatrix("m", w, "cpu", a), TwinMatrix("m", w, "cpu")
-    assert not np.array_equal(tm.stats.numpy(), plain.stats.numpy())
+    assert np.array_equal(plain.stats.numpy(), rules.MatrixState(w).row_stats("rms"))
+    assert np.array_equal(tm.stats.numpy(), plain.stats.numpy()) == (not weighted)
     for e in (0.1, 0.3, 0.7):
         y, mults, _ = rules.bucket_twin(x, st, e)
         yt, mt = tm(torch.from_numpy(x), e)
