@@ -99,9 +99,9 @@ GGUF = {
 
 
 class TwinLlama:
-    """``forward(tokens (B, T), hook) -> logits (B, T, vocab)``; ``hook(name, matrix, x)``."""
+    """``forward(tokens (B, T), hook) -> logits (B, T, vocab)``; ``hook(name, matrix, x)``.
 
-    """``out_weights``: {matrix name: (n_out,) float32} in ``pyeffort.models``' row order (q/k
+    ``out_weights``: {matrix name: (n_out,) float32} in ``pyeffort.models``' row order (q/k
     de-interleaved, as the shipped file keeps them) for the output-weighted statistic, or None."""
 
     def __init__(self, gguf_path: str, device="cuda", out_weights: dict | None = None):
