@@ -17,18 +17,15 @@ python bench/quality_dyn.py --gguf M.gguf --ids ids.npy --profile P.json --out-w
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import time
 
-import numpy as np
 import torch
+import twin_probe as T
 
 from pyeffort.quality import allocation as A
 from pyeffort.quality import out_weights
 from pyeffort.quality import torch_search as S
-from pyeffort.quality.torch_twin import GROUP, TwinLlama, kl_per_token
+from pyeffort.quality.torch_twin import GROUP, TwinLlama
 
 
 def gate_rms(model: TwinLlama, tokens: torch.Tensor) -> dict:
@@ -52,67 +49,51 @@ def dynamic_up(mat, x, effort, s, sq):
     stat = torch.einsum("kio,no->nki", sq, s * s).div(g).sqrt()  # (N, 16, n_in)
     score = (x.abs()[:, None, :] * stat).reshape(n, -1)
     c = torch.topk(score, rows, dim=1, sorted=False).values.min(1).values
-    mask = (score >= c[:, None]).reshape(n, GROUP, mat.n_in)
-    xs = torch.where(mask.transpose(0, 1), x[None], 0.0)  # (16, N, n_in)
-    return torch.bmm(xs, mat.stack).sum(0), int(mask.sum()) * g
+    keep = (score >= c[:, None]).reshape(n, GROUP, mat.n_in)
+    return mat.product_rows(x, keep), int(keep.sum()) * g
 
 
-def run(model, bench, prof, effort, dyn, a_up, r, which):
-    eff = S.profile_efforts(model, prof, effort)
-    acc = {"mults": 0.0, "size": 0}
-    state = {}
+def dynamic_product(a_up: dict, r: dict):
+    """The product of every matrix: ``up`` per token from its gate's output, the others plain."""
+    gate_out = {}
 
-    def hook(name, mat, x):
-        e = eff.get(name, 1.0)
-        if dyn and name.endswith("ffn.w3") and e < 1.0:
+    def product(name, mat, x, e):
+        if name.endswith("ffn.w3") and e < 1.0:
             gate = name.replace("ffn.w3", "ffn.w1")
-            s = torch.nn.functional.silu(state[gate]).abs() / r[gate].clamp_min(1e-12)
-            y, mults = dynamic_up(mat, x, e, s, a_up[name])
-        else:
-            y, mults = mat(x, e)
+            s = torch.nn.functional.silu(gate_out[gate]).abs() / r[gate].clamp_min(1e-12)
+            return dynamic_up(mat, x, e, s, a_up[name])
+        y, mults = mat(x, e)
         if name.endswith("ffn.w1"):
-            state[name] = y
-        acc["mults"] += float(mults)
-        acc["size"] += x.shape[0] * mat.size
-        return y
+            gate_out[name] = y
+        return y, mults
 
-    out = {k: float(kl_per_token(bench.exact[k], model.forward(bench.sets[k], hook)).mean())
-           for k in which}  # fmt: skip
-    out["realised"] = acc["mults"] / acc["size"]
-    return out
+    return product
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--gguf", required=True)
-    p.add_argument("--ids", required=True)
+    p = T.parser(__doc__)
     p.add_argument("--profile", required=True)
-    p.add_argument("--out-weights", required=True)
-    p.add_argument("--efforts", default="0.25,0.5")
-    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    ow = out_weights.load(args.out_weights)
-    model = TwinLlama(args.gguf, dev, ow)
-    sets, _, _ = S.windows(np.load(args.ids), 24, 4, 256)
-    bench = S.Bench(model, sets)
+    if not args.out_weights:
+        p.error("--out-weights is needed (the static weights that the gate reweights)")
+    model, bench = T.setup(args)
     r = gate_rms(model, bench.sets["cal"])
-    a_up = {}
-    for n, m in model.mats.items():
-        if n.endswith("ffn.w3"):
-            a = torch.from_numpy(ow[n]).to(dev)
-            a_up[n] = (m.stack * a[None, None, :]).pow(2)  # (16, n_in, n_out)
+    ow = out_weights.load(args.out_weights)
+    a_up = {
+        n: (m.stack * torch.from_numpy(ow[n]).to(model.device)[None, None, :]).pow(2)
+        for n, m in model.mats.items()
+        if n.endswith("ffn.w3")
+    }  # (16, n_in, n_out) each
     prof = A.load(args.profile)
-    res, t0 = [], time.time()
-    for e in (float(v) for v in args.efforts.split(",")):
+    rows = T.Rows(args.out)
+    for e in T.efforts(args):
+        eff = S.profile_efforts(model, prof, e)
         for dyn in (False, True):
-            row = run(model, bench, prof, e, dyn, a_up, r, ("cal", "hold", "eval"))
-            row.update(effort=e, dynamic_up=dyn)
-            res.append(row)
-            print(f"[{time.time() - t0:5.0f}s] {json.dumps(row)}", flush=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+            product = dynamic_product(a_up, r) if dyn else T.plain
+            kls, realised = T.kl_pass(model, bench, eff, product)
+            row = {k: float(v.mean()) for k, v in kls.items()}
+            rows.add({**row, "realised": realised, "effort": e, "dynamic_up": dyn})
+    rows.write()
 
 
 if __name__ == "__main__":

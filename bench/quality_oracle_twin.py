@@ -13,17 +13,12 @@ python bench/quality_oracle_twin.py --gguf M.gguf --ids ids.npy --profile P.json
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-
-import numpy as np
 import torch
+import twin_probe as T
 
 from pyeffort.quality import allocation as A
 from pyeffort.quality import out_weights
 from pyeffort.quality import torch_search as S
-from pyeffort.quality.torch_twin import TwinLlama, kl_per_token
 
 
 class Oracle:
@@ -62,61 +57,40 @@ class Oracle:
         return y, mults
 
 
-def run(model, bench, oracles, prof, effort, which):
-    eff = S.profile_efforts(model, prof, effort)
-    acc = {"mults": 0.0, "size": 0}
-
-    def hook(name, mat, x):
-        e = eff.get(name, 1.0)
+def oracle_product(oracles: dict):
+    def product(name, mat, x, e):
         if e >= 1.0:
-            y, mults = x @ mat.w32, x.shape[0] * mat.size
-        else:
-            y, mults = oracles[name](x, e)
-        acc["mults"] += float(mults)
-        acc["size"] += x.shape[0] * mat.size
-        return y
+            return x @ mat.w32, x.shape[0] * mat.size
+        return oracles[name](x, e)
 
-    out = {k: float(kl_per_token(bench.exact[k], model.forward(bench.sets[k], hook)).mean())
-           for k in which}  # fmt: skip
-    out["realised"] = acc["mults"] / acc["size"]
-    return out
+    return product
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--gguf", required=True)
-    p.add_argument("--ids", required=True)
+    p = T.parser(__doc__)
     p.add_argument("--profile", required=True)
-    p.add_argument("--out-weights", required=True)
-    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = TwinLlama(args.gguf, dev)
+    if not args.out_weights:
+        p.error("--out-weights is needed (the weighted oracle)")
+    which = ("hold", "eval")
+    model, bench = T.setup(args, weighted=False, which=which)
     ow = out_weights.load(args.out_weights)
-    sets, _, _ = S.windows(np.load(args.ids), 24, 4, 256)
-    sets = {k: v for k, v in sets.items() if k in ("hold", "eval")}
-    bench = S.Bench(model, sets)
     prof = A.load(args.profile)
     plain = {n: Oracle(m.w32, None) for n, m in model.mats.items()}
-    res, t0 = [], time.time()
-    for label, oracles, prof_, e in (("plain, uniform", plain, None, 0.5),):
-        row = run(model, bench, oracles, prof_, e, ("hold", "eval"))
-        row.update(variant=label, effort=e)
-        res.append(row)
-        print(f"[{time.time() - t0:5.0f}s] {json.dumps(row)}", flush=True)
     weighted = {
-        n: Oracle(m.w32, torch.from_numpy(model._gguf_order(n, ow[n])).to(dev))
+        n: Oracle(m.w32, torch.from_numpy(model._gguf_order(n, ow[n])).to(model.device))
         for n, m in model.mats.items()
     }
+    runs = [("plain, uniform", plain, None, 0.5)]  # the harness's (f) row, as a check
     for label, oracles in (("plain, shipped split", plain), ("weighted, shipped split", weighted)):
-        for e in (0.25, 0.5):
-            row = run(model, bench, oracles, prof, e, ("hold", "eval"))
-            row.update(variant=label, effort=e)
-            res.append(row)
-            print(f"[{time.time() - t0:5.0f}s] {json.dumps(row)}", flush=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+        runs += [(label, oracles, prof, e) for e in T.efforts(args)]
+    rows = T.Rows(args.out)
+    for label, oracles, prof_, e in runs:
+        eff = S.profile_efforts(model, prof_, e)
+        kls, realised = T.kl_pass(model, bench, eff, oracle_product(oracles), which)
+        row = {k: float(v.mean()) for k, v in kls.items()}
+        rows.add({**row, "realised": realised, "variant": label, "effort": e})
+    rows.write()
 
 
 if __name__ == "__main__":

@@ -12,12 +12,9 @@ python bench/quality_outw.py --gguf M.gguf --ids ids.npy --profile P.json \
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-
 import numpy as np
 import torch
+import twin_probe as T
 from quality_stat import fisher_weights
 
 from pyeffort.quality import allocation as A
@@ -33,45 +30,41 @@ def rebuild(model: TwinLlama, w16: dict, a: dict) -> None:
         model.mats[n] = TwinMatrix(n, w, model.device, a[n])
 
 
+def variant_weights(model, w16, v: str, shipped: dict, cal: np.ndarray) -> dict:
+    """The weights of one variant, mean 1 per matrix: ``fisher:EVERY:SAMPLES`` recomputed on
+    the calibration windows, else the shipped ones to the power ``v``."""
+    if v.startswith("fisher:"):
+        _, every, samples = v.split(":")
+        rebuild(model, w16, {n: None for n in w16})
+        tokens = torch.from_numpy(np.asarray(cal[:: int(every)]))
+        a = {
+            n: t.double().cpu().numpy()
+            for n, t in fisher_weights(model, tokens, int(samples)).items()
+        }
+    else:
+        a = {n: s.astype(np.float64) ** float(v) for n, s in shipped.items()}
+    return {n: (x / x.mean()).astype(np.float32) for n, x in a.items()}
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--gguf", required=True)
-    p.add_argument("--ids", required=True)
+    p = T.parser(__doc__)
     p.add_argument("--profile", required=True)
-    p.add_argument("--out-weights", required=True, help="the shipped weights (gamma variants)")
     p.add_argument("--variants", default="1,0.5,0.75,1.25,1.5")
-    p.add_argument("--efforts", default="0.25,0.5")
-    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = TwinLlama(args.gguf, dev)
+    if not args.out_weights:
+        p.error("--out-weights is needed (the shipped weights of the gamma variants)")
+    model, bench = T.setup(args, weighted=False)
     w16 = {n: m.w32.half().cpu().numpy() for n, m in model.mats.items()}
     shipped = {n: model._gguf_order(n, v) for n, v in out_weights.load(args.out_weights).items()}
-    sets, _, _ = S.windows(np.load(args.ids), 24, 4, 256)
-    bench = S.Bench(model, sets)
+    cal = bench.sets["cal"].cpu().numpy()
     prof = A.load(args.profile)
-    res, t0 = [], time.time()
+    rows = T.Rows(args.out)
     for v in args.variants.split(","):
-        if v.startswith("fisher:"):
-            _, every, samples = v.split(":")
-            rebuild(model, w16, {n: None for n in w16})
-            cal = torch.from_numpy(np.asarray(sets["cal"][:: int(every)]))
-            a = {
-                n: t.double().cpu().numpy()
-                for n, t in fisher_weights(model, cal, int(samples)).items()
-            }
-        else:
-            a = {n: s.astype(np.float64) ** float(v) for n, s in shipped.items()}
-        a = {n: (x / x.mean()).astype(np.float32) for n, x in a.items()}
-        rebuild(model, w16, a)
-        for e in (float(x) for x in args.efforts.split(",")):
+        rebuild(model, w16, variant_weights(model, w16, v, shipped, cal))
+        for e in T.efforts(args):
             r = bench.kl(S.profile_efforts(model, prof, e), ("cal", "hold", "eval"))
-            r.update(variant=v, effort=e)
-            res.append(r)
-            print(f"[{time.time() - t0:5.0f}s] {json.dumps(r)}", flush=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+            rows.add({**r, "variant": v, "effort": e})
+    rows.write()
 
 
 if __name__ == "__main__":

@@ -79,8 +79,12 @@ class TwinMatrix:
 
     def product(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """sum over inputs i of x_i times the weights of row i with rank < k[:, i]."""
-        r = torch.arange(GROUP, device=x.device)[:, None, None]
-        xs = torch.where(k[None] > r, x[None], 0.0)  # (16, N, n_in)
+        r = torch.arange(GROUP, device=x.device)[None, :, None]
+        return self.product_rows(x, k[:, None, :] > r)
+
+    def product_rows(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """sum over the bucket rows (k, i) with keep[:, k, i] (N, 16, n_in) of x_i times them."""
+        xs = torch.where(keep.transpose(0, 1), x[None], 0.0)  # (16, N, n_in)
         return torch.bmm(xs, self.stack).sum(0)
 
 
