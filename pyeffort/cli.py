@@ -2,6 +2,10 @@
 ``add_parser(subparsers)`` that registers it with ``set_defaults(func=...)``; add a module to
 SUBCOMMANDS to add a command.
 
+A user error (bad option, file or model; a missing optional extra) ends with one line
+``pyeffort COMMAND: error: ...`` on stderr and exit code 2; anything else is a bug and keeps its
+traceback.
+
 pyeffort generate "The capital of France is" --effort 0.3 --max-tokens 100
 pyeffort chat --effort 0.5          (/effort 0.2 between turns; keys + / - while it answers)
 pyeffort convert SRC.gguf DST       pyeffort info DST       pyeffort bench
@@ -21,10 +25,21 @@ SUBCOMMANDS = [
 ]
 
 
+# optional modules -> the extra that installs them
+EXTRAS = {"gguf": "model", "tokenizers": "model", "sentencepiece": "model", "jinja2": "model",
+          "matplotlib": "eval"}  # fmt: skip
+USER_ERRORS = (ValueError, OSError)  # pyeffort's errors subclass ValueError (or TypeError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (and exit code 2, as argparse)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pyeffort", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = Parser(prog="pyeffort", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
@@ -51,9 +66,26 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"pyeffort {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        msg = user_error(exc)
+        if msg is None:
+            raise
+        print(f"pyeffort {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message for an error the user can fix; None for a bug."""
+    from pyeffort.errors import PyEffortError
+
+    if isinstance(exc, ModuleNotFoundError):
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            return None
+        return f"{exc.name} is not installed: pip install 'pyeffort[{extra}]'"
+    if not isinstance(exc, (PyEffortError, *USER_ERRORS)):
+        return None
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

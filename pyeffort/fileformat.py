@@ -30,6 +30,7 @@ DTYPES = {
     "BF16": np.dtype(np.uint16),  # raw bits; callers that want bfloat16 convert
     "U8": np.dtype(np.uint8),
     "I64": np.dtype(np.int64),
+    "F64": np.dtype(np.float64),  # read only (Hugging Face checkpoints)
 }
 CODES = {np.dtype(np.float32): "F32", np.dtype(np.int32): "I32", np.dtype(np.float16): "F16"}
 CODES.update({np.dtype(np.uint8): "U8", np.dtype(np.int64): "I64"})

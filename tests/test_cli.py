@@ -65,14 +65,14 @@ def test_convert_info_bench(tiny, tmp_path):
         lo, hi = map(float, row[4].split("-"))
         assert abs(float(row[1]) - float(row[0])) < 0.05 and lo <= float(row[2]) <= hi
     r = cli("bench", "--model", str(tiny), "--rounds", "0")
-    assert r.returncode == 1 and "--rounds" in r.stderr
+    assert r.returncode == 2 and "--rounds" in r.stderr
 
 
 def test_bad_input_is_a_clear_error(tiny, tmp_path):
     r = cli("generate", "x", "--model", str(tmp_path / "missing"))
-    assert r.returncode == 1 and "error" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "error" in r.stderr and "Traceback" not in r.stderr
     r = cli("generate", "x", "--model", str(tiny), "--effort", "1.5")
-    assert r.returncode == 1 and "effort" in r.stderr
+    assert r.returncode == 2 and "effort" in r.stderr
 
 
 def test_key_press_changes_effort_on_the_next_token(tiny):

@@ -78,9 +78,11 @@ def _train_bpe_json(path, vocab: int = 150) -> int:
 
 
 def write_tiny_mistral(
-    folder, window: int | None = WINDOW, seed: int = 0, n_layers: int = 2, llama: bool = False
+    folder, window: int | None = WINDOW, seed: int = 0, n_layers: int = 2, llama: bool = False,
+    dtype=np.float32, chat_template: str | None = None,
 ) -> dict:
-    """A random MistralForCausalLM checkpoint folder; -> its config."""
+    """A random MistralForCausalLM checkpoint folder (weights saved as ``dtype``); -> its
+    config."""
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,6 +110,8 @@ def write_tiny_mistral(
     tc = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
     if llama:  # the post-processor says it: no add_bos_token
         tc = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    if chat_template is not None:
+        tc["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(tc))
     rng = np.random.default_rng(seed)
 
@@ -138,7 +142,8 @@ def write_tiny_mistral(
     shards["model-00002-of-00002.safetensors"] = names[half:]
     index = {"metadata": {}, "weight_map": {}}
     for fname, keys in shards.items():
-        save_file({k: t[k] for k in keys}, str(folder / fname), metadata={"format": "pt"})
+        save_file({k: t[k].astype(dtype) for k in keys}, str(folder / fname),
+                  metadata={"format": "pt"})  # fmt: skip
         index["weight_map"].update({k: fname for k in keys})
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     return cfg
@@ -433,8 +438,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def write_gguf(hf_folder, path) -> None:
-    """The HF folder's weights and SentencePiece tokenizer as a llama GGUF file (F32 tensors)."""
+def write_gguf(hf_folder, path, extra=None) -> None:
+    """The HF folder's weights and SentencePiece tokenizer as a llama GGUF file (F32 tensors);
+    ``extra(writer)`` may add metadata or tensors."""
     gguf = pytest.importorskip("gguf")
     import sentencepiece as spm
 
@@ -477,6 +483,8 @@ def write_gguf(hf_folder, path) -> None:
             elif ours == "attn.wk":
                 a = _permute(a, cfg["num_key_value_heads"])
             w.add_tensor(f"blk.{i}.{theirs}.weight", np.ascontiguousarray(a, dtype=np.float32))
+    if extra is not None:
+        extra(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,9 +1,28 @@
-"""ModelArgs: the shape of a Llama-family model, and named configs (gpt-fast style)."""
+"""ModelArgs: the shape of a Llama-family model, and named configs (gpt-fast style).
+
+Every way of building one (a named config, a loader, a converted model's manifest) goes through
+``ModelArgs.__post_init__``, which refuses values the forward pass cannot run (ConfigError)."""
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
+
+from pyeffort.errors import PyEffortError
+
+
+class ConfigError(PyEffortError, ValueError):
+    """A model's configuration is invalid, or asks for something pyeffort does not implement."""
+
+
+ARCHITECTURES = ("llama", "mistral")
+POSITIVE_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size",
+                 "max_seq_len")  # fmt: skip
+COUNTS = ("head_dim", "sliding_window")  # 0 has a meaning (derived / none)
+POSITIVE_FLOATS = ("norm_eps", "rope_theta")
+SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")  # no default
 
 
 @dataclass
@@ -18,51 +37,59 @@ class ModelArgs:
     rope_theta: float = 10000.0
     head_dim: int = 0  # 0: dim // n_heads
     sliding_window: int = 0  # 0: none; else each token sees the last `sliding_window` positions
-    max_seq_len: int = 8192
+    max_seq_len: int = 8192  # the context: forward refuses positions at or past it
     tie_embeddings: bool = False
     architecture: str = "llama"
 
     def __post_init__(self):
+        for name in POSITIVE_INTS + COUNTS:
+            setattr(self, name, _int(name, getattr(self, name), 1 if name in POSITIVE_INTS else 0))
+        for name in POSITIVE_FLOATS:
+            setattr(self, name, _positive_float(name, getattr(self, name)))
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
         if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim={self.dim} is not a multiple of n_heads={self.n_heads}")
             self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} is odd (rotary pairs need it even)")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} not a multiple of n_kv_heads")
+            raise ConfigError(f"n_heads={self.n_heads} is not a multiple of "
+                              f"n_kv_heads={self.n_kv_heads}")  # fmt: skip
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelArgs:
+        """From ``to_json``'s fields (a converted model's manifest): the shape fields must be
+        there, and an unknown field is refused (it may come from a newer pyeffort whose models
+        compute something this one does not)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"config keys {unknown} are not known to this pyeffort")
+        missing = [k for k in SHAPE if k not in d]
+        if missing:
+            raise ConfigError(f"config lacks {missing}")
+        return cls(**d)
 
-    @classmethod
-    def from_hf(cls, c: dict) -> ModelArgs:
-        """From a Hugging Face ``config.json`` (LlamaForCausalLM / MistralForCausalLM)."""
-        arch = (c.get("architectures") or ["LlamaForCausalLM"])[0]
-        if arch not in ("LlamaForCausalLM", "MistralForCausalLM"):
-            raise ValueError(f"unsupported architecture {arch!r} (Llama or Mistral only)")
-        if c.get("rope_scaling"):
-            raise ValueError("rope_scaling is not supported")
-        if c.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {c.get('hidden_act')!r} is not supported (silu only)")
-        n_heads = c["num_attention_heads"]
-        theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 1e4)
-        return cls(
-            dim=c["hidden_size"],
-            n_layers=c["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=c.get("num_key_value_heads") or n_heads,
-            hidden_dim=c["intermediate_size"],
-            vocab_size=c["vocab_size"],
-            norm_eps=c.get("rms_norm_eps", 1e-5),
-            rope_theta=float(theta),
-            head_dim=c.get("head_dim") or 0,
-            sliding_window=c.get("sliding_window") or 0,
-            max_seq_len=c.get("max_position_embeddings", 8192),
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            architecture="mistral" if arch.startswith("Mistral") else "llama",
-        )
+
+def _int(name: str, v, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
+    return int(v)
+
+
+def _positive_float(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+        raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+    return float(v)
 
 
 CONFIGS = {

@@ -5,16 +5,26 @@ from __future__ import annotations
 
 import sys
 
-from pyeffort.models.commands import EFFORT_KEYS, TextStream, add_model_args, add_sampling_args
+from pyeffort.models.commands import (
+    EFFORT_KEYS,
+    TextStream,
+    add_model_args,
+    add_sampling_args,
+    text_arg,
+)
+from pyeffort.models.keys import MIN_EFFORT
 
-HELP = "commands: /effort X (0 < X <= 1), /reset (forget the conversation), /quit"
+HELP = f"commands: /effort X ({MIN_EFFORT} <= X <= 1), /reset (forget the conversation), /quit"
+CONTEXT = ("a reply stops at the end of the model's context (max_seq_len); "
+           "a turn that does not fit is refused: /reset starts afresh")  # fmt: skip
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("chat", help="chat with the model", epilog=f"{HELP}; {EFFORT_KEYS}")
+    p = subparsers.add_parser("chat", help="chat with the model",
+                              epilog=f"{HELP}; {EFFORT_KEYS}; {CONTEXT}")  # fmt: skip
     add_model_args(p)
     add_sampling_args(p)
-    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--system", type=text_arg, default=None, help="a system message")
     p.set_defaults(func=run, max_tokens=512)
 
 
@@ -40,16 +50,22 @@ class Chat:
         self.model.reset()
 
     def reply(self, text: str, dial, args, out=None):
-        """Answer ``text``, streaming to ``out``; -> (reply text, Stats)."""
-        from pyeffort.models.generate import Stats, generate
+        """Answer ``text``, streaming to ``out``; -> (reply text, Stats). ContextError (and the
+        conversation unchanged) when the conversation leaves no room in the model's context."""
+        from pyeffort.models.generate import Stats, fit_context, generate
 
         self.messages.append({"role": "user", "content": text})
-        ids = self.model.tokenizer.chat_prompt(self.messages)
+        try:
+            ids = self.model.tokenizer.chat_prompt(self.messages)
+            n = fit_context(self.model, len(ids), args.max_tokens)
+        except ValueError:  # the template refused, or no room: the conversation stays as it was
+            self.messages.pop()
+            raise
         start = min(common_prefix(self.cached, ids), len(ids) - 1)  # reuse the cache
         st, stream = Stats(), TextStream(self.model.tokenizer, out)
         with dial:
             for t in generate(self.model, ids[start:], start_pos=start,
-                              max_tokens=args.max_tokens, effort=dial,
+                              max_tokens=n, effort=dial,
                               prefill_effort=args.prefill_effort, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed, stats=st):  # fmt: skip
                 stream.add(t)
@@ -60,18 +76,26 @@ class Chat:
 
 
 def run(args) -> int:
-    from pyeffort.models.commands import load_model, summary
+    from pyeffort.models.commands import load_model, prepare, summary
+    from pyeffort.models.generate import ContextError
     from pyeffort.models.keys import EffortDial
+    from pyeffort.models.tokenizer import ChatTemplateError
 
     dial = EffortDial(args.effort, keys=not args.no_keys)
     chat = Chat(load_model(args), args.system)
+    chat.model.tokenizer.check_chat_template()  # jinja2 there, the template compiles
+    prepare(chat.model, progress=True)
     print(f"effort {dial.value:.2f}. {HELP}; {EFFORT_KEYS}.", file=sys.stderr)
     while True:
         try:
             line = input("> ")
+            line.encode("utf-8")  # undecodable bytes arrive as surrogate escapes
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except UnicodeError:
+            print("[that line is not valid UTF-8 text]", file=sys.stderr)
+            continue
         line = line.strip()
         if not line:
             continue
@@ -91,6 +115,10 @@ def run(args) -> int:
             else:
                 print(f"[unknown command {cmd}; {HELP}]", file=sys.stderr)
             continue
-        _, st = chat.reply(line, dial, args)
+        try:
+            _, st = chat.reply(line, dial, args)
+        except (ContextError, ChatTemplateError) as exc:
+            print(f"[{exc}; /reset starts afresh]", file=sys.stderr)
+            continue
         print(flush=True)
         print(summary(st), file=sys.stderr, flush=True)

@@ -4,35 +4,103 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from pyeffort.models.keys import MIN_EFFORT
+
 EFFORT_KEYS = "keys + / - change the effort while it generates (on a terminal)"
+CONTEXT = ("the prompt plus --max-tokens must fit the model's context (max_seq_len): "
+           "--max-tokens is shortened to fit, with a warning")  # fmt: skip
+
+
+# ------------------------------------------------------------ option types (checked at parse)
+
+
+def _number(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def effort_arg(text: str) -> float:
+    v = _number(text)
+    if not MIN_EFFORT <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [{MIN_EFFORT}, 1], got {text}")
+    return v
+
+
+def efforts_arg(text: str) -> list[float]:
+    return [effort_arg(t) for t in text.split(",")]
+
+
+def fraction_arg(text: str) -> float:
+    v = _number(text)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return v
+
+
+def temperature_arg(text: str) -> float:
+    v = _number(text)
+    if v < 0.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def count_arg(low: int):
+    def count(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+
+    count.__name__ = f"integer >= {low}"
+    return count
+
+
+def text_arg(text: str) -> str:
+    """Text from the command line: undecodable bytes (surrogate escapes in sys.argv) refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
+    return text
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="converted folder, GGUF file or HF folder "
                    "(default: SmolLM2-135M-Instruct, converted into $PYEFFORT_CACHE once)")  # fmt: skip
-    p.add_argument("--load-fraction", type=float, default=1.0,
-                   help="map only this fraction of every matrix (converted models)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels")
+    p.add_argument("--load-fraction", type=fraction_arg, default=1.0,
+                   help="map only this fraction of every matrix, (0, 1] (converted models)")  # fmt: skip
+    p.add_argument("--threads", type=count_arg(1), default=None, help="CPU threads for the kernels")
     p.add_argument("--effort-head", action="store_true",
                    help="the LM head at effort too (default: dense)")  # fmt: skip
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--effort", type=float, default=1.0, help="fraction of multiplications, (0, 1]")
-    p.add_argument("--prefill-effort", type=float, default=1.0, help="effort for the prompt")
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--effort", type=effort_arg, default=1.0,
+                   help=f"fraction of multiplications, [{MIN_EFFORT}, 1]")  # fmt: skip
+    p.add_argument("--prefill-effort", type=effort_arg, default=1.0,
+                   help=f"effort for the prompt, [{MIN_EFFORT}, 1]")  # fmt: skip
+    p.add_argument("--max-tokens", type=count_arg(1), default=100, help=CONTEXT)
+    p.add_argument("--temperature", type=temperature_arg, default=0.0, help=">= 0; 0: greedy")
+    p.add_argument("--top-p", type=fraction_arg, default=1.0, help="(0, 1]; 1: no cut")
+    p.add_argument("--seed", type=count_arg(0), default=None)
     p.add_argument("--no-keys", action="store_true", help="do not read +/- keys")
 
 
 def add_parser(subparsers) -> None:
     g = subparsers.add_parser("generate", help="generate text from a prompt", epilog=EFFORT_KEYS)
-    g.add_argument("prompt")
+    g.add_argument("prompt", type=text_arg)
     add_model_args(g)
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
@@ -50,15 +118,18 @@ def add_parser(subparsers) -> None:
 
     b = subparsers.add_parser("bench", help="decode tokens/s at several efforts")
     add_model_args(b)
-    b.add_argument("--efforts", default="1.0,0.5,0.25")
-    b.add_argument("--tokens", type=int, default=64, help="decoded tokens per effort and round")
-    b.add_argument("--rounds", type=int, default=3,
+    b.add_argument("--efforts", type=efforts_arg, default=[1.0, 0.5, 0.25],
+                   help=f"comma-separated, each in [{MIN_EFFORT}, 1] (default: 1.0,0.5,0.25)")  # fmt: skip
+    b.add_argument("--tokens", type=count_arg(1), default=64,
+                   help="decoded tokens per effort and round")  # fmt: skip
+    b.add_argument("--rounds", type=count_arg(1), default=3,
                    help="rounds over all efforts, each in a rotated order; medians are reported")  # fmt: skip
-    b.add_argument("--prompt", default="The history of the city began")
+    b.add_argument("--prompt", type=text_arg, default="The history of the city began")
     b.set_defaults(func=cmd_bench)
 
 
 def load_model(args):
+    """The model the options name (its kernels not yet prepared: see ``prepare``)."""
     import pyeffort
     from pyeffort import models
 
@@ -67,7 +138,6 @@ def load_model(args):
     model = models.load(args.model, fraction=args.load_fraction, progress=True)
     if args.effort_head:
         model.effort_head(True)
-    prepare(model, progress=True)
     return model
 
 
@@ -117,7 +187,7 @@ def summary(st) -> str:
 
 
 def cmd_generate(args) -> int:
-    from pyeffort.models.generate import Stats, generate
+    from pyeffort.models.generate import Stats, fit_context, generate
     from pyeffort.models.keys import EffortDial
 
     dial = EffortDial(args.effort, keys=not args.no_keys)
@@ -125,8 +195,13 @@ def cmd_generate(args) -> int:
     tok = model.tokenizer
     st, stream = Stats(), TextStream(tok)
     ids = tok.encode(args.prompt)
+    n = fit_context(model, len(ids), args.max_tokens)
+    if n < args.max_tokens:
+        warn(f"{len(ids)} prompt tokens + --max-tokens {args.max_tokens} exceed the model's "
+             f"context of {model.args.max_seq_len} tokens: at most {n} tokens")  # fmt: skip
+    prepare(model, progress=True)
     with dial:
-        for t in generate(model, ids, max_tokens=args.max_tokens, effort=dial,
+        for t in generate(model, ids, max_tokens=n, effort=dial,
                           prefill_effort=args.prefill_effort, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed, stats=st):  # fmt: skip
             stream.add(t)
@@ -175,13 +250,15 @@ def cmd_bench(args) -> int:
     import statistics
 
     import pyeffort
-    from pyeffort.models.generate import Stats, generate
+    from pyeffort.models.generate import ContextError, Stats, fit_context, generate
 
-    if args.rounds < 1 or args.tokens < 1:
-        raise ValueError("--rounds and --tokens must be at least 1")
     model = load_model(args)
     ids = model.tokenizer.encode(args.prompt)
-    efforts = [float(e) for e in args.efforts.split(",")]
+    if fit_context(model, len(ids), args.tokens + 1) <= args.tokens:
+        raise ContextError(f"{len(ids)} prompt tokens + --tokens {args.tokens} exceed the "
+                           f"model's context of {model.args.max_seq_len} tokens")  # fmt: skip
+    efforts = args.efforts
+    prepare(model, progress=True)
     rt = pyeffort.runtime_info()
     print(f"kernel {rt['kernel']}, {rt['threads']} threads, {args.tokens} tokens per effort, "
           f"median of {args.rounds} rounds (efforts in a rotated order each round)")  # fmt: skip
@@ -200,6 +277,10 @@ def cmd_bench(args) -> int:
         span = f"{min(tps[e]):.1f}-{max(tps[e]):.1f}"
         print(f"{e:7.2f} {real[e]:9.3f} {med:9.1f} {1e3 / med:9.2f} {span:>13}")
     return 0
+
+
+def warn(msg: str) -> None:
+    print(f"pyeffort: warning: {msg}", file=sys.stderr)
 
 
 def _size(path: Path) -> int:

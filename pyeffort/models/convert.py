@@ -201,6 +201,8 @@ def read_manifest(path) -> dict:
         m = json.loads((path / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path}: not a pyeffort model folder ({exc})") from exc
+    if not isinstance(m, dict):
+        raise FormatError(f"{path}: {MANIFEST} is not a JSON object")
     if m.get("format") != FORMAT or m.get("kind") != "model":
         raise FormatError(f"{path}: not a pyeffort model (format={m.get('format')!r})")
     if m.get("version") != VERSION:

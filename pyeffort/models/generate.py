@@ -1,17 +1,25 @@
 """generate(): a generator of tokens; the caller decides what to do with each one.
 
 Effort may change while it runs: pass a callable and it is read before every decoded token.
+The context is enforced: the prompt (after ``start_pos`` cached positions) plus ``max_tokens``
+must fit the model's ``max_seq_len`` (``fit_context`` shortens ``max_tokens`` to fit).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from pyeffort.errors import PyEffortError
 from pyeffort.models.llama import Model
+
+
+class ContextError(PyEffortError, ValueError):
+    """The prompt and the tokens asked for do not fit the model's context (max_seq_len)."""
 
 
 @dataclass
@@ -27,6 +35,23 @@ class Stats:
     @property
     def decode_tps(self) -> float:
         return self.decoded / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def context_length(model) -> int | None:
+    args = getattr(model, "args", None)
+    return getattr(args, "max_seq_len", None)
+
+
+def fit_context(model, used: int, max_tokens: int) -> int:
+    """``max_tokens`` shortened so that ``used`` positions (cache and prompt) plus the tokens
+    generated fit the model's context; ContextError when not even one token fits."""
+    ctx = context_length(model)
+    if ctx is None:
+        return max_tokens
+    if used >= ctx:
+        raise ContextError(f"the prompt is {used} tokens long: the model's context is {ctx} "
+                           "tokens (max_seq_len), leaving no room to generate")  # fmt: skip
+    return min(max_tokens, ctx - used)
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
@@ -64,10 +89,18 @@ def generate(
     tokenizer's end-of-sequence ids)."""
     if not 0.0 < prefill_effort <= 1.0:
         raise ValueError(f"prefill_effort must lie in (0, 1], got {prefill_effort}")
+    if not (math.isfinite(temperature) and temperature >= 0.0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     if max_tokens < 0:
         raise ValueError("max_tokens must be >= 0")
     if len(prompt) == 0:
         raise ValueError("the prompt is empty")
+    ctx, used = context_length(model), start_pos + len(prompt)
+    if ctx is not None and used + max_tokens > ctx:
+        raise ContextError(f"{used} prompt tokens + max_tokens {max_tokens} exceed the model's "
+                           f"context of {ctx} tokens (max_seq_len)")  # fmt: skip
     get_effort = effort if callable(effort) else (lambda: effort)
     if stop is None:
         tok = getattr(model, "tokenizer", None)

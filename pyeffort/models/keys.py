@@ -8,7 +8,8 @@ import select
 import sys
 
 STEP = 0.05
-LOW = 0.05
+LOW = 0.05  # the keys go no lower
+MIN_EFFORT = 0.01  # the command line refuses less: below it a matrix keeps almost nothing
 
 
 class EffortDial:
@@ -63,9 +64,10 @@ class EffortDial:
 
 
 def check_effort(e) -> float:
+    """``e`` as a float in [MIN_EFFORT, 1] (ValueError otherwise, NaN included)."""
     e = float(e)
-    if not 0.0 < e <= 1.0:
-        raise ValueError(f"effort must lie in (0, 1], got {e}")
+    if not MIN_EFFORT <= e <= 1.0:
+        raise ValueError(f"effort must lie in [{MIN_EFFORT}, 1], got {e}")
     return e
 
 

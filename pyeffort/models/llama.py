@@ -211,6 +211,9 @@ class Model:
             raise ValueError(f"token ids must lie in 0..{self.embed.shape[0] - 1}")
         if not 0 <= start_pos <= self.cache.length:
             raise ValueError(f"start_pos {start_pos} outside 0..{self.cache.length} (cache)")
+        if start_pos + tokens.size > self.args.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + tokens.size - 1} lie past the model's "
+                             f"context of {self.args.max_seq_len} (max_seq_len)")  # fmt: skip
         h = self.embed[tokens].astype(np.float32)  # (T, dim)
         for i, b in enumerate(self.layers):
             h = b(h, start_pos, effort, self.cache)

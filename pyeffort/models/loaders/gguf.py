@@ -1,11 +1,15 @@
 """A GGUF file of the llama architecture (gguf package): dequantised tensors, llama.cpp's q/k row
-permutation undone, the byte-level BPE tokenizer and chat template from the metadata."""
+permutation undone, the byte-level BPE tokenizer and chat template from the metadata.
+
+The ``llama.*`` metadata is read against an allow-list, as config.json is: RoPE scaling, experts,
+partial rotary and any key or tensor pyeffort does not know are refused (ConfigError)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pyeffort.models.args import ModelArgs
+from pyeffort.models.args import ConfigError, ModelArgs
+from pyeffort.models.loaders import tensor_shape
 from pyeffort.models.tokenizer import Tokenizer
 
 NAMES = {
@@ -19,6 +23,12 @@ NAMES = {
     "attn_norm": "attn_norm",
     "ffn_norm": "ffn_norm",
 }
+READ = {"block_count", "context_length", "embedding_length", "feed_forward_length", "vocab_size",
+        "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
+        "attention.key_length", "attention.value_length", "rope.freq_base",
+        "rope.dimension_count", "tensor_data_layout"}  # fmt: skip
+NEUTRAL = {"expert_count": (0,), "expert_used_count": (0,)}  # only these values are implemented
+BPE_PRE = ("smollm",)  # byte-level BPE pre-tokenizers _byte_level_bpe reproduces
 
 
 class GGUFSource:
@@ -32,23 +42,69 @@ class GGUFSource:
             raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
         self.tensors = {}
         for t in self.reader.tensors:
-            self.tensors[self._our_name(t.name)] = t
-        n_heads = int(self._field("llama.attention.head_count"))
-        dim = int(self._field("llama.embedding_length"))
-        self.args = ModelArgs(
-            dim=dim,
-            n_layers=int(self._field("llama.block_count")),
-            n_heads=n_heads,
-            n_kv_heads=int(self._field("llama.attention.head_count_kv", n_heads)),
-            hidden_dim=int(self._field("llama.feed_forward_length")),
-            vocab_size=int(self.tensors["embed"].shape[-1]),
-            norm_eps=float(self._field("llama.attention.layer_norm_rms_epsilon")),
-            rope_theta=float(self._field("llama.rope.freq_base", 10000.0)),
-            head_dim=int(self._field("llama.rope.dimension_count", dim // n_heads)),
-            max_seq_len=int(self._field("llama.context_length", 4096)),
-            tie_embeddings="lm_head" not in self.tensors,
-        )
+            name = self._our_name(t.name)
+            if name.startswith("unused:"):
+                raise ConfigError(f"{path}: tensor {t.name!r} is not used by pyeffort's llama "
+                                  "(biases, RoPE frequency factors...): refusing to run without it")  # fmt: skip
+            self.tensors[name] = t
+        if "embed" not in self.tensors:
+            raise ConfigError(f"{path}: no token_embd.weight tensor")
+        self._check_keys()
+        self.args = self._args()
         self.tokenizer = self._tokenizer()
+
+    def _check_keys(self) -> None:
+        for key in self.reader.fields:
+            if key.startswith("split.") and self._field("split.count", 1) != 1:
+                raise ConfigError(f"{self.path}: a split GGUF (join it with llama-gguf-split)")
+            if not key.startswith("llama.") or key[6:] in READ:
+                continue
+            k, v = key[6:], self._field(key)
+            if k.startswith("rope.scaling."):
+                kind = self._field("llama.rope.scaling.type", "none")
+                factor = self._field("llama.rope.scaling.factor", 1.0)
+                if kind != "none" or factor not in (0, 1):  # llama.cpp: a factor alone is linear
+                    raise ConfigError(f"{self.path}: GGUF {key}={v!r}: RoPE scaling ({kind}, "
+                                      f"factor {factor}) is not implemented by pyeffort")  # fmt: skip
+            elif v not in NEUTRAL.get(k, ()):
+                raise ConfigError(f"{self.path}: GGUF {key}={v!r} is not implemented by pyeffort")
+
+    def _args(self) -> ModelArgs:
+        n_heads = self._int("llama.attention.head_count")
+        dim = self._int("llama.embedding_length")
+        head_dim = self._int("llama.attention.key_length", dim // n_heads if n_heads else 0)
+        for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
+            if self._int(key, head_dim) != head_dim:  # partial rotary, or v heads of other size
+                raise ConfigError(f"{self.path}: GGUF {key}={self._int(key)} differs from the "
+                                  f"head size {head_dim}: not implemented by pyeffort")  # fmt: skip
+        try:
+            return ModelArgs(
+                dim=dim,
+                n_layers=self._int("llama.block_count"),
+                n_heads=n_heads,
+                n_kv_heads=self._int("llama.attention.head_count_kv", n_heads),
+                hidden_dim=self._int("llama.feed_forward_length"),
+                vocab_size=int(self.tensors["embed"].shape[-1]),
+                norm_eps=self._number("llama.attention.layer_norm_rms_epsilon"),
+                rope_theta=self._number("llama.rope.freq_base", 10000.0),
+                head_dim=head_dim,
+                max_seq_len=self._int("llama.context_length", 4096),
+                tie_embeddings="lm_head" not in self.tensors,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{self.path}: {exc}") from None
+
+    def _int(self, key, default=None) -> int:
+        v = self._field(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ConfigError(f"{self.path}: GGUF metadata {key}={v!r} is not an integer")
+        return int(v)
+
+    def _number(self, key, default=None) -> float:
+        v = self._field(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ConfigError(f"{self.path}: GGUF metadata {key}={v!r} is not a number")
+        return float(v)
 
     def _field(self, key, default=None):
         f = self.reader.fields.get(key)
@@ -68,7 +124,7 @@ class GGUFSource:
         if name in top:
             return top[name]
         parts = name.split(".")
-        if parts[0] == "blk" and len(parts) == 4 and parts[2] in NAMES:
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in NAMES and parts[3] == "weight":
             return f"layers.{parts[1]}.{NAMES[parts[2]]}"
         return "unused:" + name
 
@@ -76,8 +132,14 @@ class GGUFSource:
         import gguf
 
         t = self.tensors[name]
+        want = tensor_shape(self.args, name)
+        plain = name == "embed" or len(want) == 1
+        theirs = want if plain else want[::-1]  # GGUF keeps (n_out, n_in)
+        if tuple(int(d) for d in reversed(t.shape)) != theirs:
+            raise ConfigError(f"{self.path}: tensor {t.name} has shape "
+                              f"{tuple(reversed(t.shape.tolist()))}, the metadata implies {theirs}")  # fmt: skip
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)  # (n_out, n_in)
-        a = a.reshape([int(d) for d in reversed(t.shape)])
+        a = a.reshape(theirs)
         if name.endswith("attn.wq"):
             a = unpermute(a, self.args.n_heads)
         elif name.endswith("attn.wk"):
@@ -99,6 +161,10 @@ class GGUFSource:
         tt = r.fields.get("tokenizer.ggml.token_type")
         types = [int(tt.parts[i][0]) for i in tt.data] if tt is not None else [1] * len(toks)
         if model == "gpt2":
+            pre = self._field("tokenizer.ggml.pre", "default")
+            if pre not in BPE_PRE:
+                raise ConfigError(f"{self.path}: GGUF tokenizer.ggml.pre={pre!r}: this "
+                                  f"pre-tokenizer is not implemented (only {BPE_PRE})")  # fmt: skip
             tok = _byte_level_bpe(toks, self._strings("tokenizer.ggml.merges"))
             default_bos = False
         elif model == "llama":

@@ -1,6 +1,10 @@
 """A Hugging Face checkpoint folder (LlamaForCausalLM / MistralForCausalLM): config.json,
 ``*.safetensors`` shards (with ``model.safetensors.index.json``), and tokenizer.json or
-tokenizer.model. Tensors are memory-mapped and read one at a time."""
+tokenizer.model. Tensors are memory-mapped and read one at a time.
+
+config.json is read against an allow-list (``args_from_config``): a key pyeffort reads, a key
+that must hold its neutral value (no RoPE scaling, no biases...), or a key that does not change
+the forward pass. Anything else is refused with a ConfigError naming it, never run wrongly."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from pyeffort.fileformat import Reader
-from pyeffort.models.args import ModelArgs
+from pyeffort.models.args import ConfigError, ModelArgs
+from pyeffort.models.loaders import tensor_shape
 from pyeffort.models.tokenizer import Tokenizer, sentencepiece_from_file
 
 LAYER = {
@@ -41,8 +46,11 @@ def hf_name(name: str) -> str:
 class HFSource:
     def __init__(self, folder):
         self.folder = Path(folder)
-        self.config = json.loads((self.folder / "config.json").read_text())
-        self.args = ModelArgs.from_hf(self.config)
+        try:
+            self.config = json.loads((self.folder / "config.json").read_text("utf-8"))
+        except ValueError as exc:
+            raise ConfigError(f"{self.folder / 'config.json'}: not valid JSON ({exc})") from None
+        self.args = args_from_config(self.config)
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
             files = json.loads(index.read_text())["weight_map"]
@@ -65,13 +73,26 @@ class HFSource:
         if shard not in self._readers:
             self._readers[shard] = Reader(self.folder / shard)
         r = self._readers[shard]
-        a = r.array(key)
-        if r.info(key).dtype == np.uint16:  # bfloat16 bits
-            a = (np.asarray(a).astype(np.uint32) << 16).view(np.float32)
-        a = np.asarray(a, dtype=np.float32)
-        if name == "embed" or a.ndim == 1:
-            return a
-        return a.T  # nn.Linear (n_out, n_in) -> (n_in, n_out)
+        a = float32(r.array(key), r.info(key).dtype, f"{self.folder / shard}: {key}")
+        ours = tensor_shape(self.args, name)
+        plain = name == "embed" or len(ours) == 1
+        theirs = ours if plain else ours[::-1]  # nn.Linear keeps (n_out, n_in)
+        if a.shape != theirs:
+            raise ConfigError(f"{self.folder / shard}: {key} has shape {a.shape}, config.json "
+                              f"implies {theirs}")  # fmt: skip
+        return a if plain else a.T
+
+def float32(a, dtype: np.dtype, where: str) -> np.ndarray:
+    """A checkpoint tensor (float32, float16, bfloat16 bits or float64) as float32."""
+    if dtype == np.uint16:  # bfloat16 bits
+        return (np.asarray(a).astype(np.uint32) << 16).view(np.float32)
+    if dtype not in (np.float32, np.float16, np.float64):
+        raise ConfigError(f"{where}: dtype {dtype} is not a float checkpoint dtype "
+                          "(float32, float16, bfloat16, float64; quantised ones: use a GGUF)")  # fmt: skip
+    out = np.asarray(a, dtype=np.float32)
+    if dtype == np.float64 and not np.isfinite(out).all() and np.isfinite(a).all():
+        raise ConfigError(f"{where}: float64 values beyond the float32 range")
+    return out
 
 
 def load_tokenizer(folder: Path, config: dict) -> Tokenizer:
@@ -119,3 +140,111 @@ def _special(tok, to_id, fallback):
         if i is not None:
             return int(i)
     return fallback
+
+
+# ------------------------------------------------------------ config.json
+
+ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+# keys that do not change the forward pass: metadata, training-only values, generation defaults
+IGNORED = {
+    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype",
+    "dtype", "use_cache", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+    "sep_token_id", "decoder_start_token_id", "id2label", "label2id", "output_attentions",
+    "output_hidden_states", "return_dict", "problem_type", "is_encoder_decoder",
+    "chunk_size_feed_forward", "tokenizer_class", "torchscript", "use_bfloat16",
+    "attention_dropout", "pretraining_tp", "is_llama_config", "transformers.js_config",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "num_return_sequences", "finetuning_task", "prefix",
+    "task_specific_params", "tf_legacy_loss", "tie_encoder_decoder",
+}  # fmt: skip
+# keys pyeffort implements only at one value: {key: (allowed values, what the key does)}
+NEUTRAL = {
+    "hidden_act": (("silu", "swish"), "the MLP activation"),
+    "attention_bias": ((False, None), "biases on q, k, v, o"),
+    "mlp_bias": ((False, None), "biases on the MLP matrices"),
+    "rope_interleaved": ((False, None), "interleaved rotary pairs"),
+    "partial_rotary_factor": ((1.0, 1, None), "rotary embedding on part of each head"),
+    "use_sliding_window": ((False, None), "Qwen2's sliding window"),
+}
+MAX_POSITIONS = {"llama": 2048, "mistral": 131072}  # transformers' defaults
+ROPE_KEYS = ("rope_scaling", "rope_parameters")
+
+
+def args_from_config(c) -> ModelArgs:
+    """ModelArgs from a Hugging Face ``config.json`` (LlamaForCausalLM / MistralForCausalLM);
+    ConfigError for any key whose value pyeffort does not implement."""
+    if not isinstance(c, dict):
+        raise ConfigError(f"config.json must be a JSON object, got {type(c).__name__}")
+    archs = c.get("architectures") or ["LlamaForCausalLM"]
+    arch = archs[0] if isinstance(archs, list) and archs else archs
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise ConfigError(f"unsupported architecture {arch!r} (Llama or Mistral only)")
+    _check_keys(c)
+    n_heads = _need(c, "num_attention_heads")
+    n_kv = c.get("num_key_value_heads")
+    kind = ARCHS[arch]
+    try:
+        return ModelArgs(
+            dim=_need(c, "hidden_size"),
+            n_layers=_need(c, "num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=n_heads if n_kv is None else n_kv,
+            hidden_dim=_need(c, "intermediate_size"),
+            vocab_size=_need(c, "vocab_size"),
+            norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=_rope_theta(c),
+            head_dim=c.get("head_dim") or 0,
+            sliding_window=(c.get("sliding_window") or 0) if kind == "mistral" else 0,
+            max_seq_len=c.get("max_position_embeddings", MAX_POSITIONS[kind]),
+            tie_embeddings=c.get("tie_word_embeddings", False),
+            architecture=kind,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"config.json: {exc}") from None
+
+
+def _check_keys(c: dict) -> None:
+    read = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "head_dim",
+            "sliding_window", "max_position_embeddings", "tie_word_embeddings", *ROPE_KEYS}  # fmt: skip
+    for key, value in c.items():
+        if key in read or key in IGNORED or key.startswith("_"):
+            continue
+        if key in NEUTRAL:
+            allowed, what = NEUTRAL[key]
+            if not _one_of(value, allowed):
+                raise ConfigError(f"config.json: {key}={value!r} ({what}) is not implemented "
+                                  f"by pyeffort (only {key}={allowed[0]!r})")  # fmt: skip
+        elif not _one_of(value, (None, False, {}, [])):  # an unknown, switched-on setting
+            raise ConfigError(f"config.json: {key}={value!r} is not known to pyeffort and may "
+                              "change the computation; refusing rather than running it wrongly")  # fmt: skip
+
+
+def _rope_theta(c: dict) -> float:
+    """rope_theta, from the top level or rope_parameters; RoPE scaling of any kind is refused."""
+    theta = c.get("rope_theta")
+    for key in ROPE_KEYS:
+        p = c.get(key)
+        if p is None:
+            continue
+        if not isinstance(p, dict):
+            raise ConfigError(f"config.json: {key} must be an object, got {p!r}")
+        kind = p.get("rope_type", p.get("type", "default"))
+        extra = sorted(set(p) - {"rope_type", "type", "rope_theta"})
+        if kind != "default" or extra:
+            raise ConfigError(f"config.json: {key}={p!r}: RoPE scaling ({kind}) is not "
+                              "implemented by pyeffort")  # fmt: skip
+        theta = p.get("rope_theta", theta)
+    return 10000.0 if theta is None else theta
+
+
+def _one_of(value, allowed) -> bool:
+    """value equals one of ``allowed`` with the same type (so 0 is not False, True not 1)."""
+    return any(type(value) is type(a) and value == a for a in allowed)
+
+
+def _need(c: dict, key: str):
+    if key not in c:
+        raise ConfigError(f"config.json lacks {key!r}")
+    return c[key]
