@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pyeffort.models import profiles
+
 
 def matrix_type(name: str) -> str:
     """``layers.3.attn.wq`` -> ``attn.wq``; names without a layer number are returned whole."""
@@ -23,13 +25,6 @@ def matrix_type(name: str) -> str:
         if p.isdigit():
             return ".".join(parts[i + 1 :])
     return name
-
-
-def layer_index(name: str) -> int:
-    for p in name.split("."):
-        if p.isdigit():
-            return int(p)
-    return -1
 
 
 def normalise(weights: np.ndarray, sizes: np.ndarray, effort: float) -> np.ndarray:
@@ -86,23 +81,18 @@ class Allocation:
         return self._cache[key]
 
 
-PROFILES = Path(__file__).parent / "profiles"
-
-
-# other names of a shipped profile's model: the default model converted into the cache
-ALIASES = {"SmolLM2-135M-Instruct-Q4_1": "SmolLM2-135M-Instruct.Q4_1"}
-
-
 def shipped(model_id) -> Path | None:
     """The profile calibrated for a model file (or converted folder) of that name and shipped
     with pyeffort, if any."""
-    stem = Path(str(model_id).rstrip("/")).stem
-    path = PROFILES / (ALIASES.get(stem, stem) + ".json")
-    return path if path.exists() else None
+    return profiles.shipped(model_id, ".json")
 
 
 def save(profile: dict, path) -> None:
-    Path(path).write_text(json.dumps(profile, indent=1))
+    """Write ``profile`` to ``path`` atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(profile, indent=1))
+    part.replace(path)
 
 
 def load(path) -> dict:

@@ -11,9 +11,9 @@ Every matrix keeps the default rule's exact cutoff and the shipped budget split;
 - ``ffnw``: gate/up/v rows scored by an output-weighted RMS, ranks inside a group by
   ``abs(a_j w_j)``, ``a_j`` from calibration windows (see ``output_weights``).
 
-python bench/quality_stat.py --sets hold --efforts 0.25,0.5 --variants rms,l4,pow:1.2
+python experiments/quality/quality_stat.py --sets hold --efforts 0.25,0.5 --variants rms,l4,pow:1.2
 Sets: ``eval`` (4 x 256 from token 0), ``cal`` (24 x 256, the calibration windows of
-bench/QUALITY.md), ``calN`` (every N-th of them), ``hold`` (the 4 held-out windows).
+experiments/README.md), ``calN`` (every N-th of them), ``hold`` (the 4 held-out windows).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyeffort.quality import allocation as A
-from pyeffort.quality import torch_search as S
-from pyeffort.quality.torch_twin import GROUP, TwinLlama, exact_hook, kl_per_token
+from pyeffort.models.profiles import allocation as A
+import torch_search as S
+from torch_twin import GROUP, TwinLlama, exact_hook, kl_per_token
 
 
 def sorted_abs(m) -> torch.Tensor:
@@ -184,7 +184,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from pyeffort.quality.cli import default_gguf
+    from pyeffort.models.default import default_gguf
 
     gguf = default_gguf()
     model = TwinLlama(gguf, "cpu")

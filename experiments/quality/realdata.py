@@ -88,7 +88,7 @@ def cosine_table(mats, efforts, tokens, with_oracle=True):
     }
 
 
-if __name__ == "__main__":  # python bench/realdata.py: the README's cosine table
+if __name__ == "__main__":  # python experiments/quality/realdata.py: the README's cosine table
     efforts = [0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.75, 1.0]
     mats = capture()
     table = cosine_table(mats, efforts, tokens=[5, 20, 35, 47])

@@ -7,7 +7,7 @@ same as the per-token rule's. This is the bound of what a calibrated absolute th
 matrix (TEAL's way) could give; it breaks the per-call contract (each call does its asked
 effort). Issue 6.
 
-python bench/quality_pool.py --gguf M.gguf --ids ids.npy --profile P.json --out-weights W \
+python experiments/quality/quality_pool.py --gguf M.gguf --ids ids.npy --profile P.json --out-weights W \
     --out OUT.json
 """
 
@@ -18,9 +18,9 @@ import math
 import torch
 import twin_probe as T
 
-from pyeffort.quality import allocation as A
-from pyeffort.quality import torch_search as S
-from pyeffort.quality.torch_twin import GROUP
+from pyeffort.models.profiles import allocation as A
+import torch_search as S
+from torch_twin import GROUP
 
 
 def pooled(mat, x, effort):

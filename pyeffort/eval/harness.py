@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pyeffort.quality import rules as R
-from pyeffort.quality.allocation import Allocation, matrix_type
+from pyeffort.eval import rules as R
+from pyeffort.models.profiles.allocation import Allocation, matrix_type
 
 
 @dataclass
@@ -44,6 +44,18 @@ def weight_of(lin) -> np.ndarray:
         if isinstance(w, np.ndarray) and w.ndim == 2:
             return w.astype(np.float16, copy=False)
     return lin.buckets.to_dense()
+
+
+def windows(ids, n_windows: int, length: int, start: int = 0) -> np.ndarray:
+    """(n_windows, length) int64: consecutive non-overlapping windows from token ``start`` on."""
+    ids = np.asarray(ids, dtype=np.int64)
+    need = start + n_windows * length
+    if need > len(ids):
+        raise ValueError(
+            f"{n_windows} windows of {length} from {start} need {need} tokens; "
+            f"the text has {len(ids)}"
+        )
+    return ids[start:need].reshape(n_windows, length)
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -155,6 +167,26 @@ class Harness:
             seconds=secs,
             cos_by_type={k: float(np.mean(v)) for k, v in acc["types"].items()},
         )
+
+    def capture(self, windows) -> dict[str, np.ndarray]:
+        """name -> (tokens, n_in) float32 inputs of that linear in the exact model."""
+        xs: dict[str, list] = {}
+
+        def hook(lin, x, effort):
+            st = self.states[lin.name]
+            x2 = np.asarray(x, dtype=np.float32).reshape(-1, st.n_in)
+            xs.setdefault(lin.name, []).append(x2.copy())
+            return (x2 @ st.w32).reshape(*np.shape(x)[:-1], -1)
+
+        for lin in self.linears:
+            lin.hook = hook
+        try:
+            for w in windows:
+                self.model.forward(np.asarray(w), 0, 1.0)
+        finally:
+            for lin in self.linears:
+                lin.hook = None
+        return {k: np.concatenate(v) for k, v in xs.items()}
 
     def exact_ppl(self) -> float:
         nll, n = 0.0, 0

@@ -44,8 +44,16 @@ def markdown(results: list[dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    part.replace(path)
+
+
 def write_json(results: list[dict], path, meta: dict | None = None) -> None:
-    Path(path).write_text(json.dumps({"meta": meta or {}, "results": results}, indent=1))
+    write_text(path, json.dumps({"meta": meta or {}, "results": results}, indent=1))
 
 
 def interp_at(

@@ -1,17 +1,20 @@
-"""The quality harness: selection rules on random matrices, the budget split, and the whole
+"""``pyeffort eval``: selection rules on random matrices, the budget split, and the whole
 harness on a tiny random model (seconds)."""
 
 from __future__ import annotations
 
 import json
+import pathlib
+import sys
 
 import numpy as np
 import pytest
 
 import pyeffort
-from pyeffort.quality import allocation, calibrate, rules, text
-from pyeffort.quality.harness import Harness
-from pyeffort.quality.tiny import tiny_random
+from pyeffort.eval import rules
+from pyeffort.eval.harness import Harness, windows
+from pyeffort.eval.tiny import tiny_random
+from pyeffort.models.profiles import allocation
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +112,7 @@ def tiny():
 
 def test_harness_on_a_tiny_model(tiny):
     m, ids = tiny
-    h = Harness(m, text.windows(ids, 2, 48), progress=False)
+    h = Harness(m, windows(ids, 2, 48), progress=False)
     kls = []
     for e in (0.15, 0.3, 0.6):
         r = h.run("pyeffort", e)
@@ -123,19 +126,8 @@ def test_harness_on_a_tiny_model(tiny):
     assert abs(full.ppl - h.exact_ppl()) < 1e-3 * h.exact_ppl()
 
 
-def test_calibrated_split_keeps_the_total(tiny):
-    m, ids = tiny
-    h = Harness(m, text.windows(ids, 1, 32), progress=False)
-    prof = calibrate.calibrate(h, ids, n_windows=1, length=32, efforts=(0.2, 0.5), progress=False)
-    h.allocation = allocation.Allocation(h.allocation.names, h.allocation.sizes, prof)
-    r = h.run("pyeffort", 0.3)
-    assert abs(r.realised - 0.3) < 0.01
-    per = h.allocation.efforts(0.3)
-    assert len(set(np.round(list(per.values()), 6))) > 1  # the split is not uniform
-
-
 def test_eval_cli_on_a_tiny_model(tmp_path, capsys):
-    from pyeffort.quality import cli
+    from pyeffort.eval import cli
 
     src = tmp_path / "text.txt"
     src.write_text("The quick brown fox jumps over the lazy dog. " * 40)
@@ -176,7 +168,7 @@ def test_eval_cli_on_a_tiny_model(tmp_path, capsys):
 
 
 def test_eval_windows_start_at_a_token_or_at_a_marker(tmp_path):
-    from pyeffort.quality import cli
+    from pyeffort.eval import cli
 
     src = tmp_path / "text.txt"
     src.write_text("HEADER " * 30 + "STORY the quick brown fox jumps over the lazy dog. " * 20)
@@ -194,29 +186,41 @@ def test_eval_windows_start_at_a_token_or_at_a_marker(tmp_path):
         cli.main(["--tiny", "--text", str(src), "--start", "CHAPTER IX", "--out", str(tmp_path)])
 
 
-def test_windows_are_disjoint_and_checked():
+def test_windows_are_consecutive_and_checked():
     ids = np.arange(1000)
-    ev, cal = text.split(ids, 2, 100, 2, 100)
-    assert not set(ev.ravel()) & set(cal.ravel())
-    with pytest.raises(ValueError):
-        text.windows(ids, 5, 300)
+    np.testing.assert_array_equal(windows(ids, 2, 100, 50), ids[50:250].reshape(2, 100))
+    with pytest.raises(ValueError, match="need 1500 tokens"):
+        windows(ids, 5, 300)
+
+
+def test_eval_needs_a_readable_utf8_text(tmp_path):
+    from pyeffort.eval import cli
+
+    with pytest.raises(SystemExit):  # argparse: --text is required
+        cli.main(["--tiny", "--out", str(tmp_path)])
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    with pytest.raises(SystemExit, match="not UTF-8"):
+        cli.main(["--tiny", "--text", str(bad), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="cannot read"):
+        cli.main(["--tiny", "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path)])
 
 
 @pytest.mark.slow
-def test_botchan_is_fetched_from_the_sentencepiece_sdist(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYEFFORT_CACHE", str(tmp_path))
+def test_botchan_is_fetched_from_the_sentencepiece_sdist(tmp_path):
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "scripts"))
+    import fetch_botchan
+
     try:
-        s = text.botchan()
+        s = fetch_botchan.botchan(tmp_path)
     except RuntimeError as exc:  # no package index reachable
         pytest.skip(str(exc))
     assert "Botchan" in s[:200] and len(s) > 250_000
     assert (tmp_path / "botchan.txt").stat().st_size == 278779  # the file as shipped
-    assert (tmp_path / "botchan.txt").exists()
-    assert pyeffort.__version__
 
 
 def test_equal_effort_table_compares_at_realised_effort():
-    from pyeffort.quality import report
+    from pyeffort.eval import report
 
     def row(label, realised, kl):
         return {"rule": label, "label": label, "realised": realised, "kl": kl}
@@ -241,9 +245,7 @@ def test_pyeffort_eval_subcommand(tmp_path):
 
 
 def test_plots_are_skipped_with_a_message_without_matplotlib(tmp_path, monkeypatch, capsys):
-    import sys
-
-    from pyeffort.quality import report
+    from pyeffort.eval import report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     res = [{"rule": "a", "realised": 0.2, "kl": 1.0, "effort": 0.2}]
@@ -270,7 +272,7 @@ def test_model_profile_splits_the_effort_and_keeps_the_total(tiny):
         assert abs(m.realised_effort() - 0.3) < 0.01
         q = next(lin for lin in m.linears() if lin.name.endswith("wq"))
         assert q.mults / 4 > 1.5 * uniform[q.name]  # q got more than at uniform effort
-        h = Harness(m, text.windows(ids, 1, 16), progress=False)  # hooks bypass the split
+        h = Harness(m, windows(ids, 1, 16), progress=False)  # hooks bypass the split
         assert abs(h.run("pyeffort", 0.3, allocate=False).realised - 0.3) < 0.01
     finally:
         m.set_profile(None)
@@ -292,50 +294,8 @@ def test_shipped_profile_is_found_for_the_default_model_names():
     assert allocation.shipped("some-other-model.gguf") is None
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_torch_twin_matches_the_numpy_twin(weighted):
-    """The twin selects as ``pyeffort.matmul`` does, plain or with ``out_weight`` as
-    ``build_buckets(W, out_weight=a)`` (the budget split for the shipped statistic is solved on
-    it)."""
-    torch = pytest.importorskip("torch")
-    from pyeffort.quality.torch_twin import TwinMatrix
-
-    rng = np.random.default_rng(3)
-    w = (rng.standard_normal((96, 64)) * 0.1).astype(np.float16)
-    x = rng.standard_normal((6, 96)).astype(np.float32)
-    x[:, :4] *= 8.0
-    a = rng.gamma(0.5, 2.0, 64).astype(np.float32) if weighted else None
-    st = rules.MatrixState(w, buckets=pyeffort.build_buckets(w, out_weight=a))
-    tm, plain = TwinMatrix("m", w, "cpu", a), TwinMatrix("m", w, "cpu")
-    assert np.array_equal(plain.stats.numpy(), rules.MatrixState(w).row_stats("rms"))
-    assert np.array_equal(tm.stats.numpy(), plain.stats.numpy()) == (not weighted)
-    for e in (0.1, 0.3, 0.7):
-        y, mults, _ = rules.bucket_twin(x, st, e)
-        yt, mt = tm(torch.from_numpy(x), e)
-        assert mt == mults
-        np.testing.assert_allclose(yt.numpy(), y, rtol=1e-5, atol=1e-5)
-
-
-def test_torch_twin_puts_qk_weights_in_gguf_order():
-    """The shipped weights follow the loader's de-interleaved q/k rows; the twin's GGUF rows
-    are interleaved, so ``a`` is interleaved back (the loader's ``unpermute`` undoes it)."""
-    pytest.importorskip("torch")
-    from pyeffort.models.loaders.gguf import unpermute
-    from pyeffort.quality.torch_twin import TwinLlama
-
-    twin = TwinLlama.__new__(TwinLlama)
-    twin.n_heads, twin.n_kv = 3, 1
-    a = np.arange(3 * 8, dtype=np.float32)
-    g = twin._gguf_order("layers.0.attn.wq", a)
-    np.testing.assert_array_equal(unpermute(g[:, None], 3)[:, 0], a)
-    k = twin._gguf_order("layers.0.attn.wk", a[:8])
-    assert not np.array_equal(k, a[:8])
-    np.testing.assert_array_equal(unpermute(k[:, None], 1)[:, 0], a[:8])
-    assert twin._gguf_order("layers.0.ffn.w1", a) is a
-
-
 def test_equal_time_table_reads_the_default_not_a_variant_merged_after_it():
-    from pyeffort.quality import report
+    from pyeffort.eval import report
 
     def row(rule, label, speedup, kl):
         return {"rule": rule, "label": label, "speedup": speedup, "kl": kl}

@@ -1,4 +1,4 @@
-"""What the torch-twin probes of bench/QUALITY.md's fifth round share (``quality_dyn``,
+"""What the torch-twin probes of experiments/README.md's fifth round share (``quality_dyn``,
 ``quality_oracle_twin``, ``quality_outw``, ``quality_pool``, ``quality_sink``): the command
 line, the model and the windows on the GPU, one KL pass with a chosen product per matrix, and
 the rows printed as they come and written as JSON."""
@@ -12,9 +12,9 @@ import time
 import numpy as np
 import torch
 
-from pyeffort.quality import out_weights
-from pyeffort.quality import torch_search as S
-from pyeffort.quality.torch_twin import TwinLlama, kl_per_token
+from pyeffort.models.profiles import out_weights
+import torch_search as S
+from torch_twin import TwinLlama, kl_per_token
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

@@ -3,33 +3,38 @@
 a_j of each matrix = sqrt(mean over calibration tokens of (d log q(y) / d out_j)^2), y sampled
 from the exact model (``samples`` draws per position), normalised to mean 1 per matrix: the
 diagonal Fisher information of the matrix's outputs (``quality_stat.fisher_weights``, the torch
-twin). Calibration text: the 24 calibration windows of bench/QUALITY.md (24 x 256 tokens of
+twin). Calibration text: the 24 calibration windows of experiments/README.md (24 x 256 tokens of
 Botchan's second half), never the evaluation windows (tokens 0..1023); 8 draws per position.
 
 The twin keeps GGUF's interleaved q/k layout; pyeffort.models undoes it, so the q/k weights are
 permuted the same way before saving (checked against the loader's matrices).
 
-python bench/fisher_weights.py --device cuda   # the shipped file (H200: 2 s of compute)
-python bench/fisher_weights.py                 # on CPU: the draws come from another generator,
+python experiments/quality/fisher_weights.py --device cuda   # the shipped file (H200: 2 s of compute)
+python experiments/quality/fisher_weights.py                 # on CPU: the draws come from another generator,
                                                # so the weights differ a little (~30 min, 1 core)
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch_search as S
 from quality_stat import fisher_weights
+from torch_twin import TwinLlama
 
+from pyeffort.models import profiles
 from pyeffort.models.default import default_gguf
 from pyeffort.models.loaders import open_source
 from pyeffort.models.loaders.gguf import unpermute
-from pyeffort.quality import out_weights, text
-from pyeffort.quality import torch_search as S
-from pyeffort.quality.torch_twin import TwinLlama
+from pyeffort.models.profiles import out_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from fetch_botchan import botchan  # noqa: E402
 
 
 def calibration(ids, n: int, every: int = 1, length: int = 256):
@@ -66,7 +71,7 @@ def main(argv=None) -> None:
     if args.ids:
         ids = np.load(args.ids)
     else:
-        enc = src.tokenizer.encode(text.botchan())
+        enc = src.tokenizer.encode(botchan())
         ids = np.asarray(getattr(enc, "ids", enc), dtype=np.int64)
     cal, starts = calibration(ids, args.windows, args.every)
     model = TwinLlama(str(gguf), args.device)
@@ -91,7 +96,7 @@ def main(argv=None) -> None:
         "samples": str(args.samples),
         "seed": str(args.seed),
     }
-    dst = args.out or out_weights.PROFILES / (gguf.stem + out_weights.SUFFIX)
+    dst = args.out or profiles.FOLDER / (gguf.stem + out_weights.SUFFIX)
     out_weights.save(out, dst, meta)
     lo = min(float(v.min()) for v in out.values())
     hi = max(float(v.max()) for v in out.values())

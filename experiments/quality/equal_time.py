@@ -1,8 +1,9 @@
 """Equal-time table: speed-ups over our dense fp16 product measured on one shape (a JSON of
-bench/test_matmul_speed.py) with the KL each rule costs on the default model
-(bench/quality.json), both interpolated (KL in log) at speed-ups 1.5x, 2x and 3x.
+bench/test_matmul_speed.py) with the KL each rule costs on the default model (a quality.json
+of ``pyeffort eval``), both interpolated (KL in log) at speed-ups 1.5x, 2x and 3x.
 
-    python bench/equal_time.py bench/results.json bench/quality.json 4096x14336
+    python experiments/quality/equal_time.py experiments/results/matmul_zen4_2t.json \
+        experiments/results/quality.json 4096x14336
 """
 
 import itertools

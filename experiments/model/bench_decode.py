@@ -2,7 +2,7 @@
 to transformers' ``generate()`` on torch CPU (fp32, batch 1, the same GGUF), in one run,
 interleaved, at the same thread count.
 
-    python bench/bench_decode.py --threads 1,2 --tokens 64 --repeats 3
+    python experiments/model/bench_decode.py --threads 1,2 --tokens 64 --repeats 3
 
 Tokens/s = (N - 1) / (t(N new tokens) - t(1 new token)): prefill excluded the same way for both.
 Greedy decoding; the median over repeats is reported; each repeat starts the efforts at the next

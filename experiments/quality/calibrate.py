@@ -1,6 +1,6 @@
 """Calibrating a budget split (an allocation profile) on text other than the evaluation text.
 
-1. ``capture``: run the exact model on calibration windows and keep every linear's inputs.
+1. ``Harness.capture``: run the exact model on calibration windows, keep every linear's inputs.
 2. ``error_curves``: per matrix, the squared error of the default rule's output at a grid of
    efforts, relative to the exact output's energy: ``E_m(e) = sum ||dy||^2 / sum ||y||^2``.
 3. ``sensitivities``: per matrix, the KL of the model with only that matrix approximated (at
@@ -9,36 +9,18 @@
    under the multiplication budget (a Lagrange multiplier on the convex hull of each curve).
    The profile stores ``e_m / e``; ``Allocation`` rescales so that the total is exactly the
    user's effort.
+
+    python experiments/quality/calibrate.py --text botchan.txt [--model M.gguf] --out P.json
+    pyeffort eval --text botchan.txt --model M.gguf --profile P.json ...
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pyeffort.quality import rules as R
+from pyeffort.eval import rules as R
 
 GRID = np.round(np.concatenate([np.arange(0.02, 0.2, 0.02), np.arange(0.2, 1.0001, 0.05)]), 4)
-
-
-def capture(harness, windows) -> dict[str, np.ndarray]:
-    """name -> (tokens, n_in) float32 inputs of that linear in the exact model."""
-    xs: dict[str, list] = {}
-
-    def hook(lin, x, effort):
-        st = harness.states[lin.name]
-        x2 = np.asarray(x, dtype=np.float32).reshape(-1, st.n_in)
-        xs.setdefault(lin.name, []).append(x2.copy())
-        return (x2 @ st.w32).reshape(*np.shape(x)[:-1], -1)
-
-    for lin in harness.linears:
-        lin.hook = hook
-    try:
-        for w in windows:
-            harness.model.forward(np.asarray(w), 0, 1.0)
-    finally:
-        for lin in harness.linears:
-            lin.hook = None
-    return {k: np.concatenate(v) for k, v in xs.items()}
 
 
 def error_curves(states, xs, grid=GRID, rule=R.bucket_twin, progress=True) -> dict:
@@ -108,7 +90,7 @@ def sensitivities(
 ) -> dict[str, float]:
     """name -> KL(exact || model with only that matrix at ``effort``) on ``windows``: what one
     matrix's selection error costs at the model's output (all other matrices exact)."""
-    from pyeffort.quality.harness import log_softmax
+    from pyeffort.eval.harness import log_softmax
 
     states = harness.states
     current = {"name": None}
@@ -156,12 +138,12 @@ def calibrate(
 ) -> dict:
     """A profile from the second half of ``ids`` (never the evaluation windows, which start at
     token 0): capture inputs, measure error curves and per-matrix sensitivities, solve."""
-    from pyeffort.quality import text
+    from pyeffort.eval.harness import windows
 
     start = max(len(ids) // 2, harness.windows.size)
     length = min(length, (len(ids) - start) // n_windows)
-    cal = text.windows(ids, n_windows, length, start)
-    xs = capture(harness, cal)
+    cal = windows(ids, n_windows, length, start)
+    xs = harness.capture(cal)
     curves = error_curves(harness.states, xs, progress=progress)
     sizes = {n: st.size for n, st in harness.states.items()}
     kls = {e: sensitivities(harness, cal, e, progress=progress) for e in sens_efforts}
@@ -196,3 +178,34 @@ def sens_at(table: dict, effort: float) -> dict:
     return {
         n: float(np.exp((1 - t) * np.log(table[a][n]) + t * np.log(table[b][n]))) for n in table[a]
     }
+
+
+def main(argv=None) -> int:
+    """Calibrate a profile for a model on the second half of a text (the evaluation windows of
+    ``pyeffort eval`` start at token 0) and write it as JSON."""
+    import argparse
+
+    from pyeffort.eval import cli
+    from pyeffort.eval.harness import Harness, windows
+    from pyeffort.models.profiles import allocation
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--text", required=True, help="UTF-8 text (e.g. Botchan)")
+    p.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model (smoke runs)")
+    p.add_argument("--windows", type=int, default=2, help="calibration windows (default 2)")
+    p.add_argument("--length", type=int, default=64, help="tokens per window (default 64)")
+    p.add_argument("--out", required=True, help="the profile (JSON)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.start, args.out_weights = "0", "auto"
+    model, ids, _ = cli.load(args)
+    h = Harness(model, windows(ids, 1, args.length), progress=not args.no_progress)
+    prof = calibrate(h, ids, args.windows, args.length, progress=not args.no_progress)
+    allocation.save(prof, args.out)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

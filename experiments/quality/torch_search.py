@@ -7,8 +7,8 @@ and the KL of each candidate on the calibration, held-out and evaluation windows
 windows are reported, never used to choose). Stage ``search``: coordinate search of per-type and
 per-layer multipliers on top of the best measured profile, judged by the calibration KL.
 
-python -m pyeffort.quality.torch_search --gguf M.gguf --ids ids.npy --stage measure --state S
-    [--out-weights pyeffort/quality/profiles/M.out_weights.safetensors]
+python experiments/quality/torch_search.py --gguf M.gguf --ids ids.npy --stage measure --state S
+    [--out-weights pyeffort/models/profiles/M.out_weights.safetensors]
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyeffort.quality import allocation as A
-from pyeffort.quality import calibrate as C
-from pyeffort.quality import out_weights
-from pyeffort.quality.torch_twin import TYPES, TwinLlama, exact_hook, kl_per_token
+from pyeffort.models.profiles import allocation as A
+import calibrate as C
+from pyeffort.models.profiles import out_weights
+from torch_twin import TYPES, TwinLlama, exact_hook, kl_per_token
 
 EFFORTS = (0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 PROFILE_EFFORTS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)

@@ -5,7 +5,7 @@ holding, for every matrix ``name`` of the model, one F32 tensor ``name`` of shap
 ``a_j`` = how much an error in output ``j`` of that matrix costs the model (the root mean square
 over calibration tokens of ``d log q(y) / d out_j``, normalised to mean 1 per matrix). The build
 ranks each group by ``abs(a_j w_ij)`` and gives each bucket row the RMS of ``a_j w_ij`` (see
-``pyeffort.build_buckets``). ``bench/fisher_weights.py`` makes the shipped file.
+``pyeffort.build_buckets``). ``experiments/quality/fisher_weights.py`` makes the shipped file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from pyeffort import fileformat
 from pyeffort.errors import FormatError
-from pyeffort.quality.allocation import ALIASES, PROFILES
+from pyeffort.models import profiles
 
 KIND, VERSION = "out_weights", 1
 SUFFIX = ".out_weights.safetensors"
@@ -25,9 +25,7 @@ SUFFIX = ".out_weights.safetensors"
 def shipped(model_id) -> Path | None:
     """The weights calibrated for a model file (or converted folder) of that name and shipped
     with pyeffort, if any (next to its budget profile)."""
-    stem = Path(str(model_id).rstrip("/")).stem
-    path = PROFILES / (ALIASES.get(stem, stem) + SUFFIX)
-    return path if path.exists() else None
+    return profiles.shipped(model_id, SUFFIX)
 
 
 def save(weights: dict[str, np.ndarray], path, meta: dict[str, str] | None = None) -> None:

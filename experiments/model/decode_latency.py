@@ -4,8 +4,8 @@
 that the machine's slow drifts cancel out of), and with ``--by-call`` the time per
 ``pyeffort.matmul`` / ``matmul_group`` call by matrix shape.
 
-    python bench/decode_latency.py --threads 1 --efforts 1.0,0.5,0.25 --tokens 32 --repeats 2
-    python bench/decode_latency.py --threads 2 --by-call
+    python experiments/model/decode_latency.py --threads 1 --efforts 1.0,0.5,0.25 --tokens 32 --repeats 2
+    python experiments/model/decode_latency.py --threads 2 --by-call
 
 To compare two builds, run it from two checkouts in turns (``PYEFFORT_SRC=/path/to/checkout``
 imports pyeffort from there instead of the installed one): on a shared VM the same command

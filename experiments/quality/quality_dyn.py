@@ -11,7 +11,7 @@ multiplications as the static rule at that matrix's effort). A runtime version w
 per-token statistics cheaply (e.g. over a few output clusters); this measures what the idea
 could give at most with the layout unchanged. Issue 6.
 
-python bench/quality_dyn.py --gguf M.gguf --ids ids.npy --profile P.json --out-weights W \
+python experiments/quality/quality_dyn.py --gguf M.gguf --ids ids.npy --profile P.json --out-weights W \
     --out OUT.json
 """
 
@@ -22,10 +22,10 @@ import math
 import torch
 import twin_probe as T
 
-from pyeffort.quality import allocation as A
-from pyeffort.quality import out_weights
-from pyeffort.quality import torch_search as S
-from pyeffort.quality.torch_twin import GROUP, TwinLlama
+from pyeffort.models.profiles import allocation as A
+from pyeffort.models.profiles import out_weights
+import torch_search as S
+from torch_twin import GROUP, TwinLlama
 
 
 def gate_rms(model: TwinLlama, tokens: torch.Tensor) -> dict:

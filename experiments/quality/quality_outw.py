@@ -6,7 +6,7 @@ every EVERY-th of the 24 calibration windows, SAMPLES draws per position), and t
 with one budget split at each effort; KL on the calibration, held-out and evaluation windows
 (choose on held-out only). A probe for issue 6.
 
-python bench/quality_outw.py --gguf M.gguf --ids ids.npy --profile P.json \
+python experiments/quality/quality_outw.py --gguf M.gguf --ids ids.npy --profile P.json \
     --out-weights W.safetensors --variants 1,0.5,1.5,fisher:1:8 --out OUT.json
 """
 
@@ -17,10 +17,10 @@ import torch
 import twin_probe as T
 from quality_stat import fisher_weights
 
-from pyeffort.quality import allocation as A
-from pyeffort.quality import out_weights
-from pyeffort.quality import torch_search as S
-from pyeffort.quality.torch_twin import TwinLlama, TwinMatrix
+from pyeffort.models.profiles import allocation as A
+from pyeffort.models.profiles import out_weights
+import torch_search as S
+from torch_twin import TwinLlama, TwinMatrix
 
 
 def rebuild(model: TwinLlama, w16: dict, a: dict) -> None:

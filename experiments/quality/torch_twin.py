@@ -6,7 +6,7 @@ interleaved GGUF rotary layout, tied LM head) over a batch of windows; every lin
 per-output weights as ``build_buckets(W, out_weight=a)`` makes it; exact cutoff on
 ``abs(x_i) * stat(k, i)``, each input keeping a prefix of its ranks) with the products of the kept
 weights, as ``rules.bucket_twin`` does in numpy. Used only to search for a profile; the tables in
-``bench/QUALITY.md`` come from the numpy harness and ``pyeffort.matmul``.
+``experiments/README.md`` come from the numpy harness and ``pyeffort.matmul``.
 """
 
 from __future__ import annotations

