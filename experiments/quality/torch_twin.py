@@ -16,6 +16,8 @@ import math
 import numpy as np
 import torch
 
+from pyeffort.models.loaders.gguf import NAMES
+
 GROUP = 16
 
 
@@ -89,17 +91,7 @@ class TwinMatrix:
 
 
 TYPES = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w3", "ffn.w2")
-GGUF = {
-    "attn_q": "attn.wq",
-    "attn_k": "attn.wk",
-    "attn_v": "attn.wv",
-    "attn_output": "attn.wo",
-    "ffn_gate": "ffn.w1",
-    "ffn_up": "ffn.w3",
-    "ffn_down": "ffn.w2",
-    "attn_norm": "attn_norm",
-    "ffn_norm": "ffn_norm",
-}
+GGUF = NAMES  # GGUF tensor kinds -> our matrix and vector names
 
 
 class TwinLlama:

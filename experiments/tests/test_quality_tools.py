@@ -16,15 +16,9 @@ from pyeffort.eval.tiny import tiny_random
 from pyeffort.models.profiles import allocation
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def test_calibrated_split_keeps_the_total():
     m = tiny_random(seed=0)
     ids = np.random.default_rng(0).integers(0, m.args.vocab_size, 400)
-    return m, ids
-
-
-def test_calibrated_split_keeps_the_total(tiny):
-    m, ids = tiny
     h = Harness(m, windows(ids, 1, 32), progress=False)
     prof = calibrate.calibrate(h, ids, n_windows=1, length=32, efforts=(0.2, 0.5), progress=False)
     h.allocation = allocation.Allocation(h.allocation.names, h.allocation.sizes, prof)

@@ -88,42 +88,37 @@ def plots(results: list[dict], folder, speedups: dict | None = None, prefix: str
         return []
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
     series: dict[str, list] = {}
     for r in results:
         series.setdefault(r.get("label", r["rule"]), []).append(r)
+    effort = {n: sorted((r["realised"], r["kl"]) for r in rs) for n, rs in series.items()}
+    path = folder / f"{prefix}_kl_vs_effort.png"
+    written = [_plot(plt, effort, "realised effort (fraction of multiplications)", path)]
+    if speedups:
+        speed = {
+            n: sorted((r["speedup"], r["kl"]) for r in rs if r.get("speedup"))
+            for n, rs in series.items()
+        }
+        xlabel = "measured speed-up over our dense fp16 product (all matrices, 1 token)"
+        written.append(_plot(plt, speed, xlabel, folder / f"{prefix}_kl_vs_speedup.png"))
+    return written
+
+
+def _plot(plt, curves: dict[str, list], xlabel: str, path: Path) -> Path:
+    """One PNG: KL (log scale) against ``xlabel``, a line per name (a lone point as a square)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rs in series.items():
-        rs = sorted(rs, key=lambda r: r["realised"])
-        style = "s" if len(rs) == 1 else "o-"
-        ax.plot([r["realised"] for r in rs], [r["kl"] for r in rs], style, label=name, ms=4)
-    ax.set_xlabel("realised effort (fraction of multiplications)")
+    for name, pts in curves.items():
+        if pts:
+            ax.plot(*zip(*pts), "s" if len(pts) == 1 else "o-", label=name, ms=4)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("KL(exact || approx), nats/token")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    p = folder / f"{prefix}_kl_vs_effort.png"
     fig.tight_layout()
-    fig.savefig(p, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(p)
-    if speedups:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, rs in series.items():
-            pts = sorted((r["speedup"], r["kl"]) for r in rs if r.get("speedup"))
-            if pts:
-                ax.plot(*zip(*pts), "o-", label=name, ms=4)
-        ax.set_xlabel("measured speed-up over our dense fp16 product (all matrices, 1 token)")
-        ax.set_ylabel("KL(exact || approx), nats/token")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        p = folder / f"{prefix}_kl_vs_speedup.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
-    return written
+    return path
 
 
 def equal_effort(results: list[dict], efforts) -> str:
