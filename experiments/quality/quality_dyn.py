@@ -20,12 +20,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch_search as S
 import twin_probe as T
+from torch_twin import GROUP, TwinLlama
 
 from pyeffort.models.profiles import allocation as A
 from pyeffort.models.profiles import out_weights
-import torch_search as S
-from torch_twin import GROUP, TwinLlama
 
 
 def gate_rms(model: TwinLlama, tokens: torch.Tensor) -> dict:

@@ -14,11 +14,11 @@ python experiments/quality/quality_oracle_twin.py --gguf M.gguf --ids ids.npy --
 from __future__ import annotations
 
 import torch
+import torch_search as S
 import twin_probe as T
 
 from pyeffort.models.profiles import allocation as A
 from pyeffort.models.profiles import out_weights
-import torch_search as S
 
 
 class Oracle:

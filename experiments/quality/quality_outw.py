@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch_search as S
 import twin_probe as T
 from quality_stat import fisher_weights
+from torch_twin import TwinLlama, TwinMatrix
 
 from pyeffort.models.profiles import allocation as A
 from pyeffort.models.profiles import out_weights
-import torch_search as S
-from torch_twin import TwinLlama, TwinMatrix
 
 
 def rebuild(model: TwinLlama, w16: dict, a: dict) -> None:

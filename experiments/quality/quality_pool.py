@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch_search as S
 import twin_probe as T
+from torch_twin import GROUP
 
 from pyeffort.models.profiles import allocation as A
-import torch_search as S
-from torch_twin import GROUP
 
 
 def pooled(mat, x, effort):

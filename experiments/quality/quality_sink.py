@@ -12,10 +12,10 @@ python experiments/quality/quality_sink.py --gguf M.gguf --ids ids.npy --profile
 from __future__ import annotations
 
 import torch
+import torch_search as S
 import twin_probe as T
 
 from pyeffort.models.profiles import allocation as A
-import torch_search as S
 
 
 def sink_product(sink: int, t_n: int):

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pyeffort.models.profiles import allocation as A
 import torch_search as S
 from torch_twin import GROUP, TwinLlama, exact_hook, kl_per_token
+
+from pyeffort.models.profiles import allocation as A
 
 
 def sorted_abs(m) -> torch.Tensor:

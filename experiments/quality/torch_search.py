@@ -19,13 +19,13 @@ import math
 import time
 from pathlib import Path
 
+import calibrate as C
 import numpy as np
 import torch
+from torch_twin import TYPES, TwinLlama, exact_hook, kl_per_token
 
 from pyeffort.models.profiles import allocation as A
-import calibrate as C
 from pyeffort.models.profiles import out_weights
-from torch_twin import TYPES, TwinLlama, exact_hook, kl_per_token
 
 EFFORTS = (0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 PROFILE_EFFORTS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)

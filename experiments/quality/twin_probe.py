@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 import torch
-
-from pyeffort.models.profiles import out_weights
 import torch_search as S
 from torch_twin import TwinLlama, kl_per_token
+
+from pyeffort.models.profiles import out_weights
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
