@@ -1,15 +1,16 @@
 """CPU speed of the effort matmul against numpy float32 ``x @ W`` (OpenBLAS) and our dense fp16
-product, side by side in one run. Reports time, realised effort and effective GB/s (weight
-bytes read per second) in ``extra_info``; ``python bench/report.py RESULTS.json`` makes the
-table of bench/README.md. Run (see bench/README.md):
+product, side by side in one run, one benchmark group per shape (the dense fp16 row is the
+group's baseline). ``extra_info``: realised effort, weight bytes read, GB/s, kernel, threads.
+Commands, machines and the current numbers: docs/RESULTS.md. Two threads (all cores):
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m pytest bench/test_matmul_speed.py \\
-        --benchmark-json=bench/results.json -q
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m pytest bench/test_matmul_speed.py \
+        --benchmark-json=OUT.json -q && python bench/report.py OUT.json
 
-and single-threaded (both libraries on one core):
+and single-threaded (both libraries on one core, process CPU time):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OPENBLAS_NUM_THREADS=1 PYEFFORT_BENCH_THREADS=1 \
-        python -m pytest bench/test_matmul_speed.py --benchmark-json=bench/results_1t.json -q
+        python -m pytest bench/test_matmul_speed.py --benchmark-timer time.process_time \
+        --benchmark-json=OUT_1t.json -q
 """
 
 import functools
@@ -63,9 +64,9 @@ def rounds_for(shape):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_matmul_speed(benchmark, shape, kind):
+def test_matmul_speed(measure, shape, kind):
     w16, w32, b, x = problem(shape)
+    name = f"{shape[0]}x{shape[1]}"
     n = shape[0] * shape[1]
     if kind == "numpy_f32":
         fn, nbytes, effort = (lambda: x @ w32), 4 * n, 1.0
@@ -91,18 +92,20 @@ def test_matmul_speed(benchmark, shape, kind):
             info.bytes_read,
             info.effort,
         )
-    benchmark.pedantic(fn, rounds=rounds_for(shape), iterations=1, warmup_rounds=3)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update(
-        shape=f"{shape[0]}x{shape[1]}",
+    median = measure(
+        fn,
+        group=f"matmul {name}",
         kind=kind,
+        rounds=rounds_for(shape),
+        baseline=kind == "dense_f16",
+        shape=name,
         effort=effort,
         bytes=int(nbytes),
-        gbps=nbytes / median / 1e9,
         kernel=_core.kernel_name(),
         threads=_core.num_threads(),
+        rates={"gbps": nbytes / 1e9},
     )
-    if kind == "numpy_f32":
+    if kind == "numpy_f32" and median is not None:
         # OpenBLAS's worker threads keep spinning for a while after a call: on 2 cores they
         # would take a core from the next kind (our dense product) — let them go to sleep
         time.sleep(1.0)

@@ -21,7 +21,7 @@ import sys
 SUBCOMMANDS = [
     "pyeffort.models.commands",  # generate, convert, info, bench
     "pyeffort.models.chat",  # chat
-    "pyeffort.quality.cli",  # eval
+    "pyeffort.eval.cli",  # eval
 ]
 
 

@@ -11,7 +11,7 @@ from pyeffort import reference
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "bench"))
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "experiments" / "quality"))
 import realdata
 
 

@@ -163,7 +163,7 @@ def test_unknown_stat_is_a_format_error(tmp_path, rng):
 def test_numpy_twin_follows_the_buckets_statistic(rng):
     """The harness's bucket_twin reads ranks and statistics from the Buckets: it selects what
     pyeffort.matmul selects for an output-weighted build too (and differs from the plain one)."""
-    from pyeffort.quality import rules
+    from pyeffort.eval import rules
 
     w = (rng.standard_normal((96, 80)) * 0.1).astype(np.float16)
     x = rng.standard_normal((6, 96)).astype(np.float32)

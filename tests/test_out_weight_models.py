@@ -10,7 +10,7 @@ import pyeffort
 from pyeffort import FormatError, fileformat
 from pyeffort.buckets import STAT, STAT_OUT_WEIGHTED
 from pyeffort.models import convert as cv
-from pyeffort.quality import out_weights as ow
+from pyeffort.models.profiles import out_weights as ow
 
 
 def weights(rng, n_out):
@@ -54,7 +54,7 @@ def test_convert_builds_with_the_weights(tmp_path, monkeypatch, rng):
     matrices the dict does not name stay plain."""
     from pyeffort.models import load
     from pyeffort.models.loaders import matrix_names
-    from pyeffort.quality import tiny
+    from pyeffort.eval import tiny
 
     m = tiny.tiny_random()
     args = m.args
@@ -93,7 +93,7 @@ def test_convert_builds_with_the_weights(tmp_path, monkeypatch, rng):
 def test_eval_labels_the_plain_build_apart():
     """pyeffort eval --out-weights none: the rows are (e'), never taken for the default in the
     equal-effort verdict."""
-    from pyeffort.quality import report
+    from pyeffort.eval import report
 
     plain = report.label("pyeffort", True, plain=True)
     assert plain.startswith("(e')") and "plain RMS" in plain
@@ -107,7 +107,7 @@ def test_eval_labels_the_plain_build_apart():
 def test_eval_reports_the_statistic(tmp_path):
     """pyeffort eval writes which statistic the model's matrices were built with; --out-weights
     none on a model without shipped weights is the plain build, labelled as the default."""
-    from pyeffort.quality import cli
+    from pyeffort.eval import cli
 
     src = tmp_path / "text.txt"
     src.write_text("The quick brown fox jumps over the lazy dog. " * 20)

@@ -41,7 +41,7 @@ def load(path=None, *, fraction: float = 1.0, progress: bool = False, out_weight
 def use_shipped_profile(model: Model, path) -> bool:
     """Apply the budget profile calibrated for this model and shipped with pyeffort, if there
     is one whose matrix names match the model's. Returns whether one was applied."""
-    from pyeffort.quality import allocation
+    from pyeffort.models.profiles import allocation
 
     found = allocation.shipped(path)
     if found is None:
@@ -71,8 +71,6 @@ def from_source(path, progress: bool = False, out_weights="auto") -> Model:
         w[n] = pyeffort.build_buckets(src.get(n), weights.get(n))
     return Model(src.args, w, src.tokenizer)
 
-
-load_gguf = load  # the quality harness looks for this name
 
 __all__ = [
     "CONFIGS",

@@ -89,7 +89,7 @@ def _plain_shape(a: ModelArgs, name: str) -> tuple[int, ...]:
 
 def out_weights_for(src_path, args: ModelArgs, out_weights="auto") -> dict:
     """Per-output weights to build each matrix with (``pyeffort.build_buckets(W, a)``):
-    ``"auto"`` the ones shipped for this model (pyeffort/quality/profiles), if any and if they
+    ``"auto"`` the ones shipped for this model (pyeffort/models/profiles), if any and if they
     fit its matrices; ``None`` none (the plain RMS build); or a dict ``{matrix name: (n_out,)}``
     (matrices it does not name are built plain)."""
     if out_weights is None:
@@ -97,7 +97,7 @@ def out_weights_for(src_path, args: ModelArgs, out_weights="auto") -> dict:
     if isinstance(out_weights, str):
         if out_weights != "auto":
             raise ValueError(f"out_weights must be 'auto', None or a dict, got {out_weights!r}")
-        from pyeffort.quality import out_weights as ow
+        from pyeffort.models.profiles import out_weights as ow
 
         shapes = {n: matrix_shape(args, n) for n in matrix_names(args)}
         return ow.for_model(src_path, shapes) or {}

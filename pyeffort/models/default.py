@@ -15,7 +15,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The cache folder's version changes whenever the default model's build changes, so an old
 # cache is rebuilt rather than reused: v3 = the shipped per-output weights recalibrated on all 24
 # calibration windows; v2 = buckets built with the first shipped per-output weights (stat
-# rms_out_weighted, pyeffort/quality/out_weights.py); v1 = the plain RMS build.
+# rms_out_weighted, pyeffort/models/profiles/out_weights.py); v1 = the plain RMS build.
 CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1.pyeffort-v3"
 STALE_CACHE_NAMES = tuple(
     f"SmolLM2-135M-Instruct-Q4_1.pyeffort-v{v}" for v in (1, 2)

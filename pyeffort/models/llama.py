@@ -184,9 +184,9 @@ class Model:
 
     def set_profile(self, profile: dict | None) -> None:
         """Split each asked effort between the matrices by a budget profile
-        (``pyeffort.quality.allocation``); the multiplications of all matrices together stay the
+        (``pyeffort.models.profiles.allocation``); the multiplications of all matrices together stay the
         asked fraction. None: every matrix at the asked effort."""
-        from pyeffort.quality.allocation import Allocation
+        from pyeffort.models.profiles.allocation import Allocation
 
         lins = list(self.linears())
         self.profile = profile
