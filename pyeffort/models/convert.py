@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +119,9 @@ def convert(
     total = sum(s.nbytes for _, specs, _, _ in plan for s in specs)
     bar = _bar(total, f"converting {Path(src_path).name}", progress)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
-    os.chmod(tmp, fileformat.default_mode(0o777))  # mkdtemp makes 0700
+    fileformat.remove_stale_temporaries(dst.parent)
+    tmp = fileformat.temp_path(dst)
+    os.mkdir(tmp, 0o777)  # the umask applies, as to any new folder
     try:
         for fname, specs, fmeta, built in plan:
             fileformat.write(
@@ -134,7 +134,7 @@ def convert(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
         if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            old = fileformat.temp_path(dst)  # removed by the next conversion if this one dies
             os.rename(dst, old)
             os.rename(tmp, dst)
             shutil.rmtree(old, ignore_errors=True)
