@@ -21,10 +21,26 @@ class MatmulInfo(NamedTuple):
     mults: int
 
 class Buckets:
-    values: npt.NDArray[np.float16]  # (n_rows, n_groups)
-    positions: npt.NDArray[np.uint8]  # (n_rows, ceil(n_groups / 2))
-    stats: npt.NDArray[np.float32]  # (16, n_in)
-    order: npt.NDArray[np.int32]  # (16, n_in)
+    def __init__(
+        self,
+        values: npt.NDArray[np.float16],
+        positions: npt.NDArray[np.uint8],
+        stats: npt.NDArray[np.float32],
+        order: npt.NDArray[np.int32],
+        n_out: int,
+        source_dtype: str = "float16",
+        stat: str = "rms",
+        *,
+        verify: bool = True,
+    ) -> None: ...
+    @property
+    def values(self) -> npt.NDArray[np.float16]: ...  # (n_rows, n_groups), read-only
+    @property
+    def positions(self) -> npt.NDArray[np.uint8]: ...  # (n_rows, ceil(n_groups / 2))
+    @property
+    def stats(self) -> npt.NDArray[np.float32]: ...  # (16, n_in)
+    @property
+    def order(self) -> npt.NDArray[np.int32]: ...  # (16, n_in)
     n_in: int
     n_out: int
     source_dtype: str
@@ -49,7 +65,9 @@ class Buckets:
 def build_buckets(
     W: npt.ArrayLike, out_weight: npt.NDArray[np.floating] | None = None
 ) -> Buckets: ...
-def load_buckets(path: str | PathLike[str], *, fraction: float = 1.0) -> Buckets: ...
+def load_buckets(
+    path: str | PathLike[str], *, fraction: float = 1.0, verify: bool = True
+) -> Buckets: ...
 @overload
 def matmul(
     x: npt.NDArray[np.floating],

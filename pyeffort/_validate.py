@@ -63,8 +63,15 @@ def output(out, n_tokens: int, n_out: int, vector: bool) -> np.ndarray:
 
 
 def finite(name: str, a: np.ndarray) -> None:
-    if not np.isfinite(a).all():
+    if not all_finite(a):
         raise NonFiniteError(f"{name} holds NaN or Inf")
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN or Inf in a float array (float16 by its exponent bits: 20x numpy's isfinite)."""
+    if a.dtype == np.float16 and a.flags.c_contiguous:
+        return a.size == 0 or int(np.bitwise_and(a.view(np.uint16), 0x7C00).max()) != 0x7C00
+    return bool(np.isfinite(a).all())
 
 
 def weight_matrix(w, what: str = "W") -> np.ndarray:
@@ -100,3 +107,109 @@ def out_weight(a, n_out: int) -> np.ndarray:
     if not (a32 > 0).any():
         raise ValueError("out_weight is all zero: no output would be ranked")
     return a32
+
+
+# ---------------------------------------------------------------- bucket arrays
+
+N_RANKS = 16  # bucket rows per input (reference.N_RANKS)
+MAX_N_IN = 2**31 // 16  # row indices stay in int32
+
+
+def _array(name: str, a, dtype, ndim: int) -> np.ndarray:
+    a = ndarray(name, a)
+    if a.dtype != dtype:
+        raise DTypeError(f"{name} must be {np.dtype(dtype)}, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ShapeError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise LayoutError(f"{name} must be C-contiguous")
+    return a
+
+
+def bucket_arrays(values, positions, stats, order, n_out) -> None:
+    """The structure of a matrix in bucket form, what the compiled core trusts: dtypes,
+    C-contiguity, shapes against ``n_in = stats.shape[1]`` and ``n_out`` (a row prefix of a
+    partial load included), every rank's ``order`` a permutation of the inputs, ``stats``
+    finite, non-negative and falling inside a rank. Raises DTypeError, ShapeError, LayoutError
+    or FormatError (for the contents of ``stats`` and ``order``)."""
+    from pyeffort.errors import FormatError
+
+    values = _array("values", values, np.float16, 2)
+    positions = _array("positions", positions, np.uint8, 2)
+    stats = _array("stats", stats, np.float32, 2)
+    order = _array("order", order, np.int32, 2)
+    if isinstance(n_out, bool) or not isinstance(n_out, numbers.Integral) or n_out < 1:
+        raise ShapeError(f"n_out must be a positive integer, got {n_out!r}")
+    n_in, g = stats.shape[1], (int(n_out) + 15) // 16
+    if stats.shape[0] != N_RANKS or not 1 <= n_in < MAX_N_IN or order.shape != stats.shape:
+        raise ShapeError(f"stats and order must be (16, n_in), got {stats.shape}, {order.shape}")
+    rows = values.shape[0]
+    if values.shape[1] != g or rows > N_RANKS * n_in:
+        raise ShapeError(f"values {values.shape} do not fit n_in={n_in}, n_out={n_out} (G={g})")
+    if positions.shape != (rows, (g + 1) // 2):
+        raise ShapeError(f"positions {positions.shape} do not fit values {values.shape}")
+    if not np.isfinite(stats).all() or (stats < 0).any():
+        raise FormatError("row statistics must be finite and non-negative")
+    if (np.diff(stats, axis=1) > 0).any():
+        raise FormatError("rows inside a rank are not ordered by statistic")
+    if (order < 0).any() or (order >= n_in).any():
+        raise FormatError(f"row order names inputs outside 0..{n_in - 1}")
+    if (np.sort(order, axis=1) != np.arange(n_in, dtype=np.int32)).any():
+        raise FormatError("row order is not a permutation of the inputs in every rank")
+
+
+def bucket_data(values, positions, order, n_out: int) -> None:
+    """The data of a matrix in bucket form (structure checked): values finite; in every
+    (input, group) the loaded ranks' positions distinct; in the last group, when n_out is not
+    a multiple of 16 (r = n_out % 16 real outputs), ranks below r at positions below r and the
+    others at padding positions with zero values, as the build writes them. Raises FormatError.
+
+    One pass per rank. Distinct positions: per (input, group) the sum of ``1 << position`` over
+    the loaded ranks (modulo 2**16) has as many bits set as ranks were loaded only if no position
+    repeats (a repeat carries, and carries only lose bits)."""
+    from pyeffort.errors import FormatError
+
+    n_rows, g = values.shape
+    n_in, r, half = order.shape[1], n_out % 16, (g + 1) // 2
+    acc = np.zeros((2, n_in, half), dtype=np.uint16)  # even, odd groups: sum of 1 << position
+    bits = np.empty_like(acc)
+    q16 = np.empty((n_in, half), dtype=np.uint16)  # this rank's position bytes by input
+    exp16 = np.empty((n_in, g), dtype=np.uint16)
+    loaded = np.zeros(n_in, dtype=np.uint16)  # ranks loaded per input
+    for k in range(min(N_RANKS, -(-n_rows // n_in))):
+        lo, hi = k * n_in, min(n_rows, (k + 1) * n_in)
+        v = np.asarray(values[lo:hi]).view(np.uint16)
+        if np.bitwise_and(v, 0x7C00, out=exp16[: hi - lo]).max() == 0x7C00:
+            raise FormatError("bucket values hold NaN or Inf")
+        q, inputs = np.asarray(positions[lo:hi]), order[k, : hi - lo]
+        q16[:] = 0
+        q16[inputs] = q
+        np.bitwise_and(q16, 0x0F, out=bits[0])
+        np.right_shift(q16, 4, out=bits[1])
+        np.left_shift(np.uint16(1), bits, out=bits)
+        if hi - lo < n_in:  # a partial rank: the inputs without it add nothing
+            bits[:, np.setdiff1d(np.arange(n_in), inputs)] = 0
+        np.add(acc, bits, out=acc)
+        loaded[inputs] += 1
+        if r:
+            last = (q[:, -1] >> 4) if g % 2 == 0 else (q[:, -1] & 0x0F)
+            pad = (last >= r) if k < r else (last < r) | ((v[:, g - 1] & 0x7FFF) != 0)
+            if pad.any():
+                raise FormatError(
+                    f"rank {k} of the last group breaks its padding (n_out={n_out} does not "
+                    "match the data)"
+                )
+    if g % 2:
+        acc[1, :, -1] = (1 << loaded.astype(np.uint32)) - 1  # the unused high nibble: no group
+    if (_popcount16(acc) != loaded[None, :, None]).any():
+        raise FormatError("two ranks of a group share a position")
+
+
+def _popcount16(a: np.ndarray) -> np.ndarray:
+    """Bits set in each element of a uint16 array."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(a)
+    a = a - ((a >> 1) & 0x5555)
+    a = (a & 0x3333) + ((a >> 2) & 0x3333)
+    a = (a + (a >> 4)) & 0x0F0F
+    return ((a + (a >> 8)) & 0x1F).astype(np.uint8)

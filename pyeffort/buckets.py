@@ -6,7 +6,13 @@ File format (version 1): a safetensors file whose ``__metadata__`` holds ``forma
 a file without it is ``rms``), ``{prefix}source_dtype``; tensors ``{prefix}values`` (F16,
 16*n_in x G), ``{prefix}positions`` (U8, 16*n_in x ceil(G/2)), ``{prefix}stats`` (F32, 16 x
 n_in) and ``{prefix}order`` (I32, 16 x n_in), rows rank-major as reference.py describes. A model file
-holds many matrices under different prefixes.
+holds many matrices under different prefixes. Checksums: see pyeffort.fileformat.
+
+Loading checks the structure (what the compiled core trusts) always, and the checksums and the
+data (finite values, distinct positions, the padding of the last group as built) unless told
+not to: a header whose ``n_out`` lies is caught by the header's checksum, and without one (files
+written before checksums) a smaller ``n_out`` by the padding check; a larger one that keeps the
+group count claims outputs of zero weights and is not detectable there.
 """
 
 from __future__ import annotations
@@ -35,17 +41,35 @@ class Buckets:
 
     def __init__(
         self, values, positions, stats, order, n_out: int, source_dtype: str = "float16",
-        stat: str = STAT,
+        stat: str = STAT, *, verify: bool = True,
     ):  # fmt: skip
-        self.values = values  # (n_rows, G) float16, rank-major bucket rows
-        self.positions = positions  # (n_rows, ceil(G/2)) uint8, 4-bit positions
-        self.stats = stats  # (16, n_in) float32, row statistic in row order
-        self.order = order  # (16, n_in) int32, input of each row
+        """Checks the arrays (``_validate.bucket_arrays``: dtypes, layout, shapes against
+        ``n_in = stats.shape[1]`` and ``n_out``, ``order`` a permutation, ``stats`` finite and
+        sorted) and, unless ``verify=False``, their data (``_validate.bucket_data``: finite
+        values, distinct positions per group, the padding as built): a matrix that passes
+        cannot make the compiled core read out of bounds. ``stats`` and ``order`` are copied;
+        all four are held read-only."""
+        stats = _readonly(np.array(stats, copy=True) if isinstance(stats, np.ndarray) else stats)
+        order = _readonly(np.array(order, copy=True) if isinstance(order, np.ndarray) else order)
+        _validate.bucket_arrays(values, positions, stats, order, n_out)
+        if stat not in STATS:
+            raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
+        if verify:
+            _validate.bucket_data(values, positions, order, int(n_out))
+        self._values = _readonly(values)  # (n_rows, G) float16, rank-major bucket rows
+        self._positions = _readonly(positions)  # (n_rows, ceil(G/2)) uint8, 4-bit positions
+        self._stats = stats  # (16, n_in) float32, row statistic in row order
+        self._order = order  # (16, n_in) int32, input of each row
         self.n_in = int(stats.shape[1])
         self.n_out = int(n_out)
-        self.source_dtype = source_dtype
+        self.source_dtype = str(source_dtype)
         self.stat = stat  # what the row statistic is: STAT or STAT_OUT_WEIGHTED
         self._device = None  # backends may attach a repacked copy here
+
+    values = property(lambda self: self._values, doc="(n_rows, G) float16 bucket rows")
+    positions = property(lambda self: self._positions, doc="(n_rows, ceil(G/2)) uint8")
+    stats = property(lambda self: self._stats, doc="(16, n_in) float32 row statistics")
+    order = property(lambda self: self._order, doc="(16, n_in) int32 input of each row")
 
     # ------------------------------------------------------------ construction
 
@@ -179,7 +203,7 @@ def build_buckets(W, out_weight=None) -> Buckets:
     w16 = _validate.weight_matrix(W)
     if out_weight is None:
         values, positions, stats, order = _backend.current.build(w16)
-        return Buckets(values, positions, stats, order, w16.shape[1], source_dtype=str(source))
+        return Buckets(values, positions, stats, order, w16.shape[1], str(source), verify=False)
     a = _validate.out_weight(out_weight, w16.shape[1])
     with np.errstate(over="ignore"):
         weighted = (w16.astype(np.float32) * a).astype(np.float16)  # ranks and stats follow these
@@ -187,7 +211,17 @@ def build_buckets(W, out_weight=None) -> Buckets:
         raise ValueError("out_weight * W overflows float16 (scale out_weight down)")
     values, positions, stats, order = _backend.current.build(weighted)
     values = _true_values(w16, positions, order)
-    return Buckets(values, positions, stats, order, w16.shape[1], str(source), STAT_OUT_WEIGHTED)
+    return Buckets(
+        values, positions, stats, order, w16.shape[1], str(source), STAT_OUT_WEIGHTED, verify=False
+    )
+
+
+def _readonly(a):
+    """A read-only view of an ndarray (anything else is left to the checks to refuse)."""
+    if isinstance(a, np.ndarray) and a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
 
 
 def _true_values(w16: np.ndarray, positions: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -230,7 +264,9 @@ def _int_meta(reader, key: str) -> int:
 
 
 def read_buckets(reader: fileformat.Reader, prefix: str = "", fraction: float = 1.0) -> Buckets:
-    """The matrix stored under ``prefix`` in an opened file, keeping a ``fraction`` of its rows."""
+    """The matrix stored under ``prefix`` in an opened file, keeping a ``fraction`` of its rows;
+    checked as the Buckets constructor checks (its data too when ``reader.verify``), every
+    failure a FormatError."""
     n_in, n_out = _int_meta(reader, prefix + "n_in"), _int_meta(reader, prefix + "n_out")
     g = reference.n_groups(n_out)
     expect = {
@@ -246,29 +282,19 @@ def read_buckets(reader: fileformat.Reader, prefix: str = "", fraction: float = 
                 f"{reader.path}: {prefix + name} is {t.dtype}{list(t.shape)}, "
                 f"expected {np.dtype(dtype)}{list(shape)}"
             )
-    stats = reader.array(prefix + "stats", copy=True)
-    order = reader.array(prefix + "order", copy=True)
-    _check_rows(reader.path, stats, order)
-    n_rows = rows_for_fraction(n_in, n_out, fraction)
-    values = reader.array(prefix + "values", rows=n_rows)
-    positions = reader.array(prefix + "positions", rows=n_rows)
     source = reader.metadata.get(prefix + "source_dtype", "float16")
     stat = reader.metadata.get(prefix + "stat", STAT)
     if stat not in STATS:
         raise FormatError(f"{reader.path}: {prefix}stat={stat!r} is not one of {STATS}")
-    return Buckets(values, positions, stats, order, n_out, source, stat)
-
-
-def _check_rows(path, stats: np.ndarray, order: np.ndarray) -> None:
-    if not np.isfinite(stats).all() or (stats < 0).any():
-        raise FormatError(f"{path}: row statistics must be finite and non-negative")
-    if (np.diff(stats, axis=1) > 0).any():
-        raise FormatError(f"{path}: rows inside a rank are not ordered by statistic")
-    n_in = order.shape[1]
-    if (order < 0).any() or (order >= n_in).any():
-        raise FormatError(f"{path}: row order names inputs outside 0..{n_in - 1}")
-    if (np.sort(order, axis=1) != np.arange(n_in, dtype=np.int32)).any():
-        raise FormatError(f"{path}: row order is not a permutation of the inputs in every rank")
+    stats = reader.array(prefix + "stats", copy=True)
+    order = reader.array(prefix + "order", copy=True)
+    n_rows = rows_for_fraction(n_in, n_out, fraction)
+    values = reader.array(prefix + "values", rows=n_rows)
+    positions = reader.array(prefix + "positions", rows=n_rows)
+    try:
+        return Buckets(values, positions, stats, order, n_out, source, stat, verify=reader.verify)
+    except (ValueError, TypeError) as exc:
+        raise FormatError(f"{reader.path}: {prefix or 'matrix'}: {exc}") from exc
 
 
 def rows_for_fraction(n_in: int, n_out: int, fraction: float) -> int:
@@ -279,11 +305,15 @@ def rows_for_fraction(n_in: int, n_out: int, fraction: float) -> int:
     return int(np.abs(cum - fraction * n_in * n_out).argmin())
 
 
-def load_buckets(path, *, fraction: float = 1.0) -> Buckets:
+def load_buckets(path, *, fraction: float = 1.0, verify: bool = True) -> Buckets:
     """Open a file written by ``Buckets.save``; ``fraction < 1`` maps only the most important
     ``fraction`` of the bucket rows (a prefix of the file), so less is read and held.
 
-    Raises FormatError for anything that is not a valid pyeffort buckets file.
+    Raises FormatError for anything that is not a valid pyeffort buckets file: the header, the
+    structure and (``verify``, the default) the checksums of the mapped bytes and the data
+    (finite values, distinct positions). ``verify=False`` skips the last two and trusts the
+    file's data (the compiled core still refuses NaN/Inf values and repeated positions).
+    The file must not change while loaded (files are immutable: write a new one, rename).
 
     >>> import numpy as np, pyeffort, tempfile, os
     >>> W = np.random.default_rng(1).standard_normal((256, 64)).astype(np.float16)
@@ -294,8 +324,9 @@ def load_buckets(path, *, fraction: float = 1.0) -> Buckets:
     0.5
     """
     fraction = _validate.effort(fraction, "fraction")
-    reader = fileformat.Reader(path)
-    check_version(reader)
-    if reader.metadata.get("kind") != "buckets":
-        raise FormatError(f"{reader.path}: holds a {reader.metadata.get('kind')!r}, not buckets")
-    return read_buckets(reader, "", fraction)
+    with fileformat.Reader(path, verify=verify) as reader:
+        check_version(reader)
+        if reader.metadata.get("kind") != "buckets":
+            kind = reader.metadata.get("kind")
+            raise FormatError(f"{reader.path}: holds a {kind!r}, not buckets")
+        return read_buckets(reader, "", fraction)

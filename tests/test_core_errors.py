@@ -159,3 +159,146 @@ def test_matmul_group_bad_input(rng):
     xs = rng.standard_normal((3, 32)).astype(np.float32)
     (y,) = pyeffort.matmul_group(xs, [b1], 0.4)
     assert np.array_equal(y, pyeffort.matmul(xs, b1, 0.4))
+
+
+# ---------------------------------------------------------------- the Buckets constructor
+
+
+def _parts(b):
+    return dict(values=b.values.copy(), positions=b.positions.copy(), stats=b.stats.copy(),
+                order=b.order.copy(), n_out=b.n_out)  # fmt: skip
+
+
+def _bad_order(p, value):
+    p["order"][3, 5] = value
+    return p
+
+
+BAD_ARRAYS = {  # each would make the compiled core read out of bounds or leave outputs unset
+    "order out of range": lambda p: _bad_order(p, 32),
+    "order negative": lambda p: _bad_order(p, -1),
+    "order repeats an input": lambda p: _bad_order(p, int(p["order"][3, 6])),
+    "order (16, n_in-1)": lambda p: {**p, "order": np.ascontiguousarray(p["order"][:, 1:])},
+    "stats (16, n_in+1)": lambda p: {**p, "stats": np.zeros((16, 33), np.float32)},
+    "stats (15, n_in)": lambda p: {**p, "stats": np.ascontiguousarray(p["stats"][1:])},
+    "short positions": lambda p: {**p, "positions": np.ascontiguousarray(p["positions"][:-9])},
+    "rows beyond 16 n_in": lambda p: {**p, "values": np.vstack([p["values"], p["values"][:1]]),
+                                      "positions": np.vstack([p["positions"], p["positions"][:1]])},
+    "n_out of fewer groups": lambda p: {**p, "n_out": 16},
+    "n_out of more groups": lambda p: {**p, "n_out": 49},
+    "n_out zero": lambda p: {**p, "n_out": 0},
+    "n_out float": lambda p: {**p, "n_out": 20.0},
+    "values float32": lambda p: {**p, "values": p["values"].astype(np.float32)},
+    "positions int8": lambda p: {**p, "positions": p["positions"].view(np.int8)},
+    "order int64": lambda p: {**p, "order": p["order"].astype(np.int64)},
+    "values strided": lambda p: {**p, "values": np.repeat(p["values"], 2, axis=0)[::2]},
+    "values 1-D": lambda p: {**p, "values": p["values"].ravel()},
+    "stats NaN": lambda p: {**p, "stats": np.where(p["stats"] > 0, np.nan, 0).astype(np.float32)},
+    "stats negative": lambda p: {**p, "stats": -p["stats"]},
+    "stats rising": lambda p: {**p, "stats": np.ascontiguousarray(p["stats"][:, ::-1])},
+    "values a list": lambda p: {**p, "values": p["values"].tolist()},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARRAYS))
+def test_constructor_refuses_bad_arrays(b, case):
+    """The public constructor checks what the compiled core trusts (it used to check nothing:
+    these segfaulted at prepare/matmul or read out of bounds)."""
+    p = BAD_ARRAYS[case](_parts(b))
+    with pytest.raises((errors.ShapeError, errors.DTypeError, errors.LayoutError,
+                        errors.FormatError)):  # fmt: skip
+        pyeffort.Buckets(**p)
+    with pytest.raises((ValueError, TypeError)):  # the structure is checked with verify=False
+        pyeffort.Buckets(**p, verify=False)
+
+
+def _damaged_data(b, what):
+    p = _parts(b)
+    n_in, g = b.n_in, b.n_groups
+    if what == "inf":
+        p["values"][-3, 0] = np.inf
+    elif what == "nan":
+        p["values"][n_in + 2, 1] = np.nan
+    elif what == "repeated position":  # rank 1 of one input takes rank 0's position, group 0
+        j = int(b.order[0, 4])
+        r1 = n_in + int(np.nonzero(b.order[1] == j)[0][0])
+        p["positions"][r1, 0] = (p["positions"][r1, 0] & 0xF0) | (p["positions"][4, 0] & 0x0F)
+    elif what == "padding value":  # rank 15 of the last group (a padding slot) not zero
+        p["values"][15 * n_in + 1, g - 1] = 1.0
+    return p
+
+
+@pytest.mark.parametrize("what", ["inf", "nan", "repeated position", "padding value"])
+def test_constructor_refuses_damaged_data_unless_told(b, rng, what):
+    p = _damaged_data(b, what)
+    with pytest.raises(errors.FormatError):
+        pyeffort.Buckets(**p)
+    c = pyeffort.Buckets(**p, verify=False)  # trusted: the compiled core is the safety net
+    assert c.shape == b.shape
+
+
+def test_n_out_that_contradicts_the_padding_is_refused(b):
+    """n_out=20: group 1 holds 4 real outputs and 12 padding slots; a smaller n_out in the same
+    group count would drop real outputs."""
+    for n_out in (17, 18, 19):
+        with pytest.raises(errors.FormatError, match="padding"):
+            pyeffort.Buckets(**{**_parts(b), "n_out": n_out})
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (9, 17), (20, 40), (17, 200), (8, 32)])
+def test_every_build_passes_the_data_checks(backend, rng, shape):
+    """build_buckets skips the data checks (it makes valid data): what it makes passes them,
+    narrow last groups, zero weights, output weights and partial loads included."""
+    w = rng.standard_normal(shape).astype(np.float16)
+    w[:, ::3] = 0
+    for a in (None, rng.random(shape[1]).astype(np.float32) + 0.1):
+        c = pyeffort.build_buckets(w, a)
+        for rows in (c.n_rows, c.n_rows // 3 + 1, 0):
+            pyeffort.Buckets(c.values[:rows], c.positions[:rows], c.stats, c.order, c.n_out)
+
+
+def test_buckets_arrays_are_held_read_only(b):
+    p = _parts(b)
+    c = pyeffort.Buckets(**p)
+    with pytest.raises(AttributeError):
+        c.order = np.zeros_like(p["order"])
+    with pytest.raises(ValueError):
+        c.values[0, 0] = 1.0
+    p["order"][0, 0] = 10**6  # the caller's array changes later: the matrix keeps its copy
+    assert c.order.max() < c.n_in
+    assert p["values"].flags.writeable  # the caller's own arrays stay as they were
+
+
+CRASH_CASES = """
+import sys, numpy as np, pyeffort
+b = pyeffort.build_buckets(np.random.default_rng(0).standard_normal((32, 20)).astype(np.float16))
+v, p, s, o = (np.array(a) for a in (b.values, b.positions, b.stats, b.order))
+bad_o = o.copy(); bad_o[0, 0] = 10**6
+cases = {
+    "order out of range": (v, p, s, bad_o, 20),
+    "order (16, n_in-1)": (v, p, s, np.ascontiguousarray(o[:, 1:]), 20),
+    "stats (16, n_in+1)": (v, p, np.zeros((16, 33), np.float32), o, 20),
+    "short positions": (v, np.ascontiguousarray(p[:10]), s, o, 20),
+    "n_out of more groups": (v, p, s, o, 200),
+}
+for name, args in cases.items():
+    print(name, flush=True)
+    try:
+        B = pyeffort.Buckets(*args)
+        pyeffort.prepare(B)
+        pyeffort.matmul(np.ones(32, np.float32), B, 0.7)
+        print("  accepted", flush=True)
+    except (ValueError, TypeError) as exc:
+        print("  refused:", type(exc).__name__, flush=True)
+"""
+
+
+def test_bad_arrays_never_reach_the_core():
+    """In a subprocess, as the issue's crashes were: each case refused, the process alive."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", CRASH_CASES], capture_output=True, text=True,
+                       timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert r.stdout.count("refused") == 5, r.stdout

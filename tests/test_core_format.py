@@ -45,24 +45,6 @@ def test_saved_file_has_the_umask_mode(tmp_path):
         os.umask(old)
 
 
-def test_umask_read_without_setting_it(tmp_path, monkeypatch):
-    """The umask comes from /proc/self/status (the value os.umask reports), so reading it never
-    changes it, not even for a moment."""
-    from pyeffort import fileformat
-
-    old = os.umask(0o027)
-    try:
-        assert fileformat.current_umask() == 0o027
-        calls = []
-        monkeypatch.setattr(os, "umask", lambda m: calls.append(m) or 0o027)
-        assert fileformat.default_mode(0o666) == 0o640
-        if os.path.exists("/proc/self/status"):
-            assert calls == []  # Linux: read, never set
-    finally:
-        monkeypatch.undo()
-        os.umask(old)
-
-
 def test_safetensors_library_reads_our_files(saved):
     from safetensors.numpy import load_file
 
@@ -198,3 +180,225 @@ def test_foreign_and_missing_files(tmp_path):
         pyeffort.load_buckets(tmp_path / "does-not-exist.safetensors")
     with pytest.raises(FormatError):
         pyeffort.load_buckets(tmp_path)  # a folder
+
+
+# ---------------------------------------------------------------- hardening (issue 18)
+
+
+def raw_header(path, text: bytes):
+    """Replace the header of ``path`` by ``text`` (padded), keeping the data."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+
+
+def header_text(path) -> str:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return raw[8 : 8 + n].decode().rstrip()
+
+
+SHAPE, OFFSETS, DTYPE = '"shape":[4800,', '"data_offsets":[0,', '"dtype":"F16"'
+
+
+def sub(old: str, new: str):
+    return lambda t: t.replace(old, new, 1)
+
+
+CRAFTED = {
+    "Infinity shape": sub(SHAPE, '"shape":[Infinity,'),
+    "NaN offset": sub(OFFSETS, '"data_offsets":[NaN,'),
+    "-Infinity offset": sub(OFFSETS, '"data_offsets":[-Infinity,'),
+    "float shape": sub(SHAPE, '"shape":[4800.0,'),
+    "1e400 shape": sub(SHAPE, '"shape":[1e400,'),
+    "huge int": sub(SHAPE, '"shape":[' + "9" * 5000 + ","),
+    "2**64 shape": sub(SHAPE, f'"shape":[{2**64},'),
+    "bool shape": sub(SHAPE, '"shape":[true,'),
+    "deep nesting": lambda t: "[" * 100000 + "]" * 100000,
+    "nested shape": sub(SHAPE, '"shape":[' + "[" * 50 + "1" + "]" * 50 + ","),
+    "a list": lambda t: "[" + t + "]",
+    "a string": lambda t: '"hello"',
+    "metadata a list": lambda t: sub("},", "}],")(sub('"__metadata__":{', '"__metadata__":[{')(t)),
+    "dtype unknown": sub(DTYPE, '"dtype":"F8"'),
+    "dtype a list": sub(DTYPE, '"dtype":["F16"]'),
+    "extra key": sub(DTYPE, '"dtype":"F16","x":1'),
+    "offsets out of file": sub(OFFSETS, '"data_offsets":[999999999,'),
+    "three offsets": sub(OFFSETS, '"data_offsets":[0,0,'),
+    "not utf-8": lambda t: "\udcff" + t,
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_headers_raise_format_error(saved, case):
+    """Every malformed header is a FormatError (an Infinity used to raise OverflowError, deep
+    nesting RecursionError, a float or a list TypeError...)."""
+    path, _, _ = saved
+    text = CRAFTED[case](header_text(path))
+    raw_header(path, text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(FormatError):
+        pyeffort.load_buckets(path)
+
+
+def test_non_regular_files_are_refused_without_blocking(tmp_path):
+    """A FIFO used to block load_buckets forever: now FormatError at once (in a subprocess,
+    so a hang is a timeout, not a stuck test run)."""
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "fifo")
+    code = ("import pyeffort, sys\nfor p in sys.argv[1:]:\n    try:\n"
+            "        pyeffort.load_buckets(p)\n    except pyeffort.FormatError as e:\n"
+            "        print('refused', e)\n")  # fmt: skip
+    paths = [str(tmp_path / "fifo"), "/dev/zero", str(tmp_path)]
+    r = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True,
+                       timeout=60, check=False)  # fmt: skip
+    assert r.stdout.count("refused") == 3, (r.stdout, r.stderr)
+
+
+def strip_checksums(path):
+    """The file as written before checksums existed."""
+    corrupt_header(path, lambda h: [h["__metadata__"].pop(k) for k in list(h["__metadata__"])
+                                    if k.startswith("crc32")])  # fmt: skip
+
+
+@pytest.fixture
+def narrow(tmp_path, rng):
+    """n_out = 40: the last group holds 8 real outputs and 8 padding slots."""
+    b = pyeffort.build_buckets(rng.standard_normal((50, 40)).astype(np.float16))
+    path = tmp_path / "n.safetensors"
+    b.save(path)
+    return path, b
+
+
+@pytest.mark.parametrize("n_out", ["33", "47", "39", "41"])
+@pytest.mark.parametrize("checksums", [True, False])
+def test_a_lying_n_out_is_refused(narrow, n_out, checksums):
+    """A file whose n_out says 33 or 47 for 40 outputs used to load and drop or invent outputs.
+    With checksums the header's own catches any edit; without them (older files) the padding
+    check catches a smaller n_out, not a larger one (it claims outputs of zero weights)."""
+    path, _ = narrow
+    if not checksums:
+        strip_checksums(path)
+        if int(n_out) > 40:
+            pytest.skip("undetectable without checksums: the claimed outputs are zero columns")
+    corrupt_header(path, lambda h: _set(h, ["__metadata__", "n_out"], n_out))
+    with pytest.raises(FormatError):
+        pyeffort.load_buckets(path)
+
+
+def test_files_without_checksums_still_load(narrow, rng):
+    path, b = narrow
+    strip_checksums(path)
+    assert not any(k.startswith("crc32") for k in fileformat.Reader(path).metadata)
+    x = rng.standard_normal(50).astype(np.float32)
+    assert np.array_equal(pyeffort.matmul(x, pyeffort.load_buckets(path), 0.4),
+                          pyeffort.matmul(x, b, 0.4))  # fmt: skip
+
+
+def flip(path, offset: int, bit: int = 0) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 1 << bit
+    path.write_bytes(bytes(raw))
+
+
+def test_data_bit_flips_are_caught_by_the_checksums(saved, rng):
+    """A flipped bit in the data used to load and change results silently (193 of 1,300)."""
+    path, _, _ = saved
+    r = fileformat.Reader(path)
+    for name in ("values", "positions", "stats", "order"):
+        t = r.info(name)
+        at, bit = int(rng.integers(t.begin, t.begin + t.nbytes)), int(rng.integers(8))
+        flip(path, at, bit)
+        with pytest.raises(FormatError, match="checksum"):
+            pyeffort.load_buckets(path)
+        flip(path, at, bit)  # undone
+    pyeffort.load_buckets(path)
+
+
+def test_verify_false_skips_the_checksums(saved):
+    path, b, _ = saved
+    t = fileformat.Reader(path).info("values")
+    flip(path, t.begin + 1, 7)  # the sign of the first value: still finite, distinct positions
+    c = pyeffort.load_buckets(path, verify=False)  # trusted as it is
+    assert c.values[0, 0] == -b.values[0, 0]
+
+
+def test_partial_loads_verify_the_prefix_they_map(saved, rng):
+    """A partial load checks the checksum blocks that cover its rows: a flip past them is not
+    read and does not matter; one inside them is caught."""
+    path, b, _ = saved
+    t = fileformat.Reader(path).info("values")
+    x = rng.standard_normal(300).astype(np.float32)
+    want = pyeffort.matmul(x, pyeffort.load_buckets(path, fraction=0.2), 1.0)
+    flip(path, t.begin + t.nbytes - 3)  # in the last rows
+    c = pyeffort.load_buckets(path, fraction=0.2)
+    assert np.array_equal(pyeffort.matmul(x, c, 1.0), want)
+    with pytest.raises(FormatError, match="checksum"):
+        pyeffort.load_buckets(path, fraction=1.0)
+    flip(path, t.begin + t.nbytes - 3)
+    flip(path, t.begin + 10)  # in the first rows
+    with pytest.raises(FormatError, match="checksum"):
+        pyeffort.load_buckets(path, fraction=0.2)
+
+
+def test_non_finite_weights_in_a_file_are_refused(tmp_path, rng):
+    """A file holding NaN/Inf weights (its checksums intact) used to load."""
+    b = pyeffort.build_buckets(rng.standard_normal((40, 40)).astype(np.float16))
+    values = b.values.copy()
+    values[7, 1] = np.inf
+    bad = pyeffort.Buckets(values, b.positions, b.stats, b.order, b.n_out, verify=False)
+    bad.save(tmp_path / "inf.safetensors")
+    with pytest.raises(FormatError, match="NaN or Inf"):
+        pyeffort.load_buckets(tmp_path / "inf.safetensors")
+
+
+def test_reader_maps_the_file_it_checked(saved, tmp_path, rng):
+    """A file renamed over the path after opening (as every writer does) does not change what
+    an open reader maps: it used to reopen the path, mapping the new file with the old
+    header's offsets."""
+    path, b, _ = saved
+    r = fileformat.Reader(path)
+    other = pyeffort.build_buckets(rng.standard_normal((300, 208)).astype(np.float16))
+    other.save(path)
+    np.testing.assert_array_equal(r.array("values"), b.values)
+    np.testing.assert_array_equal(r.array("order", copy=True), b.order)
+
+
+KILLED_WRITE = """
+import sys, numpy as np
+from pyeffort import fileformat
+def slow():
+    print("writing", flush=True)
+    import time; time.sleep(60)
+    return np.zeros(4, np.float32)
+spec = fileformat.TensorSpec("t", np.dtype(np.float32), (4,), slow)
+fileformat.write(sys.argv[1], [spec], {"format": "pyeffort"})
+"""
+
+
+def test_killed_writes_leave_temporaries_the_next_write_removes(tmp_path):
+    """A writer killed by SIGKILL leaves its temporary; the next write into that folder
+    recognises it (its pid is gone) and removes it. Temporaries of live writers stay."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "w.safetensors"
+    cmd = [sys.executable, "-c", KILLED_WRITE, str(path)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "writing\n"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    left = [q.name for q in tmp_path.iterdir()]
+    assert len(left) == 1 and ".w.safetensors.pyeffort-tmp-" in left[0], left
+    live = tmp_path / fileformat.temp_path(tmp_path / "other").name  # this process: alive
+    live.write_bytes(b"")
+    pyeffort.build_buckets(np.ones((20, 16), np.float16)).save(tmp_path / "x.safetensors")
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted([live.name, "x.safetensors"])
+
+
+def test_reserved_metadata_keys_are_refused(tmp_path):
+    spec = fileformat.TensorSpec("t", np.dtype(np.float32), (2,), lambda: np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="reserved"):
+        fileformat.write(tmp_path / "t.safetensors", [spec], {"crc32": "0"})

@@ -7,21 +7,31 @@ Layout (format ``pyeffort``, version 1, kind ``model``):
 - ``layers.{i:03d}.safetensors``: the 7 matrices of layer i as Buckets under the prefix
   ``layers.{i}.attn.wq.`` ... (see pyeffort.buckets) and the two norms;
 - the tokenizer (tokenizer.json or tokenizer.model, and pyeffort_tokenizer.json).
+
+The manifest also holds ``checksums`` (CRC32 of each tokenizer file) and ``crc32`` (of the
+manifest's canonical JSON less that key); the safetensors files carry their own (see
+pyeffort.fileformat). Loading checks that the files, layers, tensors and shapes are exactly
+those the config names, and that the config agrees with main.safetensors'. The folder is
+written as a temporary beside ``dst`` (``fileformat.temp_path``) and renamed; stale ones of
+killed conversions are removed by the next conversion into that parent folder.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 import pyeffort
 from pyeffort import buckets as bk
-from pyeffort import fileformat, reference
+from pyeffort import _validate, fileformat, reference
 from pyeffort.errors import FormatError
 from pyeffort.models.args import ModelArgs
 from pyeffort.models.loaders import matrix_names, open_source, plain_names
@@ -120,8 +130,9 @@ def convert(
     total = sum(s.nbytes for _, specs, _, _ in plan for s in specs)
     bar = _bar(total, f"converting {Path(src_path).name}", progress)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
-    os.chmod(tmp, fileformat.default_mode(0o777))  # mkdtemp makes 0700
+    fileformat.remove_stale_temporaries(dst.parent)
+    tmp = fileformat.temp_path(dst)
+    os.mkdir(tmp, 0o777)  # the umask applies, as to any new folder
     try:
         for fname, specs, fmeta, built in plan:
             fileformat.write(
@@ -131,22 +142,44 @@ def convert(
         src.tokenizer.save(tmp)
         manifest = {"format": FORMAT, "version": VERSION, "kind": "model", "config": args.__dict__,
                     "files": [p[0] for p in plan], "source": Path(src_path).name}  # fmt: skip
+        manifest["checksums"] = {p.name: _file_crc(p) for p in sorted(tmp.iterdir())
+                                 if p.suffix != ".safetensors"}  # fmt: skip
+        manifest["crc32"] = _manifest_crc(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_dir(tmp)
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-        _fsync_dir(dst.parent)
+        fileformat.fsync_dir(tmp)
+        _replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         bar.close()
     return dst
+
+
+def _replace_dir(tmp: Path, dst: Path) -> None:
+    """Renames the finished folder ``tmp`` to ``dst``; an old ``dst`` is first renamed to a
+    temporary name (which the next conversion removes if this process dies first)."""
+    if dst.exists():
+        old = fileformat.temp_path(dst)
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+    fileformat.fsync_dir(dst.parent)
+
+
+def _file_crc(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(2**16):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _manifest_crc(m: dict) -> str:
+    canon = json.dumps({k: v for k, v in m.items() if k != "crc32"}, sort_keys=True)
+    return f"{zlib.crc32(canon.encode()):08x}"
 
 
 def _plan(src, weights: dict):
@@ -184,53 +217,137 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_manifest(path) -> dict:
+def read_manifest(path, verify: bool = True) -> dict:
+    """The manifest of a converted folder, checked (its checksum too when ``verify``)."""
     path = Path(path)
     try:
-        m = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        f = fileformat.open_regular(path / MANIFEST)
+    except FormatError as exc:
         raise FormatError(f"{path}: not a pyeffort model folder ({exc})") from exc
+    with f:
+        if os.fstat(f.fileno()).st_size > fileformat.MAX_HEADER:
+            raise FormatError(f"{path}: manifest too large")
+        m = fileformat.parse_json(f.read(), path / MANIFEST, floats=True)
     if not isinstance(m, dict):
         raise FormatError(f"{path}: {MANIFEST} is not a JSON object")
     if m.get("format") != FORMAT or m.get("kind") != "model":
-        raise FormatError(f"{path}: not a pyeffort model (format={m.get('format')!r})")
+        raise FormatError(f"{path}: not a pyeffort model manifest (format={m.get('format')!r})")
     if m.get("version") != VERSION:
         raise FormatError(f"{path}: model format version {m.get('version')!r} is not supported "
                           f"(this pyeffort reads version {VERSION})")  # fmt: skip
+    if verify and "crc32" in m and m["crc32"] != _manifest_crc(m):
+        raise FormatError(f"{path}: manifest checksum mismatch (the manifest is damaged)")
+    if verify and "crc32" not in m and "checksums" in m:
+        raise FormatError(f"{path}: manifest checksum missing")
+    if not isinstance(m.get("config"), dict) or not isinstance(m.get("files"), list):
+        raise FormatError(f"{path}: manifest lacks its config or files")
+    if not isinstance(m.get("checksums", {}), dict):
+        raise FormatError(f"{path}: manifest checksums are malformed")
     return m
 
 
-def load_converted(path, fraction: float = 1.0):
+def model_args(path, cfg: dict) -> ModelArgs:
+    """ModelArgs from a stored config, FormatError unless every field has its type and sizes
+    are positive."""
+    kinds = {f.name: type(f.default) for f in fields(ModelArgs)}
+    for k, v in cfg.items():
+        if k not in kinds:
+            continue
+        want = (int, float) if kinds[k] is float else kinds[k]
+        good = isinstance(v, want) and (kinds[k] is bool or not isinstance(v, bool))
+        if good and isinstance(v, (int, float)) and not isinstance(v, bool):
+            low = 1 if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
+                             "vocab_size", "max_seq_len") else 0  # fmt: skip
+            good = math.isfinite(v) and low <= v < 2**31 and (kinds[k] is float or v == int(v))
+        if not good:
+            raise FormatError(f"{path}: config {k}={v!r} is not a valid {kinds[k].__name__}")
+    try:
+        return ModelArgs.from_dict(cfg)
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise FormatError(f"{path}: config is not valid ({exc})") from exc
+
+
+def expected_files(args: ModelArgs) -> list[str]:
+    return ["main.safetensors"] + [f"layers.{i:03d}.safetensors" for i in range(args.n_layers)]
+
+
+def load_converted(path, fraction: float = 1.0, verify: bool = True):
     """A converted model folder -> Model; ``fraction < 1`` maps only that fraction of every
-    matrix's bucket rows (the most important ones)."""
+    matrix's bucket rows (the most important ones). ``verify`` (default) checks the checksums
+    and the data of what is mapped (see ``pyeffort.load_buckets``); False trusts them. The
+    structure is always checked: FormatError names what does not fit."""
     from pyeffort.models.llama import Model
 
     path = Path(path)
-    m = read_manifest(path)
-    args = ModelArgs.from_dict(m["config"])
+    m = read_manifest(path, verify)
+    args = model_args(path, m["config"])
+    if m["files"] != expected_files(args):
+        raise FormatError(f"{path}: files {m['files'][:3]}... do not fit n_layers={args.n_layers}")
+    if verify:
+        for fname, crc in m.get("checksums", {}).items():
+            if Path(fname).name != fname or not isinstance(crc, str):
+                raise FormatError(f"{path}: manifest checksum entry {fname!r} is malformed")
+            try:
+                ok = _file_crc(path / fname) == crc
+            except OSError as exc:
+                raise FormatError(f"{path}: cannot read {fname} ({exc})") from exc
+            if not ok:
+                raise FormatError(f"{path}: checksum mismatch in {fname} (damaged)")
+    def read(i: int, fname: str) -> dict:
+        with fileformat.Reader(path / fname, verify=verify) as r:
+            _check_file(r, i - 1, m["config"])
+            return _read_file(r, fraction)
+
     w: dict = {}
-    for fname in m["files"]:
-        r = fileformat.Reader(path / fname)
-        bk.check_version(r)
-        for name in r.tensors:
-            if "." not in name or name.startswith("layers.") and name.count(".") == 2:
-                w[name] = r.array(name)  # embed, norm, lm_head, layer norms
-        for key in r.metadata:
-            if key.endswith(".n_in"):
-                prefix = key[: -len("n_in")]
-                w[prefix[:-1]] = bk.read_buckets(r, prefix, fraction)
-    missing = [n for n in matrix_names(args) + plain_names(args) if n not in w]
-    if missing:
-        raise FormatError(f"{path}: missing tensors {missing[:3]}...")
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # checks release the GIL
+        for part in pool.map(read, range(len(m["files"])), m["files"]):
+            w.update(part)
+    _check_weights(path, args, w, verify)
     return Model(args, w, Tokenizer.load(path))
+
+
+def _check_file(r: fileformat.Reader, layer: int, config: dict) -> None:
+    """A model file's metadata: version, kind, its layer (-1: main.safetensors, whose config
+    must be the manifest's), and tensor names of that layer only."""
+    bk.check_version(r)
+    kind = "model" if layer < 0 else "model-layer"
+    if r.metadata.get("kind") != kind or layer >= 0 and r.metadata.get("layer") != str(layer):
+        raise FormatError(f"{r.path}: not the {kind} file of layer {layer}")
+    if layer < 0 and "config" in r.metadata:
+        if fileformat.parse_json(r.metadata["config"].encode(), r.path, floats=True) != config:
+            raise FormatError(f"{r.path}: its config differs from the manifest's")
+    own = f"layers.{layer}." if layer >= 0 else None
+    for name in r.tensors:
+        if (own is None) == name.startswith("layers.") or own and not name.startswith(own):
+            raise FormatError(f"{r.path}: tensor {name!r} does not belong in this file")
+
+
+def _read_file(r: fileformat.Reader, fraction: float) -> dict:
+    w: dict = {}
+    for name in r.tensors:
+        if "." not in name or name.startswith("layers.") and name.count(".") == 2:
+            w[name] = r.array(name)  # embed, norm, lm_head, layer norms
+    for key in r.metadata:
+        if key.endswith(".n_in"):
+            prefix = key[: -len("n_in")]
+            w[prefix[:-1]] = bk.read_buckets(r, prefix, fraction)
+    return w
+
+
+def _check_weights(path: Path, args: ModelArgs, w: dict, verify: bool) -> None:
+    """Exactly the tensors the config names, each of its shape and dtype (finite if verify)."""
+    want = set(matrix_names(args)) | set(plain_names(args))
+    if set(w) != want:
+        missing, extra = sorted(want - set(w)), sorted(set(w) - want)
+        raise FormatError(f"{path}: missing tensors {missing[:3]}, unexpected {extra[:3]}")
+    for n in matrix_names(args):
+        if w[n].shape != matrix_shape(args, n):
+            raise FormatError(f"{path}: {n} is {w[n].shape}, expected {matrix_shape(args, n)}")
+    for n in plain_names(args):
+        shape = _plain_shape(args, n)
+        dtype = np.float16 if n in ("embed", "lm_head") else np.float32
+        if w[n].shape != shape or w[n].dtype != dtype:
+            raise FormatError(f"{path}: {n} is {w[n].dtype}{list(w[n].shape)}, "
+                              f"expected {np.dtype(dtype)}{list(shape)}")  # fmt: skip
+        if verify and not _validate.all_finite(w[n]):
+            raise FormatError(f"{path}: {n} holds NaN or Inf")
