@@ -13,7 +13,7 @@ import sys
 import pytest
 from test_model_hf import write_tiny_mistral
 
-from pyeffort.models.convert import MANIFEST, convert
+from pyeffort.models.convert import MANIFEST, _manifest_crc, convert
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 
@@ -82,6 +82,7 @@ def test_converted_config_is_checked(tiny, tmp_path, change, word):
     m = copy_model(tiny, tmp_path)
     man = json.loads((m / MANIFEST).read_text())
     man["config"].update(change)
+    man["crc32"] = _manifest_crc(man)  # a crafted manifest: its checksum made to fit
     (m / MANIFEST).write_text(json.dumps(man))
     user_error(cli("generate", "x", "--model", str(m)), "generate", word)
 
