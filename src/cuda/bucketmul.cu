@@ -41,13 +41,9 @@ static_assert(sizeof(pe_cuda_state) == 64 && offsetof(pe_cuda_state, tbase) == 1
                   offsetof(pe_cuda_state, cut_word) == 8,
               "the kernel reads the bases as one uint4 word");
 
-#ifndef PE_OWNP_MAX
 #define PE_OWNP_MAX 32 /* the own partial tile from shared memory with at most this many splits
                           (more: 4096x4096 and 4096x1024 ran 0.1-0.5 us slower with it) */
-#endif
-#ifndef PE_POLL_NS
 #define PE_POLL_NS 128 /* pause between polls of a split partial that is not in yet */
-#endif
 
 /* Words per worker in m.cand: a tagged count, then up to cand_seg tagged keys (64 bits each). */
 __device__ __forceinline__ size_t pe_cand_stride(const pe_cuda_matrix &m) {
@@ -179,13 +175,7 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
                                                uint32_t *cand_k, uint32_t *n_c,
                                                uint32_t (*warp_n)[PE_KR * PE_WARPS],
                                                uint32_t *s_tot, uint32_t tag, bool last,
-                                               uint32_t short_from, long long *tm = nullptr) {
-#ifdef PE_SUBSTAMP /* block 0's stamps inside the lists phase (slots 26-29) */
-#define PE_SUB(i) \
-    if (tm && threadIdx.x == 0) tm[i] = pe_now()
-#else
-#define PE_SUB(i)
-#endif
+                                               uint32_t short_from) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const uint32_t nt = (uint32_t)m.n_tiles, c0 = *n_c;
     /* number of candidate indices o < v with o % nt == tile: this worker's share */
@@ -205,14 +195,12 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
         }
     }
     __syncthreads();
-    PE_SUB(26);
     if (warp < 2) {
         const uint32_t tot = pe_warp_scan256(warp_n[warp]);
         if (lane == 0) s_tot[warp] = tot;
     }
     __syncthreads();
     const uint32_t nd = s_tot[0], nc = s_tot[1];
-    PE_SUB(27);
     const unsigned lt = (1u << lane) - 1u;
     /* sure rows go to list[list_base ...] only if all fit (list_base 0: always) */
     const bool wd = list_base == 0 || list_base + nd <= PE_PASS_ROWS;
@@ -234,7 +222,6 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
         }
     }
     __syncthreads();
-    PE_SUB(28);
     if (nc && publish) { /* this worker's segment of the global list: 1 + share index */
         unsigned long long *seg =
             (unsigned long long *)(m.cand + (size_t)worker * pe_cand_stride(m)) + 1;
@@ -261,9 +248,7 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
         }
     }
     *n_c = c0 + nc;
-    PE_SUB(29);
     return nd;
-#undef PE_SUB
 }
 
 /* Selector: the per-worker counts, each polled until it carries this call's tag -> s_off
@@ -522,7 +507,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
                                   n_stripes, g.timing, t_start);
         return;
     }
-    long long *const tm0 = blockIdx.x == 0 ? g.timing : nullptr; /* split_rows' sub-stamps */
     const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
     float *my = acc + team * T::ACC + t;
     const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
@@ -587,7 +571,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
                           though faster at effort 1.0 on the largest shapes (README_cuda.md) */
         const uint32_t nd = split_rows(m, b1, true, true, publish, tile, local, ri, xv, key, list,
                                        0u, cand_rx, cand_k, &n_c, warp_n, s_tot, tag, true,
-                                       short_from, tm0);
+                                       short_from);
         PE_STAMP(5);
         PE_STAMP_MAX(5);
         pe_process<CT>(list, nd, tile_base, my, team, t);
@@ -605,7 +589,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             const bool app = pend == n_pass;
             const uint32_t nd = split_rows(m, b1, app, true, publish, tile, local, ri, xv, key,
                                            list, n_list, cand_rx, cand_k, &n_c, warp_n, s_tot,
-                                           tag, p == n_pass - 1, short_from, tm0);
+                                           tag, p == n_pass - 1, short_from);
             if (app && (n_list == 0 || n_list + nd <= PE_PASS_ROWS)) n_list += nd;
             else if (app) pend = p;
         }
@@ -729,15 +713,12 @@ static cudaError_t raise_all() {
     return e;
 }
 
-/* PE_BENCH_ONLY: fp16 activations only (a faster build of a variant, for timing runs). */
 extern "C" int pe_cuda_init(void) {
     cudaError_t e = raise_all<__half, float>();
     if (e == cudaSuccess) e = raise_all<__half, __half>();
-#ifndef PE_BENCH_ONLY
     if (e == cudaSuccess) e = raise_all<float, float>();
     if (e == cudaSuccess) e = raise_all<__nv_bfloat16, float>();
     if (e == cudaSuccess) e = raise_all<__nv_bfloat16, __nv_bfloat16>();
-#endif
     return (int)e;
 }
 
@@ -749,14 +730,12 @@ static cudaError_t launch_types(const pe_cuda_group *g, const void *x, int xd, i
         return launch_ct<__half, float>(g, x, stream, pdl, coop, ep, ev);
     if (xd == PE_F16 && yd == PE_F16)
         return launch_ct<__half, __half>(g, x, stream, pdl, coop, ep, ev);
-#ifndef PE_BENCH_ONLY
     if (xd == PE_F32 && yd == PE_F32)
         return launch_ct<float, float>(g, x, stream, pdl, coop, ep, ev);
     if (xd == PE_BF16 && yd == PE_F32)
         return launch_ct<__nv_bfloat16, float>(g, x, stream, pdl, coop, ep, ev);
     if (xd == PE_BF16 && yd == PE_BF16)
         return launch_ct<__nv_bfloat16, __nv_bfloat16>(g, x, stream, pdl, coop, ep, ev);
-#endif
     return cudaErrorInvalidValue;
 }
 
