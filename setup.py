@@ -7,6 +7,7 @@ import subprocess
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 CPU = "src/cpu/"
 PORTABLE = (
@@ -69,6 +70,12 @@ class build_ext_isa(build_ext):
         super().build_extension(ext)
 
 
+# ---------------------------------------------------------------- CUDA (pyeffort/cuda.py)
+
+CUDA_SRC = "src/cuda/"
+CUDA_UNITS = ("status.cu", "bucketmul.cu")  # pyeffort.cuda.SOURCES
+
+
 class build_ext_cuda(build_ext_isa):
     """PYEFFORT_CUDA=1: also build pyeffort/_pe_cuda.so from src/cuda with nvcc (otherwise
     pyeffort.cuda compiles it at first use; a CPU-only install needs neither nvcc nor torch)."""
@@ -79,9 +86,22 @@ class build_ext_cuda(build_ext_isa):
         out = os.path.join(os.path.dirname(self.get_ext_fullpath("pyeffort._core")), "_pe_cuda.so")
         cmd = [os.environ.get("NVCC", "nvcc"), "-O3", "-std=c++17", "-shared", "-Xcompiler"]
         cmd += ["-fPIC", *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs], "-o", out]
-        subprocess.run(cmd + ["src/cuda/select.cu", "src/cuda/bucketmul.cu"], check=True)
+        subprocess.run(cmd + [CUDA_SRC + f for f in CUDA_UNITS], check=True)
+
+
+class build_py_cuda(build_py):
+    """Also copies the CUDA sources into the package as pyeffort/_cuda_src, where an installed
+    pyeffort.cuda finds them to compile the kernels at first use (cuda.source_dir)."""
+
+    def run(self):
+        super().run()
+        dest = os.path.join(self.build_lib, "pyeffort", "_cuda_src")
+        self.mkpath(dest)
+        for name in sorted(os.listdir(CUDA_SRC)):
+            if name.endswith((".cu", ".cuh", ".h")):
+                self.copy_file(CUDA_SRC + name, os.path.join(dest, name))
 
 
 cuda = os.environ.get("PYEFFORT_CUDA") == "1"
-cuda_cmd = {"build_ext": build_ext_cuda if cuda else build_ext_isa}
+cuda_cmd = {"build_ext": build_ext_cuda if cuda else build_ext_isa, "build_py": build_py_cuda}
 setup(ext_modules=cythonize([core], language_level=3), cmdclass=cuda_cmd)

@@ -315,8 +315,7 @@ template <typename TX, typename TY, int CT>
 __device__ __noinline__ void pe_worker_all(const TX *x, const pe_cuda_matrix *mp, void *yv,
                                            uint32_t tag, uint32_t s1y, uint32_t s1w, int split,
                                            int tile, int n_pass, uint32_t n_k,
-                                           uint32_t n_stripes, long long *timing,
-                                           long long t_start) {
+                                           uint32_t n_stripes) {
     typedef Tile<CT> T;
     extern __shared__ __align__(16) unsigned char smem[];
     float *acc = (float *)smem;
@@ -326,11 +325,6 @@ __device__ __noinline__ void pe_worker_all(const TX *x, const pe_cuda_matrix *mp
     const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
     float *my = acc + team * T::ACC + t;
     const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
-#define PE_STAMP_A(i)                                                   \
-    if (timing && threadIdx.x == 0) {                                   \
-        if (blockIdx.x == 0) timing[i] = pe_now();                      \
-        atomicMax((unsigned long long *)&timing[16 + (i)], (unsigned long long)pe_now()); \
-    }
     int ri[PE_KR], ord[PE_KR];
     float sta[PE_KR], xv[PE_KR];
     pe_load_meta(m, split, n_pass - 1, ri, ord, sta); /* as before the PDL wait: cached */
@@ -343,10 +337,6 @@ __device__ __noinline__ void pe_worker_all(const TX *x, const pe_cuda_matrix *mp
     if (__syncthreads_or(s1y == 0xFFFFFFFFu && s1w == 0xFFFFFFFFu) && threadIdx.x == 0)
         asm volatile("" ::: "memory");
     if (threadIdx.x == 0) atomicAdd(&st->hist_done, 1u);
-    PE_STAMP_A(2);
-    PE_STAMP_A(3);
-    PE_STAMP_A(4);
-    PE_STAMP_A(5);
     pe_process<CT>(list, n, tile_base, my, team, t, [&] {
         for (int i = threadIdx.x; i < T::NT * T::ACC / 4; i += PE_THREADS)
             reinterpret_cast<float4 *>(acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -367,26 +357,8 @@ __device__ __noinline__ void pe_worker_all(const TX *x, const pe_cuda_matrix *mp
     }
     __syncthreads();
     if (tile == 0 && threadIdx.x == 0) atomicAdd(&st->info_rows, (unsigned long long)n_all);
-    PE_STAMP_A(6);
-    PE_STAMP_A(7);
-    PE_STAMP_A(8);
     pe_write_sums<TY, CT>(m, acc, tile, split, (TY *)yv, tag, (float *)list);
-    PE_STAMP_A(9);
-    if (timing && threadIdx.x == 0) {
-        atomicMax((unsigned long long *)&timing[10], (unsigned long long)pe_now());
-        atomicMin((unsigned long long *)&timing[11], (unsigned long long)t_start);
-        atomicMax((unsigned long long *)&timing[16], (unsigned long long)t_start);
-    }
-#undef PE_STAMP_A
 }
-
-#define PE_STAMP_MAX(i) \
-    if (g.timing && threadIdx.x == 0) \
-    atomicMax((unsigned long long *)&g.timing[16 + (i)], (unsigned long long)pe_now())
-#define PE_STAMP(i) \
-    if (g.timing && blockIdx.x == 0 && threadIdx.x == 0) g.timing[i] = pe_now()
-#define PE_STAMP_SEL(i) \
-    if (g.timing && mi == 0 && threadIdx.x == 0) g.timing[i] = pe_now()
 
 template <typename TX, typename TY, int CT>
 __global__ void __launch_bounds__(PE_THREADS, 1)
@@ -410,8 +382,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         s_m = g.m[mi];
         s_y = g.y[mi];
     }
-    PE_STAMP(0);
-    const long long t_start = g.timing ? pe_now() : 0;
     __syncthreads();
     const pe_cuda_matrix &m = s_m;
     pe_cuda_state *st = m.state;
@@ -436,7 +406,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     }
     pe_pdl_wait();
     pe_pdl_launch();
-    PE_STAMP(1);
     const uint4 s1 = __ldcg((const uint4 *)st + 1); /* (tbase, epoch, cut, hbase) */
     const uint32_t epoch = s1.y, parity = epoch & 1u, tag = epoch + 1u; /* tag: this call's */
     const uint32_t all_in = s1.w + n_workers; /* hist_done target of this call */
@@ -461,7 +430,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
                 st->hbase = all_in;
             }
         }
-        PE_STAMP_SEL(12);
         uint32_t cut;
         unsigned long long mults;
         if (mode == PE_MODE_SEARCH) {
@@ -475,7 +443,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             }
             uint32_t *s_off = (uint32_t *)list; /* (n_workers + 1,) */
             const uint32_t n_c = gather_counts(m, n_workers, s_off, tag);
-            PE_STAMP_SEL(13);
             const size_t stride = pe_cand_stride(m);
             auto fetch = [&](uint32_t i) { /* i-th candidate: its segment */
                 uint32_t lo = 0, hi = n_workers; /* s_off[lo] <= i < s_off[hi] */
@@ -497,14 +464,13 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             st->mults = mults;
             atomicAdd(&st->info_mults, mults);
         }
-        PE_STAMP_SEL(14);
         return;
     }
 
     /* ------------------------------------------------------------------ worker block */
     if (mode == PE_MODE_ALL) {
         pe_worker_all<TX, TY, CT>(x, &m, s_y, tag, s1.y, s1.w, split, tile, n_pass, n_k,
-                                  n_stripes, g.timing, t_start);
+                                  n_stripes);
         return;
     }
     const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
@@ -549,18 +515,12 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     /* the accumulators are zeroed while the other workers' histograms come in */
     for (int i = threadIdx.x; i < T::NT * T::ACC / 4; i += PE_THREADS)
         reinterpret_cast<float4 *>(acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-    PE_STAMP(2);
-    PE_STAMP_MAX(2);
     const unsigned long long hsum = mode == PE_MODE_SEARCH ? m.total_w : 0ull;
     __syncthreads();
-    PE_STAMP(3);
-    PE_STAMP_MAX(3);
     unsigned long long aw = 0;
     const uint32_t known_cut = PE_INVALID; /* effort 0: nothing */
     const int b1 = pick_level1(hist, (uint32_t *)list, mode, budget, &aw, hsum);
     const bool publish = mode == PE_MODE_SEARCH; /* the selector reads the candidates */
-    PE_STAMP(4);
-    PE_STAMP_MAX(4);
 
     /* 2.-3. pass by pass: sure rows -> list -> accumulators; candidates -> own list + global
      * share, the count published with the last pass's (before its streaming). One key load per
@@ -572,8 +532,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         const uint32_t nd = split_rows(m, b1, true, true, publish, tile, local, ri, xv, key, list,
                                        0u, cand_rx, cand_k, &n_c, warp_n, s_tot, tag, true,
                                        short_from);
-        PE_STAMP(5);
-        PE_STAMP_MAX(5);
         pe_process<CT>(list, nd, tile_base, my, team, t);
         n_def_all += nd;
         __syncthreads();
@@ -594,8 +552,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             else if (app) pend = p;
         }
         if (pend == n_pass) pend = visited;
-        PE_STAMP(5);
-        PE_STAMP_MAX(5);
         pe_process<CT>(list, n_list, tile_base, my, team, t);
         n_def_all += n_list;
         __syncthreads();
@@ -613,12 +569,9 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     /* 3b. the own candidates: loads issued, then the cut, then those with key >= cut */
     __shared__ uint32_t s_cut;
     auto wait_cut = [&]() -> uint32_t { /* block-wide */
-        PE_STAMP(6);
-        PE_STAMP_MAX(6);
         if (mode != PE_MODE_SEARCH) return known_cut; /* no search: known here */
         if (threadIdx.x == 0) s_cut = pe_poll_tag<false>(&st->cut_word, tag);
         __syncthreads();
-        PE_STAMP(7);
         return s_cut;
     };
     uint32_t n_take = 0;
@@ -647,17 +600,8 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     __syncthreads();
     if (tile == 0 && threadIdx.x == 0)
         atomicAdd(&st->info_rows, (unsigned long long)(n_def_all + n_take));
-    PE_STAMP(8);
-    PE_STAMP_MAX(8);
 
     pe_write_sums<TY, CT>(m, acc, tile, split, (TY *)s_y, tag, (float *)list); /* list: free */
-    PE_STAMP(9);
-    PE_STAMP_MAX(9);
-    if (g.timing && threadIdx.x == 0) {
-        atomicMax((unsigned long long *)&g.timing[10], (unsigned long long)pe_now());
-        atomicMin((unsigned long long *)&g.timing[11], (unsigned long long)t_start);
-        atomicMax((unsigned long long *)&g.timing[16], (unsigned long long)t_start);
-    }
 }
 
 /* ---------------------------------------------------------------- launch */
@@ -713,13 +657,18 @@ static cudaError_t raise_all() {
     return e;
 }
 
+/* A CUDA runtime error -> a status (pe_cuda.h). */
+static int pe_status_of(cudaError_t e) {
+    return e == cudaSuccess ? PE_CUDA_OK : PE_CUDA_ERR_DEVICE + (int)e;
+}
+
 extern "C" int pe_cuda_init(void) {
     cudaError_t e = raise_all<__half, float>();
     if (e == cudaSuccess) e = raise_all<__half, __half>();
     if (e == cudaSuccess) e = raise_all<float, float>();
     if (e == cudaSuccess) e = raise_all<__nv_bfloat16, float>();
     if (e == cudaSuccess) e = raise_all<__nv_bfloat16, __nv_bfloat16>();
-    return (int)e;
+    return pe_status_of(e);
 }
 
 static int elem_size(int dtype) { return dtype == PE_F32 ? 4 : 2; }
@@ -764,7 +713,8 @@ extern "C" int pe_cuda_matmul(const pe_cuda_group *g, const void *x, int x_dtype
             gt.y[i] = (char *)g->y[i] + t * g->m[i].n_out * elem_size(y_dtype);
         cudaError_t e =
             launch_types(&gt, xt, x_dtype, y_dtype, stream, pdl, coop, effort_ptr, effort_val);
-        if (e != cudaSuccess) return e == cudaErrorInvalidValue ? PE_CUDA_ERR_ARG : (int)e;
+        if (e == cudaErrorInvalidValue) return PE_CUDA_ERR_ARG; /* a dtype or ct unknown here */
+        if (e != cudaSuccess) return pe_status_of(e);
     }
-    return 0;
+    return PE_CUDA_OK;
 }
