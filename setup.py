@@ -8,6 +8,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 CPU = "src/cpu/"
 PORTABLE = (
@@ -76,6 +77,11 @@ CUDA_SRC = "src/cuda/"
 CUDA_UNITS = ("status.cu", "bucketmul.cu")  # pyeffort.cuda.SOURCES
 
 
+def cuda_sources() -> list[str]:
+    """The CUDA sources and headers, as file names in src/cuda."""
+    return sorted(f for f in os.listdir(CUDA_SRC) if f.endswith((".cu", ".cuh", ".h")))
+
+
 class build_ext_cuda(build_ext_isa):
     """PYEFFORT_CUDA=1: also build pyeffort/_pe_cuda.so from src/cuda with nvcc (otherwise
     pyeffort.cuda compiles it at first use; a CPU-only install needs neither nvcc nor torch)."""
@@ -97,11 +103,24 @@ class build_py_cuda(build_py):
         super().run()
         dest = os.path.join(self.build_lib, "pyeffort", "_cuda_src")
         self.mkpath(dest)
-        for name in sorted(os.listdir(CUDA_SRC)):
-            if name.endswith((".cu", ".cuh", ".h")):
-                self.copy_file(CUDA_SRC + name, os.path.join(dest, name))
+        for name in cuda_sources():
+            self.copy_file(CUDA_SRC + name, os.path.join(dest, name))
+
+
+class sdist_cuda(sdist):
+    """Also puts src/cuda in the source distribution (a wheel built from it ships them)."""
+
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, files)
+        self.mkpath(os.path.join(base_dir, CUDA_SRC))
+        for name in cuda_sources():
+            self.copy_file(CUDA_SRC + name, os.path.join(base_dir, CUDA_SRC, name))
 
 
 cuda = os.environ.get("PYEFFORT_CUDA") == "1"
-cuda_cmd = {"build_ext": build_ext_cuda if cuda else build_ext_isa, "build_py": build_py_cuda}
+cuda_cmd = {
+    "build_ext": build_ext_cuda if cuda else build_ext_isa,
+    "build_py": build_py_cuda,
+    "sdist": sdist_cuda,
+}
 setup(ext_modules=cythonize([core], language_level=3), cmdclass=cuda_cmd)
