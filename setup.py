@@ -7,6 +7,8 @@ import subprocess
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 CPU = "src/cpu/"
 PORTABLE = (
@@ -69,6 +71,17 @@ class build_ext_isa(build_ext):
         super().build_extension(ext)
 
 
+# ---------------------------------------------------------------- CUDA (pyeffort/cuda.py)
+
+CUDA_SRC = "src/cuda/"
+CUDA_UNITS = ("status.cu", "bucketmul.cu")  # pyeffort.cuda.SOURCES
+
+
+def cuda_sources() -> list[str]:
+    """The CUDA sources and headers, as file names in src/cuda."""
+    return sorted(f for f in os.listdir(CUDA_SRC) if f.endswith((".cu", ".cuh", ".h")))
+
+
 class build_ext_cuda(build_ext_isa):
     """PYEFFORT_CUDA=1: also build pyeffort/_pe_cuda.so from src/cuda with nvcc (otherwise
     pyeffort.cuda compiles it at first use; a CPU-only install needs neither nvcc nor torch)."""
@@ -79,9 +92,35 @@ class build_ext_cuda(build_ext_isa):
         out = os.path.join(os.path.dirname(self.get_ext_fullpath("pyeffort._core")), "_pe_cuda.so")
         cmd = [os.environ.get("NVCC", "nvcc"), "-O3", "-std=c++17", "-shared", "-Xcompiler"]
         cmd += ["-fPIC", *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs], "-o", out]
-        subprocess.run(cmd + ["src/cuda/select.cu", "src/cuda/bucketmul.cu"], check=True)
+        subprocess.run(cmd + [CUDA_SRC + f for f in CUDA_UNITS], check=True)
+
+
+class build_py_cuda(build_py):
+    """Also copies the CUDA sources into the package as pyeffort/_cuda_src, where an installed
+    pyeffort.cuda finds them to compile the kernels at first use (cuda.source_dir)."""
+
+    def run(self):
+        super().run()
+        dest = os.path.join(self.build_lib, "pyeffort", "_cuda_src")
+        self.mkpath(dest)
+        for name in cuda_sources():
+            self.copy_file(CUDA_SRC + name, os.path.join(dest, name))
+
+
+class sdist_cuda(sdist):
+    """Also puts src/cuda in the source distribution (a wheel built from it ships them)."""
+
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, files)
+        self.mkpath(os.path.join(base_dir, CUDA_SRC))
+        for name in cuda_sources():
+            self.copy_file(CUDA_SRC + name, os.path.join(base_dir, CUDA_SRC, name))
 
 
 cuda = os.environ.get("PYEFFORT_CUDA") == "1"
-cuda_cmd = {"build_ext": build_ext_cuda if cuda else build_ext_isa}
+cuda_cmd = {
+    "build_ext": build_ext_cuda if cuda else build_ext_isa,
+    "build_py": build_py_cuda,
+    "sdist": sdist_cuda,
+}
 setup(ext_modules=cythonize([core], language_level=3), cmdclass=cuda_cmd)

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
-from pyeffort import _backend, _validate
+from pyeffort import _backend, _devices, _validate
+from pyeffort._devices import GROUP_MAX, MatmulInfo
 from pyeffort.buckets import Buckets, build_buckets
 from pyeffort.errors import DTypeError, LayoutError, ShapeError
-
-
-class MatmulInfo(NamedTuple):
-    """What a call did: realised effort (fraction of the n_in * n_out multiplications performed,
-    averaged over tokens), the weight bytes read, and the multiplications performed."""
-
-    effort: float
-    bytes_read: int
-    mults: int
 
 
 def matmul(x, W, effort: float = 1.0, *, out=None, return_info: bool = False):
@@ -40,10 +30,10 @@ def matmul(x, W, effort: float = 1.0, *, out=None, return_info: bool = False):
     >>> bool(np.dot(y, exact) / np.linalg.norm(y) / np.linalg.norm(exact) > 0.9)
     True
     """
-    if type(W).__name__ == "CudaBuckets" or getattr(x, "is_cuda", False) is True:
-        from pyeffort import cuda  # torch CUDA tensors: the GPU kernels
-
-        return cuda.matmul(x, W, effort, out=out, return_info=return_info)
+    device = _devices.backend_of(W)
+    if device is not None:  # a matrix on a device (W.to("cuda")): that backend's kernels
+        return device.matmul(x, W, effort, out=out, return_info=return_info)
+    _host_activations(x)
     if not isinstance(W, Buckets):
         if not isinstance(W, np.ndarray) and not hasattr(W, "detach"):
             raise DTypeError(f"W must be a Buckets or a 2-D array, got {type(W).__name__}")
@@ -51,6 +41,7 @@ def matmul(x, W, effort: float = 1.0, *, out=None, return_info: bool = False):
     e = _validate.effort(effort)
     x2, vector = _validate.activations(x, W.n_in)
     y = _validate.output(out, x2.shape[0], W.n_out, vector)
+    _no_alias(out, x)
     mults = nbytes = 0
     if x2.shape[0]:
         mults, nbytes = _backend.current.bucketmul(
@@ -69,9 +60,10 @@ def matmul_group(x, Ws, effort=1.0, *, return_info: bool = False):
     job runs the matrices' cutoff searches and then their kernels, each matrix's kernel as soon
     as its search is done.
 
-    ``Ws``: 1 to 4 Buckets with one ``n_in``; ``effort``: one effort, or one per matrix.
-    ``x``: ``(n_in,)`` or ``(n_tokens, n_in)``. Returns a list of arrays (and with
-    ``return_info`` a list of MatmulInfo). Torch CUDA tensors go to ``pyeffort.cuda``.
+    ``Ws``: 1 to ``GROUP_MAX`` (4) Buckets with one ``n_in``; ``effort``: one effort, or one per
+    matrix. ``x``: ``(n_in,)`` or ``(n_tokens, n_in)``. Returns a list of arrays (and with
+    ``return_info`` a list of MatmulInfo). Matrices on a device (``B.to("cuda")``, or a
+    ``pyeffort.cuda.CudaGroup``) run on that device's backend.
 
     >>> import numpy as np, pyeffort
     >>> rng = np.random.default_rng(0)
@@ -82,10 +74,10 @@ def matmul_group(x, Ws, effort=1.0, *, return_info: bool = False):
     >>> all(np.array_equal(y, pyeffort.matmul(x, B, e)) for y, B, e in zip(ys, Bs, [0.5, 0.3]))
     True
     """
-    if getattr(x, "is_cuda", False) is True:
-        from pyeffort import cuda
-
-        return cuda.matmul_group(x, Ws, effort, return_info=return_info)
+    device = _devices.backend_of(Ws) or _group_backend(Ws)
+    if device is not None:
+        return device.matmul_group(x, Ws, effort, return_info=return_info)
+    _host_activations(x)
     Ws = list(Ws) if isinstance(Ws, (list, tuple)) else Ws
     if not isinstance(Ws, list) or not 1 <= len(Ws) <= GROUP_MAX:
         raise ShapeError(f"Ws must be a list of 1 to {GROUP_MAX} Buckets")
@@ -117,7 +109,25 @@ def matmul_group(x, Ws, effort=1.0, *, return_info: bool = False):
     return ys, infos
 
 
-GROUP_MAX = 4  # matrices per matmul_group call (the C core's PE_MAX_GROUP)
+def _group_backend(Ws):
+    """The one backend of a list of matrices (None: the host), or DTypeError if they differ."""
+    if not isinstance(Ws, (list, tuple)) or not Ws:
+        return None
+    names = {getattr(W, "backend", None) for W in Ws}
+    if len(names) > 1:
+        raise DTypeError(f"the matrices of a group live on different devices: {names}")
+    return _devices.backend_of(Ws[0])
+
+
+def _host_activations(x) -> None:
+    if _devices.on_device(x):
+        raise DTypeError("x is on a device but the matrix is not: move it with B.to(x.device)")
+
+
+def _no_alias(out, x) -> None:
+    """The kernels read x while they write out: the two must not overlap."""
+    if out is not None and np.shares_memory(out, x):
+        raise LayoutError("out shares memory with x: pass a separate output array")
 
 
 def prefetch(W) -> None:
@@ -182,6 +192,7 @@ def dense_matmul(x, W, *, out=None):
     x2, vector = _validate.activations(x, W.shape[0])
     _validate.finite("x", x2)
     y = _validate.output(out, x2.shape[0], W.shape[1], vector)
+    _no_alias(out, x)
     if x2.shape[0]:
         _backend.current.dense_f16(x2, W, y)
     if out is not None:

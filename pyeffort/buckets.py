@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pyeffort import _backend, _validate, fileformat, reference
+from pyeffort import _backend, _devices, _validate, fileformat, reference
 from pyeffort.errors import FormatError
 
 FORMAT, VERSION = "pyeffort", 1
@@ -136,11 +136,10 @@ class Buckets:
     def to(self, device):
         """This matrix on ``device``: ``"cpu"`` gives itself, ``"cuda"`` (or ``"cuda:N"``) a
         CudaBuckets repacked for the GPU kernels (needs torch with CUDA; see pyeffort.cuda)."""
-        if str(device) == "cpu":
+        kind = str(device).split(":")[0]
+        if kind == "cpu":
             return self
-        from pyeffort import cuda
-
-        return cuda.to_device(self, device)
+        return _devices.get(kind).to_device(self, device)
 
     # ------------------------------------------------------------ files
 

@@ -9,9 +9,12 @@ tensor: changing it between graph replays needs no re-capture. ``matmul_group(x,
 Bk, Bv]), effort)`` runs several matrices that share their input in one kernel (each with its own
 cutoff: the same results as separate calls).
 
-The kernels are compiled at first use with ``nvcc`` (cached in ``~/.cache/pyeffort``, or
-``$PYEFFORT_CUDA_CACHE``) unless ``setup.py`` built ``pyeffort/_pe_cuda.so``
-(``PYEFFORT_CUDA=1 pip install .``). Nothing here is imported by a CPU-only install.
+The kernels are compiled at first use with ``nvcc`` from the CUDA sources shipped in the
+package (``pyeffort/_cuda_src``; ``src/cuda`` in a source checkout), cached in
+``~/.cache/pyeffort`` (or ``$PYEFFORT_CUDA_CACHE``), unless ``setup.py`` built
+``pyeffort/_pe_cuda.so`` (``PYEFFORT_CUDA=1 pip install .``; ``$PYEFFORT_CUDA_LIB`` names
+another build). Nothing here is imported by a CPU-only install. Failures raise through
+``pyeffort.errors.status_error``, as the C core's.
 
 Limits: ``x`` must be finite (the check would need a host round trip; NaN/Inf give unspecified
 outputs). A CudaBuckets holds its own scratch, so one matrix is used by one stream at a time.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import pathlib
 import shutil
@@ -32,14 +36,21 @@ import tempfile
 import numpy as np
 
 from pyeffort import _validate, reference
-from pyeffort.errors import BackendError, DTypeError, LayoutError, ShapeError
+from pyeffort._devices import GROUP_MAX, MatmulInfo
+from pyeffort.errors import (
+    STATUS_DEVICE,
+    BackendError,
+    DTypeError,
+    LayoutError,
+    ShapeError,
+    status_error,
+)
 
 GROUP = reference.GROUP
 _ROOT = pathlib.Path(__file__).resolve().parent
-_SRC = _ROOT.parent / "src" / "cuda"
+SOURCES = ("status.cu", "bucketmul.cu")  # the library's translation units (as setup.py)
 _PDL = os.environ.get("PYEFFORT_CUDA_PDL", "1") != "0"
 _COOP = os.environ.get("PYEFFORT_CUDA_COOP", "1") != "0"
-MAX_GROUP = 3  # PE_MAX_GROUP in pe_cuda.h
 _lib_handle = None
 
 
@@ -81,9 +92,8 @@ class _Group(ctypes.Structure):
     """Mirror of pe_cuda_group in src/cuda/pe_cuda.h."""
 
     _fields_ = [
-        ("m", _Matrix * MAX_GROUP),
-        ("y", ctypes.c_void_p * MAX_GROUP),
-        ("timing", ctypes.c_void_p),
+        ("m", _Matrix * GROUP_MAX),
+        ("y", ctypes.c_void_p * GROUP_MAX),
         ("n_mat", ctypes.c_int32),
         ("n_workers", ctypes.c_int32),
     ]
@@ -110,9 +120,28 @@ def _arch_flags() -> list[str]:
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.replace(",", ";").split(";")]
 
 
+def source_dir(root: pathlib.Path = _ROOT) -> pathlib.Path:
+    """The folder of the CUDA sources for the package at ``root``: ``_cuda_src`` inside it (an
+    installed wheel: setup.py's build_py copies them there), else ``src/cuda`` beside it (a
+    source checkout)."""
+    for cand in (root / "_cuda_src", root.parent / "src" / "cuda"):
+        if all((cand / f).is_file() for f in SOURCES):
+            return cand
+    raise BackendError(
+        f"pyeffort CUDA: the kernel sources are not in {root / '_cuda_src'} nor in "
+        f"{root.parent / 'src' / 'cuda'} (reinstall pyeffort, or build with PYEFFORT_CUDA=1)"
+    )
+
+
+def source_files(root: pathlib.Path = _ROOT) -> list[pathlib.Path]:
+    """Every CUDA source and header of the library (what its cache key hashes)."""
+    d = source_dir(root)
+    return sorted(f for f in d.iterdir() if f.suffix in (".cu", ".cuh", ".h"))
+
+
 def nvcc_command(out: str, archs: list[str]) -> list[str]:
-    """The nvcc command line that builds the kernel library (setup.py uses it too)."""
-    sources = [str(_SRC / "select.cu"), str(_SRC / "bucketmul.cu")]  # as setup.py
+    """The nvcc command line that builds the kernel library."""
+    sources = [str(source_dir() / f) for f in SOURCES]
     return [
         _nvcc(),
         "-O3",
@@ -128,11 +157,9 @@ def nvcc_command(out: str, archs: list[str]) -> list[str]:
 
 
 def _compiled_path() -> pathlib.Path:
-    if not _SRC.is_dir():
-        raise BackendError(f"pyeffort CUDA: sources {_SRC} missing and no prebuilt _pe_cuda.so")
     archs = _arch_flags()
     h = hashlib.sha256(" ".join(archs).encode())
-    for f in sorted(_SRC.iterdir()):
+    for f in source_files():
         h.update(f.name.encode() + f.read_bytes())
     cache = pathlib.Path(os.environ.get("PYEFFORT_CUDA_CACHE", "~/.cache/pyeffort")).expanduser()
     path = cache / f"pe_cuda_{h.hexdigest()[:16]}.so"
@@ -154,21 +181,27 @@ def _lib():
     global _lib_handle
     if _lib_handle is None:
         prebuilt = pathlib.Path(os.environ.get("PYEFFORT_CUDA_LIB", _ROOT / "_pe_cuda.so"))
-        lib = ctypes.CDLL(str(prebuilt if prebuilt.exists() else _compiled_path()))
-        p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-        grp = ctypes.POINTER(_Group)
-        lib.pe_cuda_matmul.argtypes = [grp, p, i32, i64, p, f64, i32, p, i32, i32]
-        lib.pe_cuda_error_string.restype = ctypes.c_char_p
-        lib.pe_cuda_error_string.argtypes = [i32]
-        _check(lib, lib.pe_cuda_init())
-        _lib_handle = lib
+        _lib_handle = load(prebuilt if prebuilt.exists() else _compiled_path())
     return _lib_handle
 
 
+def load(path) -> ctypes.CDLL:
+    """The kernel library at ``path``, its functions typed and its kernels set up."""
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    lib.pe_cuda_matmul.argtypes = [ctypes.POINTER(_Group), p, i32, i64, p, f64, i32, p, i32, i32]
+    lib.pe_cuda_error_string.restype = ctypes.c_char_p
+    lib.pe_cuda_error_string.argtypes = [i32]
+    _check(lib, lib.pe_cuda_init())
+    return lib
+
+
 def _check(lib, status: int) -> None:
+    """A status of the library (pe_cuda.h) -> the exception errors.status_error names."""
     if status:
-        msg = lib.pe_cuda_error_string(status).decode()
-        raise BackendError(f"pyeffort CUDA: {msg} (status {status})")
+        msg = lib.pe_cuda_error_string(status)  # a CUDA runtime error's own message, or NULL
+        detail = f"{msg.decode()} (CUDA error {status - STATUS_DEVICE})" if msg else ""
+        raise status_error(status, "pyeffort CUDA", detail)
 
 
 def set_pdl(enabled: bool) -> None:
@@ -209,6 +242,8 @@ class CudaBuckets:
     ``ct``: groups per column tile (32, 64, 128 or 256; by default from the width). Matrices run
     together in a CudaGroup need the same ``ct``. ``splits``: row splits when used alone (by
     default as many as fill the multiprocessors)."""
+
+    backend = "cuda"  # the device backend pyeffort.matmul dispatches to (pyeffort._devices)
 
     def __init__(
         self, values, positions, stats, order, n_out: int, device=None, *, ct=None, splits=None
@@ -277,11 +312,6 @@ class CudaBuckets:
     def n_splits(self) -> int:
         return self._alone.splits[0]
 
-    def profile(self, enabled: bool = True):
-        """Record clock stamps of the kernel's phases into ``self.timing`` (see cuda_bench)."""
-        self._alone.profile(enabled)
-        self.timing = self._alone.timing
-
     @property
     def shape(self) -> tuple[int, int]:
         return (self.n_in, self.n_out)
@@ -303,16 +333,20 @@ class CudaBuckets:
 
 
 class CudaGroup:
-    """Up to 3 CudaBuckets with the same input size and ``ct``, run by one kernel per call
-    (``matmul_group``): e.g. q/k/v, or w1/w3. Each keeps its own cutoff. The group holds the
-    split partial sums; the matrices' own scratch is shared with their single calls, so a
-    matrix is used by one call at a time."""
+    """Up to GROUP_MAX (4) CudaBuckets with the same input size and ``ct``, run by one kernel
+    per call (``matmul_group``): e.g. q/k/v, or w1/w3. Each keeps its own cutoff. The group
+    holds the split partial sums; the matrices' own scratch is shared with their single calls,
+    so a matrix is used by one call at a time."""
+
+    backend = "cuda"
 
     def __init__(self, mats, splits=None):
         torch = _torch()
         mats = list(mats)
-        if not 1 <= len(mats) <= MAX_GROUP or not all(isinstance(b, CudaBuckets) for b in mats):
-            raise DTypeError(f"a CudaGroup takes 1 to {MAX_GROUP} CudaBuckets")
+        if not 1 <= len(mats) <= GROUP_MAX:
+            raise ShapeError(f"a CudaGroup takes 1 to {GROUP_MAX} CudaBuckets, got {len(mats)}")
+        if not all(isinstance(b, CudaBuckets) for b in mats):
+            raise DTypeError("a CudaGroup takes CudaBuckets (B.to('cuda'))")
         b0 = mats[0]
         for b in mats:
             if b.device != b0.device or b.n_in != b0.n_in or b.ct != b0.ct:
@@ -327,7 +361,7 @@ class CudaGroup:
             splits = max(1, (n_sms - len(mats)) // tiles)
         elif not 1 <= splits <= (n_sms - len(mats)) // tiles:
             raise ShapeError(f"splits must lie in 1..{(n_sms - len(mats)) // tiles}")
-        self.mats, self.device, self.timing = mats, b0.device, None
+        self.mats, self.device = mats, b0.device
         self.splits = [min(int(splits), -(-b.n_rows // 32)) for b in mats]
         self._g = _Group()
         self._scratch, block0 = [], 0
@@ -345,16 +379,6 @@ class CudaGroup:
             self._g.m[i] = b._matrix(part, cand, seg, sp, block0)
             block0 += b.n_tiles * sp
         self._g.n_mat, self._g.n_workers = len(mats), block0
-
-    def profile(self, enabled: bool = True):
-        """Record %globaltimer stamps (ns) of the next calls into ``self.timing`` (32,): block 0's
-        phases in 0..9, the last block's end in 10, the first block's start in 11, the
-        selector's in 12..14, and the latest of each phase over the workers in 16 + phase."""
-        torch = _torch()
-        self.timing = torch.zeros(32, dtype=torch.int64, device=self.device) if enabled else None
-        if enabled:
-            self.timing[11] = 2**62  # a minimum
-        self._g.timing = self.timing.data_ptr() if enabled else None
 
 
 def repack(torch, values, positions, ct: int):
@@ -494,6 +518,8 @@ def _run(x, group, effort, outs, out_dtype, return_info):
         ys.append(_output(torch, o, out_dtype, x.dtype, shape, B.device))
     if len({y.dtype for y in ys}) != 1:
         raise DTypeError("the outputs of a group need one dtype")
+    if outs is not None and _any_overlap([x, *ys]):
+        raise LayoutError("an output shares memory with x or another output: pass separate tensors")
     lib = _lib()
     if return_info:
         for B in group.mats:
@@ -520,8 +546,6 @@ def _run(x, group, effort, outs, out_dtype, return_info):
         )
     if not return_info:
         return ys
-    from pyeffort.api import MatmulInfo
-
     infos = []
     for B in group.mats:
         mults, rows = (int(v) for v in B._state[5:7].cpu())
@@ -536,6 +560,15 @@ def _effort(torch, effort, device):
             raise DTypeError(f"a tensor effort must be one float64 element on {device}")
         return effort.data_ptr(), 0.0
     return None, _validate.effort(effort)
+
+
+def _any_overlap(tensors) -> bool:
+    """Whether two of these contiguous tensors share bytes (the kernel reads x while it writes
+    the outputs)."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel()
+    )
+    return any(b0 < a1 for (_, a1), (b0, _) in itertools.pairwise(spans))  # sorted: neighbours
 
 
 def _output(torch, out, out_dtype, x_dtype, shape, device):

@@ -174,8 +174,9 @@ def test_tile_widths(ct, gen, rng):
 
 
 def test_group_matches_reference(gen, rng):
-    """Three matrices with one input in one kernel: each its own cutoff, as separate calls."""
-    shapes = [(512, 1000), (512, 200), (512, 37)]
+    """GROUP_MAX (4) matrices with one input in one kernel: each its own cutoff, as separate
+    calls."""
+    shapes = [(512, 1000), (512, 200), (512, 37), (512, 300)][: pyeffort.api.GROUP_MAX]
     bs = [
         pyeffort.build_buckets(rng.standard_normal(s).astype(np.float16) * (i + 1))
         for i, s in enumerate(shapes)
@@ -194,6 +195,11 @@ def test_group_matches_reference(gen, rng):
         assert all(torch.equal(a, b) for a, b in zip(ys, again))
     with pytest.raises(pyeffort.ShapeError):
         cuda.CudaGroup([bcs[0], cuda.to_device(bs[0], "cuda", ct=64)])  # two tile widths
+    with pytest.raises(pyeffort.ShapeError):  # one limit on every backend
+        cuda.CudaGroup(bcs + [cuda.to_device(bs[0], "cuda", ct=32)])
+    x = fresh_x(gen, 1, 512, torch.float16)[0]  # pyeffort.matmul_group dispatches a list too
+    ys = pyeffort.matmul_group(x, bcs[:2], 0.3)
+    assert all(torch.equal(y, cuda.matmul(x, b, 0.3)) for y, b in zip(ys, bcs[:2]))
 
 
 def test_alone_and_grouped_calls_interleave(gen, rng):
@@ -327,3 +333,6 @@ def test_bad_inputs_raise(rng):
         pyeffort.matmul(x, bc, torch.tensor([0.5], device="cuda"))  # float32 effort tensor
     with pytest.raises(pyeffort.DTypeError):
         pyeffort.matmul(x, bc, 0.5, out=torch.empty(32, device="cuda", dtype=torch.bfloat16))
+    buf = torch.ones(64, device="cuda", dtype=torch.float16)
+    with pytest.raises(pyeffort.LayoutError, match="shares memory"):  # the kernel reads x late
+        pyeffort.matmul(buf, bc, 0.5, out=buf[16:48])

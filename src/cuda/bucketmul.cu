@@ -41,13 +41,9 @@ static_assert(sizeof(pe_cuda_state) == 64 && offsetof(pe_cuda_state, tbase) == 1
                   offsetof(pe_cuda_state, cut_word) == 8,
               "the kernel reads the bases as one uint4 word");
 
-#ifndef PE_OWNP_MAX
 #define PE_OWNP_MAX 32 /* the own partial tile from shared memory with at most this many splits
                           (more: 4096x4096 and 4096x1024 ran 0.1-0.5 us slower with it) */
-#endif
-#ifndef PE_POLL_NS
 #define PE_POLL_NS 128 /* pause between polls of a split partial that is not in yet */
-#endif
 
 /* Words per worker in m.cand: a tagged count, then up to cand_seg tagged keys (64 bits each). */
 __device__ __forceinline__ size_t pe_cand_stride(const pe_cuda_matrix &m) {
@@ -179,13 +175,7 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
                                                uint32_t *cand_k, uint32_t *n_c,
                                                uint32_t (*warp_n)[PE_KR * PE_WARPS],
                                                uint32_t *s_tot, uint32_t tag, bool last,
-                                               uint32_t short_from, long long *tm = nullptr) {
-#ifdef PE_SUBSTAMP /* block 0's stamps inside the lists phase (slots 26-29) */
-#define PE_SUB(i) \
-    if (tm && threadIdx.x == 0) tm[i] = pe_now()
-#else
-#define PE_SUB(i)
-#endif
+                                               uint32_t short_from) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const uint32_t nt = (uint32_t)m.n_tiles, c0 = *n_c;
     /* number of candidate indices o < v with o % nt == tile: this worker's share */
@@ -205,14 +195,12 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
         }
     }
     __syncthreads();
-    PE_SUB(26);
     if (warp < 2) {
         const uint32_t tot = pe_warp_scan256(warp_n[warp]);
         if (lane == 0) s_tot[warp] = tot;
     }
     __syncthreads();
     const uint32_t nd = s_tot[0], nc = s_tot[1];
-    PE_SUB(27);
     const unsigned lt = (1u << lane) - 1u;
     /* sure rows go to list[list_base ...] only if all fit (list_base 0: always) */
     const bool wd = list_base == 0 || list_base + nd <= PE_PASS_ROWS;
@@ -234,7 +222,6 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
         }
     }
     __syncthreads();
-    PE_SUB(28);
     if (nc && publish) { /* this worker's segment of the global list: 1 + share index */
         unsigned long long *seg =
             (unsigned long long *)(m.cand + (size_t)worker * pe_cand_stride(m)) + 1;
@@ -261,9 +248,7 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
         }
     }
     *n_c = c0 + nc;
-    PE_SUB(29);
     return nd;
-#undef PE_SUB
 }
 
 /* Selector: the per-worker counts, each polled until it carries this call's tag -> s_off
@@ -330,8 +315,7 @@ template <typename TX, typename TY, int CT>
 __device__ __noinline__ void pe_worker_all(const TX *x, const pe_cuda_matrix *mp, void *yv,
                                            uint32_t tag, uint32_t s1y, uint32_t s1w, int split,
                                            int tile, int n_pass, uint32_t n_k,
-                                           uint32_t n_stripes, long long *timing,
-                                           long long t_start) {
+                                           uint32_t n_stripes) {
     typedef Tile<CT> T;
     extern __shared__ __align__(16) unsigned char smem[];
     float *acc = (float *)smem;
@@ -341,11 +325,6 @@ __device__ __noinline__ void pe_worker_all(const TX *x, const pe_cuda_matrix *mp
     const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
     float *my = acc + team * T::ACC + t;
     const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
-#define PE_STAMP_A(i)                                                   \
-    if (timing && threadIdx.x == 0) {                                   \
-        if (blockIdx.x == 0) timing[i] = pe_now();                      \
-        atomicMax((unsigned long long *)&timing[16 + (i)], (unsigned long long)pe_now()); \
-    }
     int ri[PE_KR], ord[PE_KR];
     float sta[PE_KR], xv[PE_KR];
     pe_load_meta(m, split, n_pass - 1, ri, ord, sta); /* as before the PDL wait: cached */
@@ -358,10 +337,6 @@ __device__ __noinline__ void pe_worker_all(const TX *x, const pe_cuda_matrix *mp
     if (__syncthreads_or(s1y == 0xFFFFFFFFu && s1w == 0xFFFFFFFFu) && threadIdx.x == 0)
         asm volatile("" ::: "memory");
     if (threadIdx.x == 0) atomicAdd(&st->hist_done, 1u);
-    PE_STAMP_A(2);
-    PE_STAMP_A(3);
-    PE_STAMP_A(4);
-    PE_STAMP_A(5);
     pe_process<CT>(list, n, tile_base, my, team, t, [&] {
         for (int i = threadIdx.x; i < T::NT * T::ACC / 4; i += PE_THREADS)
             reinterpret_cast<float4 *>(acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -382,26 +357,8 @@ __device__ __noinline__ void pe_worker_all(const TX *x, const pe_cuda_matrix *mp
     }
     __syncthreads();
     if (tile == 0 && threadIdx.x == 0) atomicAdd(&st->info_rows, (unsigned long long)n_all);
-    PE_STAMP_A(6);
-    PE_STAMP_A(7);
-    PE_STAMP_A(8);
     pe_write_sums<TY, CT>(m, acc, tile, split, (TY *)yv, tag, (float *)list);
-    PE_STAMP_A(9);
-    if (timing && threadIdx.x == 0) {
-        atomicMax((unsigned long long *)&timing[10], (unsigned long long)pe_now());
-        atomicMin((unsigned long long *)&timing[11], (unsigned long long)t_start);
-        atomicMax((unsigned long long *)&timing[16], (unsigned long long)t_start);
-    }
-#undef PE_STAMP_A
 }
-
-#define PE_STAMP_MAX(i) \
-    if (g.timing && threadIdx.x == 0) \
-    atomicMax((unsigned long long *)&g.timing[16 + (i)], (unsigned long long)pe_now())
-#define PE_STAMP(i) \
-    if (g.timing && blockIdx.x == 0 && threadIdx.x == 0) g.timing[i] = pe_now()
-#define PE_STAMP_SEL(i) \
-    if (g.timing && mi == 0 && threadIdx.x == 0) g.timing[i] = pe_now()
 
 template <typename TX, typename TY, int CT>
 __global__ void __launch_bounds__(PE_THREADS, 1)
@@ -425,8 +382,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         s_m = g.m[mi];
         s_y = g.y[mi];
     }
-    PE_STAMP(0);
-    const long long t_start = g.timing ? pe_now() : 0;
     __syncthreads();
     const pe_cuda_matrix &m = s_m;
     pe_cuda_state *st = m.state;
@@ -451,7 +406,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     }
     pe_pdl_wait();
     pe_pdl_launch();
-    PE_STAMP(1);
     const uint4 s1 = __ldcg((const uint4 *)st + 1); /* (tbase, epoch, cut, hbase) */
     const uint32_t epoch = s1.y, parity = epoch & 1u, tag = epoch + 1u; /* tag: this call's */
     const uint32_t all_in = s1.w + n_workers; /* hist_done target of this call */
@@ -476,7 +430,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
                 st->hbase = all_in;
             }
         }
-        PE_STAMP_SEL(12);
         uint32_t cut;
         unsigned long long mults;
         if (mode == PE_MODE_SEARCH) {
@@ -490,7 +443,6 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             }
             uint32_t *s_off = (uint32_t *)list; /* (n_workers + 1,) */
             const uint32_t n_c = gather_counts(m, n_workers, s_off, tag);
-            PE_STAMP_SEL(13);
             const size_t stride = pe_cand_stride(m);
             auto fetch = [&](uint32_t i) { /* i-th candidate: its segment */
                 uint32_t lo = 0, hi = n_workers; /* s_off[lo] <= i < s_off[hi] */
@@ -512,17 +464,15 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             st->mults = mults;
             atomicAdd(&st->info_mults, mults);
         }
-        PE_STAMP_SEL(14);
         return;
     }
 
     /* ------------------------------------------------------------------ worker block */
     if (mode == PE_MODE_ALL) {
         pe_worker_all<TX, TY, CT>(x, &m, s_y, tag, s1.y, s1.w, split, tile, n_pass, n_k,
-                                  n_stripes, g.timing, t_start);
+                                  n_stripes);
         return;
     }
-    long long *const tm0 = blockIdx.x == 0 ? g.timing : nullptr; /* split_rows' sub-stamps */
     const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
     float *my = acc + team * T::ACC + t;
     const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
@@ -565,18 +515,12 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     /* the accumulators are zeroed while the other workers' histograms come in */
     for (int i = threadIdx.x; i < T::NT * T::ACC / 4; i += PE_THREADS)
         reinterpret_cast<float4 *>(acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-    PE_STAMP(2);
-    PE_STAMP_MAX(2);
     const unsigned long long hsum = mode == PE_MODE_SEARCH ? m.total_w : 0ull;
     __syncthreads();
-    PE_STAMP(3);
-    PE_STAMP_MAX(3);
     unsigned long long aw = 0;
     const uint32_t known_cut = PE_INVALID; /* effort 0: nothing */
     const int b1 = pick_level1(hist, (uint32_t *)list, mode, budget, &aw, hsum);
     const bool publish = mode == PE_MODE_SEARCH; /* the selector reads the candidates */
-    PE_STAMP(4);
-    PE_STAMP_MAX(4);
 
     /* 2.-3. pass by pass: sure rows -> list -> accumulators; candidates -> own list + global
      * share, the count published with the last pass's (before its streaming). One key load per
@@ -587,9 +531,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
                           though faster at effort 1.0 on the largest shapes (README_cuda.md) */
         const uint32_t nd = split_rows(m, b1, true, true, publish, tile, local, ri, xv, key, list,
                                        0u, cand_rx, cand_k, &n_c, warp_n, s_tot, tag, true,
-                                       short_from, tm0);
-        PE_STAMP(5);
-        PE_STAMP_MAX(5);
+                                       short_from);
         pe_process<CT>(list, nd, tile_base, my, team, t);
         n_def_all += nd;
         __syncthreads();
@@ -605,13 +547,11 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             const bool app = pend == n_pass;
             const uint32_t nd = split_rows(m, b1, app, true, publish, tile, local, ri, xv, key,
                                            list, n_list, cand_rx, cand_k, &n_c, warp_n, s_tot,
-                                           tag, p == n_pass - 1, short_from, tm0);
+                                           tag, p == n_pass - 1, short_from);
             if (app && (n_list == 0 || n_list + nd <= PE_PASS_ROWS)) n_list += nd;
             else if (app) pend = p;
         }
         if (pend == n_pass) pend = visited;
-        PE_STAMP(5);
-        PE_STAMP_MAX(5);
         pe_process<CT>(list, n_list, tile_base, my, team, t);
         n_def_all += n_list;
         __syncthreads();
@@ -629,12 +569,9 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     /* 3b. the own candidates: loads issued, then the cut, then those with key >= cut */
     __shared__ uint32_t s_cut;
     auto wait_cut = [&]() -> uint32_t { /* block-wide */
-        PE_STAMP(6);
-        PE_STAMP_MAX(6);
         if (mode != PE_MODE_SEARCH) return known_cut; /* no search: known here */
         if (threadIdx.x == 0) s_cut = pe_poll_tag<false>(&st->cut_word, tag);
         __syncthreads();
-        PE_STAMP(7);
         return s_cut;
     };
     uint32_t n_take = 0;
@@ -663,17 +600,8 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     __syncthreads();
     if (tile == 0 && threadIdx.x == 0)
         atomicAdd(&st->info_rows, (unsigned long long)(n_def_all + n_take));
-    PE_STAMP(8);
-    PE_STAMP_MAX(8);
 
     pe_write_sums<TY, CT>(m, acc, tile, split, (TY *)s_y, tag, (float *)list); /* list: free */
-    PE_STAMP(9);
-    PE_STAMP_MAX(9);
-    if (g.timing && threadIdx.x == 0) {
-        atomicMax((unsigned long long *)&g.timing[10], (unsigned long long)pe_now());
-        atomicMin((unsigned long long *)&g.timing[11], (unsigned long long)t_start);
-        atomicMax((unsigned long long *)&g.timing[16], (unsigned long long)t_start);
-    }
 }
 
 /* ---------------------------------------------------------------- launch */
@@ -729,16 +657,18 @@ static cudaError_t raise_all() {
     return e;
 }
 
-/* PE_BENCH_ONLY: fp16 activations only (a faster build of a variant, for timing runs). */
+/* A CUDA runtime error -> a status (pe_cuda.h). */
+static int pe_status_of(cudaError_t e) {
+    return e == cudaSuccess ? PE_CUDA_OK : PE_CUDA_ERR_DEVICE + (int)e;
+}
+
 extern "C" int pe_cuda_init(void) {
     cudaError_t e = raise_all<__half, float>();
     if (e == cudaSuccess) e = raise_all<__half, __half>();
-#ifndef PE_BENCH_ONLY
     if (e == cudaSuccess) e = raise_all<float, float>();
     if (e == cudaSuccess) e = raise_all<__nv_bfloat16, float>();
     if (e == cudaSuccess) e = raise_all<__nv_bfloat16, __nv_bfloat16>();
-#endif
-    return (int)e;
+    return pe_status_of(e);
 }
 
 static int elem_size(int dtype) { return dtype == PE_F32 ? 4 : 2; }
@@ -749,14 +679,12 @@ static cudaError_t launch_types(const pe_cuda_group *g, const void *x, int xd, i
         return launch_ct<__half, float>(g, x, stream, pdl, coop, ep, ev);
     if (xd == PE_F16 && yd == PE_F16)
         return launch_ct<__half, __half>(g, x, stream, pdl, coop, ep, ev);
-#ifndef PE_BENCH_ONLY
     if (xd == PE_F32 && yd == PE_F32)
         return launch_ct<float, float>(g, x, stream, pdl, coop, ep, ev);
     if (xd == PE_BF16 && yd == PE_F32)
         return launch_ct<__nv_bfloat16, float>(g, x, stream, pdl, coop, ep, ev);
     if (xd == PE_BF16 && yd == PE_BF16)
         return launch_ct<__nv_bfloat16, __nv_bfloat16>(g, x, stream, pdl, coop, ep, ev);
-#endif
     return cudaErrorInvalidValue;
 }
 
@@ -785,7 +713,8 @@ extern "C" int pe_cuda_matmul(const pe_cuda_group *g, const void *x, int x_dtype
             gt.y[i] = (char *)g->y[i] + t * g->m[i].n_out * elem_size(y_dtype);
         cudaError_t e =
             launch_types(&gt, xt, x_dtype, y_dtype, stream, pdl, coop, effort_ptr, effort_val);
-        if (e != cudaSuccess) return e == cudaErrorInvalidValue ? PE_CUDA_ERR_ARG : (int)e;
+        if (e == cudaErrorInvalidValue) return PE_CUDA_ERR_ARG; /* a dtype or ct unknown here */
+        if (e != cudaSuccess) return pe_status_of(e);
     }
-    return 0;
+    return PE_CUDA_OK;
 }

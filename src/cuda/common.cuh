@@ -32,13 +32,6 @@ __device__ __forceinline__ void pe_pdl_launch() {
 #endif
 }
 
-/* Profiling (timing set): the global nanosecond timer, comparable across multiprocessors. */
-__device__ __forceinline__ long long pe_now() {
-    long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
 /* Block meetings through a counter in global memory (all blocks are resident: cooperative
  * launch). pe_signal: every thread's earlier writes, then +1. pe_wait_geq: until >= target, mod
  * 2^32 (a wait of seconds traps: a kernel error instead of a hang, should blocks ever not be

@@ -1,7 +1,7 @@
 /* pyeffort CUDA backend: cutoff selection and the effort matmul on NVIDIA GPUs.
- * Semantics are reference.py's. Every entry point returns a status (0 = ok, else a cudaError_t
- * value or PE_CUDA_ERR_ARG) and never exits; all work is queued on the caller's stream with no
- * host round trip, so a whole call can be captured in a CUDA graph.
+ * Semantics are reference.py's. Every entry point returns a status (below) and never exits; all
+ * work is queued on the caller's stream with no host round trip, so a whole call can be captured
+ * in a CUDA graph.
  *
  * One call = one cooperative kernel (bucketmul.cu) for a group of 1 to PE_MAX_GROUP matrices that
  * share the input x. Its blocks: for each matrix, n_tiles x n_splits workers (a column tile of the
@@ -17,8 +17,12 @@
 extern "C" {
 #endif
 
-#define PE_CUDA_ERR_ARG 100000 /* inconsistent arguments (a caller bug: Python validates) */
-#define PE_MAX_GROUP 3         /* matrices per call */
+/* Status codes: the C core's (src/cpu/pyeffort.h), mapped to exceptions in one place
+ * (pyeffort/errors.py); a CUDA runtime error e is PE_CUDA_ERR_DEVICE + e. */
+#define PE_CUDA_OK 0
+#define PE_CUDA_ERR_ARG 3        /* inconsistent arguments (a caller bug: Python validates) */
+#define PE_CUDA_ERR_DEVICE 1000  /* + the cudaError_t */
+#define PE_MAX_GROUP 4           /* matrices per call (pyeffort._devices.GROUP_MAX, as the C core) */
 
 /* dtype codes of activations and outputs */
 enum { PE_F32 = 0, PE_F16 = 1, PE_BF16 = 2 };
@@ -65,24 +69,21 @@ typedef struct {
 typedef struct {
     pe_cuda_matrix m[PE_MAX_GROUP];
     void *y[PE_MAX_GROUP];
-    long long *timing; /* NULL, or (32,) %globaltimer stamps of the phases */
     int32_t n_mat, n_workers;
 } pe_cuda_group;
 
-/* Raise kernel attributes once; returns a status. */
+/* Raise kernel attributes once. -> a status. */
 int pe_cuda_init(void);
 
 /* x (n_tokens, n_in) of x_dtype @ each matrix of g at effort -> g.y[i] (n_tokens, n_out_i) of
  * y_dtype. effort is *effort_ptr when effort_ptr (device float64) is not NULL, else effort_val.
  * stream is a cudaStream_t; with pdl, the kernel uses programmatic dependent launch; with coop,
- * it is launched cooperative (all blocks resident at once, as the kernel needs). */
+ * it is launched cooperative (all blocks resident at once, as the kernel needs). -> a status. */
 int pe_cuda_matmul(const pe_cuda_group *g, const void *x, int x_dtype, int64_t n_tokens,
                    const double *effort_ptr, double effort_val, int y_dtype, void *stream,
                    int pdl, int coop);
 
-/* Multiprocessor count of the current device, or a negative status. */
-int pe_cuda_num_sms(void);
-
+/* The CUDA runtime's message for a status above PE_CUDA_ERR_DEVICE, else NULL. */
 const char *pe_cuda_error_string(int status);
 
 #ifdef __cplusplus

@@ -6,22 +6,10 @@
 #pragma once
 #include "common.cuh"
 
-#ifndef PE_KR
 #define PE_KR 8 /* rounds per pass: keys held per thread (16: 11-18% slower, less L1 left) */
-#endif
-#ifndef PE_CAND_CAP
 #define PE_CAND_CAP 1024 /* own candidate rows kept in shared memory */
-#endif
 #define PE_PASS_ROWS (PE_KR * PE_THREADS) /* rows of a split per pass (list capacity) */
-#ifndef PE_UNROLL
-#define PE_UNROLL 8 /* rows per load batch of a team (two in flight) */
-#endif
-#ifndef PE_UNROLL64
-#define PE_UNROLL64 PE_UNROLL /* the same for tiles of 64 groups */
-#endif
-#ifndef PE_UNROLL32
-#define PE_UNROLL32 PE_UNROLL /* the same for tiles of 32 groups */
-#endif
+#define PE_UNROLL 8 /* rows per load batch of a team (two in flight), for every tile width */
 #define PE_INVALID 0xFFFFFFFFu            /* key of a missing row (real keys are < 2^31) */
 
 template <int CT>
@@ -34,7 +22,7 @@ struct Tile {
     static constexpr int LIST_BYTES = 8 * PE_PASS_ROWS;  /* (row, x) of dispatched rows   */
     static constexpr int CAND_BYTES = 12 * PE_CAND_CAP;  /* (row, x), key of own candidates */
     static constexpr int SMEM = ACC_BYTES + LIST_BYTES + CAND_BYTES;
-    static constexpr int U = CT == 64 ? PE_UNROLL64 : CT == 32 ? PE_UNROLL32 : PE_UNROLL;
+    static constexpr int U = PE_UNROLL;
 };
 
 /* Where a split's rows are: row of (pass p, round q) for this thread, or -1. */
@@ -168,28 +156,23 @@ __device__ __forceinline__ uint32_t pe_compact(const bool (&take)[PE_KR], const 
  * without an L1 allocation (4096x14336 at 0.5: 43.8 -> 37.0 us against __ldg; the cause is not
  * verified: likely misses waiting for L1 lines, ~60 KB of L1 being left beside the shared
  * memory). Chunks of CT = 32 (80 bytes) share sectors with their neighbours, which other teams
- * load next: through L1 (no_allocate was 1.3 us slower at 4096x1024, effort 1.0). PE_LD_L1
- * forces L1 loads for every width (for comparisons). */
+ * load next: through L1 (no_allocate was 1.3 us slower at 4096x1024, effort 1.0). */
 template <int CT>
 __device__ __forceinline__ uint2 pe_ld_row8(const uint8_t *a) {
-#ifndef PE_LD_L1
     if (CT >= 64) {
         uint2 v;
         asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(a));
         return v;
     }
-#endif
     return __ldg((const uint2 *)a);
 }
 template <int CT>
 __device__ __forceinline__ uint32_t pe_ld_row2(const uint8_t *a) {
-#ifndef PE_LD_L1
     if (CT >= 64) {
         unsigned short v;
         asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(a));
         return v;
     }
-#endif
     return __ldg((const unsigned short *)a);
 }
 

@@ -2,7 +2,7 @@
 cuBLAS baseline, the libraries interleaved over rounds (so drift shows as spread). Each library
 must give the same output bits as the first (the summation order is part of the design).
 
-    python bench/cuda_variants.py LIB.so [LIB.so@nocoop ...] [--shapes 4096x14336,4096x4096]
+    python experiments/cuda/cuda_variants.py LIB.so [LIB.so@nocoop ...] [--shapes 4096x14336,4096x4096]
         [--efforts 1.0,0.5,0.25,0.1] [--rounds 2] [--json out.json]
 
 A library named as LIB.so@nocoop runs without the cooperative launch attribute (measurement

@@ -2,7 +2,7 @@
 with each launch mode (cooperative, PDL), eagerly and in a CUDA graph? Prints one line per mode
 and, last, ``BEST_ENV=...``: the environment for the fastest correct mode (for cuda_run.sh).
 
-    python bench/cuda_smoke.py
+    python experiments/cuda/cuda_smoke.py
 """
 
 from __future__ import annotations

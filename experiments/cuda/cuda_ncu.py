@@ -1,5 +1,5 @@
 """One shape's effort matmul called eagerly, for Nsight Compute (ncu) to read counters of one
-call: python bench/cuda_ncu.py 4096x4096 0.25 [n_calls]. Rotates weight sets as the benchmark
+call: python experiments/cuda/cuda_ncu.py 4096x4096 0.25 [n_calls]. Rotates weight sets as the benchmark
 does (so L2 does not hold the weights); ncu picks the call with -s/-c."""
 
 import sys

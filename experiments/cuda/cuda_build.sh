@@ -1,8 +1,9 @@
 #!/bin/bash
 # Build kernel variants in parallel (on the device machine: 16 cores) into .devbuild/libs.
-# Usage: bash bench/cuda_build.sh NAME:SRC_DIR:FLAGS ...   (SRC_DIR holds select.cu, bucketmul.cu;
-# FLAGS comma-separated), e.g. a_base:.devbuild/base_src/src/cuda:-DPE_BENCH_ONLY
-#   c_rel:src/cuda:-DPE_BENCH_ONLY,-DPE_SIG_RELEASE
+# Usage: bash experiments/cuda/cuda_build.sh NAME:SRC_DIR:FLAGS ...   (SRC_DIR holds status.cu, bucketmul.cu;
+# FLAGS comma-separated extra nvcc flags), e.g. base:src/cuda: prof:.devbuild/prof_src:
+# The product sources take no tuning macros: a variant is a patched copy of src/cuda (as the
+# profiling build, profiling.sh).
 # Each build's log: .devbuild/libs/NAME.log; prints NAME rc seconds.
 mkdir -p .devbuild/libs
 for v in "$@"; do
@@ -11,7 +12,7 @@ for v in "$@"; do
   (
     t0=$(date +%s)
     nvcc -O3 -std=c++17 -shared -Xcompiler -fPIC -gencode=arch=compute_90,code=sm_90 $flags \
-      -Xptxas -v -o ".devbuild/libs/$name.so" "$src/select.cu" "$src/bucketmul.cu" \
+      -Xptxas -v -o ".devbuild/libs/$name.so" "$src/status.cu" "$src/bucketmul.cu" \
       >".devbuild/libs/$name.log" 2>&1
     echo "$name rc=$? $(($(date +%s) - t0))s"
   ) &

@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call: build, check and time the CUDA backend. Usage: bash bench/cuda_run.sh [stage...]
+# One device call: build, check and time the CUDA backend. Usage: bash experiments/cuda/cuda_run.sh [stage...]
 # stages: env smoke tests quick build variants libs ct256 bench model modelng model2 (default: env smoke tests quick model).
 # Logs go to $OUT. A prebuilt pyeffort/_pe_cuda.so (carried) is used if it loads, else nvcc.
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 PYEFFORT_CUDA_CACHE=/tmp/pecache PYEFFORT_REAL_NPZ=.devbuild/real.npz
@@ -18,30 +18,30 @@ for s in $stages; do
       python3 -c "import time; t=time.time(); from pyeffort import cuda; cuda._lib(); print('cuda lib ok', round(time.time()-t,1), 's')"
       ;;
     smoke)
-      timeout 120 python3 bench/cuda_smoke.py 2>&1 | tee "$OUT/smoke.log"
+      timeout 120 python3 experiments/cuda/cuda_smoke.py 2>&1 | tee "$OUT/smoke.log"
       best=$(grep '^BEST_ENV=' "$OUT/smoke.log" | cut -d= -f2-)
       [ -n "$best" ] && export $best && echo "using $best"
       ;;
     tests) timeout 300 python3 -m pytest tests/test_cuda.py -q -rA --timeout 120 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
     build)  # VARIANTS="name:srcdir:flags ..." built in parallel into .devbuild/libs (cuda_build.sh)
-      bash bench/cuda_build.sh $VARIANTS 2>&1 | tee "$OUT/build.txt"
+      bash experiments/cuda/cuda_build.sh $VARIANTS 2>&1 | tee "$OUT/build.txt"
       tar czf "$OUT/buildlogs.tgz" .devbuild/libs/*.log ;;
-    quick) timeout 200 python3 bench/cuda_bench.py --quick --shapes 4096x14336,4096x4096 --json "$OUT/quick.json" ;;
-    ct256) timeout 150 python3 bench/cuda_bench.py --quick --ct 256 --shapes 4096x14336,14336x4096 --json "$OUT/ct256.json" ;;
-    modelng) timeout 300 python3 bench/cuda_model.py --no-groups --json "$OUT/model_nogroups.json" ;;
-    variants)  # other builds carried in .devbuild/libs (e.g. -DPE_KR=8): the quick kernel bench
+    quick) timeout 200 python3 experiments/cuda/cuda_bench.py --quick --shapes 4096x14336,4096x4096 --json "$OUT/quick.json" ;;
+    ct256) timeout 150 python3 experiments/cuda/cuda_bench.py --quick --ct 256 --shapes 4096x14336,14336x4096 --json "$OUT/ct256.json" ;;
+    modelng) timeout 300 python3 experiments/cuda/cuda_model.py --no-groups --json "$OUT/model_nogroups.json" ;;
+    variants)  # other builds carried in .devbuild/libs (e.g. profiling.sh's): the quick kernel bench
       for lib in .devbuild/libs/*.so; do
         echo "--- $lib"
-        PYEFFORT_CUDA_LIB=$lib timeout 150 python3 bench/cuda_bench.py --quick --no-groups \
+        PYEFFORT_CUDA_LIB=$lib timeout 150 python3 experiments/cuda/cuda_bench.py --quick --no-groups \
           --shapes 4096x14336,4096x4096,14336x4096 --json "$OUT/variant_$(basename $lib .so).json"
       done ;;
-    libs)  # the builds in .devbuild/libs side by side in one process (bench/cuda_variants.py)
-      timeout 480 python3 bench/cuda_variants.py .devbuild/libs/*.so --shapes "${SHAPES:-4096x14336,4096x4096}" \
+    libs)  # the builds in .devbuild/libs side by side in one process (experiments/cuda/cuda_variants.py)
+      timeout 480 python3 experiments/cuda/cuda_variants.py .devbuild/libs/*.so --shapes "${SHAPES:-4096x14336,4096x4096}" \
         --json "$OUT/libs.json" 2>&1 |
         tee "$OUT/libs.log" ;;
-    bench) timeout 400 python3 bench/cuda_bench.py --json "$OUT/bench.json" ;;
-    model) timeout 300 python3 bench/cuda_model.py --json "$OUT/model.json" ;;
-    model2) timeout 300 python3 bench/cuda_model.py --streams --json "$OUT/model_streams.json" ;;
+    bench) timeout 400 python3 experiments/cuda/cuda_bench.py --json "$OUT/bench.json" ;;
+    model) timeout 300 python3 experiments/cuda/cuda_model.py --json "$OUT/model.json" ;;
+    model2) timeout 300 python3 experiments/cuda/cuda_model.py --streams --json "$OUT/model_streams.json" ;;
   esac
 done
 echo "=== done $(date +%T)"

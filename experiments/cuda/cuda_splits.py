@@ -3,7 +3,7 @@ that shares its input), each kernel build and each split count, µs per call in 
 weight sets that L2 cannot hold (as cuda_variants.py). Fewer splits mean fewer blocks, fewer
 partial tiles to sum and fewer candidate segments, but more rows per block.
 
-    python bench/cuda_splits.py LIB.so [LIB.so ...] [--cases wo,qkv,kv,w2] [--splits 0,48,32,24,16]
+    python experiments/cuda/cuda_splits.py LIB.so [LIB.so ...] [--cases wo,qkv,kv,w2] [--splits 0,48,32,24,16]
         [--efforts 1.0,0.5,0.25,0.1] [--json out.json]
 
 Split count 0 is the default (as many as fill the multiprocessors); counts above a case's

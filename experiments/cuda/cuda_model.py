@@ -3,7 +3,7 @@ scale), batch 1, KV cache of 1k tokens, each step one CUDA graph. The effort mod
 seven matrices of every layer through pyeffort (effort is a device tensor: one graph serves
 every effort); the dense model runs the same fp16 weights through torch (cuBLAS).
 
-    python bench/cuda_model.py [--layers 32] [--steps 64] [--json out.json] [--libs A.so,B.so]
+    python experiments/cuda/cuda_model.py [--layers 32] [--steps 64] [--json out.json] [--libs A.so,B.so]
 
 --libs times several kernel builds in this one process, two interleaved rounds (dense again
 before each), so that builds compare without the drift between processes.

@@ -3,7 +3,7 @@ with enough weight sets rotated that L2 holds none of them. Prints a table; --js
 Also grouped calls (q/k/v, w1/w3: one kernel, one input) against one cuBLAS GEMV over the
 concatenated weights.
 
-    python bench/cuda_bench.py [--json out.json] [--shapes 4096x14336,...] [--quick] [--no-groups]
+    python experiments/cuda/cuda_bench.py [--json out.json] [--shapes 4096x14336,...] [--quick] [--no-groups]
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import math
 import time
 
+import profiling  # before any matrix goes to the GPU: PE_PROFILE_LIB loads the stamped build
 import torch
 import torch.nn.functional as F
 
@@ -71,7 +72,7 @@ def time_graph(g, n_calls: int, reps: int = 30) -> float:
     return ts[len(ts) // 2]
 
 
-PHASES = [  # (name, from stamp, to stamp): block 0's globaltimer stamps (GroupCuda.profile)
+PHASES = [  # (name, from stamp, to stamp): block 0's globaltimer stamps (profiling.py)
     ("prologue", 0, 1),  # block start -> after the PDL wait
     ("keys_hist", 1, 2),  # keys, level-1 histogram share, signal
     ("hist_wait", 2, 3),  # until every worker's histogram is in
@@ -100,11 +101,13 @@ def profile_calls(objs, call):
     """Phase times (µs) of the last of up to four calls (weight sets 1, 2, 3, 0) inside a
     graph, from the kernel's globaltimer stamps; objs[i] (a CudaBuckets or CudaGroup) holds
     set i's stamps, call(i) makes its call; "gap" is from the previous call's last block end
-    to the profiled call's first block start."""
+    to the profiled call's first block start. {} unless the profiling build is in use."""
+    if not profiling.active():
+        return {}
     order = list(range(1, min(4, len(objs)))) + [0]
     prev_b, last_b = objs[order[-2]], objs[0]
     for b in (prev_b, last_b):
-        b.profile(True)
+        profiling.enable(b)
     g = graph_of([(lambda i=i: call(i)) for i in order])
     for _ in range(3):
         g.replay()
@@ -115,15 +118,12 @@ def profile_calls(objs, call):
     torch.cuda.synchronize()
     st, prev = last_b.timing.cpu().tolist(), prev_b.timing.cpu().tolist()
     for b in (prev_b, last_b):
-        b.profile(False)
+        profiling.enable(b, False)
     res = {k: round((st[b] - st[a]) / 1e3, 2) for k, a, b in PHASES}
     res["cut_ready_at"] = round((st[14] - st[0]) / 1e3, 2)
     res.update({"last_" + k: round((st[i] - st[11]) / 1e3, 2) for k, i in LATEST})
     res["gap_prev_end_to_start"] = round((st[11] - prev[10]) / 1e3, 2)
     res["prev_call_total"] = round((prev[10] - prev[11]) / 1e3, 2)
-    for k in range(26, 30):  # builds with -DPE_SUBSTAMP: inside block 0's lists, from pick end
-        if st[k]:
-            res[f"lists_s{k}"] = round((st[k] - st[4]) / 1e3, 2)
     return res
 
 
