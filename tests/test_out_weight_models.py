@@ -10,6 +10,7 @@ import pyeffort
 from pyeffort import FormatError, fileformat
 from pyeffort.buckets import STAT, STAT_OUT_WEIGHTED
 from pyeffort.models import convert as cv
+from pyeffort.models.args import tensor_shape
 from pyeffort.models.profiles import out_weights as ow
 
 
@@ -39,7 +40,7 @@ def test_shipped_weights_fit_the_default_model():
     assert path is not None and ow.shipped(f"/x/{CACHE_NAME}/") == path
     assert path.stat().st_size < 1_000_000
     args = config("SmolLM2-135M")
-    shapes = {n: cv.matrix_shape(args, n) for n in matrix_names(args)}
+    shapes = {n: tensor_shape(args, n) for n in matrix_names(args)}
     a = ow.for_model(GGUF_NAME, shapes)
     assert a is not None and len(a) == 210
     for n, v in a.items():
@@ -72,7 +73,7 @@ def test_convert_builds_with_the_weights(tmp_path, monkeypatch, rng):
 
     monkeypatch.setattr(cv, "open_source", lambda p: Src())
     names = matrix_names(args)
-    a = {n: weights(rng, cv.matrix_shape(args, n)[1]) for n in names[:5]}
+    a = {n: weights(rng, tensor_shape(args, n)[1]) for n in names[:5]}
     dst = cv.convert("tiny.gguf", tmp_path / "tiny", progress=False, out_weights=a)
     meta = fileformat.Reader(dst / "layers.000.safetensors").metadata
     assert meta[names[0] + ".stat"] == STAT_OUT_WEIGHTED and meta[names[6] + ".stat"] == STAT

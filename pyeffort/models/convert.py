@@ -33,7 +33,7 @@ import pyeffort
 from pyeffort import buckets as bk
 from pyeffort import _validate, fileformat, reference
 from pyeffort.errors import FormatError
-from pyeffort.models.args import ModelArgs
+from pyeffort.models.args import ModelArgs, tensor_shape
 from pyeffort.models.loaders import matrix_names, open_source, plain_names
 from pyeffort.models.tokenizer import Tokenizer
 
@@ -43,17 +43,6 @@ FORMAT, VERSION = "pyeffort", 1
 
 def is_converted(path) -> bool:
     return Path(path).is_dir() and (Path(path) / MANIFEST).exists()
-
-
-def matrix_shape(args: ModelArgs, name: str) -> tuple[int, int]:
-    q, kv, d, h = (
-        args.n_heads * args.head_dim,
-        args.n_kv_heads * args.head_dim,
-        args.dim,
-        args.hidden_dim,
-    )
-    kind = name.rsplit(".", 1)[1]
-    return {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w1": (d, h), "w3": (d, h), "w2": (h, d)}[kind]  # fmt: skip
 
 
 def bucket_specs(prefix: str, n_in: int, n_out: int, get) -> list[fileformat.TensorSpec]:
@@ -82,7 +71,7 @@ def bucket_meta(prefix: str, n_in: int, n_out: int, stat: str = bk.STAT) -> dict
 
 
 def _plain_spec(src, name: str, dtype) -> fileformat.TensorSpec:
-    shape = _plain_shape(src.args, name)
+    shape = tensor_shape(src.args, name)
 
     def produce():
         a = np.ascontiguousarray(src.get(name), dtype=dtype)
@@ -91,10 +80,6 @@ def _plain_spec(src, name: str, dtype) -> fileformat.TensorSpec:
         return a
 
     return fileformat.TensorSpec(name, np.dtype(dtype), shape, produce)
-
-
-def _plain_shape(a: ModelArgs, name: str) -> tuple[int, ...]:
-    return {"embed": (a.vocab_size, a.dim), "lm_head": (a.dim, a.vocab_size)}.get(name, (a.dim,))
 
 
 def out_weights_for(src_path, args: ModelArgs, out_weights="auto") -> dict:
@@ -109,7 +94,7 @@ def out_weights_for(src_path, args: ModelArgs, out_weights="auto") -> dict:
             raise ValueError(f"out_weights must be 'auto', None or a dict, got {out_weights!r}")
         from pyeffort.models.profiles import out_weights as ow
 
-        shapes = {n: matrix_shape(args, n) for n in matrix_names(args)}
+        shapes = {n: tensor_shape(args, n) for n in matrix_names(args)}
         return ow.for_model(src_path, shapes) or {}
     return dict(out_weights)
 
@@ -201,7 +186,7 @@ def _plan(src, weights: dict):
 
         specs, fmeta = [], {"kind": "model-layer", "layer": str(i)}
         for n in names:
-            n_in, n_out = matrix_shape(args, n)
+            n_in, n_out = tensor_shape(args, n)
             specs += bucket_specs(n + ".", n_in, n_out, lambda n=n, g=get_layer: g()[n])
             stat = bk.STAT_OUT_WEIGHTED if n in weights else bk.STAT
             fmeta.update(bucket_meta(n + ".", n_in, n_out, stat))
@@ -341,10 +326,10 @@ def _check_weights(path: Path, args: ModelArgs, w: dict, verify: bool) -> None:
         missing, extra = sorted(want - set(w)), sorted(set(w) - want)
         raise FormatError(f"{path}: missing tensors {missing[:3]}, unexpected {extra[:3]}")
     for n in matrix_names(args):
-        if w[n].shape != matrix_shape(args, n):
-            raise FormatError(f"{path}: {n} is {w[n].shape}, expected {matrix_shape(args, n)}")
+        if w[n].shape != tensor_shape(args, n):
+            raise FormatError(f"{path}: {n} is {w[n].shape}, expected {tensor_shape(args, n)}")
     for n in plain_names(args):
-        shape = _plain_shape(args, n)
+        shape = tensor_shape(args, n)
         dtype = np.float16 if n in ("embed", "lm_head") else np.float32
         if w[n].shape != shape or w[n].dtype != dtype:
             raise FormatError(f"{path}: {n} is {w[n].dtype}{list(w[n].shape)}, "

@@ -27,18 +27,6 @@ def plain_names(args: ModelArgs) -> list[str]:
     return out
 
 
-def tensor_shape(args: ModelArgs, name: str) -> tuple[int, ...]:
-    """The shape ``get(name)`` returns: matrices (n_in, n_out), ``embed`` (vocab, dim),
-    ``lm_head`` (dim, vocab), norms (dim,)."""
-    d, h, hd = args.dim, args.hidden_dim, args.head_dim
-    q, kv = args.n_heads * hd, args.n_kv_heads * hd
-    if name in ("embed", "lm_head"):
-        return (args.vocab_size, d) if name == "embed" else (d, args.vocab_size)
-    mats = {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w1": (d, h), "w3": (d, h),
-            "w2": (h, d)}  # fmt: skip
-    return mats.get(name.rsplit(".", 1)[-1], (d,))  # else a norm
-
-
 def open_source(path):
     """A GGUF file or a Hugging Face folder (config.json + safetensors) -> a source."""
     p = Path(path)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pyeffort.models.args import ConfigError, ModelArgs
-from pyeffort.models.loaders import tensor_shape
+from pyeffort.models.args import ConfigError, ModelArgs, tensor_shape
 from pyeffort.models.tokenizer import Tokenizer
 
 NAMES = {

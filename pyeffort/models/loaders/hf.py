@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pyeffort.fileformat import Reader
-from pyeffort.models.args import ConfigError, ModelArgs
-from pyeffort.models.loaders import tensor_shape
+from pyeffort.models.args import ConfigError, ModelArgs, tensor_shape
 from pyeffort.models.tokenizer import Tokenizer, sentencepiece_from_file
 
 LAYER = {
