@@ -13,7 +13,7 @@ CPU = "src/cpu/"
 # src/cpu: the drivers, the table and the pool; generic/: the C-level spec (build, selection,
 # scalar kernels, decode ops); layout/: the index and the in-memory copies with their scalar
 # kernels. All portable, compiled with CFLAGS alone.
-PORTABLE = sorted(sum((glob.glob(CPU + d + "*.c") for d in ("", "generic/", "layout/")), []))
+PORTABLE = sorted(f for d in ("", "generic/", "layout/") for f in glob.glob(CPU + d + "*.c"))
 SOURCES = ["pyeffort/_core.pyx"] + PORTABLE
 # arch/: per-ISA files, each compiled with its own flags (never -march=native) and chosen at
 # run time (dispatch.c); (source, flags, object folder) per object.

@@ -121,7 +121,7 @@ void pe_dense_f16_neon(const float *x, const uint16_t *w, int64_t n_in, int64_t 
 /* The input-major index of a matrix (layout/index.c): slots are the canonical rows renumbered
  * input-major, so an input's dispatched ranks are one run of slots. Slot s = slot0[i] + k is
  * rank k of input i (k < n_loaded[i]) and canonical row row[s]. At most one in-memory copy of
- * the weights, the one the kernel set it was packed for reads (kernel). */
+ * the weights: the one the effort kernel of the set it was packed for reads (set->layout). */
 struct pe_packed {
     const pe_kernel_set *set; /* the kernel set it was packed for: its layout and kernels */
     int32_t *row;             /* (n_slots,) canonical row of each slot                     */

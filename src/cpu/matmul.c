@@ -172,7 +172,7 @@ pe_status pe_bucketmul(const pe_packed *p, const pe_buckets *b, const float *x, 
     return PE_OK;
 }
 
-/* ---------------------------------------------------------------- a group of matrices that share x */
+/* ---------------------------------------------------------------- matrices that share x */
 
 /* Per matrix of a group: its selection's outputs and scratch, its kernel job, and whether both
  * are ready (set by the thread that ran the selection). */

@@ -79,8 +79,8 @@ static void pack_index(const pe_buckets *b, pe_packed *p) {
     p->unloaded = all - loaded;
 }
 
-/* Inputs of chunk c of n: 0 if one breaks pe_weight_ok (the check the copies make as they
- * are built, for the canonical layout, which copies nothing). */
+/* The canonical layout copies nothing, so it is checked on its own: the inputs of chunk c of
+ * n against pe_weight_ok, the rule the copies apply as they are built. */
 typedef struct {
     const pe_buckets *b;
     const pe_packed *p;
@@ -118,7 +118,8 @@ static pe_status check_canonical(const pe_buckets *b, const pe_packed *p, int nt
     atomic_init(&job.failed, 0);
     pe_status st = pe_parallel(check_chunk, &job, 4 * nt, nt);
     if (st != PE_OK) return st;
-    return atomic_load(&job.failed) ? PE_ERR_ALLOC : atomic_load(&job.damaged) ? PE_ERR_FORMAT : PE_OK;
+    if (atomic_load(&job.failed)) return PE_ERR_ALLOC;
+    return atomic_load(&job.damaged) ? PE_ERR_FORMAT : PE_OK;
 }
 
 /* The layout p's kernel set reads, built (the canonical one: checked). */

@@ -114,5 +114,6 @@ pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p, int n_threads) {
     atomic_init(&job.damaged, 0);
     pe_status st = pe_parallel(fill_chunk, &job, 4 * n_threads, n_threads);
     if (st != PE_OK) return st;
-    return atomic_load(&job.failed) ? PE_ERR_ALLOC : atomic_load(&job.damaged) ? PE_ERR_FORMAT : PE_OK;
+    if (atomic_load(&job.failed)) return PE_ERR_ALLOC;
+    return atomic_load(&job.damaged) ? PE_ERR_FORMAT : PE_OK;
 }
