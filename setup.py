@@ -1,5 +1,6 @@
 """Builds pyeffort._core from the C sources in src/cpu (each ISA file with its own flags)."""
 
+import glob
 import os
 import platform
 import subprocess
@@ -11,43 +12,40 @@ from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
 CPU = "src/cpu/"
-PORTABLE = (
-    "build.c",
-    "select.c",
-    "pack.c",
-    "tiers.c",
-    "perm.c",
-    "dispatch.c",
-    "cpuinfo.c",
-    "threads.c",
-    "decode.c",
-)
-SOURCES = ["pyeffort/_core.pyx"] + [CPU + f for f in PORTABLE + ("bucketmul_scalar.c",)]
-# ISA files, each compiled with its own flags (never -march=native); chosen at run time.
+# src/cpu: the drivers, the table and the pool; generic/: the C-level spec (build, selection,
+# scalar kernels, decode ops); layout/: the index and the in-memory copies with their scalar
+# kernels. All portable, compiled with CFLAGS alone.
+PORTABLE = sorted(f for d in ("", "generic/", "layout/") for f in glob.glob(CPU + d + "*.c"))
+SOURCES = ["pyeffort/_core.pyx"] + PORTABLE
+# arch/: per-ISA files, each compiled with its own flags (never -march=native) and chosen at
+# run time (dispatch.c); (source, flags, object folder) per object.
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 ARM64 = platform.machine().lower() in ("aarch64", "arm64")
 AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 AVX512 = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
-ISA_FILES = (
-    {
-        "select_avx2.c": ["-mavx2"],
-        "bucketmul_avx2.c": AVX2,
-        "dense_avx2.c": AVX2,
-        "permmul_avx2.c": AVX2,
-        "bucketmul_avx512.c": AVX512,
-        "dense_avx512.c": AVX512,
-        "tiermul_avx512.c": AVX512 + ["-mavx512vbmi2", "-mbmi2"],
-    }
+X86_FILES = {
+    "cpu_x86.c": [],
+    "dense_avx2.c": AVX2,
+    "perm_avx2.c": AVX2,
+    "dense_avx512.c": AVX512,
+    "tiers_avx512vbmi2.c": AVX512 + ["-mavx512vbmi2", "-mbmi2"],
+}
+ISA_OBJECTS = (
+    [(CPU + "arch/x86/" + f, flags, "isa") for f, flags in X86_FILES.items()]
+    # the selection again with AVX2, as pe_select_items_avx2 (its own object folder)
+    + [(CPU + "generic/select.c", ["-mavx2", "-DPE_SELECT_FN=pe_select_items_avx2"], "avx2")]
     if X86
-    else {"bucketmul_neon.c": [], "dense_neon.c": [], "permmul_neon.c": []}
+    else [(f, [], "isa") for f in sorted(glob.glob(CPU + "arch/arm/*.c"))]
     if ARM64
-    else {}
+    else []
 )
 CFLAGS = ["-O3", "-std=c11", "-fno-fast-math"]
 
 core = Extension(
     "pyeffort._core",
     sources=SOURCES,
+    # rebuilt when a header or an ISA file changes too
+    depends=sorted(glob.glob(CPU + "**/*.h", recursive=True) + [s for s, _, _ in ISA_OBJECTS]),
     include_dirs=[CPU],
     extra_compile_args=CFLAGS,
     extra_link_args=["-pthread"],
@@ -55,15 +53,15 @@ core = Extension(
 
 
 class build_ext_isa(build_ext):
-    """Compiles each ISA file with its own flags and links the objects into pyeffort._core."""
+    """Compiles each ISA object with its own flags and links them into pyeffort._core."""
 
     def build_extension(self, ext):
-        if ext.name == "pyeffort._core" and ISA_FILES:
+        if ext.name == "pyeffort._core" and ISA_OBJECTS:
             objects = []
-            for name, flags in ISA_FILES.items():
+            for source, flags, folder in ISA_OBJECTS:
                 objects += self.compiler.compile(
-                    [CPU + name],
-                    output_dir=self.build_temp,
+                    [source],
+                    output_dir=os.path.join(self.build_temp, folder),
                     include_dirs=[CPU],
                     extra_postargs=CFLAGS + ["-fPIC"] + flags,
                 )

@@ -4,7 +4,7 @@ C status codes become exceptions here, in one place (_check)."""
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
 
-from pyeffort.errors import BackendError, NonFiniteError, ShapeError
+from pyeffort.errors import ShapeError, status_error
 
 cdef extern from "pyeffort.h" nogil:
     ctypedef enum pe_status:
@@ -13,6 +13,7 @@ cdef extern from "pyeffort.h" nogil:
         PE_ERR_NONFINITE
         PE_ERR_ARG
         PE_ERR_THREAD
+        PE_ERR_FORMAT
     ctypedef struct pe_buckets:
         const uint16_t *values
         const uint8_t *positions
@@ -21,8 +22,6 @@ cdef extern from "pyeffort.h" nogil:
         int64_t n_in, n_out, n_groups, n_rows
     pe_status pe_build_f16(const uint16_t *w, int64_t n_in, int64_t n_out, uint16_t *values,
                            uint8_t *positions, float *stats, int32_t *order)
-    pe_status pe_bucketmul(const pe_buckets *b, const float *x, int64_t n_tokens, double effort,
-                           float *y, int64_t *mults, int64_t *bytes)
     pe_status pe_dense_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
                            int64_t n_out, float *y)
     pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
@@ -32,10 +31,9 @@ cdef extern from "pyeffort.h" nogil:
     pe_status pe_pack(const pe_buckets *b, pe_packed **out)
     void pe_packed_free(pe_packed *p)
     void pe_warm_packed(const pe_packed *const *ps, int n)
-    pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const float *x,
-                                  int64_t n_tokens, double effort, float *y, int64_t *mults,
-                                  int64_t *bytes)
-    int pe_kernel_packed()
+    pe_status pe_bucketmul(const pe_packed *p, const pe_buckets *b, const float *x,
+                           int64_t n_tokens, double effort, float *y, int64_t *mults,
+                           int64_t *bytes)
     int PE_MAX_GROUP
     pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets *const *bs,
                                  const float *x, const double *efforts, float *const *ys,
@@ -58,19 +56,15 @@ NAME = "c"
 pe_kernel_name()  # CPU features are detected once, here at import (cpuid and xgetbv)
 
 
-cdef int _check(pe_status st) except -1:
-    """The one place where C status codes turn into Python exceptions."""
-    if st == PE_OK:
-        return 0
-    if st == PE_ERR_ALLOC:
-        raise MemoryError("pyeffort: out of memory in the C core")
-    if st == PE_ERR_NONFINITE:
-        raise NonFiniteError("x holds NaN or Inf; pyeffort.matmul needs finite inputs")
-    if st == PE_ERR_ARG:
-        raise ShapeError("inconsistent sizes reached the C core")
-    if st == PE_ERR_THREAD:
-        raise BackendError("could not start a worker thread")
-    raise BackendError(f"unknown status {st} from the C core")
+cdef int _check(pe_status st, str detail="") except -1:
+    """The one place where C status codes turn into Python exceptions (errors.status_error)."""
+    if st != PE_OK:
+        raise status_error(st, "pyeffort C core", detail)
+    return 0
+
+
+_DAMAGED = ("the matrix data is damaged: repeated positions in a group or values that are not "
+            "finite, which no fast layout can hold")
 
 
 def build(w16):
@@ -96,7 +90,8 @@ def build(w16):
 
 
 cdef class _Packed:
-    """The input-major index of one matrix (src/cpu/pack.c), owned here and freed with it."""
+    """The input-major index of one matrix and the in-memory copy its kernel set reads
+    (src/cpu/layout/index.c), owned here and freed with it."""
 
     cdef pe_packed *p
     cdef pe_buckets b  # pointers into the canonical arrays: valid while refs name them alive
@@ -149,7 +144,7 @@ cdef _Packed _packed_for(values, positions, stats, order, int64_t n_out):
     cdef pe_status st
     with nogil:
         st = pe_pack(&b, &raw)
-    _check(st)
+    _check(st, _DAMAGED if st == PE_ERR_FORMAT else "")
     pk = _Packed()
     pk.p = raw
     pk.b = b
@@ -164,8 +159,6 @@ def warm(mats):
     copies, into the caches; mats: (values, positions, stats, order, n_out), at most 8."""
     cdef const pe_packed *ps[8]
     cdef int n = 0
-    if not pe_kernel_packed():
-        return
     for values, positions, stats, order, n_out in mats[:8]:
         ps[n] = (<_Packed>_packed_for(values, positions, stats, order, n_out)).p
         n += 1
@@ -174,15 +167,12 @@ def warm(mats):
 
 def prepare(values, positions, stats, order, int64_t n_out):
     """Builds now the in-memory copy the kernels in use read (else built at the first call)."""
-    if pe_kernel_packed():
-        _packed_for(values, positions, stats, order, n_out)
+    _packed_for(values, positions, stats, order, n_out)
 
 
 def copy_kind(values, positions, stats, order, int64_t n_out):
     """The weights the kernels in use read for this matrix: "tiered", "permuted" (in-memory
-    copies), "canonical" (the rows in place), or None (the scalar loop, no index)."""
-    if not pe_kernel_packed():
-        return None
+    copies) or "canonical" (the rows in place, through the index: the scalar spec)."""
     return pe_packed_copy(_packed_for(values, positions, stats, order, n_out).p).decode()
 
 
@@ -192,18 +182,9 @@ def bucketmul(x32, values, positions, stats, order, int64_t n_out, double effort
     cdef float[:, ::1] y = out
     cdef int64_t mults = 0, nbytes = 0
     cdef pe_status st
-    cdef pe_buckets b
-    cdef _Packed pk
-    keep = []
-    if pe_kernel_packed():
-        pk = _packed_for(values, positions, stats, order, n_out)
-        with nogil:
-            st = pe_bucketmul_packed(pk.p, &pk.b, &x[0, 0], x.shape[0], effort, &y[0, 0],
-                                     &mults, &nbytes)
-    else:
-        b = _view(values, positions, stats, order, n_out, keep)
-        with nogil:
-            st = pe_bucketmul(&b, &x[0, 0], x.shape[0], effort, &y[0, 0], &mults, &nbytes)
+    cdef _Packed pk = _packed_for(values, positions, stats, order, n_out)
+    with nogil:
+        st = pe_bucketmul(pk.p, &pk.b, &x[0, 0], x.shape[0], effort, &y[0, 0], &mults, &nbytes)
     _check(st)
     return mults, nbytes
 
@@ -216,11 +197,6 @@ def bucketmul_group(x32, mats, efforts, outs):
     cdef int n = len(mats), j
     if n < 1 or n > PE_MAX_GROUP:
         raise ValueError(f"a group has 1 to {PE_MAX_GROUP} matrices, got {n}")
-    if not pe_kernel_packed():  # the scalar spec: one call after another
-        res = []
-        for m, e, o in zip(mats, efforts, outs):
-            res.append(bucketmul(x32.reshape(1, -1), *m, e, o.reshape(1, -1)))
-        return res
     cdef const float[::1] x = x32
     cdef const pe_packed *ps[8]
     cdef const pe_buckets *bp[8]
@@ -287,9 +263,7 @@ def dense_rows_f16(x32, w16, rows, out):
     with nogil:
         st = pe_dense_rows_f16(&x[0, 0], &w[0, 0], x.shape[0], w.shape[0], w.shape[1], rp,
                                r.shape[0], &y[0, 0])
-    if st == PE_ERR_ARG:
-        raise ShapeError(f"rows must lie in 0..{w.shape[0] - 1}")
-    _check(st)
+    _check(st, f"rows must lie in 0..{w.shape[0] - 1}" if st == PE_ERR_ARG else "")
 
 
 def kernel_name():
@@ -302,7 +276,9 @@ def cpu_features():
 
 
 def available_kernels():
-    """The kernel sets this machine runs, best first (after PYEFFORT_DISABLE_CPU_FEATURES)."""
+    """The kernel sets this machine runs (after PYEFFORT_DISABLE_CPU_FEATURES): the SIMD ones
+    best first, then the portable ones: scalar (the spec), scalar-tiered, scalar-permuted (the
+    scalar kernels of the in-memory layouts)."""
     return pe_available_kernels().decode().split(",")
 
 

@@ -1,6 +1,8 @@
-"""Every CPU kernel set this machine runs (scalar, AVX2, AVX-512 or NEON) against reference.py:
-the same rows dispatched, mults and bytes, results within float32 rounding; thread counts give
-bitwise identical results."""
+"""Every CPU kernel set this machine runs (the SIMD sets it has, the lower ones forced too, and
+the portable scalar ones) against reference.py: the same rows dispatched, mults and bytes,
+results within float32 rounding (2e-6 of the largest output: the sums run in another order);
+each SIMD kernel bit for bit against the scalar kernel of the layout it reads; thread counts
+give bitwise identical results."""
 
 import os
 import subprocess
@@ -11,9 +13,10 @@ import pytest
 
 import pyeffort
 from pyeffort import _core, reference
-from pyeffort.errors import ShapeError
+from pyeffort.errors import FormatError, ShapeError
 
 KERNELS = _core.available_kernels()
+PORTABLE = ["scalar", "scalar-tiered", "scalar-permuted"]  # every machine runs these
 SHAPES = [(333, 517), (64, 40), (96, 1100), (5, 17), (40, 3), (17, 257), (300, 4100)]
 EFFORTS = [0.0, 0.03, 0.1, 0.25, 0.5, 0.77, 1.0]
 
@@ -65,7 +68,7 @@ def close(got, ref):
 
 
 def test_the_machine_runs_scalar_and_names_its_kernel():
-    assert KERNELS[-1] == "scalar"
+    assert KERNELS[-3:] == PORTABLE
     assert _core.kernel_name() in KERNELS
     info = pyeffort.runtime_info()
     assert info["kernel"] in KERNELS or info["backend"] == "numpy"
@@ -80,14 +83,34 @@ def test_the_tiered_kernel_leads_where_the_cpu_has_vbmi2():
         assert "avx512vbmi2" not in KERNELS
 
 
+def test_every_lower_kernel_set_runs_here_too():
+    """The tests run every set this machine has, the lower ones forced: an AVX-512 machine also
+    runs avx2 and the portable sets, so it tests what AVX2-only users run (unless
+    PYEFFORT_DISABLE_CPU_FEATURES drops them: then the features named are left out)."""
+    have = set(_core.cpu_features().split())
+    if os.environ.get("PYEFFORT_DISABLE_CPU_FEATURES"):
+        pytest.skip("PYEFFORT_DISABLE_CPU_FEATURES is set")
+    if {"avx2", "fma", "f16c"} <= have:
+        assert "avx2" in KERNELS
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= have:
+        assert KERNELS.index("avx512") < KERNELS.index("avx2")
+    if os.uname().machine == "aarch64":
+        assert KERNELS[0] == "neon"
+    for name in KERNELS:  # each one is really used when forced
+        _core.use_kernel(name)
+        assert _core.kernel_name() == name
+    _core.use_kernel(KERNELS[0])
+
+
 @pytest.mark.parametrize("scale", [3.0, 1.0000001])
 def test_statistics_that_rise_with_rank_still_match(kernel, rng, scale):
     """A file may hold statistics that rise with rank (then a token dispatches a non-prefix of
-    ranks): kernels that need a prefix (the tiered copy) must fall back, not go wrong."""
+    ranks): every kernel takes any rank set, through its own copy."""
     _, b = buckets_of(rng, (70, 300))
     stats = b.stats.copy()
     stats[1:4] *= scale  # ranks 1..3 above rank 0 for many inputs
     b = pyeffort.Buckets(b.values, b.positions, stats, b.order, b.n_out)
+    assert copy_of(b) == COPY[kernel]  # every copy holds them
     x = activations(rng, 2, 70)
     for e in [0.05, 0.3, 0.7]:
         ref, got, want, have = run_both(x, b, e)
@@ -110,7 +133,18 @@ def test_bucketmul_matches_reference(kernel, rng, shape):
         assert close(got, ref) <= 2e-6, (kernel, e)
 
 
-COPY = {"avx512vbmi2": "tiered", "avx2": "permuted", "scalar": None}
+# the in-memory copy each set reads, and the portable set whose kernel is the spec of that
+# set's kernel, bit for bit
+COPY = {
+    "avx512vbmi2": "tiered",
+    "avx512": "permuted",
+    "avx2": "permuted",
+    "neon": "permuted",
+    "scalar": "canonical",
+    "scalar-tiered": "tiered",
+    "scalar-permuted": "permuted",
+}
+SPEC = {"avx512vbmi2": "scalar-tiered", "avx512": "scalar-permuted", "avx2": "scalar-permuted"}
 
 
 def copy_of(b):
@@ -119,52 +153,81 @@ def copy_of(b):
 
 def test_each_kernel_set_reads_its_copy(kernel, rng):
     """The repacked kernels really run: AVX-512 VBMI2 reads the tiered copy, AVX2 the permuted
-    one (each built for the kernel set in use), the others the canonical rows."""
+    one (each built for the kernel set in use), scalar the canonical rows."""
     _, b = buckets_of(rng, (40, 100))
-    assert copy_of(b) == COPY.get(kernel, "canonical")
+    assert copy_of(b) == COPY[kernel]
     _, part = buckets_of(rng, (40, 100), loaded=0.6)  # partial loads keep their copy
-    assert copy_of(part) == COPY.get(kernel, "canonical")
+    assert copy_of(part) == COPY[kernel]
 
 
-def test_non_finite_values_still_match(kernel, rng):
-    """A damaged file may hold inf in a rarely dispatched row: where the reference skips it the
-    result stays finite (a permuted kernel multiplying it by 0 would make NaN), where it is
-    dispatched the result is inf, as in the reference."""
+def rising(b):
+    """b with statistics that rise with rank for many inputs (then a token may dispatch any set
+    of an input's ranks, not a prefix)."""
+    stats = b.stats.copy()
+    stats[1:4] *= 3.0
+    return pyeffort.Buckets(b.values, b.positions, stats, b.order, b.n_out)
+
+
+@pytest.mark.parametrize("shape", [(333, 517), (5, 17), (300, 4100), (70, 300)])
+def test_simd_kernels_match_their_layouts_scalar_kernel_bit_for_bit(kernel, rng, shape):
+    """Each x86 SIMD kernel gives the bits of the scalar kernel of the layout it reads (the
+    same operations per output, in the same order), on every class of item: whole tiers,
+    prefixes, any rank set (rising statistics), partial loads."""
+    if kernel not in SPEC:
+        pytest.skip(f"{kernel} has no SIMD spec to match bit for bit")
+    _, full = buckets_of(rng, shape)
+    _, part = buckets_of(rng, shape, loaded=0.45)
+    x = activations(rng, 3, shape[0])
+    for b in (full, part, rising(full)):
+        args = (b.values, b.positions, b.stats, b.order, b.n_out)
+        for e in [0.02, 0.2, 0.5, 0.9, 1.0]:
+            got = np.full((3, b.n_out), np.nan, np.float32)
+            want = np.full_like(got, np.nan)
+            have = _core.bucketmul(x, *args, e, got)
+            _core.use_kernel(SPEC[kernel])
+            spec = _core.bucketmul(x, *args, e, want)
+            _core.use_kernel(kernel)
+            assert have == spec and np.array_equal(got, want), (kernel, e)
+
+
+def damaged(rng, how):
+    """The arrays of a matrix (values, positions, stats, order, n_out) that a file could hold but
+    pyeffort.build never makes: an inf value, or two ranks at one position of a group."""
     _, b = buckets_of(rng, (60, 80))
-    values = b.values.copy()
-    values[-5:, 1] = np.inf  # rank 15 of five inputs, group 1
-    b = pyeffort.Buckets(values, b.positions, b.stats, b.order, b.n_out, verify=False)
-    if COPY.get(kernel):
-        assert copy_of(b) == "canonical"
+    values, positions = b.values.copy(), b.positions.copy()
+    if how == "inf":
+        values[-5:, 1] = np.inf  # rank 15 of five inputs, group 1
+    else:  # rank 1 of every input takes rank 0's position in group 0
+        for j in range(b.n_in):
+            r0 = int(np.nonzero(b.order[0] == j)[0][0])
+            r1 = b.n_in + int(np.nonzero(b.order[1] == j)[0][0])
+            positions[r1, 0] = (positions[r1, 0] & 0xF0) | (positions[r0, 0] & 0x0F)
+    return values, positions, b.stats, b.order, b.n_out
+
+
+@pytest.mark.parametrize("how", ["inf", "repeated"])
+def test_damaged_matrices_are_refused_on_every_set(kernel, rng, how):
+    """A damaged matrix (a value that is not finite, or a position repeated in a group: no fast
+    layout can hold it) gives FormatError on every kernel set, at any effort: never a result
+    that depends on the set."""
+    arrays = damaged(rng, how)
     x = activations(rng, 2, 60)
-    x[:, b.order[-1, -5:]] = 1.0  # those inputs are not zero: effort 1.0 dispatches them
-    for e in [0.3, 1.0]:
-        ref, got, want, have = run_both(x, b, e)
-        assert have == want, (kernel, e)
-        assert np.array_equal(np.isfinite(got), np.isfinite(ref)), (kernel, e)
-        fin = np.isfinite(ref)
-        assert close(np.where(fin, got, 0), np.where(fin, ref, 0)) <= 2e-6, (kernel, e)
-    assert not np.isfinite(ref).all()  # at 1.0 the inf rows are dispatched
+    for e in [0.0, 0.3, 1.0]:
+        with pytest.raises(FormatError, match="damaged"):
+            _core.bucketmul(x, *arrays, e, np.empty((2, 80), np.float32))
+    with pytest.raises(FormatError):
+        _core.bucketmul_group(x[0], [arrays], [0.5], [np.empty(80, np.float32)])
 
 
-def test_repeated_positions_still_match(kernel, rng):
-    """A damaged file may give two ranks of a group the same position (the reference then adds
-    both values there): kernels that cannot hold that (the tiered copy) must fall back."""
-    _, b = buckets_of(rng, (50, 64))
-    pos = b.positions.copy()
-    n_in = b.n_in
-    for j in range(n_in):  # rank 1 of every input takes rank 0's position in group 0
-        r0 = int(np.nonzero(b.order[0] == j)[0][0])
-        r1 = n_in + int(np.nonzero(b.order[1] == j)[0][0])
-        pos[r1, 0] = (pos[r1, 0] & 0xF0) | (pos[r0, 0] & 0x0F)
-    b = pyeffort.Buckets(b.values, pos, b.stats, b.order, b.n_out, verify=False)
-    if COPY.get(kernel):
-        assert copy_of(b) == "canonical"
-    x = activations(rng, 2, n_in)
-    for e in [0.3, 1.0]:
-        ref, got, want, have = run_both(x, b, e)
-        assert have == want, (kernel, e)
-        assert close(got, ref) <= 2e-6, (kernel, e)
+def test_a_damaged_partial_load_is_refused_only_where_loaded(kernel, rng):
+    """Only the loaded rows count: an inf in a rank past the loaded prefix is never read."""
+    values, positions, stats, order, n_out = damaged(rng, "inf")
+    n_rows = 8 * 60  # ranks 0..7 loaded; the inf lies in rank 15
+    x = activations(rng, 2, 60)
+    got, ref = np.empty((2, n_out), np.float32), np.empty((2, n_out), np.float32)
+    args = (values[:n_rows], positions[:n_rows], stats, order, n_out, 1.0)
+    assert _core.bucketmul(x, *args, got) == reference.bucketmul(x, *args, ref)
+    assert close(got, ref) <= 2e-6
 
 
 @pytest.mark.parametrize("shape", [(40, 3), (17, 35), (64, 64)])
@@ -257,25 +320,49 @@ def test_packed_copy_follows_its_arrays(rng):
         assert close(got, ref) <= 2e-6
 
 
-def test_disable_cpu_features_forces_a_lower_tier():
-    code = "from pyeffort import _core; print(_core.available_kernels(), _core.kernel_name())"
-    env = dict(os.environ, PYEFFORT_DISABLE_CPU_FEATURES="avx512,avx2,neon")
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+KERNELS_CODE = "from pyeffort import _core; print(_core.available_kernels(), _core.kernel_name())"
+
+
+def with_disabled(features, *args):
+    """A python process with PYEFFORT_DISABLE_CPU_FEATURES=features, running args."""
+    env = dict(os.environ, PYEFFORT_DISABLE_CPU_FEATURES=features)
+    return subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, check=False, timeout=600
     )
-    assert out.stdout.strip() == "['scalar'] scalar", out.stderr
+
+
+def test_disable_cpu_features_forces_a_lower_set():
+    out = with_disabled("avx512,avx2,neon", "-c", KERNELS_CODE)
+    assert out.stdout.strip() == f"{PORTABLE} scalar", out.stderr
     if "avx2" in KERNELS:
-        env["PYEFFORT_DISABLE_CPU_FEATURES"] = "avx512"
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
-        )
-        assert out.stdout.strip() == "['avx2', 'scalar'] avx2", out.stderr
+        out = with_disabled("avx512", "-c", KERNELS_CODE)
+        assert out.stdout.strip() == f"{['avx2'] + PORTABLE} avx2", out.stderr
     if "avx512vbmi2" in KERNELS:
-        env["PYEFFORT_DISABLE_CPU_FEATURES"] = "avx512vbmi2"
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
-        )
-        assert out.stdout.strip() == "['avx512', 'avx2', 'scalar'] avx512", out.stderr
+        out = with_disabled("avx512vbmi2", "-c", KERNELS_CODE)
+        assert out.stdout.strip() == f"{['avx512', 'avx2'] + PORTABLE} avx512", out.stderr
+
+
+@pytest.mark.parametrize("features", ["avx512", "avx2"])
+def test_kernel_tests_pass_with_features_disabled(features):
+    """A few of these tests in a process where PYEFFORT_DISABLE_CPU_FEATURES drops the
+    AVX-512 (or every x86 SIMD) set: the switch works, and what is left still passes."""
+    if features not in KERNELS and not any(k.startswith(features) for k in KERNELS):
+        pytest.skip(f"this machine runs no {features} set")
+    out = with_disabled(
+        features,
+        "-m",
+        "pytest",
+        "-v",
+        "-p",
+        "no:cacheprovider",
+        __file__,
+        "-k",
+        "bucketmul_matches_reference and shape0 or damaged_matrices or disable_cpu_features",
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ran = out.stdout
+    assert "[scalar-" in ran and "[avx512" not in ran  # the dropped sets are not there
+    assert ("[avx2-" in ran) == (features == "avx512")
 
 
 def test_concurrent_callers_get_the_same_results(kernel, threads, rng):
@@ -296,6 +383,55 @@ def test_concurrent_callers_get_the_same_results(kernel, threads, rng):
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(one, xs))
         assert all(np.array_equal(a, t) for a, t in zip(alone, together))
+
+
+def test_thread_count_changed_during_calls_changes_no_result(threads, rng):
+    """Issue 18.2: a call reads the thread count once and sizes and runs its job with it. Python
+    threads call matmul_group and matmul at different efforts while another one sets the
+    thread count to 1 to 4 in turn: every result has the bits of a call alone. (Before, a
+    group sized its kernel chunks from one read and each matrix's job from a later one: garbage
+    in the output ranges no chunk covered when the reads gave 1-3 and then 4, whose jobs
+    split into 2 column ranges instead of 1; a few of the 1280 calls, every run.)"""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    mats = [buckets_of(rng, (2048, n))[1] for n in (256, 512, 384)]  # long searches
+    xs = [activations(rng, 1, 2048)[0] for _ in range(8)]
+    efforts = [0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0, 0.3]
+
+    def both(x, e):
+        return pyeffort.matmul_group(x, mats, [e, e / 2, 1 - e]), pyeffort.matmul(x, mats[2], e)
+
+    _core.set_num_threads(1)
+    alone = [both(x, e) for x, e in zip(xs, efforts)]
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            for n in (1, 4, 2, 4, 3, 4):
+                _core.set_num_threads(n)
+
+    def calls(k):
+        bad = 0
+        for i in range(80):  # another x each time: an output left unwritten shows (a fresh
+            j = (k + i) % 8  # array may reuse the memory of the last call's result)
+            group, single = both(xs[j], efforts[j])
+            bad += not all(np.array_equal(a, b) for a, b in zip(group, alone[j][0]))
+            bad += not np.array_equal(single, alone[j][1])
+        return bad
+
+    flipper = threading.Thread(target=flip)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # the flipper runs while the callers are in C
+    flipper.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            bad = sum(pool.map(calls, range(8)))
+    finally:
+        stop.set()
+        flipper.join()
+        sys.setswitchinterval(interval)
+    assert bad == 0, f"{bad} of {8 * 80 * 2} calls differ from the call alone"
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3, 4])

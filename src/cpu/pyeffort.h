@@ -14,6 +14,8 @@ typedef enum {
     PE_ERR_NONFINITE = 2,  /* NaN or Inf in an input */
     PE_ERR_ARG = 3,        /* inconsistent sizes (a caller bug: Python validates first) */
     PE_ERR_THREAD = 4,     /* a worker thread could not be started */
+    PE_ERR_FORMAT = 5,     /* matrix data a fast layout cannot hold: repeated positions in a
+                            * group or non-finite values (only a damaged matrix has them) */
 } pe_status;
 
 /* A bucketed matrix, canonical layout (see reference.py). Rows r = k * n_in + j, r < n_rows. */
@@ -29,10 +31,6 @@ typedef struct {
 pe_status pe_build_f16(const uint16_t *w, int64_t n_in, int64_t n_out, uint16_t *values,
                        uint8_t *positions, float *stats, int32_t *order);
 
-/* x (n_tokens, n_in) f32 @ B at effort -> y (n_tokens, n_out) f32; adds to *mults, *bytes. */
-pe_status pe_bucketmul(const pe_buckets *b, const float *x, int64_t n_tokens, double effort,
-                       float *y, int64_t *mults, int64_t *bytes);
-
 /* x (n_tokens, n_in) f32 @ W (n_in, n_out) fp16 -> y (n_tokens, n_out) f32. */
 pe_status pe_dense_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
                        int64_t n_out, float *y);
@@ -42,8 +40,10 @@ pe_status pe_dense_f16(const float *x, const uint16_t *w, int64_t n_tokens, int6
 pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
                             int64_t n_out, const int32_t *rows, int64_t n_rows, float *y);
 
-/* The input-major index of a pe_buckets that the SIMD kernels use (pack.c; small: no copy of
- * the weights). */
+/* The input-major index of a pe_buckets and the in-memory copy of the weights that the
+ * kernel set in use reads (layout/index.c), built once per matrix for that kernel set; the
+ * index keeps no pointer into b. PE_ERR_FORMAT if b is damaged (repeated positions in a
+ * group, or values that are not finite), on every kernel set. */
 typedef struct pe_packed pe_packed;
 pe_status pe_pack(const pe_buckets *b, pe_packed **out);
 void pe_packed_free(pe_packed *p);
@@ -51,24 +51,23 @@ void pe_packed_free(pe_packed *p);
  * an idle pool thread (two or more threads), returning at once: for the matrices a caller
  * multiplies next (a newer call replaces the request). */
 void pe_warm_packed(const pe_packed *const *ps, int n);
-/* As pe_bucketmul, through the index p built from b; the same rows, mults and bytes. */
-pe_status pe_bucketmul_packed(const pe_packed *p, const pe_buckets *b, const float *x,
-                              int64_t n_tokens, double effort, float *y, int64_t *mults,
-                              int64_t *bytes);
+/* x (n_tokens, n_in) f32 @ B at effort -> y (n_tokens, n_out) f32, through p (pe_pack(b)) on
+ * the kernel set p was packed for; adds the multiplications done to *mults and the canonical
+ * bytes of the dispatched rows to *bytes (reference.bucketmul's rows). */
+pe_status pe_bucketmul(const pe_packed *p, const pe_buckets *b, const float *x, int64_t n_tokens,
+                       double effort, float *y, int64_t *mults, int64_t *bytes);
 /* Matrices that share their input, multiplied together (q/k/v, gate/up). */
 #define PE_MAX_GROUP 4
 /* One token x (n_in,) f32 @ the n (1..PE_MAX_GROUP) matrices bs[j] (indices ps[j], one n_in),
  * matrix j at efforts[j] -> ys[j] (n_out_j,) f32; adds to mults[j], bytes[j]. The same bits as n
- * pe_bucketmul_packed calls: one pool job runs the n cutoff searches, then every matrix's
- * kernel, each as soon as its search is done (one hand-off instead of n). */
+ * pe_bucketmul calls: one pool job runs the n cutoff searches, then every matrix's kernel,
+ * each as soon as its search is done (one hand-off instead of n). */
 pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets *const *bs,
                              const float *x, const double *efforts, float *const *ys,
                              int64_t *mults, int64_t *bytes);
-/* The weights p's kernels read: "tiered" or "permuted" (an in-memory copy, kernels.h) or
- * "canonical" (the rows in place: no copy for this kernel set, or a damaged matrix). */
+/* The weights p's kernel reads: "tiered" or "permuted" (in-memory copies, kernels.h) or
+ * "canonical" (the rows in place, through the index: the scalar spec). */
 const char *pe_packed_copy(const pe_packed *p);
-/* 1 if the kernel set in use reads through the index, 0 if the canonical loop (scalar). */
-int pe_kernel_packed(void);
 
 /* One decoding step's vector work between the matrix products (decode.c; reference.rmsnorm,
  * rope, attend): x (n,) -> out (n,) = x / sqrt(mean(x^2) + eps) * w; */
@@ -86,11 +85,13 @@ pe_status pe_attend_f32(const float *q, const float *k, const float *v, int64_t 
 /* Name of the CPU kernel set in use, and the features the machine has. */
 const char *pe_kernel_name(void);
 const char *pe_cpu_features(void);  /* e.g. "avx2 f16c fma avx512f avx512bw avx512vl" */
-/* Kernel sets this machine runs, best first, comma separated (e.g. "avx512,avx2,scalar"),
- * after PYEFFORT_DISABLE_CPU_FEATURES. */
+/* Kernel sets this machine runs, comma separated: the SIMD ones best first, then the portable
+ * ones (e.g. "avx512,avx2,scalar,scalar-tiered,scalar-permuted"), after
+ * PYEFFORT_DISABLE_CPU_FEATURES. */
 const char *pe_available_kernels(void);
 /* Force a kernel set by name; PE_ERR_ARG if it is unknown or not available here. */
 pe_status pe_use_kernel(const char *name);
+/* Threads a call may use; a call reads it once, so another thread may change it meanwhile. */
 int pe_num_threads(void);
 void pe_set_num_threads(int n);
 #endif

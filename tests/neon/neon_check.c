@@ -1,8 +1,10 @@
-/* Checks the NEON kernels against the scalar ones (the C-level spec) on fixed and random
- * inputs, odd sizes included: the same dispatched rows, results within float32 rounding, and
- * bitwise identical results for 1 and 3 threads. Both effort kernels run: the permuted one
- * (the copy pack.c builds for the neon set) and the routed one (a matrix packed without the
- * copy, and damaged matrices, which must get none). Exit status 0 if all pass. */
+/* Checks the NEON kernels against the portable ones on fixed and random inputs, odd sizes
+ * included: the effort kernel (on the permuted copy) against the permuted copy's scalar
+ * kernel (scalar-permuted) and the canonical spec (scalar), the dense ones against scalar:
+ * the same dispatched rows, results within float32 rounding (2e-6 of the largest output: NEON
+ * rounds x * w before each add where scalar-permuted fuses them for whole tiers), and bitwise
+ * identical results for 1 and 3 threads; damaged matrices refused (PE_ERR_FORMAT). Exit
+ * status 0 if all pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,7 +59,7 @@ static double rel_err(const float *a, const float *b, int64_t n) {
     return d / m;
 }
 
-/* b packed for kernel set `kernels` (pack.c builds the copy that set reads); neon selected
+/* b packed for kernel set `kernels` (pe_pack builds the layout that set reads); neon selected
  * after. NULL (a failure counted) if packing fails. */
 static pe_packed *pack_for(const char *kernels, const pe_buckets *b) {
     pe_packed *pk = NULL;
@@ -67,31 +69,40 @@ static pe_packed *pack_for(const char *kernels, const pe_buckets *b) {
     return pk;
 }
 
-/* x (T, n_in) @ b through pk on neon (1 and 3 threads) vs the scalar spec at every effort:
- * same mults and bytes, results within float32 rounding (the same outputs not finite), and
- * bitwise identical for both thread counts. pk's copy must be `copy`. */
-static void compare(const pe_buckets *b, pe_packed *pk, const float *x, int64_t T,
-                    const char *copy, const char *what) {
+/* x (T, n_in) @ b through pk (neon; 1 and 3 threads) vs through spec (a portable set, 1 thread)
+ * at every effort: same mults and bytes, results within float32 rounding (the same outputs
+ * not finite), and bitwise identical for both thread counts. */
+static void compare(const pe_buckets *b, pe_packed *pk, pe_packed *spec, const float *x,
+                    int64_t T, const char *what) {
     static const double efforts[] = {0.0, 0.01, 0.05, 0.25, 0.5, 1.0};
     int64_t n_in = b->n_in, n_out = b->n_out;
     float *ys = malloc(4 * (size_t)(T * n_out)), *yn = malloc(4 * (size_t)(T * n_out));
     float *y3 = malloc(4 * (size_t)(T * n_out));
-    expect(!strcmp(pe_packed_copy(pk), copy), copy, n_in, n_out, 0, 0);
+    expect(!strcmp(pe_packed_copy(pk), "permuted"), "neon copy", n_in, n_out, 0, 0);
     for (int e = 0; e < 6; e++) {
         int64_t ms = 0, bs = 0, mn = 0, bn = 0, m3 = 0, b3 = 0;
-        pe_use_kernel("scalar");
         pe_set_num_threads(1);
-        pe_bucketmul(b, x, T, efforts[e], ys, &ms, &bs);
-        pe_use_kernel("neon");
-        pe_bucketmul_packed(pk, b, x, T, efforts[e], yn, &mn, &bn);
+        pe_bucketmul(spec, b, x, T, efforts[e], ys, &ms, &bs);
+        pe_bucketmul(pk, b, x, T, efforts[e], yn, &mn, &bn);
         pe_set_num_threads(3);
-        pe_bucketmul_packed(pk, b, x, T, efforts[e], y3, &m3, &b3);
+        pe_bucketmul(pk, b, x, T, efforts[e], y3, &m3, &b3);
         double err = rel_err(yn, ys, T * n_out);
         expect(ms == mn && bs == bn, "mults/bytes", n_in, n_out, efforts[e], (double)(ms - mn));
         expect(err <= 2e-6, what, n_in, n_out, efforts[e], err);
         expect(!memcmp(yn, y3, 4 * (size_t)(T * n_out)), "threads", n_in, n_out, efforts[e], 0);
     }
     free(ys); free(yn); free(y3);
+}
+
+/* x through the neon set vs both portable specs of it. */
+static void compare_specs(const pe_buckets *b, const float *x, int64_t T, const char *what) {
+    pe_packed *pk = pack_for("neon", b), *pp = pack_for("scalar-permuted", b);
+    pe_packed *pc = pack_for("scalar", b);
+    if (pk && pp) compare(b, pk, pp, x, T, what);
+    if (pk && pc) compare(b, pk, pc, x, T, what);
+    pe_packed_free(pk);
+    pe_packed_free(pp);
+    pe_packed_free(pc);
 }
 
 /* All weights 1/2 and x = 1 through the permuted copy: every output is n_in / 2 at effort 1. */
@@ -101,7 +112,7 @@ static void check_fixed(const pe_buckets *b, const float *x) {
     pe_packed *pk = pack_for("neon", b);
     if (pk) {
         expect(!strcmp(pe_packed_copy(pk), "permuted"), "fixed copy", n_in, n_out, 1.0, 0);
-        pe_bucketmul_packed(pk, b, x, 1, 1.0, y, &m, &by);
+        pe_bucketmul(pk, b, x, 1, 1.0, y, &m, &by);
         for (int64_t j = 0; j < n_out; j++)
             expect(y[j] == 0.5f * (float)n_in, "fixed", n_in, n_out, 1.0, y[j]);
         expect(m == n_in * n_out, "fixed mults", n_in, n_out, 1.0, (double)m);
@@ -110,8 +121,7 @@ static void check_fixed(const pe_buckets *b, const float *x) {
     free(y);
 }
 
-/* One matrix: fixed (all weights 1/2, x = 1) or random, at several efforts and loads, through
- * the permuted copy and the canonical rows. */
+/* One matrix: fixed (all weights 1/2, x = 1) or random, at several efforts and loads. */
 static void check(int64_t n_in, int64_t n_out, int fixed) {
     int64_t G = (n_out + 15) / 16, rows = 16 * n_in, T = 2;
     uint16_t *w = malloc(2 * (size_t)(n_in * n_out)), *v = malloc(2 * (size_t)(rows * G));
@@ -128,11 +138,7 @@ static void check(int64_t n_in, int64_t n_out, int fixed) {
     for (int l = 0; l < 4; l++) {
         int64_t n_rows = (int64_t)(loads[l] * (double)rows);
         pe_buckets b = {v, p, st, o, n_in, n_out, G, n_rows};
-        pe_packed *pk = pack_for("neon", &b), *pc = pack_for("scalar", &b);
-        if (pk) compare(&b, pk, x, T, "permuted", "permmul");
-        if (pc) compare(&b, pc, x, T, "canonical", "packedmul");
-        pe_packed_free(pk);
-        pe_packed_free(pc);
+        compare_specs(&b, x, T, "perm_neon");
     }
     int64_t n_sel = 0;
     for (int64_t i = n_in - 1; i >= 0; i -= 2) sel[n_sel++] = (int32_t)i; /* any order */
@@ -151,9 +157,21 @@ static void check(int64_t n_in, int64_t n_out, int fixed) {
     free(w); free(v); free(p); free(st); free(x); free(o); free(sel); free(ys); free(yn);
 }
 
-/* Files pe_build_f16 would not write, through pack_for("neon"): statistics that rise with
- * rank (any rank set dispatched: the permuted copy stays), then positions repeated in a group
- * and inf values (no permuted copy: the routed kernel, which follows the reference). */
+/* b is damaged: every set's pe_pack returns PE_ERR_FORMAT. */
+static void refused(const pe_buckets *b, const char *what) {
+    static const char *const sets[] = {"neon", "scalar", "scalar-permuted", "scalar-tiered"};
+    for (int s = 0; s < 4; s++) {
+        pe_packed *pk = NULL;
+        pe_use_kernel(sets[s]);
+        expect(pe_pack(b, &pk) == PE_ERR_FORMAT && !pk, what, b->n_in, b->n_out, s, 0);
+        pe_packed_free(pk);
+    }
+    pe_use_kernel("neon");
+}
+
+/* Files pe_build_f16 would not write: statistics that rise with rank (any rank set
+ * dispatched), then damaged ones, which every set refuses: positions repeated in a group and
+ * inf values. */
 static void check_odd_files(int64_t n_in, int64_t n_out) {
     int64_t G = (n_out + 15) / 16, rows = 16 * n_in, T = 2, ps = (G + 1) / 2;
     uint16_t *w = malloc(2 * (size_t)(n_in * n_out)), *v = malloc(2 * (size_t)(rows * G));
@@ -170,9 +188,7 @@ static void check_odd_files(int64_t n_in, int64_t n_out) {
         memcpy(st2, st, 4 * (size_t)rows);
         for (int64_t r = n_in; r < 4 * n_in; r++) st2[r] *= scales[s];
         pe_buckets b = {v, p, st2, o, n_in, n_out, G, rows};
-        pe_packed *pk = pack_for("neon", &b);
-        if (pk) compare(&b, pk, x, T, "permuted", "rising stats");
-        pe_packed_free(pk);
+        compare_specs(&b, x, T, "rising stats");
     }
     memcpy(p2, p, (size_t)(rows * ps)); /* rank 1 of every input at rank 0's position, group 0 */
     for (int64_t r = 0; r < 2 * n_in; r++) at[(r / n_in) * n_in + o[r]] = (int32_t)r;
@@ -181,18 +197,14 @@ static void check_odd_files(int64_t n_in, int64_t n_out) {
         *q1 = (uint8_t)((*q1 & 0xF0) | (q0 & 0x0F));
     }
     pe_buckets rep = {v, p2, st, o, n_in, n_out, G, rows};
-    pe_packed *pk = pack_for("neon", &rep);
-    if (pk) compare(&rep, pk, x, T, "canonical", "repeated positions");
-    pe_packed_free(pk);
+    refused(&rep, "repeated positions");
     memcpy(v2, v, 2 * (size_t)(rows * G)); /* rank 15 of five inputs, group 1: inf */
     for (int64_t r = rows - 5; r < rows; r++) {
         v2[r * G + 1] = 0x7C00;
         for (int64_t t = 0; t < T; t++) x[t * n_in + o[r]] = 1.0f; /* dispatched at 1.0 */
     }
     pe_buckets inf = {v2, p, st, o, n_in, n_out, G, rows};
-    pk = pack_for("neon", &inf);
-    if (pk) compare(&inf, pk, x, T, "canonical", "inf value");
-    pe_packed_free(pk);
+    refused(&inf, "inf value");
     free(w); free(v); free(p); free(p2); free(st); free(st2); free(x); free(o); free(at); free(v2);
 }
 

@@ -16,9 +16,9 @@ fi
 S=src/cpu
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-SRC="build select pack tiers perm dispatch cpuinfo threads bucketmul_scalar bucketmul_neon permmul_neon dense_neon"
-for f in $SRC; do
-    aarch64-linux-gnu-gcc -O2 -std=c11 -Wall -Wextra -Werror -I$S -c $S/$f.c -o "$OUT/$f.o"
+for f in $S/*.c $S/generic/*.c $S/layout/*.c $S/arch/arm/*.c; do
+    o=$(echo "${f#$S/}" | tr / _)
+    aarch64-linux-gnu-gcc -O2 -std=c11 -Wall -Wextra -Werror -I$S -c "$f" -o "$OUT/${o%.c}.o"
 done
 aarch64-linux-gnu-gcc -O2 -std=c11 -Wall -Werror -I$S -c tests/neon/neon_check.c -o "$OUT/check.o"
 aarch64-linux-gnu-gcc -static -pthread -o "$OUT/neon_check" "$OUT"/*.o -lm

@@ -5,7 +5,7 @@
  * indexes past the table and reads 0, so no blend is needed and no weight is routed alone. */
 #include <arm_neon.h>
 
-#include "permwalk.h"
+#include "layout/permwalk.h"
 
 /* x in the lanes of ranks 4 t .. 4 t + 3 that mask dispatches, 0 in the others. */
 static inline float32x4_t masked_x(uint32_t mask, float x, int t) {
@@ -83,10 +83,11 @@ static inline PE_INLINE void batch(const pe_item *items, int n, const int T, con
     }
 }
 
-/* The pe_tiermul_fn on the permuted copy: items by class, in order -> y[64 c0, min(64 c1,
- * n_out)), overwritten; chunks [c0, c1) (4 groups each) in blocks of BLOCK groups. */
-void pe_permmul_f16_neon(const pe_packed *p, const pe_item *items,
-                         const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                         int64_t c0, int64_t c1, float *y) {
+/* pe_items_fn on the permuted copy (permwalk.h); layout/perm_scalar.c's results within
+ * float32 rounding (x * w is rounded before the add here, fused there for whole tiers). */
+void pe_perm_f16_neon(const pe_packed *p, const pe_buckets *b, const pe_item *items,
+                      const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                      int64_t c0, int64_t c1, float *y) {
+    (void)b;
     perm_walk(p, items, begin, end, c0, c1, y);
 }

@@ -1,16 +1,13 @@
 /* The tiered copy of a matrix (kernels.h, "The tiered layout"), built once from the canonical
- * rows through the input-major index: the kernels that read it route 4 ranks of a group with
- * one expand instead of one masked add per weight. Same values, same bytes per rank. */
+ * rows through the input-major index for matrices whose statistics fall with rank (a token
+ * then dispatches a prefix of each input's ranks): the kernels that read it (tiers_scalar.c,
+ * the spec; arch/x86/tiers_avx512vbmi2.c) place 4 ranks of a group with one expand instead of
+ * one masked add per weight. Same values, same bytes per rank. */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
-
-/* Position of rank k in group g of canonical row r. */
-static int position(const pe_buckets *b, int64_t r, int64_t g) {
-    uint8_t q = b->positions[r * ((b->n_groups + 1) / 2) + g / 2];
-    return (g & 1) ? q >> 4 : q & 15;
-}
 
 /* Per group of one input: each position's value and rank, the positions of each tier. */
 typedef struct {
@@ -19,23 +16,24 @@ typedef struct {
 } group_tiers;
 
 /* The loaded ranks (n) of input i, row by row (each canonical row read in order) -> gt (G).
- * Returns 0 if a position repeats inside a group (a damaged file: the reference adds both
- * values there, which the tiered copy cannot hold). */
+ * Returns 0 if the input is damaged (pe_weight_ok: a position repeats in a group or a value is
+ * not finite). */
 static int gather_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n,
                         group_tiers *gt) {
     int ok = 1;
-    int64_t G = b->n_groups;
+    int64_t G = b->n_groups, pstride = (G + 1) / 2;
     memset(gt, 0, sizeof(group_tiers) * (size_t)G);
     for (int k = 0; k < n; k++) {
         int64_t r = p->row[p->slot0[i] + k];
+        const uint16_t *v = b->values + r * G;
+        const uint8_t *q = b->positions + r * pstride;
         int t = k / PE_TIER;
         for (int64_t g = 0; g < G; g++) {
-            uint16_t bit = (uint16_t)(1u << position(b, r, g));
-            ok &= !(gt[g].used & bit);
-            gt[g].used |= bit;
-            gt[g].mask[t] |= bit;
-            gt[g].vals[position(b, r, g)] = b->values[r * G + g];
-            gt[g].rank[position(b, r, g)] = (uint8_t)k;
+            int pos = pe_position(q, g);
+            ok &= pe_weight_ok(&gt[g].used, pos, v[g]);
+            gt[g].mask[t] |= (uint16_t)(1u << pos);
+            gt[g].vals[pos] = v[g];
+            gt[g].rank[pos] = (uint8_t)k;
         }
     }
     return ok;
@@ -81,8 +79,8 @@ typedef struct {
     const pe_buckets *b;
     pe_packed *p;
     int64_t row;
-    volatile int failed;  /* a worker could not get its scratch */
-    volatile int damaged; /* positions repeat somewhere: no tiered copy */
+    atomic_int failed;  /* a worker could not get its scratch */
+    atomic_int damaged; /* a position repeats or a value is not finite */
 } fill_job;
 
 /* Inputs of chunk c of n -> their tier rows (threads fill disjoint inputs). */
@@ -91,18 +89,17 @@ static void fill_chunk(void *ctx, int c, int n) {
     int64_t i0 = j->p->n_in * c / n, i1 = j->p->n_in * (c + 1) / n;
     group_tiers *gt = malloc(sizeof(group_tiers) * (size_t)j->b->n_groups + 1);
     if (!gt) {
-        j->failed = 1;
+        atomic_store(&j->failed, 1);
         return;
     }
-    for (int64_t i = i0; i < i1 && !j->damaged; i++)
+    for (int64_t i = i0; i < i1 && !atomic_load_explicit(&j->damaged, memory_order_relaxed); i++)
         if (!fill_input(j->b, j->p, i, j->p->n_loaded[i], j->row, gt,
                         j->p->tiers + j->p->tier_off[i]))
-            j->damaged = 1;
+            atomic_store(&j->damaged, 1);
     free(gt);
 }
 
-pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p) {
-    p->n_chunks = (b->n_groups + 3) / 4;
+pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p, int n_threads) {
     int64_t row = p->n_chunks * PE_TIER_CHUNK, total = 0;
     p->tier_off = malloc(sizeof(int64_t) * (size_t)p->n_in + 8);
     if (!p->tier_off) return PE_ERR_ALLOC;
@@ -111,20 +108,12 @@ pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p) {
         total += (p->n_loaded[i] + PE_TIER - 1) / PE_TIER * row;
     }
     p->tiers = pe_alloc_copy((size_t)(total + 64));
-    if (!p->tiers) {
-        free(p->tier_off);
-        p->tier_off = NULL;
-        return PE_ERR_ALLOC;
-    }
-    fill_job job = {b, p, row, 0, 0};
-    pe_status st = pe_parallel(fill_chunk, &job, 4 * pe_num_threads(), pe_num_threads());
-    if (st == PE_OK && job.failed) st = PE_ERR_ALLOC;
-    if (st != PE_OK || job.damaged) { /* damaged: the routed kernels follow the reference */
-        free(p->tiers);
-        free(p->tier_off);
-        p->tiers = NULL;
-        p->tier_off = NULL;
-        return st;
-    }
-    return PE_OK;
+    if (!p->tiers) return PE_ERR_ALLOC; /* pe_packed_free frees the rest */
+    fill_job job = {.b = b, .p = p, .row = row};
+    atomic_init(&job.failed, 0);
+    atomic_init(&job.damaged, 0);
+    pe_status st = pe_parallel(fill_chunk, &job, 4 * n_threads, n_threads);
+    if (st != PE_OK) return st;
+    if (atomic_load(&job.failed)) return PE_ERR_ALLOC;
+    return atomic_load(&job.damaged) ? PE_ERR_FORMAT : PE_OK;
 }

@@ -7,12 +7,7 @@
 #include <immintrin.h>
 #include <string.h>
 
-#include "tierwalk.h"
-
-void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
-                         const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y);
-void pe_packedmul_f16_avx512(const pe_packed *pk, const pe_buckets *b, const pe_run *runs,
-                             int64_t n_runs, int64_t t0, int64_t t1, float *y);
+#include "layout/tierwalk.h"
 
 /* Tiers of one record -> the merged group pair vectors v0 (groups 0, 1), v1 (groups 2, 3). */
 static inline PE_INLINE void merge_tier(const uint8_t *rec, __m512i *v0, __m512i *v1) {
@@ -86,14 +81,10 @@ static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int
     }
 }
 
-static void tiermul_f16_avx512vbmi2(const pe_packed *p, const pe_item *items,
-                                    const int64_t begin[PE_CLASSES],
-                                    const int64_t end[PE_CLASSES], int64_t c0, int64_t c1,
-                                    float *y) {
+/* pe_items_fn on the tiered copy (tierwalk.h); layout/tiers_scalar.c's bits. */
+void pe_tiers_f16_avx512vbmi2(const pe_packed *p, const pe_buckets *b, const pe_item *items,
+                              const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                              int64_t c0, int64_t c1, float *y) {
+    (void)b;
     tier_walk(p, items, begin, end, c0, c1, y);
 }
-
-/* The routed avx512 kernel stays for matrices without a tiered copy (statistics that rise). */
-const pe_cpu_kernels pe_kernels_avx512vbmi2 = {"avx512vbmi2", NULL, pe_packedmul_f16_avx512,
-                                               pe_dense_f16_avx512, tiermul_f16_avx512vbmi2,
-                                               NULL, pe_select_items_avx2};

@@ -1,12 +1,12 @@
-/* The walk shared by the tiered kernels (tiermul_*.c): dispatched inputs by class, in batches
- * of about 8 row streams, over blocks of chunks. The including file defines, before including
- * this header, the ISA-specific
+/* The walk shared by the tiered-copy kernels (tiers_scalar.c, arch/x86/tiers_avx512vbmi2.c):
+ * dispatched inputs by class, in batches of about 8 row streams, over blocks of chunks. The
+ * including file defines, after including this header, the ISA-specific
  *   static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n,
  *                                      const int T, const int PARTIAL, int64_t cb, int64_t nc,
  *                                      float *acc);
  * acc[64 c + j] += x_u * w for the n inputs items[0, n) (T tiers each, all whole unless
- * PARTIAL, pe_item_class) over chunks [cb, cb + nc), inputs added in item order. The including
- * file "defines" it after the include; the prototype below lets the walk call it. */
+ * PARTIAL, pe_item_class) over chunks [cb, cb + nc), inputs added in item order; the
+ * prototype below lets the walk call it. */
 #ifndef PE_TIERWALK_H
 #define PE_TIERWALK_H
 #include <string.h>
@@ -83,7 +83,7 @@ static __attribute__((noinline)) float *accumulators(void) {
     return acc;
 }
 
-/* The pe_tiermul_fn: blocks of chunks, accumulators zeroed, classes walked, copied out. */
+/* The pe_items_fn walk: blocks of chunks, accumulators zeroed, classes walked, copied out. */
 static void tier_walk(const pe_packed *p, const pe_item *items, const int64_t begin[PE_CLASSES],
                       const int64_t end[PE_CLASSES], int64_t c0, int64_t c1, float *y) {
     float *acc = accumulators();

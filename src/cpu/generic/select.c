@@ -1,6 +1,7 @@
-/* Cutoff selection: which bucket rows one token dispatches (reference.cutoff). Exact.
- * Built twice: portable (SSE2 on x86-64, plain C elsewhere) and, as select_avx2.c, with AVX2
- * for the x86 kernel sets (8- and 16-lane compares): the same cutoffs, rows and items. */
+/* Cutoff selection: which bucket rows one token dispatches (reference.cutoff), as items.
+ * Exact. Compiled twice (setup.py): portable (SSE2 on x86-64, plain C elsewhere) as
+ * pe_select_items and, with -mavx2 -DPE_SELECT_FN=pe_select_items_avx2, with AVX2 for the x86
+ * kernel sets (8- and 16-lane compares): the same cutoffs, rows and items. */
 #include <math.h>
 #include <string.h>
 #if defined(__AVX2__)
@@ -11,8 +12,8 @@
 
 #include "kernels.h"
 
-#ifndef PE_SELECT_NAME /* select_avx2.c renames the entry points */
-#define PE_SELECT_NAME(f) f
+#ifndef PE_SELECT_FN /* the AVX2 build names its entry point */
+#define PE_SELECT_FN pe_select_items
 #endif
 
 /* 1 if no x_i is a NaN or an infinity (exponent bits all ones): a loop that vectorises. */
@@ -24,12 +25,6 @@ static int all_finite(const float *x, int64_t n) {
         bad |= (u & 0x7F800000u) == 0x7F800000u;
     }
     return !bad;
-}
-
-/* Real multiplications in a row of each rank: m[k] = G, minus 1 past the last group's size. */
-static void row_mults(const pe_buckets *b, int64_t m[PE_RANKS]) {
-    int64_t tail = b->n_out % PE_GROUP;
-    for (int k = 0; k < PE_RANKS; k++) m[k] = b->n_groups - (tail && k >= tail ? 1 : 0);
 }
 
 /* An input's 16 keys are positive floats' bits, below 2^31, so signed compares order them.
@@ -93,73 +88,9 @@ static int pick_bin(const int64_t *hist, int n_bins, double budget, int64_t *abo
     return bin;
 }
 
-/* keys (n_rows) of positive floats' bits -> the largest c with weight(key >= c) >= budget. */
-static uint32_t radix_cutoff(const pe_buckets *b, const uint32_t *key, uint32_t *cand,
-                             const int64_t m[PE_RANKS], double budget) {
-    static const int shift[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
-    int64_t hist[2048], above = 0;
-    int64_t n_cand = 0, n_in = b->n_in;
-    uint32_t prefix = 0;
-    /* pass 1 over all rows; the rows in the chosen bin become the candidates */
-    memset(hist, 0, sizeof hist);
-    for (int64_t r = 0; r < b->n_rows; r++) hist[key[r] >> 21] += m[r / n_in];
-    uint32_t bin = (uint32_t)pick_bin(hist, 2048, budget, &above);
-    prefix = bin << 21;
-    for (int64_t r = 0; r < b->n_rows; r++)
-        if ((key[r] >> 21) == bin) cand[n_cand++] = (uint32_t)r;
-    /* passes 2 and 3 over the candidates only */
-    for (int p = 1; p < 3; p++) {
-        int n_bins = 1 << bits[p];
-        memset(hist, 0, sizeof(int64_t) * (size_t)n_bins);
-        for (int64_t t = 0; t < n_cand; t++) {
-            uint32_t r = cand[t];
-            hist[(key[r] >> shift[p]) & (uint32_t)(n_bins - 1)] += m[r / n_in];
-        }
-        bin = (uint32_t)pick_bin(hist, n_bins, budget, &above);
-        prefix |= bin << shift[p];
-        int64_t kept = 0;
-        for (int64_t t = 0; t < n_cand; t++) {
-            uint32_t r = cand[t];
-            if (((key[r] >> shift[p]) & (uint32_t)(n_bins - 1)) == bin) cand[kept++] = r;
-        }
-        n_cand = kept;
-    }
-    return prefix;
-}
-
-pe_status PE_SELECT_NAME(pe_select)(const pe_buckets *b, const float *x, double effort,
-                                    pe_task *tasks, int64_t *n_tasks, int64_t *mults,
-                                    uint32_t *scratch) {
-    int64_t m[PE_RANKS], total = 0, n_in = b->n_in;
-    if (!all_finite(x, n_in)) return PE_ERR_NONFINITE;
-    *n_tasks = 0;
-    *mults = 0;
-    if (!(effort > 0.0)) return PE_OK;
-    row_mults(b, m);
-    uint32_t *key = scratch, *cand = scratch + b->n_rows;
-    for (int64_t r = 0; r < b->n_rows; r++) {
-        float s = fabsf(x[b->order[r]]) * b->stats[r];
-        memcpy(&key[r], &s, 4);
-        total += m[r / n_in];
-    }
-    double budget = effort * (double)(b->n_in * b->n_out);
-    uint32_t c = (double)total < budget ? 0u : radix_cutoff(b, key, cand, m, budget);
-    int64_t n = 0, done = 0;
-    for (int64_t r = 0; r < b->n_rows; r++) {
-        if (key[r] < c) continue;
-        tasks[n].row = r;
-        tasks[n].x = x[b->order[r]];
-        n++;
-        done += m[r / n_in];
-    }
-    *n_tasks = n;
-    *mults = done;
-    return PE_OK;
-}
-
-/* ---------------------------------------------------------------- packed layout
- * The same cutoff on keys in slot order (input-major, 16 lanes per input): the cutoff depends
- * only on the multiset of (key, m), so it is the same c, and the same rows are dispatched. */
+/* ---------------------------------------------------------------- histogram cutoff
+ * The cutoff on keys in slot order (input-major, 16 lanes per input): it depends only on the
+ * multiset of (key, m), so it is reference.cutoff's c, and the same rows are dispatched. */
 
 #define HIST_BLOCK 256 /* inputs per block of keys and digits: 16 KiB of keys (L1) */
 
@@ -219,9 +150,9 @@ static void digits_part(void *ctx, int t, int n) {
 
 /* keys_and_digits over every input, split over the thread pool for large matrices (disjoint
  * input ranges; the histogram is a sum of integers, so the split never changes the cutoff). */
-static uint32_t all_keys_and_digits(const pe_packed *p, const float *x, uint32_t *key,
-                                    int64_t hist[2048]) {
-    int n = pe_num_threads() < MAX_PARTS ? pe_num_threads() : MAX_PARTS;
+static uint32_t all_keys_and_digits(const pe_packed *p, const float *x, int n_threads,
+                                    uint32_t *key, int64_t hist[2048]) {
+    int n = n_threads < MAX_PARTS ? n_threads : MAX_PARTS;
     if (n < 2 || p->n_in < n * SPLIT_MIN_INPUTS) {
         memset(hist, 0, sizeof(int64_t) * 2048);
         return keys_and_digits(p, x, 0, p->n_in, key, hist);
@@ -453,24 +384,10 @@ static uint32_t probed_cutoff(const pe_packed *p, const float *x, uint32_t *key,
                              budget);
 }
 
-/* Dispatched lanes of input i (bits k < n_loaded with key >= c) -> runs; returns runs added. */
-static int64_t emit_runs(const pe_packed *p, int64_t i, uint32_t mask, float x, pe_run *runs) {
-    int64_t n = 0;
-    while (mask) {
-        int k = __builtin_ctz(mask), len = __builtin_ctz(~(mask >> k));
-        runs[n].slot = p->slot0[i] + k;
-        runs[n].n = len;
-        runs[n].x = x;
-        n++;
-        mask &= len == 32 ? 0u : ~(((1u << len) - 1) << k);
-    }
-    return n;
-}
-
 /* keys of x in slot order and the cutoff c at effort (dispatch: key >= c); PE_OK, or
  * PE_ERR_NONFINITE. *none set when nothing is dispatched (effort <= 0). */
-static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort, uint32_t *key,
-                               uint32_t *cand, uint32_t *c, int *none) {
+static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort, int n_threads,
+                               uint32_t *key, uint32_t *cand, uint32_t *c, int *none) {
     int64_t n_in = p->n_in, total = -p->unloaded;
     if (!all_finite(x, n_in)) return PE_ERR_NONFINITE;
     *none = !(effort > 0.0);
@@ -486,7 +403,7 @@ static pe_status packed_cutoff(const pe_packed *p, const float *x, double effort
         return PE_OK;
     }
     int64_t hist[2048];
-    uint32_t top = all_keys_and_digits(p, x, key, hist);
+    uint32_t top = all_keys_and_digits(p, x, n_threads, key, hist);
     *c = radix_cutoff_packed(p, key, cand, hist, top, budget);
     return PE_OK;
 }
@@ -499,35 +416,10 @@ static uint32_t dispatched(const pe_packed *p, const uint32_t *key, int64_t i, u
     return mask & ((1u << p->n_loaded[i]) - 1);
 }
 
-/* Multiplications of the rows in mask (a tail group's padding does not count). */
-static uint32_t padding_ranks(const pe_packed *p) { /* ranks whose last-group slot is padding */
+/* Ranks whose slot in the last group is padding (no multiplication; n_out % 16 > 0). */
+static uint32_t padding_ranks(const pe_packed *p) {
     int tail = (int)(p->n_out % PE_GROUP);
     return tail ? 0xFFFFu & ~((1u << tail) - 1) : 0u;
-}
-static int64_t mask_mults(const pe_packed *p, uint32_t mask) {
-    return pe_popcount(mask) * p->n_groups - pe_popcount(mask & padding_ranks(p));
-}
-
-pe_status PE_SELECT_NAME(pe_select_packed)(const pe_packed *p, const float *x, double effort,
-                                           pe_run *runs, int64_t *n_runs, int64_t *n_rows,
-                                           int64_t *mults, uint32_t *scratch) {
-    int64_t nr = 0, rows = 0, done = 0;
-    uint32_t *key = scratch, *cand = scratch + p->n_in * PE_RANKS, c = 0;
-    int none = 0;
-    *n_runs = *n_rows = *mults = 0;
-    pe_status st = packed_cutoff(p, x, effort, key, cand, &c, &none);
-    if (st != PE_OK || none) return st;
-    for (int64_t i = 0; i < p->n_in; i++) {
-        uint32_t mask = dispatched(p, key, i, c);
-        if (!mask) continue;
-        rows += pe_popcount(mask);
-        done += mask_mults(p, mask);
-        nr += emit_runs(p, i, mask, x[i], runs + nr);
-    }
-    *n_runs = nr;
-    *n_rows = rows;
-    *mults = done;
-    return PE_OK;
 }
 
 /* pe_select_items' pass for a monotone matrix: input i dispatches its K ranks with key >= c (a
@@ -557,16 +449,17 @@ static void monotone_items(const pe_packed *p, const float *x, const uint32_t *k
     *mults = ranks * p->n_groups - padding;
 }
 
-pe_status PE_SELECT_NAME(pe_select_items)(const pe_packed *p, const float *x, double effort,
-                                          pe_item *items, int64_t begin[PE_CLASSES],
-                                          int64_t end[PE_CLASSES], int64_t *n_rows,
-                                          int64_t *mults, uint32_t *scratch) {
+/* kernels.h's pe_select_fn. */
+pe_status PE_SELECT_FN(const pe_packed *p, const float *x, double effort, int n_threads,
+                       pe_item *items, int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES],
+                       int64_t *n_rows, int64_t *mults, uint32_t *scratch) {
     uint32_t tail_mask = padding_ranks(p), *key = scratch, c = 0;
     int64_t ranks = 0, padding = 0; /* dispatched rows, and their padding slots */
     int none = 0;
     for (int cl = 0; cl < PE_CLASSES; cl++) begin[cl] = end[cl] = cl * p->n_in;
     *n_rows = *mults = 0;
-    pe_status st = packed_cutoff(p, x, effort, key, scratch + p->n_in * PE_RANKS, &c, &none);
+    pe_status st =
+        packed_cutoff(p, x, effort, n_threads, key, scratch + p->n_in * PE_RANKS, &c, &none);
     if (st != PE_OK || none) return st;
     if (p->monotone) { /* c = 0 (effort 1): every loaded rank, a prefix too */
         monotone_items(p, x, key, c, items, end, n_rows, mults);
@@ -587,6 +480,6 @@ pe_status PE_SELECT_NAME(pe_select_items)(const pe_packed *p, const float *x, do
         end[cl] += mask != 0;
     }
     *n_rows = ranks;
-    *mults = ranks * p->n_groups - padding; /* as mask_mults, summed */
+    *mults = ranks * p->n_groups - padding;
     return PE_OK;
 }

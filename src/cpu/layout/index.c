@@ -1,7 +1,8 @@
-/* The input-major index the SIMD kernels use (kernels.h, struct pe_packed): built once per
- * matrix; the canonical rows are read in place, or through the copy the kernel set in use
- * reads: tiered (tiers.c) or permuted (perm.c). */
+/* The input-major index (kernels.h, struct pe_packed), built once per matrix for the kernel set
+ * in use, with the in-memory copy that set's kernel reads: tiered (tiers.c), permuted (perm.c)
+ * or none (the canonical rows in place, checked here). */
 #define _GNU_SOURCE /* madvise */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -78,16 +79,71 @@ static void pack_index(const pe_buckets *b, pe_packed *p) {
     p->unloaded = all - loaded;
 }
 
+/* The canonical layout copies nothing, so it is checked on its own: the inputs of chunk c of
+ * n against pe_weight_ok, the rule the copies apply as they are built. */
+typedef struct {
+    const pe_buckets *b;
+    const pe_packed *p;
+    atomic_int damaged, failed;
+} check_job;
+
+static void check_chunk(void *ctx, int c, int n) {
+    check_job *j = ctx;
+    const pe_buckets *b = j->b;
+    const pe_packed *p = j->p;
+    int64_t i0 = p->n_in * c / n, i1 = p->n_in * (c + 1) / n, G = b->n_groups;
+    int64_t pstride = (G + 1) / 2;
+    uint16_t *used = malloc(sizeof(uint16_t) * (size_t)G + 2);
+    if (!used) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    int ok = 1;
+    for (int64_t i = i0; i < i1 && ok; i++) {
+        memset(used, 0, sizeof(uint16_t) * (size_t)G);
+        for (int k = 0; k < p->n_loaded[i]; k++) {
+            int64_t r = p->row[p->slot0[i] + k];
+            const uint16_t *v = b->values + r * G;
+            const uint8_t *q = b->positions + r * pstride;
+            for (int64_t g = 0; g < G; g++) ok &= pe_weight_ok(used + g, pe_position(q, g), v[g]);
+        }
+    }
+    if (!ok) atomic_store(&j->damaged, 1);
+    free(used);
+}
+
+static pe_status check_canonical(const pe_buckets *b, const pe_packed *p, int nt) {
+    check_job job = {.b = b, .p = p};
+    atomic_init(&job.damaged, 0);
+    atomic_init(&job.failed, 0);
+    pe_status st = pe_parallel(check_chunk, &job, 4 * nt, nt);
+    if (st != PE_OK) return st;
+    if (atomic_load(&job.failed)) return PE_ERR_ALLOC;
+    return atomic_load(&job.damaged) ? PE_ERR_FORMAT : PE_OK;
+}
+
+/* The layout p's kernel set reads, built (the canonical one: checked). */
+static pe_status build_layout(const pe_buckets *b, pe_packed *p, int nt) {
+    switch (p->set->layout) {
+    case PE_TIERED: return pe_build_tiers(b, p, nt);
+    case PE_PERMUTED: return pe_build_perm(b, p, nt);
+    default: return check_canonical(b, p, nt);
+    }
+}
+
 pe_status pe_pack(const pe_buckets *b, pe_packed **out) {
     *out = NULL;
-    if (b->n_rows > 16 * b->n_in || b->n_rows >= INT32_MAX) return PE_ERR_ARG;
+    if (b->n_rows > 16 * b->n_in || b->n_rows >= INT32_MAX ||
+        b->n_groups != (b->n_out + PE_GROUP - 1) / PE_GROUP)
+        return PE_ERR_ARG;
     pe_packed *p = calloc(1, sizeof *p);
     if (!p) return PE_ERR_ALLOC;
-    int64_t G = b->n_groups, T = (G + PE_TILE - 1) / PE_TILE, S = b->n_rows, n_in = b->n_in;
+    int64_t G = b->n_groups, S = b->n_rows, n_in = b->n_in;
+    p->set = pe_active_set();
     p->n_in = n_in;
     p->n_out = b->n_out;
     p->n_groups = G;
-    p->n_tiles = T;
+    p->n_chunks = (G + 3) / 4;
     p->n_slots = S;
     p->row = malloc(sizeof(int32_t) * (size_t)S + 4);
     p->stats = malloc(sizeof(float) * (size_t)(n_in * PE_RANKS));
@@ -99,12 +155,8 @@ pe_status pe_pack(const pe_buckets *b, pe_packed **out) {
     }
     pack_index(b, p);
     for (int64_t r = 0; r < S; r++) p->row[p->slot0[b->order[r]] + r / n_in] = (int32_t)r;
-    p->n_chunks = (G + 3) / 4;
     p->monotone = stats_fall(p);
-    const pe_cpu_kernels *kern = pe_active_kernels(); /* the copy the kernels in use read */
-    pe_status st = kern->tiermul_f16   ? pe_build_tiers(b, p)
-                   : kern->permmul_f16 ? pe_build_perm(b, p)
-                                       : PE_OK;
+    pe_status st = build_layout(b, p, pe_num_threads());
     if (st != PE_OK) {
         pe_packed_free(p);
         return st;

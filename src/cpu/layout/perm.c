@@ -1,7 +1,9 @@
 /* The permuted copy of a matrix (kernels.h, "The permuted layout"), built once from the
- * canonical rows through the input-major index: the kernels that read it gather a group's
- * dispatched ranks to their positions with lane permutes instead of one routed add per
- * weight. Same values; 2.5 bytes per weight, as the canonical rows. */
+ * canonical rows through the input-major index: the kernels that read it (perm_scalar.c, the
+ * spec; arch/x86/perm_avx2.c, arch/arm/perm_neon.c) gather a group's dispatched ranks to their
+ * positions with lane permutes instead of one routed add per weight. Same values; 2.5 bytes
+ * per weight, as the canonical rows. */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,9 +15,8 @@ static int64_t input_bytes(int64_t G, int n) {
     return n ? G * PE_PERM_REC + (tiers - 1) * G * 2 * PE_TIER : 0;
 }
 
-/* The records and tier rows of input i (n loaded ranks) -> dst; 0 if a position repeats in a
- * group or a value is not finite (the reference would add both values there, or could make
- * 0 * inf a NaN: the routed kernels handle that matrix instead). */
+/* The records and tier rows of input i (n loaded ranks) -> dst; 0 if the input is damaged
+ * (pe_weight_ok: a position repeats in a group or a value is not finite). */
 static int fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n, uint8_t *dst) {
     int64_t G = b->n_groups, pstride = (G + 1) / 2;
     uint16_t *tier_rows = (uint16_t *)(dst + G * PE_PERM_REC);
@@ -25,10 +26,8 @@ static int fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n,
         memset(rank, PE_RANKS - 1, sizeof rank); /* n < 16: rank 15 is never dispatched */
         for (int k = 0; k < n; k++) {
             int64_t r = p->row[p->slot0[i] + k];
-            uint8_t q = b->positions[r * pstride + g / 2];
-            int pos = (g & 1) ? q >> 4 : q & 15;
-            if (used >> pos & 1 || (b->values[r * G + g] & 0x7C00) == 0x7C00) return 0;
-            used |= (uint16_t)(1u << pos);
+            int pos = pe_position(b->positions + r * pstride, g);
+            if (!pe_weight_ok(&used, pos, b->values[r * G + g])) return 0;
             rank[pos] = (uint8_t)k;
             vals[k] = b->values[r * G + g];
         }
@@ -43,20 +42,20 @@ static int fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n,
 typedef struct {
     const pe_buckets *b;
     pe_packed *p;
-    volatile int damaged; /* a position repeats or a value is not finite: no permuted copy */
+    atomic_int damaged; /* a position repeats or a value is not finite */
 } fill_job;
 
 /* Inputs of chunk c of n -> their records (threads fill disjoint inputs). */
 static void fill_chunk(void *ctx, int c, int n) {
     fill_job *j = ctx;
     int64_t i0 = j->p->n_in * c / n, i1 = j->p->n_in * (c + 1) / n;
-    for (int64_t i = i0; i < i1 && !j->damaged; i++)
+    for (int64_t i = i0; i < i1 && !atomic_load_explicit(&j->damaged, memory_order_relaxed); i++)
         if (j->p->n_loaded[i] &&
             !fill_input(j->b, j->p, i, j->p->n_loaded[i], j->p->perm + j->p->perm_off[i]))
-            j->damaged = 1;
+            atomic_store(&j->damaged, 1);
 }
 
-pe_status pe_build_perm(const pe_buckets *b, pe_packed *p) {
+pe_status pe_build_perm(const pe_buckets *b, pe_packed *p, int n_threads) {
     int64_t total = 0;
     p->perm_off = malloc(sizeof(int64_t) * (size_t)p->n_in + 8);
     if (!p->perm_off) return PE_ERR_ALLOC;
@@ -66,18 +65,9 @@ pe_status pe_build_perm(const pe_buckets *b, pe_packed *p) {
     }
     p->perm = pe_alloc_copy((size_t)total + 64);
     p->perm_bytes = total;
-    if (!p->perm) {
-        free(p->perm_off);
-        p->perm_off = NULL;
-        return PE_ERR_ALLOC;
-    }
-    fill_job job = {b, p, 0};
-    pe_status st = pe_parallel(fill_chunk, &job, 4 * pe_num_threads(), pe_num_threads());
-    if (st != PE_OK || job.damaged) {
-        free(p->perm);
-        free(p->perm_off);
-        p->perm = NULL;
-        p->perm_off = NULL;
-    }
-    return st;
+    if (!p->perm) return PE_ERR_ALLOC; /* pe_packed_free frees the rest */
+    fill_job job = {.b = b, .p = p};
+    atomic_init(&job.damaged, 0);
+    pe_status st = pe_parallel(fill_chunk, &job, 4 * n_threads, n_threads);
+    return st != PE_OK ? st : atomic_load(&job.damaged) ? PE_ERR_FORMAT : PE_OK;
 }

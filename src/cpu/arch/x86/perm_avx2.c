@@ -1,16 +1,12 @@
-/* AVX2 + F16C + FMA effort matmul on the permuted copy (kernels.h, "The permuted layout").
+/* AVX2 + F16C + FMA effort matmul on the permuted copy (the kernel of the avx2, avx512 and,
+ * for matrices without a tiered copy, avx512vbmi2 sets) (kernels.h, "The permuted layout").
  * Per input and group, the rank-ordered values of the dispatched tiers are converted and
  * multiplied by x (0 for the ranks the item does not dispatch), then gathered to their 16
  * positions by lane permutes (vpermps) through the group's rank map: about 15 vector
  * operations per group and input, with no per-weight routing. */
 #include <immintrin.h>
 
-#include "permwalk.h"
-
-void pe_dense_f16_avx2(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
-                       const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y);
-void pe_packedmul_f16_avx2(const pe_packed *pk, const pe_buckets *b, const pe_run *runs,
-                           int64_t n_runs, int64_t t0, int64_t t1, float *y);
+#include "layout/permwalk.h"
 
 /* All ones in the lanes of ranks 8 h .. 8 h + 7 that mask dispatches, 0 in the others. */
 static inline __m256 rank_lanes(uint32_t mask, int h) {
@@ -80,14 +76,10 @@ static inline PE_INLINE void batch(const pe_item *items, int n, const int T, con
     }
 }
 
-/* The pe_tiermul_fn on the permuted copy (permwalk.h). */
-static void permmul_f16_avx2(const pe_packed *p, const pe_item *items,
-                             const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                             int64_t c0, int64_t c1, float *y) {
+/* pe_items_fn on the permuted copy (permwalk.h); layout/perm_scalar.c's bits. */
+void pe_perm_f16_avx2(const pe_packed *p, const pe_buckets *b, const pe_item *items,
+                      const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                      int64_t c0, int64_t c1, float *y) {
+    (void)b;
     perm_walk(p, items, begin, end, c0, c1, y);
 }
-
-/* The routed kernel stays for matrices without a permuted copy (repeated positions, values
- * that are not finite). */
-const pe_cpu_kernels pe_kernels_avx2 = {"avx2", NULL, pe_packedmul_f16_avx2, pe_dense_f16_avx2,
-                                        NULL, permmul_f16_avx2, pe_select_items_avx2};

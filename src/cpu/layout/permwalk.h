@@ -1,5 +1,6 @@
-/* The walk shared by the permuted-copy kernels (permmul_*.c): dispatched inputs by class, in
- * batches of about 8 row streams, over blocks of groups. The including file defines, after
+/* The walk shared by the permuted-copy kernels (perm_scalar.c, arch/x86/perm_avx2.c,
+ * arch/arm/perm_neon.c): dispatched inputs by class, in batches of about 8 row streams, over
+ * blocks of groups. The including file defines, after
  * including this header, the ISA-specific
  *   static inline PE_INLINE void batch(const pe_item *items, int n, const int T,
  *                                      const int full, int64_t ng, float *acc,
@@ -147,7 +148,7 @@ static __attribute__((noinline)) float *accumulators(void) {
     return acc;
 }
 
-/* The pe_tiermul_fn on the permuted copy: items by class, in order -> y[64 c0, min(64 c1,
+/* The pe_items_fn walk on the permuted copy: items by class, in order -> y[64 c0, min(64 c1,
  * n_out)), overwritten; chunks [c0, c1) (4 groups each) in blocks of BLOCK groups. */
 static void perm_walk(const pe_packed *p, const pe_item *items, const int64_t begin[PE_CLASSES],
                       const int64_t end[PE_CLASSES], int64_t c0, int64_t c1, float *y) {

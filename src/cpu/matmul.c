@@ -1,0 +1,328 @@
+/* The per-call drivers: per token, the cutoff search and then the kernel over the thread
+ * pool, for one matrix, a group of matrices that share x, and the dense product. A call reads
+ * the thread count once and sizes and runs its jobs with it; the work is split into parts and
+ * ranges that never depend on who runs them, so any thread count gives the same bits. */
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+/* Threads for a job over n_items units touching bytes, at most nt: one for small jobs. */
+static int threads_for(int64_t n_items, int64_t bytes, int nt) {
+    if (bytes < (64 << 10)) nt = 1;
+    if (nt > n_items) nt = (int)(n_items > 0 ? n_items : 1);
+    return nt;
+}
+
+/* Per-thread scratch that grows and is kept (no malloc per call). */
+static void *scratch(size_t n, int which) {
+    static _Thread_local void *buf[3];
+    static _Thread_local size_t cap[3];
+    if (cap[which] < n) {
+        free(buf[which]);
+        buf[which] = malloc(n);
+        cap[which] = buf[which] ? n : 0;
+    }
+    return buf[which];
+}
+
+/* Chunk t of n: [t * n_items / n, (t + 1) * n_items / n) rounded to multiples of align. */
+static void split(int64_t n_items, int64_t align, int t, int n, int64_t *i0, int64_t *i1) {
+    int64_t units = (n_items + align - 1) / align;
+    *i0 = units * t / n * align;
+    *i1 = units * (t + 1) / n * align;
+    if (*i1 > n_items) *i1 = n_items;
+    if (*i0 > n_items) *i0 = n_items;
+}
+
+/* Canonical bytes of one dispatched row: its fp16 values and 4-bit positions. */
+static int64_t row_bytes(const pe_packed *p) { return 2 * p->n_groups + (p->n_groups + 1) / 2; }
+
+/* ---------------------------------------------------------------- one selection's kernel job */
+
+/* The dispatched inputs are cut into PARTS fixed parts (half of each class each), summed into
+ * their own outputs and added in part order: threads walk whole rows (the column split
+ * shortens every row walk), and the sum order never depends on the thread count. */
+#define PARTS 2
+
+typedef struct {
+    const pe_packed *p;
+    const pe_buckets *b;
+    const pe_item *items;
+    int64_t begin[PARTS][PE_CLASSES], end[PARTS][PE_CLASSES];
+    int ranges; /* column ranges per part */
+    float *y[PARTS];
+} kernel_job;
+
+static void kernel_run(void *ctx, int t, int n) {
+    kernel_job *j = ctx;
+    int part = t % PARTS;
+    int64_t c0, c1;
+    (void)n;
+    split(j->p->n_chunks, 1, t / PARTS, j->ranges, &c0, &c1);
+    if (c1 > c0) j->p->set->bucketmul(j->p, j->b, j->items, j->begin[part], j->end[part], c0, c1,
+                                j->y[part]);
+}
+
+/* The kernel job of one selection (items by class in [begin, end), n_rows rows) writing y,
+ * parts past the first into extra ((PARTS - 1) n_out), for at most nt threads; returns the
+ * threads it needs (its chunks: PARTS * ranges). The parts and ranges depend only on the
+ * selection and nt, never on who runs the job. */
+static int kernel_job_for(kernel_job *j, const pe_packed *p, const pe_buckets *b,
+                          const pe_item *items, const int64_t begin[PE_CLASSES],
+                          const int64_t end[PE_CLASSES], int64_t n_rows, float *y, float *extra,
+                          int nt) {
+    *j = (kernel_job){.p = p, .b = b, .items = items};
+    for (int cl = 0; cl < PE_CLASSES; cl++)
+        for (int q = 0; q < PARTS; q++) {
+            int64_t n = end[cl] - begin[cl];
+            j->begin[q][cl] = begin[cl] + n * q / PARTS;
+            j->end[q][cl] = begin[cl] + n * (q + 1) / PARTS;
+        }
+    j->y[0] = y;
+    for (int q = 1; q < PARTS; q++) j->y[q] = extra + (q - 1) * p->n_out;
+    nt = threads_for(p->n_chunks, n_rows * row_bytes(p), nt);
+    j->ranges = nt > PARTS ? nt / PARTS : 1;
+    return nt;
+}
+
+/* y += the parts past the first, in part order. */
+static void add_parts(const kernel_job *j) {
+    for (int q = 1; q < PARTS; q++)
+        for (int64_t o = 0; o < j->p->n_out; o++) j->y[0][o] += j->y[q][o];
+}
+
+/* ---------------------------------------------------------------- the cutoff search */
+
+/* One token's selection on one thread while another reads the matrix's permuted copy from its
+ * start into the caches, until the selection is done: in decoding the copy comes from DRAM, and
+ * the kernel that follows then finds part of it nearer. */
+typedef struct {
+    const pe_packed *p;
+    const float *x;
+    double effort;
+    pe_item *items;
+    int64_t *begin, *end, n_rows, done;
+    uint32_t *sc;
+    pe_status st;
+    atomic_int selected;
+} select_warm;
+
+static void select_or_warm(void *ctx, int c, int n) {
+    select_warm *j = ctx;
+    (void)n;
+    if (c == 0) {
+        j->st = j->p->set->select(j->p, j->x, j->effort, 1, j->items, j->begin, j->end,
+                                  &j->n_rows, &j->done, j->sc);
+        atomic_store_explicit(&j->selected, 1, memory_order_release);
+        return;
+    }
+    const volatile uint8_t *a = j->p->perm;
+    uint8_t sink = 0;
+    for (int64_t o = 0; o < j->p->perm_bytes; o += 64) { /* a load per line */
+        if ((o & 4095) == 0 && atomic_load_explicit(&j->selected, memory_order_relaxed)) break;
+        sink ^= a[o];
+    }
+    (void)sink;
+}
+
+/* p's selection, with its permuted copy warmed by a second thread when one is free (nt >= 2)
+ * and the search costs something (effort < 1). */
+static pe_status select_items(const pe_packed *p, const float *x, double effort, int nt,
+                              pe_item *items, int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES],
+                              int64_t *n_rows, int64_t *done, uint32_t *sc) {
+    if (nt < 2 || !p->perm || !(effort < 1.0))
+        return p->set->select(p, x, effort, nt, items, begin, end, n_rows, done, sc);
+    select_warm j = {.p = p, .x = x, .effort = effort, .items = items, .begin = begin,
+                     .end = end, .sc = sc, .st = PE_OK};
+    atomic_init(&j.selected, 0);
+    pe_status st = pe_parallel(select_or_warm, &j, 2, 2);
+    *n_rows = j.n_rows;
+    *done = j.done;
+    return st != PE_OK ? st : j.st;
+}
+
+/* Scratch words of one selection (2 * 16 n_in + 16) and items (PE_CLASSES n_in + 1). */
+static int64_t select_words(int64_t n_in) { return 2 * n_in * PE_RANKS + PE_RANKS; }
+static int64_t item_count(int64_t n_in) { return PE_CLASSES * n_in + 1; }
+
+/* ---------------------------------------------------------------- one matrix */
+
+pe_status pe_bucketmul(const pe_packed *p, const pe_buckets *b, const float *x, int64_t n_tokens,
+                       double effort, float *y, int64_t *mults, int64_t *bytes) {
+    if (b->n_rows != p->n_slots || b->n_in != p->n_in || b->n_out != p->n_out) return PE_ERR_ARG;
+    int nt = pe_num_threads(); /* once: the jobs are sized and run with it */
+    uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)select_words(p->n_in), 0);
+    pe_item *items = scratch(sizeof(pe_item) * (size_t)item_count(p->n_in), 1);
+    float *extra = scratch(sizeof(float) * (size_t)((PARTS - 1) * p->n_out + 1), 2);
+    if (!sc || !items || !extra) return PE_ERR_ALLOC;
+    for (int64_t t = 0; t < n_tokens; t++) {
+        int64_t begin[PE_CLASSES], end[PE_CLASSES], n_rows = 0, done = 0;
+        pe_status st =
+            select_items(p, x + t * p->n_in, effort, nt, items, begin, end, &n_rows, &done, sc);
+        if (st != PE_OK) return st;
+        kernel_job job;
+        int jt = kernel_job_for(&job, p, b, items, begin, end, n_rows, y + t * p->n_out, extra, nt);
+        if ((st = pe_parallel(kernel_run, &job, PARTS * job.ranges, jt)) != PE_OK) return st;
+        add_parts(&job);
+        *mults += done;
+        *bytes += n_rows * row_bytes(p);
+    }
+    return PE_OK;
+}
+
+/* ---------------------------------------------------------------- matrices that share x */
+
+/* Per matrix of a group: its selection's outputs and scratch, its kernel job, and whether both
+ * are ready (set by the thread that ran the selection). */
+typedef struct {
+    const pe_packed *p;
+    const pe_buckets *b;
+    double effort;
+    uint32_t *sc;
+    pe_item *items;
+    float *extra;
+    float *y;
+    int64_t begin[PE_CLASSES], end[PE_CLASSES], n_rows, done;
+    pe_status st;
+    kernel_job job;
+    atomic_int ready;
+} group_member;
+
+typedef struct {
+    group_member *m;
+    const float *x;
+    int n, per, nt; /* matrices; kernel chunks per matrix (the most a job for nt can need) */
+} group_job;
+
+/* Matrix j's cutoff search and kernel job (its search on this thread: the pool is busy). */
+static void group_select(group_job *g, int j) {
+    group_member *m = g->m + j;
+    m->st = m->p->set->select(m->p, g->x, m->effort, 1, m->items, m->begin, m->end, &m->n_rows,
+                              &m->done, m->sc);
+    if (m->st == PE_OK) /* as a call alone: the same parts and ranges, so the same bits */
+        kernel_job_for(&m->job, m->p, m->b, m->items, m->begin, m->end, m->n_rows, m->y,
+                       m->extra, g->nt);
+    atomic_store_explicit(&m->ready, 1, memory_order_release);
+}
+
+/* Chunks 0..n-1: the selections; then per matrix `per` kernel chunks, which wait for their
+ * matrix's selection (claimed earlier, so running or done): a thread past the selections starts
+ * on the first matrix's kernel while another still selects for the last. */
+static void group_chunk(void *ctx, int c, int n_chunks) {
+    group_job *g = ctx;
+    (void)n_chunks;
+    if (c < g->n) {
+        group_select(g, c);
+        return;
+    }
+    group_member *m = g->m + (c - g->n) / g->per;
+    int q = (c - g->n) % g->per;
+    while (!atomic_load_explicit(&m->ready, memory_order_acquire)) pe_cpu_relax();
+    if (m->st == PE_OK && q < PARTS * m->job.ranges) kernel_run(&m->job, q, 0);
+}
+
+/* Every member's scratch, in one buffer of the calling thread; NULL if out of memory. */
+static pe_status group_scratch(int n, const pe_packed *const *ps, group_member *m) {
+    int64_t n_in = ps[0]->n_in, per_sc = select_words(n_in);
+    size_t total = sizeof(uint32_t) * (size_t)(n * per_sc), off_items, off_extra[PE_MAX_GROUP];
+    total = (total + 63) & ~(size_t)63;
+    off_items = total;
+    total += sizeof(pe_item) * (size_t)(n * item_count(n_in));
+    for (int j = 0; j < n; j++) {
+        total = (total + 63) & ~(size_t)63;
+        off_extra[j] = total;
+        total += sizeof(float) * (size_t)((PARTS - 1) * ps[j]->n_out + 1);
+    }
+    char *buf = scratch(total, 0);
+    if (!buf) return PE_ERR_ALLOC;
+    for (int j = 0; j < n; j++) {
+        m[j].sc = (uint32_t *)buf + j * per_sc;
+        m[j].items = (pe_item *)(buf + off_items) + j * item_count(n_in);
+        m[j].extra = (float *)(buf + off_extra[j]);
+    }
+    return PE_OK;
+}
+
+pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets *const *bs,
+                             const float *x, const double *efforts, float *const *ys,
+                             int64_t *mults, int64_t *bytes) {
+    if (n < 1 || n > PE_MAX_GROUP) return PE_ERR_ARG;
+    for (int j = 0; j < n; j++)
+        if (bs[j]->n_rows != ps[j]->n_slots || bs[j]->n_in != ps[j]->n_in ||
+            bs[j]->n_out != ps[j]->n_out || ps[j]->n_in != ps[0]->n_in)
+            return PE_ERR_ARG;
+    int nt = pe_num_threads(); /* once: the jobs are sized and run with it */
+    if (nt < 2) { /* nothing to overlap, and one call's scratch stays in cache */
+        for (int j = 0; j < n; j++) {
+            pe_status st =
+                pe_bucketmul(ps[j], bs[j], x, 1, efforts[j], ys[j], mults + j, bytes + j);
+            if (st != PE_OK) return st;
+        }
+        return PE_OK;
+    }
+    group_member m[PE_MAX_GROUP];
+    if (group_scratch(n, ps, m) != PE_OK) return PE_ERR_ALLOC;
+    for (int j = 0; j < n; j++) {
+        m[j].p = ps[j];
+        m[j].b = bs[j];
+        m[j].effort = efforts[j];
+        m[j].y = ys[j];
+        atomic_init(&m[j].ready, 0);
+    }
+    group_job g = {m, x, n, PARTS * (nt > PARTS ? nt / PARTS : 1), nt};
+    pe_status st = pe_parallel(group_chunk, &g, n + n * g.per, nt);
+    if (st != PE_OK) return st;
+    for (int j = 0; j < n; j++) {
+        if (m[j].st != PE_OK) return m[j].st;
+        add_parts(&m[j].job);
+        mults[j] += m[j].done;
+        bytes[j] += m[j].n_rows * row_bytes(ps[j]);
+    }
+    return PE_OK;
+}
+
+/* ---------------------------------------------------------------- dense */
+
+typedef struct {
+    pe_dense_fn fn;
+    const float *x;
+    const uint16_t *w;
+    int64_t n_in, n_out;
+    const int32_t *rows;
+    int64_t n_rows;
+    float *y;
+} dense_job;
+
+static void dense_run(void *ctx, int t, int n) {
+    dense_job *j = ctx;
+    int64_t j0, j1;
+    split(j->n_out, 64, t, n, &j0, &j1);
+    if (j1 > j0) j->fn(j->x, j->w, j->n_in, j->n_out, j->rows, j->n_rows, j0, j1, j->y);
+}
+
+pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
+                            int64_t n_out, const int32_t *rows, int64_t n_rows, float *y) {
+    pe_dense_fn fn = pe_active_set()->dense;
+    int64_t used = rows ? n_rows : n_in;
+    for (int64_t i = 0; rows && i < n_rows; i++)
+        if (rows[i] < 0 || rows[i] >= n_in) return PE_ERR_ARG;
+    /* the dense product is memory-bound: below a few MiB (in cache) a second thread's hand-off
+     * costs about what it saves, so small matrices stay on one thread; one column range per
+     * thread (shorter row segments cost stream restarts) */
+    int nt = 2 * used * n_out < (4 << 20)
+                 ? 1
+                 : threads_for((n_out + 63) / 64, 2 * used * n_out, pe_num_threads());
+    for (int64_t t = 0; t < n_tokens; t++) {
+        dense_job job = {fn, x + t * n_in, w, n_in, n_out, rows, n_rows, y + t * n_out};
+        pe_status st = pe_parallel(dense_run, &job, nt, nt);
+        if (st != PE_OK) return st;
+    }
+    return PE_OK;
+}
+
+pe_status pe_dense_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
+                       int64_t n_out, float *y) {
+    return pe_dense_rows_f16(x, w, n_tokens, n_in, n_out, NULL, n_in, y);
+}
