@@ -280,7 +280,7 @@ def _real_mats():
         z = np.load(path)
         names = sorted({k.rsplit("/", 1)[0] for k in z.files})
         return [(n, z[n + "/W"], z[n + "/X"]) for n in names]
-    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "bench"))
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "experiments" / "quality"))
     try:
         import realdata
 

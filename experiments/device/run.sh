@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call (the `device` tool): set up, then the named steps, results under $OUT.
+#   bash experiments/device/run.sh cuda          build, CUDA tests, CUDA benchmark suite
+#   bash experiments/device/run.sh cpu-scaling   CPU matmul suite on 4096x14336 at 1..16 threads
+# Wheels the image lacks travel in .whl/ (carry it); see DEVELOPERS.md.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+nvidia-smi -L; lscpu | grep -E "Model name|^CPU\(s\)"
+python3 -c "import pyeffort; pyeffort.show_runtime()"
+
+for step in "$@"; do
+    case $step in
+    cuda)
+        python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_devices.py -rfEs \
+            2>&1 | tee "$OUT/cuda_tests.log" | tail -15
+        python3 -m pytest -q -p no:cacheprovider bench/test_cuda_speed.py \
+            --benchmark-json="$OUT/cuda_bench.json" 2>&1 | tail -25
+        python3 bench/report.py "$OUT/cuda_bench.json" | tee "$OUT/cuda_report.md"
+        ;;
+    cpu-scaling)
+        for t in ${THREADS:-1 2 4 8 16}; do
+            OPENBLAS_NUM_THREADS=$t PYEFFORT_BENCH_THREADS=$t python3 -m pytest -q \
+                -p no:cacheprovider bench/test_matmul_speed.py \
+                -k "4096x14336 and (numpy_f32 or dense_f16 or effort_1.0 or effort_0.5 or effort_0.25 or effort_0.1)" \
+                --benchmark-max-time=0.2 --benchmark-min-rounds=5 \
+                --benchmark-json="$OUT/cpu_t$t.json" >"$OUT/cpu_t$t.log" 2>&1
+            echo "== $t threads"; python3 bench/report.py "$OUT/cpu_t$t.json" | grep -E "^\|" | cut -c1-110
+        done
+        ;;
+    esac
+done
