@@ -26,6 +26,19 @@ Effort matmul (per token)
     ``y[16 g + pos] += x_i * w`` over the dispatched rows' entries, accumulated in float64 here
     (float32 in the kernels), returned as float32. The realised effort is the dispatched ``m_k``
     over ``n_in * n_out``; the bytes read are the dispatched rows' value and position bytes.
+
+8-bit values (``values="q8"``, ``quantise_q8``)
+    The bucket rows are built as above from the fp16 weights (ranks, positions, statistics and
+    order unchanged); then every value is an int8 ``q`` times a scale shared by one *tier*
+    (ranks ``4t .. 4t+3``) of one input over one *chunk* of 4 groups (64 outputs): 16 values.
+    The scale is ``fp16(m / 127)`` for ``m`` the largest ``|w|`` of the 16, raised to the next
+    fp16 when ``127 * scale < m`` (so no value is clipped; 0 when ``m == 0``), and
+    ``q = clip(rint(w / scale), -127, 127)`` in float32. ``scales`` is fp16
+    ``(4 n_in, ceil(G / 4))``: row ``t * n_in + j`` holds tier ``t`` of input ``order[4t, j]``,
+    so the scales of a prefix of the rows are a prefix of ``scales`` (``scale_rows``). Effort
+    1.0 is the full product of the dequantised values ``q * scale`` (exact in float32); the
+    bytes read are each dispatched row's int8 values and positions plus, per dispatched tier of
+    an input, its scales.
 """
 
 from __future__ import annotations
@@ -51,9 +64,72 @@ def row_mults(n_out: int) -> np.ndarray:
     return m
 
 
-def row_bytes(n_groups_: int) -> int:
-    """Bytes of one bucket row: fp16 values plus packed 4-bit positions."""
-    return 2 * n_groups_ + (n_groups_ + 1) // 2
+def row_bytes(n_groups_: int, q8: bool = False) -> int:
+    """Bytes of one bucket row: fp16 (q8: int8) values plus packed 4-bit positions."""
+    return (1 if q8 else 2) * n_groups_ + (n_groups_ + 1) // 2
+
+
+TIER = 4  # ranks that share a q8 scale
+CHUNK = 4  # groups that share a q8 scale (64 outputs)
+Q8_MAX = 127
+
+
+def n_chunks(n_groups_: int) -> int:
+    return (n_groups_ + CHUNK - 1) // CHUNK
+
+
+def scale_rows(n_rows: int, n_in: int) -> int:
+    """Rows of ``scales`` a prefix of ``n_rows`` bucket rows needs (a prefix of them)."""
+    t = n_rows // (TIER * n_in)
+    return min(N_RANKS // TIER * n_in, t * n_in + min(n_in, n_rows - t * TIER * n_in))
+
+
+def _tier_position(order: np.ndarray) -> np.ndarray:
+    """(16, n_in) order -> (16, n_in): for bucket row (k, j) its row of ``scales``,
+    t * n_in + (the place of input order[k, j] in order[4t]), t = k // 4."""
+    n_in = order.shape[1]
+    place = np.empty((N_RANKS // TIER, n_in), dtype=np.int64)  # by tier and input
+    for t in range(N_RANKS // TIER):
+        place[t, order[TIER * t]] = t * n_in + np.arange(n_in)
+    return place[np.arange(N_RANKS)[:, None] // TIER, order]
+
+
+def q8_scale(m: np.ndarray) -> np.ndarray:
+    """The fp16 scale of blocks whose largest |w| is m (float32): fp16(m / 127), raised to the
+    next fp16 where 127 times it falls short of m."""
+    s = (m / np.float32(Q8_MAX)).astype(np.float16)
+    short = s.astype(np.float32) * np.float32(Q8_MAX) < m
+    return np.where(short, np.nextafter(s, np.float16(np.inf)), s).astype(np.float16)
+
+
+def quantise_q8(values: np.ndarray, order: np.ndarray):
+    """fp16 bucket rows (16 n_in, G) -> (int8 rows (16 n_in, G), fp16 scales (4 n_in,
+    ceil(G/4))), as the module says."""
+    n_in, (rows, g) = order.shape[1], values.shape
+    nc = n_chunks(g)
+    v = np.zeros((N_RANKS, n_in, nc * CHUNK), dtype=np.float32)
+    v[np.arange(N_RANKS)[:, None], order, :g] = values.astype(np.float32).reshape(N_RANKS, n_in, g)
+    t = v.reshape(N_RANKS // TIER, TIER, n_in, nc, CHUNK)  # by tier, rank, input, chunk
+    s16 = q8_scale(np.abs(t).max(axis=(1, 4)))  # (4, n_in, nc), inputs in input order
+    s = s16.astype(np.float32)[:, None, :, :, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.where(s > 0, np.clip(np.rint(t / s), -Q8_MAX, Q8_MAX), 0).astype(np.int8)
+    q = q.reshape(N_RANKS, n_in, nc * CHUNK)[:, :, :g]
+    q = np.ascontiguousarray(q[np.arange(N_RANKS)[:, None], order].reshape(rows, g))
+    scales = np.empty((N_RANKS // TIER * n_in, nc), dtype=np.float16)
+    for tt in range(N_RANKS // TIER):  # row t * n_in + j: tier t of input order[4t, j]
+        scales[tt * n_in : (tt + 1) * n_in] = s16[tt][order[TIER * tt]]
+    return q, scales
+
+
+def dequantise(values: np.ndarray, scales, order: np.ndarray) -> np.ndarray:
+    """Bucket rows (n_rows, G) -> their weights, float64 (fp16 values, or int8 * scale)."""
+    if scales is None:
+        return np.asarray(values).astype(np.float64)
+    n_rows, g = values.shape
+    srow = _tier_position(order).ravel()[:n_rows]  # scales row of every bucket row
+    s = np.asarray(scales).astype(np.float32)[srow[:, None], (np.arange(g) // CHUNK)[None, :]]
+    return (np.asarray(values).astype(np.float32) * s).astype(np.float64)
 
 
 # ---------------------------------------------------------------- build
@@ -129,14 +205,15 @@ def cutoff(x32, stats, order, n_rows: int, n_out: int, effort: float):
 # ---------------------------------------------------------------- matmul
 
 
-def bucketmul(x32, values, positions, stats, order, n_out, effort, out):
-    """x (n_tokens, n_in) f32 -> out (n_tokens, n_out) f32. Returns (mults done, bytes read)."""
+def bucketmul(x32, values, positions, stats, order, n_out, effort, out, scales=None):
+    """x (n_tokens, n_in) f32 -> out (n_tokens, n_out) f32. Returns (mults done, bytes read).
+    ``scales``: the q8 scales when ``values`` are int8 (None for fp16 values)."""
     n_rows, g = values.shape
     n_in = stats.shape[1]
     m = np.repeat(row_mults(n_out), n_in)[:n_rows]
     pos = unpack_nibbles(np.asarray(positions), g).astype(np.int64)
     cols = GROUP * np.arange(g, dtype=np.int64)[None, :] + pos
-    vals = np.asarray(values).astype(np.float64)
+    vals = dequantise(values, scales, order)
     inputs = order.ravel()[:n_rows]
     if not np.isfinite(x32).all():
         from pyeffort.errors import NonFiniteError
@@ -150,7 +227,10 @@ def bucketmul(x32, values, positions, stats, order, n_out, effort, out):
         y = np.bincount(cols[r].ravel(), weights=contrib.ravel(), minlength=g * GROUP)
         out[t] = y[:n_out]
         mults += int(m[r].sum())
-        nbytes += len(r) * row_bytes(g)
+        nbytes += len(r) * row_bytes(g, scales is not None)
+        if scales is not None:  # a dispatched tier of an input reads its scales once
+            tiers = np.unique(_tier_position(order).ravel()[:n_rows][r])
+            nbytes += 2 * n_chunks(g) * len(tiers)
     return mults, nbytes
 
 
