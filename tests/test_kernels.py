@@ -387,7 +387,7 @@ def test_concurrent_callers_get_the_same_results(kernel, threads, rng):
 
 def test_thread_count_changed_during_calls_changes_no_result(threads, rng):
     """Issue 18.2: a call reads the thread count once and sizes and runs its job with it. Python
-    threads call matmul_group and matmul at different efforts while another one sets the
+    threads call prefetch, matmul_group and matmul at different efforts while another one sets the
     thread count to 1 to 4 in turn: every result has the bits of a call alone. (Before, a
     group sized its kernel chunks from one read and each matrix's job from a later one: garbage
     in the output ranges no chunk covered when the reads gave 1-3 and then 4, whose jobs
@@ -400,6 +400,7 @@ def test_thread_count_changed_during_calls_changes_no_result(threads, rng):
     efforts = [0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0, 0.3]
 
     def both(x, e):
+        pyeffort.prefetch(mats[::-1])  # prefetch requests race the calls too: no effect on bits
         return pyeffort.matmul_group(x, mats, [e, e / 2, 1 - e]), pyeffort.matmul(x, mats[2], e)
 
     _core.set_num_threads(1)
