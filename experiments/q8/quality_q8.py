@@ -88,6 +88,7 @@ VARIANTS = {  # name -> (block in groups, levels, scale dtype)
     "q8tierb4": (4, 127, np.float32, True),
     "q4tierb16": (16, 7, np.float32, True),
     "q4tierb8": (8, 7, np.float32, True),
+    "q4tierb4": (4, 7, np.float32, True),
 }
 
 
