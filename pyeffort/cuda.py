@@ -252,7 +252,9 @@ class CudaBuckets:
         dev = torch.device(device if device is not None else "cuda")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-        as_t = lambda a: torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a
+        # Buckets' arrays are read-only views: copied to the device, so a writable host copy
+        # (np.require) only where torch would warn about sharing read-only memory
+        as_t = lambda a: a if torch.is_tensor(a) else torch.as_tensor(np.require(a, requirements="W"))
         values, positions = as_t(values).to(dev), as_t(positions).to(dev)
         stats, order = as_t(stats).to(dev), as_t(order).to(dev)
         self.device, self.n_out = dev, int(n_out)
