@@ -21,6 +21,7 @@ from pyeffort.api import (
 )
 from pyeffort.buckets import Buckets, build_buckets, load_buckets
 from pyeffort.errors import (
+    BackendError,
     DTypeError,
     EffortError,
     FormatError,
@@ -33,6 +34,7 @@ from pyeffort.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendError",
     "Buckets",
     "DTypeError",
     "EffortError",

@@ -14,6 +14,7 @@ class LayoutError(PyEffortError, ValueError): ...
 class NonFiniteError(PyEffortError, ValueError): ...
 class EffortError(PyEffortError, ValueError): ...
 class FormatError(PyEffortError, ValueError): ...
+class BackendError(PyEffortError, RuntimeError): ...
 
 class MatmulInfo(NamedTuple):
     effort: float
@@ -23,7 +24,7 @@ class MatmulInfo(NamedTuple):
 class Buckets:
     def __init__(
         self,
-        values: npt.NDArray[np.float16],
+        values: npt.NDArray[np.float16] | npt.NDArray[np.int8],
         positions: npt.NDArray[np.uint8],
         stats: npt.NDArray[np.float32],
         order: npt.NDArray[np.int32],
@@ -32,22 +33,28 @@ class Buckets:
         stat: str = "rms",
         *,
         verify: bool = True,
+        scales: npt.NDArray[np.float16] | None = None,
     ) -> None: ...
     @property
-    def values(self) -> npt.NDArray[np.float16]: ...  # (n_rows, n_groups), read-only
+    def values(self) -> npt.NDArray[np.float16] | npt.NDArray[np.int8]: ...  # (n_rows, n_groups)
     @property
     def positions(self) -> npt.NDArray[np.uint8]: ...  # (n_rows, ceil(n_groups / 2))
     @property
     def stats(self) -> npt.NDArray[np.float32]: ...  # (16, n_in)
     @property
     def order(self) -> npt.NDArray[np.int32]: ...  # (16, n_in)
+    @property
+    def scales(self) -> npt.NDArray[np.float16] | None: ...  # q8: (scale_rows, ceil(G / 4))
     n_in: int
     n_out: int
     source_dtype: str
     stat: str  # "rms" or "rms_out_weighted"
     @classmethod
     def from_linear(
-        cls, weight: npt.ArrayLike, out_weight: npt.NDArray[np.floating] | None = None
+        cls,
+        weight: npt.ArrayLike,
+        out_weight: npt.NDArray[np.floating] | None = None,
+        values: Literal["f16", "q8"] = "f16",
     ) -> Buckets: ...
     @property
     def shape(self) -> tuple[int, int]: ...
@@ -59,11 +66,19 @@ class Buckets:
     def loaded_fraction(self) -> float: ...
     @property
     def nbytes(self) -> int: ...
-    def to_dense(self) -> npt.NDArray[np.float16]: ...
+    @property
+    def values_kind(self) -> Literal["f16", "q8"]: ...
+    @property
+    def bytes_per_mult(self) -> float: ...
+    def to_dense(
+        self, dtype: type[np.float16 | np.float32] = ...
+    ) -> npt.NDArray[np.float16] | npt.NDArray[np.float32]: ...
     def save(self, path: str | PathLike[str]) -> None: ...
 
 def build_buckets(
-    W: npt.ArrayLike, out_weight: npt.NDArray[np.floating] | None = None
+    W: npt.ArrayLike,
+    out_weight: npt.NDArray[np.floating] | None = None,
+    values: Literal["f16", "q8"] = "f16",
 ) -> Buckets: ...
 def load_buckets(
     path: str | PathLike[str], *, fraction: float = 1.0, verify: bool = True

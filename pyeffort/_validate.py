@@ -126,15 +126,20 @@ def _array(name: str, a, dtype, ndim: int) -> np.ndarray:
     return a
 
 
-def bucket_arrays(values, positions, stats, order, n_out) -> None:
+def bucket_arrays(values, positions, stats, order, n_out, scales=None) -> None:
     """The structure of a matrix in bucket form, what the compiled core trusts: dtypes,
     C-contiguity, shapes against ``n_in = stats.shape[1]`` and ``n_out`` (a row prefix of a
     partial load included), every rank's ``order`` a permutation of the inputs, ``stats``
-    finite, non-negative and falling inside a rank. Raises DTypeError, ShapeError, LayoutError
-    or FormatError (for the contents of ``stats`` and ``order``)."""
+    finite, non-negative and falling inside a rank; int8 ``values`` with their fp16 ``scales``
+    (the rows ``reference.scale_rows`` names for the loaded rows, ``ceil(G/4)`` columns, finite
+    and non-negative), float16 ``values`` without. Raises DTypeError, ShapeError, LayoutError
+    or FormatError (for the contents of ``stats``, ``order`` and ``scales``)."""
     from pyeffort.errors import FormatError
 
-    values = _array("values", values, np.float16, 2)
+    values = ndarray("values", values)
+    if values.dtype not in (np.float16, np.int8):
+        raise DTypeError(f"values must be float16 or int8 (q8), got {values.dtype}")
+    values = _array("values", values, values.dtype, 2)
     positions = _array("positions", positions, np.uint8, 2)
     stats = _array("stats", stats, np.float32, 2)
     order = _array("order", order, np.int32, 2)
@@ -156,13 +161,36 @@ def bucket_arrays(values, positions, stats, order, n_out) -> None:
         raise FormatError(f"row order names inputs outside 0..{n_in - 1}")
     if (np.sort(order, axis=1) != np.arange(n_in, dtype=np.int32)).any():
         raise FormatError("row order is not a permutation of the inputs in every rank")
+    _scales(values, scales, n_in)
+
+
+def _scales(values: np.ndarray, scales, n_in: int) -> None:
+    """int8 values need their fp16 scales (structure checked), float16 values none."""
+    from pyeffort import reference
+    from pyeffort.errors import FormatError
+
+    if values.dtype == np.float16:
+        if scales is not None:
+            raise DTypeError("float16 values take no scales (scales are for int8 values)")
+        return
+    if scales is None:
+        raise DTypeError("int8 (q8) values need their scales")
+    scales = _array("scales", scales, np.float16, 2)
+    n_rows, g = values.shape
+    shape = (reference.scale_rows(n_rows, n_in), reference.n_chunks(g))
+    if scales.shape != shape:
+        raise ShapeError(f"scales {scales.shape} do not fit values {values.shape}: need {shape}")
+    bits = scales.view(np.uint16)
+    if bits.size and (int(np.bitwise_and(bits, 0x7C00).max()) == 0x7C00 or bits.max() > 0x8000):
+        raise FormatError("q8 scales must be finite and non-negative")
 
 
 def bucket_data(values, positions, order, n_out: int) -> None:
-    """The data of a matrix in bucket form (structure checked): values finite; in every
-    (input, group) the loaded ranks' positions distinct; in the last group, when n_out is not
-    a multiple of 16 (r = n_out % 16 real outputs), ranks below r at positions below r and the
-    others at padding positions with zero values, as the build writes them. Raises FormatError.
+    """The data of a matrix in bucket form (structure checked): values finite (float16) or in
+    -127..127 (int8); in every (input, group) the loaded ranks' positions distinct; in the last
+    group, when n_out is not a multiple of 16 (r = n_out % 16 real outputs), ranks below r at
+    positions below r and the others at padding positions with zero values, as the build
+    writes them. Raises FormatError.
 
     One pass per rank. Distinct positions: per (input, group) the sum of ``1 << position`` over
     the loaded ranks (modulo 2**16) has as many bits set as ranks were loaded only if no position
@@ -178,9 +206,7 @@ def bucket_data(values, positions, order, n_out: int) -> None:
     loaded = np.zeros(n_in, dtype=np.uint16)  # ranks loaded per input
     for k in range(min(N_RANKS, -(-n_rows // n_in))):
         lo, hi = k * n_in, min(n_rows, (k + 1) * n_in)
-        v = np.asarray(values[lo:hi]).view(np.uint16)
-        if np.bitwise_and(v, 0x7C00, out=exp16[: hi - lo]).max() == 0x7C00:
-            raise FormatError("bucket values hold NaN or Inf")
+        v = _value_bits(np.asarray(values[lo:hi]), exp16[: hi - lo])
         q, inputs = np.asarray(positions[lo:hi]), order[k, : hi - lo]
         q16[:] = 0
         q16[inputs] = q
@@ -193,7 +219,7 @@ def bucket_data(values, positions, order, n_out: int) -> None:
         loaded[inputs] += 1
         if r:
             last = (q[:, -1] >> 4) if g % 2 == 0 else (q[:, -1] & 0x0F)
-            pad = (last >= r) if k < r else (last < r) | ((v[:, g - 1] & 0x7FFF) != 0)
+            pad = (last >= r) if k < r else (last < r) | _nonzero(v[:, g - 1])
             if pad.any():
                 raise FormatError(
                     f"rank {k} of the last group breaks its padding (n_out={n_out} does not "
@@ -203,6 +229,26 @@ def bucket_data(values, positions, order, n_out: int) -> None:
         acc[1, :, -1] = (1 << loaded.astype(np.uint32)) - 1  # the unused high nibble: no group
     if (_popcount16(acc) != loaded[None, :, None]).any():
         raise FormatError("two ranks of a group share a position")
+
+
+def _value_bits(v: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """One rank's values, checked (float16 finite, int8 not -128) -> their bits (float16 as
+    uint16, int8 as is)."""
+    from pyeffort.errors import FormatError
+
+    if v.dtype == np.int8:
+        if v.size and v.min() == -128:
+            raise FormatError("q8 bucket values hold -128 (the range is -127..127)")
+        return v
+    bits = v.view(np.uint16)
+    if np.bitwise_and(bits, 0x7C00, out=scratch).max() == 0x7C00:
+        raise FormatError("bucket values hold NaN or Inf")
+    return bits
+
+
+def _nonzero(bits: np.ndarray) -> np.ndarray:
+    """Values (as _value_bits gives them) other than +-0."""
+    return (bits != 0) if bits.dtype == np.int8 else (bits & 0x7FFF) != 0
 
 
 def _popcount16(a: np.ndarray) -> np.ndarray:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from pyeffort import _backend, _devices, _validate
 from pyeffort._devices import GROUP_MAX, MatmulInfo
 from pyeffort.buckets import Buckets, build_buckets
-from pyeffort.errors import DTypeError, LayoutError, ShapeError
+from pyeffort.errors import BackendError, DTypeError, LayoutError, ShapeError
 
 
 def matmul(x, W, effort: float = 1.0, *, out=None, return_info: bool = False):
@@ -44,9 +46,8 @@ def matmul(x, W, effort: float = 1.0, *, out=None, return_info: bool = False):
     _no_alias(out, x)
     mults = nbytes = 0
     if x2.shape[0]:
-        mults, nbytes = _backend.current.bucketmul(
-            x2, W.values, W.positions, W.stats, W.order, W.n_out, e, y
-        )
+        v, p, s, o, n_out, *scales = _arrays(W)
+        mults, nbytes = _backend.current.bucketmul(x2, v, p, s, o, n_out, e, y, *scales)
     result = out if out is not None else (y[0] if vector else y)
     if not return_info:
         return result
@@ -97,16 +98,40 @@ def matmul_group(x, Ws, effort=1.0, *, return_info: bool = False):
         return (ys, infos) if return_info else ys
     x2, _ = _validate.activations(x, Ws[0].n_in)
     ys = [np.empty(W.n_out, dtype=np.float32) for W in Ws]
-    counts = group(
-        x2.reshape(-1),
-        [(W.values, W.positions, W.stats, W.order, W.n_out) for W in Ws],
-        efforts,
-        ys,
-    )
+    counts = group(x2.reshape(-1), [_arrays(W) for W in Ws], efforts, ys)
     if not return_info:
         return ys
     infos = [MatmulInfo(m / (W.n_in * W.n_out), int(b), int(m)) for (m, b), W in zip(counts, Ws)]
     return ys, infos
+
+
+def _arrays(W: Buckets) -> tuple:
+    """W's arrays as the backend in use takes them: ``(values, positions, stats, order, n_out,
+    scales)``, or without ``scales`` (fp16 values only) for a compiled core built before its
+    q8 kernels."""
+    arrays = (W.values, W.positions, W.stats, W.order, W.n_out)
+    if _takes_scales(_backend.current):
+        return arrays + (W.scales,)
+    if W.scales is not None:
+        raise BackendError(
+            f"the {_backend.current.NAME} backend in use has no q8 kernels (int8 bucket values): "
+            "rebuild the compiled core, or run with PYEFFORT_BACKEND=numpy"
+        )
+    return arrays
+
+
+_takes = [None, False]  # [backend, whether its bucketmul takes scales]: looked up once
+
+
+def _takes_scales(backend) -> bool:
+    """Whether ``backend`` takes q8 scales (``bucketmul(..., scales=None)``)."""
+    if _takes[0] is not backend:
+        try:
+            ok = "scales" in inspect.signature(backend.bucketmul).parameters
+        except (TypeError, ValueError):  # no signature to read: assume the old interface
+            ok = False
+        _takes[:] = [backend, ok]
+    return _takes[1]
 
 
 def _group_backend(Ws):
@@ -150,7 +175,7 @@ def prefetch(W) -> None:
     if len(Ws) > PREFETCH_MAX:
         raise ValueError(f"prefetch takes at most {PREFETCH_MAX} matrices, got {len(Ws)}")
     if Ws and hasattr(_backend.current, "warm"):
-        _backend.current.warm([(B.values, B.positions, B.stats, B.order, B.n_out) for B in Ws])
+        _backend.current.warm([_arrays(B) for B in Ws])
 
 
 PREFETCH_MAX = 8  # matrices per prefetch call
@@ -169,7 +194,7 @@ def prepare(W: Buckets) -> Buckets:
     if not isinstance(W, Buckets):
         raise DTypeError(f"prepare takes a Buckets, got {type(W).__name__}")
     if hasattr(_backend.current, "prepare"):
-        _backend.current.prepare(W.values, W.positions, W.stats, W.order, W.n_out)
+        _backend.current.prepare(*_arrays(W))
     return W
 
 

@@ -50,11 +50,12 @@ DTYPES = {
     "F16": np.dtype(np.float16),
     "BF16": np.dtype(np.uint16),  # raw bits; callers that want bfloat16 convert
     "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
     "I64": np.dtype(np.int64),
     "F64": np.dtype(np.float64),  # read only (Hugging Face checkpoints)
 }
 CODES = {np.dtype(np.float32): "F32", np.dtype(np.int32): "I32", np.dtype(np.float16): "F16"}
-CODES.update({np.dtype(np.uint8): "U8", np.dtype(np.int64): "I64"})
+CODES.update({np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8", np.dtype(np.int64): "I64"})
 MAX_HEADER = 100 * 2**20
 MAX_DIM = 2**40  # a tensor dimension or offset beyond this is not a real file
 MAX_NDIM = 8

@@ -104,21 +104,28 @@ def q8_scale(m: np.ndarray) -> np.ndarray:
 
 def quantise_q8(values: np.ndarray, order: np.ndarray):
     """fp16 bucket rows (16 n_in, G) -> (int8 rows (16 n_in, G), fp16 scales (4 n_in,
-    ceil(G/4))), as the module says."""
+    ceil(G/4))), as the module says. One tier at a time, its 4 ranks' rows gathered in the
+    order of its first rank (the order of its scales)."""
     n_in, (rows, g) = order.shape[1], values.shape
     nc = n_chunks(g)
-    v = np.zeros((N_RANKS, n_in, nc * CHUNK), dtype=np.float32)
-    v[np.arange(N_RANKS)[:, None], order, :g] = values.astype(np.float32).reshape(N_RANKS, n_in, g)
-    t = v.reshape(N_RANKS // TIER, TIER, n_in, nc, CHUNK)  # by tier, rank, input, chunk
-    s16 = q8_scale(np.abs(t).max(axis=(1, 4)))  # (4, n_in, nc), inputs in input order
-    s = s16.astype(np.float32)[:, None, :, :, None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        q = np.where(s > 0, np.clip(np.rint(t / s), -Q8_MAX, Q8_MAX), 0).astype(np.int8)
-    q = q.reshape(N_RANKS, n_in, nc * CHUNK)[:, :, :g]
-    q = np.ascontiguousarray(q[np.arange(N_RANKS)[:, None], order].reshape(rows, g))
+    place = np.empty((N_RANKS, n_in), dtype=np.int64)  # place[k, i]: input i's row in rank k
+    place[np.arange(N_RANKS)[:, None], order] = np.arange(n_in)
+    q = np.empty((rows, g), dtype=np.int8)
     scales = np.empty((N_RANKS // TIER * n_in, nc), dtype=np.float16)
-    for tt in range(N_RANKS // TIER):  # row t * n_in + j: tier t of input order[4t, j]
-        scales[tt * n_in : (tt + 1) * n_in] = s16[tt][order[TIER * tt]]
+    w = np.zeros((TIER, n_in, nc * CHUNK), dtype=np.float32)  # one tier, by rank, row, output
+    for t in range(N_RANKS // TIER):
+        ranks = range(TIER * t, TIER * t + TIER)
+        for r, k in enumerate(ranks):
+            w[r, :, :g] = values[k * n_in + place[k, order[TIER * t]]]
+        w4 = w.reshape(TIER, n_in, nc, CHUNK)
+        s16 = q8_scale(np.abs(w4).max(axis=(0, 3)))  # (n_in, nc): row t * n_in + j of scales
+        scales[t * n_in : (t + 1) * n_in] = s16
+        s = s16.astype(np.float32)
+        s[s == 0] = 1  # a block of zeros: q = 0
+        qt = np.clip(np.rint(w4 / s[None, :, :, None]), -Q8_MAX, Q8_MAX).astype(np.int8)
+        qt = qt.reshape(TIER, n_in, nc * CHUNK)
+        for r, k in enumerate(ranks):  # back to rank k's own row order
+            q[k * n_in : (k + 1) * n_in] = qt[r, place[TIER * t, order[k]], :g]
     return q, scales
 
 

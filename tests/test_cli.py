@@ -55,8 +55,9 @@ def test_convert_info_bench(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     r = cli("info", str(tmp_path / "m"))
     assert r.returncode == 0, r.stderr
-    assert "format version 1" in r.stdout and "layers.1.ffn.w2" in r.stdout
-    assert "(128, 64) buckets" in r.stdout
+    assert "format version 2" in r.stdout and "layers.1.ffn.w2" in r.stdout
+    assert "(128, 64) buckets, f16 values, 2.500 bytes per multiplication" in r.stdout
+    assert "values f16: 2.500 bytes per multiplication" in r.stdout
     r = cli("bench", "--model", str(tiny), "--efforts", "1,0.5", "--tokens", "4", "--rounds", "2")
     assert r.returncode == 0, r.stderr
     rows = [ln.split() for ln in r.stdout.splitlines() if ln.strip().startswith(("1.00", "0.50"))]

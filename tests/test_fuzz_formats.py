@@ -1,4 +1,5 @@
-"""Fuzzing the file formats: a bucket file and a tiny converted model, truncated at random
+"""Fuzzing the file formats: a bucket file (fp16 values, and q8), and a tiny converted model,
+truncated at random
 offsets, with random bit flips (header and data) and crafted headers. Each case loads the
 damaged copy and runs one matmul (or one forward pass) in a subprocess, many cases a process:
 a process that dies is a crash, named by its case.
@@ -111,8 +112,9 @@ def damage(raw: bytes, name: str, rng) -> tuple[bytes, str, bool]:
     return raw[:at] + junk + raw[at:], f"insert 16 bytes in {name} at {at}", True
 
 
-def make_cases(base: Path, kind: str, n: int, seed: int) -> list[dict]:
-    """n damaged copies of ``base`` (a bucket file or a model folder), written beside it."""
+def make_cases(base: Path, kind: str, n: int, seed: int, tag: str = "") -> list[dict]:
+    """n damaged copies of ``base`` (a bucket file or a model folder), written beside it;
+    ``tag`` tells apart the cases of two bases of one kind."""
     rng = np.random.default_rng(seed)
     files = [base] if kind == "buckets" else sorted(p for p in base.iterdir() if p.is_file())
     cases = []
@@ -121,9 +123,9 @@ def make_cases(base: Path, kind: str, n: int, seed: int) -> list[dict]:
         raw, what, strict = damage(f.read_bytes(), f.name, rng)
         verify = kind == "model" or rng.random() < 0.8
         fraction = float(rng.choice([1.0, 1.0, 0.5, 0.1]))
-        blob = base.parent / f"case-{kind}-{i}.bin"
+        blob = base.parent / f"case-{kind}{tag}-{i}.bin"
         blob.write_bytes(raw)
-        cases.append({"id": f"{kind}#{i}", "kind": kind, "base": str(base), "file": f.name,
+        cases.append({"id": f"{kind}{tag}#{i}", "kind": kind, "base": str(base), "file": f.name,
                       "blob": str(blob), "what": what, "strict": strict and verify,
                       "verify": verify, "fraction": fraction})  # fmt: skip
     return cases
@@ -164,12 +166,13 @@ def tiny_model(root: Path) -> Path:
     return convert(root / "hf", root / "model", progress=False)
 
 
-def bucket_file(root: Path) -> Path:
+def bucket_file(root: Path, values: str = "f16") -> Path:
     import pyeffort
 
     w = np.random.default_rng(0).standard_normal((40, 40)).astype(np.float16)  # a padded group
-    path = root / "b.safetensors"
-    pyeffort.build_buckets(w, np.linspace(0.5, 2, 40).astype(np.float32)).save(path)
+    path = root / f"b-{values}.safetensors"
+    a = np.linspace(0.5, 2, 40).astype(np.float32)
+    pyeffort.build_buckets(w, a, values=values).save(path)
     return path
 
 
@@ -200,6 +203,7 @@ def summarise(cases, results) -> dict:
 
 def test_fuzz_file_formats(tmp_path):
     cases = make_cases(bucket_file(tmp_path), "buckets", N_CASES, seed=1)
+    cases += make_cases(bucket_file(tmp_path, "q8"), "buckets", N_CASES, seed=3, tag="-q8")
     cases += make_cases(tiny_model(tmp_path), "model", N_CASES, seed=2)
     results = run_cases(cases, tmp_path)
     summary, bad = summarise(cases, results)
@@ -220,8 +224,23 @@ def _load_and_run(kind: str, path: Path, fraction: float, verify: bool):
     if kind == "buckets":
         b = pyeffort.load_buckets(path, fraction=fraction, **kw)
         x = np.linspace(-1, 1, b.n_in).astype(np.float32)
-        return np.concatenate([pyeffort.matmul(x, b, e) for e in (0.3, 1.0)])
+        return np.concatenate([_matmul(x, b, e) for e in (0.3, 1.0)])
     return load_converted(path, fraction=fraction, **kw).forward([1, 5, 9])
+
+
+def _matmul(x, b, effort):
+    """pyeffort.matmul, q8 matrices on the numpy reference where the compiled core in use has
+    no q8 kernels."""
+    import pyeffort
+    from pyeffort import _backend, api
+
+    if b.scales is None or api._takes_scales(_backend.current):
+        return pyeffort.matmul(x, b, effort)
+    previous = _backend.use("numpy")
+    try:
+        return pyeffort.matmul(x, b, effort)
+    finally:
+        _backend.current = previous
 
 
 def worker(spec: str, work: str) -> None:

@@ -344,11 +344,11 @@ def test_interrupted_convert_leaves_nothing(tiny, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = pyeffort.build_buckets
 
-    def failing(w, *out_weight):
+    def failing(w, *out_weight, **values):
         calls["n"] += 1
         if calls["n"] == 9:  # in the second layer
             raise KeyboardInterrupt
-        return real(w, *out_weight)
+        return real(w, *out_weight, **values)
 
     monkeypatch.setattr(pyeffort, "build_buckets", failing)
     with pytest.raises(KeyboardInterrupt):
@@ -359,7 +359,8 @@ def test_interrupted_convert_leaves_nothing(tiny, tmp_path, monkeypatch):
 def test_converted_format_is_checked(tiny, tmp_path):
     dst = conv.convert(tiny, tmp_path / "conv", progress=False)
     man = json.loads((dst / conv.MANIFEST).read_text())
-    assert man["version"] == 1 and man["kind"] == "model" and man["format"] == "pyeffort"
+    assert man["version"] == 2 and man["kind"] == "model" and man["format"] == "pyeffort"
+    assert man["values"] == "f16"
     man["version"] = 99
     (dst / conv.MANIFEST).write_text(json.dumps(man))
     with pytest.raises(pyeffort.FormatError, match="version"):

@@ -109,6 +109,9 @@ def add_parser(subparsers) -> None:
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--values", choices=["f16", "q8"], default="f16",
+                   help="bucket values: f16 (2.5 bytes per multiplication) or q8 (int8 with a "
+                   "fp16 scale per 16 values, 1.625 bytes); default f16")  # fmt: skip
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_convert)
 
@@ -213,14 +216,14 @@ def cmd_generate(args) -> int:
 def cmd_convert(args) -> int:
     from pyeffort.models.convert import convert
 
-    dst = convert(args.src, args.dst, progress=not args.no_progress, overwrite=args.overwrite)
-    print(f"wrote {dst} ({_size(dst) / 2**20:.1f} MiB)")
+    dst = convert(args.src, args.dst, progress=not args.no_progress, overwrite=args.overwrite,
+                  values=args.values)  # fmt: skip
+    print(f"wrote {dst} ({_size(dst) / 2**20:.1f} MiB, {args.values} values)")
     return 0
 
 
 def cmd_info(args) -> int:
-    from pyeffort import fileformat
-    from pyeffort.models.convert import is_converted, read_manifest
+    from pyeffort.models.convert import is_converted, read_manifest, values_kind
     from pyeffort.models.default import default_model_path
 
     path = Path(args.path) if args.path else default_model_path()
@@ -235,15 +238,36 @@ def cmd_info(args) -> int:
     print(f"{path}: pyeffort model, format version {m['version']}, "
           f"{_size(path) / 2**20:.1f} MiB, converted from {m.get('source')}")  # fmt: skip
     print("config:", json.dumps(m["config"], indent=1))
+    held = mults = 0
     for fname in m["files"]:
-        r = fileformat.Reader(path / fname)
+        lines, b, n = _file_info(path / fname)
+        print("\n".join(lines))
+        held, mults = held + b, mults + n
+    per = f"{held / mults:.3f}" if mults else "-"
+    print(f"values {values_kind(path, m)}: {per} bytes per multiplication at effort 1.0 "
+          f"({held / 2**20:.1f} MiB of buckets)")  # fmt: skip
+    return 0
+
+
+def _file_info(path: Path) -> tuple[list[str], int, int]:
+    """The lines ``info`` prints for one model file, its bucket bytes and multiplications."""
+    from pyeffort import fileformat
+
+    lines, held, mults = [], 0, 0
+    with fileformat.Reader(path) as r:
         for key in sorted(k for k in r.metadata if k.endswith(".n_in")):
             p = key[: -len("n_in")]
-            print(f"  {p[:-1]:24s} ({r.metadata[key]}, {r.metadata[p + 'n_out']}) buckets")
+            n_in, n_out = int(r.metadata[key]), int(r.metadata[p + "n_out"])
+            kind = r.metadata.get(p + "values", "f16")
+            b = sum(t.nbytes for name, t in r.tensors.items()
+                    if name in (p + "values", p + "positions", p + "scales"))  # fmt: skip
+            held, mults = held + b, mults + n_in * n_out
+            lines.append(f"  {p[:-1]:24s} ({n_in}, {n_out}) buckets, {kind} values, "
+                         f"{b / (n_in * n_out):.3f} bytes per multiplication")  # fmt: skip
         for name, t in r.tensors.items():
             if name.count(".") < 3:
-                print(f"  {name:24s} {tuple(t.shape)} {t.dtype}")
-    return 0
+                lines.append(f"  {name:24s} {tuple(t.shape)} {t.dtype}")
+    return lines, held, mults
 
 
 def cmd_bench(args) -> int:

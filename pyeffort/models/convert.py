@@ -1,11 +1,13 @@
 """The converted model: a folder written atomically, streaming one layer at a time.
 
-Layout (format ``pyeffort``, version 1, kind ``model``):
-- ``pyeffort_model.json``: format, version, kind, config (ModelArgs), files;
+Layout (format ``pyeffort``, version 2, kind ``model``):
+- ``pyeffort_model.json``: format, version, kind, config (ModelArgs), files, values (the
+  matrices' value kind, ``f16`` or ``q8``; version 1, still read, has fp16 values and no key);
 - ``main.safetensors``: ``embed`` (vocab, dim) F16, ``norm`` F32, ``lm_head`` (dim, vocab) F16 if
   not tied; metadata format/version/kind=model and the config JSON;
 - ``layers.{i:03d}.safetensors``: the 7 matrices of layer i as Buckets under the prefix
   ``layers.{i}.attn.wq.`` ... (see pyeffort.buckets) and the two norms;
+- every safetensors file carries the manifest's version (a bucket file version);
 - the tokenizer (tokenizer.json or tokenizer.model, and pyeffort_tokenizer.json).
 
 The manifest also holds ``checksums`` (CRC32 of each tokenizer file) and ``crc32`` (of the
@@ -38,35 +40,44 @@ from pyeffort.models.loaders import matrix_names, open_source, plain_names
 from pyeffort.models.tokenizer import Tokenizer
 
 MANIFEST = "pyeffort_model.json"
-FORMAT, VERSION = "pyeffort", 1
+FORMAT, VERSION = "pyeffort", bk.VERSION
+VERSIONS = (1, 2)  # manifest versions this pyeffort reads (1: fp16 values only)
 
 
 def is_converted(path) -> bool:
     return Path(path).is_dir() and (Path(path) / MANIFEST).exists()
 
 
-def bucket_specs(prefix: str, n_in: int, n_out: int, get) -> list[fileformat.TensorSpec]:
-    """Specs of the Buckets of an (n_in, n_out) matrix, announced before it is built; ``get()``
-    returns the Buckets when the writer asks for the first of its tensors."""
+def bucket_specs(
+    prefix: str, n_in: int, n_out: int, get, values: str = bk.F16
+) -> list[fileformat.TensorSpec]:
+    """Specs of the Buckets of an (n_in, n_out) matrix with ``values`` of that kind, announced
+    before it is built; ``get()`` returns the Buckets when the writer asks for the first of its
+    tensors."""
     g, rows = reference.n_groups(n_out), bk.N_RANKS * n_in
     shapes = {
-        "values": (np.float16, (rows, g)),
+        "values": (np.int8 if values == bk.Q8 else np.float16, (rows, g)),
         "positions": (np.uint8, (rows, (g + 1) // 2)),
         "stats": (np.float32, (bk.N_RANKS, n_in)),
         "order": (np.int32, (bk.N_RANKS, n_in)),
     }
+    if values == bk.Q8:
+        shapes["scales"] = (np.float16, (rows // reference.TIER, reference.n_chunks(g)))
     return [
         fileformat.TensorSpec(prefix + k, np.dtype(dt), shp, lambda k=k: getattr(get(), k))
         for k, (dt, shp) in shapes.items()
     ]
 
 
-def bucket_meta(prefix: str, n_in: int, n_out: int, stat: str = bk.STAT) -> dict[str, str]:
+def bucket_meta(
+    prefix: str, n_in: int, n_out: int, stat: str = bk.STAT, values: str = bk.F16
+) -> dict[str, str]:
     return {
         prefix + "n_in": str(n_in),
         prefix + "n_out": str(n_out),
         prefix + "stat": stat,
         prefix + "source_dtype": "float32",
+        prefix + "values": values,
     }
 
 
@@ -100,10 +111,13 @@ def out_weights_for(src_path, args: ModelArgs, out_weights="auto") -> dict:
 
 
 def convert(
-    src_path, dst, *, progress: bool = True, overwrite: bool = False, out_weights="auto"
-) -> Path:
+    src_path, dst, *, progress: bool = True, overwrite: bool = False, out_weights="auto",
+    values: str = bk.F16,
+) -> Path:  # fmt: skip
     """Convert a GGUF file or Hugging Face folder into a pyeffort model folder at ``dst``
-    (``out_weights``: see ``out_weights_for``; by default the weights shipped for the model)."""
+    (``out_weights``: see ``out_weights_for``; by default the weights shipped for the model;
+    ``values``: the matrices' value kind, ``"f16"`` or ``"q8"``, as in ``build_buckets``)."""
+    values = bk.check_values(values)
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists (use overwrite)")
@@ -111,7 +125,7 @@ def convert(
     args = src.args
     meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(args.__dict__)}
     weights = out_weights_for(src_path, args, out_weights)
-    plan = _plan(src, weights)  # [(file name, specs, metadata, built buckets to free)]
+    plan = _plan(src, weights, values)  # [(file name, specs, metadata, built buckets to free)]
     total = sum(s.nbytes for _, specs, _, _ in plan for s in specs)
     bar = _bar(total, f"converting {Path(src_path).name}", progress)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +140,8 @@ def convert(
             built.clear()  # this layer's Buckets are on disk: free them
         src.tokenizer.save(tmp)
         manifest = {"format": FORMAT, "version": VERSION, "kind": "model", "config": args.__dict__,
-                    "files": [p[0] for p in plan], "source": Path(src_path).name}  # fmt: skip
+                    "files": [p[0] for p in plan], "source": Path(src_path).name,
+                    "values": values}  # fmt: skip
         manifest["checksums"] = {p.name: _file_crc(p) for p in sorted(tmp.iterdir())
                                  if p.suffix != ".safetensors"}  # fmt: skip
         manifest["crc32"] = _manifest_crc(manifest)
@@ -167,7 +182,7 @@ def _manifest_crc(m: dict) -> str:
     return f"{zlib.crc32(canon.encode()):08x}"
 
 
-def _plan(src, weights: dict):
+def _plan(src, weights: dict, values: str):
     args = src.args
     main = [_plain_spec(src, "embed", np.float16), _plain_spec(src, "norm", np.float32)]
     if not args.tie_embeddings:
@@ -181,15 +196,15 @@ def _plan(src, weights: dict):
         def get_layer(names=names, built=built):  # this layer's Buckets, built on first use
             if not built:
                 for n in names:
-                    built[n] = pyeffort.build_buckets(src.get(n), weights.get(n))
+                    built[n] = pyeffort.build_buckets(src.get(n), weights.get(n), values=values)
             return built
 
         specs, fmeta = [], {"kind": "model-layer", "layer": str(i)}
         for n in names:
             n_in, n_out = tensor_shape(args, n)
-            specs += bucket_specs(n + ".", n_in, n_out, lambda n=n, g=get_layer: g()[n])
+            specs += bucket_specs(n + ".", n_in, n_out, lambda n=n, g=get_layer: g()[n], values)
             stat = bk.STAT_OUT_WEIGHTED if n in weights else bk.STAT
-            fmeta.update(bucket_meta(n + ".", n_in, n_out, stat))
+            fmeta.update(bucket_meta(n + ".", n_in, n_out, stat, values))
         norms = [p for p in plain_names(args) if p.startswith(f"layers.{i}.")]
         specs += [_plain_spec(src, p, np.float32) for p in norms]
         plan.append((f"layers.{i:03d}.safetensors", specs, fmeta, built))
@@ -217,9 +232,9 @@ def read_manifest(path, verify: bool = True) -> dict:
         raise FormatError(f"{path}: {MANIFEST} is not a JSON object")
     if m.get("format") != FORMAT or m.get("kind") != "model":
         raise FormatError(f"{path}: not a pyeffort model manifest (format={m.get('format')!r})")
-    if m.get("version") != VERSION:
+    if m.get("version") not in VERSIONS or isinstance(m.get("version"), bool):
         raise FormatError(f"{path}: model format version {m.get('version')!r} is not supported "
-                          f"(this pyeffort reads version {VERSION})")  # fmt: skip
+                          f"(this pyeffort reads versions {VERSIONS})")  # fmt: skip
     if verify and "crc32" in m and m["crc32"] != _manifest_crc(m):
         raise FormatError(f"{path}: manifest checksum mismatch (the manifest is damaged)")
     if verify and "crc32" not in m and "checksums" in m:
@@ -228,7 +243,20 @@ def read_manifest(path, verify: bool = True) -> dict:
         raise FormatError(f"{path}: manifest lacks its config or files")
     if not isinstance(m.get("checksums", {}), dict):
         raise FormatError(f"{path}: manifest checksums are malformed")
+    values_kind(path, m)
     return m
+
+
+def values_kind(path, m: dict) -> str:
+    """The value kind of a (checked) manifest's matrices: version 1 is f16, version 2 names it."""
+    kind = m.get("values")
+    if m["version"] == 1:
+        if kind is not None:
+            raise FormatError(f"{path}: a version-1 manifest names values={kind!r}")
+        return bk.F16
+    if not isinstance(kind, str) or kind not in bk.VALUE_KINDS:
+        raise FormatError(f"{path}: manifest values={kind!r} is not one of {bk.VALUE_KINDS}")
+    return kind
 
 
 def model_args(path, cfg: dict) -> ModelArgs:
@@ -280,21 +308,25 @@ def load_converted(path, fraction: float = 1.0, verify: bool = True):
                 raise FormatError(f"{path}: checksum mismatch in {fname} (damaged)")
     def read(i: int, fname: str) -> dict:
         with fileformat.Reader(path / fname, verify=verify) as r:
-            _check_file(r, i - 1, m["config"])
+            _check_file(r, i - 1, m)
             return _read_file(r, fraction)
 
     w: dict = {}
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # checks release the GIL
         for part in pool.map(read, range(len(m["files"])), m["files"]):
             w.update(part)
-    _check_weights(path, args, w, verify)
+    _check_weights(path, args, w, verify, values_kind(path, m))
     return Model(args, w, Tokenizer.load(path))
 
 
-def _check_file(r: fileformat.Reader, layer: int, config: dict) -> None:
-    """A model file's metadata: version, kind, its layer (-1: main.safetensors, whose config
-    must be the manifest's), and tensor names of that layer only."""
+def _check_file(r: fileformat.Reader, layer: int, m: dict) -> None:
+    """A model file's metadata: the manifest's version, kind, its layer (-1: main.safetensors,
+    whose config must be the manifest's), and tensor names of that layer only."""
     bk.check_version(r)
+    if r.metadata.get("version") != str(m["version"]):
+        raise FormatError(f"{r.path}: version {r.metadata.get('version')!r} in a version "
+                          f"{m['version']} model")  # fmt: skip
+    config = m["config"]
     kind = "model" if layer < 0 else "model-layer"
     if r.metadata.get("kind") != kind or layer >= 0 and r.metadata.get("layer") != str(layer):
         raise FormatError(f"{r.path}: not the {kind} file of layer {layer}")
@@ -319,8 +351,9 @@ def _read_file(r: fileformat.Reader, fraction: float) -> dict:
     return w
 
 
-def _check_weights(path: Path, args: ModelArgs, w: dict, verify: bool) -> None:
-    """Exactly the tensors the config names, each of its shape and dtype (finite if verify)."""
+def _check_weights(path: Path, args: ModelArgs, w: dict, verify: bool, kind: str) -> None:
+    """Exactly the tensors the config names, each of its shape and dtype (finite if verify),
+    the matrices of the manifest's value kind."""
     want = set(matrix_names(args)) | set(plain_names(args))
     if set(w) != want:
         missing, extra = sorted(want - set(w)), sorted(set(w) - want)
@@ -328,6 +361,8 @@ def _check_weights(path: Path, args: ModelArgs, w: dict, verify: bool) -> None:
     for n in matrix_names(args):
         if w[n].shape != tensor_shape(args, n):
             raise FormatError(f"{path}: {n} is {w[n].shape}, expected {tensor_shape(args, n)}")
+        if w[n].values_kind != kind:
+            raise FormatError(f"{path}: {n} has {w[n].values_kind} values, the manifest {kind}")
     for n in plain_names(args):
         shape = tensor_shape(args, n)
         dtype = np.float16 if n in ("embed", "lm_head") else np.float32

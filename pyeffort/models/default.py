@@ -17,6 +17,8 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # calibration windows; v2 = buckets built with the first shipped per-output weights (stat
 # rms_out_weighted, pyeffort/models/profiles/out_weights.py); v1 = the plain RMS build.
 CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1.pyeffort-v3"
+VALUES = "f16"  # the bucket values of the default build ("f16" or "q8"; a change needs a new
+# CACHE_NAME, its old name then joins STALE_CACHE_NAMES)
 STALE_CACHE_NAMES = tuple(
     f"SmolLM2-135M-Instruct-Q4_1.pyeffort-v{v}" for v in (1, 2)
 )  # removed once built
@@ -51,7 +53,7 @@ def default_model_path(progress: bool = True) -> Path:
             print(f"pyeffort: converting the default model {src.name} into {dst} (once)",
                   file=sys.stderr)  # fmt: skip
         try:
-            convert(src, dst, progress=progress, overwrite=dst.exists())
+            convert(src, dst, progress=progress, overwrite=dst.exists(), values=VALUES)
         except OSError:
             if not is_converted(dst):  # not another process finishing first
                 raise

@@ -199,8 +199,12 @@ class Model:
 
     def effort_head(self, on: bool = True) -> None:
         """Run the LM head through ``pyeffort.matmul`` at the requested effort too (it is dense
-        by default); its buckets are built here. It is not among ``linears()``."""
-        self.head = EffortLinear("lm_head", pyeffort.build_buckets(self.lm_head)) if on else None
+        by default); its buckets are built here, with the value kind of the model's matrices.
+        It is not among ``linears()``."""
+        self.head = None
+        if on:
+            kind = next(iter(self.linears())).buckets.values_kind
+            self.head = EffortLinear("lm_head", pyeffort.build_buckets(self.lm_head, values=kind))
 
     def forward(self, tokens, start_pos: int = 0, effort: float = 1.0, *, last_only=False):
         """tokens (T,) ints -> logits (T, vocab) float32 (``last_only``: (1, vocab))."""
