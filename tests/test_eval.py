@@ -313,3 +313,26 @@ def test_equal_time_table_reads_the_default_not_a_variant_merged_after_it():
     )
     ours = float(line.split("|")[2])
     assert 1.0 < ours < 2.0, line
+
+
+def test_q8_rule_is_measured_against_the_exact_fp16_model(tiny):
+    """pyeffort_q8 runs the layers' buckets with their values quantised (the reference's q8)
+    against the exact fp16 model: at effort 1.0 its KL is the quantisation's alone (small, not
+    0), its bytes are 1.625 per multiplication, and its realised effort is the asked one."""
+    from pyeffort import _backend, _core
+
+    if "scales" not in __import__("inspect").signature(_core.bucketmul).parameters:
+        previous = _backend.use("numpy")  # the compiled core lacks q8 kernels: the reference
+    else:
+        previous = _backend.current
+    try:
+        m, ids = tiny
+        h = Harness(m, windows(ids, 2, 48), progress=False)
+        full, q8 = h.run("pyeffort", 1.0), h.run("pyeffort_q8", 1.0)
+        assert full.kl < 1e-4 < q8.kl < 0.01
+        assert abs(q8.realised - 1.0) < 1e-12
+        assert 0.6 < q8.bytes_per_token / full.bytes_per_token < 0.7  # 1.625 / 2.5 = 0.65
+        half = h.run("pyeffort_q8", 0.5)
+        assert abs(half.realised - 0.5) < 0.01 and half.kl > q8.kl
+    finally:
+        _backend.current = previous

@@ -89,6 +89,12 @@ def _rules():
     return RULES
 
 
+def _split_rules():
+    from pyeffort.eval.rules import SPLIT_RULES
+
+    return SPLIT_RULES
+
+
 def _floats(s: str) -> list[float]:
     try:
         vals = [float(v) for v in s.split(",") if v.strip()]
@@ -187,7 +193,7 @@ def run(args) -> int:
     h = Harness(model, ev, progress=not args.no_progress)
     prof = (
         profile_for(args, model_id)
-        if {"pyeffort", "bucket_twin"} & ({*rules} | {r["rule"] for r in merged})
+        if {"pyeffort", "pyeffort_q8", "bucket_twin"} & ({*rules} | {r["rule"] for r in merged})
         else None
     )
     h.allocation = type(h.allocation)(h.allocation.names, h.allocation.sizes, prof)
@@ -198,7 +204,7 @@ def run(args) -> int:
         for e in efforts if rule != "int8" else [1.0]:
             r = h.run(rule, e).as_dict()
             r["label"] = report.label(
-                rule, prof is not None and rule in ("pyeffort", "bucket_twin"), plain
+                rule, prof is not None and rule in _split_rules(), plain
             )
             results.append(r)
             print(

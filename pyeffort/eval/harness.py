@@ -123,7 +123,7 @@ class Harness:
         only for the default rule and its twin)."""
         fn = R.RULES[rule]
         if allocate is None:
-            allocate = rule in ("pyeffort", "bucket_twin")
+            allocate = rule in R.SPLIT_RULES
         alloc = (self.allocation if allocate else self.uniform).efforts(effort)
         exact = self.exact()
         acc = {"mults": 0, "bytes": 0, "size": 0, "cos": [], "types": {}}

@@ -9,6 +9,7 @@ import numpy as np
 
 LABELS = {
     "pyeffort": "(e) pyeffort default",
+    "pyeffort_q8": "(e8) pyeffort default, 8-bit values",
     "bucket_twin": "(e) pyeffort default (numpy twin)",
     "original": "(a) original Effort (probes, mean abs(w), truncated)",
     "original_exact": "(a') original stat+truncation, exact budget",

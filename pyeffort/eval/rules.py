@@ -192,6 +192,36 @@ def pyeffort_rule(x, state: MatrixState, effort: float):
     return y, info.mults, info.bytes_read
 
 
+def q8_buckets(state: MatrixState):
+    """The layer's Buckets with their values quantised to q8 (``reference.quantise_q8``: the
+    same ranks, statistics and order; what ``build_buckets(W, values="q8")`` makes)."""
+
+    def make():
+        import pyeffort
+        from pyeffort import reference
+
+        b = state.buckets
+        if b.values_kind == "q8":
+            return b
+        q, scales = reference.quantise_q8(np.asarray(b.values), np.asarray(b.order))
+        return pyeffort.Buckets(q, b.positions, b.stats, b.order, b.n_out, b.source_dtype,
+                                b.stat, scales=scales)  # fmt: skip
+
+    return state.get("q8_buckets", make)
+
+
+def pyeffort_q8_rule(x, state: MatrixState, effort: float):
+    """The default rule on 8-bit values (the layer's buckets quantised), through the public
+    API: its KL is against the exact fp16 model, so it includes the quantisation."""
+    import pyeffort
+
+    e = min(max(float(effort), 0.0), 1.0)
+    y, info = pyeffort.matmul(
+        np.ascontiguousarray(x, np.float32), q8_buckets(state), e, return_info=True
+    )
+    return y, info.mults, info.bytes_read
+
+
 def bucket_twin(x, state: MatrixState, effort: float):
     """The default rule's selection (the Buckets' ranks and statistics, exact cutoff) with BLAS
     products."""
@@ -346,8 +376,11 @@ def dense_rule(x, state: MatrixState, effort: float):
     return x.astype(np.float32) @ state.w32, t_n * state.size, t_n * state.size * 2
 
 
+SPLIT_RULES = ("pyeffort", "pyeffort_q8", "bucket_twin")  # rules the budget split applies to
+
 RULES: dict[str, Callable] = {
     "pyeffort": pyeffort_rule,
+    "pyeffort_q8": pyeffort_q8_rule,
     "bucket_twin": bucket_twin,
     "original": original_rule,
     "original_exact": original_exact_rule,

@@ -56,7 +56,7 @@ def time_rule(states, xs, rule: str, efforts: dict[str, float] | None, repeat: i
             st, x = states[n], prepared[n]
             if rule == "dense":
                 pyeffort.dense_matmul(x, st.w16, out=outs[n])
-            elif rule in ("pyeffort", "bucket_twin"):
+            elif rule in ("pyeffort", "pyeffort_q8", "bucket_twin"):
                 pyeffort.matmul(x, st.buckets, efforts[n], out=outs[n])
             elif rule in ("teal", "wina"):
                 rows = _channels(x[0], st, efforts[n], rule == "wina")
