@@ -1,7 +1,9 @@
 /* The tiered copy's scalar kernel for int8 values (q8; the walk of tierwalk.h with a plain C
  * batch): the spec of the SIMD kernels that read the q8 tiered copy, which match it bit for bit
  * (per record x * scale once, then the same fused multiply-add per output, tier and item, in
- * the same order; a lane the tier leaves empty adds q = 0). */
+ * the same order; a lane the tier leaves empty adds q = 0, which leaves the accumulator alone:
+ * it starts at +0 and is never -0, so a SIMD kernel may also skip such adds or merge the tiers
+ * of an input into one FMA per lane). */
 #include <math.h>
 
 #include "fp16.h"
