@@ -27,8 +27,10 @@ X86_FILES = {
     "cpu_x86.c": [],
     "dense_avx2.c": AVX2,
     "perm_avx2.c": AVX2,
+    "tiers_q8_avx2.c": AVX2,
     "dense_avx512.c": AVX512,
     "tiers_avx512vbmi2.c": AVX512 + ["-mavx512vbmi2", "-mbmi2"],
+    "tiers_q8_avx512vbmi2.c": AVX512 + ["-mavx512vbmi2", "-mbmi2"],
 }
 ISA_OBJECTS = (
     [(CPU + "arch/x86/" + f, flags, "isa") for f, flags in X86_FILES.items()]

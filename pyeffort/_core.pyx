@@ -2,9 +2,9 @@
 """Compiled core: thin wrappers over src/cpu. Inputs are validated in pyeffort/_validate.py;
 C status codes become exceptions here, in one place (_check)."""
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
 
-from pyeffort.errors import ShapeError, status_error
+from pyeffort.errors import DTypeError, ShapeError, status_error
 
 cdef extern from "pyeffort.h" nogil:
     ctypedef enum pe_status:
@@ -14,12 +14,17 @@ cdef extern from "pyeffort.h" nogil:
         PE_ERR_ARG
         PE_ERR_THREAD
         PE_ERR_FORMAT
+    ctypedef enum pe_values:
+        PE_VALUES_F16
+        PE_VALUES_Q8
     ctypedef struct pe_buckets:
-        const uint16_t *values
+        const void *values
         const uint8_t *positions
         const float *stats
         const int32_t *order
         int64_t n_in, n_out, n_groups, n_rows
+        const uint16_t *scales
+        pe_values kind
     pe_status pe_build_f16(const uint16_t *w, int64_t n_in, int64_t n_out, uint16_t *values,
                            uint8_t *positions, float *stats, int32_t *order)
     pe_status pe_dense_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
@@ -63,8 +68,9 @@ cdef int _check(pe_status st, str detail="") except -1:
     return 0
 
 
-_DAMAGED = ("the matrix data is damaged: repeated positions in a group or values that are not "
-            "finite, which no fast layout can hold")
+_DAMAGED = ("the matrix data is damaged: repeated positions in a group, values that are not "
+            "finite or int8 values of -128, or q8 scales that are not finite or negative, which "
+            "no fast layout can hold")
 
 
 def build(w16):
@@ -106,40 +112,71 @@ cdef class _Packed:
 _packed = {}
 
 
-cdef pe_buckets _view(values, positions, stats, order, int64_t n_out, keep):
+def _scale_rows(int64_t n_rows, int64_t n_in):
+    """Rows of scales that a prefix of n_rows bucket rows reads (reference.scale_rows)."""
+    cdef int64_t t = n_rows // (4 * n_in)
+    return min(4 * n_in, t * n_in + min(n_in, n_rows - 4 * t * n_in))
+
+
+cdef pe_buckets _view(values, positions, stats, order, int64_t n_out, scales, keep):
+    """The arrays as a pe_buckets: fp16 values (scales None) or int8 values with their fp16
+    scales (q8: at least reference.scale_rows rows of ceil(G / 4))."""
     import numpy as np
 
-    cdef const uint16_t[:, ::1] v = values.view(np.uint16)
+    cdef const uint16_t[:, ::1] v
+    cdef const int8_t[:, ::1] v8
+    cdef const uint16_t[:, ::1] sc
     cdef const uint8_t[:, ::1] p = positions
     cdef const float[:, ::1] s = stats
     cdef const int32_t[:, ::1] o = order
     cdef pe_buckets b
-    keep.extend([v, p, s, o])
-    b.values = &v[0, 0] if v.shape[0] else NULL
+    keep.extend([p, s, o])
     b.positions = &p[0, 0] if p.shape[0] else NULL
     b.stats = &s[0, 0]
     b.order = &o[0, 0]
     b.n_in = s.shape[1]
     b.n_out = n_out
-    b.n_groups = v.shape[1]
-    b.n_rows = v.shape[0]
+    b.n_groups = values.shape[1]
+    b.n_rows = values.shape[0]
+    b.scales = NULL
+    b.kind = PE_VALUES_F16
+    if values.dtype == np.int8:
+        if scales is None or scales.dtype != np.float16 or scales.ndim != 2:
+            raise DTypeError("int8 bucket values need their scales: a 2-D float16 array")
+        need = (_scale_rows(b.n_rows, b.n_in), (b.n_groups + 3) // 4)
+        if scales.shape[0] < need[0] or scales.shape[1] != need[1]:
+            raise ShapeError(f"scales {tuple(scales.shape)}: {b.n_rows} rows of int8 values over "
+                             f"{b.n_groups} groups read ({need[0]} or more, {need[1]})")
+        v8 = values
+        sc = scales.view(np.uint16)
+        keep.extend([v8, sc])
+        b.values = &v8[0, 0] if v8.shape[0] else NULL
+        b.scales = &sc[0, 0] if sc.shape[0] else NULL
+        b.kind = PE_VALUES_Q8
+    else:
+        if scales is not None:
+            raise DTypeError(f"{values.dtype} bucket values take no scales (int8 values do)")
+        v = values.view(np.uint16)
+        keep.append(v)
+        b.values = &v[0, 0] if v.shape[0] else NULL
     return b
 
 
-cdef _Packed _packed_for(values, positions, stats, order, int64_t n_out):
-    """The index of these canonical arrays, built at first use and cached (with their views:
-    the cache hit is the per-call path, about 1 us)."""
+cdef _Packed _packed_for(values, positions, stats, order, int64_t n_out, scales=None):
+    """The index of these canonical arrays (and scales, for int8 values), built at first use
+    and cached (with their views: the cache hit is the per-call path, about 1 us)."""
     key = (id(values), pe_kernel_name())
     cdef _Packed pk = _packed.get(key)
     if pk is not None:
         r = pk.refs
-        if r[0]() is values and r[1]() is positions and r[2]() is stats and r[3]() is order:
+        if (r[0]() is values and r[1]() is positions and r[2]() is stats and r[3]() is order
+                and (r[4]() if r[4] is not None else None) is scales):
             return pk
     import weakref
 
-    arrays = (values, positions, stats, order)
+    arrays = (values, positions, stats, order, scales)
     keep = []
-    cdef pe_buckets b = _view(values, positions, stats, order, n_out, keep)
+    cdef pe_buckets b = _view(values, positions, stats, order, n_out, scales, keep)
     cdef pe_packed *raw = NULL
     cdef pe_status st
     with nogil:
@@ -148,41 +185,51 @@ cdef _Packed _packed_for(values, positions, stats, order, int64_t n_out):
     pk = _Packed()
     pk.p = raw
     pk.b = b
-    pk.refs = tuple(weakref.ref(a) for a in arrays)
+    pk.refs = tuple(None if a is None else weakref.ref(a) for a in arrays)
     _packed[key] = pk
     weakref.finalize(values, _packed.pop, key, None)
     return pk
 
 
+def _matrix(mat):
+    """(values, positions, stats, order, n_out, scales) -> the same; a 5-tuple has fp16
+    values (scales None)."""
+    return tuple(mat) if len(mat) == 6 else (*mat, None)
+
+
 def warm(mats):
     """Starts an idle pool thread reading the matrices' statistics, then their in-memory
-    copies, into the caches; mats: (values, positions, stats, order, n_out), at most 8."""
+    copies, into the caches; mats: (values, positions, stats, order, n_out, scales), at most
+    8."""
     cdef const pe_packed *ps[8]
     cdef int n = 0
-    for values, positions, stats, order, n_out in mats[:8]:
-        ps[n] = (<_Packed>_packed_for(values, positions, stats, order, n_out)).p
+    for mat in mats[:8]:
+        values, positions, stats, order, n_out, scales = _matrix(mat)
+        ps[n] = (<_Packed>_packed_for(values, positions, stats, order, n_out, scales)).p
         n += 1
     pe_warm_packed(ps, n)
 
 
-def prepare(values, positions, stats, order, int64_t n_out):
+def prepare(values, positions, stats, order, int64_t n_out, scales=None):
     """Builds now the in-memory copy the kernels in use read (else built at the first call)."""
-    _packed_for(values, positions, stats, order, n_out)
+    _packed_for(values, positions, stats, order, n_out, scales)
 
 
-def copy_kind(values, positions, stats, order, int64_t n_out):
+def copy_kind(values, positions, stats, order, int64_t n_out, scales=None):
     """The weights the kernels in use read for this matrix: "tiered", "permuted" (in-memory
     copies) or "canonical" (the rows in place, through the index: the scalar spec)."""
-    return pe_packed_copy(_packed_for(values, positions, stats, order, n_out).p).decode()
+    return pe_packed_copy(_packed_for(values, positions, stats, order, n_out, scales).p).decode()
 
 
-def bucketmul(x32, values, positions, stats, order, int64_t n_out, double effort, out):
-    """x (n_tokens, n_in) f32 -> out (n_tokens, n_out) f32; returns (mults, bytes)."""
+def bucketmul(x32, values, positions, stats, order, int64_t n_out, double effort, out,
+              scales=None):
+    """x (n_tokens, n_in) f32 -> out (n_tokens, n_out) f32; returns (mults, bytes). scales:
+    the q8 scales of int8 values (reference.quantise_q8), None for fp16 values."""
     cdef const float[:, ::1] x = x32
     cdef float[:, ::1] y = out
     cdef int64_t mults = 0, nbytes = 0
     cdef pe_status st
-    cdef _Packed pk = _packed_for(values, positions, stats, order, n_out)
+    cdef _Packed pk = _packed_for(values, positions, stats, order, n_out, scales)
     with nogil:
         st = pe_bucketmul(pk.p, &pk.b, &x[0, 0], x.shape[0], effort, &y[0, 0], &mults, &nbytes)
     _check(st)
@@ -190,10 +237,10 @@ def bucketmul(x32, values, positions, stats, order, int64_t n_out, double effort
 
 
 def bucketmul_group(x32, mats, efforts, outs):
-    """One token x (n_in,) f32 @ each matrix of mats ((values, positions, stats, order, n_out),
-    one n_in, at most MAX_GROUP) at its effort -> outs[j] (n_out_j,) f32; returns [(mults,
-    bytes)]: the same as one bucketmul call per matrix (the searches and kernels in one pool
-    job)."""
+    """One token x (n_in,) f32 @ each matrix of mats ((values, positions, stats, order, n_out,
+    scales), one n_in, at most MAX_GROUP; fp16 and q8 members mixed) at its effort -> outs[j]
+    (n_out_j,) f32; returns [(mults, bytes)]: the same as one bucketmul call per matrix (the
+    searches and kernels in one pool job)."""
     cdef int n = len(mats), j
     if n < 1 or n > PE_MAX_GROUP:
         raise ValueError(f"a group has 1 to {PE_MAX_GROUP} matrices, got {n}")
@@ -210,8 +257,8 @@ def bucketmul_group(x32, mats, efforts, outs):
     cdef pe_status st
     keep = []
     for j in range(n):
-        values, positions, stats, order, n_out = mats[j]
-        pk = _packed_for(values, positions, stats, order, n_out)
+        values, positions, stats, order, n_out, scales = _matrix(mats[j])
+        pk = _packed_for(values, positions, stats, order, n_out, scales)
         keep.append(pk)
         ps[j] = pk.p
         bs[j] = pk.b

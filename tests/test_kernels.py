@@ -1,23 +1,25 @@
 """Every CPU kernel set this machine runs (the SIMD sets it has, the lower ones forced too, and
-the portable scalar ones) against reference.py: the same rows dispatched, mults and bytes,
-results within float32 rounding (2e-6 of the largest output: the sums run in another order);
-each SIMD kernel bit for bit against the scalar kernel of the layout it reads; thread counts
-give bitwise identical results."""
+the portable scalar ones) against reference.py, for fp16 and int8 (q8) bucket values: the same
+rows dispatched, mults and bytes, results within float32 rounding (2e-6 of the largest output:
+the sums run in another order, and q8 kernels round x * scale once per record); each SIMD
+kernel bit for bit against the scalar kernel of the layout it reads; thread counts give
+bitwise identical results."""
 
 import os
 import subprocess
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 
 import pyeffort
 from pyeffort import _core, reference
-from pyeffort.errors import FormatError, ShapeError
+from pyeffort.errors import DTypeError, FormatError, ShapeError
 
 KERNELS = _core.available_kernels()
 PORTABLE = ["scalar", "scalar-tiered", "scalar-permuted"]  # every machine runs these
-SHAPES = [(333, 517), (64, 40), (96, 1100), (5, 17), (40, 3), (17, 257), (300, 4100)]
+SHAPES = [(333, 517), (64, 40), (96, 1100), (5, 17), (40, 3), (17, 257), (300, 4100), (1, 33)]
 EFFORTS = [0.0, 0.03, 0.1, 0.25, 0.5, 0.77, 1.0]
 
 
@@ -27,6 +29,12 @@ def kernel(request):
     _core.use_kernel(request.param)
     yield request.param
     _core.use_kernel(previous)
+
+
+@pytest.fixture(params=["f16", "q8"])
+def kind(request):
+    """The value kind: fp16 bucket values, or int8 with their scales (reference.quantise_q8)."""
+    return request.param
 
 
 @pytest.fixture
@@ -53,12 +61,53 @@ def buckets_of(rng, shape, loaded=1.0):
     return w, b
 
 
+class Mat(NamedTuple):
+    """A matrix's canonical arrays as _core and reference take them (scales: q8 only)."""
+
+    values: np.ndarray
+    positions: np.ndarray
+    stats: np.ndarray
+    order: np.ndarray
+    n_out: int
+    scales: np.ndarray | None = None
+
+    @property
+    def arrays(self):
+        return (self.values, self.positions, self.stats, self.order, self.n_out)
+
+    @property
+    def n_in(self):
+        return self.stats.shape[1]
+
+
+def matrix_of(rng, shape, kind="f16", loaded=1.0, w=None):
+    """Random weights (or w) in bucket form, fp16 or q8 values, a row prefix (and for q8 the
+    scale prefix it reads) when loaded < 1, as a partial load keeps."""
+    if w is None:
+        w = (rng.standard_normal(shape) * 0.05).astype(np.float16)
+    v, p, s, o = reference.build(w)
+    sc = None
+    if kind == "q8":
+        v, sc = reference.quantise_q8(v, o)
+    n_rows = round(loaded * v.shape[0])
+    if n_rows < v.shape[0]:
+        v, p = v[:n_rows], p[:n_rows]
+        sc = None if sc is None else sc[: reference.scale_rows(n_rows, shape[0])]
+    return Mat(v, p, s, o, shape[1], sc)
+
+
+def with_stats(m, stats):
+    return m._replace(stats=stats)
+
+
 def run_both(x, b, effort):
+    """x through b (a Buckets or a Mat) in the reference and the C core."""
     ref = np.zeros((x.shape[0], b.n_out), np.float32)
     got = np.full_like(ref, np.nan)
     args = (b.values, b.positions, b.stats, b.order, b.n_out, effort)
-    want = reference.bucketmul(x, *args, ref)
-    have = _core.bucketmul(x, *args, got)
+    scales = getattr(b, "scales", None)
+    want = reference.bucketmul(x, *args, ref, scales=scales)
+    have = _core.bucketmul(x, *args, got, scales=scales)
     return ref, got, want, have
 
 
@@ -103,14 +152,14 @@ def test_every_lower_kernel_set_runs_here_too():
 
 
 @pytest.mark.parametrize("scale", [3.0, 1.0000001])
-def test_statistics_that_rise_with_rank_still_match(kernel, rng, scale):
+def test_statistics_that_rise_with_rank_still_match(kernel, kind, rng, scale):
     """A file may hold statistics that rise with rank (then a token dispatches a non-prefix of
     ranks): every kernel takes any rank set, through its own copy."""
-    _, b = buckets_of(rng, (70, 300))
+    b = matrix_of(rng, (70, 300), kind)
     stats = b.stats.copy()
     stats[1:4] *= scale  # ranks 1..3 above rank 0 for many inputs
-    b = pyeffort.Buckets(b.values, b.positions, stats, b.order, b.n_out)
-    assert copy_of(b) == COPY[kernel]  # every copy holds them
+    b = with_stats(b, stats)
+    assert copy_of(b) == COPY[kind][kernel]  # every copy holds them
     x = activations(rng, 2, 70)
     for e in [0.05, 0.3, 0.7]:
         ref, got, want, have = run_both(x, b, e)
@@ -124,8 +173,10 @@ def test_unknown_kernel_is_refused():
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bucketmul_matches_reference(kernel, rng, shape):
-    _, b = buckets_of(rng, shape)
+def test_bucketmul_matches_reference(kernel, kind, rng, shape):
+    """Odd sizes (n_out % 64 != 0, n_out < 16, n_in = 1), every effort: the same rows, mults
+    and bytes (q8: int8 rows and the scales of each dispatched tier), results within 2e-6."""
+    b = matrix_of(rng, shape, kind)
     x = activations(rng, 3, shape[0])
     for e in EFFORTS:
         ref, got, want, have = run_both(x, b, e)
@@ -133,31 +184,40 @@ def test_bucketmul_matches_reference(kernel, rng, shape):
         assert close(got, ref) <= 2e-6, (kernel, e)
 
 
-# the in-memory copy each set reads, and the portable set whose kernel is the spec of that
-# set's kernel, bit for bit
+# the in-memory copy each set reads, by value kind (q8 has one copy, the tiered one, on every
+# set but the scalar spec), and the portable set whose kernel is the spec of that set's kernel,
+# bit for bit
 COPY = {
-    "avx512vbmi2": "tiered",
-    "avx512": "permuted",
-    "avx2": "permuted",
-    "neon": "permuted",
-    "scalar": "canonical",
-    "scalar-tiered": "tiered",
-    "scalar-permuted": "permuted",
+    "f16": {
+        "avx512vbmi2": "tiered",
+        "avx512": "permuted",
+        "avx2": "permuted",
+        "neon": "permuted",
+        "scalar": "canonical",
+        "scalar-tiered": "tiered",
+        "scalar-permuted": "permuted",
+    },
+    "q8": {k: "tiered" for k in ["avx512vbmi2", "avx512", "avx2", "neon", "scalar-tiered",
+                                 "scalar-permuted"]} | {"scalar": "canonical"},  # fmt: skip
 }
-SPEC = {"avx512vbmi2": "scalar-tiered", "avx512": "scalar-permuted", "avx2": "scalar-permuted"}
+SPEC = {
+    "f16": {"avx512vbmi2": "scalar-tiered", "avx512": "scalar-permuted", "avx2": "scalar-permuted"},
+    "q8": {"avx512vbmi2": "scalar-tiered", "avx512": "scalar-tiered", "avx2": "scalar-tiered"},
+}
 
 
 def copy_of(b):
-    return _core.copy_kind(b.values, b.positions, b.stats, b.order, b.n_out)
+    return _core.copy_kind(*b.arrays, scales=b.scales)
 
 
-def test_each_kernel_set_reads_its_copy(kernel, rng):
+def test_each_kernel_set_reads_its_copy(kernel, kind, rng):
     """The repacked kernels really run: AVX-512 VBMI2 reads the tiered copy, AVX2 the permuted
-    one (each built for the kernel set in use), scalar the canonical rows."""
-    _, b = buckets_of(rng, (40, 100))
-    assert copy_of(b) == COPY[kernel]
-    _, part = buckets_of(rng, (40, 100), loaded=0.6)  # partial loads keep their copy
-    assert copy_of(part) == COPY[kernel]
+    one for fp16 values and the tiered one for q8 (each built for the kernel set in use),
+    scalar the canonical rows."""
+    b = matrix_of(rng, (40, 100), kind)
+    assert copy_of(b) == COPY[kind][kernel]
+    part = matrix_of(rng, (40, 100), kind, loaded=0.6)  # partial loads keep their copy
+    assert copy_of(part) == COPY[kind][kernel]
 
 
 def rising(b):
@@ -165,44 +225,113 @@ def rising(b):
     of an input's ranks, not a prefix)."""
     stats = b.stats.copy()
     stats[1:4] *= 3.0
-    return pyeffort.Buckets(b.values, b.positions, stats, b.order, b.n_out)
+    return with_stats(b, stats)
 
 
-@pytest.mark.parametrize("shape", [(333, 517), (5, 17), (300, 4100), (70, 300)])
-def test_simd_kernels_match_their_layouts_scalar_kernel_bit_for_bit(kernel, rng, shape):
+@pytest.mark.parametrize("shape", [(333, 517), (5, 17), (300, 4100), (70, 300), (1, 33)])
+def test_simd_kernels_match_their_layouts_scalar_kernel_bit_for_bit(kernel, kind, rng, shape):
     """Each x86 SIMD kernel gives the bits of the scalar kernel of the layout it reads (the
     same operations per output, in the same order), on every class of item: whole tiers,
-    prefixes, any rank set (rising statistics), partial loads."""
-    if kernel not in SPEC:
+    prefixes, any rank set (rising statistics), partial loads (q8: with their scale prefix)."""
+    if kernel not in SPEC[kind]:
         pytest.skip(f"{kernel} has no SIMD spec to match bit for bit")
-    _, full = buckets_of(rng, shape)
-    _, part = buckets_of(rng, shape, loaded=0.45)
+    full = matrix_of(rng, shape, kind)
+    part = matrix_of(rng, shape, kind, loaded=0.45)
     x = activations(rng, 3, shape[0])
     for b in (full, part, rising(full)):
-        args = (b.values, b.positions, b.stats, b.order, b.n_out)
-        for e in [0.02, 0.2, 0.5, 0.9, 1.0]:
+        for e in [0.0, 0.02, 0.2, 0.3, 0.5, 0.9, 1.0]:
             got = np.full((3, b.n_out), np.nan, np.float32)
             want = np.full_like(got, np.nan)
-            have = _core.bucketmul(x, *args, e, got)
-            _core.use_kernel(SPEC[kernel])
-            spec = _core.bucketmul(x, *args, e, want)
+            have = _core.bucketmul(x, *b.arrays, e, got, scales=b.scales)
+            _core.use_kernel(SPEC[kind][kernel])
+            spec = _core.bucketmul(x, *b.arrays, e, want, scales=b.scales)
             _core.use_kernel(kernel)
             assert have == spec and np.array_equal(got, want), (kernel, e)
+
+
+def repeated(positions, order):
+    """positions with rank 1 of every input at rank 0's position in group 0."""
+    positions, n_in = positions.copy(), order.shape[1]
+    for j in range(n_in):
+        r0 = int(np.nonzero(order[0] == j)[0][0])
+        r1 = n_in + int(np.nonzero(order[1] == j)[0][0])
+        positions[r1, 0] = (positions[r1, 0] & 0xF0) | (positions[r0, 0] & 0x0F)
+    return positions
 
 
 def damaged(rng, how):
     """The arrays of a matrix (values, positions, stats, order, n_out) that a file could hold but
     pyeffort.build never makes: an inf value, or two ranks at one position of a group."""
     _, b = buckets_of(rng, (60, 80))
-    values, positions = b.values.copy(), b.positions.copy()
+    values, positions = b.values.copy(), b.positions
     if how == "inf":
         values[-5:, 1] = np.inf  # rank 15 of five inputs, group 1
-    else:  # rank 1 of every input takes rank 0's position in group 0
-        for j in range(b.n_in):
-            r0 = int(np.nonzero(b.order[0] == j)[0][0])
-            r1 = b.n_in + int(np.nonzero(b.order[1] == j)[0][0])
-            positions[r1, 0] = (positions[r1, 0] & 0xF0) | (positions[r0, 0] & 0x0F)
+    else:
+        positions = repeated(positions, b.order)
     return values, positions, b.stats, b.order, b.n_out
+
+
+def damaged_q8(rng, how):
+    """A q8 matrix (Mat) that a file could hold but quantise_q8 never makes: an int8 value of
+    -128 (outside the symmetric range), a scale that is inf, NaN or negative, or two ranks at
+    one position of a group."""
+    m = matrix_of(rng, (60, 80), "q8")
+    values, scales = m.values.copy(), m.scales.copy()
+    if how == "-128":
+        values[-5:, 1] = -128  # rank 15 of five inputs, group 1
+    elif how == "repeated":
+        return m._replace(positions=repeated(m.positions, m.order))
+    else:  # tier 3 (ranks 12..15) of five inputs, chunk 0
+        scales[-5:, 0] = {"inf": np.inf, "nan": np.nan, "negative": -0.5}[how]
+    return m._replace(values=values, scales=scales)
+
+
+@pytest.mark.parametrize("how", ["-128", "inf", "nan", "negative", "repeated"])
+def test_damaged_q8_matrices_are_refused_on_every_set(kernel, rng, how):
+    """A damaged q8 matrix (an int8 value of -128, a scale not finite or negative, a position
+    repeated in a group) gives FormatError on every kernel set, at any effort, alone or in a
+    group; a scale of -0 is 0 and runs."""
+    m = damaged_q8(rng, how)
+    x = activations(rng, 2, 60)
+    for e in [0.0, 0.3, 1.0]:
+        with pytest.raises(FormatError, match="damaged"):
+            _core.bucketmul(x, *m.arrays, e, np.empty((2, 80), np.float32), scales=m.scales)
+    with pytest.raises(FormatError):
+        _core.bucketmul_group(x[0], [(*m.arrays, m.scales)], [0.5], [np.empty(80, np.float32)])
+    zero = matrix_of(rng, (60, 80), "q8", w=np.zeros((60, 80), np.float16))
+    neg_zero = zero._replace(scales=-zero.scales)  # every scale -0
+    assert (neg_zero.scales.view(np.uint16) == 0x8000).all()
+    ref, got, want, have = run_both(x, neg_zero, 1.0)
+    assert have == want and not got.any()
+
+
+def test_q8_arrays_are_checked_before_c(rng):
+    """int8 values without their scales, scales of the wrong shape or dtype, and fp16 values
+    with scales are refused with a message, never read."""
+    m = matrix_of(rng, (30, 70), "q8", loaded=0.5)
+    f = matrix_of(rng, (30, 70))
+    x = activations(rng, 1, 30)
+    out = np.empty((1, 70), np.float32)
+    with pytest.raises(DTypeError, match="scales"):
+        _core.bucketmul(x, *m.arrays, 0.5, out)
+    with pytest.raises(DTypeError, match="scales"):
+        _core.bucketmul(x, *m.arrays, 0.5, out, scales=m.scales.astype(np.float32))
+    with pytest.raises(ShapeError, match="scales"):
+        _core.bucketmul(x, *m.arrays, 0.5, out, scales=m.scales[:-1])  # one row short
+    with pytest.raises(ShapeError, match="scales"):
+        _core.bucketmul(x, *m.arrays, 0.5, out, scales=np.ascontiguousarray(m.scales[:, :-1]))
+    with pytest.raises(DTypeError, match="no scales"):
+        _core.bucketmul(x, *f.arrays, 0.5, out, scales=m.scales)
+
+
+def test_a_damaged_scale_past_the_loaded_prefix_is_never_read(kernel, rng):
+    """Only the scale rows of the loaded tiers count (reference.scale_rows): an inf scale in
+    a row past them is never read."""
+    m = damaged_q8(rng, "inf")  # tier 3's scales
+    loaded = m._replace(values=m.values[: 8 * 60], positions=m.positions[: 8 * 60])
+    x = activations(rng, 2, 60)
+    ref, got, want, have = run_both(x, loaded, 1.0)
+    assert have == want and close(got, ref) <= 2e-6
 
 
 @pytest.mark.parametrize("how", ["inf", "repeated"])
@@ -231,10 +360,10 @@ def test_a_damaged_partial_load_is_refused_only_where_loaded(kernel, rng):
 
 
 @pytest.mark.parametrize("shape", [(40, 3), (17, 35), (64, 64)])
-def test_full_effort_without_zero_inputs(kernel, rng, shape):
+def test_full_effort_without_zero_inputs(kernel, kind, rng, shape):
     """No x_i = 0 (so the cutoff is not 0): at effort 1 the padding rows of a last group
     narrower than 16 (no multiplications) stay out where the reference leaves them out."""
-    _, b = buckets_of(rng, shape)
+    b = matrix_of(rng, shape, kind)
     x = (rng.standard_normal((2, shape[0])) + 3.0).astype(np.float32)
     for e in [0.999, 1.0]:
         ref, got, want, have = run_both(x, b, e)
@@ -242,18 +371,19 @@ def test_full_effort_without_zero_inputs(kernel, rng, shape):
         assert close(got, ref) <= 2e-6, (kernel, e)
 
 
-@pytest.mark.parametrize("loaded", [0.06, 0.3, 0.5001])
-def test_partial_loads(kernel, rng, loaded):
-    _, b = buckets_of(rng, (130, 300), loaded)
+@pytest.mark.parametrize("loaded", [0.06, 0.3, 0.5001, 0.77])
+def test_partial_loads(kernel, kind, rng, loaded):
+    """A prefix of the rows (q8: and the prefix of scale rows it reads), every effort."""
+    b = matrix_of(rng, (130, 300), kind, loaded)
     x = activations(rng, 2, 130)
-    for e in [0.05, 0.2, 0.4, 1.0]:  # past the loaded fraction: everything loaded
+    for e in [0.0, 0.02, 0.05, 0.2, 0.3, 0.4, 1.0]:  # past the loaded fraction: all loaded
         ref, got, want, have = run_both(x, b, e)
         assert have == want
         assert close(got, ref) <= 2e-6
 
 
-def test_thread_counts_give_identical_bits(kernel, threads, rng):
-    _, b = buckets_of(rng, (600, 3000))
+def test_thread_counts_give_identical_bits(kernel, kind, threads, rng):
+    b = matrix_of(rng, (600, 3000), kind)
     w = (rng.standard_normal((1500, 3000)) * 0.05).astype(np.float16)  # 9 MB: threaded
     x = activations(rng, 2, 600)
     xd = activations(rng, 2, 1500)
@@ -263,7 +393,7 @@ def test_thread_counts_give_identical_bits(kernel, threads, rng):
         y = np.empty((2, 3000), np.float32)
         d = np.empty_like(y)
         r = np.empty_like(y)
-        _core.bucketmul(x, b.values, b.positions, b.stats, b.order, b.n_out, 0.3, y)
+        _core.bucketmul(x, *b.arrays, 0.3, y, scales=b.scales)
         _core.dense_f16(xd, w, d)
         _core.dense_rows_f16(xd, w, np.arange(0, 1500, 2, dtype=np.int32), r)
         results.append((y, d, r))
@@ -452,6 +582,40 @@ def test_group_equals_separate_calls(kernel, threads, rng, n_threads):
             for y, info, b, e in zip(ys, infos, mats, efforts):
                 y1, info1 = pyeffort.matmul(x, b, e, return_info=True)
                 assert np.array_equal(y, y1) and info == info1
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_a_group_of_f16_and_q8_matrices_equals_separate_calls(kernel, threads, rng, n_threads):
+    """bucketmul_group with fp16 and q8 members mixed (6-tuples; odd sizes, partial loads,
+    efforts 0 and 1): each member's bits, mults and bytes are those of its call alone."""
+    _core.set_num_threads(n_threads)
+    n_in = 300
+    mats = [
+        matrix_of(rng, (n_in, 600), "q8"),
+        matrix_of(rng, (n_in, 17), "f16"),
+        matrix_of(rng, (n_in, 1030), "q8", 0.4),
+        matrix_of(rng, (n_in, 64), "f16", 0.7),
+    ]
+    for efforts in ([0.3, 0.3, 0.3, 0.3], [0.0, 1.0, 0.77, 0.02], [1.0, 1.0, 1.0, 1.0]):
+        x = activations(rng, 1, n_in)[0]
+        outs = [np.full(m.n_out, np.nan, np.float32) for m in mats]
+        infos = _core.bucketmul_group(x, [(*m.arrays, m.scales) for m in mats], efforts, outs)
+        for y, info, m, e in zip(outs, infos, mats, efforts):
+            alone = np.full((1, m.n_out), np.nan, np.float32)
+            assert _core.bucketmul(x[None], *m.arrays, e, alone, scales=m.scales) == info
+            assert np.array_equal(alone[0], y)
+
+
+def test_q8_bytes_are_int8_rows_and_the_scales_of_each_dispatched_tier(rng):
+    """Bytes per multiplication at effort 1 of a q8 matrix: 1 (int8) + 0.5 (position) + 2 / 16
+    (a scale per 16 values) = 1.625, against 2.5 for fp16 values (n_out a multiple of 64)."""
+    f, q = matrix_of(rng, (64, 256)), matrix_of(rng, (64, 256), "q8")
+    x = np.ones((1, 64), np.float32)
+    out = np.empty((1, 256), np.float32)
+    mults, nbytes = _core.bucketmul(x, *q.arrays, 1.0, out, scales=q.scales)
+    assert mults == 64 * 256 and nbytes == 1.625 * mults
+    mults, nbytes = _core.bucketmul(x, *f.arrays, 1.0, out)
+    assert nbytes == 2.5 * mults
 
 
 @pytest.mark.parametrize("n_out", [40, 600])

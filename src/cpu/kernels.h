@@ -56,12 +56,14 @@ typedef pe_status (*pe_select_fn)(const pe_packed *p, const float *x, double eff
 typedef enum { PE_CANONICAL, PE_PERMUTED, PE_TIERED } pe_layout;
 
 /* A kernel set: the kernels of one CPU feature level; pe_pack builds the layout its
- * effort kernel reads. */
+ * effort kernel for the matrix's value kind reads. */
 struct pe_kernel_set {
     const char *name;
-    unsigned needs;        /* PE_CPU_* features it runs on */
-    pe_layout layout;      /* what bucketmul reads        */
+    unsigned needs;         /* PE_CPU_* features it runs on          */
+    pe_layout layout;       /* what bucketmul reads (fp16 values)    */
     pe_items_fn bucketmul;
+    pe_layout layout_q8;    /* what bucketmul_q8 reads (int8 values) */
+    pe_items_fn bucketmul_q8;
     pe_dense_fn dense;
     pe_select_fn select;
 };
@@ -83,6 +85,12 @@ void pe_bucketmul_f16_scalar(const pe_packed *p, const pe_buckets *b, const pe_i
 void pe_tiers_f16_scalar(const pe_packed *p, const pe_buckets *b, const pe_item *items,
                          const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
                          int64_t c0, int64_t c1, float *y);
+void pe_bucketmul_q8_scalar(const pe_packed *p, const pe_buckets *b, const pe_item *items,
+                            const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                            int64_t c0, int64_t c1, float *y);
+void pe_tiers_q8_scalar(const pe_packed *p, const pe_buckets *b, const pe_item *items,
+                        const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                        int64_t c0, int64_t c1, float *y);
 void pe_perm_f16_scalar(const pe_packed *p, const pe_buckets *b, const pe_item *items,
                         const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
                         int64_t c0, int64_t c1, float *y);
@@ -95,7 +103,13 @@ pe_status pe_select_items(const pe_packed *p, const float *x, double effort, int
 void pe_tiers_f16_avx512vbmi2(const pe_packed *p, const pe_buckets *b, const pe_item *items,
                               const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
                               int64_t c0, int64_t c1, float *y);
+void pe_tiers_q8_avx512vbmi2(const pe_packed *p, const pe_buckets *b, const pe_item *items,
+                             const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                             int64_t c0, int64_t c1, float *y);
 void pe_perm_f16_avx2(const pe_packed *p, const pe_buckets *b, const pe_item *items,
+                      const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                      int64_t c0, int64_t c1, float *y);
+void pe_tiers_q8_avx2(const pe_packed *p, const pe_buckets *b, const pe_item *items,
                       const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
                       int64_t c0, int64_t c1, float *y);
 void pe_dense_f16_avx2(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
@@ -112,6 +126,9 @@ pe_status pe_select_items_avx2(const pe_packed *p, const float *x, double effort
 void pe_perm_f16_neon(const pe_packed *p, const pe_buckets *b, const pe_item *items,
                       const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
                       int64_t c0, int64_t c1, float *y);
+void pe_tiers_q8_neon(const pe_packed *p, const pe_buckets *b, const pe_item *items,
+                      const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                      int64_t c0, int64_t c1, float *y);
 void pe_dense_f16_neon(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
                        const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y);
 #endif
@@ -124,6 +141,10 @@ void pe_dense_f16_neon(const float *x, const uint16_t *w, int64_t n_in, int64_t 
  * the weights: the one the effort kernel of the set it was packed for reads (set->layout). */
 struct pe_packed {
     const pe_kernel_set *set; /* the kernel set it was packed for: its layout and kernels */
+    pe_items_fn bucketmul;    /* its effort kernel for this matrix's value kind           */
+    int q8;                   /* int8 values with scales (PE_VALUES_Q8)                   */
+    int32_t *scale_row;       /* q8: (n_in, 4) row of b->scales of tier t of input i (t n_in
+                               * + the place of i in order[4t]), -1 if not loaded; else NULL */
     int32_t *row;             /* (n_slots,) canonical row of each slot                     */
     float *stats;             /* (n_in, 16) statistic of rank k of input i, 0 if not loaded */
     int32_t *slot0;           /* (n_in,) first slot of input i                             */
@@ -151,6 +172,13 @@ struct pe_packed {
  * Unloaded ranks of a partly loaded tier are zero values at free positions, code 3. */
 #define PE_TIER_CHUNK 44 /* bytes per chunk per tier row: 40 record + 4 rank codes */
 #define PE_TIER_REC 40
+/* Int8 values (q8): a record is 26 bytes, the u64 of masks, the 16 int8 values in position
+ * order, then the fp16 scale of the tier over the chunk (1.5 bytes per weight plus 2 per 16:
+ * the canonical q8 bytes); the rank codes as above. The tiers of an input do not merge (each
+ * has its own scale): per record, x * scale once, then q * (x * scale) fused into the 64
+ * outputs, zeros where the tier has no value. */
+#define PE_TIER_CHUNK_Q8 30
+#define PE_TIER_REC_Q8 26
 
 /* The permuted layout, for kernels with a lane permute or table lookup but no expand (AVX2,
  * NEON). Per input i, at perm_off[i]: n_groups records of 16 bytes (the group's rank map, 8
@@ -173,15 +201,29 @@ static inline int pe_weight_ok(uint16_t *used, int pos, uint16_t value) {
     return ok;
 }
 
+/* The same for an int8 value q (q8): its position is new and q is not -128 (outside the
+ * symmetric range [-127, 127] the format allows). */
+static inline int pe_weight_ok_q8(uint16_t *used, int pos, int8_t q) {
+    int ok = !(*used >> pos & 1) && q != -128;
+    *used |= (uint16_t)(1u << pos);
+    return ok;
+}
+
+/* Whether a q8 scale (fp16 bits) is finite and not negative (-0 is allowed: it is 0). */
+static inline int pe_scale_ok(uint16_t s) { return (s & 0x7C00) != 0x7C00 && s <= 0x8000; }
+
 /* Position (0..15) of group g in the canonical positions row q (4 bits per group). */
 static inline int pe_position(const uint8_t *q, int64_t g) {
     return (g & 1) ? q[g >> 1] >> 4 : q[g >> 1] & 15;
 }
 
-/* Builds p->tiers (layout/tiers.c) or p->perm (layout/perm.c) from b through the index, on
- * n_threads threads; PE_ERR_FORMAT if b is damaged (pe_weight_ok). Both hold any matrix that
- * is not, and both kernels take any rank set. */
+/* Builds p->tiers (layout/tiers.c; fp16 or q8 records) or p->perm (layout/perm.c; fp16 only)
+ * from b through the index, on n_threads threads; PE_ERR_FORMAT if b is damaged (pe_weight_ok,
+ * pe_weight_ok_q8, pe_scale_ok). Both hold any matrix that is not, and both kernels take any
+ * rank set. */
 pe_status pe_build_tiers(const pe_buckets *b, pe_packed *p, int n_threads);
+/* 1 if every scale the loaded tiers of input i read is pe_scale_ok (always 1 for fp16). */
+int pe_scales_ok(const pe_buckets *b, const pe_packed *p, int64_t i);
 pe_status pe_build_perm(const pe_buckets *b, pe_packed *p, int n_threads);
 /* size bytes for an in-memory copy, 64-byte aligned, on 2 MiB pages where the system gives
  * them when large (the kernels walk many rows at once: TLB); NULL if out of memory. */

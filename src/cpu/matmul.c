@@ -36,8 +36,22 @@ static void split(int64_t n_items, int64_t align, int t, int n, int64_t *i0, int
     if (*i0 > n_items) *i0 = n_items;
 }
 
-/* Canonical bytes of one dispatched row: its fp16 values and 4-bit positions. */
-static int64_t row_bytes(const pe_packed *p) { return 2 * p->n_groups + (p->n_groups + 1) / 2; }
+/* Canonical bytes of one dispatched row: its fp16 (q8: int8) values and 4-bit positions. */
+static int64_t row_bytes(const pe_packed *p) {
+    return (p->q8 ? 1 : 2) * p->n_groups + (p->n_groups + 1) / 2;
+}
+
+/* Canonical bytes of one selection (items by class in [begin, end), n_rows rows): its rows, and
+ * for q8 the scales of each dispatched tier of an input (reference.bucketmul's count). */
+static int64_t selection_bytes(const pe_packed *p, const pe_item *items,
+                               const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
+                               int64_t n_rows) {
+    int64_t tiers = 0;
+    for (int cl = 0; p->q8 && cl < PE_CLASSES; cl++)
+        for (int64_t u = begin[cl]; u < end[cl]; u++)
+            for (uint32_t m = items[u].mask; m; m >>= PE_TIER) tiers += (m & 15) != 0;
+    return n_rows * row_bytes(p) + tiers * 2 * p->n_chunks;
+}
 
 /* ---------------------------------------------------------------- one selection's kernel job */
 
@@ -61,8 +75,8 @@ static void kernel_run(void *ctx, int t, int n) {
     int64_t c0, c1;
     (void)n;
     split(j->p->n_chunks, 1, t / PARTS, j->ranges, &c0, &c1);
-    if (c1 > c0) j->p->set->bucketmul(j->p, j->b, j->items, j->begin[part], j->end[part], c0, c1,
-                                j->y[part]);
+    if (c1 > c0) j->p->bucketmul(j->p, j->b, j->items, j->begin[part], j->end[part], c0, c1,
+                                 j->y[part]);
 }
 
 /* The kernel job of one selection (items by class in [begin, end), n_rows rows) writing y,
@@ -167,7 +181,7 @@ pe_status pe_bucketmul(const pe_packed *p, const pe_buckets *b, const float *x, 
         if ((st = pe_parallel(kernel_run, &job, PARTS * job.ranges, jt)) != PE_OK) return st;
         add_parts(&job);
         *mults += done;
-        *bytes += n_rows * row_bytes(p);
+        *bytes += selection_bytes(p, items, begin, end, n_rows);
     }
     return PE_OK;
 }
@@ -278,7 +292,7 @@ pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets
         if (m[j].st != PE_OK) return m[j].st;
         add_parts(&m[j].job);
         mults[j] += m[j].done;
-        bytes[j] += m[j].n_rows * row_bytes(ps[j]);
+        bytes[j] += selection_bytes(ps[j], m[j].items, m[j].begin, m[j].end, m[j].n_rows);
     }
     return PE_OK;
 }

@@ -15,16 +15,28 @@ typedef enum {
     PE_ERR_ARG = 3,        /* inconsistent sizes (a caller bug: Python validates first) */
     PE_ERR_THREAD = 4,     /* a worker thread could not be started */
     PE_ERR_FORMAT = 5,     /* matrix data a fast layout cannot hold: repeated positions in a
-                            * group or non-finite values (only a damaged matrix has them) */
+                            * group, non-finite fp16 values, int8 values of -128, q8 scales
+                            * that are not finite or negative (only a damaged matrix has them) */
 } pe_status;
+
+/* The kind of a matrix's bucket values (reference.py, "8-bit values"). */
+typedef enum {
+    PE_VALUES_F16 = 0, /* fp16 values                                                    */
+    PE_VALUES_Q8 = 1,  /* int8 values in [-127, 127], one fp16 scale per tier and chunk  */
+} pe_values;
 
 /* A bucketed matrix, canonical layout (see reference.py). Rows r = k * n_in + j, r < n_rows. */
 typedef struct {
-    const uint16_t *values;    /* (n_rows, n_groups) fp16 bits                          */
+    const void *values;        /* (n_rows, n_groups) fp16 bits, or int8 (PE_VALUES_Q8)  */
     const uint8_t *positions;  /* (n_rows, (n_groups + 1) / 2) 4-bit, even group low    */
     const float *stats;        /* (16, n_in) row statistic, row order                   */
     const int32_t *order;      /* (16, n_in) input of each row                          */
     int64_t n_in, n_out, n_groups, n_rows;
+    /* PE_VALUES_Q8: (reference.scale_rows(n_rows, n_in), ceil(n_groups / 4)) fp16 bits, row
+     * t * n_in + j the scales of tier t (ranks 4t..4t+3) of input order[4t, j] over each chunk
+     * of 4 groups (reference.quantise_q8); NULL for fp16 values. */
+    const uint16_t *scales;
+    pe_values kind;
 } pe_buckets;
 
 /* W (n_in, n_out) fp16 -> canonical buckets; outputs sized for all 16 * n_in rows. */
@@ -41,9 +53,9 @@ pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens,
                             int64_t n_out, const int32_t *rows, int64_t n_rows, float *y);
 
 /* The input-major index of a pe_buckets and the in-memory copy of the weights that the
- * kernel set in use reads (layout/index.c), built once per matrix for that kernel set; the
- * index keeps no pointer into b. PE_ERR_FORMAT if b is damaged (repeated positions in a
- * group, or values that are not finite), on every kernel set. */
+ * kernel set in use reads (layout/index.c), built once per matrix for that kernel set and
+ * value kind; the index keeps no pointer into b. PE_ERR_FORMAT if b is damaged (PE_ERR_FORMAT
+ * above), on every kernel set; PE_ERR_ARG for int8 values without scales. */
 typedef struct pe_packed pe_packed;
 pe_status pe_pack(const pe_buckets *b, pe_packed **out);
 void pe_packed_free(pe_packed *p);
@@ -53,7 +65,8 @@ void pe_packed_free(pe_packed *p);
 void pe_warm_packed(const pe_packed *const *ps, int n);
 /* x (n_tokens, n_in) f32 @ B at effort -> y (n_tokens, n_out) f32, through p (pe_pack(b)) on
  * the kernel set p was packed for; adds the multiplications done to *mults and the canonical
- * bytes of the dispatched rows to *bytes (reference.bucketmul's rows). */
+ * bytes of the dispatched rows to *bytes (reference.bucketmul's count: values and positions
+ * per row, and for q8 2 ceil(n_groups / 4) per dispatched tier of an input). */
 pe_status pe_bucketmul(const pe_packed *p, const pe_buckets *b, const float *x, int64_t n_tokens,
                        double effort, float *y, int64_t *mults, int64_t *bytes);
 /* Matrices that share their input, multiplied together (q/k/v, gate/up). */

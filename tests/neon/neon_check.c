@@ -1,15 +1,18 @@
 /* Checks the NEON kernels against the portable ones on fixed and random inputs, odd sizes
- * included: the effort kernel (on the permuted copy) against the permuted copy's scalar
- * kernel (scalar-permuted) and the canonical spec (scalar), the dense ones against scalar:
- * the same dispatched rows, results within float32 rounding (2e-6 of the largest output: NEON
- * rounds x * w before each add where scalar-permuted fuses them for whole tiers), and bitwise
- * identical results for 1 and 3 threads; damaged matrices refused (PE_ERR_FORMAT). Exit
- * status 0 if all pass. */
+ * included: the fp16 effort kernel (on the permuted copy) against the permuted copy's scalar
+ * kernel (scalar-permuted) and the canonical spec (scalar); the q8 effort kernel (on the q8
+ * tiered copy) bit for bit against scalar-tiered's and within float32 rounding against the
+ * canonical q8 spec (scalar); the dense ones against scalar: the same dispatched rows, mults
+ * and bytes, results within float32 rounding (2e-6 of the largest output: NEON rounds x * w
+ * before each add where scalar-permuted fuses them for whole tiers), and bitwise identical
+ * results for 1 and 3 threads; damaged matrices refused (PE_ERR_FORMAT). Exit status 0 if all
+ * pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp16.h"
 #include "kernels.h"
 
 static uint64_t rng_state = 12345;
@@ -70,15 +73,16 @@ static pe_packed *pack_for(const char *kernels, const pe_buckets *b) {
 }
 
 /* x (T, n_in) @ b through pk (neon; 1 and 3 threads) vs through spec (a portable set, 1 thread)
- * at every effort: same mults and bytes, results within float32 rounding (the same outputs
- * not finite), and bitwise identical for both thread counts. */
+ * at every effort: same mults and bytes, results within float32 rounding (bit for bit if
+ * exact; the same outputs not finite), and bitwise identical for both thread counts. */
 static void compare(const pe_buckets *b, pe_packed *pk, pe_packed *spec, const float *x,
-                    int64_t T, const char *what) {
+                    int64_t T, const char *what, int exact) {
     static const double efforts[] = {0.0, 0.01, 0.05, 0.25, 0.5, 1.0};
     int64_t n_in = b->n_in, n_out = b->n_out;
     float *ys = malloc(4 * (size_t)(T * n_out)), *yn = malloc(4 * (size_t)(T * n_out));
     float *y3 = malloc(4 * (size_t)(T * n_out));
-    expect(!strcmp(pe_packed_copy(pk), "permuted"), "neon copy", n_in, n_out, 0, 0);
+    const char *copy = b->kind == PE_VALUES_Q8 ? "tiered" : "permuted";
+    expect(!strcmp(pe_packed_copy(pk), copy), "neon copy", n_in, n_out, 0, 0);
     for (int e = 0; e < 6; e++) {
         int64_t ms = 0, bs = 0, mn = 0, bn = 0, m3 = 0, b3 = 0;
         pe_set_num_threads(1);
@@ -89,17 +93,20 @@ static void compare(const pe_buckets *b, pe_packed *pk, pe_packed *spec, const f
         double err = rel_err(yn, ys, T * n_out);
         expect(ms == mn && bs == bn, "mults/bytes", n_in, n_out, efforts[e], (double)(ms - mn));
         expect(err <= 2e-6, what, n_in, n_out, efforts[e], err);
+        if (exact) expect(!memcmp(yn, ys, 4 * (size_t)(T * n_out)), what, n_in, n_out, efforts[e], err);
         expect(!memcmp(yn, y3, 4 * (size_t)(T * n_out)), "threads", n_in, n_out, efforts[e], 0);
     }
     free(ys); free(yn); free(y3);
 }
 
-/* x through the neon set vs both portable specs of it. */
+/* x through the neon set vs both portable specs of it (q8: scalar-tiered's kernel, bit for
+ * bit, and the canonical spec). */
 static void compare_specs(const pe_buckets *b, const float *x, int64_t T, const char *what) {
-    pe_packed *pk = pack_for("neon", b), *pp = pack_for("scalar-permuted", b);
+    int q8 = b->kind == PE_VALUES_Q8;
+    pe_packed *pk = pack_for("neon", b), *pp = pack_for(q8 ? "scalar-tiered" : "scalar-permuted", b);
     pe_packed *pc = pack_for("scalar", b);
-    if (pk && pp) compare(b, pk, pp, x, T, what);
-    if (pk && pc) compare(b, pk, pc, x, T, what);
+    if (pk && pp) compare(b, pk, pp, x, T, what, q8);
+    if (pk && pc) compare(b, pk, pc, x, T, what, 0);
     pe_packed_free(pk);
     pe_packed_free(pp);
     pe_packed_free(pc);
@@ -121,6 +128,45 @@ static void check_fixed(const pe_buckets *b, const float *x) {
     free(y);
 }
 
+/* The smallest fp16 s with 127 s >= m (m >= 0, normal range): reference.q8_scale. */
+static uint16_t q8_scale(float m) {
+    uint16_t s = to_f16(m / 127.0f);
+    return pe_f16_to_f32(s) * 127.0f < m ? (uint16_t)(s + 1) : s;
+}
+
+/* fp16 rows v (rows, G) of order o -> int8 rows q and scales sc (4 n_in, ceil(G / 4)), as
+ * reference.quantise_q8: per tier of an input and chunk of 4 groups one scale, row t n_in + j
+ * for input o[4t, j]; q = rint(w / scale) (0 where the scale is 0). */
+static void quantise_q8(const uint16_t *v, const int32_t *o, int64_t n_in, int64_t G, int8_t *q,
+                        uint16_t *sc) {
+    int64_t C = (G + 3) / 4, *at = malloc(sizeof(int64_t) * (size_t)(16 * n_in));
+    for (int64_t r = 0; r < 16 * n_in; r++) at[(r / n_in) * n_in + o[r]] = r; /* (k, i) -> row */
+    for (int64_t t = 0; t < 4; t++)
+        for (int64_t j = 0; j < n_in; j++)
+            for (int64_t c = 0; c < C; c++) {
+                int64_t i = o[4 * t * n_in + j], g1 = 4 * c + 4 < G ? 4 * c + 4 : G;
+                float m = 0;
+                for (int64_t k = 4 * t; k < 4 * t + 4; k++)
+                    for (int64_t g = 4 * c; g < g1; g++)
+                        m = fmaxf(m, fabsf(pe_f16_to_f32(v[at[k * n_in + i] * G + g])));
+                uint16_t s = q8_scale(m);
+                sc[(t * n_in + j) * C + c] = s;
+                for (int64_t k = 4 * t; k < 4 * t + 4; k++)
+                    for (int64_t g = 4 * c; g < g1; g++) {
+                        int64_t r = at[k * n_in + i];
+                        float w = pe_f16_to_f32(v[r * G + g]), f = pe_f16_to_f32(s);
+                        q[r * G + g] = (int8_t)(f > 0 ? fmaxf(-127, fminf(127, rintf(w / f))) : 0);
+                    }
+            }
+    free(at);
+}
+
+/* Rows of scales a prefix of n_rows bucket rows reads (reference.scale_rows). */
+static int64_t scale_rows(int64_t n_rows, int64_t n_in) {
+    int64_t t = n_rows / (4 * n_in), s = t * n_in + (n_rows - 4 * t * n_in < n_in ? n_rows - 4 * t * n_in : n_in);
+    return s < 4 * n_in ? s : 4 * n_in;
+}
+
 /* One matrix: fixed (all weights 1/2, x = 1) or random, at several efforts and loads. */
 static void check(int64_t n_in, int64_t n_out, int fixed) {
     int64_t G = (n_out + 15) / 16, rows = 16 * n_in, T = 2;
@@ -135,11 +181,22 @@ static void check(int64_t n_in, int64_t n_out, int fixed) {
     pe_build_f16(w, n_in, n_out, v, p, st, o);
     if (fixed) check_fixed(&(pe_buckets){v, p, st, o, n_in, n_out, G, rows}, x);
     static const double loads[] = {1.0, 0.6, 0.3, 0.1}; /* loaded ranks: 16, 9-10, 4-5, 1-2 */
+    int64_t C = (G + 3) / 4;
+    int8_t *q = malloc((size_t)(rows * G));
+    uint16_t *sc = malloc(2 * (size_t)(4 * n_in * C)), *part = malloc(2 * (size_t)(4 * n_in * C));
+    quantise_q8(v, o, n_in, G, q, sc);
     for (int l = 0; l < 4; l++) {
-        int64_t n_rows = (int64_t)(loads[l] * (double)rows);
+        int64_t n_rows = (int64_t)(loads[l] * (double)rows), k = scale_rows(n_rows, n_in);
         pe_buckets b = {v, p, st, o, n_in, n_out, G, n_rows};
         compare_specs(&b, x, T, "perm_neon");
+        /* the scale rows past the loaded prefix are NaN: never read (else refused) */
+        for (int64_t e = 0; e < 4 * n_in * C; e++) part[e] = e < k * C ? sc[e] : 0x7E00;
+        pe_buckets b8 = {q, p, st, o, n_in, n_out, G, n_rows, part, PE_VALUES_Q8};
+        compare_specs(&b8, x, T, "tiers_q8_neon");
     }
+    free(q);
+    free(sc);
+    free(part);
     int64_t n_sel = 0;
     for (int64_t i = n_in - 1; i >= 0; i -= 2) sel[n_sel++] = (int32_t)i; /* any order */
     for (int rows_case = 0; rows_case < 2; rows_case++) {
@@ -184,11 +241,29 @@ static void check_odd_files(int64_t n_in, int64_t n_out) {
     for (int64_t i = 0; i < T * n_in; i++) x[i] = i % 7 == 0 ? 0.0f : (float)normal();
     pe_build_f16(w, n_in, n_out, v, p, st, o);
     static const float scales[] = {3.0f, 1.0000001f};
+    int64_t C = (G + 3) / 4;
+    int8_t *q = malloc((size_t)(rows * G)), *q2 = malloc((size_t)(rows * G));
+    uint16_t *sc = malloc(2 * (size_t)(4 * n_in * C)), *sc2 = malloc(2 * (size_t)(4 * n_in * C));
+    quantise_q8(v, o, n_in, G, q, sc);
     for (int s = 0; s < 2; s++) { /* ranks 1..3 above rank 0 */
         memcpy(st2, st, 4 * (size_t)rows);
         for (int64_t r = n_in; r < 4 * n_in; r++) st2[r] *= scales[s];
         pe_buckets b = {v, p, st2, o, n_in, n_out, G, rows};
         compare_specs(&b, x, T, "rising stats");
+        pe_buckets b8 = {q, p, st2, o, n_in, n_out, G, rows, sc, PE_VALUES_Q8};
+        compare_specs(&b8, x, T, "rising stats q8");
+    }
+    pe_buckets rep8 = {q, NULL, st, o, n_in, n_out, G, rows, sc, PE_VALUES_Q8};
+    memcpy(q2, q, (size_t)(rows * G)); /* rank 15 of five inputs, group 1: -128 */
+    for (int64_t r = rows - 5; r < rows; r++) q2[r * G + 1] = -128;
+    pe_buckets low = {q2, p, st, o, n_in, n_out, G, rows, sc, PE_VALUES_Q8};
+    refused(&low, "q8 -128");
+    static const uint16_t bad_scales[] = {0x7C00, 0x7E00, 0xB800}; /* inf, NaN, -0.5 */
+    for (int k = 0; k < 3; k++) {
+        memcpy(sc2, sc, 2 * (size_t)(4 * n_in * C)); /* tier 3 of five inputs, chunk 0 */
+        for (int64_t j = 4 * n_in - 5; j < 4 * n_in; j++) sc2[j * C] = bad_scales[k];
+        pe_buckets bad = {q, p, st, o, n_in, n_out, G, rows, sc2, PE_VALUES_Q8};
+        refused(&bad, "q8 scale");
     }
     memcpy(p2, p, (size_t)(rows * ps)); /* rank 1 of every input at rank 0's position, group 0 */
     for (int64_t r = 0; r < 2 * n_in; r++) at[(r / n_in) * n_in + o[r]] = (int32_t)r;
@@ -198,6 +273,8 @@ static void check_odd_files(int64_t n_in, int64_t n_out) {
     }
     pe_buckets rep = {v, p2, st, o, n_in, n_out, G, rows};
     refused(&rep, "repeated positions");
+    rep8.positions = p2;
+    refused(&rep8, "repeated positions q8");
     memcpy(v2, v, 2 * (size_t)(rows * G)); /* rank 15 of five inputs, group 1: inf */
     for (int64_t r = rows - 5; r < rows; r++) {
         v2[r * G + 1] = 0x7C00;
@@ -206,6 +283,7 @@ static void check_odd_files(int64_t n_in, int64_t n_out) {
     pe_buckets inf = {v2, p, st, o, n_in, n_out, G, rows};
     refused(&inf, "inf value");
     free(w); free(v); free(p); free(p2); free(st); free(st2); free(x); free(o); free(at); free(v2);
+    free(q); free(q2); free(sc); free(sc2);
 }
 
 int main(void) {

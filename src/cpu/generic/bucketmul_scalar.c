@@ -24,7 +24,7 @@ void pe_bucketmul_f16_scalar(const pe_packed *p, const pe_buckets *b, const pe_i
                 float x = items[u].x;
                 for (uint32_t mask = items[u].mask; mask; mask &= mask - 1) {
                     int64_t r = rows[__builtin_ctz(mask)];
-                    const uint16_t *v = b->values + r * G;
+                    const uint16_t *v = (const uint16_t *)b->values + r * G;
                     const uint8_t *q = b->positions + r * pstride;
                     for (int64_t g = gb; g < ge; g++)
                         acc[(g - gb) * PE_GROUP + pe_position(q, g)] += x * pe_f16_to_f32(v[g]);

@@ -26,6 +26,7 @@ void pe_packed_free(pe_packed *p) {
     free(p->stats);
     free(p->slot0);
     free(p->n_loaded);
+    free(p->scale_row);
     free(p->tiers);
     free(p->tier_off);
     free(p->perm);
@@ -79,6 +80,25 @@ static void pack_index(const pe_buckets *b, pe_packed *p) {
     p->unloaded = all - loaded;
 }
 
+int pe_scales_ok(const pe_buckets *b, const pe_packed *p, int64_t i) {
+    int ok = 1;
+    for (int t = 0; p->q8 && t < PE_RANKS / PE_TIER && p->scale_row[4 * i + t] >= 0; t++) {
+        const uint16_t *s = b->scales + p->scale_row[4 * i + t] * p->n_chunks;
+        for (int64_t c = 0; c < p->n_chunks; c++) ok &= pe_scale_ok(s[c]);
+    }
+    return ok;
+}
+
+/* q8: the row of b->scales of each loaded tier of each input (-1 past the loaded ones). */
+static void pack_scale_rows(const pe_packed *p) {
+    for (int64_t i = 0; i < p->n_in; i++)
+        for (int t = 0; t < PE_RANKS / PE_TIER; t++) {
+            int k = PE_TIER * t; /* row k n_in + j of rank k -> scale row t n_in + j */
+            p->scale_row[4 * i + t] =
+                k < p->n_loaded[i] ? p->row[p->slot0[i] + k] - (int32_t)((k - t) * p->n_in) : -1;
+        }
+}
+
 /* The canonical layout copies nothing, so it is checked on its own: the inputs of chunk c of
  * n against pe_weight_ok, the rule the copies apply as they are built. */
 typedef struct {
@@ -103,10 +123,18 @@ static void check_chunk(void *ctx, int c, int n) {
         memset(used, 0, sizeof(uint16_t) * (size_t)G);
         for (int k = 0; k < p->n_loaded[i]; k++) {
             int64_t r = p->row[p->slot0[i] + k];
-            const uint16_t *v = b->values + r * G;
             const uint8_t *q = b->positions + r * pstride;
-            for (int64_t g = 0; g < G; g++) ok &= pe_weight_ok(used + g, pe_position(q, g), v[g]);
+            if (p->q8) {
+                const int8_t *v = (const int8_t *)b->values + r * G;
+                for (int64_t g = 0; g < G; g++)
+                    ok &= pe_weight_ok_q8(used + g, pe_position(q, g), v[g]);
+            } else {
+                const uint16_t *v = (const uint16_t *)b->values + r * G;
+                for (int64_t g = 0; g < G; g++)
+                    ok &= pe_weight_ok(used + g, pe_position(q, g), v[g]);
+            }
         }
+        ok &= pe_scales_ok(b, p, i);
     }
     if (!ok) atomic_store(&j->damaged, 1);
     free(used);
@@ -124,7 +152,7 @@ static pe_status check_canonical(const pe_buckets *b, const pe_packed *p, int nt
 
 /* The layout p's kernel set reads, built (the canonical one: checked). */
 static pe_status build_layout(const pe_buckets *b, pe_packed *p, int nt) {
-    switch (p->set->layout) {
+    switch (p->q8 ? p->set->layout_q8 : p->set->layout) {
     case PE_TIERED: return pe_build_tiers(b, p, nt);
     case PE_PERMUTED: return pe_build_perm(b, p, nt);
     default: return check_canonical(b, p, nt);
@@ -134,12 +162,15 @@ static pe_status build_layout(const pe_buckets *b, pe_packed *p, int nt) {
 pe_status pe_pack(const pe_buckets *b, pe_packed **out) {
     *out = NULL;
     if (b->n_rows > 16 * b->n_in || b->n_rows >= INT32_MAX ||
-        b->n_groups != (b->n_out + PE_GROUP - 1) / PE_GROUP)
+        b->n_groups != (b->n_out + PE_GROUP - 1) / PE_GROUP ||
+        (b->kind == PE_VALUES_Q8 && !b->scales && b->n_rows > 0))
         return PE_ERR_ARG;
     pe_packed *p = calloc(1, sizeof *p);
     if (!p) return PE_ERR_ALLOC;
     int64_t G = b->n_groups, S = b->n_rows, n_in = b->n_in;
     p->set = pe_active_set();
+    p->q8 = b->kind == PE_VALUES_Q8;
+    p->bucketmul = p->q8 ? p->set->bucketmul_q8 : p->set->bucketmul;
     p->n_in = n_in;
     p->n_out = b->n_out;
     p->n_groups = G;
@@ -149,13 +180,15 @@ pe_status pe_pack(const pe_buckets *b, pe_packed **out) {
     p->stats = malloc(sizeof(float) * (size_t)(n_in * PE_RANKS));
     p->slot0 = malloc(sizeof(int32_t) * (size_t)n_in + 4);
     p->n_loaded = malloc((size_t)n_in + 1);
-    if (!p->row || !p->stats || !p->slot0 || !p->n_loaded) {
+    if (p->q8) p->scale_row = malloc(sizeof(int32_t) * (size_t)(4 * n_in) + 4);
+    if (!p->row || !p->stats || !p->slot0 || !p->n_loaded || (p->q8 && !p->scale_row)) {
         pe_packed_free(p);
         return PE_ERR_ALLOC;
     }
     pack_index(b, p);
     for (int64_t r = 0; r < S; r++) p->row[p->slot0[b->order[r]] + r / n_in] = (int32_t)r;
     p->monotone = stats_fall(p);
+    if (p->q8) pack_scale_rows(p);
     pe_status st = build_layout(b, p, pe_num_threads());
     if (st != PE_OK) {
         pe_packed_free(p);

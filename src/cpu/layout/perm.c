@@ -19,6 +19,7 @@ static int64_t input_bytes(int64_t G, int n) {
  * (pe_weight_ok: a position repeats in a group or a value is not finite). */
 static int fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n, uint8_t *dst) {
     int64_t G = b->n_groups, pstride = (G + 1) / 2;
+    const uint16_t *values = b->values; /* fp16: q8 matrices read the tiered copy */
     uint16_t *tier_rows = (uint16_t *)(dst + G * PE_PERM_REC);
     for (int64_t g = 0; g < G; g++) {
         uint8_t rank[PE_GROUP], *rec = dst + g * PE_PERM_REC;
@@ -27,9 +28,9 @@ static int fill_input(const pe_buckets *b, const pe_packed *p, int64_t i, int n,
         for (int k = 0; k < n; k++) {
             int64_t r = p->row[p->slot0[i] + k];
             int pos = pe_position(b->positions + r * pstride, g);
-            if (!pe_weight_ok(&used, pos, b->values[r * G + g])) return 0;
+            if (!pe_weight_ok(&used, pos, values[r * G + g])) return 0;
             rank[pos] = (uint8_t)k;
-            vals[k] = b->values[r * G + g];
+            vals[k] = values[r * G + g];
         }
         for (int q = 0; q < PE_GROUP / 2; q++) rec[q] = (uint8_t)(rank[q] | rank[q + 8] << 4);
         memcpy(rec + 8, vals, 2 * PE_TIER);

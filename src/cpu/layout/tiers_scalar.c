@@ -4,6 +4,7 @@
 #include <math.h>
 
 #include "fp16.h"
+#define TIER_REC PE_TIER_REC
 #include "layout/tierwalk.h"
 
 /* The slots (16 bits, 4 groups x 4) whose rank code (2 bits each, codes) is in the 4-bit rank
@@ -32,7 +33,7 @@ static void merge(const uint8_t *rec, uint32_t keep, uint16_t v[64]) {
  * then acc[j] = fma(w_j, x, acc[j]) for all 64 outputs of the chunk. */
 static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
                                    const int PARTIAL, int64_t cb, int64_t nc, float *acc) {
-    int64_t row = p->n_chunks * PE_TIER_CHUNK;
+    int64_t row = TIER_ROW(p);
     for (int64_t c = cb; c < cb + nc; c++) {
         float *a = acc + 64 * (c - cb);
         for (int u = 0; u < n; u++) {

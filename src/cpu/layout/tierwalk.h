@@ -1,6 +1,7 @@
-/* The walk shared by the tiered-copy kernels (tiers_scalar.c, arch/x86/tiers_avx512vbmi2.c):
- * dispatched inputs by class, in batches of about 8 row streams, over blocks of chunks. The
- * including file defines, after including this header, the ISA-specific
+/* The walk shared by the tiered-copy kernels (tiers_scalar.c, tiers_q8_scalar.c and their SIMD
+ * kernels in arch/): dispatched inputs by class, in batches of about 8 row streams, over blocks
+ * of chunks. The including file defines TIER_REC (the record's bytes: PE_TIER_REC for fp16
+ * values, PE_TIER_REC_Q8 for int8) before including this header, and after it the ISA-specific
  *   static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n,
  *                                      const int T, const int PARTIAL, int64_t cb, int64_t nc,
  *                                      float *acc);
@@ -13,6 +14,11 @@
 
 #include "kernels.h"
 
+#ifndef TIER_REC
+#error "define TIER_REC (PE_TIER_REC or PE_TIER_REC_Q8) before including tierwalk.h"
+#endif
+#define TIER_ROW(p) ((p)->n_chunks * (TIER_REC + 4)) /* bytes of a tier row: records, codes */
+
 #define BLOCK 256 /* chunks per pass over the accumulators: 256 x 64 floats = 64 KiB (L2) */
 #define MAX_BATCH 8
 #define PE_INLINE __attribute__((always_inline)) /* T, PARTIAL constant: loops unroll */
@@ -24,14 +30,26 @@ static const int batch_size[PE_RANKS / PE_TIER + 1] = {0, 8, 4, 3, 2};
 static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
                                    const int PARTIAL, int64_t cb, int64_t nc, float *acc);
 
+/* The slots (16 bits, 4 groups x 4) whose rank code (2 bits each, codes) is in the 4-bit rank
+ * set r (portable: the even bits of the match word compressed). */
+static inline uint32_t pe_kept_slots(uint32_t codes, uint32_t r) {
+    uint32_t hi = (codes >> 1) & 0x55555555u, lo = codes & 0x55555555u, nh = ~hi, nl = ~lo;
+    uint32_t v = (((r & 1) ? nh & nl : 0) | ((r & 2) ? nh & lo : 0) | ((r & 4) ? hi & nl : 0) |
+                  ((r & 8) ? hi & lo : 0)) & 0x55555555u;
+    v = (v | v >> 1) & 0x33333333u;
+    v = (v | v >> 2) & 0x0F0F0F0Fu;
+    v = (v | v >> 4) & 0x00FF00FFu;
+    return (v | v >> 8) & 0xFFFFu;
+}
+
 /* Prefetches into L2 the first PF_HEAD bytes of each tier row of the next batch: a batch
  * starts cold streams that the hardware prefetchers take a while to pick up. */
 static inline void prefetch_heads(const pe_packed *p, const pe_item *items, int64_t n, int T,
                                   int64_t cb, int64_t nc) {
-    int64_t row = p->n_chunks * PE_TIER_CHUNK, len = nc * PE_TIER_REC;
+    int64_t row = TIER_ROW(p), len = nc * TIER_REC;
     if (len > PF_HEAD) len = PF_HEAD;
     for (int64_t u = 0; u < n; u++) {
-        const char *r0 = (const char *)(p->tiers + p->tier_off[items[u].input] + cb * PE_TIER_REC);
+        const char *r0 = (const char *)(p->tiers + p->tier_off[items[u].input] + cb * TIER_REC);
         for (int t = 0; t < T; t++)
             for (int64_t o = 0; o < len; o += 64) __builtin_prefetch(r0 + t * row + o, 0, 2);
     }
@@ -64,7 +82,7 @@ static void run_class(const pe_packed *p, const pe_item *items, int64_t n, int c
 static void prefetch_all(const pe_packed *p, const pe_item *items,
                          const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
                          int64_t c0, int64_t c1) {
-    int64_t row = p->n_chunks * PE_TIER_CHUNK, len = (c1 - c0) * PE_TIER_REC, total = 0;
+    int64_t row = TIER_ROW(p), len = (c1 - c0) * TIER_REC, total = 0;
     for (int cl = 0; cl < PE_CLASSES; cl++) total += (end[cl] - begin[cl]) * (cl / 2 + 1) * len;
     if (total > PF_ALL_MAX) return;
     for (int cl = 0; cl < PE_CLASSES; cl++)
@@ -72,7 +90,7 @@ static void prefetch_all(const pe_packed *p, const pe_item *items,
             const char *r0 = (const char *)(p->tiers + p->tier_off[items[i].input]);
             for (int t = 0; t <= cl / 2; t++)
                 for (int64_t o = 0; o < len; o += 64)
-                    __builtin_prefetch(r0 + t * row + c0 * PE_TIER_REC + o, 0, 2);
+                    __builtin_prefetch(r0 + t * row + c0 * TIER_REC + o, 0, 2);
         }
 }
 

@@ -7,6 +7,7 @@
 #include <immintrin.h>
 #include <string.h>
 
+#define TIER_REC PE_TIER_REC
 #include "layout/tierwalk.h"
 
 /* Tiers of one record -> the merged group pair vectors v0 (groups 0, 1), v1 (groups 2, 3). */
@@ -43,7 +44,7 @@ static inline PE_INLINE void merge_some(const uint8_t *rec, uint32_t codes, uint
 /* The batch of tierwalk.h: per chunk, 4 accumulators in registers while the inputs pass. */
 static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
                                    const int PARTIAL, int64_t cb, int64_t nc, float *acc) {
-    int64_t row = p->n_chunks * PE_TIER_CHUNK;
+    int64_t row = TIER_ROW(p);
     const uint8_t *rec[MAX_BATCH];
     const uint32_t *codes[MAX_BATCH];
     uint32_t mask[MAX_BATCH];
