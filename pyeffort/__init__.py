@@ -20,6 +20,7 @@ from pyeffort.api import (
     show_runtime,
 )
 from pyeffort.buckets import Buckets, build_buckets, load_buckets
+from pyeffort.dense import DenseQ8, quantize_dense_q8
 from pyeffort.errors import (
     DTypeError,
     EffortError,
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Buckets",
     "DTypeError",
+    "DenseQ8",
     "EffortError",
     "FormatError",
     "LayoutError",
@@ -49,6 +51,7 @@ __all__ = [
     "matmul_group",
     "prefetch",
     "prepare",
+    "quantize_dense_q8",
     "runtime_info",
     "set_num_threads",
     "show_runtime",

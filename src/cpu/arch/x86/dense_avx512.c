@@ -1,19 +1,20 @@
-/* AVX-512 dense fp16 GEMV: y[j0:j1] stays in L1 while 8 weight rows stream past it. */
+/* AVX-512 dense fp16 GEMV: y[j0:j1] stays in L1/L2 while 8 weight rows stream past it. */
 #include <immintrin.h>
 
 #include "kernels.h"
 
 #define ROWS 8 /* weight rows per pass over y */
 
-/* x (n_in,) f32 @ W[rows, j0:j1] fp16 -> y[j0:j1] f32; each output summed over rows in order. */
-void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
-                         const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y) {
-    int64_t nr = rows ? n_rows : n_in, n = j1 - j0, full = n & ~(int64_t)15;
+/* x (n_in,) f32 @ W[inputs rows[r0:r1] (or r0..r1-1), j0:j1] fp16 -> y[j0:j1] f32, overwritten;
+ * each output summed over the inputs in order. */
+void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_out, const int32_t *rows,
+                         int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y) {
+    int64_t n = j1 - j0, full = n & ~(int64_t)15;
     __mmask16 tail = (__mmask16)((1u << (n - full)) - 1);
-    for (int64_t j = 0; j < n; j++) y[j0 + j] = 0.0f;
     float *yj = y + j0;
-    int64_t r = 0;
-    for (; r + ROWS <= nr; r += ROWS) {
+    for (int64_t j = 0; j < n; j++) yj[j] = 0.0f;
+    int64_t r = r0;
+    for (; r + ROWS <= r1; r += ROWS) {
         const uint16_t *wr[ROWS];
         __m512 xv[ROWS];
         for (int u = 0; u < ROWS; u++) {
@@ -36,7 +37,7 @@ void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_in, int64_
             _mm512_mask_storeu_ps(yj + full, tail, acc);
         }
     }
-    for (; r < nr; r++) {
+    for (; r < r1; r++) {
         int64_t i = rows ? rows[r] : r;
         const uint16_t *wi = w + i * n_out + j0;
         __m512 xi = _mm512_set1_ps(x[i]);
