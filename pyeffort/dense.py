@@ -38,7 +38,8 @@ class DenseQ8:
     def __init__(self, q: np.ndarray, scales: np.ndarray):
         q, scales = _validate.ndarray("q", q), _validate.ndarray("scales", scales)
         if q.dtype != np.int8 or scales.dtype != np.float16:
-            raise DTypeError(f"DenseQ8 takes int8 q and float16 scales, got {q.dtype}, {scales.dtype}")
+            got = f"{q.dtype}, {scales.dtype}"
+            raise DTypeError(f"DenseQ8 takes int8 q and float16 scales, got {got}")
         if q.ndim != 2 or 0 in q.shape:
             raise ShapeError(f"q must be a non-empty 2-D matrix, got shape {q.shape}")
         if scales.shape != (n_blocks(q.shape[0]), q.shape[1]):

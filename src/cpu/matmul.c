@@ -294,7 +294,9 @@ pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets
 #define DENSE_PART_ROWS 256   /* rows per part at least; a multiple of PE_Q8_BLOCK        */
 #define DENSE_MAX_PARTS 32    /* partial outputs: 4 bytes per part and output, twice      */
 #define DENSE_CHUNKS 2        /* chunks per thread: slack for one that starts late        */
-#define DENSE_THREADED (1 << 20) /* bytes of W below which one thread does it all          */
+/* bytes of W below which one thread does it all: a matrix that small is in cache when a
+ * benchmark repeats it, and a second thread's hand-off costs about what it saves */
+#define DENSE_THREADED (4 << 20)
 
 typedef struct {
     const pe_kernel_set *set;

@@ -245,7 +245,7 @@ int main(void) {
         check(shapes[s][0], shapes[s][1], 1);
     }
     static const int64_t q8_shapes[][2] = {{1, 1}, {33, 17}, {64, 40}, {333, 517},
-                                           {1100, 1000}}; /* the last: threaded, 5 parts */
+                                           {4200, 1000}}; /* the last: threaded, 17 parts */
     for (int s = 0; s < 5; s++) check_dense_q8(q8_shapes[s][0], q8_shapes[s][1]);
     check_odd_files(60, 80);
     check_odd_files(50, 64);

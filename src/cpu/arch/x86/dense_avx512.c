@@ -4,6 +4,7 @@
 #include "kernels.h"
 
 #define ROWS 8 /* weight rows per pass over y */
+#define COLS 64 /* columns per step: four sums */
 
 /* x (n_in,) f32 @ W[inputs rows[r0:r1] (or r0..r1-1), j0:j1] fp16 -> y[j0:j1] f32, overwritten;
  * each output summed over the inputs in order. */
@@ -22,7 +23,18 @@ void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_out, const
             wr[u] = w + i * n_out + j0;
             xv[u] = _mm512_set1_ps(x[i]);
         }
-        for (int64_t j = 0; j < full; j += 16) {
+        int64_t j = 0;
+        for (; j + COLS <= full; j += COLS) { /* COLS / 16 independent sums: more in flight */
+            __m512 a[COLS / 16];
+            for (int k = 0; k < COLS / 16; k++) a[k] = _mm512_loadu_ps(yj + j + 16 * k);
+            for (int u = 0; u < ROWS; u++)
+                for (int k = 0; k < COLS / 16; k++)
+                    a[k] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(
+                                               (const __m256i *)(wr[u] + j + 16 * k))),
+                                           xv[u], a[k]);
+            for (int k = 0; k < COLS / 16; k++) _mm512_storeu_ps(yj + j + 16 * k, a[k]);
+        }
+        for (; j < full; j += 16) {
             __m512 acc = _mm512_loadu_ps(yj + j);
             for (int u = 0; u < ROWS; u++)
                 acc = _mm512_fmadd_ps(

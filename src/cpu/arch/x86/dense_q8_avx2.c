@@ -19,7 +19,8 @@ static inline void step(const __m256 *xv, const int8_t *q, const uint16_t *s, in
     __m256 a[COLS / 8];
     for (int k = 0; k < c; k++) a[k] = _mm256_setzero_ps();
     for (int u = 0; u < nr; u++)
-        for (int k = 0; k < c; k++) a[k] = _mm256_fmadd_ps(q8x8(q + u * n_out + 8 * k), xv[u], a[k]);
+        for (int k = 0; k < c; k++)
+            a[k] = _mm256_fmadd_ps(q8x8(q + u * n_out + 8 * k), xv[u], a[k]);
     for (int k = 0; k < c; k++) {
         __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 8 * k)));
         _mm256_storeu_ps(y + 8 * k, _mm256_fmadd_ps(a[k], sc, _mm256_loadu_ps(y + 8 * k)));
