@@ -1,4 +1,6 @@
-/* AVX-512 dense fp16 GEMV: y[j0:j1] stays in L1/L2 while 8 weight rows stream past it. */
+/* AVX-512 dense fp16 GEMV: y[j0:j1] stays in L1/L2 while 8 weight rows stream past it, each
+ * step asking for the lines of the next 8 rows at its columns (L2: short rows restart the
+ * hardware prefetchers; 14336x4096 on one Zen 4 core 16.4 -> 17.1 GB/s). */
 #include <immintrin.h>
 
 #include "kernels.h"
@@ -24,9 +26,18 @@ void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_out, const
             xv[u] = _mm512_set1_ps(x[i]);
         }
         int64_t j = 0;
+        int ahead = r + 2 * ROWS <= r1; /* the next pass's rows, read ahead into L2 */
+        const uint16_t *wn[ROWS];
+        for (int u = 0; u < ROWS; u++)
+            wn[u] = ahead ? w + (rows ? rows[r + ROWS + u] : r + ROWS + u) * n_out + j0 : wr[u];
         for (; j + COLS <= full; j += COLS) { /* COLS / 16 independent sums: more in flight */
             __m512 a[COLS / 16];
             for (int k = 0; k < COLS / 16; k++) a[k] = _mm512_loadu_ps(yj + j + 16 * k);
+            if (ahead)
+                for (int u = 0; u < ROWS; u++) {
+                    _mm_prefetch((const char *)(wn[u] + j), _MM_HINT_T1);
+                    _mm_prefetch((const char *)(wn[u] + j + 32), _MM_HINT_T1);
+                }
             for (int u = 0; u < ROWS; u++)
                 for (int k = 0; k < COLS / 16; k++)
                     a[k] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(

@@ -1,5 +1,8 @@
 /* AVX-512 dense Q8_0 GEMV: y[j0:j1] stays in L1/L2 while 8 rows of one block stream past it;
- * their sum over 64 columns (four registers, one cache line per row) is scaled into y. */
+ * their sum over 64 columns (four registers, one cache line per row) is scaled into y. Each
+ * step asks for the lines of the next 8 rows at its columns (L2): a row of a narrow matrix is
+ * one 4 KB page, too short for the hardware prefetchers to ramp up (14336x4096 on one Zen 4
+ * core: 12.9 -> 15.5 GB/s; 4096x14336 17.0 -> 19.5). */
 #include <immintrin.h>
 
 #include "kernels.h"
@@ -35,10 +38,14 @@ void pe_dense_q8_avx512(const float *x, const int8_t *q, const uint16_t *scales,
         __m512 xv[ROWS];
         for (int u = 0; u < nr; u++) xv[u] = _mm512_set1_ps(x[r + u]);
         int64_t j = 0;
+        int ahead = r + 2 * ROWS <= r1; /* the next pass's rows, read ahead into L2 */
         if (nr == ROWS)
             for (; j + COLS <= n; j += COLS) {
                 __m512 a[COLS / 16];
                 for (int k = 0; k < COLS / 16; k++) a[k] = _mm512_setzero_ps();
+                if (ahead)
+                    for (int u = 0; u < ROWS; u++)
+                        _mm_prefetch((const char *)(qr + (u + ROWS) * n_out + j), _MM_HINT_T1);
                 for (int u = 0; u < ROWS; u++)
                     for (int k = 0; k < COLS / 16; k++)
                         a[k] = _mm512_fmadd_ps(q16(qr + u * n_out + j + 16 * k, 0xFFFF), xv[u],
