@@ -29,6 +29,8 @@ X86_FILES = {
     "perm_avx2.c": AVX2,
     "tiers_q8_avx2.c": AVX2,
     "dense_avx512.c": AVX512,
+    "dense_q8_avx2.c": AVX2,
+    "dense_q8_avx512.c": AVX512,
     "tiers_avx512vbmi2.c": AVX512 + ["-mavx512vbmi2", "-mbmi2"],
     "tiers_q8_avx512vbmi2.c": AVX512 + ["-mavx512vbmi2", "-mbmi2"],
 }

@@ -20,6 +20,7 @@ from pyeffort.api import (
     show_runtime,
 )
 from pyeffort.buckets import Buckets, build_buckets, load_buckets
+from pyeffort.dense import DenseQ8, quantize_dense_q8
 from pyeffort.errors import (
     BackendError,
     DTypeError,
@@ -37,6 +38,7 @@ __all__ = [
     "BackendError",
     "Buckets",
     "DTypeError",
+    "DenseQ8",
     "EffortError",
     "FormatError",
     "LayoutError",
@@ -51,6 +53,7 @@ __all__ = [
     "matmul_group",
     "prefetch",
     "prepare",
+    "quantize_dense_q8",
     "runtime_info",
     "set_num_threads",
     "show_runtime",

@@ -401,3 +401,32 @@ def attend(q32, k32, v32, int64_t lo, int64_t end, float scale, out):
         st = pe_attend_f32(&q[0, 0], &k[0, 0, 0], &v[0, 0, 0], n_heads, n_kv, cap, hd, lo, end,
                            scale, &y[0, 0])
     _check(st)
+
+
+# ---------------------------------------------------------------- the dense 8-bit baseline
+
+cdef extern from "pyeffort.h" nogil:
+    pe_status pe_dense_q8(const float *x, const int8_t *q, const uint16_t *scales,
+                          int64_t n_tokens, int64_t n_in, int64_t n_out, float *y)
+
+
+def dense_q8(x32, q8, s16, out):
+    """x (n_tokens, n_in) f32 @ the Q8_0 matrix q (n_in, n_out) int8, scales (ceil(n_in / 32),
+    n_out) f16 -> out (n_tokens, n_out) f32 (pyeffort.dense.dense_q8)."""
+    import numpy as np
+
+    cdef const float[:, ::1] x = x32
+    cdef const int8_t[:, ::1] q = q8
+    cdef const uint16_t[:, ::1] s = s16.view(np.uint16)
+    cdef float[:, ::1] y = out
+    cdef pe_status st
+    if (x.shape[1] != q.shape[0] or y.shape[0] != x.shape[0] or y.shape[1] != q.shape[1]
+            or s.shape[0] != (q.shape[0] + 31) // 32 or s.shape[1] != q.shape[1]):
+        raise ShapeError("dense_q8: x (n_tokens, n_in), q (n_in, n_out), scales "
+                         "(ceil(n_in / 32), n_out), out (n_tokens, n_out)")
+    if x.shape[0] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
+        return
+    with nogil:
+        st = pe_dense_q8(&x[0, 0], &q[0, 0], &s[0, 0], x.shape[0], q.shape[0], q.shape[1],
+                         &y[0, 0])
+    _check(st)

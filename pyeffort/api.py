@@ -6,9 +6,10 @@ import inspect
 
 import numpy as np
 
-from pyeffort import _backend, _devices, _validate
+from pyeffort import _backend, _devices, _validate, dense
 from pyeffort._devices import GROUP_MAX, MatmulInfo
 from pyeffort.buckets import Buckets, build_buckets
+from pyeffort.dense import DenseQ8
 from pyeffort.errors import BackendError, DTypeError, LayoutError, ShapeError
 
 
@@ -199,27 +200,35 @@ def prepare(W: Buckets) -> Buckets:
 
 
 def dense_matmul(x, W, *, out=None):
-    """Our dense product ``x @ W`` for float16 ``W`` ``(n_in, n_out)``, float32 accumulation:
-    the honest baseline for every speed claim.
+    """Our dense product ``x @ W``, float32 accumulation, for a float16 ``W`` ``(n_in, n_out)``
+    or a ``DenseQ8`` (int8 weights with a scale per 32 inputs, ``quantize_dense_q8``): the
+    honest baselines for every speed claim, at 2 and 1.0625 bytes per weight.
 
     >>> import numpy as np, pyeffort
     >>> W = np.full((4, 2), 0.5, dtype=np.float16)
     >>> pyeffort.dense_matmul(np.ones(4, dtype=np.float32), W)
     array([2., 2.], dtype=float32)
+    >>> y = pyeffort.dense_matmul(np.ones(4, dtype=np.float32), pyeffort.quantize_dense_q8(W))
+    >>> y.round(2)
+    array([2., 2.], dtype=float32)
     """
-    W = _validate.ndarray("W", W)
-    if W.dtype != np.float16:
-        raise DTypeError(f"dense_matmul takes a float16 W, got {W.dtype}")
-    if W.ndim != 2 or 0 in W.shape:
-        raise ShapeError(f"W must be a non-empty 2-D matrix, got shape {W.shape}")
-    if not W.flags.c_contiguous:
-        raise LayoutError("W must be C-contiguous")
+    if isinstance(W, DenseQ8):
+        arrays, fn = (W.q, W.scales), getattr(_backend.current, "dense_q8", dense.dense_q8)
+    else:
+        W = _validate.ndarray("W", W)
+        if W.dtype != np.float16:
+            raise DTypeError(f"dense_matmul takes a float16 W or a DenseQ8, got {W.dtype}")
+        if W.ndim != 2 or 0 in W.shape:
+            raise ShapeError(f"W must be a non-empty 2-D matrix, got shape {W.shape}")
+        if not W.flags.c_contiguous:
+            raise LayoutError("W must be C-contiguous")
+        arrays, fn = (W,), _backend.current.dense_f16
     x2, vector = _validate.activations(x, W.shape[0])
     _validate.finite("x", x2)
     y = _validate.output(out, x2.shape[0], W.shape[1], vector)
     _no_alias(out, x)
     if x2.shape[0]:
-        _backend.current.dense_f16(x2, W, y)
+        fn(x2, *arrays, y)
     if out is not None:
         return out
     return y[0] if vector else y

@@ -2,6 +2,7 @@
 # One device call (the `device` tool): set up, then the named steps, results under $OUT.
 #   bash experiments/device/run.sh cuda          build, CUDA tests, CUDA benchmark suite
 #   bash experiments/device/run.sh cpu-scaling   CPU matmul suite on 4096x14336 at 1..16 threads
+#     (THREADS="1 2 4 8 16" SHAPES="4096x14336 or 14336x4096" for others)
 # Wheels the image lacks travel in .whl/ (carry it); see DEVELOPERS.md.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -26,14 +27,17 @@ for step in "$@"; do
         python3 bench/report.py "$OUT/cuda_bench.json" | tee "$OUT/cuda_report.md"
         ;;
     cpu-scaling)
-        for t in ${THREADS:-1 2 4 8 16}; do
+        # THREADS (default 1..16) x SHAPES (a -k expression); numpy, dense f16 and q8, fp16
+        # and (once built) q8 buckets at 1.0-0.1; then the threads sweep table
+        for t in ${THREADS:-$(seq 1 16)}; do
             OPENBLAS_NUM_THREADS=$t PYEFFORT_BENCH_THREADS=$t python3 -m pytest -q \
                 -p no:cacheprovider bench/test_matmul_speed.py \
-                -k "4096x14336 and (numpy_f32 or dense_f16 or effort_1.0 or effort_0.5 or effort_0.25 or effort_0.1)" \
+                -k "(${SHAPES:-4096x14336}) and (numpy_f32 or dense_ or effort_1.0 or effort_0.5 or effort_0.25 or effort_0.1)" \
                 --benchmark-max-time=0.2 --benchmark-min-rounds=5 \
                 --benchmark-json="$OUT/cpu_t$t.json" >"$OUT/cpu_t$t.log" 2>&1
-            echo "== $t threads"; python3 bench/report.py "$OUT/cpu_t$t.json" | grep -E "^\|" | cut -c1-110
+            echo "== $t threads: $(tail -1 "$OUT/cpu_t$t.log")"
         done
+        python3 bench/report.py "$OUT"/cpu_t*.json | tee "$OUT/cpu_report.md" | sed -n '/Threads sweep/,$p'
         ;;
     esac
 done

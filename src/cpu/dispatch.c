@@ -18,22 +18,22 @@ static const pe_kernel_set sets[] = {
 #if defined(__x86_64__) || defined(_M_X64)
     {"avx512vbmi2", PE_CPU_AVX2 | PE_CPU_AVX512 | PE_CPU_AVX512VBMI2, PE_TIERED,
      pe_tiers_f16_avx512vbmi2, PE_TIERED, pe_tiers_q8_avx512vbmi2, pe_dense_f16_avx512,
-     pe_select_items_avx2},
+     pe_dense_q8_avx512, pe_select_items_avx2},
     {"avx512", PE_CPU_AVX2 | PE_CPU_AVX512, PE_PERMUTED, pe_perm_f16_avx2, PE_TIERED,
-     pe_tiers_q8_avx2, pe_dense_f16_avx512, pe_select_items_avx2},
+     pe_tiers_q8_avx2, pe_dense_f16_avx512, pe_dense_q8_avx512, pe_select_items_avx2},
     {"avx2", PE_CPU_AVX2, PE_PERMUTED, pe_perm_f16_avx2, PE_TIERED, pe_tiers_q8_avx2,
-     pe_dense_f16_avx2, pe_select_items_avx2},
+     pe_dense_f16_avx2, pe_dense_q8_avx2, pe_select_items_avx2},
 #endif
 #if defined(__aarch64__)
     {"neon", PE_CPU_NEON, PE_PERMUTED, pe_perm_f16_neon, PE_TIERED, pe_tiers_q8_neon,
-     pe_dense_f16_neon, pe_select_items},
+     pe_dense_f16_neon, pe_dense_q8_neon, pe_select_items},
 #endif
     {"scalar", 0, PE_CANONICAL, pe_bucketmul_f16_scalar, PE_CANONICAL, pe_bucketmul_q8_scalar,
-     pe_dense_f16_scalar, pe_select_items},
+     pe_dense_f16_scalar, pe_dense_q8_scalar, pe_select_items},
     {"scalar-tiered", 0, PE_TIERED, pe_tiers_f16_scalar, PE_TIERED, pe_tiers_q8_scalar,
-     pe_dense_f16_scalar, pe_select_items},
+     pe_dense_f16_scalar, pe_dense_q8_scalar, pe_select_items},
     {"scalar-permuted", 0, PE_PERMUTED, pe_perm_f16_scalar, PE_TIERED, pe_tiers_q8_scalar,
-     pe_dense_f16_scalar, pe_select_items},
+     pe_dense_f16_scalar, pe_dense_q8_scalar, pe_select_items},
 };
 #define N_SETS (int)(sizeof sets / sizeof sets[0])
 

@@ -37,11 +37,18 @@ typedef struct pe_kernel_set pe_kernel_set;
 typedef void (*pe_items_fn)(const pe_packed *p, const pe_buckets *b, const pe_item *items,
                             const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
                             int64_t c0, int64_t c1, float *y);
-/* x (n_in,) f32 @ W[rows, j0:j1] (n_in, n_out) fp16 -> y[j0:j1] f32, overwritten; rows
- * (n_rows,) the inputs to sum over in order, or NULL for all n_in. */
-typedef void (*pe_dense_fn)(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
-                            const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1,
+/* x (n_in,) f32 @ W (n_in, n_out) fp16, inputs rows[r0:r1] (rows NULL: inputs r0..r1-1) ->
+ * y[j0:j1] f32, overwritten; each output summed over those inputs in order. */
+typedef void (*pe_dense_fn)(const float *x, const uint16_t *w, int64_t n_out,
+                            const int32_t *rows, int64_t r0, int64_t r1, int64_t j0, int64_t j1,
                             float *y);
+/* x (n_in,) f32 @ the Q8_0 matrix q (n_in, n_out) int8, scales (ceil(n_in / 32), n_out) fp16,
+ * inputs r0..r1-1 (r0 a multiple of 32) -> y[j0:j1] f32, overwritten; per output, each block
+ * of 32 inputs' sum of x_i q_ij in f32 (inputs in order) times its scale, added in block order. */
+typedef void (*pe_dense_q8_fn)(const float *x, const int8_t *q, const uint16_t *scales,
+                               int64_t n_out, int64_t r0, int64_t r1, int64_t j0, int64_t j1,
+                               float *y);
+#define PE_Q8_BLOCK 32 /* inputs per scale of the dense Q8_0 matrix */
 /* x (n_in,) f32 at effort -> the dispatched inputs as items grouped by class: class cl is
  * items[begin[cl], end[cl]), in input order (items sized PE_CLASSES * n_in); *n_rows (rows
  * dispatched) and *mults set; reference.cutoff's rows. scratch: 2 * 16 * n_in + 16 uint32;
@@ -65,6 +72,7 @@ struct pe_kernel_set {
     pe_layout layout_q8;    /* what bucketmul_q8 reads (int8 values) */
     pe_items_fn bucketmul_q8;
     pe_dense_fn dense;
+    pe_dense_q8_fn dense_q8;
     pe_select_fn select;
 };
 
@@ -94,8 +102,10 @@ void pe_tiers_q8_scalar(const pe_packed *p, const pe_buckets *b, const pe_item *
 void pe_perm_f16_scalar(const pe_packed *p, const pe_buckets *b, const pe_item *items,
                         const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
                         int64_t c0, int64_t c1, float *y);
-void pe_dense_f16_scalar(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
-                         const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y);
+void pe_dense_f16_scalar(const float *x, const uint16_t *w, int64_t n_out, const int32_t *rows,
+                         int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
+void pe_dense_q8_scalar(const float *x, const int8_t *q, const uint16_t *scales, int64_t n_out,
+                        int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
 pe_status pe_select_items(const pe_packed *p, const float *x, double effort, int n_threads,
                           pe_item *items, int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES],
                           int64_t *n_rows, int64_t *mults, uint32_t *scratch);
@@ -112,10 +122,14 @@ void pe_perm_f16_avx2(const pe_packed *p, const pe_buckets *b, const pe_item *it
 void pe_tiers_q8_avx2(const pe_packed *p, const pe_buckets *b, const pe_item *items,
                       const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
                       int64_t c0, int64_t c1, float *y);
-void pe_dense_f16_avx2(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
-                       const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y);
-void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
-                         const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y);
+void pe_dense_f16_avx2(const float *x, const uint16_t *w, int64_t n_out, const int32_t *rows,
+                       int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
+void pe_dense_q8_avx2(const float *x, const int8_t *q, const uint16_t *scales, int64_t n_out,
+                      int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
+void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_out, const int32_t *rows,
+                         int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
+void pe_dense_q8_avx512(const float *x, const int8_t *q, const uint16_t *scales, int64_t n_out,
+                        int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
 /* generic/select.c compiled again with -mavx2 (setup.py) */
 pe_status pe_select_items_avx2(const pe_packed *p, const float *x, double effort, int n_threads,
                                pe_item *items, int64_t begin[PE_CLASSES],
@@ -129,8 +143,10 @@ void pe_perm_f16_neon(const pe_packed *p, const pe_buckets *b, const pe_item *it
 void pe_tiers_q8_neon(const pe_packed *p, const pe_buckets *b, const pe_item *items,
                       const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
                       int64_t c0, int64_t c1, float *y);
-void pe_dense_f16_neon(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
-                       const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y);
+void pe_dense_f16_neon(const float *x, const uint16_t *w, int64_t n_out, const int32_t *rows,
+                       int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
+void pe_dense_q8_neon(const float *x, const int8_t *q, const uint16_t *scales, int64_t n_out,
+                      int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
 #endif
 
 /* ---------------------------------------------------------------- the index and its layouts */

@@ -17,8 +17,8 @@ static int threads_for(int64_t n_items, int64_t bytes, int nt) {
 
 /* Per-thread scratch that grows and is kept (no malloc per call). */
 static void *scratch(size_t n, int which) {
-    static _Thread_local void *buf[3];
-    static _Thread_local size_t cap[3];
+    static _Thread_local void *buf[4];
+    static _Thread_local size_t cap[4];
     if (cap[which] < n) {
         free(buf[which]);
         buf[which] = malloc(n);
@@ -299,44 +299,119 @@ pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets
 
 /* ---------------------------------------------------------------- dense */
 
+/* The dense products (fp16, Q8_0) cut W's rows into parts fixed by the shape alone, each summed
+ * into its own output and the parts added in order (so any thread count gives the same bits),
+ * and each part's columns into as many ranges as the threads need: a chunk streams whole row
+ * segments of one part, a long contiguous run of W. (Splitting the columns alone gave each of
+ * 16 threads 1.8 KB of every one of W's rows: short streams that the prefetchers restart, and
+ * no chunk to spare for a thread that starts late.) */
+#define DENSE_PART_ROWS 256   /* rows per part at least; a multiple of PE_Q8_BLOCK        */
+#define DENSE_MAX_PARTS 32    /* partial outputs: 4 bytes per part and output, twice      */
+#define DENSE_CHUNKS 2        /* chunks per thread: slack for one that starts late        */
+/* bytes of W below which one thread does it all: a matrix that small is in cache when a
+ * benchmark repeats it, and a second thread's hand-off costs about what it saves */
+#define DENSE_THREADED (4 << 20)
+
 typedef struct {
-    pe_dense_fn fn;
+    const pe_kernel_set *set;
     const float *x;
-    const uint16_t *w;
-    int64_t n_in, n_out;
-    const int32_t *rows;
-    int64_t n_rows;
-    float *y;
+    const void *w;            /* fp16 bits, or int8 when scales      */
+    const uint16_t *scales;   /* Q8_0 scales, or NULL for fp16        */
+    const int32_t *rows;      /* fp16: the inputs summed, or NULL     */
+    int64_t n_out, used, part_rows;
+    int parts, ranges, reducers;
+    float *y, *extra; /* part 0 -> y, part p > 0 -> extra + (p - 1) n_out */
 } dense_job;
 
-static void dense_run(void *ctx, int t, int n) {
+/* Rows of a part: DENSE_PART_ROWS or more, whole Q8_0 blocks, at most DENSE_MAX_PARTS parts. */
+static int64_t dense_part_rows(int64_t used) {
+    int64_t r = (used + DENSE_MAX_PARTS - 1) / DENSE_MAX_PARTS;
+    r = (r + PE_Q8_BLOCK - 1) / PE_Q8_BLOCK * PE_Q8_BLOCK;
+    return r < DENSE_PART_ROWS ? DENSE_PART_ROWS : r;
+}
+
+/* Chunk c: part c / ranges, column range c % ranges. */
+static void dense_run(void *ctx, int c, int n) {
+    dense_job *j = ctx;
+    int part = c / j->ranges;
+    int64_t j0, j1, r0 = part * j->part_rows, r1 = r0 + j->part_rows;
+    (void)n;
+    if (r1 > j->used) r1 = j->used;
+    split(j->n_out, 64, c % j->ranges, j->ranges, &j0, &j1);
+    float *y = part ? j->extra + (part - 1) * j->n_out : j->y;
+    if (j1 <= j0) return;
+    if (j->scales)
+        j->set->dense_q8(j->x, j->w, j->scales, j->n_out, r0, r1, j0, j1, y);
+    else
+        j->set->dense(j->x, j->w, j->n_out, j->rows, r0, r1, j0, j1, y);
+}
+
+/* Columns t of n: y += parts 1.. in part order. */
+static void dense_reduce(void *ctx, int t, int n) {
     dense_job *j = ctx;
     int64_t j0, j1;
     split(j->n_out, 64, t, n, &j0, &j1);
-    if (j1 > j0) j->fn(j->x, j->w, j->n_in, j->n_out, j->rows, j->n_rows, j0, j1, j->y);
+    for (int p = 1; p < j->parts; p++) {
+        const float *e = j->extra + (p - 1) * j->n_out;
+        for (int64_t o = j0; o < j1; o++) j->y[o] += e[o];
+    }
 }
 
-pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
-                            int64_t n_out, const int32_t *rows, int64_t n_rows, float *y) {
-    pe_dense_fn fn = pe_active_set()->dense;
-    int64_t used = rows ? n_rows : n_in;
-    for (int64_t i = 0; rows && i < n_rows; i++)
-        if (rows[i] < 0 || rows[i] >= n_in) return PE_ERR_ARG;
-    /* the dense product is memory-bound: below a few MiB (in cache) a second thread's hand-off
-     * costs about what it saves, so small matrices stay on one thread; one column range per
-     * thread (shorter row segments cost stream restarts) */
-    int nt = 2 * used * n_out < (4 << 20)
-                 ? 1
-                 : threads_for((n_out + 63) / 64, 2 * used * n_out, pe_num_threads());
+/* The job for used rows of W (bpw bytes per weight) on at most nt threads: its parts, ranges,
+ * the partials' scratch; returns the threads it runs on (0: out of memory). */
+static int dense_plan(dense_job *j, int64_t used, double bpw, int nt) {
+    j->used = used;
+    j->part_rows = dense_part_rows(used);
+    j->parts = (int)((used + j->part_rows - 1) / j->part_rows);
+    j->extra = scratch(sizeof(float) * (size_t)((j->parts - 1) * j->n_out + 1), 3);
+    if (!j->extra) return 0;
+    int64_t col_units = (j->n_out + 63) / 64, want;
+    if (bpw * (double)used * (double)j->n_out < DENSE_THREADED) nt = 1;
+    want = nt > 1 ? ((int64_t)DENSE_CHUNKS * nt + j->parts - 1) / j->parts : 1;
+    j->ranges = (int)(want < col_units ? want : col_units);
+    if (nt > j->parts * j->ranges) nt = j->parts * j->ranges;
+    j->reducers = nt < col_units ? nt : (int)col_units;
+    return nt;
+}
+
+/* Runs the job for each of n_tokens tokens (x, y advance by n_in, n_out). */
+static pe_status dense_tokens(dense_job *j, int64_t n_tokens, int64_t n_in, int nt) {
+    float *y = j->y;
+    const float *x = j->x;
     for (int64_t t = 0; t < n_tokens; t++) {
-        dense_job job = {fn, x + t * n_in, w, n_in, n_out, rows, n_rows, y + t * n_out};
-        pe_status st = pe_parallel(dense_run, &job, nt, nt);
+        j->x = x + t * n_in;
+        j->y = y + t * j->n_out;
+        pe_status st = pe_parallel(dense_run, j, j->parts * j->ranges, nt);
+        if (st == PE_OK && j->parts > 1) st = pe_parallel(dense_reduce, j, j->reducers, nt);
         if (st != PE_OK) return st;
     }
     return PE_OK;
 }
 
+pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
+                            int64_t n_out, const int32_t *rows, int64_t n_rows, float *y) {
+    int64_t used = rows ? n_rows : n_in;
+    for (int64_t i = 0; rows && i < n_rows; i++)
+        if (rows[i] < 0 || rows[i] >= n_in) return PE_ERR_ARG;
+    if (used == 0) { /* no input: the empty sum */
+        memset(y, 0, sizeof(float) * (size_t)(n_tokens * n_out));
+        return PE_OK;
+    }
+    dense_job j = {.set = pe_active_set(), .x = x, .w = w, .rows = rows, .n_out = n_out, .y = y};
+    int nt = dense_plan(&j, used, 2.0, pe_num_threads());
+    return nt ? dense_tokens(&j, n_tokens, n_in, nt) : PE_ERR_ALLOC;
+}
+
 pe_status pe_dense_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
                        int64_t n_out, float *y) {
     return pe_dense_rows_f16(x, w, n_tokens, n_in, n_out, NULL, n_in, y);
+}
+
+pe_status pe_dense_q8(const float *x, const int8_t *q, const uint16_t *scales, int64_t n_tokens,
+                      int64_t n_in, int64_t n_out, float *y) {
+    if (n_in < 1 || !scales) return PE_ERR_ARG;
+    dense_job j = {.set = pe_active_set(), .x = x, .w = q, .scales = scales, .n_out = n_out,
+                   .y = y};
+    int nt = dense_plan(&j, n_in, 1.0 + 2.0 / PE_Q8_BLOCK, pe_num_threads());
+    return nt ? dense_tokens(&j, n_tokens, n_in, nt) : PE_ERR_ALLOC;
 }

@@ -52,6 +52,11 @@ pe_status pe_dense_f16(const float *x, const uint16_t *w, int64_t n_tokens, int6
 pe_status pe_dense_rows_f16(const float *x, const uint16_t *w, int64_t n_tokens, int64_t n_in,
                             int64_t n_out, const int32_t *rows, int64_t n_rows, float *y);
 
+/* x (n_tokens, n_in) f32 @ the dense Q8_0 matrix (q (n_in, n_out) int8, scales (ceil(n_in /
+ * 32), n_out) fp16: W[i, j] = q[i, j] * scales[i / 32, j]) -> y (n_tokens, n_out) f32. */
+pe_status pe_dense_q8(const float *x, const int8_t *q, const uint16_t *scales, int64_t n_tokens,
+                      int64_t n_in, int64_t n_out, float *y);
+
 /* The input-major index of a pe_buckets and the in-memory copy of the weights that the
  * kernel set in use reads (layout/index.c), built once per matrix for that kernel set and
  * value kind; the index keeps no pointer into b. PE_ERR_FORMAT if b is damaged (PE_ERR_FORMAT

@@ -2,11 +2,11 @@
  * included: the fp16 effort kernel (on the permuted copy) against the permuted copy's scalar
  * kernel (scalar-permuted) and the canonical spec (scalar); the q8 effort kernel (on the q8
  * tiered copy) bit for bit against scalar-tiered's and within float32 rounding against the
- * canonical q8 spec (scalar); the dense ones against scalar: the same dispatched rows, mults
- * and bytes, results within float32 rounding (2e-6 of the largest output: NEON rounds x * w
- * before each add where scalar-permuted fuses them for whole tiers), and bitwise identical
- * results for 1 and 3 threads; damaged matrices refused (PE_ERR_FORMAT). Exit status 0 if all
- * pass. */
+ * canonical q8 spec (scalar); the dense ones (fp16 and Q8_0) against scalar: the same
+ * dispatched rows, mults and bytes, results within float32 rounding (2e-6 of the largest
+ * output: NEON rounds x * w before each add where scalar-permuted fuses them for whole tiers),
+ * and bitwise identical results for 1 and 3 threads; damaged matrices refused
+ * (PE_ERR_FORMAT). Exit status 0 if all pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -214,6 +214,30 @@ static void check(int64_t n_in, int64_t n_out, int fixed) {
     free(w); free(v); free(p); free(st); free(x); free(o); free(sel); free(ys); free(yn);
 }
 
+/* The dense Q8_0 product at odd sizes: neon (1 and 3 threads) against scalar, within float32
+ * rounding, and bitwise identical for both thread counts. */
+static void check_dense_q8(int64_t n_in, int64_t n_out) {
+    int64_t T = 2, nb = (n_in + 31) / 32;
+    int8_t *q = malloc((size_t)(n_in * n_out));
+    uint16_t *s = malloc(2 * (size_t)(nb * n_out));
+    float *x = malloc(4 * (size_t)(T * n_in)), *ys = malloc(4 * (size_t)(T * n_out));
+    float *yn = malloc(4 * (size_t)(T * n_out)), *y3 = malloc(4 * (size_t)(T * n_out));
+    for (int64_t i = 0; i < n_in * n_out; i++) q[i] = (int8_t)(uniform() * 255.0 - 127.0);
+    for (int64_t i = 0; i < nb * n_out; i++) s[i] = to_f16((float)(0.01 * uniform()));
+    for (int64_t i = 0; i < T * n_in; i++) x[i] = (float)normal();
+    pe_use_kernel("scalar");
+    pe_set_num_threads(1);
+    pe_dense_q8(x, q, s, T, n_in, n_out, ys);
+    pe_use_kernel("neon");
+    pe_dense_q8(x, q, s, T, n_in, n_out, yn);
+    pe_set_num_threads(3);
+    pe_dense_q8(x, q, s, T, n_in, n_out, y3);
+    double err = rel_err(yn, ys, T * n_out);
+    expect(err <= 2e-6, "dense_q8", n_in, n_out, 1.0, err);
+    expect(!memcmp(yn, y3, 4 * (size_t)(T * n_out)), "dense_q8 threads", n_in, n_out, 1.0, 0);
+    free(q); free(s); free(x); free(ys); free(yn); free(y3);
+}
+
 /* b is damaged: every set's pe_pack returns PE_ERR_FORMAT. */
 static void refused(const pe_buckets *b, const char *what) {
     static const char *const sets[] = {"neon", "scalar", "scalar-permuted", "scalar-tiered"};
@@ -298,6 +322,9 @@ int main(void) {
         check(shapes[s][0], shapes[s][1], 0);
         check(shapes[s][0], shapes[s][1], 1);
     }
+    static const int64_t q8_shapes[][2] = {{1, 1}, {33, 17}, {64, 40}, {333, 517},
+                                           {4200, 1000}}; /* the last: threaded, 17 parts */
+    for (int s = 0; s < 5; s++) check_dense_q8(q8_shapes[s][0], q8_shapes[s][1]);
     check_odd_files(60, 80);
     check_odd_files(50, 64);
     printf("%s: neon vs scalar, %d failures (kernels %s, features %s)\n",

@@ -6,14 +6,15 @@
 
 #define ROWS 8 /* weight rows per pass over y */
 
-/* x (n_in,) f32 @ W[rows, j0:j1] fp16 -> y[j0:j1] f32; each output summed over rows in order. */
-void pe_dense_f16_neon(const float *x, const uint16_t *w, int64_t n_in, int64_t n_out,
-                       const int32_t *rows, int64_t n_rows, int64_t j0, int64_t j1, float *y) {
-    int64_t nr = rows ? n_rows : n_in, n = j1 - j0, full = n & ~(int64_t)7;
+/* x (n_in,) f32 @ W[inputs rows[r0:r1] (or r0..r1-1), j0:j1] fp16 -> y[j0:j1] f32, overwritten;
+ * each output summed over the inputs in order. */
+void pe_dense_f16_neon(const float *x, const uint16_t *w, int64_t n_out, const int32_t *rows,
+                       int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y) {
+    int64_t n = j1 - j0, full = n & ~(int64_t)7;
     float *yj = y + j0;
     for (int64_t j = 0; j < n; j++) yj[j] = 0.0f;
-    for (int64_t r = 0; r < nr; r += ROWS) {
-        int nu = nr - r < ROWS ? (int)(nr - r) : ROWS;
+    for (int64_t r = r0; r < r1; r += ROWS) {
+        int nu = r1 - r < ROWS ? (int)(r1 - r) : ROWS;
         const uint16_t *wr[ROWS];
         float xs[ROWS];
         for (int u = 0; u < nu; u++) {
