@@ -334,5 +334,8 @@ def test_q8_rule_is_measured_against_the_exact_fp16_model(tiny):
         assert 0.6 < q8.bytes_per_token / full.bytes_per_token < 0.7  # 1.625 / 2.5 = 0.65
         half = h.run("pyeffort_q8", 0.5)
         assert abs(half.realised - 0.5) < 0.01 and half.kl > q8.kl
+        dense = h.run("q8_0", 1.0)  # the dense 8-bit baseline: 1.0625 bytes per weight
+        assert 1e-4 < dense.kl < 0.01 and abs(dense.realised - 1.0) < 1e-12
+        assert 0.4 < dense.bytes_per_token / full.bytes_per_token < 0.45  # 1.0625 / 2.5
     finally:
         _backend.current = previous

@@ -201,7 +201,7 @@ def run(args) -> int:
     plain = args.out_weights == "none" and out_weights_shipped(model_id)
     results = []
     for rule in rules:
-        for e in efforts if rule != "int8" else [1.0]:
+        for e in efforts if rule not in ("int8", "q8_0") else [1.0]:
             r = h.run(rule, e).as_dict()
             r["label"] = report.label(
                 rule, prof is not None and rule in _split_rules(), plain

@@ -16,6 +16,7 @@ LABELS = {
     "teal": "(b) TEAL channels by abs(x)",
     "wina": "(c) WINA channels by abs(x)*norm(W_i)",
     "int8": "(d) dense int8 per-channel",
+    "q8_0": "(d8) dense Q8_0 (int8, a scale per 32 inputs)",
     "oracle": "(f) per-matrix oracle",
     "dense": "exact (dense fp16)",
 }

@@ -311,6 +311,18 @@ def int8_rule(x, state: MatrixState, effort: float):
     return y, t_n * state.size, t_n * (state.size + 2 * state.n_out)
 
 
+def q8_0_rule(x, state: MatrixState, effort: float):
+    """The dense 8-bit baseline (ggml's Q8_0 layout: one fp16 scale per 32 inputs of an
+    output; ``pyeffort.dense_matmul`` on ``quantize_dense_q8(W)``); the effort is ignored."""
+    import pyeffort
+    from pyeffort.dense import quantize_dense_q8
+
+    wq = state.get("q8_0", lambda: quantize_dense_q8(state.w16))
+    y = pyeffort.dense_matmul(np.ascontiguousarray(x, np.float32), wq)
+    t_n = x.shape[0]
+    return y, t_n * state.size, t_n * wq.nbytes
+
+
 def _oracle_tables(state: MatrixState):
     """Per input row, the count of |w_ij| at or above each 1/64-octave bin, from the top."""
 
@@ -387,6 +399,7 @@ RULES: dict[str, Callable] = {
     "teal": teal_rule,
     "wina": wina_rule,
     "int8": int8_rule,
+    "q8_0": q8_0_rule,
     "oracle": oracle_rule,
     "dense": dense_rule,
 }
