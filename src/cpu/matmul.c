@@ -309,7 +309,8 @@ pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets
 #define DENSE_MAX_PARTS 32    /* partial outputs: 4 bytes per part and output, twice      */
 #define DENSE_CHUNKS 2        /* chunks per thread: slack for one that starts late        */
 /* bytes of W below which one thread does it all: a matrix that small is in cache when a
- * benchmark repeats it, and a second thread's hand-off costs about what it saves */
+ * benchmark repeats it, and a second thread's hand-off costs about what it saves (256 KB
+ * tried on 2 Zen 4 cores: 576x1536 fp16 0.044 -> 0.10 ms, numpy's spinning threads beside) */
 #define DENSE_THREADED (4 << 20)
 
 typedef struct {
