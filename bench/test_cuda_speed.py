@@ -2,7 +2,9 @@
 Both run inside CUDA graphs that cycle through enough weight sets (480 MB) that L2 holds none of
 them; a benchmark round is one graph replay, reported per call. ``extra_info`` as
 bench/test_matmul_speed.py's (shape, kind, effort, gbps, kernel, threads: the multiprocessors),
-so ``python bench/report.py`` reads it. Skipped without an NVIDIA GPU. Run on the GPU machine:
+so ``python bench/report.py`` reads it, with cuBLAS as each shape's baseline. Kinds: cuBLAS,
+fp16 buckets (``effort_E``) and q8 buckets (``q8_effort_E``: int8 values, 1.625 bytes per
+multiplication against 2.5). Skipped without an NVIDIA GPU. Run on the GPU machine:
 
     python -m pytest bench/test_cuda_speed.py --benchmark-json=bench/results_cuda.json -q
 """
@@ -20,14 +22,16 @@ pytestmark = [
 
 SHAPES = [(4096, 14336), (14336, 4096)]  # (n_in, n_out)
 KINDS = ["cublas_f16", "effort_1.0", "effort_0.5", "effort_0.25"]
+KINDS += ["q8_effort_1.0", "q8_effort_0.5", "q8_effort_0.25"]
 ROTATE_BYTES = 480e6  # weight bytes cycled per graph: 8x a 60 MB L2
 MIN_CALLS = 24  # calls per graph: one replay's launch and sync spread over them
 
 
 @functools.lru_cache(maxsize=1)
 def problem(shape):
-    """Weight sets of N(0, 0.02) fp16 weights: their buckets (built on the GPU), the nn.Linear
-    layout for cuBLAS, an input and an output each; one shape is kept at a time."""
+    """Weight sets of N(0, 0.02) fp16 weights: their buckets (built on the GPU; fp16 and q8
+    values), the nn.Linear layout for cuBLAS, an input and an output each; one shape is kept
+    at a time."""
     from pyeffort import cuda
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -38,7 +42,8 @@ def problem(shape):
         w = (torch.randn(shape, generator=gen, device="cuda") * 0.02).half()
         x = torch.randn(n_in, generator=gen, device="cuda").half()
         y = torch.empty(n_out, dtype=torch.float16, device="cuda")
-        sets.append((cuda.build_buckets(w), w.t().contiguous(), x, y))
+        bq = cuda.build_buckets(w, values="q8")
+        sets.append((cuda.build_buckets(w), w.t().contiguous(), x, y, bq))
     return sets
 
 
@@ -72,17 +77,18 @@ def test_cuda_speed(benchmark, shape, kind):
         effort, nbytes = 1.0, 2 * shape[0] * shape[1]
 
         def call(i):
-            _, wt, x, _ = sets[i % len(sets)]
+            _, wt, x, _, _ = sets[i % len(sets)]
             F.linear(x.view(1, -1), wt)
 
     else:
-        e = float(kind.split("_")[1])
-        b, _, x, y = sets[0]
+        e, q8 = float(kind.split("_")[-1]), kind.startswith("q8_")
+        pick = lambda s: (s[4] if q8 else s[0], s[2], s[3])  # (buckets, x, y)
+        b, x, y = pick(sets[0])
         _, info = pyeffort.matmul(x, b, e, out=y, return_info=True)
         effort, nbytes = info.effort, info.bytes_read
 
         def call(i):
-            b, _, x, y = sets[i % len(sets)]
+            b, x, y = pick(sets[i % len(sets)])
             pyeffort.matmul(x, b, e, out=y)
 
     g = graph_of(call, n_calls)
@@ -97,6 +103,7 @@ def test_cuda_speed(benchmark, shape, kind):
     benchmark.extra_info.update(
         shape=f"{shape[0]}x{shape[1]}",
         kind=kind,
+        baseline=kind == "cublas_f16",
         effort=effort,
         bytes=int(nbytes),
         gbps=nbytes / benchmark.stats.stats.median / 1e9,

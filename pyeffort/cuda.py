@@ -2,6 +2,10 @@
 
 ``B.to("cuda")`` repacks a Buckets onto the GPU (tile-major rows: each block of the matmul reads
 its column tile of a dispatched row as one contiguous chunk; bytes read still scale with effort).
+Both value kinds run (``VALUE_KINDS``): fp16 values (2.5 bytes per multiplication) and q8 values
+(int8 with an fp16 scale per tier of 4 ranks of an input and 4 groups, reference.py): their
+repack keeps a tier of an input as one record, its scales then its 4 rows (1.625 bytes per
+multiplication, as the file), and the kernel applies the scale as it adds a row.
 ``pyeffort.matmul(x_cuda, B_cuda, effort)`` then runs the cutoff search and the matmul on the
 device as one cooperative kernel, queued on the current stream with no host round trip, so the
 call can be captured in a ``torch.cuda.CUDAGraph``. ``effort`` may be a one-element float64 CUDA
@@ -17,7 +21,7 @@ another build). Nothing here is imported by a CPU-only install. Failures raise t
 ``pyeffort.errors.status_error``, as the C core's.
 
 Limits: ``x`` must be finite (the check would need a host round trip; NaN/Inf give unspecified
-outputs). A CudaBuckets holds its own scratch, so one matrix is used by one stream at a time.
+outputs), and for q8 values so must ``x`` times a scale be in float32. A CudaBuckets holds its own scratch, so one matrix is used by one stream at a time.
 The kernel needs all its blocks resident at once: it is launched cooperative (at most one block
 per multiprocessor), which the driver guarantees.
 """
@@ -47,6 +51,7 @@ from pyeffort.errors import (
 )
 
 GROUP = reference.GROUP
+VALUE_KINDS = ("f16", "q8")  # value kinds with kernels here (Buckets.to checks it)
 _ROOT = pathlib.Path(__file__).resolve().parent
 SOURCES = ("status.cu", "bucketmul.cu")  # the library's translation units (as setup.py)
 _PDL = os.environ.get("PYEFFORT_CUDA_PDL", "1") != "0"
@@ -73,7 +78,7 @@ class _Matrix(ctypes.Structure):
         ("hist", ctypes.c_void_p),
         ("cand", ctypes.c_void_p),
         ("partial", ctypes.c_void_p),
-        ("tickets", ctypes.c_void_p),
+        ("slot", ctypes.c_void_p),
         ("state", ctypes.c_void_p),
         ("n_in", ctypes.c_int64),
         ("n_out", ctypes.c_int64),
@@ -83,7 +88,7 @@ class _Matrix(ctypes.Structure):
         ("n_splits", ctypes.c_int32),
         ("block0", ctypes.c_int32),
         ("cand_seg", ctypes.c_int32),
-        ("pad0", ctypes.c_int32),
+        ("q8", ctypes.c_int32),
         ("total_w", ctypes.c_ulonglong),
     ]
 
@@ -241,12 +246,23 @@ class CudaBuckets:
 
     ``ct``: groups per column tile (32, 64, 128 or 256; by default from the width). Matrices run
     together in a CudaGroup need the same ``ct``. ``splits``: row splits when used alone (by
-    default as many as fill the multiprocessors)."""
+    default as many as fill the multiprocessors). ``scales``: the q8 scales of int8 ``values``
+    (reference.py; None for fp16 values)."""
 
     backend = "cuda"  # the device backend pyeffort.matmul dispatches to (pyeffort._devices)
 
     def __init__(
-        self, values, positions, stats, order, n_out: int, device=None, *, ct=None, splits=None
+        self,
+        values,
+        positions,
+        stats,
+        order,
+        n_out: int,
+        device=None,
+        *,
+        ct=None,
+        splits=None,
+        scales=None,
     ):
         torch = _torch()
         dev = torch.device(device if device is not None else "cuda")
@@ -254,15 +270,20 @@ class CudaBuckets:
             dev = torch.device("cuda", torch.cuda.current_device())
         # Buckets' arrays are read-only views: copied to the device, so a writable host copy
         # (np.require) only where torch would warn about sharing read-only memory
-        as_t = lambda a: a if torch.is_tensor(a) else torch.as_tensor(np.require(a, requirements="W"))
+        as_t = lambda a: (
+            a if torch.is_tensor(a) else torch.as_tensor(np.require(a, requirements="W"))
+        )
         values, positions = as_t(values).to(dev), as_t(positions).to(dev)
         stats, order = as_t(stats).to(dev), as_t(order).to(dev)
+        scales = None if scales is None else as_t(scales).to(dev)
         self.device, self.n_out = dev, int(n_out)
         self.n_in, self.n_rows = int(stats.shape[1]), int(values.shape[0])
         self.n_groups = reference.n_groups(self.n_out)
         g = self.n_groups
         if values.shape != (self.n_rows, g) or positions.shape != (self.n_rows, (g + 1) // 2):
             raise ShapeError("values/positions do not match the matrix shape")
+        self.values_kind = "f16" if scales is None else "q8"
+        _check_kind(torch, values, scales, self.n_rows, self.n_in, g)
         if self.n_in * self.n_out >= 2**32:
             raise ShapeError("the CUDA kernels take matrices of fewer than 2**32 weights")
         if ct is None:
@@ -272,18 +293,22 @@ class CudaBuckets:
         if ct not in (32, 64, 128, 256):
             raise ShapeError(f"ct must be 32, 64, 128 or 256, got {ct}")
         with torch.cuda.device(dev):
-            self._setup(torch, values, positions, stats, order, int(ct))
+            self._setup(torch, values, positions, stats, order, int(ct), scales)
         self._alone = CudaGroup([self], splits=splits)
 
-    def _setup(self, torch, values, positions, stats, order, ct):
+    def _setup(self, torch, values, positions, stats, order, ct, scales):
         g, n_rows, dev = self.n_groups, self.n_rows, self.device
         self.ct, self.n_tiles = ct, -(-g // ct)
-        self.wt = repack(torch, values, positions, ct)  # (n_tiles, n_rows, 5 ct / 2) u8
+        self._slot = None  # q8: (n_rows,) int32, 4 * record + chunk of each row
+        self.n_scales = 0 if scales is None else int(scales.numel())
+        if scales is None:
+            self.wt = repack(torch, values, positions, ct)  # (n_tiles, n_rows, 5 ct / 2) u8
+        else:  # (n_tiles, n_records, 13 ct / 2) u8
+            self.wt, self._slot = repack_q8(torch, values, positions, scales, stats, order, ct)
         self.order = order.reshape(-1)[:n_rows].to(torch.int32).contiguous()  # (n_rows,)
         self.stats = stats.reshape(-1)[:n_rows].to(torch.float32).contiguous()  # (n_rows,)
         i32 = {"dtype": torch.int32, "device": dev}
         self._hist = torch.zeros(2 * 4096, **i32)  # level-1 histograms, by call parity
-        self._tickets = torch.zeros(self.n_tiles, **i32)  # unused (older builds' tile tickets)
         self._state = torch.zeros(8, dtype=torch.int64, device=dev)  # pe_cuda_state
         mults = np.repeat(reference.row_mults(self.n_out), self.n_in)[:n_rows]
         self.total_w = int(mults.sum())
@@ -296,7 +321,7 @@ class CudaBuckets:
             self._hist.data_ptr(),
             cand.data_ptr(),
             partial.data_ptr(),
-            self._tickets.data_ptr(),
+            None if self._slot is None else self._slot.data_ptr(),
             self._state.data_ptr(),
             self.n_in,
             self.n_out,
@@ -306,7 +331,7 @@ class CudaBuckets:
             n_splits,
             block0,
             cand_seg,
-            0,
+            int(self._slot is not None),
             self.total_w,
         )
 
@@ -324,18 +349,29 @@ class CudaBuckets:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the bucket rows held on the device (canonical count, without tile padding)."""
-        return self.n_rows * reference.row_bytes(self.n_groups)
+        """Bytes of the bucket rows held on the device (canonical count, without tile padding),
+        q8 scales included."""
+        return self.n_rows * reference.row_bytes(self.n_groups, self._slot is not None) + (
+            2 * self.n_scales
+        )
+
+    def bytes_read(self, rows: int, records: int) -> int:
+        """Weight bytes of `rows` dispatched rows and (q8) `records` dispatched records (a tier of
+        an input: its scales), as reference.bucketmul counts them."""
+        q8 = self._slot is not None
+        extra = 2 * reference.n_chunks(self.n_groups) * records if q8 else 0
+        return rows * reference.row_bytes(self.n_groups, q8) + extra
 
     def __repr__(self) -> str:
         return (
-            f"CudaBuckets(n_in={self.n_in}, n_out={self.n_out}, loaded_fraction="
-            f"{self.loaded_fraction:.3f}, device={self.device})"
+            f"CudaBuckets(n_in={self.n_in}, n_out={self.n_out}, values={self.values_kind!r}, "
+            f"loaded_fraction={self.loaded_fraction:.3f}, device={self.device})"
         )
 
 
 class CudaGroup:
-    """Up to GROUP_MAX (4) CudaBuckets with the same input size and ``ct``, run by one kernel
+    """Up to GROUP_MAX (4) CudaBuckets with the same input size, ``ct`` and value kind (the
+    kernel is compiled per kind: a group of fp16 and q8 matrices is refused), run by one kernel
     per call (``matmul_group``): e.g. q/k/v, or w1/w3. Each keeps its own cutoff. The group
     holds the split partial sums; the matrices' own scratch is shared with their single calls,
     so a matrix is used by one call at a time."""
@@ -353,6 +389,8 @@ class CudaGroup:
         for b in mats:
             if b.device != b0.device or b.n_in != b0.n_in or b.ct != b0.ct:
                 raise ShapeError("a CudaGroup needs one device, one n_in and one ct")
+            if b.values_kind != b0.values_kind:
+                raise ShapeError("a CudaGroup needs one value kind (all f16 or all q8)")
         if len({id(b) for b in mats}) != len(mats):
             raise ShapeError("a matrix appears twice in a CudaGroup")
         n_sms = num_sms(b0.device)
@@ -398,24 +436,120 @@ def repack(torch, values, positions, ct: int):
     return torch.cat([v8, p8], dim=2).contiguous()
 
 
+def _check_kind(torch, values, scales, n_rows: int, n_in: int, g: int) -> None:
+    """fp16 values without scales, or int8 values with fp16 scales of reference.py's shape."""
+    if scales is None:
+        if values.dtype not in (torch.float16, torch.int16, torch.uint16):
+            raise DTypeError(f"values without scales must be float16, got {values.dtype}")
+        return
+    if values.dtype != torch.int8 or scales.dtype != torch.float16:
+        raise DTypeError(
+            f"q8 needs int8 values and float16 scales, got {values.dtype}, {scales.dtype}"
+        )
+    want = (reference.scale_rows(n_rows, n_in), reference.n_chunks(g))
+    if tuple(scales.shape) != want:
+        raise ShapeError(f"scales must have shape {want}, got {tuple(scales.shape)}")
+
+
+def repack_q8(torch, values, positions, scales, stats, order, ct: int):
+    """q8 canonical rows -> (wt (n_tiles, n_records, 13 ct / 2) u8, slot (n_rows,) i32).
+
+    Record i is row i of ``scales`` (one tier of one input, reference.py): for each column tile
+    its ct / 4 fp16 scales, then 4 chunks of ct int8 values and ct / 2 nibble bytes. Row r is
+    chunk slot[r] % 4 of record slot[r] // 4; a record's chunks hold its loaded rows by statistic,
+    largest first (ties: lower rank first), so chunk 0 is dispatched whenever any row of the
+    record is (src/cuda/pe_cuda.h)."""
+    n_rows, g = values.shape
+    n_in, dev = order.shape[1], values.device
+    n_tiles, n_rec = -(-g // ct), scales.shape[0]
+    gp = n_tiles * ct
+    ranks = torch.arange(reference.N_RANKS, device=dev)
+    order = order.to(torch.int64)
+    place = torch.empty((reference.N_RANKS // reference.TIER, n_in), dtype=torch.int64, device=dev)
+    for t in range(place.shape[0]):  # place[t, i]: the record of tier t of input i
+        place[t, order[reference.TIER * t]] = t * n_in + torch.arange(n_in, device=dev)
+    rec = place[(ranks // reference.TIER)[:, None], order].reshape(-1)[:n_rows]
+    sub = (torch.arange(n_rows, device=dev) // n_in) % reference.TIER  # rank in the tier
+    st = stats.reshape(-1)[:n_rows].to(torch.float32)
+    by_rec = torch.full((n_rec, reference.TIER), -1.0, device=dev)  # stats >= 0; -1: not loaded
+    by_rec[rec, sub] = st
+    other = by_rec[rec]  # (n_rows, 4): the statistics of the row's record
+    lower = torch.arange(reference.TIER, device=dev)[None, :] < sub[:, None]
+    before = (other > st[:, None]) | ((other == st[:, None]) & lower)
+    slot = reference.TIER * rec + before.sum(1)
+    v = torch.zeros((reference.TIER * n_rec, gp), dtype=torch.uint8, device=dev)
+    v[slot, :g] = values.view(torch.uint8)
+    p = torch.zeros((reference.TIER * n_rec, gp // 2), dtype=torch.uint8, device=dev)
+    p[slot, : positions.shape[1]] = positions
+    chunks = torch.cat([v.view(-1, n_tiles, ct), p.view(-1, n_tiles, ct // 2)], dim=2)
+    chunks = chunks.view(n_rec, reference.TIER, n_tiles, 3 * ct // 2).permute(2, 0, 1, 3)
+    sc = torch.zeros((n_rec, gp // reference.CHUNK), dtype=torch.float16, device=dev)
+    sc[:, : scales.shape[1]] = scales
+    sc = sc.view(torch.uint8).view(n_rec, n_tiles, ct // 2).permute(1, 0, 2)
+    wt = torch.cat([sc, chunks.reshape(n_tiles, n_rec, 6 * ct)], dim=2).contiguous()
+    return wt, slot.to(torch.int32).contiguous()
+
+
 def to_device(b, device="cuda", **kw) -> CudaBuckets:
     """A host Buckets -> CudaBuckets on ``device`` (kw: ct, splits)."""
-    return CudaBuckets(b.values, b.positions, b.stats, b.order, b.n_out, device, **kw)
+    return CudaBuckets(
+        b.values, b.positions, b.stats, b.order, b.n_out, device, scales=b.scales, **kw
+    )
 
 
-def build_buckets(W, out_weight=None, **kw) -> CudaBuckets:
+def build_buckets(W, out_weight=None, values: str = "f16", **kw) -> CudaBuckets:
     """reference.build on the GPU: W (n_in, n_out) CUDA tensor (float16/bfloat16/float32) ->
     CudaBuckets, with no host copy. Same buckets as the CPU builder (checked by tests/test_cuda
-    and, on CPU tensors, by tests/test_out_weight), ``out_weight`` as in
-    ``pyeffort.build_buckets`` (a numpy array or a tensor, (n_out,))."""
+    and, on CPU tensors, by tests/test_out_weight), ``out_weight`` and ``values`` ("f16" or
+    "q8": quantised by quantise_q8) as in ``pyeffort.build_buckets`` (out_weight a numpy array
+    or a tensor, (n_out,))."""
     torch = _torch()
     if not torch.is_tensor(W) or not W.is_cuda or W.ndim != 2:
         raise DTypeError("cuda.build_buckets takes a 2-D CUDA tensor (n_in, n_out)")
     if W.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise DTypeError(f"W must be float16, bfloat16 or float32, got {W.dtype}")
+    if values not in VALUE_KINDS:
+        raise ValueError(f"values must be one of {VALUE_KINDS}, got {values!r}")
     with torch.cuda.device(W.device):
-        values, positions, stats, order = build_canonical(W, out_weight)
-        return CudaBuckets(values, positions, stats, order, W.shape[1], W.device, **kw)
+        vals, positions, stats, order = build_canonical(W, out_weight)
+        scales = None
+        if values == "q8":
+            vals, scales = quantise_q8(vals, order)
+        return CudaBuckets(vals, positions, stats, order, W.shape[1], W.device, scales=scales, **kw)
+
+
+def quantise_q8(values, order):
+    """reference.quantise_q8 in torch, on the tensors' device, bit for bit: fp16 bucket rows
+    (16 n_in, G) and order (16, n_in) -> (int8 rows, fp16 scales (4 n_in, ceil(G / 4)))."""
+    torch = _torch()
+    n_in, (rows, g), dev = order.shape[1], values.shape, values.device
+    nc, tier, chunk = reference.n_chunks(g), reference.TIER, reference.CHUNK
+    order = order.to(torch.int64)
+    ranks = torch.arange(reference.N_RANKS, device=dev)[:, None]
+    place = torch.empty((reference.N_RANKS, n_in), dtype=torch.int64, device=dev)
+    place[ranks.expand(-1, n_in), order] = torch.arange(n_in, device=dev).expand(
+        reference.N_RANKS, -1
+    )  # place[k, i]: input i's row in rank k
+    q = torch.empty((rows, g), dtype=torch.int8, device=dev)
+    scales = torch.empty((reference.N_RANKS // tier * n_in, nc), dtype=torch.float16, device=dev)
+    w = torch.zeros((tier, n_in, nc * chunk), dtype=torch.float32, device=dev)
+    for t in range(reference.N_RANKS // tier):
+        ks = range(tier * t, tier * t + tier)
+        for r, k in enumerate(ks):  # the tier's rows in the order of its first rank
+            w[r, :, :g] = values[k * n_in + place[k, order[tier * t]]].to(torch.float32)
+        w4 = w.view(tier, n_in, nc, chunk)
+        m = w4.abs().amax(dim=(0, 3))  # (n_in, nc)
+        s16 = (m / 127.0).to(torch.float16)  # reference.q8_scale: raised where 127 s < m
+        short = s16.to(torch.float32) * 127.0 < m
+        s16 = torch.where(short, (s16.view(torch.int16) + 1).view(torch.float16), s16)
+        scales[t * n_in : (t + 1) * n_in] = s16
+        s = s16.to(torch.float32)
+        s[s == 0] = 1  # a block of zeros: q = 0
+        qt = torch.clamp(torch.round(w4 / s[None, :, :, None]), -127, 127).to(torch.int8)
+        qt = qt.view(tier, n_in, nc * chunk)
+        for r, k in enumerate(ks):  # back to rank k's own row order
+            q[k * n_in : (k + 1) * n_in] = qt[r, place[tier * t, order[k]], :g]
+    return q, scales
 
 
 def build_canonical(W, out_weight=None):
@@ -525,7 +659,7 @@ def _run(x, group, effort, outs, out_dtype, return_info):
     lib = _lib()
     if return_info:
         for B in group.mats:
-            B._state[5:7].zero_()
+            B._state[5:8].zero_()  # info_mults, info_rows, info_records
     g = group._g
     for i, y in enumerate(ys):
         g.y[i] = y.data_ptr()
@@ -550,9 +684,9 @@ def _run(x, group, effort, outs, out_dtype, return_info):
         return ys
     infos = []
     for B in group.mats:
-        mults, rows = (int(v) for v in B._state[5:7].cpu())
+        mults, rows, records = (int(v) for v in B._state[5:8].cpu())
         total = max(n_tok, 1) * B.n_in * B.n_out
-        infos.append(MatmulInfo(mults / total, rows * reference.row_bytes(B.n_groups), mults))
+        infos.append(MatmulInfo(mults / total, B.bytes_read(rows, records), mults))
     return ys, infos
 
 

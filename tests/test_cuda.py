@@ -318,6 +318,172 @@ def test_output_in_activation_dtype(gen, rng):
         assert_close(y, ref[0], scale(x, b)[0], 1e-2)
 
 
+# ---------------------------------------------------------------- q8 values
+
+
+def reference_info(x: torch.Tensor, b: pyeffort.Buckets, effort: float):
+    """reference.bucketmul per token (q8 scales included) -> (y, mults, bytes read)."""
+    x32 = x.float().cpu().numpy().reshape(-1, b.n_in)
+    y = np.empty((x32.shape[0], b.n_out), dtype=np.float32)
+    mults = nbytes = 0
+    for t in range(x32.shape[0]):
+        m, nb = reference.bucketmul(
+            x32[t : t + 1],
+            b.values,
+            b.positions,
+            b.stats,
+            b.order,
+            b.n_out,
+            effort,
+            y[t : t + 1],
+            scales=b.scales,
+        )
+        mults, nbytes = mults + m, nbytes + nb
+    return y, mults, nbytes
+
+
+def check_q8(x, b, bc, effort, dense=None, repeat=False):
+    """One call of bc (q8) against the reference: outputs within 2e-5 of the sum of |x * w|
+    (float32 sums; the scale applied as (x * scale) * q: one more float32 rounding per product
+    than x * (q * scale)), the realised multiplications and the bytes read exactly."""
+    y, info = run_gpu(x, bc, effort)
+    ref, mults, nbytes = reference_info(x, b, effort)
+    assert (info.mults, info.bytes_read) == (mults, nbytes), (effort, info, mults, nbytes)
+    assert_close(y, ref, scale(x, b, dense), 2e-5)
+    if repeat:  # the same bits on a repeat call
+        y2, _ = run_gpu(x, bc, effort)
+        assert torch.equal(y.view(torch.int32), y2.view(torch.int32))
+
+
+def q8_prefix(b: pyeffort.Buckets, n_rows: int) -> pyeffort.Buckets:
+    """A partial load of b: its first n_rows rows and the scales they need."""
+    return pyeffort.Buckets(
+        b.values[:n_rows],
+        b.positions[:n_rows],
+        b.stats,
+        b.order,
+        b.n_out,
+        scales=b.scales[: reference.scale_rows(n_rows, b.n_in)],
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "f32"])
+def test_q8_matches_reference_random(shape, dtype, gen, rng):
+    w = (rng.standard_normal(shape) * rng.lognormal(0, 0.7, (shape[0], 1))).astype(np.float16)
+    b = pyeffort.build_buckets(w, values="q8")
+    bc = b.to("cuda")
+    assert bc.values_kind == "q8" and bc.nbytes == b.nbytes
+    dense = np.abs(b.to_dense().astype(np.float64))
+    for effort in [0.0, 0.03, 0.1, 0.5, 1.0]:
+        for n_tok in (1, 3):
+            x = fresh_x(gen, n_tok, shape[0], DTYPES[dtype])
+            check_q8(x[0] if n_tok == 1 else x, b, bc, effort, dense, repeat=n_tok == 1)
+
+
+@pytest.mark.parametrize("loaded", [1.0, 0.6, 0.3, 0.07])
+@pytest.mark.parametrize("splits", [None, 1])
+def test_q8_partial_loads(loaded, splits, gen, rng):
+    """Prefixes of the rows (a partial tier among them) with their scales; splits=1 streams
+    many passes of one split (5000 inputs: 80000 rows); 1.0 above a partial load's rows."""
+    w = (rng.standard_normal((5000, 300)) * rng.lognormal(0, 0.7, (5000, 1))).astype(np.float16)
+    b = q8_prefix(pyeffort.build_buckets(w, values="q8"), int(16 * 5000 * loaded))
+    bc = cuda.to_device(b, "cuda", splits=splits)
+    for effort in [0.0, 0.02, 0.1, 0.5, 1.0]:
+        check_q8(fresh_x(gen, 2, 5000, torch.float16), b, bc, effort, repeat=True)
+
+
+def test_q8_ties_and_many_equal_keys(gen, rng):
+    """Equal keys: more tied candidates than a block keeps (the rescan of the split), on a
+    full and a partial load."""
+    w = rng.choice([-1.0, 1.0], (1024, 64)).astype(np.float16)
+    w[::3] *= 3
+    full = pyeffort.build_buckets(w, values="q8")
+    for b in (full, q8_prefix(full, 16 * 1024 * 3 // 8)):
+        for splits in (None, 1):
+            bc = cuda.to_device(b, "cuda", splits=splits)
+            for effort in [0.1, 0.3, 0.7, 1.0]:
+                x = torch.randint(1, 3, (2, 1024), generator=gen, device="cuda").half()
+                x[1] = x[1].sign()  # every key of a rank equal
+                check_q8(x, b, bc, effort, repeat=True)
+
+
+@pytest.mark.parametrize("ct", [32, 64, 128, 256])
+def test_q8_tile_widths(ct, gen, rng):
+    w = rng.standard_normal((700, 2000)).astype(np.float16)
+    b = pyeffort.build_buckets(w, values="q8")
+    bc = cuda.to_device(b, "cuda", ct=ct)
+    for effort in [0.1, 0.5, 1.0]:
+        check_q8(fresh_x(gen, 1, 700, torch.float16), b, bc, effort)
+
+
+def test_q8_group_matches_reference(gen, rng):
+    """GROUP_MAX q8 matrices in one kernel, each its own cutoff; a group mixing the value
+    kinds is refused (the kernel is compiled per kind)."""
+    shapes = [(512, 1000), (512, 200), (512, 37), (512, 300)][: pyeffort.api.GROUP_MAX]
+    bs = [
+        pyeffort.build_buckets(rng.standard_normal(s).astype(np.float16) * (i + 1), values="q8")
+        for i, s in enumerate(shapes)
+    ]
+    bcs = [cuda.to_device(b, "cuda", ct=32) for b in bs]
+    grp = cuda.CudaGroup(bcs)
+    for effort in [0.0, 0.1, 0.5, 1.0]:
+        for dtype in ("f16", "bf16", "f32"):
+            x = fresh_x(gen, 2, 512, DTYPES[dtype])
+            outs = [torch.full((2, b.n_out), float("nan"), device="cuda") for b in bs]
+            ys, infos = cuda.matmul_group(x, grp, effort, outs=outs, return_info=True)
+            for b, y, info in zip(bs, ys, infos):
+                ref, mults, nbytes = reference_info(x, b, effort)
+                assert (info.mults, info.bytes_read) == (mults, nbytes)
+                assert_close(y, ref, scale(x, b), 2e-5)
+            again = cuda.matmul_group(x, grp, effort)
+            assert all(torch.equal(a, b) for a, b in zip(ys, again))
+    f16 = cuda.to_device(
+        pyeffort.build_buckets(rng.standard_normal((512, 64)).astype(np.float16)), "cuda", ct=32
+    )
+    with pytest.raises(pyeffort.ShapeError, match="value kind"):
+        cuda.CudaGroup([bcs[0], f16])
+
+
+def test_q8_graph_with_device_effort(gen, rng):
+    w = rng.standard_normal((1024, 2048)).astype(np.float16)
+    bc = pyeffort.build_buckets(w, values="q8").to("cuda")
+    x = fresh_x(gen, 1, 1024, torch.bfloat16)[0]
+    eff = torch.tensor([0.5], dtype=torch.float64, device="cuda")
+    y = torch.empty(2048, dtype=torch.bfloat16, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        pyeffort.matmul(x, bc, eff, out=y)  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        pyeffort.matmul(x, bc, eff, out=y)
+    for e in (0.5, 0.1, 1.0, 0.0, 0.25):
+        x.copy_(fresh_x(gen, 1, 1024, torch.bfloat16)[0])
+        y.fill_(float("nan"))
+        eff.fill_(e)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, cuda.matmul(x, bc, e, out_dtype=torch.bfloat16)), e
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_q8_gpu_builder_matches_cpu_builder(rng, weighted):
+    """cuda.build_buckets(values="q8") quantises on the GPU as reference.quantise_q8 does, bit
+    for bit, and repacks as B.to("cuda") does."""
+    for shape in [(64, 40), (513, 1000), (1024, 4096)]:
+        w = rng.standard_normal(shape).astype(np.float16)
+        w[::7] = np.round(w[::7])  # ties inside groups
+        a = np.exp(-np.abs(rng.standard_normal(shape[1]))).astype(np.float32) if weighted else None
+        b = pyeffort.build_buckets(w, out_weight=a, values="q8")
+        bc = cuda.build_buckets(torch.from_numpy(w).cuda(), a, values="q8")
+        assert bc.values_kind == "q8"
+        assert torch.equal(bc.wt, b.to("cuda").wt) and torch.equal(bc._slot, b.to("cuda")._slot)
+    with pytest.raises(ValueError, match="values"):
+        cuda.build_buckets(torch.from_numpy(w).cuda(), values="q4")
+
+
 def test_bad_inputs_raise(rng):
     b = pyeffort.build_buckets(rng.standard_normal((64, 32)).astype(np.float16))
     bc = b.to("cuda")

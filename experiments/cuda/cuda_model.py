@@ -316,7 +316,7 @@ def main():
                 set_splits(spec)
                 for lb in buckets:
                     for b in lb.values():
-                        for t in (b._state, b._tickets, b._hist, *b._alone._scratch):
+                        for t in (b._state, b._hist, *b._alone._scratch):
                             t.zero_()
                 for lg in groups:
                     for gr in lg.values():

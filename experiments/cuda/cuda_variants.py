@@ -52,7 +52,6 @@ def use_lib(spec: str, bs, groups=()) -> None:
     torch.cuda.synchronize()
     for b in bs:
         b._state.zero_()
-        b._tickets.zero_()
         b._hist.zero_()
         for t in b._alone._scratch:
             t.zero_()

@@ -25,7 +25,10 @@
  * its split in row order (pe_worker_all: no keys, no histogram, no lists by ballot, no
  * meeting); at effort 0 (PE_MODE_NONE) the workers do not wait either.
  * Every output is summed in a fixed order (rows in list order per team, teams in order, splits
- * in order) and the cutoff comes from integer histograms: the same inputs give the same bits. */
+ * in order) and the cutoff comes from integer histograms: the same inputs give the same bits.
+ * int8 values (Q8, pe_cuda.h): the same kernel with the list entries naming each row's chunk in
+ * its record (slot) and the scale of the thread's 4 groups applied per row (rows.cuh); tile 0
+ * also counts the dispatched records (info_records), for the bytes read. */
 #include "common.cuh"
 #include "resolve.cuh"
 #include "rows.cuh"
@@ -160,8 +163,8 @@ __device__ __forceinline__ int pick_level1(const uint32_t *hist, uint32_t *h, in
     return pick_staged(v, h, budget, above);
 }
 
-/* One pass of a worker's keys against level-1 bin b1: rows above it (sure) -> list (from
- * list_base, if they all fit; the caller checks list_base + result <= PE_PASS_ROWS);
+/* One pass of a worker's keys against level-1 bin b1: rows above it (sure) -> list as (chunk
+ * ci, x) (from list_base, if they all fit; the caller checks list_base + result <= PE_PASS_ROWS);
  * rows in it (candidates) -> own list cand_rx/cand_k from *n_c (as far as it holds), and the
  * worker's share (candidate index % n_tiles == tile) -> its segment of m.cand. Block-wide;
  * -> the number of sure rows; *n_c grows by the candidates. With publish and last, the
@@ -169,6 +172,7 @@ __device__ __forceinline__ int pick_level1(const uint32_t *hist, uint32_t *h, in
 __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, bool do_def,
                                                bool do_cand, bool publish, int tile, int worker,
                                                const int (&ri)[PE_KR],
+                                               const int (&ci)[PE_KR],
                                                const float (&xv)[PE_KR],
                                                const uint32_t (&key)[PE_KR], int2 *list,
                                                uint32_t list_base, int2 *cand_rx,
@@ -212,11 +216,11 @@ __device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, 
     for (int q = 0; q < PE_KR; q++) {
         if (wd && (dm[q] >> lane & 1u))
             list[list_base + warp_n[0][q * PE_WARPS + warp] + __popc(dm[q] & lt)] =
-                make_int2(ri[q], __float_as_int(xv[q]));
+                make_int2(ci[q], __float_as_int(xv[q]));
         if (cm[q] >> lane & 1u) {
             const uint32_t o = c0 + warp_n[1][q * PE_WARPS + warp] + __popc(cm[q] & lt);
             if (o < PE_CAND_CAP) {
-                cand_rx[o] = make_int2(ri[q], __float_as_int(xv[q]));
+                cand_rx[o] = make_int2(ci[q], __float_as_int(xv[q]));
                 cand_k[o] = key[q] | (pe_is_short(ri[q], short_from) << 31);
             }
         }
@@ -311,7 +315,7 @@ __device__ __forceinline__ void pe_write_sums(const pe_cuda_matrix &m, const flo
  * registers apart from the search's; inline and out of line, the search's times moved alike,
  * 0 to +0.4 us: README_cuda.md, update (6)). mp: the matrix (shared); yv: its output; s1y,
  * s1w: the bases this thread read. */
-template <typename TX, typename TY, int CT>
+template <typename TX, typename TY, int CT, bool Q8>
 __device__ __noinline__ void pe_worker_all(const TX *x, const pe_cuda_matrix *mp, void *yv,
                                            uint32_t tag, uint32_t s1y, uint32_t s1w, int split,
                                            int tile, int n_pass, uint32_t n_k,
@@ -324,43 +328,48 @@ __device__ __noinline__ void pe_worker_all(const TX *x, const pe_cuda_matrix *mp
     pe_cuda_state *st = m.state;
     const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
     float *my = acc + team * T::ACC + t;
-    const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
-    int ri[PE_KR], ord[PE_KR];
+    const uint8_t *tile_base = pe_tile_base<CT, Q8>(m, tile);
+    int ri[PE_KR], ord[PE_KR], ci_q8[PE_KR];
+    int(&ci)[PE_KR] = Q8 ? ci_q8 : ri; /* chunk of each row: the row itself for fp16 values */
     float sta[PE_KR], xv[PE_KR];
-    pe_load_meta(m, split, n_pass - 1, ri, ord, sta); /* as before the PDL wait: cached */
+    pe_load_meta<Q8>(m, split, n_pass - 1, ri, ord, sta, ci); /* as before the PDL wait: cached */
     pe_gather_x(x, ri, ord, xv);
     __syncthreads(); /* the list space was zeroed (as the search's histogram) before */
     const uint32_t n = pe_list_rows(n_pass - 1, n_k, split, m.n_splits, n_stripes,
-                                    (uint32_t)m.n_rows, ri, list);
+                                    (uint32_t)m.n_rows, ri, ci, list);
     /* counted in with no fence (nothing this block wrote matters to the selector); every thread
      * has used the bases before this barrier, whose predicate reads them */
     if (__syncthreads_or(s1y == 0xFFFFFFFFu && s1w == 0xFFFFFFFFu) && threadIdx.x == 0)
         asm volatile("" ::: "memory");
     if (threadIdx.x == 0) atomicAdd(&st->hist_done, 1u);
-    pe_process<CT>(list, n, tile_base, my, team, t, [&] {
+    pe_process<CT, Q8>(list, n, tile_base, my, team, t, [&] {
         for (int i = threadIdx.x; i < T::NT * T::ACC / 4; i += PE_THREADS)
             reinterpret_cast<float4 *>(acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
         pe_list_x(ri, xv, list);
         __syncthreads();
     });
-    uint32_t n_all = n;
+    uint32_t n_all = n, n_rec = Q8 && tile == 0 ? pe_count_records(list, n) : 0u;
     for (int p = n_pass - 2; p >= 0; p--) {
         __syncthreads();
-        pe_load_meta(m, split, p, ri, ord, sta);
+        pe_load_meta<Q8>(m, split, p, ri, ord, sta, ci);
         pe_gather_x(x, ri, ord, xv);
         const uint32_t np = pe_list_rows(p, n_k, split, m.n_splits, n_stripes,
-                                         (uint32_t)m.n_rows, ri, list);
+                                         (uint32_t)m.n_rows, ri, ci, list);
         pe_list_x(ri, xv, list);
         __syncthreads();
-        pe_process<CT>(list, np, tile_base, my, team, t);
+        pe_process<CT, Q8>(list, np, tile_base, my, team, t);
         n_all += np;
+        if (Q8 && tile == 0) n_rec += pe_count_records(list, np);
     }
     __syncthreads();
-    if (tile == 0 && threadIdx.x == 0) atomicAdd(&st->info_rows, (unsigned long long)n_all);
+    if (tile == 0 && threadIdx.x == 0) {
+        atomicAdd(&st->info_rows, (unsigned long long)n_all);
+        if (Q8) atomicAdd(&st->info_records, (unsigned long long)n_rec);
+    }
     pe_write_sums<TY, CT>(m, acc, tile, split, (TY *)yv, tag, (float *)list);
 }
 
-template <typename TX, typename TY, int CT>
+template <typename TX, typename TY, int CT, bool Q8>
 __global__ void __launch_bounds__(PE_THREADS, 1)
     k_effort(const TX *__restrict__ x, const pe_cuda_group g, const double *eff_ptr,
              double eff_val) {
@@ -395,13 +404,14 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         selector ? 0u : (n_stripes - split + m.n_splits - 1) / (uint32_t)m.n_splits;
     const int n_pass = (int)((n_k + PE_KR * PE_WARPS - 1) / (PE_KR * PE_WARPS));
 
-    int ri[PE_KR];
+    int ri[PE_KR], ci_q8[PE_KR];
+    int(&ci)[PE_KR] = Q8 ? ci_q8 : ri; /* chunk of each row: the row itself for fp16 values */
     float xv[PE_KR];
     uint32_t key[PE_KR];
     int ord[PE_KR];
     float sta[PE_KR];
     if (!selector) { /* constant data and shared memory only: before the PDL wait */
-        pe_load_meta(m, split, n_pass - 1, ri, ord, sta); /* the last pass: see 1. */
+        pe_load_meta<Q8>(m, split, n_pass - 1, ri, ord, sta, ci); /* the last pass: see 1. */
         for (int i = threadIdx.x; i < PE_NB1; i += PE_THREADS) ((uint32_t *)list)[i] = 0u;
     }
     pe_pdl_wait();
@@ -469,13 +479,13 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
 
     /* ------------------------------------------------------------------ worker block */
     if (mode == PE_MODE_ALL) {
-        pe_worker_all<TX, TY, CT>(x, &m, s_y, tag, s1.y, s1.w, split, tile, n_pass, n_k,
-                                  n_stripes);
+        pe_worker_all<TX, TY, CT, Q8>(x, &m, s_y, tag, s1.y, s1.w, split, tile, n_pass, n_k,
+                                      n_stripes);
         return;
     }
     const int team = threadIdx.x / T::TPT, t = threadIdx.x % T::TPT;
     float *my = acc + team * T::ACC + t;
-    const uint8_t *tile_base = m.wt + (size_t)tile * (size_t)m.n_rows * T::CB;
+    const uint8_t *tile_base = pe_tile_base<CT, Q8>(m, tile);
     pe_finish_keys(x, ri, ord, sta, xv, key);
     int loaded = n_pass - 1; /* the pass whose keys are in registers */
     { /* 1. this worker's rounds (round % n_tiles == tile) of the level-1 weight histogram.
@@ -484,7 +494,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         __syncthreads();
         if (mode == PE_MODE_SEARCH) {
             for (int p = n_pass - 1; p >= 0; p--) {
-                if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
+                if (p != loaded) pe_load_keys<Q8>(x, m, split, loaded = p, ri, xv, key, ci);
                 /* the round's tile by a wrapped counter: one division per pass, not 8 inlined
                  * (once-per-call code: its size costs, README_cuda.md update (4)) */
                 int rt = (int)((uint32_t)(p * PE_KR) % (uint32_t)m.n_tiles);
@@ -526,14 +536,17 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
      * share, the count published with the last pass's (before its streaming). One key load per
      * pass after 1. (was three with two passes); the same lists in the same order. */
     uint32_t n_def_all = 0, n_c = 0; /* sure rows, own candidates so far */
+    uint32_t n_rec = 0;              /* Q8, tile 0: dispatched records (pe_count_records) */
+    const bool count_rec = Q8 && tile == 0;
     if (n_pass == 1) { /* keys still in registers. A branch of its own: one loop for every
                           pass count measured 0.7-1.9 us slower on 4096x4096 (code generation),
                           though faster at effort 1.0 on the largest shapes (README_cuda.md) */
-        const uint32_t nd = split_rows(m, b1, true, true, publish, tile, local, ri, xv, key, list,
-                                       0u, cand_rx, cand_k, &n_c, warp_n, s_tot, tag, true,
+        const uint32_t nd = split_rows(m, b1, true, true, publish, tile, local, ri, ci, xv, key,
+                                       list, 0u, cand_rx, cand_k, &n_c, warp_n, s_tot, tag, true,
                                        short_from);
-        pe_process<CT>(list, nd, tile_base, my, team, t);
+        pe_process<CT, Q8>(list, nd, tile_base, my, team, t);
         n_def_all += nd;
+        if (count_rec) n_rec += pe_count_records(list, nd);
         __syncthreads();
     } else {
         /* With a search, every pass's candidates (and the count) go out before any streaming:
@@ -543,25 +556,27 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         uint32_t n_list = 0;
         int pend = n_pass, visited = 0;
         for (int p = 0; p < n_pass && (publish || p == 0); p++, visited++) {
-            if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
+            if (p != loaded) pe_load_keys<Q8>(x, m, split, loaded = p, ri, xv, key, ci);
             const bool app = pend == n_pass;
-            const uint32_t nd = split_rows(m, b1, app, true, publish, tile, local, ri, xv, key,
+            const uint32_t nd = split_rows(m, b1, app, true, publish, tile, local, ri, ci, xv, key,
                                            list, n_list, cand_rx, cand_k, &n_c, warp_n, s_tot,
                                            tag, p == n_pass - 1, short_from);
             if (app && (n_list == 0 || n_list + nd <= PE_PASS_ROWS)) n_list += nd;
             else if (app) pend = p;
         }
         if (pend == n_pass) pend = visited;
-        pe_process<CT>(list, n_list, tile_base, my, team, t);
+        pe_process<CT, Q8>(list, n_list, tile_base, my, team, t);
         n_def_all += n_list;
+        if (count_rec) n_rec += pe_count_records(list, n_list);
         __syncthreads();
         for (int p = pend; p < n_pass; p++) {
-            if (p != loaded) pe_load_keys(x, m, split, loaded = p, ri, xv, key);
-            const uint32_t nd = split_rows(m, b1, true, p >= visited, false, tile, local, ri, xv,
-                                           key, list, 0u, cand_rx, cand_k, &n_c, warp_n, s_tot,
-                                           tag, false, short_from);
-            pe_process<CT>(list, nd, tile_base, my, team, t);
+            if (p != loaded) pe_load_keys<Q8>(x, m, split, loaded = p, ri, xv, key, ci);
+            const uint32_t nd = split_rows(m, b1, true, p >= visited, false, tile, local, ri, ci,
+                                           xv, key, list, 0u, cand_rx, cand_k, &n_c, warp_n,
+                                           s_tot, tag, false, short_from);
+            pe_process<CT, Q8>(list, nd, tile_base, my, team, t);
             n_def_all += nd;
+            if (count_rec) n_rec += pe_count_records(list, nd);
             __syncthreads();
         }
     }
@@ -576,37 +591,42 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     };
     uint32_t n_take = 0;
     if (n_c <= PE_CAND_CAP) {
-        const uint32_t cut = pe_process_cands<CT>(cand_rx, cand_k, n_c, tile_base, my, team, t,
-                                                  wait_cut);
+        const uint32_t cut = pe_process_cands<CT, Q8>(cand_rx, cand_k, n_c, tile_base, my, team,
+                                                      t, wait_cut);
         if (tile == 0)
             for (uint32_t i0 = 0; i0 < n_c; i0 += PE_THREADS) {
                 const uint32_t i = i0 + threadIdx.x;
-                n_take += __syncthreads_count(i < n_c && (cand_k[i] & 0x7FFFFFFFu) >= cut);
+                const bool taken = i < n_c && (cand_k[i] & 0x7FFFFFFFu) >= cut;
+                n_take += __syncthreads_count(taken);
+                if (Q8) n_rec += __syncthreads_count(taken && (cand_rx[i].x & 3) == 0);
             }
     } else { /* more candidates than shared memory holds: scan the split's keys again */
         const uint32_t cut = wait_cut();
         for (int p = 0; p < n_pass; p++) {
-            pe_load_keys(x, m, split, p, ri, xv, key);
+            pe_load_keys<Q8>(x, m, split, p, ri, xv, key, ci);
             bool take[PE_KR];
 #pragma unroll
             for (int q = 0; q < PE_KR; q++)
                 take[q] = ri[q] >= 0 && (int)(key[q] >> 19) == b1 && key[q] >= cut;
-            const uint32_t n = pe_compact(take, ri, xv, list, 0, warp_n[0], &s_tot[0]);
-            pe_process<CT>(list, n, tile_base, my, team, t);
+            const uint32_t n = pe_compact(take, ci, xv, list, 0, warp_n[0], &s_tot[0]);
+            pe_process<CT, Q8>(list, n, tile_base, my, team, t);
             n_take += n;
+            if (count_rec) n_rec += pe_count_records(list, n);
             __syncthreads();
         }
     }
     __syncthreads();
-    if (tile == 0 && threadIdx.x == 0)
+    if (tile == 0 && threadIdx.x == 0) {
         atomicAdd(&st->info_rows, (unsigned long long)(n_def_all + n_take));
+        if (Q8) atomicAdd(&st->info_records, (unsigned long long)n_rec);
+    }
 
     pe_write_sums<TY, CT>(m, acc, tile, split, (TY *)s_y, tag, (float *)list); /* list: free */
 }
 
 /* ---------------------------------------------------------------- launch */
 
-template <typename TX, typename TY, int CT>
+template <typename TX, typename TY, int CT, bool Q8>
 static cudaError_t launch(const pe_cuda_group *g, const void *x, void *stream, int pdl, int coop,
                           const double *effort_ptr, double effort_val) {
     cudaLaunchConfig_t cfg;
@@ -626,26 +646,37 @@ static cudaError_t launch(const pe_cuda_group *g, const void *x, void *stream, i
     cfg.stream = (cudaStream_t)stream;
     cfg.attrs = attr;
     cfg.numAttrs = na;
-    return cudaLaunchKernelEx(&cfg, k_effort<TX, TY, CT>, (const TX *)x, *g, effort_ptr,
+    return cudaLaunchKernelEx(&cfg, k_effort<TX, TY, CT, Q8>, (const TX *)x, *g, effort_ptr,
                               effort_val);
+}
+
+template <typename TX, typename TY, int CT>
+static cudaError_t launch_kind(const pe_cuda_group *g, const void *x, void *stream, int pdl,
+                               int coop, const double *ep, double ev) {
+    return g->m[0].q8 ? launch<TX, TY, CT, true>(g, x, stream, pdl, coop, ep, ev)
+                      : launch<TX, TY, CT, false>(g, x, stream, pdl, coop, ep, ev);
 }
 
 template <typename TX, typename TY>
 static cudaError_t launch_ct(const pe_cuda_group *g, const void *x, void *stream, int pdl,
                              int coop, const double *ep, double ev) {
     switch (g->m[0].ct) {
-        case 32: return launch<TX, TY, 32>(g, x, stream, pdl, coop, ep, ev);
-        case 64: return launch<TX, TY, 64>(g, x, stream, pdl, coop, ep, ev);
-        case 128: return launch<TX, TY, 128>(g, x, stream, pdl, coop, ep, ev);
-        case 256: return launch<TX, TY, 256>(g, x, stream, pdl, coop, ep, ev);
+        case 32: return launch_kind<TX, TY, 32>(g, x, stream, pdl, coop, ep, ev);
+        case 64: return launch_kind<TX, TY, 64>(g, x, stream, pdl, coop, ep, ev);
+        case 128: return launch_kind<TX, TY, 128>(g, x, stream, pdl, coop, ep, ev);
+        case 256: return launch_kind<TX, TY, 256>(g, x, stream, pdl, coop, ep, ev);
         default: return cudaErrorInvalidValue;
     }
 }
 
 template <typename TX, typename TY, int CT>
 static cudaError_t raise_smem() {
-    return cudaFuncSetAttribute(k_effort<TX, TY, CT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                Tile<CT>::SMEM);
+    cudaError_t e = cudaFuncSetAttribute(
+        k_effort<TX, TY, CT, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<CT>::SMEM);
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(k_effort<TX, TY, CT, true>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<CT>::SMEM);
+    return e;
 }
 
 template <typename TX, typename TY>
@@ -695,7 +726,8 @@ static bool group_ok(const pe_cuda_group *g) {
         const pe_cuda_matrix *m = &g->m[i];
         if (m->n_rows < 1 || m->n_rows > 16 * m->n_in || m->n_splits < 1 || m->n_tiles < 1 ||
             m->ct != g->m[0].ct || m->n_in != g->m[0].n_in || m->block0 != next ||
-            (int64_t)m->n_tiles * 16 * m->ct < m->n_out || !g->y[i])
+            (int64_t)m->n_tiles * 16 * m->ct < m->n_out || !g->y[i] ||
+            m->q8 != g->m[0].q8 || (m->q8 != 0 && (m->q8 != 1 || !m->slot)))
             return false;
         next += m->n_tiles * m->n_splits;
     }

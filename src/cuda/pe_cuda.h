@@ -41,11 +41,18 @@ typedef struct {
                                                         the histogram buffer); tbase: unused */
     unsigned long long mults;                        /* realised mults of the last call       */
     unsigned long long info_mults, info_rows;        /* sums over calls, reset by the caller  */
-    unsigned long long pad1;
+    unsigned long long info_records;                 /* q8: dispatched records (input, tier),
+                                                        summed as info_rows                   */
 } pe_cuda_state;
 
 /* A matrix on the device: canonical selection data plus the tile-major repack of the rows.
- * wt: (n_tiles, n_rows, 5 * ct / 2) bytes; a chunk holds ct fp16 values then ct/2 nibble bytes. */
+ * fp16 values (q8 == 0): wt is (n_tiles, n_rows, 5 * ct / 2) bytes; the chunk of row r holds ct
+ * fp16 values then ct/2 nibble bytes.
+ * int8 values (q8 == 1): wt is (n_tiles, n_records, 13 * ct / 2) bytes; a record is one tier
+ * (ranks 4t..4t+3) of one input, record i = scales row i of reference.py: its ct/4 fp16 scales
+ * (one per 4 groups), then 4 row chunks of ct int8 values and ct/2 nibble bytes each. Row r
+ * lives in chunk slot[r] % 4 of record slot[r] / 4; chunk 0 holds the record's row of largest
+ * statistic (so a record is dispatched exactly when its chunk 0 is: info_records). */
 typedef struct {
     const uint8_t *wt;
     const int32_t *order;    /* (n_rows,) input of each row                      */
@@ -56,15 +63,16 @@ typedef struct {
                                 bits each) */
     unsigned long long *partial; /* (n_splits, n_tiles * 16 * ct) scratch, zeroed: tagged
                                     float bits of the split sums                */
-    uint32_t *tickets;       /* unused                                           */
+    const int32_t *slot;     /* q8: (n_rows,) 4 * record + chunk of each row; else NULL */
     pe_cuda_state *state;
     int64_t n_in, n_out, n_rows;
     int32_t ct, n_tiles, n_splits, block0; /* block0: first worker block in the grid */
-    int32_t cand_seg, pad0;                /* candidates a worker publishes, at most     */
+    int32_t cand_seg, q8;                  /* candidates a worker publishes, at most;
+                                              q8: int8 values (one kind per group)       */
     unsigned long long total_w; /* real multiplications in the loaded rows */
 } pe_cuda_matrix;
 
-/* Matrices of one call (same ct, same x). Worker blocks of m[i] are block0 .. block0 +
+/* Matrices of one call (same ct, same x, same value kind: the kernel is compiled per kind). Worker blocks of m[i] are block0 .. block0 +
  * n_tiles * n_splits - 1 (in order, from 0); the selector of m[i] is block n_workers + i. */
 typedef struct {
     pe_cuda_matrix m[PE_MAX_GROUP];

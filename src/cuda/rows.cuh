@@ -2,7 +2,9 @@
  * the rows to dispatch into shared-memory lists, and the scatter of list rows into accumulators.
  * Rows of a matrix go to its n_splits splits in 32-row stripes (split s owns stripes s, s + S,
  * ...: every split is a fair sample); a pass holds PE_KR rounds of PE_WARPS stripes of a split,
- * one key per thread and round, in registers. */
+ * one key per thread and round, in registers.
+ * A list entry is (chunk index, x): the row itself for fp16 values, its slot (pe_cuda.h) for
+ * int8 values (Q8: the template flag of every function that reads or lists the chunks). */
 #pragma once
 #include "common.cuh"
 
@@ -18,6 +20,8 @@ struct Tile {
     static constexpr int NT = PE_THREADS / TPT;    /* teams per block                      */
     static constexpr int ACC = 16 * CT + TPT;      /* floats per team (padded: no conflicts) */
     static constexpr int CB = CT * 5 / 2;          /* bytes of one row's chunk in a tile   */
+    static constexpr int QCB = CT * 3 / 2;         /* q8: bytes of a row's chunk in a record */
+    static constexpr int QREC = CT / 2 + 4 * QCB;  /* q8: bytes of a record (scales, chunks) */
     static constexpr int ACC_BYTES = 4 * NT * ACC; /* accumulators (selector: scratch)     */
     static constexpr int LIST_BYTES = 8 * PE_PASS_ROWS;  /* (row, x) of dispatched rows   */
     static constexpr int CAND_BYTES = 12 * PE_CAND_CAP;  /* (row, x), key of own candidates */
@@ -32,15 +36,18 @@ __device__ __forceinline__ int pe_row_of(const pe_cuda_matrix &m, int split, int
     return r < m.n_rows ? (int)r : -1;
 }
 
-/* Pass p of a split, first half (constant data only: may run before the PDL wait). */
+/* Pass p of a split, first half (constant data only: may run before the PDL wait). ci: the
+ * chunk index of each row, loaded for Q8 (fp16 callers pass ri: the row is its chunk). */
+template <bool Q8>
 __device__ __forceinline__ void pe_load_meta(const pe_cuda_matrix &m, int split, int p,
                                              int (&ri)[PE_KR], int (&o)[PE_KR],
-                                             float (&s)[PE_KR]) {
+                                             float (&s)[PE_KR], int (&ci)[PE_KR]) {
 #pragma unroll
     for (int q = 0; q < PE_KR; q++) {
         ri[q] = pe_row_of(m, split, p, q);
         o[q] = ri[q] >= 0 ? __ldg(m.order + ri[q]) : 0;
         s[q] = ri[q] >= 0 ? __ldg(m.stats + ri[q]) : 0.f;
+        if (Q8) ci[q] = ri[q] >= 0 ? __ldg(m.slot + ri[q]) : 0;
     }
 }
 
@@ -64,13 +71,13 @@ __device__ __forceinline__ void pe_finish_keys(const TX *x, const int (&ri)[PE_K
                             : PE_INVALID;
 }
 
-template <typename TX>
+template <bool Q8, typename TX>
 __device__ __forceinline__ void pe_load_keys(const TX *x, const pe_cuda_matrix &m, int split,
                                              int p, int (&ri)[PE_KR], float (&xv)[PE_KR],
-                                             uint32_t (&key)[PE_KR]) {
+                                             uint32_t (&key)[PE_KR], int (&ci)[PE_KR]) {
     int o[PE_KR];
     float s[PE_KR];
-    pe_load_meta(m, split, p, ri, o, s);
+    pe_load_meta<Q8>(m, split, p, ri, o, s, ci);
     pe_finish_keys(x, ri, o, s, xv, key);
 }
 
@@ -99,15 +106,16 @@ __device__ __forceinline__ uint32_t pe_warp_scan256(uint32_t *c) {
 
 /* Every row of pass p of a split, as pe_compact would list them with every row taken: entry
  * q * PE_THREADS + threadIdx.x (the same (round, warp, lane) order, which is row order) gets
- * the row (list[].x; x, list[].y, is the caller's). The rows that exist (ri >= 0) are a prefix
+ * the row's chunk ci (list[].x; x, list[].y, is the caller's). The rows that exist (ri >= 0) are a prefix
  * of the entries, since every stripe of the split is whole but the matrix's last, which ends
  * at n_rows. No barrier; -> their number (all threads). n_k: stripes of the split. */
 __device__ __forceinline__ uint32_t pe_list_rows(int p, uint32_t n_k, int split, int n_splits,
                                                  uint32_t n_stripes, uint32_t n_rows,
-                                                 const int (&ri)[PE_KR], int2 *list) {
+                                                 const int (&ri)[PE_KR],
+                                                 const int (&ci)[PE_KR], int2 *list) {
 #pragma unroll
     for (int q = 0; q < PE_KR; q++)
-        if (ri[q] >= 0) list[q * PE_THREADS + threadIdx.x].x = ri[q];
+        if (ri[q] >= 0) list[q * PE_THREADS + threadIdx.x].x = ci[q];
     const uint32_t k0 = (uint32_t)p * (PE_KR * PE_WARPS), kend = min(n_k, k0 + PE_KR * PE_WARPS);
     uint32_t n = 32u * (kend - k0);
     const uint32_t rem = n_rows & 31u;
@@ -123,9 +131,9 @@ __device__ __forceinline__ void pe_list_x(const int (&ri)[PE_KR], const float (&
         if (ri[q] >= 0) list[q * PE_THREADS + threadIdx.x].y = __float_as_int(xv[q]);
 }
 
-/* Block compaction: the rows with take[q] -> list[n0 ...] as (row, x), in (round, warp, lane)
- * order (deterministic). Block-wide; -> the number taken (all threads). */
-__device__ __forceinline__ uint32_t pe_compact(const bool (&take)[PE_KR], const int (&ri)[PE_KR],
+/* Block compaction: the rows with take[q] -> list[n0 ...] as (chunk ci, x), in (round, warp,
+ * lane) order (deterministic). Block-wide; -> the number taken (all threads). */
+__device__ __forceinline__ uint32_t pe_compact(const bool (&take)[PE_KR], const int (&ci)[PE_KR],
                                                const float (&xv)[PE_KR], int2 *list, uint32_t n0,
                                                uint32_t *warp_n, uint32_t *s_tot) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -146,7 +154,7 @@ __device__ __forceinline__ uint32_t pe_compact(const bool (&take)[PE_KR], const 
     for (int q = 0; q < PE_KR; q++)
         if (mk[q] >> lane & 1u)
             list[n0 + warp_n[q * PE_WARPS + warp] + __popc(mk[q] & lt)] =
-                make_int2(ri[q], __float_as_int(xv[q]));
+                make_int2(ci[q], __float_as_int(xv[q]));
     const uint32_t n = *s_tot;
     __syncthreads();
     return n;
@@ -156,7 +164,8 @@ __device__ __forceinline__ uint32_t pe_compact(const bool (&take)[PE_KR], const 
  * without an L1 allocation (4096x14336 at 0.5: 43.8 -> 37.0 us against __ldg; the cause is not
  * verified: likely misses waiting for L1 lines, ~60 KB of L1 being left beside the shared
  * memory). Chunks of CT = 32 (80 bytes) share sectors with their neighbours, which other teams
- * load next: through L1 (no_allocate was 1.3 us slower at 4096x1024, effort 1.0). */
+ * load next: through L1 (no_allocate was 1.3 us slower at 4096x1024, effort 1.0). The q8
+ * records follow the same rule (CT >= 64: every chunk and scale block is whole sectors). */
 template <int CT>
 __device__ __forceinline__ uint2 pe_ld_row8(const uint8_t *a) {
     if (CT >= 64) {
@@ -165,6 +174,15 @@ __device__ __forceinline__ uint2 pe_ld_row8(const uint8_t *a) {
         return v;
     }
     return __ldg((const uint2 *)a);
+}
+template <int CT>
+__device__ __forceinline__ uint32_t pe_ld_row4(const uint8_t *a) {
+    if (CT >= 64) {
+        uint32_t v;
+        asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(a));
+        return v;
+    }
+    return __ldg((const unsigned int *)a);
 }
 template <int CT>
 __device__ __forceinline__ uint32_t pe_ld_row2(const uint8_t *a) {
@@ -176,37 +194,93 @@ __device__ __forceinline__ uint32_t pe_ld_row2(const uint8_t *a) {
     return __ldg((const unsigned short *)a);
 }
 
+/* Where column tile `tile` of the repack starts (pe_cuda.h): n_rows chunks, or (Q8) n_records
+ * records, n_records = reference.scale_rows (rows < 2^31, so n_in < 2^27: 32-bit). */
+template <int CT, bool Q8>
+__device__ __forceinline__ const uint8_t *pe_tile_base(const pe_cuda_matrix &m, int tile) {
+    if (!Q8) return m.wt + (size_t)tile * (size_t)m.n_rows * Tile<CT>::CB;
+    const uint32_t n_in = (uint32_t)m.n_in, rows = (uint32_t)m.n_rows;
+    const uint32_t tiers = rows / (4u * n_in); /* whole tiers loaded */
+    const uint32_t n_rec = min(4u * n_in, tiers * n_in + min(n_in, rows - tiers * 4u * n_in));
+    return m.wt + (size_t)tile * n_rec * Tile<CT>::QREC;
+}
+
+/* A thread's values of one row: 4 fp16 (uint2), or 4 int8 (uint32_t, Q8). */
+template <bool Q8>
+struct PeVals {
+    typedef uint2 T;
+};
+template <>
+struct PeVals<true> {
+    typedef uint32_t T;
+};
+
 /* Where this thread's share of a row's chunk is: values at b8 + row * CB (8 bytes), nibbles at
  * b2 + row * CB (2 bytes). The bases are opaque to the compiler, so that each address is one
- * wide multiply-add (it re-associated them into three instructions: 6 instead of 2 per row). */
+ * wide multiply-add (it re-associated them into three instructions: 6 instead of 2 per row).
+ * Q8: values at b8 + o (4 bytes), nibbles at b2 + o, its scale at bs + record * QREC (2
+ * bytes), o = record * QREC + chunk * QCB. */
 struct RowBases {
-    const uint8_t *b8, *b2;
+    const uint8_t *b8, *b2, *bs;
 };
-template <int CT>
+template <int CT, bool Q8>
 __device__ __forceinline__ RowBases pe_row_bases(const uint8_t *tile_base, int t) {
-    RowBases rb{tile_base + 8 * t, tile_base + 2 * CT + 2 * t};
-    asm("" : "+l"(rb.b8), "+l"(rb.b2));
+    if (!Q8) {
+        RowBases rb{tile_base + 8 * t, tile_base + 2 * CT + 2 * t, nullptr};
+        asm("" : "+l"(rb.b8), "+l"(rb.b2));
+        return rb;
+    }
+    RowBases rb{tile_base + CT / 2 + 4 * t, tile_base + CT / 2 + CT + 2 * t, tile_base + 2 * t};
+    asm("" : "+l"(rb.b8), "+l"(rb.b2), "+l"(rb.bs));
     return rb;
 }
-template <int CT>
-__device__ __forceinline__ void pe_load_row(const RowBases &rb, int row, uint2 &v, uint32_t &p) {
-    const size_t o = (size_t)(uint32_t)row * Tile<CT>::CB;
-    v = pe_ld_row8<CT>(rb.b8 + o);
-    p = pe_ld_row2<CT>(rb.b2 + o);
+/* The chunk c of a row (list[].x) -> v (values) and p (nibbles; Q8: | the scale's bits << 16). */
+template <int CT, bool Q8>
+__device__ __forceinline__ void pe_load_row(const RowBases &rb, int c,
+                                            typename PeVals<Q8>::T &v, uint32_t &p) {
+    if constexpr (!Q8) {
+        const size_t o = (size_t)(uint32_t)c * Tile<CT>::CB;
+        v = pe_ld_row8<CT>(rb.b8 + o);
+        p = pe_ld_row2<CT>(rb.b2 + o);
+    } else {
+        const size_t rec = (size_t)((uint32_t)c >> 2) * Tile<CT>::QREC;
+        const size_t o = rec + ((uint32_t)c & 3u) * Tile<CT>::QCB;
+        v = pe_ld_row4<CT>(rb.b8 + o);
+        p = pe_ld_row2<CT>(rb.b2 + o) | pe_ld_row2<CT>(rb.bs + rec) << 16;
+    }
+}
+
+/* int8 q of byte e of v ^ 0x80808080 (q + 128 in each byte) -> float q, exactly: the byte as
+ * the low mantissa bits of 2^23, minus 2^23 + 128 (a byte permute and an add; I2F runs at a
+ * quarter of their rate). */
+__device__ __forceinline__ float pe_q8_float(uint32_t biased, int e) {
+    return __int_as_float(__byte_perm(biased, 0x4B000000u, 0x7540 + e)) - 8388736.f;
 }
 
 /* acc[16 g + pos] += x * w for this thread's 4 groups g of one row (pos: the row's nibbles):
  * byte offsets of the position rows by a shift and a mask each, the group's column as the
  * load's immediate (3 instructions per address instead of 4); fused multiply-adds, as the
- * compiler made of `acc += x * w` before. */
-template <int CT>
-__device__ __forceinline__ void pe_add_row(float *my, uint2 v, uint32_t p, float xv) {
+ * compiler made of `acc += x * w` before. Q8: w = q * scale applied as (x * scale) * q, the
+ * scale of the thread's 4 groups (one multiply per row; one more float32 rounding per product
+ * than x * (q * scale)). */
+template <int CT, bool Q8>
+__device__ __forceinline__ void pe_add_row(float *my, typename PeVals<Q8>::T v, uint32_t p,
+                                           float xv) {
     typedef Tile<CT> T;
-    const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v.x));
-    const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v.y));
+    float w0, w1, w2, w3, xm = xv;
+    if constexpr (Q8) {
+        xm = __fmul_rn(xv, __half2float(__ushort_as_half((unsigned short)(p >> 16))));
+        const uint32_t b = v ^ 0x80808080u;
+        w0 = pe_q8_float(b, 0), w1 = pe_q8_float(b, 1);
+        w2 = pe_q8_float(b, 2), w3 = pe_q8_float(b, 3);
+    } else {
+        const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v.x));
+        const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v.y));
+        w0 = a.x, w1 = a.y, w2 = b.x, w3 = b.y;
+    }
     constexpr int SH = CT == 32 ? 7 : CT == 64 ? 8 : CT == 128 ? 9 : 10; /* 4 * CT bytes */
     static_assert(4 * CT == 1 << SH, "CT is 32, 64, 128 or 256");
-    constexpr uint32_t M = 15u << SH;
+    constexpr uint32_t M = 15u << SH; /* (and only the nibbles of p: bits 0..15) */
     char *mb = reinterpret_cast<char *>(my);
     float *q0 = reinterpret_cast<float *>(mb + ((p << SH) & M));
     float *q1 = reinterpret_cast<float *>(mb + ((p << (SH - 4)) & M));
@@ -215,27 +289,28 @@ __device__ __forceinline__ void pe_add_row(float *my, uint2 v, uint32_t p, float
     /* the 4 addresses differ (column e * TPT + pos * CT, e = 0..3): the 4 loads go first, not
      * one read-modify-write after the other (the compiler cannot know they do not alias) */
     const float s0 = q0[0 * T::TPT], s1 = q1[1 * T::TPT], s2 = q2[2 * T::TPT], s3 = q3[3 * T::TPT];
-    q0[0 * T::TPT] = __fmaf_rn(xv, a.x, s0);
-    q1[1 * T::TPT] = __fmaf_rn(xv, a.y, s1);
-    q2[2 * T::TPT] = __fmaf_rn(xv, b.x, s2);
-    q3[3 * T::TPT] = __fmaf_rn(xv, b.y, s3);
+    q0[0 * T::TPT] = __fmaf_rn(xm, w0, s0);
+    q1[1 * T::TPT] = __fmaf_rn(xm, w1, s1);
+    q2[2 * T::TPT] = __fmaf_rn(xm, w2, s2);
+    q3[3 * T::TPT] = __fmaf_rn(xm, w3, s3);
 }
 
 /* Loads of U list entries (j0, j0 + NT, ...) of a team: values, nibbles and x. */
-template <int CT>
+template <int CT, bool Q8>
 __device__ __forceinline__ void pe_load_rows(const int2 *list, uint32_t n, uint32_t j0,
-                                             const RowBases &rb, uint2 (&v)[Tile<CT>::U],
+                                             const RowBases &rb,
+                                             typename PeVals<Q8>::T (&v)[Tile<CT>::U],
                                              uint32_t (&p)[Tile<CT>::U], float (&xv)[Tile<CT>::U]) {
     typedef Tile<CT> T;
 #pragma unroll
     for (int u = 0; u < Tile<CT>::U; u++) {
         const uint32_t j = j0 + u * T::NT;
-        v[u] = make_uint2(0u, 0u);
+        v[u] = {};
         p[u] = 0u;
         xv[u] = 0.f;
         if (j < n) {
             const int2 e = list[j];
-            pe_load_row<CT>(rb, e.x, v[u], p[u]);
+            pe_load_row<CT, Q8>(rb, e.x, v[u], p[u]);
             xv[u] = __int_as_float(e.y);
         }
     }
@@ -243,9 +318,9 @@ __device__ __forceinline__ void pe_load_rows(const int2 *list, uint32_t n, uint3
 
 /* acc[16 g + pos] += x * w for the loaded entries that exist (j < n) with key k >= cut
  * (team-uniform per entry). */
-template <int CT>
+template <int CT, bool Q8>
 __device__ __forceinline__ void pe_add_rows_taken(uint32_t n, uint32_t j0, float *my,
-                                                  const uint2 (&v)[Tile<CT>::U],
+                                                  const typename PeVals<Q8>::T (&v)[Tile<CT>::U],
                                                   const uint32_t (&p)[Tile<CT>::U],
                                                   const float (&xv)[Tile<CT>::U],
                                                   const uint32_t (&k)[Tile<CT>::U], uint32_t cut) {
@@ -254,35 +329,36 @@ __device__ __forceinline__ void pe_add_rows_taken(uint32_t n, uint32_t j0, float
     for (int u = 0; u < Tile<CT>::U; u++) {
         if (j0 + u * T::NT >= n) break;
         if (k[u] < cut) continue;
-        pe_add_row<CT>(my, v[u], p[u], xv[u]);
+        pe_add_row<CT, Q8>(my, v[u], p[u], xv[u]);
     }
 }
 
 /* Loads of U list entries (j0, j0 + NT, ...) of a team for pe_process: values and nibbles
  * only; x is read from the list again when the row is added (8 fewer registers per batch in
  * flight: spill stores of the kernel 148-152 -> 4-8 bytes). */
-template <int CT>
+template <int CT, bool Q8>
 __device__ __forceinline__ void pe_load_rows_vp(const int2 *list, uint32_t n, uint32_t j0,
-                                                const RowBases &rb, uint2 (&v)[Tile<CT>::U],
+                                                const RowBases &rb,
+                                                typename PeVals<Q8>::T (&v)[Tile<CT>::U],
                                                 uint32_t (&p)[Tile<CT>::U]) {
     typedef Tile<CT> T;
 #pragma unroll
     for (int u = 0; u < Tile<CT>::U; u++) {
         const uint32_t j = j0 + u * T::NT;
-        v[u] = make_uint2(0u, 0u);
+        v[u] = {};
         p[u] = 0u;
-        if (j < n) pe_load_row<CT>(rb, list[j].x, v[u], p[u]);
+        if (j < n) pe_load_row<CT, Q8>(rb, list[j].x, v[u], p[u]);
     }
 }
-template <int CT>
+template <int CT, bool Q8>
 __device__ __forceinline__ void pe_add_rows_vp(const int2 *list, uint32_t n, uint32_t j0, float *my,
-                                               const uint2 (&v)[Tile<CT>::U],
+                                               const typename PeVals<Q8>::T (&v)[Tile<CT>::U],
                                                const uint32_t (&p)[Tile<CT>::U]) {
     typedef Tile<CT> T;
 #pragma unroll
     for (int u = 0; u < Tile<CT>::U; u++) {
         if (j0 + u * T::NT >= n) break;
-        pe_add_row<CT>(my, v[u], p[u], __int_as_float(list[j0 + u * T::NT].y));
+        pe_add_row<CT, Q8>(my, v[u], p[u], __int_as_float(list[j0 + u * T::NT].y));
     }
 }
 /* list (n rows) -> team accumulators; the next U rows load while U add. Team `team` takes list
@@ -294,19 +370,19 @@ __device__ __forceinline__ void pe_add_rows_vp(const int2 *list, uint32_t n, uin
 struct PeNoMid {
     __device__ __forceinline__ void operator()() const {}
 };
-template <int CT, typename F = PeNoMid>
+template <int CT, bool Q8, typename F = PeNoMid>
 __device__ __forceinline__ void pe_process(const int2 *list, uint32_t n, const uint8_t *tile_base,
                                            float *my, int team, int t, F mid = F()) {
     constexpr uint32_t STEP = Tile<CT>::NT * Tile<CT>::U;
-    const RowBases rb = pe_row_bases<CT>(tile_base, t);
-    uint2 v0[Tile<CT>::U], v1[Tile<CT>::U];
+    const RowBases rb = pe_row_bases<CT, Q8>(tile_base, t);
+    typename PeVals<Q8>::T v0[Tile<CT>::U], v1[Tile<CT>::U];
     uint32_t p0[Tile<CT>::U], p1[Tile<CT>::U];
-    pe_load_rows_vp<CT>(list, n, team, rb, v0, p0);
+    pe_load_rows_vp<CT, Q8>(list, n, team, rb, v0, p0);
     mid();
 #pragma unroll 1
     for (uint32_t j0 = team; j0 < n; j0 += STEP) {
-        pe_load_rows_vp<CT>(list, n, j0 + STEP, rb, v1, p1);
-        pe_add_rows_vp<CT>(list, n, j0, my, v0, p0);
+        pe_load_rows_vp<CT, Q8>(list, n, j0 + STEP, rb, v1, p1);
+        pe_add_rows_vp<CT, Q8>(list, n, j0, my, v0, p0);
 #pragma unroll
         for (int u = 0; u < Tile<CT>::U; u++) v0[u] = v1[u], p0[u] = p1[u];
     }
@@ -315,16 +391,16 @@ __device__ __forceinline__ void pe_process(const int2 *list, uint32_t n, const u
 /* The own candidates (n, list and keys in shared memory): the first batch of each team loads
  * before the cut is known (wait_cut: block-wide, -> the cut), and rows with key >= cut are
  * added (a team-uniform branch: the same arithmetic as a list of the taken rows). */
-template <int CT, typename F>
+template <int CT, bool Q8, typename F>
 __device__ __forceinline__ uint32_t pe_process_cands(const int2 *list, const uint32_t *keys,
                                                      uint32_t n, const uint8_t *tile_base,
                                                      float *my, int team, int t, F wait_cut) {
     constexpr uint32_t STEP = Tile<CT>::NT * Tile<CT>::U;
-    uint2 v[Tile<CT>::U];
+    typename PeVals<Q8>::T v[Tile<CT>::U];
     uint32_t p[Tile<CT>::U], k[Tile<CT>::U];
     float xv[Tile<CT>::U];
-    const RowBases rb = pe_row_bases<CT>(tile_base, t);
-    pe_load_rows<CT>(list, n, team, rb, v, p, xv);
+    const RowBases rb = pe_row_bases<CT, Q8>(tile_base, t);
+    pe_load_rows<CT, Q8>(list, n, team, rb, v, p, xv);
 #pragma unroll
     for (int u = 0; u < Tile<CT>::U; u++) {
         const uint32_t j = team + u * Tile<CT>::NT;
@@ -332,10 +408,10 @@ __device__ __forceinline__ uint32_t pe_process_cands(const int2 *list, const uin
     }
     const uint32_t cut = wait_cut();
     for (uint32_t j0 = team;;) {
-        pe_add_rows_taken<CT>(n, j0, my, v, p, xv, k, cut);
+        pe_add_rows_taken<CT, Q8>(n, j0, my, v, p, xv, k, cut);
         j0 += STEP;
         if (j0 >= n) break;
-        pe_load_rows<CT>(list, n, j0, rb, v, p, xv);
+        pe_load_rows<CT, Q8>(list, n, j0, rb, v, p, xv);
 #pragma unroll
         for (int u = 0; u < Tile<CT>::U; u++) {
             const uint32_t j = j0 + u * Tile<CT>::NT;
@@ -343,6 +419,17 @@ __device__ __forceinline__ uint32_t pe_process_cands(const int2 *list, const uin
         }
     }
     return cut;
+}
+
+/* Q8: the records among n list entries (chunk 0 of a record: its row of largest statistic is
+ * dispatched exactly when any of its rows is). Block-wide; -> their number (all threads). */
+__device__ __forceinline__ uint32_t pe_count_records(const int2 *list, uint32_t n) {
+    uint32_t c = 0;
+    for (uint32_t i0 = 0; i0 < n; i0 += PE_THREADS) {
+        const uint32_t i = i0 + threadIdx.x;
+        c += __syncthreads_count(i < n && (list[i].x & 3) == 0);
+    }
+    return c;
 }
 
 /* Output column (inside a tile) of accumulator slot o = pos * CT + e * TPT + t: group 4t + e. */
