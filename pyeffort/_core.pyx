@@ -192,9 +192,11 @@ cdef _Packed _packed_for(values, positions, stats, order, int64_t n_out, scales=
 
 
 def _matrix(mat):
-    """(values, positions, stats, order, n_out, scales) -> the same; a 5-tuple has fp16
-    values (scales None)."""
-    return tuple(mat) if len(mat) == 6 else (*mat, None)
+    """(values, positions, stats, order, n_out, scales): a matrix's arrays (scales None for
+    fp16 values)."""
+    if len(mat) != 6:
+        raise ShapeError("a matrix is (values, positions, stats, order, n_out, scales)")
+    return tuple(mat)
 
 
 def warm(mats):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 
 from pyeffort import _backend, _devices, _validate, dense
 from pyeffort._devices import GROUP_MAX, MatmulInfo
 from pyeffort.buckets import Buckets, build_buckets
 from pyeffort.dense import DenseQ8
-from pyeffort.errors import BackendError, DTypeError, LayoutError, ShapeError
+from pyeffort.errors import DTypeError, LayoutError, ShapeError
 
 
 def matmul(x, W, effort: float = 1.0, *, out=None, return_info: bool = False):
@@ -47,8 +45,8 @@ def matmul(x, W, effort: float = 1.0, *, out=None, return_info: bool = False):
     _no_alias(out, x)
     mults = nbytes = 0
     if x2.shape[0]:
-        v, p, s, o, n_out, *scales = _arrays(W)
-        mults, nbytes = _backend.current.bucketmul(x2, v, p, s, o, n_out, e, y, *scales)
+        v, p, s, o, n_out, scales = _arrays(W)
+        mults, nbytes = _backend.current.bucketmul(x2, v, p, s, o, n_out, e, y, scales)
     result = out if out is not None else (y[0] if vector else y)
     if not return_info:
         return result
@@ -107,32 +105,9 @@ def matmul_group(x, Ws, effort=1.0, *, return_info: bool = False):
 
 
 def _arrays(W: Buckets) -> tuple:
-    """W's arrays as the backend in use takes them: ``(values, positions, stats, order, n_out,
-    scales)``, or without ``scales`` (fp16 values only) for a compiled core built before its
-    q8 kernels."""
-    arrays = (W.values, W.positions, W.stats, W.order, W.n_out)
-    if _takes_scales(_backend.current):
-        return arrays + (W.scales,)
-    if W.scales is not None:
-        raise BackendError(
-            f"the {_backend.current.NAME} backend in use has no q8 kernels (int8 bucket values): "
-            "rebuild the compiled core, or run with PYEFFORT_BACKEND=numpy"
-        )
-    return arrays
-
-
-_takes = [None, False]  # [backend, whether its bucketmul takes scales]: looked up once
-
-
-def _takes_scales(backend) -> bool:
-    """Whether ``backend`` takes q8 scales (``bucketmul(..., scales=None)``)."""
-    if _takes[0] is not backend:
-        try:
-            ok = "scales" in inspect.signature(backend.bucketmul).parameters
-        except (TypeError, ValueError):  # no signature to read: assume the old interface
-            ok = False
-        _takes[:] = [backend, ok]
-    return _takes[1]
+    """W's arrays as a host backend takes them: ``(values, positions, stats, order, n_out,
+    scales)`` (scales None for fp16 values)."""
+    return (W.values, W.positions, W.stats, W.order, W.n_out, W.scales)
 
 
 def _group_backend(Ws):

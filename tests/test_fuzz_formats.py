@@ -224,23 +224,8 @@ def _load_and_run(kind: str, path: Path, fraction: float, verify: bool):
     if kind == "buckets":
         b = pyeffort.load_buckets(path, fraction=fraction, **kw)
         x = np.linspace(-1, 1, b.n_in).astype(np.float32)
-        return np.concatenate([_matmul(x, b, e) for e in (0.3, 1.0)])
+        return np.concatenate([pyeffort.matmul(x, b, e) for e in (0.3, 1.0)])
     return load_converted(path, fraction=fraction, **kw).forward([1, 5, 9])
-
-
-def _matmul(x, b, effort):
-    """pyeffort.matmul, q8 matrices on the numpy reference where the compiled core in use has
-    no q8 kernels."""
-    import pyeffort
-    from pyeffort import _backend, api
-
-    if b.scales is None or api._takes_scales(_backend.current):
-        return pyeffort.matmul(x, b, effort)
-    previous = _backend.use("numpy")
-    try:
-        return pyeffort.matmul(x, b, effort)
-    finally:
-        _backend.current = previous
 
 
 def worker(spec: str, work: str) -> None:

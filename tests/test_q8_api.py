@@ -37,25 +37,6 @@ class Core:
         self.calls.append(("warm", [len(m) for m in mats], [m[5] for m in mats]))
 
 
-class OldCore(Core):
-    """A compiled core built before q8: no scales anywhere."""
-
-    def bucketmul(self, x32, values, positions, stats, order, n_out, effort, out):
-        self.calls.append(("bucketmul", None))
-        return reference.bucketmul(x32, values, positions, stats, order, n_out, effort, out)
-
-    def bucketmul_group(self, x32, mats, efforts, outs):
-        assert all(len(m) == 5 for m in mats)
-        return super().bucketmul_group(x32, [(*m, None) for m in mats], efforts, outs)
-
-    def prepare(self, values, positions, stats, order, n_out):
-        self.calls.append(("prepare", None))
-
-    def warm(self, mats):
-        assert all(len(m) == 5 for m in mats)
-        self.calls.append(("warm", [5] * len(mats), [None] * len(mats)))
-
-
 @pytest.fixture
 def mats(rng):
     w = (rng.standard_normal((48, 80)) * 0.1).astype(np.float16)
@@ -80,29 +61,6 @@ def test_a_q8_core_gets_the_scales_everywhere(monkeypatch, rng, mats):
     pyeffort.prepare(b8)
     pyeffort.prefetch([b16, b8])
     assert core.calls[3][1] is b8.scales and core.calls[4] == ("warm", [6, 6], [None, b8.scales])
-
-
-def test_a_core_without_q8_runs_fp16_and_refuses_q8_clearly(monkeypatch, rng, mats):
-    core = use(monkeypatch, OldCore())
-    b8, b16 = mats
-    x = rng.standard_normal(48).astype(np.float32)
-    y = pyeffort.matmul(x, b16, 0.5)
-    want = np.empty((1, 80), np.float32)
-    reference.bucketmul(x[None], b16.values, b16.positions, b16.stats, b16.order, 80, 0.5, want)
-    np.testing.assert_array_equal(y, want[0])
-    pyeffort.matmul_group(x, [b16, b16], 0.5)
-    pyeffort.prepare(b16)
-    pyeffort.prefetch(b16)
-    n = len(core.calls)
-    for call in (
-        lambda: pyeffort.matmul(x, b8, 0.5),
-        lambda: pyeffort.matmul_group(x, [b16, b8], 0.5),
-        lambda: pyeffort.prepare(b8),
-        lambda: pyeffort.prefetch([b16, b8]),
-    ):
-        with pytest.raises(BackendError, match="stub backend in use has no q8 kernels"):
-            call()
-    assert len(core.calls) == n  # nothing reached the core
 
 
 def test_q8_matrices_stay_off_devices_without_q8_kernels(monkeypatch, mats):

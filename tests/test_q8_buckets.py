@@ -1,13 +1,12 @@
 """q8 buckets in the Python API: ``build_buckets(W, values="q8")`` against the spec written out
 per block, the checks of ``Buckets(..., scales=)``, ``bytes_per_mult``, ``to_dense`` and
-``pyeffort.matmul`` on q8 matrices (the numpy reference; the compiled core once it has q8
-kernels, else a clear BackendError)."""
+``pyeffort.matmul`` on q8 matrices (both backends)."""
 
 import numpy as np
 import pytest
 
 import pyeffort
-from pyeffort import BackendError, DTypeError, FormatError, ShapeError, _backend, api, reference
+from pyeffort import DTypeError, FormatError, ShapeError, reference
 
 # n_out % 64 != 0, n_out < 16, one input, several chunks with a short last one
 SHAPES = [(37, 70), (5, 7), (1, 3), (3, 16), (9, 200), (64, 64), (17, 129)]
@@ -43,12 +42,6 @@ def spec_q8(values, order):
                 if s > 0:
                     q[rs, cols] = np.clip(np.rint(block / np.float32(s)), -127, 127)
     return q, scales
-
-
-def q8_backend_or_skip(backend):
-    """Skips a test of q8 results on a compiled core built without q8 kernels."""
-    if not api._takes_scales(_backend.current):
-        pytest.skip(f"the {backend} backend has no q8 kernels yet (int8 values, scales)")
 
 
 # ---------------------------------------------------------------- build
@@ -206,10 +199,6 @@ def test_matmul_is_the_selection_of_the_fp16_build_on_the_q8_values(backend, rng
     w = weights(rng, shape)
     b16, b8 = pyeffort.build_buckets(w), pyeffort.build_buckets(w, values="q8")
     x = rng.standard_normal((3, shape[0])).astype(np.float32)
-    if not api._takes_scales(_backend.current):
-        with pytest.raises(BackendError, match="no q8 kernels"):
-            pyeffort.matmul(x, b8, 0.5)
-        q8_backend_or_skip(backend)
     for e in (0.1, 0.5, 1.0):
         y, info = pyeffort.matmul(x, b8, e, return_info=True)
         _, info16 = pyeffort.matmul(x, b16, e, return_info=True)
@@ -223,7 +212,6 @@ def test_matmul_is_the_selection_of_the_fp16_build_on_the_q8_values(backend, rng
 
 
 def test_matmul_group_prepare_and_prefetch_take_q8(backend, rng):
-    q8_backend_or_skip(backend)
     w = weights(rng, (40, 96))
     bs = [pyeffort.build_buckets(w, values="q8"), pyeffort.build_buckets(w[:, :50])]
     x = rng.standard_normal(40).astype(np.float32)
