@@ -40,40 +40,11 @@ static inline PE_INLINE void tier_fma(const uint8_t *rec, uint32_t keep, const i
     }
 }
 
-/* The batch of tierwalk.h: per chunk, 8 accumulators in registers while the inputs pass. */
-static inline PE_INLINE void batch(const pe_packed *p, const pe_item *items, int n, const int T,
-                                   const int PARTIAL, int64_t cb, int64_t nc, float *acc) {
-    int64_t row = TIER_ROW(p);
-    const uint8_t *rec[MAX_BATCH], *codes[MAX_BATCH];
-    uint32_t mask[MAX_BATCH];
-    float x[MAX_BATCH];
-    for (int u = 0; u < n; u++) {
-        const uint8_t *r0 = p->tiers + p->tier_off[items[u].input];
-        rec[u] = r0 + cb * TIER_REC;
-        codes[u] = r0 + p->n_chunks * TIER_REC + 4 * cb; /* tier 0's, from chunk cb */
-        mask[u] = items[u].mask;
-        x[u] = items[u].x;
-    }
-    for (int64_t c = 0; c < nc; c++) {
-        float *out = acc + 64 * c;
-        __m256 a[8];
-        for (int j = 0; j < 8; j++) a[j] = _mm256_load_ps(out + 8 * j);
-        for (int u = 0; u < n; u++) {
-            const uint8_t *r = rec[u] + c * TIER_REC;
-            for (int t = 0; t < T; t++) {
-                uint32_t rt = mask[u] >> (PE_TIER * t) & 15;
-                if (!PARTIAL || rt == 15) {
-                    tier_fma(r + t * row, 0xFFFF, 0, x[u], a);
-                } else if (rt) {
-                    uint32_t code;
-                    memcpy(&code, codes[u] + t * row + 4 * c, 4);
-                    tier_fma(r + t * row, pe_kept_slots(code, rt), 1, x[u], a);
-                }
-            }
-        }
-        for (int j = 0; j < 8; j++) _mm256_store_ps(out + 8 * j, a[j]);
-    }
-}
+#define ACC_T __m256
+#define ACC_N 8
+#define ACC_LOAD(p) _mm256_load_ps(p)
+#define ACC_STORE(p, v) _mm256_store_ps(p, v)
+#include "layout/tiers_q8_batch.h"
 
 /* pe_items_fn on the q8 tiered copy (tierwalk.h); layout/tiers_q8_scalar.c's bits. */
 void pe_tiers_q8_avx2(const pe_packed *p, const pe_buckets *b, const pe_item *items,
