@@ -345,7 +345,7 @@ def test_damaged_matrices_are_refused_on_every_set(kernel, rng, how):
         with pytest.raises(FormatError, match="damaged"):
             _core.bucketmul(x, *arrays, e, np.empty((2, 80), np.float32))
     with pytest.raises(FormatError):
-        _core.bucketmul_group(x[0], [arrays], [0.5], [np.empty(80, np.float32)])
+        _core.bucketmul_group(x[0], [(*arrays, None)], [0.5], [np.empty(80, np.float32)])
 
 
 def test_a_damaged_partial_load_is_refused_only_where_loaded(kernel, rng):
