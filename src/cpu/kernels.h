@@ -86,50 +86,36 @@ unsigned pe_cpu_detect(char *names, size_t n);
 /* The kernel set in use (dispatch.c), read once by a call. */
 const pe_kernel_set *pe_active_set(void);
 
-/* The kernels, by file. */
-void pe_bucketmul_f16_scalar(const pe_packed *p, const pe_buckets *b, const pe_item *items,
-                             const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                             int64_t c0, int64_t c1, float *y);
-void pe_tiers_f16_scalar(const pe_packed *p, const pe_buckets *b, const pe_item *items,
-                         const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                         int64_t c0, int64_t c1, float *y);
-void pe_bucketmul_q8_scalar(const pe_packed *p, const pe_buckets *b, const pe_item *items,
-                            const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                            int64_t c0, int64_t c1, float *y);
-void pe_tiers_q8_scalar(const pe_packed *p, const pe_buckets *b, const pe_item *items,
-                        const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                        int64_t c0, int64_t c1, float *y);
-void pe_perm_f16_scalar(const pe_packed *p, const pe_buckets *b, const pe_item *items,
-                        const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                        int64_t c0, int64_t c1, float *y);
-void pe_dense_f16_scalar(const float *x, const uint16_t *w, int64_t n_out, const int32_t *rows,
-                         int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
-void pe_dense_q8_scalar(const float *x, const int8_t *q, const uint16_t *scales, int64_t n_out,
-                        int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
+/* The kernels, by file: declared through their types' signatures. */
+#define PE_ITEMS_KERNEL(name)                                                                \
+    void name(const pe_packed *p, const pe_buckets *b, const pe_item *items,                 \
+              const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES], int64_t c0,     \
+              int64_t c1, float *y)
+#define PE_DENSE_F16_KERNEL(name)                                                            \
+    void name(const float *x, const uint16_t *w, int64_t n_out, const int32_t *rows, int64_t r0, \
+              int64_t r1, int64_t j0, int64_t j1, float *y)
+#define PE_DENSE_Q8_KERNEL(name)                                                             \
+    void name(const float *x, const int8_t *q, const uint16_t *scales, int64_t n_out,          \
+              int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y)
+PE_ITEMS_KERNEL(pe_bucketmul_f16_scalar);
+PE_ITEMS_KERNEL(pe_tiers_f16_scalar);
+PE_ITEMS_KERNEL(pe_bucketmul_q8_scalar);
+PE_ITEMS_KERNEL(pe_tiers_q8_scalar);
+PE_ITEMS_KERNEL(pe_perm_f16_scalar);
+PE_DENSE_F16_KERNEL(pe_dense_f16_scalar);
+PE_DENSE_Q8_KERNEL(pe_dense_q8_scalar);
 pe_status pe_select_items(const pe_packed *p, const float *x, double effort, int n_threads,
                           pe_item *items, int64_t begin[PE_CLASSES], int64_t end[PE_CLASSES],
                           int64_t *n_rows, int64_t *mults, uint32_t *scratch);
 #if defined(__x86_64__) || defined(_M_X64)
-void pe_tiers_f16_avx512vbmi2(const pe_packed *p, const pe_buckets *b, const pe_item *items,
-                              const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                              int64_t c0, int64_t c1, float *y);
-void pe_tiers_q8_avx512vbmi2(const pe_packed *p, const pe_buckets *b, const pe_item *items,
-                             const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                             int64_t c0, int64_t c1, float *y);
-void pe_perm_f16_avx2(const pe_packed *p, const pe_buckets *b, const pe_item *items,
-                      const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                      int64_t c0, int64_t c1, float *y);
-void pe_tiers_q8_avx2(const pe_packed *p, const pe_buckets *b, const pe_item *items,
-                      const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                      int64_t c0, int64_t c1, float *y);
-void pe_dense_f16_avx2(const float *x, const uint16_t *w, int64_t n_out, const int32_t *rows,
-                       int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
-void pe_dense_q8_avx2(const float *x, const int8_t *q, const uint16_t *scales, int64_t n_out,
-                      int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
-void pe_dense_f16_avx512(const float *x, const uint16_t *w, int64_t n_out, const int32_t *rows,
-                         int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
-void pe_dense_q8_avx512(const float *x, const int8_t *q, const uint16_t *scales, int64_t n_out,
-                        int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
+PE_ITEMS_KERNEL(pe_tiers_f16_avx512vbmi2);
+PE_ITEMS_KERNEL(pe_tiers_q8_avx512vbmi2);
+PE_ITEMS_KERNEL(pe_perm_f16_avx2);
+PE_ITEMS_KERNEL(pe_tiers_q8_avx2);
+PE_DENSE_F16_KERNEL(pe_dense_f16_avx2);
+PE_DENSE_F16_KERNEL(pe_dense_f16_avx512);
+PE_DENSE_Q8_KERNEL(pe_dense_q8_avx2);
+PE_DENSE_Q8_KERNEL(pe_dense_q8_avx512);
 /* generic/select.c compiled again with -mavx2 (setup.py) */
 pe_status pe_select_items_avx2(const pe_packed *p, const float *x, double effort, int n_threads,
                                pe_item *items, int64_t begin[PE_CLASSES],
@@ -137,16 +123,10 @@ pe_status pe_select_items_avx2(const pe_packed *p, const float *x, double effort
                                uint32_t *scratch);
 #endif
 #if defined(__aarch64__)
-void pe_perm_f16_neon(const pe_packed *p, const pe_buckets *b, const pe_item *items,
-                      const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                      int64_t c0, int64_t c1, float *y);
-void pe_tiers_q8_neon(const pe_packed *p, const pe_buckets *b, const pe_item *items,
-                      const int64_t begin[PE_CLASSES], const int64_t end[PE_CLASSES],
-                      int64_t c0, int64_t c1, float *y);
-void pe_dense_f16_neon(const float *x, const uint16_t *w, int64_t n_out, const int32_t *rows,
-                       int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
-void pe_dense_q8_neon(const float *x, const int8_t *q, const uint16_t *scales, int64_t n_out,
-                      int64_t r0, int64_t r1, int64_t j0, int64_t j1, float *y);
+PE_ITEMS_KERNEL(pe_perm_f16_neon);
+PE_ITEMS_KERNEL(pe_tiers_q8_neon);
+PE_DENSE_F16_KERNEL(pe_dense_f16_neon);
+PE_DENSE_Q8_KERNEL(pe_dense_q8_neon);
 #endif
 
 /* ---------------------------------------------------------------- the index and its layouts */
