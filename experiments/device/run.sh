@@ -32,7 +32,7 @@ for step in "$@"; do
         for t in ${THREADS:-$(seq 1 16)}; do
             OPENBLAS_NUM_THREADS=$t PYEFFORT_BENCH_THREADS=$t python3 -m pytest -q \
                 -p no:cacheprovider bench/test_matmul_speed.py \
-                -k "(${SHAPES:-4096x14336}) and (numpy_f32 or dense_ or effort_1.0 or effort_0.5 or effort_0.25 or effort_0.1)" \
+                -k "(${SHAPES:-4096x14336}) and (numpy_f32 or dense_ or effort_1.0 or effort_0.5 or effort_0.25 or effort_0.1 or select_only)" \
                 --benchmark-max-time=0.2 --benchmark-min-rounds=5 \
                 --benchmark-json="$OUT/cpu_t$t.json" >"$OUT/cpu_t$t.log" 2>&1
             echo "== $t threads: $(tail -1 "$OUT/cpu_t$t.log")"
