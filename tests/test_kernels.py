@@ -391,12 +391,12 @@ def test_thread_counts_give_identical_bits(kernel, kind, threads, rng):
     for n in [1, 2, 3, 7]:
         _core.set_num_threads(n)
         y = np.empty((2, 3000), np.float32)
-        d = np.empty_like(y)
-        r = np.empty_like(y)
-        _core.bucketmul(x, *b.arrays, 0.3, y, scales=b.scales)
+        y1, d, r = np.empty_like(y), np.empty_like(y), np.empty_like(y)
+        _core.bucketmul(x, *b.arrays, 0.3, y, scales=b.scales)  # 1-2 MB: two parts
+        _core.bucketmul(x, *b.arrays, 1.0, y1, scales=b.scales)  # 3-5 MB: 6-8 parts
         _core.dense_f16(xd, w, d)
         _core.dense_rows_f16(xd, w, np.arange(0, 1500, 2, dtype=np.int32), r)
-        results.append((y, d, r))
+        results.append((y, y1, d, r))
     for other in results[1:]:
         for a, c in zip(results[0], other):
             assert np.array_equal(a, c)

@@ -55,56 +55,77 @@ static int64_t selection_bytes(const pe_packed *p, const pe_item *items,
 
 /* ---------------------------------------------------------------- one selection's kernel job */
 
-/* The dispatched inputs are cut into PARTS fixed parts (half of each class each), summed into
- * their own outputs and added in part order: threads walk whole rows (the column split
- * shortens every row walk), and the sum order never depends on the thread count. */
-#define PARTS 2
+/* The dispatched inputs are cut into parts (an equal share of each class each), their number
+ * fixed by the selection's bytes alone, each summed into its own output and the parts added in
+ * order, so any thread count gives the same bits; each part's columns are cut into as many
+ * ranges as the threads need. A chunk walks whole rows of its part's inputs: a long run of the
+ * copy that the prefetchers follow (cutting the columns alone gave each of 16 threads a few
+ * hundred bytes of every row: short streams, and no scaling past 4 threads on a 16-core Xeon). */
+#ifndef PE_KERNEL_MAX_PARTS
+#define PE_KERNEL_MAX_PARTS 16 /* partial outputs: 4 bytes per part and output, twice       */
+#endif
+#define KERNEL_PART_BYTES (512 << 10) /* a part's selection bytes at least                    */
+#define KERNEL_CHUNKS 2               /* chunks per thread: slack for one that starts late    */
 
 typedef struct {
     const pe_packed *p;
     const pe_buckets *b;
     const pe_item *items;
-    int64_t begin[PARTS][PE_CLASSES], end[PARTS][PE_CLASSES];
-    int ranges; /* column ranges per part */
-    float *y[PARTS];
+    int64_t begin[PE_KERNEL_MAX_PARTS][PE_CLASSES], end[PE_KERNEL_MAX_PARTS][PE_CLASSES];
+    int parts, ranges;
+    float *y, *extra; /* part 0 -> y, part q > 0 -> extra + (q - 1) n_out */
 } kernel_job;
 
-static void kernel_run(void *ctx, int t, int n) {
+/* Chunk c: part c / ranges, column range c % ranges. */
+static void kernel_run(void *ctx, int c, int n) {
     kernel_job *j = ctx;
-    int part = t % PARTS;
+    int part = c / j->ranges;
     int64_t c0, c1;
     (void)n;
-    split(j->p->n_chunks, 1, t / PARTS, j->ranges, &c0, &c1);
-    if (c1 > c0) j->p->bucketmul(j->p, j->b, j->items, j->begin[part], j->end[part], c0, c1,
-                                 j->y[part]);
+    split(j->p->n_chunks, 1, c % j->ranges, j->ranges, &c0, &c1);
+    float *y = part ? j->extra + (part - 1) * j->p->n_out : j->y;
+    if (c1 > c0) j->p->bucketmul(j->p, j->b, j->items, j->begin[part], j->end[part], c0, c1, y);
 }
 
-/* The kernel job of one selection (items by class in [begin, end), n_rows rows) writing y,
- * parts past the first into extra ((PARTS - 1) n_out), for at most nt threads; returns the
- * threads it needs (its chunks: PARTS * ranges). The parts and ranges depend only on the
- * selection and nt, never on who runs the job. */
+/* The kernel job of one selection (items by class in [begin, end), sel_bytes of rows) writing y,
+ * parts past the first into extra ((PE_KERNEL_MAX_PARTS - 1) n_out), for at most nt threads;
+ * returns the threads it needs. The parts depend only on the selection, never on nt. */
 static int kernel_job_for(kernel_job *j, const pe_packed *p, const pe_buckets *b,
                           const pe_item *items, const int64_t begin[PE_CLASSES],
-                          const int64_t end[PE_CLASSES], int64_t n_rows, float *y, float *extra,
+                          const int64_t end[PE_CLASSES], int64_t sel_bytes, float *y, float *extra,
                           int nt) {
-    *j = (kernel_job){.p = p, .b = b, .items = items};
+    *j = (kernel_job){.p = p, .b = b, .items = items, .y = y, .extra = extra};
+    int64_t parts = sel_bytes / KERNEL_PART_BYTES, want;
+    j->parts = (int)(parts < 1 ? 1 : parts > PE_KERNEL_MAX_PARTS ? PE_KERNEL_MAX_PARTS : parts);
     for (int cl = 0; cl < PE_CLASSES; cl++)
-        for (int q = 0; q < PARTS; q++) {
+        for (int q = 0; q < j->parts; q++) {
             int64_t n = end[cl] - begin[cl];
-            j->begin[q][cl] = begin[cl] + n * q / PARTS;
-            j->end[q][cl] = begin[cl] + n * (q + 1) / PARTS;
+            j->begin[q][cl] = begin[cl] + n * q / j->parts;
+            j->end[q][cl] = begin[cl] + n * (q + 1) / j->parts;
         }
-    j->y[0] = y;
-    for (int q = 1; q < PARTS; q++) j->y[q] = extra + (q - 1) * p->n_out;
-    nt = threads_for(p->n_chunks, n_rows * row_bytes(p), nt);
-    j->ranges = nt > PARTS ? nt / PARTS : 1;
+    nt = threads_for(p->n_chunks, sel_bytes, nt);
+    want = nt > 1 ? ((int64_t)KERNEL_CHUNKS * nt + j->parts - 1) / j->parts : 1;
+    j->ranges = (int)(want < p->n_chunks ? want : p->n_chunks);
+    if (nt > j->parts * j->ranges) nt = j->parts * j->ranges;
     return nt;
 }
 
-/* y += the parts past the first, in part order. */
-static void add_parts(const kernel_job *j) {
-    for (int q = 1; q < PARTS; q++)
-        for (int64_t o = 0; o < j->p->n_out; o++) j->y[0][o] += j->y[q][o];
+/* Columns t of n: y += the parts past the first, in part order. */
+static void kernel_reduce(void *ctx, int t, int n) {
+    kernel_job *j = ctx;
+    int64_t o0, o1, n_out = j->p->n_out;
+    split(n_out, 64, t, n, &o0, &o1);
+    for (int q = 1; q < j->parts; q++) {
+        const float *e = j->extra + (q - 1) * n_out;
+        for (int64_t o = o0; o < o1; o++) j->y[o] += e[o];
+    }
+}
+
+/* Adds the parts (on the pool when there are several and outputs enough to share). */
+static pe_status add_parts(kernel_job *j, int nt) {
+    if (j->parts < 2) return PE_OK;
+    int n = (int)((j->p->n_out + 1023) / 1024);
+    return pe_parallel(kernel_reduce, j, n < nt ? n : nt, n < nt ? n : nt);
 }
 
 /* ---------------------------------------------------------------- the cutoff search */
@@ -169,7 +190,8 @@ pe_status pe_bucketmul(const pe_packed *p, const pe_buckets *b, const float *x, 
     int nt = pe_num_threads(); /* once: the jobs are sized and run with it */
     uint32_t *sc = scratch(sizeof(uint32_t) * (size_t)select_words(p->n_in), 0);
     pe_item *items = scratch(sizeof(pe_item) * (size_t)item_count(p->n_in), 1);
-    float *extra = scratch(sizeof(float) * (size_t)((PARTS - 1) * p->n_out + 1), 2);
+    size_t n_extra = (size_t)((PE_KERNEL_MAX_PARTS - 1) * p->n_out + 1);
+    float *extra = scratch(sizeof(float) * n_extra, 2);
     if (!sc || !items || !extra) return PE_ERR_ALLOC;
     for (int64_t t = 0; t < n_tokens; t++) {
         int64_t begin[PE_CLASSES], end[PE_CLASSES], n_rows = 0, done = 0;
@@ -177,9 +199,11 @@ pe_status pe_bucketmul(const pe_packed *p, const pe_buckets *b, const float *x, 
             select_items(p, x + t * p->n_in, effort, nt, items, begin, end, &n_rows, &done, sc);
         if (st != PE_OK) return st;
         kernel_job job;
-        int jt = kernel_job_for(&job, p, b, items, begin, end, n_rows, y + t * p->n_out, extra, nt);
-        if ((st = pe_parallel(kernel_run, &job, PARTS * job.ranges, jt)) != PE_OK) return st;
-        add_parts(&job);
+        int jt = kernel_job_for(&job, p, b, items, begin, end, n_rows * row_bytes(p),
+                                y + t * p->n_out, extra, nt);
+        if ((st = pe_parallel(kernel_run, &job, job.parts * job.ranges, jt)) != PE_OK ||
+            (st = add_parts(&job, nt)) != PE_OK)
+            return st;
         *mults += done;
         *bytes += selection_bytes(p, items, begin, end, n_rows);
     }
@@ -216,8 +240,8 @@ static void group_select(group_job *g, int j) {
     m->st = m->p->set->select(m->p, g->x, m->effort, 1, m->items, m->begin, m->end, &m->n_rows,
                               &m->done, m->sc);
     if (m->st == PE_OK) /* as a call alone: the same parts and ranges, so the same bits */
-        kernel_job_for(&m->job, m->p, m->b, m->items, m->begin, m->end, m->n_rows, m->y,
-                       m->extra, g->nt);
+        kernel_job_for(&m->job, m->p, m->b, m->items, m->begin, m->end,
+                       m->n_rows * row_bytes(m->p), m->y, m->extra, g->nt);
     atomic_store_explicit(&m->ready, 1, memory_order_release);
 }
 
@@ -234,7 +258,7 @@ static void group_chunk(void *ctx, int c, int n_chunks) {
     group_member *m = g->m + (c - g->n) / g->per;
     int q = (c - g->n) % g->per;
     while (!atomic_load_explicit(&m->ready, memory_order_acquire)) pe_cpu_relax();
-    if (m->st == PE_OK && q < PARTS * m->job.ranges) kernel_run(&m->job, q, 0);
+    if (m->st == PE_OK && q < m->job.parts * m->job.ranges) kernel_run(&m->job, q, 0);
 }
 
 /* Every member's scratch, in one buffer of the calling thread; NULL if out of memory. */
@@ -247,7 +271,7 @@ static pe_status group_scratch(int n, const pe_packed *const *ps, group_member *
     for (int j = 0; j < n; j++) {
         total = (total + 63) & ~(size_t)63;
         off_extra[j] = total;
-        total += sizeof(float) * (size_t)((PARTS - 1) * ps[j]->n_out + 1);
+        total += sizeof(float) * (size_t)((PE_KERNEL_MAX_PARTS - 1) * ps[j]->n_out + 1);
     }
     char *buf = scratch(total, 0);
     if (!buf) return PE_ERR_ALLOC;
@@ -285,12 +309,12 @@ pe_status pe_bucketmul_group(int n, const pe_packed *const *ps, const pe_buckets
         m[j].y = ys[j];
         atomic_init(&m[j].ready, 0);
     }
-    group_job g = {m, x, n, PARTS * (nt > PARTS ? nt / PARTS : 1), nt};
+    group_job g = {m, x, n, KERNEL_CHUNKS * nt + PE_KERNEL_MAX_PARTS, nt}; /* >= parts * ranges */
     pe_status st = pe_parallel(group_chunk, &g, n + n * g.per, nt);
     if (st != PE_OK) return st;
     for (int j = 0; j < n; j++) {
         if (m[j].st != PE_OK) return m[j].st;
-        add_parts(&m[j].job);
+        if ((st = add_parts(&m[j].job, nt)) != PE_OK) return st;
         mults[j] += m[j].done;
         bytes[j] += selection_bytes(ps[j], m[j].items, m[j].begin, m[j].end, m[j].n_rows);
     }
