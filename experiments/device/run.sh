@@ -2,7 +2,7 @@
 # One device call (the `device` tool): set up, then the named steps, results under $OUT.
 #   bash experiments/device/run.sh cuda          build, CUDA tests, CUDA benchmark suite
 #   bash experiments/device/run.sh cpu-scaling   CPU matmul suite on 4096x14336 at 1..16 threads
-#     (THREADS="1 2 4 8 16" SHAPES="4096x14336 or 14336x4096" for others)
+#     (THREADS="1 2 4 8 16" SHAPES="4096x14336 or 14336x4096" for others; CFLAGS=-D... rebuilds)
 # Wheels the image lacks travel in .whl/ (carry it); see DEVELOPERS.md.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -13,7 +13,7 @@ if [ -d .whl ]; then
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
-python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+python3 setup.py -q build_ext --inplace ${CFLAGS:+--force} >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 nvidia-smi -L; lscpu | grep -E "Model name|^CPU\(s\)"
 python3 -c "import pyeffort; pyeffort.show_runtime()"
 
