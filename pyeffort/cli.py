@@ -6,7 +6,12 @@ A user error (bad option, file or model; a missing optional extra) ends with one
 ``pyeffort COMMAND: error: ...`` on stderr and exit code 2; anything else is a bug and keeps its
 traceback.
 
-pyeffort generate "The capital of France is" --effort 0.3 --max-tokens 100
+Every command takes --quiet (no progress bars or stats lines; warnings and errors stay) and
+--no-progress; progress bars are drawn only on a terminal.
+
+pyeffort generate "What is the capital of France?" --effort 0.3   (the chat template applied)
+pyeffort generate "The capital of France is" --raw --max-tokens 20
+echo "Tell me a story" | pyeffort generate - --json
 pyeffort chat --effort 0.5          (/effort 0.2 between turns; keys + / - while it answers)
 pyeffort convert SRC.gguf DST       pyeffort info DST       pyeffort bench
 """
@@ -38,8 +43,33 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
+def version() -> str:
+    """pyeffort's version from the installed package's metadata (the source's, uninstalled)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("pyeffort")
+    except PackageNotFoundError:
+        from pyeffort import __version__
+
+        return __version__
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """--quiet and --no-progress on a command (one it defines itself is kept)."""
+    options = [(("-q", "--quiet"), "no progress bars, notes or stats lines"),
+               (("--no-progress",), "no progress bars (drawn only on a terminal)")]  # fmt: skip
+    for flags, text in options:
+        try:
+            p.add_argument(*flags, action="store_true", help=text)
+        except argparse.ArgumentError:  # the command has it already
+            pass
+
+
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="pyeffort", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--version", action="version", version=f"pyeffort {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
@@ -49,7 +79,19 @@ def parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(sub)
+    for command in sub.choices.values():
+        add_output_args(command)
     return p
+
+
+def wants_progress(args) -> bool:
+    """Progress bars (``\\r`` frames) only on a terminal, and not when asked for none."""
+    if args.quiet or args.no_progress:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def main(argv=None) -> int:
@@ -58,6 +100,8 @@ def main(argv=None) -> int:
     if getattr(args, "func", None) is None:
         p.print_help()
         return 2
+    args.progress = wants_progress(args)
+    args.no_progress = not args.progress  # what eval reads
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # e.g. piped into head

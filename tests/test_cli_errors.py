@@ -109,11 +109,14 @@ def test_manifest_that_is_a_list(tiny, tmp_path):
 def test_missing_model_extras_give_an_install_hint(tiny, module):
     r = cli("generate", "x", "--model", str(tiny), "--max-tokens", "2",
             pre=f"import sys; sys.modules[{module!r}] = None")  # fmt: skip
-    if module == "jinja2":  # generate needs no template: it still works
+    user_error(r, "generate", module, "pip install 'pyeffort[model]'")
+    if module == "jinja2":  # the template needs it; --raw does not, chat does
+        r = cli("generate", "x", "--model", str(tiny), "--max-tokens", "2", "--raw",
+                pre="import sys; sys.modules['jinja2'] = None")  # fmt: skip
         assert r.returncode == 0, r.stderr
         pre = "import sys, io; sys.modules['jinja2'] = None; sys.stdin = io.StringIO('hi\\n')"
         r = cli("chat", "--model", str(tiny), "--no-keys", pre=pre)
-    user_error(r, r.args[3], module, "pip install 'pyeffort[model]'")
+        user_error(r, "chat", module, "pip install 'pyeffort[model]'")
 
 
 def test_missing_gguf_package(tmp_path):
@@ -138,6 +141,31 @@ def test_options_out_of_range_are_refused(tiny, option, value):
     user_error(r, "generate", option)
 
 
+@pytest.mark.parametrize(
+    "option, value, words",
+    [("--top-k", "-1", "at least 0"), ("--top-k", "1.5", "not an integer"),
+     ("--min-p", "-0.1", "[0, 1]"), ("--min-p", "1.5", "[0, 1]"), ("--min-p", "nan", "finite")],
+)  # fmt: skip
+def test_sampling_filters_out_of_range_are_refused(tiny, option, value, words):
+    r = cli("generate", "x", "--model", str(tiny), option, value)
+    user_error(r, "generate", f"argument {option}: ", words)
+
+
+def test_prompt_sources_are_checked(tiny, tmp_path):
+    model = ("--model", str(tiny))
+    missing = tmp_path / "missing.txt"
+    user_error(cli("generate", "--prompt-file", str(missing), *model), "generate",
+               f"--prompt-file {missing}", "No such file")  # fmt: skip
+    (tmp_path / "bad.txt").write_bytes(b"the \xff\xfe cat")
+    user_error(cli("generate", "-f", str(tmp_path / "bad.txt"), *model), "generate",
+               "bad.txt is not valid UTF-8")  # fmt: skip
+    user_error(cli("generate", *model), "generate", "give a prompt")
+    user_error(cli("generate", "x", "-f", str(tmp_path / "bad.txt"), *model), "generate",
+               "one of them")  # fmt: skip
+    user_error(cli("generate", "x", "--raw", "--system-prompt", "s", *model), "generate",
+               "--system-prompt needs the chat template")  # fmt: skip
+
+
 def test_bench_options_are_checked(tiny):
     user_error(cli("bench", "--model", str(tiny), "--efforts", "1,nan"), "bench", "--efforts")
     user_error(cli("bench", "--model", str(tiny), "--rounds", "0"), "bench", "--rounds")
@@ -149,14 +177,14 @@ def test_context_is_enforced_on_the_command_line(tiny):
     tok = load(tiny).tokenizer
     long = "the cat sat on the mat " * 60
     assert len(tok.encode(long)) > 256
-    r = cli("generate", long, "--model", str(tiny))
+    r = cli("generate", long, "--model", str(tiny), "--raw")
     line = user_error(r, "generate", "256")
     assert str(len(tok.encode(long))) in line
     words = "the cat sat on the mat".split() * 60
     k = next(k for k in range(len(words)) if len(tok.encode(" ".join(words[:k]))) > 100)
     prompt = " ".join(words[:k])
     n = len(tok.encode(prompt))  # about 100: 200 tokens do not fit after it
-    r = cli("generate", prompt, "--model", str(tiny), "--max-tokens", "200", "--no-keys")
+    r = cli("generate", prompt, "--model", str(tiny), "--max-tokens", "200", "--no-keys", "--raw")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "warning" in r.stderr and f"at most {256 - n} tokens" in r.stderr
     assert int(r.stderr.rsplit("[", 1)[1].split()[0]) <= 256 - n  # "[N tokens; ..."
@@ -171,7 +199,8 @@ def test_chat_refuses_a_turn_that_does_not_fit(tiny):
     from pyeffort.models.keys import EffortDial
 
     chat = Chat(load(tiny))
-    opts = Namespace(max_tokens=500, prefill_effort=1.0, temperature=0.0, top_p=1.0, seed=None)
+    opts = Namespace(max_tokens=500, prefill_effort=1.0, temperature=0.0, top_k=0, top_p=1.0,
+                     min_p=0.0, seed=None)  # fmt: skip
     dial = EffortDial(1.0, keys=False)
     with pytest.raises(ContextError, match="256"):
         chat.reply("the cat sat on the mat " * 60, dial, opts, out=open(os.devnull, "w"))

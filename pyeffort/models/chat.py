@@ -7,9 +7,11 @@ import sys
 
 from pyeffort.models.commands import (
     EFFORT_KEYS,
+    SAMPLING,
     TextStream,
     add_model_args,
     add_sampling_args,
+    sampling_kwargs,
     text_arg,
 )
 from pyeffort.models.keys import MIN_EFFORT
@@ -21,10 +23,11 @@ CONTEXT = ("a reply stops at the end of the model's context (max_seq_len); "
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with the model",
-                              epilog=f"{HELP}; {EFFORT_KEYS}; {CONTEXT}")  # fmt: skip
+                              epilog=f"{HELP}; {EFFORT_KEYS}; {CONTEXT}; {SAMPLING}")  # fmt: skip
     add_model_args(p)
     add_sampling_args(p)
-    p.add_argument("--system", type=text_arg, default=None, help="a system message")
+    p.add_argument("--system-prompt", "--system", dest="system", type=text_arg, default=None,
+                   help="a system message")  # fmt: skip
     p.set_defaults(func=run, max_tokens=512)
 
 
@@ -65,9 +68,8 @@ class Chat:
         st, stream = Stats(), TextStream(self.model.tokenizer, out)
         with dial:
             for t in generate(self.model, ids[start:], start_pos=start,
-                              max_tokens=n, effort=dial,
-                              prefill_effort=args.prefill_effort, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed, stats=st):  # fmt: skip
+                              max_tokens=n, effort=dial, stats=st,
+                              **sampling_kwargs(args)):  # fmt: skip
                 stream.add(t)
         self.cached = ids + stream.ids[:-1]  # the last token was never fed
         answer = stream.text.strip()
@@ -84,14 +86,16 @@ def run(args) -> int:
     dial = EffortDial(args.effort, keys=not args.no_keys)
     chat = Chat(load_model(args), args.system)
     chat.model.tokenizer.check_chat_template()  # jinja2 there, the template compiles
-    prepare(chat.model, progress=True)
-    print(f"effort {dial.value:.2f}. {HELP}; {EFFORT_KEYS}.", file=sys.stderr)
+    prepare(chat.model, progress=args.progress)
+    if not args.quiet:
+        print(f"effort {dial.value:.2f}. {HELP}; {EFFORT_KEYS}.", file=sys.stderr)
     while True:
         try:
             line = input("> ")
             line.encode("utf-8")  # undecodable bytes arrive as surrogate escapes
         except EOFError:
-            print(file=sys.stderr)
+            if not args.quiet:
+                print(file=sys.stderr)
             return 0
         except UnicodeError:
             print("[that line is not valid UTF-8 text]", file=sys.stderr)
@@ -121,4 +125,5 @@ def run(args) -> int:
             print(f"[{exc}; /reset starts afresh]", file=sys.stderr)
             continue
         print(flush=True)
-        print(summary(st), file=sys.stderr, flush=True)
+        if not args.quiet:
+            print(summary(st), file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -11,6 +12,9 @@ from pathlib import Path
 from pyeffort.models.keys import MIN_EFFORT
 
 EFFORT_KEYS = "keys + / - change the effort while it generates (on a terminal)"
+SAMPLING = ("sampling (temperature > 0): --top-k, then --top-p, then --min-p cut the model's "
+            "probabilities, then the temperature applies to what is left "
+            "(the order of llama.cpp and mlx_lm)")  # fmt: skip
 CONTEXT = ("the prompt plus --max-tokens must fit the model's context (max_seq_len): "
            "--max-tokens is shortened to fit, with a warning")  # fmt: skip
 
@@ -43,6 +47,13 @@ def fraction_arg(text: str) -> float:
     v = _number(text)
     if not 0.0 < v <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return v
+
+
+def unit_arg(text: str) -> float:
+    v = _number(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return v
 
 
@@ -93,14 +104,30 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help=f"effort for the prompt, [{MIN_EFFORT}, 1]")  # fmt: skip
     p.add_argument("--max-tokens", type=count_arg(1), default=100, help=CONTEXT)
     p.add_argument("--temperature", type=temperature_arg, default=0.0, help=">= 0; 0: greedy")
+    p.add_argument("--top-k", type=count_arg(0), default=0, help="the k most likely; 0: no cut")
     p.add_argument("--top-p", type=fraction_arg, default=1.0, help="(0, 1]; 1: no cut")
+    p.add_argument("--min-p", type=unit_arg, default=0.0,
+                   help="[0, 1]: tokens at least MIN_P x the top one's p; 0: no cut")  # fmt: skip
     p.add_argument("--seed", type=count_arg(0), default=None)
     p.add_argument("--no-keys", action="store_true", help="do not read +/- keys")
 
 
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", type=text_arg, default=None,
+                   help="the prompt; '-': read it from stdin")  # fmt: skip
+    p.add_argument("-f", "--prompt-file", metavar="PATH", default=None,
+                   help="the prompt from a UTF-8 file (a final newline dropped, as llama-cli)")  # fmt: skip
+    p.add_argument("--raw", "--ignore-chat-template", action="store_true",
+                   help="the prompt as is (default: in the model's chat template, if any)")  # fmt: skip
+    p.add_argument("--system-prompt", type=text_arg, default=None, help="a system message")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence tokens")
+    p.add_argument("--json", action="store_true", help="print the text and its stats as JSON")
+
+
 def add_parser(subparsers) -> None:
-    g = subparsers.add_parser("generate", help="generate text from a prompt", epilog=EFFORT_KEYS)
-    g.add_argument("prompt", type=text_arg)
+    g = subparsers.add_parser("generate", help="generate text from a prompt",
+                              epilog=f"{SAMPLING}; {EFFORT_KEYS}")  # fmt: skip
+    add_prompt_args(g)
     add_model_args(g)
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
@@ -112,7 +139,6 @@ def add_parser(subparsers) -> None:
     c.add_argument("--values", choices=["f16", "q8"], default="f16",
                    help="bucket values: f16 (2.5 bytes per multiplication) or q8 (int8 with a "
                    "fp16 scale per 16 values, 1.625 bytes); default f16")  # fmt: skip
-    c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_convert)
 
     i = subparsers.add_parser("info", help="config, format, size and matrices of a model")
@@ -128,6 +154,7 @@ def add_parser(subparsers) -> None:
     b.add_argument("--rounds", type=count_arg(1), default=3,
                    help="rounds over all efforts, each in a rotated order; medians are reported")  # fmt: skip
     b.add_argument("--prompt", type=text_arg, default="The history of the city began")
+    b.add_argument("--json", action="store_true", help="print the rows as JSON")
     b.set_defaults(func=cmd_bench)
 
 
@@ -138,7 +165,7 @@ def load_model(args):
 
     if args.threads is not None:
         pyeffort.set_num_threads(args.threads)
-    model = models.load(args.model, fraction=args.load_fraction, progress=True)
+    model = models.load(args.model, fraction=args.load_fraction, progress=args.progress)
     if args.effort_head:
         model.effort_head(True)
     return model
@@ -181,12 +208,63 @@ class TextStream:
 
 
 def summary(st) -> str:
-    asked = sum(st.efforts) / len(st.efforts) if st.efforts else float("nan")
+    d = stats_dict(st)
+    asked, real = (float("nan") if v is None else v for v in (d["effort"], d["realised_effort"]))
     return (
         f"[{st.generated} tokens; prefill {st.prompt_tokens} tokens in {st.prefill_s:.2f} s; "
-        f"decode {st.decode_tps:.1f} tokens/s; effort asked {asked:.3f}, "
-        f"realised {st.realised:.3f}]"
+        f"decode {st.decode_tps:.1f} tokens/s; effort asked {asked:.3f}, realised {real:.3f}]"
     )
+
+
+def stats_dict(st) -> dict:
+    """The stats of one generation (NaN, as with a single token, -> None: JSON has no NaN)."""
+    d = {"prompt_tokens": st.prompt_tokens, "tokens": st.generated, "prefill_s": st.prefill_s,
+         "decode_tokens_per_s": st.decode_tps,
+         "effort": sum(st.efforts) / len(st.efforts) if st.efforts else None,
+         "realised_effort": st.realised}  # fmt: skip
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
+
+
+def sampling_kwargs(args) -> dict:
+    """generate()'s sampling arguments from the options of add_sampling_args."""
+    return {"prefill_effort": args.prefill_effort, "temperature": args.temperature,
+            "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed}  # fmt: skip
+
+
+def read_prompt(args) -> str:
+    """The prompt: the argument, stdin ('-') or --prompt-file (one final newline dropped)."""
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("give a prompt: as an argument, '-' (stdin) or --prompt-file PATH, "
+                         "one of them")  # fmt: skip
+    if args.prompt_file is not None:
+        where = f"--prompt-file {args.prompt_file}"
+        try:
+            data = Path(args.prompt_file).read_bytes()
+        except OSError as exc:
+            raise OSError(f"{where}: {exc.strerror or exc}") from None
+    elif args.prompt == "-":
+        where, data = "the prompt on stdin", sys.stdin.buffer.read()
+    else:
+        return args.prompt
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{where} is not valid UTF-8 text") from None
+    return text.removesuffix("\n")
+
+
+def prompt_ids(args, tok) -> list[int]:
+    """Token ids of the prompt: in the model's chat template unless --raw or the model has none."""
+    if args.system_prompt is not None and (args.raw or not tok.chat_template):
+        why = "--raw sends the prompt as is" if args.raw else "the model has no chat template"
+        raise ValueError(f"--system-prompt needs the chat template: {why}")
+    text = read_prompt(args)
+    if args.raw or not tok.chat_template:
+        return tok.encode(text)
+    messages = [{"role": "user", "content": text}]
+    if args.system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": args.system_prompt})
+    return tok.chat_prompt(messages)
 
 
 def cmd_generate(args) -> int:
@@ -196,27 +274,32 @@ def cmd_generate(args) -> int:
     dial = EffortDial(args.effort, keys=not args.no_keys)
     model = load_model(args)
     tok = model.tokenizer
-    st, stream = Stats(), TextStream(tok)
-    ids = tok.encode(args.prompt)
+    ids = prompt_ids(args, tok)
     n = fit_context(model, len(ids), args.max_tokens)
     if n < args.max_tokens:
         warn(f"{len(ids)} prompt tokens + --max-tokens {args.max_tokens} exceed the model's "
              f"context of {model.args.max_seq_len} tokens: at most {n} tokens")  # fmt: skip
-    prepare(model, progress=True)
+    prepare(model, progress=args.progress)
+    stop = [] if args.ignore_eos else tok.eos_ids
+    st, stream = Stats(), TextStream(tok, io.StringIO() if args.json else None)
     with dial:
-        for t in generate(model, ids, max_tokens=n, effort=dial,
-                          prefill_effort=args.prefill_effort, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, stats=st):  # fmt: skip
+        for t in generate(model, ids, max_tokens=n, effort=dial, stop=stop, stats=st,
+                          **sampling_kwargs(args)):  # fmt: skip
             stream.add(t)
+    if args.json:
+        finish = "stop" if stream.ids and stream.ids[-1] in stop else "length"
+        print(json.dumps({"text": stream.text, "finish_reason": finish, **stats_dict(st)}))
+        return 0
     print(file=sys.stdout, flush=True)
-    print(summary(st), file=sys.stderr)
+    if not args.quiet:
+        print(summary(st), file=sys.stderr)
     return 0
 
 
 def cmd_convert(args) -> int:
     from pyeffort.models.convert import convert
 
-    dst = convert(args.src, args.dst, progress=not args.no_progress, overwrite=args.overwrite,
+    dst = convert(args.src, args.dst, progress=args.progress, overwrite=args.overwrite,
                   values=args.values)  # fmt: skip
     print(f"wrote {dst} ({_size(dst) / 2**20:.1f} MiB, {args.values} values)")
     return 0
@@ -271,36 +354,55 @@ def _file_info(path: Path) -> tuple[list[str], int, int]:
 
 
 def cmd_bench(args) -> int:
-    import statistics
-
     import pyeffort
-    from pyeffort.models.generate import ContextError, Stats, fit_context, generate
+    from pyeffort.models.generate import ContextError, fit_context
 
     model = load_model(args)
     ids = model.tokenizer.encode(args.prompt)
     if fit_context(model, len(ids), args.tokens + 1) <= args.tokens:
         raise ContextError(f"{len(ids)} prompt tokens + --tokens {args.tokens} exceed the "
                            f"model's context of {model.args.max_seq_len} tokens")  # fmt: skip
-    efforts = args.efforts
-    prepare(model, progress=True)
+    prepare(model, progress=args.progress)
     rt = pyeffort.runtime_info()
-    print(f"kernel {rt['kernel']}, {rt['threads']} threads, {args.tokens} tokens per effort, "
-          f"median of {args.rounds} rounds (efforts in a rotated order each round)")  # fmt: skip
-    print(f"{'effort':>7} {'realised':>9} {'tokens/s':>9} {'ms/token':>9} {'range tok/s':>13}")
+    head = {"kernel": rt["kernel"], "threads": rt["threads"], "tokens": args.tokens,
+            "rounds": args.rounds}  # fmt: skip
+    if not args.json:
+        print(f"kernel {rt['kernel']}, {rt['threads']} threads, {args.tokens} tokens per "
+              f"effort, median of {args.rounds} rounds (efforts in a rotated order each round)")  # fmt: skip
+        print(f"{'effort':>7} {'realised':>9} {'tokens/s':>9} {'ms/token':>9} {'range tok/s':>13}")
+    rows = bench_rows(model, ids, args.efforts, args.tokens, args.rounds)
+    if args.json:
+        print(json.dumps({**head, "rows": rows}))
+        return 0
+    for r in rows:
+        span = f"{r['min_tokens_per_s']:.1f}-{r['max_tokens_per_s']:.1f}"
+        print(f"{r['effort']:7.2f} {r['realised_effort']:9.3f} {r['tokens_per_s']:9.1f} "
+              f"{r['ms_per_token']:9.2f} {span:>13}")  # fmt: skip
+    return 0
+
+
+def bench_rows(model, ids, efforts, tokens: int, rounds: int) -> list[dict]:
+    """Decode tokens/s at each effort: the median over ``rounds``, each effort once a round."""
+    import statistics
+
+    from pyeffort.models.generate import Stats, generate
+
     list(generate(model, ids, max_tokens=4, stop=[]))  # warm up (dense copies, caches)
     tps: dict[float, list[float]] = {e: [] for e in efforts}
     real: dict[float, float] = {}
-    for r in range(args.rounds):  # a machine's slow drifts then hit every effort alike
+    for r in range(rounds):  # a machine's slow drifts then hit every effort alike
         for e in efforts[r % len(efforts) :] + efforts[: r % len(efforts)]:
             st = Stats()
-            list(generate(model, ids, max_tokens=args.tokens + 1, effort=e, stop=[], stats=st))
+            list(generate(model, ids, max_tokens=tokens + 1, effort=e, stop=[], stats=st))
             tps[e].append(st.decode_tps)
             real[e] = st.realised
+    rows = []
     for e in efforts:
         med = statistics.median(tps[e])
-        span = f"{min(tps[e]):.1f}-{max(tps[e]):.1f}"
-        print(f"{e:7.2f} {real[e]:9.3f} {med:9.1f} {1e3 / med:9.2f} {span:>13}")
-    return 0
+        rows.append({"effort": e, "realised_effort": real[e], "tokens_per_s": med,
+                     "ms_per_token": 1e3 / med, "min_tokens_per_s": min(tps[e]),
+                     "max_tokens_per_s": max(tps[e])})  # fmt: skip
+    return rows
 
 
 def warn(msg: str) -> None:

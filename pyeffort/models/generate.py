@@ -54,20 +54,49 @@ def fit_context(model, used: int, max_tokens: int) -> int:
     return min(max_tokens, ctx - used)
 
 
-def sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
-    """logits (vocab,) -> a token id; temperature 0 is greedy."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
+def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float) -> None:
+    """ValueError naming the first sampling parameter out of range."""
+    if not (math.isfinite(temperature) and temperature >= 0.0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: no cut), got {top_k!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must lie in [0, 1], got {min_p}")
+
+
+def candidates(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+    """logits (vocab,) -> the token ids that survive top-k, then top-p, then min-p, most likely
+    first (the order of llama.cpp's sampler chain and mlx_lm's make_sampler), all three judged
+    on softmax(logits) at temperature 1. top-k: the k most likely (0: all); top-p: the fewest
+    whose probability sums to >= top_p; min-p: those with p >= min_p * max p. The most likely
+    token always survives."""
+    z = logits.astype(np.float64)
+    idx = np.argsort(-z, kind="stable")
+    if 0 < top_k < len(idx):
+        idx = idx[:top_k]
+    p = np.exp(z[idx] - z[idx[0]])
     p /= p.sum()
     if top_p < 1.0:
-        idx = np.argsort(-p)
-        keep = np.searchsorted(np.cumsum(p[idx]), top_p) + 1
-        idx = idx[:keep]
-        q = p[idx] / p[idx].sum()
-        return int(idx[rng.choice(len(idx), p=q)])
-    return int(rng.choice(len(p), p=p))
+        keep = int(np.searchsorted(np.cumsum(p), top_p)) + 1
+        idx, p = idx[:keep], p[:keep]
+    if min_p > 0.0:
+        n = int(np.count_nonzero(p >= min_p * p[0]))
+        idx = idx[: max(n, 1)]
+    return idx
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng, top_k: int = 0,
+           min_p: float = 0.0) -> int:  # fmt: skip
+    """logits (vocab,) -> a token id: greedy at temperature 0; else drawn from the
+    ``candidates`` with softmax(logits / temperature) renormalised over them."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    idx = candidates(logits, top_k, top_p, min_p)
+    z = logits[idx].astype(np.float64) / temperature
+    q = np.exp(z - z.max())
+    return int(idx[rng.choice(len(idx), p=q / q.sum())])
 
 
 def generate(
@@ -79,6 +108,8 @@ def generate(
     prefill_effort: float = 1.0,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     seed: int | None = None,
     stop: Sequence[int] | None = None,
     start_pos: int = 0,
@@ -86,13 +117,10 @@ def generate(
 ) -> Iterator[int]:
     """Yield up to ``max_tokens`` tokens after ``prompt`` (token ids placed at ``start_pos``: the
     cache holds the positions before it). Stops after yielding a token in ``stop`` (default: the
-    tokenizer's end-of-sequence ids)."""
+    tokenizer's end-of-sequence ids; ``[]``: never). Sampling: see ``sample``."""
     if not 0.0 < prefill_effort <= 1.0:
         raise ValueError(f"prefill_effort must lie in (0, 1], got {prefill_effort}")
-    if not (math.isfinite(temperature) and temperature >= 0.0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p, min_p)
     if max_tokens < 0:
         raise ValueError("max_tokens must be >= 0")
     if len(prompt) == 0:
@@ -116,7 +144,7 @@ def generate(
     pos = start_pos + len(prompt)
     model.reset_counters()
     for i in range(max_tokens):
-        token = sample(logits, temperature, top_p, rng)
+        token = sample(logits, temperature, top_p, rng, top_k, min_p)
         st.generated += 1
         yield token
         if token in stop or i == max_tokens - 1:
