@@ -316,11 +316,11 @@ def main(argv=None) -> int:
     p.add_argument("--quality", help="quality.json of pyeffort eval (with --table)")
     args = p.parse_args(argv)
     if args.table:
-        res = json.loads(pathlib.Path(args.table).read_text())
         if not args.quality:
             print("the KL per effort: pyeffort eval --rules pyeffort,pyeffort_q8,teal --out DIR")
             print("(DIR/quality.md; then --quality DIR/quality.json here)")
             return 2
+        res = json.loads(pathlib.Path(args.table).read_text())
         quality = json.loads(pathlib.Path(args.quality).read_text())["results"]
         print(equal_time(res["curves"], quality))
         return 0
