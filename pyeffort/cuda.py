@@ -40,6 +40,7 @@ import tempfile
 import numpy as np
 
 from pyeffort import _validate, reference
+from pyeffort.dense import DenseQ8
 from pyeffort._devices import GROUP_MAX, MatmulInfo
 from pyeffort.errors import (
     STATUS_DEVICE,
@@ -53,7 +54,7 @@ from pyeffort.errors import (
 GROUP = reference.GROUP
 VALUE_KINDS = ("f16", "q8")  # value kinds with kernels here (Buckets.to checks it)
 _ROOT = pathlib.Path(__file__).resolve().parent
-SOURCES = ("status.cu", "bucketmul.cu")  # the library's translation units (as setup.py)
+SOURCES = ("status.cu", "bucketmul.cu", "dense_q8.cu", "channel_skip.cu")  # as setup.py
 _PDL = os.environ.get("PYEFFORT_CUDA_PDL", "1") != "0"
 _COOP = os.environ.get("PYEFFORT_CUDA_COOP", "1") != "0"
 _lib_handle = None
@@ -195,6 +196,9 @@ def load(path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     lib.pe_cuda_matmul.argtypes = [ctypes.POINTER(_Group), p, i32, i64, p, f64, i32, p, i32, i32]
+    lib.pe_cuda_dense_q8.argtypes = [p, i32, i64, p, p, i64, i64, i32, p, p, p, i32, p, i32]
+    lib.pe_cuda_channel_skip.argtypes = [p, i32, i64, i64, p, i64, i64, i32, p, p, p, p, p, i32]
+    lib.pe_cuda_channel_skip.argtypes += [p, i32]
     lib.pe_cuda_error_string.restype = ctypes.c_char_p
     lib.pe_cuda_error_string.argtypes = [i32]
     _check(lib, lib.pe_cuda_init())
@@ -490,8 +494,11 @@ def repack_q8(torch, values, positions, scales, stats, order, ct: int):
     return wt, slot.to(torch.int32).contiguous()
 
 
-def to_device(b, device="cuda", **kw) -> CudaBuckets:
-    """A host Buckets -> CudaBuckets on ``device`` (kw: ct, splits)."""
+def to_device(b, device="cuda", **kw):
+    """A host Buckets -> CudaBuckets on ``device`` (kw: ct, splits); a DenseQ8 (pyeffort.dense)
+    -> CudaDenseQ8 (kw: splits)."""
+    if isinstance(b, DenseQ8):
+        return CudaDenseQ8(b, device, **kw)
     return CudaBuckets(
         b.values, b.positions, b.stats, b.order, b.n_out, device, scales=b.scales, **kw
     )
@@ -722,3 +729,154 @@ def _output(torch, out, out_dtype, x_dtype, shape, device):
     if not out.is_contiguous():
         raise LayoutError("out must be contiguous")
     return out
+
+
+# ---------------------------------------------------------------- dense baselines on the GPU
+# The kernels an effort matmul is judged against on the same GPU (src/cuda/dense_q8.cu,
+# channel_skip.cu): our dense 8-bit weight-only GEMV and TEAL-style channel skipping. Both sum
+# in a fixed order (split-K partials added in split order): the same bits every call. Their
+# scratch is reused by every call, so a matrix (and a shape, for channel skipping) is used by one
+# stream at a time.
+
+DENSE_COLS = 256  # output columns per block of both dense kernels (splitk.cuh's tiles)
+_BLOCKS_PER_SM = {"q8": 3, "rows": 2}  # resident blocks of 256 threads (80 / 100 registers)
+
+
+def dense_splits(n_out: int, units: int, per_split: int, n_sms: int, kind: str) -> int:
+    """Input splits of a dense kernel: as many as fill one wave of blocks (tiles x splits), each
+    split keeping at least ``per_split`` of the ``units`` (q8: scale blocks of 32 inputs;
+    channel skipping: kept rows)."""
+    tiles = _ceil_div(n_out, DENSE_COLS)
+    wave = _BLOCKS_PER_SM[kind] * n_sms
+    return max(1, min(wave // tiles, units // per_split))
+
+
+def keep_count(keep, n_in: int) -> int:
+    """Rows channel skipping keeps: ``round(keep * n_in)``, as pyeffort.eval's ``teal`` rule."""
+    return round(_validate.effort(keep, "keep") * n_in)
+
+
+def _splitk_scratch(torch, n_split: int, n_out: int, device):
+    """(partial (n_split, n_out) f32, count (tiles,) i32 zeroed) of splitk.cuh."""
+    partial = torch.empty((n_split, n_out), dtype=torch.float32, device=device)
+    count = torch.zeros(_ceil_div(n_out, DENSE_COLS), dtype=torch.int32, device=device)
+    return partial, count
+
+
+class CudaDenseQ8:
+    """A DenseQ8 (pyeffort.dense: int8 weights, an fp16 scale per 32 inputs of each output)
+    resident on a CUDA device, for ``dense_q8_matmul``. ``splits``: input splits (default
+    ``dense_splits``)."""
+
+    def __init__(self, wq: DenseQ8, device="cuda", *, splits=None):
+        torch = _torch()
+        if not isinstance(wq, DenseQ8):
+            raise DTypeError(f"CudaDenseQ8 takes a pyeffort.DenseQ8, got {type(wq).__name__}")
+        dev = torch.device(device)
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
+        self.n_in, self.n_out = wq.shape
+        self.q = torch.as_tensor(np.require(wq.q, requirements="W")).to(dev)
+        self.scales = torch.as_tensor(np.require(wq.scales, requirements="W").view(np.int16)).to(dev)
+        nb = self.scales.shape[0]
+        if splits is None:
+            splits = dense_splits(self.n_out, nb, 8, num_sms(dev), "q8")
+        if not 1 <= splits <= nb:
+            raise ShapeError(f"splits must lie in 1..{nb}, got {splits}")
+        self.splits = int(splits)
+        self._partial, self._count = _splitk_scratch(torch, self.splits, self.n_out, dev)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_in, self.n_out)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a product reads: the int8 weights and the fp16 scales."""
+        return self.q.numel() + 2 * self.scales.numel()
+
+    def __repr__(self) -> str:
+        return f"CudaDenseQ8(shape={self.shape}, splits={self.splits}, device={self.device})"
+
+
+def _dense_io(torch, x, n_in: int, n_outs, device, out, out_dtype):
+    """Checks x (n_in,) or (n_tokens, n_in) on ``device`` -> (x dtype code, n_tokens, y)."""
+    if not is_cuda_tensor(x) or x.device != device:
+        raise DTypeError(f"x must be a CUDA tensor on {device}")
+    xd = _dtype_code(torch, x.dtype)
+    if x.ndim not in (1, 2) or x.shape[-1] != n_in:
+        raise ShapeError(f"x must have shape ({n_in},) or (n_tokens, {n_in}), got {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise LayoutError("x must be contiguous")
+    n_tok = 1 if x.ndim == 1 else int(x.shape[0])
+    shape = (n_outs,) if x.ndim == 1 else (n_tok, n_outs)
+    y = _output(torch, out, out_dtype, x.dtype, shape, device)
+    if out is not None and _any_overlap([x, y]):
+        raise LayoutError("out shares memory with x: pass a separate tensor")
+    return xd, n_tok, y
+
+
+def dense_q8_matmul(x, Wq, *, out=None, out_dtype=None):
+    """``x @ W`` on the GPU for a CudaDenseQ8 (``cuda.to_device(pyeffort.quantize_dense_q8(W))``):
+    float32 accumulation, the same result as ``pyeffort.dense_matmul`` up to summation order.
+    ``x``: CUDA tensor ``(n_in,)`` or ``(n_tokens, n_in)``, float16/bfloat16/float32. Returns
+    float32 (or ``out_dtype``: float32 or x's dtype)."""
+    torch = _torch()
+    if not isinstance(Wq, CudaDenseQ8):
+        raise DTypeError("dense_q8_matmul takes a CudaDenseQ8: cuda.to_device(DenseQ8)")
+    xd, n_tok, y = _dense_io(torch, x, Wq.n_in, Wq.n_out, Wq.device, out, out_dtype)
+    lib = _lib()
+    with torch.cuda.device(Wq.device):
+        stream = torch.cuda.current_stream(Wq.device).cuda_stream
+        _check(
+            lib,
+            lib.pe_cuda_dense_q8(
+                x.data_ptr(), xd, n_tok, Wq.q.data_ptr(), Wq.scales.data_ptr(), Wq.n_in,
+                Wq.n_out, Wq.splits, Wq._partial.data_ptr(), Wq._count.data_ptr(), y.data_ptr(),
+                _dtype_code(torch, y.dtype), stream, int(_PDL),
+            ),
+        )  # fmt: skip
+    return y
+
+
+_skip_scratch: dict = {}  # (device, n_in, n_out, k, splits) -> (rows, xs, partial, count)
+
+
+def channel_skip_matmul(x, W16, keep, *, out=None, out_dtype=None, splits=None):
+    """TEAL-style channel skipping on the GPU: per token the ``keep_count(keep, n_in)`` input
+    rows of largest ``|x_i|`` (ties: lower index first, an exact count selected on the device),
+    ``y = sum x_i W16[i, :]`` over them, reading only the kept rows of ``W16`` ``(n_in, n_out)``
+    (a contiguous float16 CUDA tensor, row-major). ``x`` and the result as ``dense_q8_matmul``'s.
+    ``splits``: input splits of the product (default ``dense_splits``)."""
+    torch = _torch()
+    if not is_cuda_tensor(W16) or W16.dtype != torch.float16 or W16.ndim != 2:
+        raise DTypeError("W16 must be a 2-D float16 CUDA tensor (n_in, n_out)")
+    if not W16.is_contiguous():
+        raise LayoutError("W16 must be contiguous (row-major)")
+    n_in, n_out = W16.shape
+    xd, n_tok, y = _dense_io(torch, x, n_in, n_out, W16.device, out, out_dtype)
+    k = keep_count(keep, n_in)
+    if splits is None:
+        splits = dense_splits(n_out, k, 64, num_sms(W16.device), "rows")
+    if not 1 <= splits <= max(1, k):
+        raise ShapeError(f"splits must lie in 1..{max(1, k)}, got {splits}")
+    key = (W16.device, n_in, n_out, k, int(splits))
+    if key not in _skip_scratch:
+        i32 = {"dtype": torch.int32, "device": W16.device}
+        rows = torch.empty(max(k, 1), **i32)
+        xs = torch.empty(max(k, 1), dtype=torch.float32, device=W16.device)
+        _skip_scratch[key] = (rows, xs, *_splitk_scratch(torch, int(splits), n_out, W16.device))
+    rows, xs, partial, count = _skip_scratch[key]
+    lib = _lib()
+    with torch.cuda.device(W16.device):
+        stream = torch.cuda.current_stream(W16.device).cuda_stream
+        _check(
+            lib,
+            lib.pe_cuda_channel_skip(
+                x.data_ptr(), xd, n_tok, k, W16.data_ptr(), n_in, n_out, int(splits),
+                rows.data_ptr(), xs.data_ptr(), partial.data_ptr(), count.data_ptr(),
+                y.data_ptr(), _dtype_code(torch, y.dtype), stream, int(_PDL),
+            ),
+        )  # fmt: skip
+    return y

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call (the `device` tool): set up, then the named steps, results under $OUT.
 #   bash experiments/device/run.sh cuda          build, CUDA tests, CUDA benchmark suite
+#   bash experiments/device/run.sh cuda-bench    bench/cuda_run.py: checks, timings, one JSON
 #   bash experiments/device/run.sh cpu-scaling   CPU matmul suite on 4096x14336 at 1..16 threads
 #     (THREADS="1 2 4 8 16" SHAPES="4096x14336 or 14336x4096" for others; CFLAGS=-D... rebuilds)
 # Wheels the image lacks travel in .whl/ (carry it); see DEVELOPERS.md.
@@ -25,6 +26,11 @@ for step in "$@"; do
         python3 -m pytest -q -p no:cacheprovider bench/test_cuda_speed.py \
             --benchmark-json="$OUT/cuda_bench.json" 2>&1 | tail -25
         python3 bench/report.py "$OUT/cuda_bench.json" | tee "$OUT/cuda_report.md"
+        ;;
+    cuda-bench)
+        # build, CUDA tests, every GPU number of issue 20 in CUDA graphs -> $OUT/cuda_run.json
+        timeout 480 python3 bench/cuda_run.py --out "$OUT/cuda_run.json" 2>&1 |
+            tee "$OUT/cuda_run.log" | tail -60
         ;;
     cpu-scaling)
         # THREADS (default 1..16) x SHAPES (a -k expression); numpy, dense f16 and q8, fp16

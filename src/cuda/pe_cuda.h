@@ -91,6 +91,22 @@ int pe_cuda_matmul(const pe_cuda_group *g, const void *x, int x_dtype, int64_t n
                    const double *effort_ptr, double effort_val, int y_dtype, void *stream,
                    int pdl, int coop);
 
+/* Dense 8-bit weight-only GEMV (dense_q8.cu; pyeffort.dense's Q8_0): x (n_tokens, n_in) @ W ->
+ * y (n_tokens, n_out), W[i, j] = q[i, j] * scales[i / 32, j], q (n_in, n_out) int8, scales
+ * (ceil(n_in / 32), n_out) fp16 bits. n_split > 1: partial (n_split, n_out) f32 and count
+ * (ceil(n_out / 256),) u32 zeroed scratch (left zeroed). -> a status. */
+int pe_cuda_dense_q8(const void *x, int x_dtype, int64_t n_tokens, const int8_t *q,
+                     const uint16_t *scales, int64_t n_in, int64_t n_out, int n_split,
+                     float *partial, uint32_t *count, void *y, int y_dtype, void *stream, int pdl);
+
+/* Channel skipping (channel_skip.cu): per token the k rows of largest |x_i| (ties: lower index)
+ * of W (n_in, n_out) fp16 bits, row-major -> y = sum of x_i W[i, :] over them. rows (k,) i32 and
+ * xs (k,) f32 scratch; partial and count as pe_cuda_dense_q8's. -> a status. */
+int pe_cuda_channel_skip(const void *x, int x_dtype, int64_t n_tokens, int64_t k, const uint16_t *w,
+                         int64_t n_in, int64_t n_out, int n_split, int32_t *rows, float *xs,
+                         float *partial, uint32_t *count, void *y, int y_dtype, void *stream,
+                         int pdl);
+
 /* The CUDA runtime's message for a status above PE_CUDA_ERR_DEVICE, else NULL. */
 const char *pe_cuda_error_string(int status);
 
