@@ -22,7 +22,7 @@ from pyeffort.models import Model, ModelArgs
 from pyeffort.models.generate import Stats, generate
 
 torch = pytest.importorskip("torch")
-from pyeffort.models.llama_torch import TorchModel  # noqa: E402
+from pyeffort.models.llama_torch import TorchModel
 
 REL_TOL = 1e-4
 PROMPT = [3, 17, 5, 90, 41, 8, 8, 23, 64, 2, 77, 31, 12, 50, 9, 99, 1, 44, 60, 7]
@@ -194,3 +194,59 @@ def test_default_model_twin():
         a = list(generate(m, ids, max_tokens=12, effort=e, stop=[], stats=st[0]))
         assert list(generate(twin, ids, max_tokens=12, effort=e, stop=[], stats=st[1])) == a
         assert st[0].realised == st[1].realised
+
+
+# ---------------------------------------------------------------- --device on the command line
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    from test_model_hf import write_tiny_mistral
+
+    folder = tmp_path_factory.mktemp("tiny-device")
+    write_tiny_mistral(folder)
+    return folder
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    from pyeffort.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_device_flag(tiny_hf, capsys):
+    gen = ("generate", "the cat", "--model", str(tiny_hf), "--max-tokens", "4", "--no-keys")
+    rc, cpu, _ = run_cli(capsys, *gen, "--device", "cpu")
+    assert rc == 0 and cpu.strip()
+    if not torch.cuda.is_available():  # auto: the CPU here
+        assert run_cli(capsys, *gen, "--device", "auto")[:2] == (0, cpu)
+        rc, _, err = run_cli(capsys, *gen, "--device", "cuda")
+        assert rc == 2 and "no CUDA GPU" in err and "Traceback" not in err
+    rc, _, err = run_cli(capsys, *gen, "--device", "metal")
+    assert rc == 2 and "Metal backend is not available" in err
+    rc, _, err = run_cli(capsys, "bench", "--model", str(tiny_hf), "--device", "metal")
+    assert rc == 2 and "Metal" in err
+    rc, _, err = run_cli(capsys, "eval", "--tiny", "--text", __file__, "--device", "cuda")
+    assert rc == 2 and "CPU only" in err
+    with pytest.raises(SystemExit):
+        run_cli(capsys, *gen, "--device", "tpu")
+
+
+def test_device_without_torch(monkeypatch):
+    """auto falls back to the CPU without importing torch; cuda says what is missing."""
+    import importlib.util
+    import sys
+
+    from pyeffort.models.commands import resolve_device
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "torch" else real(n, *a)
+    )
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    with pytest.raises(BackendError, match="needs torch"):
+        resolve_device("cuda")
+    assert resolve_device("cpu") == "cpu"

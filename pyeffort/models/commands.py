@@ -84,6 +84,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=count_arg(1), default=None, help="CPU threads for the kernels")
     p.add_argument("--effort-head", action="store_true",
                    help="the LM head at effort too (default: dense)")  # fmt: skip
+    add_device_arg(p)
+
+
+DEVICES = ("auto", "cpu", "cuda", "metal")
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto: cuda when torch sees an NVIDIA GPU, else cpu")  # fmt: skip
+
+
+def resolve_device(name: str) -> str:
+    """--device -> "cpu" or "cuda"; BackendError for a device this machine cannot use."""
+    import importlib.util
+
+    from pyeffort.errors import BackendError
+
+    if name == "metal":
+        raise BackendError("--device metal: the Metal backend is not available on this machine")
+    if name == "cpu" or (name == "auto" and importlib.util.find_spec("torch") is None):
+        return "cpu"
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendError(f"--device cuda needs torch with CUDA ({exc})") from None
+    if torch.cuda.is_available():
+        return "cuda"
+    if name == "auto":
+        return "cpu"
+    raise BackendError("--device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -138,9 +168,14 @@ def load_model(args):
 
     if args.threads is not None:
         pyeffort.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     model = models.load(args.model, fraction=args.load_fraction, progress=True)
     if args.effort_head:
         model.effort_head(True)
+    if device == "cuda":
+        from pyeffort.models.llama_torch import TorchModel
+
+        return TorchModel(model, "cuda")  # each decoded token one CUDA graph
     return model
 
 
@@ -151,6 +186,8 @@ def prepare(model, progress: bool = False) -> None:
 
     import pyeffort
 
+    if getattr(model, "device", None) is not None:  # a TorchModel: its matrices are on the GPU
+        return
     for lin in tqdm(list(model.linears()), desc="preparing kernels", unit="matrix",
                     disable=not progress, leave=False):  # fmt: skip
         pyeffort.prepare(lin.buckets)
@@ -284,8 +321,13 @@ def cmd_bench(args) -> int:
     efforts = args.efforts
     prepare(model, progress=True)
     rt = pyeffort.runtime_info()
-    print(f"kernel {rt['kernel']}, {rt['threads']} threads, {args.tokens} tokens per effort, "
-          f"median of {args.rounds} rounds (efforts in a rotated order each round)")  # fmt: skip
+    where = f"kernel {rt['kernel']}, {rt['threads']} threads"
+    if getattr(model, "device", None) is not None:
+        import torch
+
+        where = f"{torch.cuda.get_device_name(model.device)}, CUDA graphs"
+    print(f"{where}, {args.tokens} tokens per effort, median of {args.rounds} rounds "
+          "(efforts in a rotated order each round)")  # fmt: skip
     print(f"{'effort':>7} {'realised':>9} {'tokens/s':>9} {'ms/token':>9} {'range tok/s':>13}")
     list(generate(model, ids, max_tokens=4, stop=[]))  # warm up (dense copies, caches)
     tps: dict[float, list[float]] = {e: [] for e in efforts}
