@@ -250,3 +250,50 @@ def test_device_without_torch(monkeypatch):
     with pytest.raises(BackendError, match="needs torch"):
         resolve_device("cuda")
     assert resolve_device("cpu") == "cpu"
+
+
+def host_cuda_stand_in():
+    """pyeffort.cuda's calls as CudaMatmuls makes them, done on the host: checks their plumbing
+    (matrix order, groups, one device effort per matrix) where no GPU is."""
+    import types
+
+    def effort_of(e):
+        assert torch.is_tensor(e) and e.shape == (1,) and e.dtype == torch.float64
+        return float(e)
+
+    def matmul(x, b, e, out_dtype=None):
+        return torch.from_numpy(pyeffort.matmul(x.numpy(), b, effort_of(e)))
+
+    def matmul_group(x, group, e, out_dtype=None):
+        calls.append(len(group))
+        return [matmul(x, b, e) for b in group]
+
+    calls: list[int] = []
+    return types.SimpleNamespace(to_device=lambda b, device, ct=None: b, CudaGroup=list,
+                                 matmul=matmul, matmul_group=matmul_group, calls=calls)  # fmt: skip
+
+
+@pytest.mark.parametrize("profile", [False, True])
+def test_cuda_matmuls_plumbing(monkeypatch, profile):
+    """CudaMatmuls on the host stand-in: the numpy model's logits, grouped q/k/v and gate/up
+    calls without a budget profile and one call per matrix (own effort) with one."""
+    import sys
+
+    from pyeffort.models import llama_torch
+
+    fake = host_cuda_stand_in()
+    monkeypatch.setitem(sys.modules, "pyeffort.cuda", fake)
+    monkeypatch.setattr(pyeffort, "cuda", fake, raising=False)
+    m = tiny_model()
+    if profile:
+        names = [lin.name for lin in m.linears()]
+        m.set_profile({"efforts": [0.1, 1.0],
+                       "weights": {n: [1.0 + i % 3, 1.0] for i, n in enumerate(names)}})  # fmt: skip
+    mm = llama_torch.CudaMatmuls(m, "cpu", torch.float32)
+    net = llama_torch.Transformer(m, mm, capacity=32, dtype=torch.float32, device="cpu")
+    for e in (1.0, 0.5):
+        mm.set_effort(e)
+        with torch.no_grad():
+            ours = net(torch.tensor(PROMPT), torch.arange(len(PROMPT))).numpy()
+        assert_close(ours, m.forward(PROMPT, 0, e))
+    assert fake.calls == ([] if profile else [3, 2] * 2 * m.args.n_layers)
