@@ -270,6 +270,7 @@ def host_cuda_stand_in():
 
     calls: list[int] = []
     return types.SimpleNamespace(to_device=lambda b, device, ct=None: b, CudaGroup=list,
+                                 CudaBuckets=type("CudaBuckets", (), {}),
                                  matmul=matmul, matmul_group=matmul_group, calls=calls)  # fmt: skip
 
 

@@ -41,7 +41,7 @@ class GraphDecoder:
     def _capture(self) -> None:
         self.graph = self.logits = None  # frees the old graph's memory pool first
         counters = self.net.mm.info()
-        saved = torch.cat(counters).clone()
+        saved = [t.clone() for t in counters]
         side = torch.cuda.Stream(self.net.device)
         side.wait_stream(torch.cuda.current_stream(self.net.device))
         with torch.no_grad():

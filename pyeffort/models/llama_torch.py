@@ -85,9 +85,15 @@ def _default_ct(n_out: int) -> int:
     return 128 if g >= 256 else 64 if g >= 128 else 32  # pyeffort.cuda.CudaBuckets' rule
 
 
+def _on_device(cuda, b, device, ct):
+    """A host Buckets repacked for the GPU; a CudaBuckets (built there) as it is."""
+    return b if isinstance(b, cuda.CudaBuckets) else cuda.to_device(b, device, ct=ct)
+
+
 class CudaMatmuls:
-    """Matrices on a CUDA device (CudaBuckets); ``eff`` (n_mats + 1,) float64 on the device holds
-    each matrix's effort (its budget split) and, last, the LM head's."""
+    """Matrices on a CUDA device (CudaBuckets; the model's matrices may be CudaBuckets already,
+    built on the GPU); ``eff`` (n_mats + 1,) float64 on the device holds each matrix's effort
+    (its budget split) and, last, the LM head's."""
 
     def __init__(self, model: Model, device, dtype):
         from pyeffort import cuda
@@ -101,7 +107,7 @@ class CudaMatmuls:
             for grp in (QKV, WO, GATE_UP, DOWN):
                 cts = {_default_ct(lins[i].shape[1]) for i in grp}
                 ct = None if len(cts) == 1 else GROUP_CT
-                self.mats += [cuda.to_device(lins[i].buckets, device, ct=ct) for i in grp]
+                self.mats += [_on_device(cuda, lins[i].buckets, device, ct) for i in grp]
         self.groups = {}  # first index -> CudaGroup of q/k/v or gate/up
         for layer in range(model.args.n_layers):
             for grp in (QKV, GATE_UP):
@@ -302,10 +308,11 @@ class TorchModel:
     CUDA graph replay unless ``graphs=False``; the prefill runs eagerly.
 
     ``dtype``: activations and KV cache (float32 by default: the numpy model's precision);
-    ``biases``: q/k/v biases by name (default: those the numpy model holds, ``biases_of``)."""
+    ``biases``: q/k/v biases by name (default: those the numpy model holds, ``biases_of``);
+    ``matmuls``: the matrix products (default: CudaMatmuls or HostMatmuls, by device)."""
 
     def __init__(self, model: Model, device="cuda", *, dtype=torch.float32, graphs=True,
-                 biases=None, capacity=CAPACITY):  # fmt: skip
+                 biases=None, capacity=CAPACITY, matmuls=None):  # fmt: skip
         if str(device).split(":")[0] not in ("cpu", "cuda"):
             raise BackendError(f"the torch model runs on cpu or cuda, not {device}")
         self.device = torch.device(device)
@@ -315,7 +322,9 @@ class TorchModel:
             raise BackendError("the host matrices take float32 activations")
         self.model, self.args, self.tokenizer = model, model.args, model.tokenizer
         on_gpu = self.device.type == "cuda"
-        self.mm = CudaMatmuls(model, self.device, dtype) if on_gpu else HostMatmuls(model)
+        if matmuls is None:
+            matmuls = CudaMatmuls(model, self.device, dtype) if on_gpu else HostMatmuls(model)
+        self.mm = matmuls
         capacity = min(capacity, self.args.max_seq_len)
         self.net = Transformer(model, self.mm, biases=biases, capacity=capacity, dtype=dtype,
                                device=self.device)  # fmt: skip
@@ -353,7 +362,7 @@ class TorchModel:
             pos = torch.arange(start_pos, end, device=dev)
             with torch.no_grad():
                 logits = self.net(torch.from_numpy(tokens).to(dev), pos, last_only)
-        if isinstance(self.mm, CudaMatmuls):
+        if hasattr(self.mm, "tokens"):  # counted on the device: the host counts tokens
             self.mm.tokens += tokens.size
         self.length = end
         out = logits.float().cpu().numpy()
