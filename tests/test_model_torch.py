@@ -286,10 +286,10 @@ def test_cuda_matmuls_plumbing(monkeypatch, profile):
     monkeypatch.setitem(sys.modules, "pyeffort.cuda", fake)
     monkeypatch.setattr(pyeffort, "cuda", fake, raising=False)
     m = tiny_model()
+    names = [lin.name for lin in m.linears()]
+    split = {"efforts": [0.1, 1.0], "weights": {n: [1.0 + i % 3, 1.0] for i, n in enumerate(names)}}
     if profile:
-        names = [lin.name for lin in m.linears()]
-        m.set_profile({"efforts": [0.1, 1.0],
-                       "weights": {n: [1.0 + i % 3, 1.0] for i, n in enumerate(names)}})  # fmt: skip
+        m.set_profile(split)
     mm = llama_torch.CudaMatmuls(m, "cpu", torch.float32)
     net = llama_torch.Transformer(m, mm, capacity=32, dtype=torch.float32, device="cpu")
     for e in (1.0, 0.5):
@@ -298,3 +298,6 @@ def test_cuda_matmuls_plumbing(monkeypatch, profile):
             ours = net(torch.tensor(PROMPT), torch.arange(len(PROMPT))).numpy()
         assert_close(ours, m.forward(PROMPT, 0, e))
     assert fake.calls == ([] if profile else [3, 2] * 2 * m.args.n_layers)
+    m.set_profile(None if profile else split)  # the calls in a captured graph would not follow
+    with pytest.raises(BackendError, match="profile changed"):
+        mm.set_effort(0.5)

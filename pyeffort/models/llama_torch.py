@@ -98,7 +98,7 @@ class CudaMatmuls:
     def __init__(self, model: Model, device, dtype):
         from pyeffort import cuda
 
-        self.cuda, self.lins, self.dtype = cuda, list(model.linears()), dtype
+        self.cuda, self.model, self.lins = cuda, model, list(model.linears())
         if any(lin.hook is not None for lin in self.lins):
             raise BackendError("EffortLinear hooks run on the host path only (device cpu)")
         self.mats = []
@@ -119,12 +119,15 @@ class CudaMatmuls:
         n = len(self.mats)
         self.eff = torch.ones(n + 1, dtype=torch.float64, device=device)
         self._eff_host = np.ones(n + 1)
-        self.uniform = model.profile is None  # one effort for every matrix: group calls
+        self.uniform = model.profile is None  # one effort for all: group calls (in the graph)
         self.dense = sum(lin.shape[0] * lin.shape[1] for lin in self.lins)  # mults per token
         self.tokens = 0  # tokens multiplied since reset_counters()
 
     def set_effort(self, effort: float) -> None:
         """Each matrix's effort under the model's budget split (no re-capture: a device copy)."""
+        if (self.model.profile is None) != self.uniform:
+            raise BackendError("the model's budget profile changed after it went to the GPU: "
+                               "build its TorchModel again")  # fmt: skip
         e = np.array([lin.own_effort(effort) for lin in self.lins] + [effort], np.float64)
         if not np.array_equal(e, self._eff_host):
             self.eff.copy_(torch.from_numpy(e))
