@@ -240,8 +240,13 @@ def test_default_model_end_to_end():
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     res = {"card": torch.cuda.get_device_name()}
-    for e in EFFORTS:
+    for e in EFFORTS:  # its shipped budget split: one call per matrix (own effort)
         res[f"pyeffort_e{e}"] = round(ours_tps(model, e), 1)
+    profile = model.profile
+    model.set_profile(None)  # one effort for all: q/k/v and gate/up as group calls
+    for e in EFFORTS:
+        res[f"pyeffort_uniform_e{e}"] = round(ours_tps(model, e), 1)
+    model.set_profile(profile)
     ws = [torch.from_numpy(np.ascontiguousarray(lin.dense().T)).cuda() for lin in model.linears()]
     head = torch.from_numpy(np.ascontiguousarray(model.lm_head.T)).cuda()
     res["pyeffort_dense_f16"] = round(ours_tps(model, 1.0, DenseMatmuls(ws, head)), 1)
