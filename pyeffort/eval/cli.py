@@ -81,6 +81,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="quality.json files of earlier runs (same model and windows) to report with these",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "metal"), default="auto",
+                   help="the rules run as numpy hooks: cpu only for now (auto: cpu)")  # fmt: skip
 
 
 def _rules():
@@ -177,9 +179,12 @@ def profile_for(args, model_id: str):
 
 
 def run(args) -> int:
+    from pyeffort.errors import BackendError
     from pyeffort.eval import report
     from pyeffort.eval.harness import Harness, windows
 
+    if args.device not in ("auto", "cpu"):
+        raise BackendError(f"--device {args.device}: eval runs its rules on the CPU only")
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     bad = [r for r in rules if r not in _rules()]
     if bad:

@@ -95,6 +95,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=count_arg(1), default=None, help="CPU threads for the kernels")
     p.add_argument("--effort-head", action="store_true",
                    help="the LM head at effort too (default: dense)")  # fmt: skip
+    add_device_arg(p)
+
+
+DEVICES = ("auto", "cpu", "cuda", "metal")
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto: cuda when torch sees an NVIDIA GPU, else cpu")  # fmt: skip
+
+
+def resolve_device(name: str) -> str:
+    """--device -> "cpu" or "cuda"; BackendError for a device this machine cannot use."""
+    import importlib.util
+
+    from pyeffort.errors import BackendError
+
+    if name == "metal":
+        raise BackendError("--device metal: the Metal backend is not available on this machine")
+    if name == "cpu" or (name == "auto" and importlib.util.find_spec("torch") is None):
+        return "cpu"
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendError(f"--device cuda needs torch with CUDA ({exc})") from None
+    if torch.cuda.is_available():
+        return "cuda"
+    if name == "auto":
+        return "cpu"
+    raise BackendError("--device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -165,9 +195,14 @@ def load_model(args):
 
     if args.threads is not None:
         pyeffort.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     model = models.load(args.model, fraction=args.load_fraction, progress=args.progress)
     if args.effort_head:
         model.effort_head(True)
+    if device == "cuda":
+        from pyeffort.models.llama_torch import TorchModel
+
+        return TorchModel(model, "cuda")  # each decoded token one CUDA graph
     return model
 
 
@@ -178,6 +213,8 @@ def prepare(model, progress: bool = False) -> None:
 
     import pyeffort
 
+    if getattr(model, "device", None) is not None:  # a TorchModel: its matrices are on the GPU
+        return
     for lin in tqdm(list(model.linears()), desc="preparing kernels", unit="matrix",
                     disable=not progress, leave=False):  # fmt: skip
         pyeffort.prepare(lin.buckets)
@@ -364,11 +401,16 @@ def cmd_bench(args) -> int:
                            f"model's context of {model.args.max_seq_len} tokens")  # fmt: skip
     prepare(model, progress=args.progress)
     rt = pyeffort.runtime_info()
+    where = f"kernel {rt['kernel']}, {rt['threads']} threads"
     head = {"kernel": rt["kernel"], "threads": rt["threads"], "tokens": args.tokens,
             "rounds": args.rounds}  # fmt: skip
+    if getattr(model, "device", None) is not None:
+        import torch
+
+        where = head["device"] = f"{torch.cuda.get_device_name(model.device)}, CUDA graphs"
     if not args.json:
-        print(f"kernel {rt['kernel']}, {rt['threads']} threads, {args.tokens} tokens per "
-              f"effort, median of {args.rounds} rounds (efforts in a rotated order each round)")  # fmt: skip
+        print(f"{where}, {args.tokens} tokens per effort, median of {args.rounds} rounds "
+              "(efforts in a rotated order each round)")  # fmt: skip
         print(f"{'effort':>7} {'realised':>9} {'tokens/s':>9} {'ms/token':>9} {'range tok/s':>13}")
     rows = bench_rows(model, ids, args.efforts, args.tokens, args.rounds)
     if args.json:
