@@ -147,7 +147,7 @@ class build_ext_metal(build_ext_isa):
         super().run()
         lib_dir = os.path.dirname(self.get_ext_fullpath("pyeffort._metal"))
         xcrun = ["xcrun", "-sdk", "macosx"]
-        if subprocess.run(xcrun + ["-f", "metal"], capture_output=True).returncode != 0:
+        if subprocess.run(xcrun + ["-f", "metal"], capture_output=True, check=False).returncode:
             print("pyeffort: no Metal compiler (xcrun metal): the kernels compile at first use")
             return
         airs = []

@@ -18,7 +18,7 @@ from pyeffort import metal, reference
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE / "metal_shim"))
-import shim  # noqa: E402
+import shim
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None and "CXX" not in __import__("os").environ, reason="needs g++"
@@ -65,17 +65,19 @@ def partial(B, fraction):
 
 # n_out: a multiple of 16, a tail of 11, 1 and 6 (3 column tiles), fewer than 16 outputs
 CASES = [
-    ((64, 48), "f16", [0.0, 0.05, 0.3, 1.0], dict(splits=1, threads=64)),
-    ((100, 75), "q8", [0.0, 0.05, 0.3, 1.0], dict(splits=3, threads=32)),
-    ((37, 17), "f16", [0.5], dict(splits=5, threads=128)),
-    ((33, 5), "q8", [0.6], dict(splits=2, threads=64)),
-    ((40, 2070), "f16", [0.2], dict(splits=2, threads=256)),
-    ((40, 2070), "q8", [0.9], dict(splits=1, threads=64)),
+    ((64, 48), "f16", [0.0, 0.05, 0.3, 1.0], {"splits": 1, "threads": 64}),
+    ((100, 75), "q8", [0.0, 0.05, 0.3, 1.0], {"splits": 3, "threads": 32}),
+    ((37, 17), "f16", [0.5], {"splits": 5, "threads": 128}),
+    ((33, 5), "q8", [0.6], {"splits": 2, "threads": 64}),
+    ((40, 2070), "f16", [0.2], {"splits": 2, "threads": 256}),
+    ((40, 2070), "q8", [0.9], {"splits": 1, "threads": 64}),
 ]
 
 
 @pytest.mark.parametrize("shape, values, efforts, kw", CASES)
-def test_effort_kernels_match_the_reference_on_random_matrices(exe, rng, shape, values, efforts, kw):
+def test_effort_kernels_match_the_reference_on_random_matrices(
+    exe, rng, shape, values, efforts, kw
+):
     W = (rng.standard_normal(shape) * rng.uniform(0.1, 3, shape[1])).astype(np.float16)
     B = pyeffort.build_buckets(W, values=values)
     x = (rng.standard_normal((3, shape[0])) * rng.uniform(0, 4, shape[0])).astype(np.float32)
@@ -196,8 +198,8 @@ def test_the_kernels_use_only_metal_attributes_and_constructs():
     files = sorted((shim.KERNELS).glob("*.metal")) + [shim.KERNELS / "pe_metal.h"]
     assert len(files) >= 5
     for f in files:
-        text = re.sub(r"/\*.*?\*/|//[^\n]*", "", f.read_text(), flags=re.S)  # no comments
-        text = re.sub(r"#else.*?#endif", "", text, flags=re.S)  # pe_metal.h's host branch
+        text = re.sub(r"/\*.*?\*/|//[^\n]*", "", f.read_text(), flags=re.DOTALL)  # no comments
+        text = re.sub(r"#else.*?#endif", "", text, flags=re.DOTALL)  # pe_metal.h's host branch
         for attr in re.findall(r"\[\[(.*?)\]\]", text):
             assert ATTRIBUTES.fullmatch(attr.strip()), (f.name, attr)
         assert NOT_METAL.search(text) is None, (f.name, NOT_METAL.search(text))
