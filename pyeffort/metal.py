@@ -333,27 +333,42 @@ def _activations(x, n_in: int) -> tuple[MetalArray, int, bool]:
     return buf, x2.shape[0], vector
 
 
+def _output(out, x, shape) -> MetalArray:
+    """out=None (a new float32 MetalArray) or a float16/32 MetalArray of ``shape``; inside
+    token() both x and out must be MetalArrays (nothing is read back before its end)."""
+    if out is not None and (
+        not isinstance(out, MetalArray)
+        or out.shape != shape
+        or out.dtype not in (np.float16, np.float32)
+    ):
+        raise ShapeError(f"out must be a float16/32 MetalArray of shape {shape}")
+    if _in_token and (out is None or not isinstance(x, MetalArray)):
+        raise ValueError("inside metal.token() pass MetalArrays for x and out")
+    return out if out is not None else MetalArray(shape, np.float32)
+
+
+def _done(y: MetalArray, out):
+    """Outside token(): commit, wait, and y as numpy (or ``out`` itself)."""
+    if _in_token:
+        return y
+    _check(_lib(), _lib().pe_metal_commit(1))
+    return y if out is not None else y.numpy().copy()
+
+
 def matmul(x, W, effort=1.0, *, out=None, return_info: bool = False):
     """``x @ W`` on the GPU at ``effort``. ``x``: numpy or MetalArray, float16/32, ``(n_in,)``
     or ``(n_tokens, n_in)``; ``out``: None or a MetalArray (float32 or float16) of the result's
     shape. Inside ``token()`` only MetalArrays, and no ``return_info`` (nothing has run yet)."""
     if not isinstance(W, MetalBuckets):
         raise DTypeError("a Metal matmul needs a MetalBuckets: use B.to('metal')")
+    if _in_token and return_info:
+        raise ValueError("return_info needs the result: call matmul outside metal.token()")
     e = _validate.effort(effort)
     xb, n_tok, vector = _activations(x, W.n_in)
-    shape = (W.n_out,) if vector else (n_tok, W.n_out)
-    if out is not None and (not isinstance(out, MetalArray) or out.shape != shape
-                            or out.dtype not in (np.float16, np.float32)):  # fmt: skip
-        raise ShapeError(f"out must be a float16/32 MetalArray of shape {shape}")
-    if _in_token and (out is None or return_info or not isinstance(x, MetalArray)):
-        raise ValueError("inside metal.token() pass MetalArrays for x and out, no return_info")
-    y = out if out is not None else MetalArray(shape, np.float32)
+    y = _output(out, x, (W.n_out,) if vector else (n_tok, W.n_out))
     _encode(W, xb, n_tok, e, y)
-    if _in_token:
-        return y
-    _check(_lib(), _lib().pe_metal_commit(1))
-    result = y if out is not None else y.numpy().copy()
-    return (result, _info(W, n_tok)) if return_info else result
+    result = _done(y, out)
+    return (result, _info(W, n_tok)) if return_info and not _in_token else result
 
 
 def matmul_group(x, Ws, effort=1.0, *, return_info: bool = False):
@@ -392,19 +407,26 @@ class MetalDense:
         self.n_in, self.n_out = w16.shape
         self.w = MetalArray.wrap(w16)
         self.splits = int(splits) if splits else max(1, min(64, 256 // -(-self.n_out // 128)))
+        self._partial: dict[int, MetalArray] = {}  # per token count
+
+    def partial(self, n_tok: int) -> MetalArray:
+        if n_tok not in self._partial:
+            self._partial[n_tok] = MetalArray((n_tok, self.splits, self.n_out), np.float32)
+        return self._partial[n_tok]
 
 
-def dense_matmul(x, W: MetalDense) -> np.ndarray:
-    """x (n_in,) or (n_tokens, n_in) @ W, float32 accumulation, on the GPU -> float32 numpy."""
+def dense_matmul(x, W: MetalDense, *, out=None):
+    """x (n_in,) or (n_tokens, n_in) @ W on the GPU, float32 accumulation -> float32 numpy
+    (or ``out``, a MetalArray; inside ``token()`` MetalArrays only, as ``matmul``)."""
+    if not isinstance(W, MetalDense):
+        raise DTypeError("metal.dense_matmul needs a MetalDense")
     xb, n_tok, vector = _activations(x, W.n_in)
-    y = MetalArray((n_tok, W.n_out), np.float32)
-    partial = MetalArray((n_tok, W.splits, W.n_out), np.float32)
+    y = _output(out, x, (W.n_out,) if vector else (n_tok, W.n_out))
     lib = _lib()
-    x_half = int(xb.dtype == np.float16)
-    st = lib.pe_metal_dense(
-        W.w.handle, W.n_in, W.n_out, xb.handle, x_half, n_tok, y.handle, 0, partial.handle,
-        W.splits,
+    x_half, y_half = int(xb.dtype == np.float16), int(y.dtype == np.float16)
+    status = lib.pe_metal_dense(
+        W.w.handle, W.n_in, W.n_out, xb.handle, x_half, n_tok, y.handle, y_half,
+        W.partial(n_tok).handle, W.splits,
     )  # fmt: skip
-    _check(lib, st or lib.pe_metal_commit(1))
-    out = y.numpy().copy()
-    return out[0] if vector else out
+    _check(lib, status)
+    return _done(y, out)
