@@ -164,6 +164,11 @@ static int finish(id<MTLComputeCommandEncoder> enc) {
 
 #define BUF(p) ((__bridge id<MTLBuffer>)(p))
 
+/* Binds buffers bufs[0..n) at indices first.. of enc. */
+static void bind(id<MTLComputeCommandEncoder> enc, NSUInteger first, void *const *bufs, int n) {
+    for (int i = 0; i < n; i++) [enc setBuffer:BUF(bufs[i]) offset:0 atIndex:first + i];
+}
+
 /* x (n_tok, n_in) fp32/fp16 @ m at `effort` -> y (n_tok, n_out) fp32/fp16, encoded: the
  * cutoff search, the matmul on the dispatched rows (n_splits shares), the reduce. */
 int pe_metal_effort(const pe_metal_matrix *m, void *x, int x_half, uint32_t n_tok, double effort,
@@ -182,29 +187,21 @@ int pe_metal_effort(const pe_metal_matrix *m, void *x, int x_half, uint32_t n_to
         if (n_tok == 0 || n_splits == 0) return n_tok == 0 ? PE_OK : PE_ERR_ARG;
         id<MTLComputeCommandEncoder> enc = encoder();
         [enc setComputePipelineState:sel];
-        id<MTLBuffer> in[] = {BUF(x), BUF(m->stats), BUF(m->order)};
-        [enc setBuffers:in offsets:(NSUInteger[]){0, 0, 0} withRange:NSMakeRange(0, 3)];
+        bind(enc, 0, (void *[]){x, m->stats, m->order}, 3);
         [enc setBytes:&p length:sizeof p atIndex:3];
-        id<MTLBuffer> out[] = {BUF(s->keys), BUF(s->rows), BUF(s->info)};
-        [enc setBuffers:out offsets:(NSUInteger[]){0, 0, 0} withRange:NSMakeRange(4, 3)];
+        bind(enc, 4, (void *[]){s->keys, s->rows, s->info}, 3);
         [enc dispatchThreadgroups:MTLSizeMake(n_tok, 1, 1) threadsPerThreadgroup:MTLSizeMake(nt, 1, 1)];
 
         [enc setComputePipelineState:mm];
-        id<MTLBuffer> mb[] = {BUF(x), BUF(m->values), BUF(m->positions), BUF(m->order)};
-        [enc setBuffers:mb offsets:(NSUInteger[]){0, 0, 0, 0} withRange:NSMakeRange(0, 4)];
+        bind(enc, 0, (void *[]){x, m->values, m->positions, m->order}, 4);
         [enc setBytes:&p length:sizeof p atIndex:4];
-        id<MTLBuffer> mo[] = {BUF(s->rows), BUF(s->info), BUF(s->partial)};
-        [enc setBuffers:mo offsets:(NSUInteger[]){0, 0, 0} withRange:NSMakeRange(5, 3)];
-        if (q8) {
-            [enc setBuffer:BUF(m->scales) offset:0 atIndex:8];
-            [enc setBuffer:BUF(m->srow) offset:0 atIndex:9];
-        }
+        bind(enc, 5, (void *[]){s->rows, s->info, s->partial}, 3);
+        if (q8) bind(enc, 8, (void *[]){m->scales, m->srow}, 2);
         [enc dispatchThreadgroups:MTLSizeMake(p.n_tiles, n_splits, n_tok)
             threadsPerThreadgroup:MTLSizeMake(PE_MM_THREADS, 1, 1)];
 
         [enc setComputePipelineState:red];
-        [enc setBuffer:BUF(s->partial) offset:0 atIndex:0];
-        [enc setBuffer:BUF(y) offset:0 atIndex:1];
+        bind(enc, 0, (void *[]){s->partial, y}, 2);
         [enc setBytes:&p length:sizeof p atIndex:2];
         [enc dispatchThreadgroups:MTLSizeMake(pe_metal_reduce_groups(&p), 1, 1)
             threadsPerThreadgroup:MTLSizeMake(PE_REDUCE_THREADS, 1, 1)];
@@ -224,15 +221,13 @@ int pe_metal_dense(void *w, uint32_t n_in, uint32_t n_out, void *x, int x_half, 
         if (n_tok == 0 || n_splits == 0) return n_tok == 0 ? PE_OK : PE_ERR_ARG;
         id<MTLComputeCommandEncoder> enc = encoder();
         [enc setComputePipelineState:mm];
-        [enc setBuffer:BUF(x) offset:0 atIndex:0];
-        [enc setBuffer:BUF(w) offset:0 atIndex:1];
+        bind(enc, 0, (void *[]){x, w}, 2);
         [enc setBytes:&p length:sizeof p atIndex:2];
-        [enc setBuffer:BUF(partial) offset:0 atIndex:3];
+        bind(enc, 3, (void *[]){partial}, 1);
         [enc dispatchThreadgroups:MTLSizeMake(p.n_tiles, n_splits, n_tok)
             threadsPerThreadgroup:MTLSizeMake(PE_MM_THREADS, 1, 1)];
         [enc setComputePipelineState:red];
-        [enc setBuffer:BUF(partial) offset:0 atIndex:0];
-        [enc setBuffer:BUF(y) offset:0 atIndex:1];
+        bind(enc, 0, (void *[]){partial, y}, 2);
         [enc setBytes:&p length:sizeof p atIndex:2];
         [enc dispatchThreadgroups:MTLSizeMake(pe_metal_reduce_groups(&p), 1, 1)
             threadsPerThreadgroup:MTLSizeMake(PE_REDUCE_THREADS, 1, 1)];
