@@ -4,6 +4,7 @@ import glob
 import os
 import platform
 import subprocess
+import sys
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -119,10 +120,73 @@ class sdist_cuda(sdist):
             self.copy_file(CUDA_SRC + name, os.path.join(base_dir, CUDA_SRC, name))
 
 
+# ---------------------------------------------------------------- Metal (pyeffort/metal.py), macOS only
+
+METAL_SRC = "src/metal/"
+MACOS = sys.platform == "darwin"
+metal = Extension(
+    "pyeffort._metal",  # the Objective-C host; pyeffort.metal calls it through ctypes
+    sources=[METAL_SRC + "pe_metal.m"],
+    depends=sorted(glob.glob(METAL_SRC + "*.h")),
+    include_dirs=[METAL_SRC],
+    extra_compile_args=["-O2", "-fobjc-arc"],
+    extra_link_args=["-framework", "Metal", "-framework", "Foundation"],
+)
+
+
+def metal_sources() -> list[str]:
+    """The kernel sources and their header, as file names in src/metal (pyeffort.metal.SOURCES)."""
+    return sorted(f for f in os.listdir(METAL_SRC) if f.endswith((".metal", ".h")))
+
+
+class build_ext_metal(build_ext_isa):
+    """macOS: also compiles the kernels into pyeffort/_metal.metallib with xcrun when the Metal
+    compiler is installed (Xcode); without it the host compiles them at first use."""
+
+    def run(self):
+        super().run()
+        lib_dir = os.path.dirname(self.get_ext_fullpath("pyeffort._metal"))
+        xcrun = ["xcrun", "-sdk", "macosx"]
+        if subprocess.run(xcrun + ["-f", "metal"], capture_output=True, check=False).returncode:
+            print("pyeffort: no Metal compiler (xcrun metal): the kernels compile at first use")
+            return
+        airs = []
+        self.mkpath(self.build_temp)
+        for name in (f for f in metal_sources() if f.endswith(".metal")):
+            airs.append(os.path.join(self.build_temp, name + ".air"))
+            cmd = xcrun + ["metal", "-c", "-fno-fast-math", "-I", METAL_SRC, METAL_SRC + name]
+            subprocess.run(cmd + ["-o", airs[-1]], check=True)
+        out = os.path.join(lib_dir, "_metal.metallib")
+        subprocess.run(xcrun + ["metallib", *airs, "-o", out], check=True)
+
+
+class build_py_metal(build_py_cuda):
+    """macOS: also copies the Metal sources into the package as pyeffort/_metal_src (compiled
+    at first use where no .metallib was built: metal.source_dir)."""
+
+    def run(self):
+        super().run()
+        dest = os.path.join(self.build_lib, "pyeffort", "_metal_src")
+        self.mkpath(dest)
+        for name in metal_sources():
+            self.copy_file(METAL_SRC + name, os.path.join(dest, name))
+
+
+class sdist_metal(sdist_cuda):
+    """Also puts src/metal in the source distribution (a macOS build from it needs it)."""
+
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, files)
+        self.mkpath(os.path.join(base_dir, METAL_SRC))
+        for name in os.listdir(METAL_SRC):
+            self.copy_file(METAL_SRC + name, os.path.join(base_dir, METAL_SRC, name))
+
+
 cuda = os.environ.get("PYEFFORT_CUDA") == "1"
 cuda_cmd = {
-    "build_ext": build_ext_cuda if cuda else build_ext_isa,
-    "build_py": build_py_cuda,
-    "sdist": sdist_cuda,
+    "build_ext": build_ext_cuda if cuda else build_ext_metal if MACOS else build_ext_isa,
+    "build_py": build_py_metal if MACOS else build_py_cuda,
+    "sdist": sdist_metal,
 }
-setup(ext_modules=cythonize([core], language_level=3), cmdclass=cuda_cmd)
+extensions = cythonize([core], language_level=3) + ([metal] if MACOS else [])
+setup(ext_modules=extensions, cmdclass=cuda_cmd)

@@ -14,7 +14,7 @@ import importlib
 from typing import NamedTuple, Protocol, runtime_checkable
 
 GROUP_MAX = 4  # matrices per matmul_group call, on every backend (PE_MAX_GROUP in C and CUDA)
-BACKENDS = {"cuda": "pyeffort.cuda"}  # device type -> the module implementing it
+BACKENDS = {"cuda": "pyeffort.cuda", "metal": "pyeffort.metal"}  # device type -> its module
 
 
 class MatmulInfo(NamedTuple):
@@ -40,7 +40,7 @@ class DeviceBackend(Protocol):
 
 
 def get(name: str) -> DeviceBackend:
-    """The backend of device type ``name`` ("cuda"), imported on first use."""
+    """The backend of device type ``name`` ("cuda", "metal"), imported on first use."""
     if name not in BACKENDS:
         raise ValueError(f"unknown device {name!r}: expected 'cpu' or one of {sorted(BACKENDS)}")
     module = importlib.import_module(BACKENDS[name])

@@ -231,6 +231,8 @@ def runtime_info() -> dict:
     >>> {"backend", "kernel", "threads"} <= set(pyeffort.runtime_info())
     True
     """
+    from pyeffort import metal  # imports no torch and no GPU library off macOS
+
     b = _backend.current
     compiled = hasattr(b, "available_kernels")
     return {
@@ -239,6 +241,7 @@ def runtime_info() -> dict:
         "threads": b.num_threads() if hasattr(b, "num_threads") else 1,
         "features": b.cpu_features() if compiled else "",
         "kernels": ",".join(b.available_kernels()) if compiled else "numpy",
+        "metal": metal.runtime_line(),
     }
 
 
