@@ -113,7 +113,11 @@ def resolve_device(name: str) -> str:
     from pyeffort.errors import BackendError
 
     if name == "metal":
-        raise BackendError("--device metal: the Metal backend is not available on this machine")
+        from pyeffort import metal
+
+        metal.require()  # off macOS / without a Metal device: says why
+        raise BackendError("--device metal: pyeffort.matmul runs on Metal, the model does not "
+                           "yet; use --device cpu")  # fmt: skip
     if name == "cpu" or (name == "auto" and importlib.util.find_spec("torch") is None):
         return "cpu"
     try:
