@@ -1,14 +1,17 @@
-"""A GGUF file of the llama architecture (gguf package): dequantised tensors, llama.cpp's q/k row
-permutation undone, the byte-level BPE tokenizer and chat template from the metadata.
+"""A GGUF file of the llama or qwen2 architecture (gguf package): dequantised tensors, llama.cpp's
+q/k row permutation undone (llama; qwen2's rotary layout is Hugging Face's already), the byte-level
+BPE tokenizer and chat template from the metadata.
 
-The ``llama.*`` metadata is read against an allow-list, as config.json is: RoPE scaling, experts,
-partial rotary and any key or tensor pyeffort does not know are refused (ConfigError)."""
+The ``{arch}.*`` metadata is read against an allow-list, as config.json is: RoPE scaling (linear,
+YaRN, Llama 3's ``rope_freqs``) by ``rope_scaling.from_gguf``; experts, partial rotary and any key
+or tensor pyeffort does not know are refused (ConfigError)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from pyeffort.models.args import ConfigError, ModelArgs, tensor_shape
+from pyeffort.models.loaders.rope_scaling import GGUF_NEUTRAL, GGUF_READ, from_gguf
 from pyeffort.models.tokenizer import Tokenizer
 
 NAMES = {
@@ -22,6 +25,8 @@ NAMES = {
     "attn_norm": "attn_norm",
     "ffn_norm": "ffn_norm",
 }
+BIASES = {"attn_q": "attn.bq", "attn_k": "attn.bk", "attn_v": "attn.bv"}  # qwen2's
+ARCHS = ("llama", "qwen2")
 READ = {"block_count", "context_length", "embedding_length", "feed_forward_length", "vocab_size",
         "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
         "attention.key_length", "attention.value_length", "rope.freq_base",
@@ -36,59 +41,84 @@ class GGUFSource:
 
         self.path = str(path)
         self.reader = gguf.GGUFReader(self.path)
-        arch = self._field("general.architecture")
-        if arch != "llama":
-            raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
+        self.arch = self._field("general.architecture")
+        if self.arch not in ARCHS:
+            raise ValueError(f"{path}: GGUF architecture {self.arch!r} is not supported "
+                             f"(one of {ARCHS})")  # fmt: skip
         self.tensors = {}
         for t in self.reader.tensors:
-            name = self._our_name(t.name)
+            name = self._our_name(t.name, self.arch)
             if name.startswith("unused:"):
-                raise ConfigError(f"{path}: tensor {t.name!r} is not used by pyeffort's llama "
-                                  "(biases, RoPE frequency factors...): refusing to run without it")  # fmt: skip
+                raise ConfigError(f"{path}: tensor {t.name!r} is not used by pyeffort's "
+                                  f"{self.arch} (biases...): refusing to run without it")  # fmt: skip
             self.tensors[name] = t
         if "embed" not in self.tensors:
             raise ConfigError(f"{path}: no token_embd.weight tensor")
         self._check_keys()
         self.args = self._args()
+        self._check_biases()
         self.tokenizer = self._tokenizer()
 
     def _check_keys(self) -> None:
+        prefix = self.arch + "."
         for key in self.reader.fields:
             if key.startswith("split.") and self._field("split.count", 1) != 1:
                 raise ConfigError(f"{self.path}: a split GGUF (join it with llama-gguf-split)")
-            if not key.startswith("llama.") or key[6:] in READ:
+            k = key[len(prefix) :]
+            if not key.startswith(prefix) or k in READ or k in GGUF_READ or k in GGUF_NEUTRAL:
                 continue
-            k, v = key[6:], self._field(key)
-            if k.startswith("rope.scaling."):
-                kind = self._field("llama.rope.scaling.type", "none")
-                factor = self._field("llama.rope.scaling.factor", 1.0)
-                if kind != "none" or factor not in (0, 1):  # llama.cpp: a factor alone is linear
-                    raise ConfigError(f"{self.path}: GGUF {key}={v!r}: RoPE scaling ({kind}, "
-                                      f"factor {factor}) is not implemented by pyeffort")  # fmt: skip
-            elif v not in NEUTRAL.get(k, ()):
+            v = self._field(key)
+            if v not in NEUTRAL.get(k, ()):
                 raise ConfigError(f"{self.path}: GGUF {key}={v!r} is not implemented by pyeffort")
 
+    def _check_biases(self) -> None:
+        """qwen2 has all three q/k/v biases (llama.cpp requires them), llama none."""
+        want = set(BIASES.values()) if self.args.qkv_bias else set()
+        for i in range(self.args.n_layers):
+            have = {n for n in want if f"layers.{i}.{n}" in self.tensors}
+            if have != want:
+                raise ConfigError(f"{self.path}: layer {i} lacks the {self.arch} biases "
+                                  f"{sorted(want - have)}")  # fmt: skip
+
+    def _rope_scaling(self, context: int) -> dict | None:
+        t = self.tensors.pop("rope_freqs", None)
+        freqs = None
+        if t is not None:
+            import gguf
+
+            freqs = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
+        try:
+            return from_gguf(lambda k, d: self._field(f"{self.arch}.{k}", d), self.arch, context,
+                             freqs)  # fmt: skip
+        except ConfigError as exc:
+            raise ConfigError(f"{self.path}: {exc}") from None
+
     def _args(self) -> ModelArgs:
-        n_heads = self._int("llama.attention.head_count")
-        dim = self._int("llama.embedding_length")
-        head_dim = self._int("llama.attention.key_length", dim // n_heads if n_heads else 0)
-        for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
+        a = self.arch + "."
+        n_heads = self._int(a + "attention.head_count")
+        dim = self._int(a + "embedding_length")
+        head_dim = self._int(a + "attention.key_length", dim // n_heads if n_heads else 0)
+        context = self._int(a + "context_length", 4096)
+        for key in (a + "attention.value_length", a + "rope.dimension_count"):
             if self._int(key, head_dim) != head_dim:  # partial rotary, or v heads of other size
                 raise ConfigError(f"{self.path}: GGUF {key}={self._int(key)} differs from the "
                                   f"head size {head_dim}: not implemented by pyeffort")  # fmt: skip
         try:
             return ModelArgs(
                 dim=dim,
-                n_layers=self._int("llama.block_count"),
+                n_layers=self._int(a + "block_count"),
                 n_heads=n_heads,
-                n_kv_heads=self._int("llama.attention.head_count_kv", n_heads),
-                hidden_dim=self._int("llama.feed_forward_length"),
+                n_kv_heads=self._int(a + "attention.head_count_kv", n_heads),
+                hidden_dim=self._int(a + "feed_forward_length"),
                 vocab_size=int(self.tensors["embed"].shape[-1]),
-                norm_eps=self._number("llama.attention.layer_norm_rms_epsilon"),
-                rope_theta=self._number("llama.rope.freq_base", 10000.0),
+                norm_eps=self._number(a + "attention.layer_norm_rms_epsilon"),
+                rope_theta=self._number(a + "rope.freq_base", 10000.0),
                 head_dim=head_dim,
-                max_seq_len=self._int("llama.context_length", 4096),
+                max_seq_len=context,
                 tie_embeddings="lm_head" not in self.tensors,
+                architecture=self.arch,
+                qkv_bias=self.arch == "qwen2",
+                rope_scaling=self._rope_scaling(context),
             )
         except ConfigError as exc:
             raise ConfigError(f"{self.path}: {exc}") from None
@@ -114,17 +144,22 @@ class GGUFSource:
         return f.contents()
 
     @staticmethod
-    def _our_name(name: str) -> str:
+    def _our_name(name: str, arch: str) -> str:
         top = {
             "token_embd.weight": "embed",
             "output_norm.weight": "norm",
             "output.weight": "lm_head",
+            "rope_freqs.weight": "rope_freqs",
         }
         if name in top:
             return top[name]
         parts = name.split(".")
-        if parts[0] == "blk" and len(parts) == 4 and parts[2] in NAMES and parts[3] == "weight":
+        if parts[0] != "blk" or len(parts) != 4:
+            return "unused:" + name
+        if parts[2] in NAMES and parts[3] == "weight":
             return f"layers.{parts[1]}.{NAMES[parts[2]]}"
+        if arch == "qwen2" and parts[2] in BIASES and parts[3] == "bias":
+            return f"layers.{parts[1]}.{BIASES[parts[2]]}"
         return "unused:" + name
 
     def get(self, name: str) -> np.ndarray:
@@ -139,16 +174,18 @@ class GGUFSource:
                               f"{tuple(reversed(t.shape.tolist()))}, the metadata implies {theirs}")  # fmt: skip
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)  # (n_out, n_in)
         a = a.reshape(theirs)
-        if name.endswith("attn.wq"):
+        if self.arch == "llama" and name.endswith("attn.wq"):
             a = unpermute(a, self.args.n_heads)
-        elif name.endswith("attn.wk"):
+        elif self.arch == "llama" and name.endswith("attn.wk"):
             a = unpermute(a, self.args.n_kv_heads)
         if name == "embed" or a.ndim == 1:
             return a
         return a.T  # (n_in, n_out)
 
     def _strings(self, key: str) -> list[str]:
-        f = self.reader.fields[key]
+        f = self.reader.fields.get(key)
+        if f is None:
+            raise ValueError(f"{self.path}: GGUF metadata {key!r} missing")
         return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
 
     def _tokenizer(self) -> Tokenizer:
