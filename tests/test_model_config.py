@@ -1,6 +1,7 @@
 """Model configurations are checked, never run wrongly: ModelArgs refuses values the forward pass
 cannot run; the Hugging Face and GGUF loaders refuse every key or tensor that changes the
-computation and that pyeffort does not implement (RoPE scaling, biases, ...), naming it; float64
+computation and that pyeffort does not implement (dynamic RoPE, o/MLP biases, ...), naming it;
+(Qwen2 and the implemented RoPE scalings: test_model_families.py); float64
 checkpoints convert; the model's context (max_seq_len) is enforced."""
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _transformers_config(tmp_path, cls: str, **kw) -> dict:
         ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
         ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8,
                            "long_factor": [2.0] * 8, "original_max_position_embeddings": 32}},
-         "longrope"),  # fmt: skip
+         "longrope"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
@@ -108,7 +109,7 @@ def test_plain_transformers_configs_are_accepted(tmp_path, cls):
     [
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
-                              "short_factor": [1.0]}}, "short_factor"),  # fmt: skip
+                              "short_factor": [1.0]}}, "short_factor"),
         ({"rope_interleaved": True}, "rope_interleaved"),
         ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config"),
         ({"logit_scale": 2.0}, "logit_scale"),  # unknown and switched on

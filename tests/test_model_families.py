@@ -25,22 +25,51 @@ from pyeffort.models.rope import Rope
 REL_TOL = 1e-3
 ORIGINAL = 32  # original_max_position_embeddings of the scaled models
 N_PROMPT, N_NEW = 48, 16  # positions up to 63, past ORIGINAL
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-6}  # fmt: skip
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": ORIGINAL}  # fmt: skip
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": ORIGINAL,
+}
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}
 CASES = {  # name: (config class, its keyword arguments)
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
-    "qwen2-yarn": ("Qwen2Config", {"rope_scaling": {"type": "yarn", "factor": 4.0,
-                                   "original_max_position_embeddings": ORIGINAL}}),  # fmt: skip
+    "qwen2-yarn": (
+        "Qwen2Config",
+        {
+            "rope_scaling": {
+                "type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": ORIGINAL,
+            }
+        },
+    ),
     "llama-linear": ("LlamaConfig", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "llama-llama3": ("LlamaConfig", {"rope_parameters": {**LLAMA3, "rope_theta": 5e5}}),
     "llama-yarn": ("LlamaConfig", {"rope_parameters": {**YARN, "rope_theta": 1e4}}),
-    "llama-yarn-mscale": ("LlamaConfig", {"rope_parameters": {
-        **YARN, "rope_theta": 1e4, "mscale": 0.8, "mscale_all_dim": 0.5, "beta_fast": 16,
-        "truncate": False}}),  # fmt: skip
+    "llama-yarn-mscale": (
+        "LlamaConfig",
+        {
+            "rope_parameters": {
+                **YARN,
+                "rope_theta": 1e4,
+                "mscale": 0.8,
+                "mscale_all_dim": 0.5,
+                "beta_fast": 16,
+                "truncate": False,
+            }
+        },
+    ),
 }
 
 
@@ -65,8 +94,9 @@ def write_tiny(folder, cls: str, seed: int = 0, **kw):
                 r = r / math.sqrt(p.shape[-1])
             p.copy_(r.half().float())
     model.save_pretrained(folder)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>",
-                                                              "eos_token": "</s>"}))  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
+    )
     return model.eval()
 
 
@@ -110,15 +140,20 @@ def test_family_matches_transformers(case):
     import torch
 
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=N_NEW, min_new_tokens=N_NEW,
-                          do_sample=False, pad_token_id=0)  # fmt: skip
+        out = hf.generate(
+            torch.tensor([ids]),
+            max_new_tokens=N_NEW,
+            min_new_tokens=N_NEW,
+            do_sample=False,
+            pad_token_id=0,
+        )
     assert list(generate(ours, ids, max_tokens=N_NEW, stop=[])) == out[0, len(ids) :].tolist()
 
 
 def test_the_family_feature_matters(case):
     """Without the scaling (or the biases) our logits leave the tolerance: the comparison above
     pins them."""
-    name, _, hf, ours = case
+    _, _, hf, ours = case
     ids = _ids(ours)
     ref = _reference(hf, ids)
     tol = REL_TOL * np.abs(ref).max()
@@ -150,7 +185,7 @@ def test_converted_family_roundtrip(case, tmp_path):
 # ------------------------------------------------------------ GGUF, as llama.cpp writes it
 
 
-def write_gguf(folder, path, arch: str, rope=None, skip=()) -> None:
+def write_gguf(folder, path, arch: str, rope=None, skip=(), pre="smollm") -> None:
     """The HF folder as a GGUF of ``arch`` (F32 tensors, llama's q/k rows permuted, qwen2's
     biases) less the tensors named in ``skip``; ``rope(writer)`` adds RoPE metadata or
     tensors."""
@@ -170,13 +205,21 @@ def write_gguf(folder, path, arch: str, rope=None, skip=()) -> None:
     w.add_rope_freq_base(a.rope_theta)
     tok = json.loads((folder / "tokenizer.json").read_text())["model"]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(list(tok["vocab"]))
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["merges"]])
     w.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tok["vocab"]])
-    names = {"attn.wq": "attn_q", "attn.wk": "attn_k", "attn.wv": "attn_v", "attn.wo": "attn_output",
-             "ffn.w1": "ffn_gate", "ffn.w3": "ffn_up", "ffn.w2": "ffn_down",
-             "attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}  # fmt: skip
+    names = {
+        "attn.wq": "attn_q",
+        "attn.wk": "attn_k",
+        "attn.wv": "attn_v",
+        "attn.wo": "attn_output",
+        "ffn.w1": "ffn_gate",
+        "ffn.w3": "ffn_up",
+        "ffn.w2": "ffn_down",
+        "attn_norm": "attn_norm",
+        "ffn_norm": "ffn_norm",
+    }
     w.add_tensor("token_embd.weight", src.get("embed"))
     w.add_tensor("output_norm.weight", src.get("norm"))
     if not a.tie_embeddings:
@@ -255,6 +298,58 @@ def test_gguf_family_matches_transformers(case, tmp_path):
     )
 
 
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)  # Qwen2's tokenizer.json
+
+
+def _qwen2_tokenizer(path) -> None:
+    """A byte-level BPE with Qwen2's normalizer and pre-tokenizer, as its tokenizer.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    rng = np.random.default_rng(2)
+    words = ["the", "cat's", "sat", "on", "mat", "2024", "we'll", "\n", "  ", "caf\u00e9", "!!"]
+    lines = [
+        "".join(rng.choice(words, 12)) + " " + " ".join(rng.choice(words, 6)) for _ in range(300)
+    ]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(lines, trainer)
+    tok.save(str(path))
+
+
+def test_gguf_qwen2_tokenizer_splits_as_its_tokenizer_json(tmp_path):
+    pytest.importorskip("gguf")
+    from tokenizers import Tokenizer
+
+    write_tiny(tmp_path / "hf", "Qwen2Config")
+    _qwen2_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    write_gguf(tmp_path / "hf", tmp_path / "m.gguf", "qwen2", pre="qwen2")
+    ours = open_source(tmp_path / "m.gguf").tokenizer
+    ref = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    for text in (
+        "the cat's sat on 2024 mats!!\n\nwe'll  see",
+        "Caf\u00e9 12345 THE'S",
+        "cafe\u0301 \t x\r\n",
+        "  leading and trailing  ",
+    ):
+        assert ours.encode(text) == ref.encode(text).ids, text
+        assert ours.decode(ours.encode(text)) == ref.decode(ref.encode(text).ids)
+
+
 # ------------------------------------------------------------ refusals
 
 
@@ -262,11 +357,24 @@ def test_gguf_family_matches_transformers(case, tmp_path):
     "cls, kw, word",
     [
         ("LlamaConfig", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
-        ("LlamaConfig", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8,
-                                          "long_factor": [2.0] * 8, "factor": 2.0,
-                                          "original_max_position_embeddings": 32}}, "longrope"),  # fmt: skip
-        ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 16,
-                         "max_window_layers": 1}, "sliding"),  # fmt: skip
+        (
+            "LlamaConfig",
+            {
+                "rope_scaling": {
+                    "rope_type": "longrope",
+                    "short_factor": [1.0] * 8,
+                    "long_factor": [2.0] * 8,
+                    "factor": 2.0,
+                    "original_max_position_embeddings": 32,
+                }
+            },
+            "longrope",
+        ),
+        (
+            "Qwen2Config",
+            {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+            "sliding",
+        ),
         ("Qwen2Config", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
         ("LlamaConfig", {"attention_bias": True}, "attention_bias"),  # o's bias too
     ],
@@ -281,9 +389,15 @@ def test_other_families_are_refused(tmp_path, cls, kw, word):
 
 
 def _config(tmp_path, **change):
-    base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "vocab_size": 100}  # fmt: skip
+    base = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+    }
     (tmp_path / "config.json").write_text(json.dumps({**base, **change}))
     return tmp_path
 
@@ -292,17 +406,26 @@ def _config(tmp_path, **change):
     "change, word",
     [
         ({"rope_scaling": {**YARN, "short_factor": [1.0]}}, "short_factor"),
-        ({"rope_scaling": {k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}},
-         "low_freq_factor"),  # fmt: skip
+        (
+            {"rope_scaling": {k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}},
+            "low_freq_factor",
+        ),
         ({"rope_scaling": {**LLAMA3, "high_freq_factor": 0.5}}, "high_freq_factor"),
         ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "factor"),
         ({"rope_scaling": {"rope_type": "linear", "factor": -2.0}}, "factor"),
-        ({"rope_scaling": {**YARN, "factor": None, "original_max_position_embeddings": 0}},
-         "original_max_position_embeddings"),  # fmt: skip
+        (
+            {"rope_scaling": {**YARN, "factor": None, "original_max_position_embeddings": 0}},
+            "original_max_position_embeddings",
+        ),
         ({"rope_scaling": {**YARN, "truncate": "no"}}, "truncate"),
         ({"rope_scaling": {**YARN, "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
-        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0},
-          "rope_parameters": {"rope_type": "linear", "factor": 4.0}}, "differ"),  # fmt: skip
+        (
+            {
+                "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                "rope_parameters": {"rope_type": "linear", "factor": 4.0},
+            },
+            "differ",
+        ),
         ({"rope_scaling": {"rope_type": "linear", "type": "yarn", "factor": 2.0}}, "yarn"),
     ],
 )
@@ -316,16 +439,37 @@ def test_yarn_config_reads_as_transformers(tmp_path):
     max_position_embeddings, beta_fast / beta_slow, the attention factor from mscale."""
     from pyeffort.models.loaders.hf import args_from_config
 
-    c = json.loads(_config(tmp_path, max_position_embeddings=128, rope_parameters={
-        "rope_type": "yarn", "factor": None, "original_max_position_embeddings": 32,
-        "mscale": 1.0, "mscale_all_dim": 0.0, "rope_theta": 5e5}).joinpath("config.json").read_text())  # fmt: skip
+    c = json.loads(
+        _config(
+            tmp_path,
+            max_position_embeddings=128,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": None,
+                "original_max_position_embeddings": 32,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.0,
+                "rope_theta": 5e5,
+            },
+        )
+        .joinpath("config.json")
+        .read_text()
+    )
     a = args_from_config(c)
     assert a.rope_theta == 5e5
-    assert a.rope_scaling == {"type": "yarn", "factor": 4.0, "original_context": 32,
-                              "beta_fast": 32.0, "beta_slow": 1.0,
-                              "attention_factor": 0.1 * math.log(4.0) + 1, "truncate": True}  # fmt: skip
-    c["rope_parameters"] = {"rope_type": "llama3", **{k: LLAMA3[k] for k in
-                            ("factor", "low_freq_factor", "high_freq_factor")}}  # fmt: skip
+    assert a.rope_scaling == {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_context": 32,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "attention_factor": 0.1 * math.log(4.0) + 1,
+        "truncate": True,
+    }
+    c["rope_parameters"] = {
+        "rope_type": "llama3",
+        **{k: LLAMA3[k] for k in ("factor", "low_freq_factor", "high_freq_factor")},
+    }
     assert args_from_config(c).rope_scaling["original_context"] == 128
 
 
@@ -358,12 +502,16 @@ def _qwen2_gguf(tmp_path, rope=None, skip=()):
         (lambda w: (_yarn(w), w.add_rope_scaling_yarn_attn_factor(2.0)), "yarn_attn_factor"),
         (lambda w: (_yarn(w), w.add_rope_scaling_attn_factors(0.5)), "attn_factor"),
         (lambda w: (_yarn(w), w.add_rope_scaling_yarn_ext_factor(0.5)), "ext_factor"),
-        (lambda w: w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LONGROPE),
-         "longrope"),  # fmt: skip
+        (
+            lambda w: w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LONGROPE),
+            "longrope",
+        ),
         (lambda w: (_llama3_freqs(w), _yarn(w)), "rope_freqs"),
         (lambda w: w.add_float32("qwen2.rope.scaling.alpha", 1000.0), "alpha"),
-        (lambda w: w.add_tensor("blk.0.attn_output.bias", np.zeros(64, np.float32)),
-         "attn_output.bias"),  # fmt: skip
+        (
+            lambda w: w.add_tensor("blk.0.attn_output.bias", np.zeros(64, np.float32)),
+            "attn_output.bias",
+        ),
     ],
 )
 def test_gguf_refusals(tmp_path, rope, word):

@@ -105,9 +105,9 @@ ROPE_SCALINGS = {
     "linear": ("factor",),  # positions divided by factor
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_context"),
     "yarn": ("factor", "original_context", "beta_fast", "beta_slow", "attention_factor",
-             "truncate"),  # fmt: skip
+             "truncate"),
     "freq_factors": ("factors",),  # inv_freq[i] / factors[i] (llama.cpp's rope_freqs tensor)
-}
+}  # fmt: skip
 
 
 def check_rope_scaling(d, head_dim: int) -> dict:

@@ -35,8 +35,9 @@ def frequencies(args: ModelArgs) -> tuple[np.ndarray, float]:
 
 def _llama3(inv: np.ndarray, s: dict) -> np.ndarray:
     """Llama 3.1: long wavelengths divided by factor, short ones kept, a smooth ramp between."""
-    ctx, lo, hi, factor = (s[k] for k in ("original_context", "low_freq_factor",
-                                          "high_freq_factor", "factor"))  # fmt: skip
+    ctx, lo, hi, factor = (
+        s[k] for k in ("original_context", "low_freq_factor", "high_freq_factor", "factor")
+    )
     wavelen = 2 * math.pi / inv
     smooth = (ctx / wavelen - lo) / (hi - lo)
     mid = (1 - smooth) * inv / factor + smooth * inv

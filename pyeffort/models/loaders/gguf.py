@@ -32,7 +32,10 @@ READ = {"block_count", "context_length", "embedding_length", "feed_forward_lengt
         "attention.key_length", "attention.value_length", "rope.freq_base",
         "rope.dimension_count", "tensor_data_layout"}  # fmt: skip
 NEUTRAL = {"expert_count": (0,), "expert_used_count": (0,)}  # only these values are implemented
-BPE_PRE = ("smollm",)  # byte-level BPE pre-tokenizers _byte_level_bpe reproduces
+BPE_PRE = ("smollm", "qwen2")  # byte-level BPE pre-tokenizers _byte_level_bpe reproduces
+# Qwen2's split (its tokenizer.json; llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2): digits one by one
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
 
 
 class GGUFSource:
@@ -201,7 +204,7 @@ class GGUFSource:
             if pre not in BPE_PRE:
                 raise ConfigError(f"{self.path}: GGUF tokenizer.ggml.pre={pre!r}: this "
                                   f"pre-tokenizer is not implemented (only {BPE_PRE})")  # fmt: skip
-            tok = _byte_level_bpe(toks, self._strings("tokenizer.ggml.merges"))
+            tok = _byte_level_bpe(toks, self._strings("tokenizer.ggml.merges"), pre)
             default_bos = False
         elif model == "llama":
             sc = r.fields["tokenizer.ggml.scores"]
@@ -240,18 +243,21 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, n_out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _byte_level_bpe(toks: list[str], merges: list[str]):
-    """GPT-2 style byte-level BPE (SmolLM2: digits split one by one, as its tokenizer.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def _byte_level_bpe(toks: list[str], merges: list[str], pre: str = "smollm"):
+    """GPT-2 style byte-level BPE, split as the model's tokenizer.json: SmolLM2 digits one by
+    one then GPT-2's regex, Qwen2 its own regex after NFC."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(toks)}, pairs))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        split = pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated")
+        steps = [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    else:
+        steps = [pre_tokenizers.Digits(individual_digits=True),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False)]  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     return tok
 

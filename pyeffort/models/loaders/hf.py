@@ -173,8 +173,6 @@ NEUTRAL = {
     "use_sliding_window": ((False, None), "Qwen2's sliding window"),
 }
 MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}  # transformers' defaults
-# Qwen2's window keys: without use_sliding_window transformers makes every layer full attention
-QWEN2_WINDOW = ("sliding_window", "max_window_layers")
 
 
 def args_from_config(c) -> ModelArgs:
@@ -219,13 +217,15 @@ def _check_keys(c: dict, kind: str) -> None:
             "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "head_dim",
             "sliding_window", "max_position_embeddings", "tie_word_embeddings",
             "original_max_position_embeddings", *HF_ROPE_KEYS}  # fmt: skip
-    if kind == "qwen2":
-        read.update(QWEN2_WINDOW)
-        types = c.get("layer_types")
-        if types is not None and (not isinstance(types, list) or set(types) - {"full_attention"}):
-            raise ConfigError(f"config.json: layer_types={types!r}: only full_attention layers "
-                              "are implemented by pyeffort for Qwen2")  # fmt: skip
-        read.add("layer_types")
+    if kind == "qwen2":  # its window's layers: moot without use_sliding_window (NEUTRAL)
+        read.add("max_window_layers")
+    types = c.get("layer_types")  # transformers 5 writes it for Qwen2
+    if types is not None and (
+        not isinstance(types, list) or any(t != "full_attention" for t in types)
+    ):
+        raise ConfigError(f"config.json: layer_types={types!r}: only full_attention layers "
+                          "are implemented by pyeffort")  # fmt: skip
+    read.add("layer_types")
     for key, value in c.items():
         if key in read or key in IGNORED or key.startswith("_"):
             continue

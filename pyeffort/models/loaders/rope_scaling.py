@@ -18,8 +18,16 @@ HF_KEYS = {
     "default": set(),
     "linear": {"factor"},
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
-    "yarn": {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
-             "beta_slow", "mscale", "mscale_all_dim", "truncate"},  # fmt: skip
+    "yarn": {
+        "factor",
+        "original_max_position_embeddings",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    },
 }
 
 
@@ -41,16 +49,21 @@ def from_hf_config(c: dict, max_positions: int) -> tuple[float, dict | None]:
     if "type" in p and "rope_type" in p and p["type"] != p["rope_type"]:
         raise ConfigError(f"config.json: RoPE rope_type={p['rope_type']!r} but type={p['type']!r}")
     if kind not in HF_KEYS:
-        raise ConfigError(f"config.json: RoPE scaling {kind!r} is not implemented by pyeffort "
-                          f"(only {', '.join(k for k in HF_KEYS if k != 'default')})")  # fmt: skip
+        raise ConfigError(
+            f"config.json: RoPE scaling {kind!r} is not implemented by pyeffort "
+            f"(only {', '.join(k for k in HF_KEYS if k != 'default')})"
+        )
     extra = sorted(set(p) - COMMON - HF_KEYS[kind])
     if extra:
-        raise ConfigError(f"config.json: RoPE scaling {kind!r} with {extra} is not implemented "
-                          "by pyeffort")  # fmt: skip
+        raise ConfigError(
+            f"config.json: RoPE scaling {kind!r} with {extra} is not implemented by pyeffort"
+        )
     partial = p.get("partial_rotary_factor", 1.0)
     if isinstance(partial, bool) or partial != 1:
-        raise ConfigError(f"config.json: partial_rotary_factor={p['partial_rotary_factor']!r} "
-                          "(rotary embedding on part of each head) is not implemented by pyeffort")  # fmt: skip
+        raise ConfigError(
+            f"config.json: partial_rotary_factor={p['partial_rotary_factor']!r} "
+            "(rotary embedding on part of each head) is not implemented by pyeffort"
+        )
     if kind == "default":
         return theta, None
     if kind == "linear":
@@ -58,10 +71,13 @@ def from_hf_config(c: dict, max_positions: int) -> tuple[float, dict | None]:
     ctx = c.get("original_max_position_embeddings")  # transformers: the top level wins
     ctx = p.get("original_max_position_embeddings", max_positions) if ctx is None else ctx
     if kind == "llama3":
-        return theta, {"type": "llama3", "factor": _need(p, "factor", kind),
-                       "low_freq_factor": _need(p, "low_freq_factor", kind),
-                       "high_freq_factor": _need(p, "high_freq_factor", kind),
-                       "original_context": ctx}  # fmt: skip
+        return theta, {
+            "type": "llama3",
+            "factor": _need(p, "factor", kind),
+            "low_freq_factor": _need(p, "low_freq_factor", kind),
+            "high_freq_factor": _need(p, "high_freq_factor", kind),
+            "original_context": ctx,
+        }
     return theta, _hf_yarn(p, ctx, max_positions)
 
 
@@ -79,8 +95,10 @@ def _hf_parameters(c: dict) -> dict:
     if len(found) == 2 and _scaling_part(found["rope_scaling"]) != _scaling_part(
         found["rope_parameters"]
     ):
-        raise ConfigError("config.json: rope_scaling and rope_parameters differ: "
-                          f"{found['rope_scaling']!r} vs {found['rope_parameters']!r}")  # fmt: skip
+        raise ConfigError(
+            "config.json: rope_scaling and rope_parameters differ: "
+            f"{found['rope_scaling']!r} vs {found['rope_parameters']!r}"
+        )
     return found.get("rope_scaling") or found.get("rope_parameters") or {}
 
 
@@ -103,9 +121,15 @@ def _hf_yarn(p: dict, ctx, max_positions: int) -> dict:
             att = yarn_mscale(factor, m) / yarn_mscale(factor, m_all)
         else:
             att = yarn_mscale(factor)
-    return {"type": "yarn", "factor": factor, "original_context": ctx,
-            "beta_fast": p.get("beta_fast") or 32.0, "beta_slow": p.get("beta_slow") or 1.0,
-            "attention_factor": att, "truncate": p.get("truncate", True)}  # fmt: skip
+    return {
+        "type": "yarn",
+        "factor": factor,
+        "original_context": ctx,
+        "beta_fast": p.get("beta_fast") or 32.0,
+        "beta_slow": p.get("beta_slow") or 1.0,
+        "attention_factor": att,
+        "truncate": p.get("truncate", True),
+    }
 
 
 def _need(p: dict, key: str, kind: str):
@@ -122,12 +146,22 @@ def _number(v, key: str, kind: str) -> float:
 
 # ------------------------------------------------------------ GGUF
 
-GGUF_READ = {"rope.scaling.type", "rope.scaling.factor", "rope.scale_linear",
-             "rope.scaling.original_context_length", "rope.scaling.finetuned",
-             "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow"}  # fmt: skip
+GGUF_READ = {
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scale_linear",
+    "rope.scaling.original_context_length",
+    "rope.scaling.finetuned",
+    "rope.scaling.yarn_beta_fast",
+    "rope.scaling.yarn_beta_slow",
+}
 # keys llama.cpp reads that pyeffort implements at their neutral value only
-GGUF_NEUTRAL = {"rope.scaling.attn_factor": 1.0, "rope.scaling.yarn_attn_factor": 1.0,
-                "rope.scaling.yarn_ext_factor": 1.0, "rope.scaling.yarn_log_multiplier": 0.0}  # fmt: skip
+GGUF_NEUTRAL = {
+    "rope.scaling.attn_factor": 1.0,
+    "rope.scaling.yarn_attn_factor": 1.0,
+    "rope.scaling.yarn_ext_factor": 1.0,
+    "rope.scaling.yarn_log_multiplier": 0.0,
+}
 
 
 def from_gguf(field, arch: str, context: int, freqs) -> dict | None:
@@ -137,8 +171,9 @@ def from_gguf(field, arch: str, context: int, freqs) -> dict | None:
     for key, neutral in GGUF_NEUTRAL.items():
         v = field(key, neutral)
         if v != neutral:
-            raise ConfigError(f"GGUF {arch}.{key}={v!r} is not implemented by pyeffort "
-                              f"(only {neutral})")  # fmt: skip
+            raise ConfigError(
+                f"GGUF {arch}.{key}={v!r} is not implemented by pyeffort (only {neutral})"
+            )
     kind = field("rope.scaling.type", "linear")  # llama.cpp: a factor alone is linear
     factor = field("rope.scaling.factor", 0.0) or field("rope.scale_linear", 0.0) or 1.0
     if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not factor > 0:
@@ -146,16 +181,24 @@ def from_gguf(field, arch: str, context: int, freqs) -> dict | None:
     factor = float(factor)
     if freqs is not None:
         if kind not in ("none", "linear") or factor != 1.0:
-            raise ConfigError(f"GGUF rope_freqs with {arch}.rope.scaling.type={kind!r}, factor "
-                              f"{factor}: not implemented by pyeffort")  # fmt: skip
+            raise ConfigError(
+                f"GGUF rope_freqs with {arch}.rope.scaling.type={kind!r}, factor "
+                f"{factor}: not implemented by pyeffort"
+            )
         return {"type": "freq_factors", "factors": [float(f) for f in freqs]}
     if kind in ("none", "linear"):
         return None if factor == 1.0 else {"type": "linear", "factor": factor}
     if kind != "yarn":
-        raise ConfigError(f"GGUF {arch}.rope.scaling.type={kind!r}: not implemented by pyeffort "
-                          "(none, linear, yarn)")  # fmt: skip
-    return {"type": "yarn", "factor": factor,
-            "original_context": field("rope.scaling.original_context_length", context),
-            "beta_fast": field("rope.scaling.yarn_beta_fast", 32.0),
-            "beta_slow": field("rope.scaling.yarn_beta_slow", 1.0),
-            "attention_factor": yarn_mscale(factor), "truncate": True}  # fmt: skip
+        raise ConfigError(
+            f"GGUF {arch}.rope.scaling.type={kind!r}: not implemented by pyeffort "
+            "(none, linear, yarn)"
+        )
+    return {
+        "type": "yarn",
+        "factor": factor,
+        "original_context": field("rope.scaling.original_context_length", context),
+        "beta_fast": field("rope.scaling.yarn_beta_fast", 32.0),
+        "beta_slow": field("rope.scaling.yarn_beta_slow", 1.0),
+        "attention_factor": yarn_mscale(factor),
+        "truncate": True,
+    }
