@@ -1,6 +1,7 @@
 """Model configurations are checked, never run wrongly: ModelArgs refuses values the forward pass
 cannot run; the Hugging Face and GGUF loaders refuse every key or tensor that changes the
-computation and that pyeffort does not implement (RoPE scaling, biases, ...), naming it; float64
+computation and that pyeffort does not implement (dynamic RoPE, o/MLP biases, ...), naming it;
+(Qwen2 and the implemented RoPE scalings: test_model_families.py); float64
 checkpoints convert; the model's context (max_seq_len) is enforced."""
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def test_model_args_from_dict_checks_its_input():
     assert ModelArgs.from_dict(d) == good
     with pytest.raises(ConfigError, match="JSON object"):
         ModelArgs.from_dict([d])
-    with pytest.raises(ConfigError, match="rope_scaling"):  # a newer pyeffort's key
-        ModelArgs.from_dict({**d, "rope_scaling": {"type": "linear"}})
+    with pytest.raises(ConfigError, match="logit_softcap"):  # a newer pyeffort's key
+        ModelArgs.from_dict({**d, "logit_softcap": 30.0})
     del d["vocab_size"]
     with pytest.raises(ConfigError, match="vocab_size"):  # never the 32000 default
         ModelArgs.from_dict(d)
@@ -78,13 +79,10 @@ def _transformers_config(tmp_path, cls: str, **kw) -> dict:
 @pytest.mark.parametrize(
     "kw, word",
     [
-        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "linear"),
         ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
-                           "original_max_position_embeddings": 32}}, "yarn"),  # fmt: skip
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
-         "llama3"),  # fmt: skip
+        ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                           "long_factor": [2.0] * 8, "original_max_position_embeddings": 32}},
+         "longrope"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
@@ -109,8 +107,9 @@ def test_plain_transformers_configs_are_accepted(tmp_path, cls):
 @pytest.mark.parametrize(
     "change, word",
     [
-        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                              "short_factor": [1.0]}}, "short_factor"),
         ({"rope_interleaved": True}, "rope_interleaved"),
         ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config"),
         ({"logit_scale": 2.0}, "logit_scale"),  # unknown and switched on
@@ -118,7 +117,7 @@ def test_plain_transformers_configs_are_accepted(tmp_path, cls):
         ({"rms_norm_eps": "abc"}, "norm_eps"),
         ({"num_attention_heads": 4, "num_key_value_heads": 3}, "multiple of n_kv_heads"),
         ({"hidden_size": 0}, "dim"),
-        ({"architectures": ["Qwen2ForCausalLM"]}, "architecture"),
+        ({"architectures": ["Qwen3ForCausalLM"]}, "architecture"),
     ],
 )
 def test_config_keys_are_checked(tmp_path, change, word):
@@ -175,12 +174,11 @@ def _rope_freqs(w):
 @pytest.mark.parametrize(
     "extra, word",
     [
-        (lambda w: (w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR),
+        (lambda w: (w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LONGROPE),
                     w.add_rope_scaling_factor(2.0)), "rope.scaling"),  # fmt: skip
-        (lambda w: w.add_rope_scaling_factor(4.0), "rope.scaling"),  # linear in llama.cpp
         (lambda w: w.add_uint32("llama.expert_count", 8), "expert_count"),
         (lambda w: w.add_float32("llama.attention.clamp_kqv", 8.0), "clamp_kqv"),
-        (_rope_freqs, "rope_freqs"),
+        (lambda w: (_rope_freqs(w), w.add_rope_scaling_factor(4.0)), "rope_freqs"),
         (_bias, "attn_q.bias"),
     ],
 )

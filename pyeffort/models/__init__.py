@@ -1,4 +1,4 @@
-"""Llama / Mistral models with effort: load, convert, generate.
+"""Llama / Mistral / Qwen2 models with effort: load, convert, generate.
 
 >>> from pyeffort import models  # doctest: +SKIP
 >>> m = models.load("path/to/converted-or-gguf-or-hf")  # doctest: +SKIP

@@ -1,4 +1,5 @@
-"""ModelArgs: the shape of a Llama-family model, and named configs (gpt-fast style).
+"""ModelArgs: the shape of a Llama-family model (Llama, Mistral, Qwen2), and named configs
+(gpt-fast style).
 
 Every way of building one (a named config, a loader, a converted model's manifest) goes through
 ``ModelArgs.__post_init__``, which refuses values the forward pass cannot run (ConfigError)."""
@@ -17,7 +18,7 @@ class ConfigError(PyEffortError, ValueError):
     """A model's configuration is invalid, or asks for something pyeffort does not implement."""
 
 
-ARCHITECTURES = ("llama", "mistral")
+ARCHITECTURES = ("llama", "mistral", "qwen2")
 POSITIVE_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size",
                  "max_seq_len")  # fmt: skip
 COUNTS = ("head_dim", "sliding_window")  # 0 has a meaning (derived / none)
@@ -40,14 +41,17 @@ class ModelArgs:
     max_seq_len: int = 8192  # the context: forward refuses positions at or past it
     tie_embeddings: bool = False
     architecture: str = "llama"
+    qkv_bias: bool = False  # q, k, v have biases layers.{i}.attn.bq/bk/bv (Qwen2)
+    rope_scaling: dict | None = None  # None: plain RoPE; else see check_rope_scaling
 
     def __post_init__(self):
         for name in POSITIVE_INTS + COUNTS:
             setattr(self, name, _int(name, getattr(self, name), 1 if name in POSITIVE_INTS else 0))
         for name in POSITIVE_FLOATS:
             setattr(self, name, _positive_float(name, getattr(self, name)))
-        if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
         if self.head_dim == 0:
@@ -59,6 +63,8 @@ class ModelArgs:
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} is not a multiple of "
                               f"n_kv_heads={self.n_kv_heads}")  # fmt: skip
+        if self.rope_scaling is not None:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling, self.head_dim)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -92,6 +98,50 @@ def _positive_float(name: str, v) -> float:
     return float(v)
 
 
+# ------------------------------------------------------------ RoPE scaling
+
+# the keys of each kind of ``rope_scaling`` (all required; pyeffort.models.rope computes them):
+ROPE_SCALINGS = {
+    "linear": ("factor",),  # positions divided by factor
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_context"),
+    "yarn": ("factor", "original_context", "beta_fast", "beta_slow", "attention_factor",
+             "truncate"),
+    "freq_factors": ("factors",),  # inv_freq[i] / factors[i] (llama.cpp's rope_freqs tensor)
+}  # fmt: skip
+
+
+def check_rope_scaling(d, head_dim: int) -> dict:
+    """A ``rope_scaling`` dict checked: ``type`` one of ROPE_SCALINGS and exactly its keys,
+    each a finite number > 0 (``original_context`` an integer, ``truncate`` a bool,
+    ``factors`` head_dim/2 of them); -> a copy with floats as floats."""
+    if not isinstance(d, dict) or d.get("type") not in ROPE_SCALINGS:
+        kind = d.get("type") if isinstance(d, dict) else d
+        raise ConfigError(f"rope_scaling type {kind!r} is not one of {tuple(ROPE_SCALINGS)}")
+    keys = ROPE_SCALINGS[d["type"]]
+    if set(d) != {"type", *keys}:
+        raise ConfigError(f"rope_scaling {d['type']} takes the keys {keys}, got {sorted(d)}")
+    out = {"type": d["type"]}
+    for k in keys:
+        v = d[k]
+        if k == "truncate":
+            if not isinstance(v, bool):
+                raise ConfigError(f"rope_scaling truncate must be true or false, got {v!r}")
+            out[k] = v
+        elif k == "original_context":
+            out[k] = _int(f"rope_scaling {k}", v, 1)
+        elif k == "factors":
+            if not isinstance(v, (list, tuple)) or len(v) != head_dim // 2:
+                raise ConfigError(f"rope_scaling factors must be {head_dim // 2} numbers "
+                                  f"(head_dim / 2), got {v!r:.80}")  # fmt: skip
+            out[k] = [_positive_float("rope_scaling factors", f) for f in v]
+        else:
+            out[k] = _positive_float(f"rope_scaling {k}", v)
+    if out["type"] == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ConfigError(f"rope_scaling llama3: high_freq_factor={out['high_freq_factor']} "
+                          f"must exceed low_freq_factor={out['low_freq_factor']}")  # fmt: skip
+    return out
+
+
 CONFIGS = {
     "Mistral-7B-v0.1": {
         "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "hidden_dim": 14336, "vocab_size": 32000,
@@ -121,11 +171,11 @@ def config(name: str) -> ModelArgs:
 
 def tensor_shape(args: ModelArgs, name: str) -> tuple[int, ...]:
     """The shape ``get(name)`` returns: matrices (n_in, n_out), ``embed`` (vocab, dim),
-    ``lm_head`` (dim, vocab), norms (dim,)."""
+    ``lm_head`` (dim, vocab), norms (dim,), biases (n_out,)."""
     d, h, hd = args.dim, args.hidden_dim, args.head_dim
     q, kv = args.n_heads * hd, args.n_kv_heads * hd
     if name in ("embed", "lm_head"):
         return (args.vocab_size, d) if name == "embed" else (d, args.vocab_size)
     mats = {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w1": (d, h), "w3": (d, h),
-            "w2": (h, d)}  # fmt: skip
+            "w2": (h, d), "bq": (q,), "bk": (kv,), "bv": (kv,)}  # fmt: skip
     return mats.get(name.rsplit(".", 1)[-1], (d,))  # else a norm

@@ -6,7 +6,8 @@ Layout (format ``pyeffort``, version 2, kind ``model``):
 - ``main.safetensors``: ``embed`` (vocab, dim) F16, ``norm`` F32, ``lm_head`` (dim, vocab) F16 if
   not tied; metadata format/version/kind=model and the config JSON;
 - ``layers.{i:03d}.safetensors``: the 7 matrices of layer i as Buckets under the prefix
-  ``layers.{i}.attn.wq.`` ... (see pyeffort.buckets) and the two norms;
+  ``layers.{i}.attn.wq.`` ... (see pyeffort.buckets), the two norms and the q/k/v biases
+  (F32) when the config has them;
 - every safetensors file carries the manifest's version (a bucket file version);
 - the tokenizer (tokenizer.json or tokenizer.model, and pyeffort_tokenizer.json).
 
@@ -262,9 +263,9 @@ def values_kind(path, m: dict) -> str:
 def model_args(path, cfg: dict) -> ModelArgs:
     """ModelArgs from a stored config, FormatError unless every field has its type and sizes
     are positive."""
-    kinds = {f.name: type(f.default) for f in fields(ModelArgs)}
+    kinds = {f.name: type(f.default) for f in fields(ModelArgs) if f.default is not None}
     for k, v in cfg.items():
-        if k not in kinds:
+        if k not in kinds:  # unknown (from_dict refuses it), or checked by ModelArgs itself
             continue
         want = (int, float) if kinds[k] is float else kinds[k]
         good = isinstance(v, want) and (kinds[k] is bool or not isinstance(v, bool))
@@ -341,13 +342,12 @@ def _check_file(r: fileformat.Reader, layer: int, m: dict) -> None:
 
 def _read_file(r: fileformat.Reader, fraction: float) -> dict:
     w: dict = {}
+    prefixes = [key[: -len("n_in")] for key in r.metadata if key.endswith(".n_in")]
+    for prefix in prefixes:
+        w[prefix[:-1]] = bk.read_buckets(r, prefix, fraction)
     for name in r.tensors:
-        if "." not in name or name.startswith("layers.") and name.count(".") == 2:
-            w[name] = r.array(name)  # embed, norm, lm_head, layer norms
-    for key in r.metadata:
-        if key.endswith(".n_in"):
-            prefix = key[: -len("n_in")]
-            w[prefix[:-1]] = bk.read_buckets(r, prefix, fraction)
+        if not any(name.startswith(p) for p in prefixes):
+            w[name] = r.array(name)  # embed, norm, lm_head, layer norms and biases
     return w
 
 

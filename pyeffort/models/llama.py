@@ -1,11 +1,13 @@
-"""The Llama / Mistral transformer in numpy: RMSNorm, RoPE, grouped-query attention with a KV cache
-(and Mistral's sliding window), SwiGLU, tied or separate LM head. Every matrix of every layer is an
+"""The Llama / Mistral / Qwen2 transformer in numpy: RMSNorm, RoPE (with its scalings, see
+pyeffort.models.rope), grouped-query attention with a KV cache (Mistral's sliding window, Qwen2's
+q/k/v biases), SwiGLU, tied or separate LM head. Every matrix of every layer is an
 EffortLinear; the LM head is a dense float16 product (``pyeffort.dense_matmul``).
 
 Weights come as a mapping of our names to arrays (norms, embedding, LM head) or Buckets (matrices):
 ``embed`` (vocab, dim), ``norm`` (dim,), ``lm_head`` (dim, vocab) unless tied, and per layer
 ``layers.{i}.attn_norm``, ``layers.{i}.ffn_norm`` (dim,), ``layers.{i}.attn.{wq,wk,wv,wo}``,
-``layers.{i}.ffn.{w1,w3,w2}`` with W (n_in, n_out) so that y = x @ W.
+``layers.{i}.ffn.{w1,w3,w2}`` with W (n_in, n_out) so that y = x @ W, and when
+``args.qkv_bias`` ``layers.{i}.attn.{bq,bk,bv}`` (n_out,) float32 added to q, k, v.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def ops():
 
 ATTN = ("wq", "wk", "wv", "wo")
 FFN = ("w1", "w3", "w2")  # gate, up, down
+BIAS = ("bq", "bk", "bv")  # of wq, wk, wv (args.qkv_bias)
 DENSE_PREFILL_MAX_BYTES = 4 * 2**30
 
 
@@ -57,6 +60,9 @@ class Attention:
     def __init__(self, args: ModelArgs, layer: int, w: Mapping, rope: Rope):
         p = f"layers.{layer}.attn."
         self.wq, self.wk, self.wv, self.wo = (EffortLinear(p + n, w[p + n]) for n in ATTN)
+        self.bias = None  # (bq, bk, bv) float32 or None
+        if args.qkv_bias:
+            self.bias = tuple(np.asarray(w[p + n], dtype=np.float32) for n in BIAS)
         self.layer, self.rope = layer, rope
         self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = args.sliding_window
@@ -67,6 +73,8 @@ class Attention:
         t, hd, n_kv = x.shape[0], self.hd, self.n_kv
         rep = self.n_heads // n_kv
         q, k, v = call_group([self.wq, self.wk, self.wv], x, effort)
+        if self.bias is not None:
+            q, k, v = (y + b for y, b in zip((q, k, v), self.bias, strict=True))
         if t == 1:  # decoding: wo's copy comes in while the attention runs
             self.wo.prefetch()
             return self.wo(self._attend_one(q, k, v, start, cache), effort)
@@ -155,7 +163,7 @@ class Model:
     def __init__(self, args: ModelArgs, w: Mapping, tokenizer=None):
         self.args, self.tokenizer = args, tokenizer
         self.embed = np.asarray(w["embed"])  # (vocab, dim) float16 or float32
-        rope = Rope(args.head_dim, args.rope_theta)
+        rope = Rope(args)
         self.layers = [TransformerBlock(args, i, w, rope) for i in range(args.n_layers)]
         self.norm = RMSNorm(w["norm"], args.norm_eps)
         head = self.embed.T if args.tie_embeddings else w["lm_head"]

@@ -35,14 +35,12 @@ GROUP_CT = 64  # column tile of a group whose widths would get different default
 
 
 def biases_of(model: Model) -> dict[str, np.ndarray]:
-    """``layers.{i}.attn.bq/bk/bv`` as the numpy model holds them (attributes of its attention
-    blocks of these names; absent or None: no bias)."""
+    """``layers.{i}.attn.bq/bk/bv`` as the numpy model holds them (its attention blocks'
+    ``bias``: a (bq, bk, bv) tuple, or None)."""
     out = {}
     for i, b in enumerate(model.layers):
-        for n in BIASES:
-            v = getattr(b.attn, n, None)
-            if v is not None:
-                out[f"layers.{i}.attn.{n}"] = np.asarray(v, np.float32)
+        for n, v in zip(BIASES, getattr(b.attn, "bias", None) or (), strict=False):
+            out[f"layers.{i}.attn.{n}"] = np.asarray(v, np.float32)
     return out
 
 

@@ -2,7 +2,8 @@
 
 A source has ``args`` (ModelArgs), ``tokenizer`` (Tokenizer), and ``get(name)`` giving one tensor
 under our names (see pyeffort.models.llama): matrices as float (n_in, n_out), norms (dim,),
-``embed`` (vocab, dim), ``lm_head`` (dim, vocab) when not tied.
+``embed`` (vocab, dim), ``lm_head`` (dim, vocab) when not tied, q/k/v biases (n_out,) when
+``args.qkv_bias``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyeffort.models.args import ModelArgs
-from pyeffort.models.llama import ATTN, FFN
+from pyeffort.models.llama import ATTN, BIAS, FFN
 
 
 def matrix_names(args: ModelArgs) -> list[str]:
@@ -24,6 +25,7 @@ def plain_names(args: ModelArgs) -> list[str]:
     out = ["embed", "norm"] + ([] if args.tie_embeddings else ["lm_head"])
     for i in range(args.n_layers):
         out += [f"layers.{i}.attn_norm", f"layers.{i}.ffn_norm"]
+        out += [f"layers.{i}.attn.{n}" for n in BIAS] if args.qkv_bias else []
     return out
 
 

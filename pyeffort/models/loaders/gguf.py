@@ -1,14 +1,17 @@
-"""A GGUF file of the llama architecture (gguf package): dequantised tensors, llama.cpp's q/k row
-permutation undone, the byte-level BPE tokenizer and chat template from the metadata.
+"""A GGUF file of the llama or qwen2 architecture (gguf package): dequantised tensors, llama.cpp's
+q/k row permutation undone (llama; qwen2's rotary layout is Hugging Face's already), the byte-level
+BPE tokenizer and chat template from the metadata.
 
-The ``llama.*`` metadata is read against an allow-list, as config.json is: RoPE scaling, experts,
-partial rotary and any key or tensor pyeffort does not know are refused (ConfigError)."""
+The ``{arch}.*`` metadata is read against an allow-list, as config.json is: RoPE scaling (linear,
+YaRN, Llama 3's ``rope_freqs``) by ``rope_scaling.from_gguf``; experts, partial rotary and any key
+or tensor pyeffort does not know are refused (ConfigError)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from pyeffort.models.args import ConfigError, ModelArgs, tensor_shape
+from pyeffort.models.loaders.rope_scaling import GGUF_NEUTRAL, GGUF_READ, from_gguf
 from pyeffort.models.tokenizer import Tokenizer
 
 NAMES = {
@@ -22,12 +25,17 @@ NAMES = {
     "attn_norm": "attn_norm",
     "ffn_norm": "ffn_norm",
 }
+BIASES = {"attn_q": "attn.bq", "attn_k": "attn.bk", "attn_v": "attn.bv"}  # qwen2's
+ARCHS = ("llama", "qwen2")
 READ = {"block_count", "context_length", "embedding_length", "feed_forward_length", "vocab_size",
         "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
         "attention.key_length", "attention.value_length", "rope.freq_base",
         "rope.dimension_count", "tensor_data_layout"}  # fmt: skip
 NEUTRAL = {"expert_count": (0,), "expert_used_count": (0,)}  # only these values are implemented
-BPE_PRE = ("smollm",)  # byte-level BPE pre-tokenizers _byte_level_bpe reproduces
+BPE_PRE = ("smollm", "qwen2")  # byte-level BPE pre-tokenizers _byte_level_bpe reproduces
+# Qwen2's split (its tokenizer.json; llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2): digits one by one
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
 
 
 class GGUFSource:
@@ -36,59 +44,84 @@ class GGUFSource:
 
         self.path = str(path)
         self.reader = gguf.GGUFReader(self.path)
-        arch = self._field("general.architecture")
-        if arch != "llama":
-            raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
+        self.arch = self._field("general.architecture")
+        if self.arch not in ARCHS:
+            raise ValueError(f"{path}: GGUF architecture {self.arch!r} is not supported "
+                             f"(one of {ARCHS})")  # fmt: skip
         self.tensors = {}
         for t in self.reader.tensors:
-            name = self._our_name(t.name)
+            name = self._our_name(t.name, self.arch)
             if name.startswith("unused:"):
-                raise ConfigError(f"{path}: tensor {t.name!r} is not used by pyeffort's llama "
-                                  "(biases, RoPE frequency factors...): refusing to run without it")  # fmt: skip
+                raise ConfigError(f"{path}: tensor {t.name!r} is not used by pyeffort's "
+                                  f"{self.arch} (biases...): refusing to run without it")  # fmt: skip
             self.tensors[name] = t
         if "embed" not in self.tensors:
             raise ConfigError(f"{path}: no token_embd.weight tensor")
         self._check_keys()
         self.args = self._args()
+        self._check_biases()
         self.tokenizer = self._tokenizer()
 
     def _check_keys(self) -> None:
+        prefix = self.arch + "."
         for key in self.reader.fields:
             if key.startswith("split.") and self._field("split.count", 1) != 1:
                 raise ConfigError(f"{self.path}: a split GGUF (join it with llama-gguf-split)")
-            if not key.startswith("llama.") or key[6:] in READ:
+            k = key[len(prefix) :]
+            if not key.startswith(prefix) or k in READ or k in GGUF_READ or k in GGUF_NEUTRAL:
                 continue
-            k, v = key[6:], self._field(key)
-            if k.startswith("rope.scaling."):
-                kind = self._field("llama.rope.scaling.type", "none")
-                factor = self._field("llama.rope.scaling.factor", 1.0)
-                if kind != "none" or factor not in (0, 1):  # llama.cpp: a factor alone is linear
-                    raise ConfigError(f"{self.path}: GGUF {key}={v!r}: RoPE scaling ({kind}, "
-                                      f"factor {factor}) is not implemented by pyeffort")  # fmt: skip
-            elif v not in NEUTRAL.get(k, ()):
+            v = self._field(key)
+            if v not in NEUTRAL.get(k, ()):
                 raise ConfigError(f"{self.path}: GGUF {key}={v!r} is not implemented by pyeffort")
 
+    def _check_biases(self) -> None:
+        """qwen2 has all three q/k/v biases (llama.cpp requires them), llama none."""
+        want = set(BIASES.values()) if self.args.qkv_bias else set()
+        for i in range(self.args.n_layers):
+            have = {n for n in want if f"layers.{i}.{n}" in self.tensors}
+            if have != want:
+                raise ConfigError(f"{self.path}: layer {i} lacks the {self.arch} biases "
+                                  f"{sorted(want - have)}")  # fmt: skip
+
+    def _rope_scaling(self, context: int) -> dict | None:
+        t = self.tensors.pop("rope_freqs", None)
+        freqs = None
+        if t is not None:
+            import gguf
+
+            freqs = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
+        try:
+            return from_gguf(lambda k, d: self._field(f"{self.arch}.{k}", d), self.arch, context,
+                             freqs)  # fmt: skip
+        except ConfigError as exc:
+            raise ConfigError(f"{self.path}: {exc}") from None
+
     def _args(self) -> ModelArgs:
-        n_heads = self._int("llama.attention.head_count")
-        dim = self._int("llama.embedding_length")
-        head_dim = self._int("llama.attention.key_length", dim // n_heads if n_heads else 0)
-        for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
+        a = self.arch + "."
+        n_heads = self._int(a + "attention.head_count")
+        dim = self._int(a + "embedding_length")
+        head_dim = self._int(a + "attention.key_length", dim // n_heads if n_heads else 0)
+        context = self._int(a + "context_length", 4096)
+        for key in (a + "attention.value_length", a + "rope.dimension_count"):
             if self._int(key, head_dim) != head_dim:  # partial rotary, or v heads of other size
                 raise ConfigError(f"{self.path}: GGUF {key}={self._int(key)} differs from the "
                                   f"head size {head_dim}: not implemented by pyeffort")  # fmt: skip
         try:
             return ModelArgs(
                 dim=dim,
-                n_layers=self._int("llama.block_count"),
+                n_layers=self._int(a + "block_count"),
                 n_heads=n_heads,
-                n_kv_heads=self._int("llama.attention.head_count_kv", n_heads),
-                hidden_dim=self._int("llama.feed_forward_length"),
+                n_kv_heads=self._int(a + "attention.head_count_kv", n_heads),
+                hidden_dim=self._int(a + "feed_forward_length"),
                 vocab_size=int(self.tensors["embed"].shape[-1]),
-                norm_eps=self._number("llama.attention.layer_norm_rms_epsilon"),
-                rope_theta=self._number("llama.rope.freq_base", 10000.0),
+                norm_eps=self._number(a + "attention.layer_norm_rms_epsilon"),
+                rope_theta=self._number(a + "rope.freq_base", 10000.0),
                 head_dim=head_dim,
-                max_seq_len=self._int("llama.context_length", 4096),
+                max_seq_len=context,
                 tie_embeddings="lm_head" not in self.tensors,
+                architecture=self.arch,
+                qkv_bias=self.arch == "qwen2",
+                rope_scaling=self._rope_scaling(context),
             )
         except ConfigError as exc:
             raise ConfigError(f"{self.path}: {exc}") from None
@@ -114,17 +147,22 @@ class GGUFSource:
         return f.contents()
 
     @staticmethod
-    def _our_name(name: str) -> str:
+    def _our_name(name: str, arch: str) -> str:
         top = {
             "token_embd.weight": "embed",
             "output_norm.weight": "norm",
             "output.weight": "lm_head",
+            "rope_freqs.weight": "rope_freqs",
         }
         if name in top:
             return top[name]
         parts = name.split(".")
-        if parts[0] == "blk" and len(parts) == 4 and parts[2] in NAMES and parts[3] == "weight":
+        if parts[0] != "blk" or len(parts) != 4:
+            return "unused:" + name
+        if parts[2] in NAMES and parts[3] == "weight":
             return f"layers.{parts[1]}.{NAMES[parts[2]]}"
+        if arch == "qwen2" and parts[2] in BIASES and parts[3] == "bias":
+            return f"layers.{parts[1]}.{BIASES[parts[2]]}"
         return "unused:" + name
 
     def get(self, name: str) -> np.ndarray:
@@ -139,16 +177,18 @@ class GGUFSource:
                               f"{tuple(reversed(t.shape.tolist()))}, the metadata implies {theirs}")  # fmt: skip
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)  # (n_out, n_in)
         a = a.reshape(theirs)
-        if name.endswith("attn.wq"):
+        if self.arch == "llama" and name.endswith("attn.wq"):
             a = unpermute(a, self.args.n_heads)
-        elif name.endswith("attn.wk"):
+        elif self.arch == "llama" and name.endswith("attn.wk"):
             a = unpermute(a, self.args.n_kv_heads)
         if name == "embed" or a.ndim == 1:
             return a
         return a.T  # (n_in, n_out)
 
     def _strings(self, key: str) -> list[str]:
-        f = self.reader.fields[key]
+        f = self.reader.fields.get(key)
+        if f is None:
+            raise ValueError(f"{self.path}: GGUF metadata {key!r} missing")
         return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
 
     def _tokenizer(self) -> Tokenizer:
@@ -164,7 +204,7 @@ class GGUFSource:
             if pre not in BPE_PRE:
                 raise ConfigError(f"{self.path}: GGUF tokenizer.ggml.pre={pre!r}: this "
                                   f"pre-tokenizer is not implemented (only {BPE_PRE})")  # fmt: skip
-            tok = _byte_level_bpe(toks, self._strings("tokenizer.ggml.merges"))
+            tok = _byte_level_bpe(toks, self._strings("tokenizer.ggml.merges"), pre)
             default_bos = False
         elif model == "llama":
             sc = r.fields["tokenizer.ggml.scores"]
@@ -203,18 +243,21 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, n_out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _byte_level_bpe(toks: list[str], merges: list[str]):
-    """GPT-2 style byte-level BPE (SmolLM2: digits split one by one, as its tokenizer.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def _byte_level_bpe(toks: list[str], merges: list[str], pre: str = "smollm"):
+    """GPT-2 style byte-level BPE, split as the model's tokenizer.json: SmolLM2 digits one by
+    one then GPT-2's regex, Qwen2 its own regex after NFC."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(toks)}, pairs))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        split = pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated")
+        steps = [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    else:
+        steps = [pre_tokenizers.Digits(individual_digits=True),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False)]  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     return tok
 

@@ -1,10 +1,11 @@
-"""A Hugging Face checkpoint folder (LlamaForCausalLM / MistralForCausalLM): config.json,
+"""A Hugging Face checkpoint folder (LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM):
+config.json,
 ``*.safetensors`` shards (with ``model.safetensors.index.json``), and tokenizer.json or
 tokenizer.model. Tensors are memory-mapped and read one at a time.
 
 config.json is read against an allow-list (``args_from_config``): a key pyeffort reads, a key
-that must hold its neutral value (no RoPE scaling, no biases...), or a key that does not change
-the forward pass. Anything else is refused with a ConfigError naming it, never run wrongly."""
+that must hold its neutral value (no MLP biases...), or a key that does not change the forward
+pass; RoPE scalings are read by ``rope_scaling.from_hf_config``. Anything else is refused with a ConfigError naming it, never run wrongly."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from pyeffort.fileformat import Reader
 from pyeffort.models.args import ConfigError, ModelArgs, tensor_shape
+from pyeffort.models.loaders.rope_scaling import HF_ROPE_KEYS, from_hf_config
 from pyeffort.models.tokenizer import Tokenizer, sentencepiece_from_file
 
 LAYER = {
@@ -27,6 +29,9 @@ LAYER = {
     "ffn.w2": "mlp.down_proj.weight",
     "attn_norm": "input_layernorm.weight",
     "ffn_norm": "post_attention_layernorm.weight",
+    "attn.bq": "self_attn.q_proj.bias",
+    "attn.bk": "self_attn.k_proj.bias",
+    "attn.bv": "self_attn.v_proj.bias",
 }
 TOP = {
     "embed": "model.embed_tokens.weight",
@@ -143,7 +148,8 @@ def _special(tok, to_id, fallback):
 
 # ------------------------------------------------------------ config.json
 
-ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+         "Qwen2ForCausalLM": "qwen2"}  # fmt: skip
 # keys that do not change the forward pass: metadata, training-only values, generation defaults
 IGNORED = {
     "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype",
@@ -166,23 +172,24 @@ NEUTRAL = {
     "partial_rotary_factor": ((1.0, 1, None), "rotary embedding on part of each head"),
     "use_sliding_window": ((False, None), "Qwen2's sliding window"),
 }
-MAX_POSITIONS = {"llama": 2048, "mistral": 131072}  # transformers' defaults
-ROPE_KEYS = ("rope_scaling", "rope_parameters")
+MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}  # transformers' defaults
 
 
 def args_from_config(c) -> ModelArgs:
-    """ModelArgs from a Hugging Face ``config.json`` (LlamaForCausalLM / MistralForCausalLM);
-    ConfigError for any key whose value pyeffort does not implement."""
+    """ModelArgs from a Hugging Face ``config.json`` (LlamaForCausalLM / MistralForCausalLM /
+    Qwen2ForCausalLM); ConfigError for any key whose value pyeffort does not implement."""
     if not isinstance(c, dict):
         raise ConfigError(f"config.json must be a JSON object, got {type(c).__name__}")
     archs = c.get("architectures") or ["LlamaForCausalLM"]
     arch = archs[0] if isinstance(archs, list) and archs else archs
     if not isinstance(arch, str) or arch not in ARCHS:
-        raise ConfigError(f"unsupported architecture {arch!r} (Llama or Mistral only)")
-    _check_keys(c)
+        raise ConfigError(f"unsupported architecture {arch!r} (one of {sorted(ARCHS)})")
+    kind = ARCHS[arch]
+    _check_keys(c, kind)
     n_heads = _need(c, "num_attention_heads")
     n_kv = c.get("num_key_value_heads")
-    kind = ARCHS[arch]
+    max_pos = c.get("max_position_embeddings", MAX_POSITIONS[kind])
+    theta, scaling = from_hf_config(c, max_pos)
     try:
         return ModelArgs(
             dim=_need(c, "hidden_size"),
@@ -192,21 +199,33 @@ def args_from_config(c) -> ModelArgs:
             hidden_dim=_need(c, "intermediate_size"),
             vocab_size=_need(c, "vocab_size"),
             norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=_rope_theta(c),
+            rope_theta=theta,
             head_dim=c.get("head_dim") or 0,
             sliding_window=(c.get("sliding_window") or 0) if kind == "mistral" else 0,
-            max_seq_len=c.get("max_position_embeddings", MAX_POSITIONS[kind]),
+            max_seq_len=max_pos,
             tie_embeddings=c.get("tie_word_embeddings", False),
             architecture=kind,
+            qkv_bias=kind == "qwen2",  # transformers' Qwen2 always has q, k, v biases
+            rope_scaling=scaling,
         )
     except ConfigError as exc:
         raise ConfigError(f"config.json: {exc}") from None
 
 
-def _check_keys(c: dict) -> None:
+def _check_keys(c: dict, kind: str) -> None:
     read = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "head_dim",
-            "sliding_window", "max_position_embeddings", "tie_word_embeddings", *ROPE_KEYS}  # fmt: skip
+            "sliding_window", "max_position_embeddings", "tie_word_embeddings",
+            "original_max_position_embeddings", *HF_ROPE_KEYS}  # fmt: skip
+    if kind == "qwen2":  # its window's layers: moot without use_sliding_window (NEUTRAL)
+        read.add("max_window_layers")
+    types = c.get("layer_types")  # transformers 5 writes it for Qwen2
+    if types is not None and (
+        not isinstance(types, list) or any(t != "full_attention" for t in types)
+    ):
+        raise ConfigError(f"config.json: layer_types={types!r}: only full_attention layers "
+                          "are implemented by pyeffort")  # fmt: skip
+    read.add("layer_types")
     for key, value in c.items():
         if key in read or key in IGNORED or key.startswith("_"):
             continue
@@ -218,24 +237,6 @@ def _check_keys(c: dict) -> None:
         elif not _one_of(value, (None, False, {}, [])):  # an unknown, switched-on setting
             raise ConfigError(f"config.json: {key}={value!r} is not known to pyeffort and may "
                               "change the computation; refusing rather than running it wrongly")  # fmt: skip
-
-
-def _rope_theta(c: dict) -> float:
-    """rope_theta, from the top level or rope_parameters; RoPE scaling of any kind is refused."""
-    theta = c.get("rope_theta")
-    for key in ROPE_KEYS:
-        p = c.get(key)
-        if p is None:
-            continue
-        if not isinstance(p, dict):
-            raise ConfigError(f"config.json: {key} must be an object, got {p!r}")
-        kind = p.get("rope_type", p.get("type", "default"))
-        extra = sorted(set(p) - {"rope_type", "type", "rope_theta"})
-        if kind != "default" or extra:
-            raise ConfigError(f"config.json: {key}={p!r}: RoPE scaling ({kind}) is not "
-                              "implemented by pyeffort")  # fmt: skip
-        theta = p.get("rope_theta", theta)
-    return 10000.0 if theta is None else theta
 
 
 def _one_of(value, allowed) -> bool:
