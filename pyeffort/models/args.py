@@ -17,10 +17,10 @@ class ConfigError(PyEffortError, ValueError):
     """A model's configuration is invalid, or asks for something pyeffort does not implement."""
 
 
-ARCHITECTURES = ("llama", "mistral")
+ARCHITECTURES = ("llama", "mistral", "mixtral")
 POSITIVE_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size",
                  "max_seq_len")  # fmt: skip
-COUNTS = ("head_dim", "sliding_window")  # 0 has a meaning (derived / none)
+COUNTS = ("head_dim", "sliding_window", "n_experts", "n_experts_per_tok")  # 0: derived / none
 POSITIVE_FLOATS = ("norm_eps", "rope_theta")
 SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")  # no default
 
@@ -40,6 +40,8 @@ class ModelArgs:
     max_seq_len: int = 8192  # the context: forward refuses positions at or past it
     tie_embeddings: bool = False
     architecture: str = "llama"
+    n_experts: int = 0  # 0: a dense SwiGLU; else a mixture of experts (pyeffort.models.moe)
+    n_experts_per_tok: int = 0  # experts routed per token (top-k), 1..n_experts when n_experts
 
     def __post_init__(self):
         for name in POSITIVE_INTS + COUNTS:
@@ -59,6 +61,9 @@ class ModelArgs:
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} is not a multiple of "
                               f"n_kv_heads={self.n_kv_heads}")  # fmt: skip
+        if not (1 if self.n_experts else 0) <= self.n_experts_per_tok <= self.n_experts:
+            raise ConfigError(f"n_experts_per_tok={self.n_experts_per_tok} must lie in "
+                              f"{min(1, self.n_experts)}..n_experts={self.n_experts}")  # fmt: skip
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -106,6 +111,11 @@ CONFIGS = {
         "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "hidden_dim": 14336, "vocab_size": 32768,
         "norm_eps": 1e-5, "rope_theta": 1e6, "max_seq_len": 32768, "architecture": "mistral",
     },
+    "Mixtral-8x7B-v0.1": {
+        "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "hidden_dim": 14336, "vocab_size": 32000,
+        "norm_eps": 1e-5, "rope_theta": 1e6, "max_seq_len": 32768, "architecture": "mixtral",
+        "n_experts": 8, "n_experts_per_tok": 2,
+    },
     "SmolLM2-135M": {
         "dim": 576, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "hidden_dim": 1536, "vocab_size": 49152,
         "norm_eps": 1e-5, "rope_theta": 1e5, "max_seq_len": 8192, "tie_embeddings": True,
@@ -121,11 +131,11 @@ def config(name: str) -> ModelArgs:
 
 def tensor_shape(args: ModelArgs, name: str) -> tuple[int, ...]:
     """The shape ``get(name)`` returns: matrices (n_in, n_out), ``embed`` (vocab, dim),
-    ``lm_head`` (dim, vocab), norms (dim,)."""
+    ``lm_head`` (dim, vocab), a MoE layer's ``router`` (dim, n_experts), norms (dim,)."""
     d, h, hd = args.dim, args.hidden_dim, args.head_dim
     q, kv = args.n_heads * hd, args.n_kv_heads * hd
     if name in ("embed", "lm_head"):
         return (args.vocab_size, d) if name == "embed" else (d, args.vocab_size)
     mats = {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w1": (d, h), "w3": (d, h),
-            "w2": (h, d)}  # fmt: skip
+            "w2": (h, d), "router": (d, args.n_experts)}  # fmt: skip
     return mats.get(name.rsplit(".", 1)[-1], (d,))  # else a norm

@@ -6,7 +6,9 @@ Layout (format ``pyeffort``, version 2, kind ``model``):
 - ``main.safetensors``: ``embed`` (vocab, dim) F16, ``norm`` F32, ``lm_head`` (dim, vocab) F16 if
   not tied; metadata format/version/kind=model and the config JSON;
 - ``layers.{i:03d}.safetensors``: the 7 matrices of layer i as Buckets under the prefix
-  ``layers.{i}.attn.wq.`` ... (see pyeffort.buckets) and the two norms;
+  ``layers.{i}.attn.wq.`` ... (see pyeffort.buckets) and the two norms; in a mixture of experts
+  the 4 attention matrices, 3 per expert (``layers.{i}.ffn.experts.{e}.w1.`` ...) and the F32
+  router, each expert read from the source alone (the peak is about one layer's buckets);
 - every safetensors file carries the manifest's version (a bucket file version);
 - the tokenizer (tokenizer.json or tokenizer.model, and pyeffort_tokenizer.json).
 

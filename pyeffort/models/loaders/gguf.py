@@ -1,7 +1,10 @@
 """A GGUF file of the llama architecture (gguf package): dequantised tensors, llama.cpp's q/k row
-permutation undone, the byte-level BPE tokenizer and chat template from the metadata.
+permutation undone, the byte-level BPE tokenizer and chat template from the metadata. Mixtral
+comes as llama.cpp writes it: ``llama.expert_count`` / ``expert_used_count``, the router
+``blk.N.ffn_gate_inp`` and each layer's experts stacked in ``blk.N.ffn_{gate,up,down}_exps``
+(n_expert, n_out, n_in), read one expert at a time.
 
-The ``llama.*`` metadata is read against an allow-list, as config.json is: RoPE scaling, experts,
+The ``llama.*`` metadata is read against an allow-list, as config.json is: RoPE scaling,
 partial rotary and any key or tensor pyeffort does not know are refused (ConfigError)."""
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ NAMES = {
     "ffn_down": "ffn.w2",
     "attn_norm": "attn_norm",
     "ffn_norm": "ffn_norm",
+    "ffn_gate_inp": "router",
+    "ffn_gate_exps": "ffn.experts.w1",  # the stacks; one expert: layers.{i}.ffn.experts.{e}.w1
+    "ffn_up_exps": "ffn.experts.w3",
+    "ffn_down_exps": "ffn.experts.w2",
 }
 READ = {"block_count", "context_length", "embedding_length", "feed_forward_length", "vocab_size",
         "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
         "attention.key_length", "attention.value_length", "rope.freq_base",
-        "rope.dimension_count", "tensor_data_layout"}  # fmt: skip
-NEUTRAL = {"expert_count": (0,), "expert_used_count": (0,)}  # only these values are implemented
+        "rope.dimension_count", "tensor_data_layout",
+        "expert_count", "expert_used_count"}  # fmt: skip
 BPE_PRE = ("smollm",)  # byte-level BPE pre-tokenizers _byte_level_bpe reproduces
 
 
@@ -65,7 +72,7 @@ class GGUFSource:
                 if kind != "none" or factor not in (0, 1):  # llama.cpp: a factor alone is linear
                     raise ConfigError(f"{self.path}: GGUF {key}={v!r}: RoPE scaling ({kind}, "
                                       f"factor {factor}) is not implemented by pyeffort")  # fmt: skip
-            elif v not in NEUTRAL.get(k, ()):
+            else:
                 raise ConfigError(f"{self.path}: GGUF {key}={v!r} is not implemented by pyeffort")
 
     def _args(self) -> ModelArgs:
@@ -76,6 +83,11 @@ class GGUFSource:
             if self._int(key, head_dim) != head_dim:  # partial rotary, or v heads of other size
                 raise ConfigError(f"{self.path}: GGUF {key}={self._int(key)} differs from the "
                                   f"head size {head_dim}: not implemented by pyeffort")  # fmt: skip
+        n_experts = self._int("llama.expert_count", 0)
+        if bool(n_experts) != ("layers.0.ffn.experts.w1" in self.tensors):
+            raise ConfigError(f"{self.path}: GGUF llama.expert_count={n_experts} and the "
+                              "tensors disagree (a mixture of experts needs llama.cpp's stacked "
+                              "blk.N.ffn_*_exps; older per-expert tensors are not read)")  # fmt: skip
         try:
             return ModelArgs(
                 dim=dim,
@@ -89,6 +101,9 @@ class GGUFSource:
                 head_dim=head_dim,
                 max_seq_len=self._int("llama.context_length", 4096),
                 tie_embeddings="lm_head" not in self.tensors,
+                architecture="mixtral" if n_experts else "llama",
+                n_experts=n_experts,
+                n_experts_per_tok=self._int("llama.expert_used_count", 0),
             )
         except ConfigError as exc:
             raise ConfigError(f"{self.path}: {exc}") from None
@@ -130,14 +145,17 @@ class GGUFSource:
     def get(self, name: str) -> np.ndarray:
         import gguf
 
-        t = self.tensors[name]
+        t, e = self._tensor(name)
         want = tensor_shape(self.args, name)
         plain = name == "embed" or len(want) == 1
         theirs = want if plain else want[::-1]  # GGUF keeps (n_out, n_in)
-        if tuple(int(d) for d in reversed(t.shape)) != theirs:
+        stack = () if e is None else (self.args.n_experts,)
+        if tuple(int(d) for d in reversed(t.shape)) != stack + theirs:
             raise ConfigError(f"{self.path}: tensor {t.name} has shape "
-                              f"{tuple(reversed(t.shape.tolist()))}, the metadata implies {theirs}")  # fmt: skip
-        a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)  # (n_out, n_in)
+                              f"{tuple(reversed(t.shape.tolist()))}, the metadata implies "
+                              f"{stack + theirs}")  # fmt: skip
+        data = t.data if e is None else t.data[e]  # one expert of a stack: only its rows
+        a = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32)  # (n_out, n_in)
         a = a.reshape(theirs)
         if name.endswith("attn.wq"):
             a = unpermute(a, self.args.n_heads)
@@ -146,6 +164,16 @@ class GGUFSource:
         if name == "embed" or a.ndim == 1:
             return a
         return a.T  # (n_in, n_out)
+
+    def _tensor(self, name: str):
+        """The GGUF tensor holding ``name`` and, for an expert's matrix
+        (``layers.{i}.ffn.experts.{e}.w1``), the expert's index in the layer's stack (else None)."""
+        parts, e = name.split("."), None
+        if len(parts) == 6 and parts[3] == "experts":
+            name, e = ".".join(parts[:4] + parts[5:]), int(parts[4])
+        if name not in self.tensors:
+            raise ConfigError(f"{self.path}: no GGUF tensor for {name}")
+        return self.tensors[name], e
 
     def _strings(self, key: str) -> list[str]:
         f = self.reader.fields[key]
