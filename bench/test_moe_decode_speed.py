@@ -25,10 +25,10 @@ N_LAYERS, N_EXPERTS, TOP_K, PROMPT = 4, 8, 2, 16
 
 
 @functools.lru_cache(maxsize=1)
-def random_mixtral(shape) -> Model:
+def random_mixtral(shape, n_layers: int = N_LAYERS) -> Model:
     """A Mixtral-shaped Model with random weights (W ~ N(0, 1/n_in), float16 buckets)."""
     dim, hidden = shape
-    a = ModelArgs(dim=dim, n_layers=N_LAYERS, n_heads=max(2, dim // 128),
+    a = ModelArgs(dim=dim, n_layers=n_layers, n_heads=max(2, dim // 128),
                   n_kv_heads=max(1, dim // 512), hidden_dim=hidden, vocab_size=1024,
                   max_seq_len=256, architecture="mixtral", n_experts=N_EXPERTS,
                   n_experts_per_tok=TOP_K)  # fmt: skip

@@ -8,6 +8,7 @@ decode itself costs on a machine whose cores other jobs share).
 
     python experiments/model/moe_decode.py --repeats 7 --tokens 16
     python experiments/model/moe_decode.py --threads 1 --clock cpu
+    python experiments/model/moe_decode.py --dim 4096 --hidden 14336 --layers 2  # Mixtral-8x7B
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "bench"))
-from test_moe_decode_speed import PROMPT, SHAPES, bytes_read, dense, random_mixtral  # noqa: E402
+from test_moe_decode_speed import (  # noqa: E402
+    N_LAYERS, PROMPT, SHAPES, bytes_read, dense, random_mixtral,
+)
 
 import pyeffort  # noqa: E402
 from pyeffort import _core  # noqa: E402
@@ -53,13 +56,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="decoded tokens per kind and repeat")
     ap.add_argument("--threads", type=int, default=0, help="0: all cores")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    ap.add_argument("--dim", type=int, default=max(SHAPES)[0])
+    ap.add_argument("--hidden", type=int, default=max(SHAPES)[1])
+    ap.add_argument("--layers", type=int, default=N_LAYERS)
     a = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
     if a.threads:
         pyeffort.set_num_threads(a.threads)
-    shape = max(SHAPES)
-    model = random_mixtral(shape)
+    shape = (a.dim, a.hidden)
+    model = random_mixtral(shape, a.layers)
     rng = np.random.default_rng(1)
     model.forward(rng.integers(0, model.args.vocab_size, PROMPT), 0, 1.0)  # the prompt
     tokens = rng.integers(0, model.args.vocab_size, a.tokens).tolist()
@@ -76,7 +82,7 @@ def main() -> None:
     for r in range(a.repeats):
         order = KINDS[r % len(KINDS) :] + KINDS[: r % len(KINDS)]
         rounds.append({k: run(model, k, tokens) for k in order})
-    print(f"Mixtral-shaped dim {shape[0]} hidden {shape[1]}, 8 experts top-2, 4 layers; "
+    print(f"Mixtral-shaped dim {shape[0]} hidden {shape[1]}, 8 experts top-2, {a.layers} layers; "
           f"kernel {_core.kernel_name()}, {_core.num_threads()} threads, {a.repeats} repeats x "
           f"{a.tokens} tokens, {a.clock} time")  # fmt: skip
     print("| kind | ms/token (median) | tokens/s | realised effort | MB read/token | time / dense "
