@@ -477,6 +477,8 @@ def write_gguf(hf_folder, path, extra=None) -> None:
     w.add_tensor("output.weight", np.ascontiguousarray(src.get("lm_head").T))
     for i in range(cfg["num_hidden_layers"]):
         for ours, theirs in names.items():
+            if ours.startswith("ffn.") and src.args.n_experts:  # a MoE: ``extra`` stacks them
+                continue
             a = src.get(f"layers.{i}.{ours}")
             a = np.ascontiguousarray(a.T) if a.ndim == 2 else a  # GGUF keeps (n_out, n_in)
             if ours == "attn.wq":

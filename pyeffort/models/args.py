@@ -18,10 +18,10 @@ class ConfigError(PyEffortError, ValueError):
     """A model's configuration is invalid, or asks for something pyeffort does not implement."""
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
 POSITIVE_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size",
                  "max_seq_len")  # fmt: skip
-COUNTS = ("head_dim", "sliding_window")  # 0 has a meaning (derived / none)
+COUNTS = ("head_dim", "sliding_window", "n_experts", "n_experts_per_tok")  # 0: derived / none
 POSITIVE_FLOATS = ("norm_eps", "rope_theta")
 SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")  # no default
 
@@ -43,6 +43,8 @@ class ModelArgs:
     architecture: str = "llama"
     qkv_bias: bool = False  # q, k, v have biases layers.{i}.attn.bq/bk/bv (Qwen2)
     rope_scaling: dict | None = None  # None: plain RoPE; else see check_rope_scaling
+    n_experts: int = 0  # 0: a dense SwiGLU; else a mixture of experts (pyeffort.models.moe)
+    n_experts_per_tok: int = 0  # experts routed per token (top-k), 1..n_experts when n_experts
 
     def __post_init__(self):
         for name in POSITIVE_INTS + COUNTS:
@@ -65,6 +67,9 @@ class ModelArgs:
                               f"n_kv_heads={self.n_kv_heads}")  # fmt: skip
         if self.rope_scaling is not None:
             self.rope_scaling = check_rope_scaling(self.rope_scaling, self.head_dim)
+        if not (1 if self.n_experts else 0) <= self.n_experts_per_tok <= self.n_experts:
+            raise ConfigError(f"n_experts_per_tok={self.n_experts_per_tok} must lie in "
+                              f"{min(1, self.n_experts)}..n_experts={self.n_experts}")  # fmt: skip
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -156,6 +161,11 @@ CONFIGS = {
         "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "hidden_dim": 14336, "vocab_size": 32768,
         "norm_eps": 1e-5, "rope_theta": 1e6, "max_seq_len": 32768, "architecture": "mistral",
     },
+    "Mixtral-8x7B-v0.1": {
+        "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "hidden_dim": 14336, "vocab_size": 32000,
+        "norm_eps": 1e-5, "rope_theta": 1e6, "max_seq_len": 32768, "architecture": "mixtral",
+        "n_experts": 8, "n_experts_per_tok": 2,
+    },
     "SmolLM2-135M": {
         "dim": 576, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "hidden_dim": 1536, "vocab_size": 49152,
         "norm_eps": 1e-5, "rope_theta": 1e5, "max_seq_len": 8192, "tie_embeddings": True,
@@ -171,11 +181,13 @@ def config(name: str) -> ModelArgs:
 
 def tensor_shape(args: ModelArgs, name: str) -> tuple[int, ...]:
     """The shape ``get(name)`` returns: matrices (n_in, n_out), ``embed`` (vocab, dim),
-    ``lm_head`` (dim, vocab), norms (dim,), biases (n_out,)."""
+    ``lm_head`` (dim, vocab), a MoE layer's ``router`` (dim, n_experts), norms (dim,), biases
+    (n_out,)."""
     d, h, hd = args.dim, args.hidden_dim, args.head_dim
     q, kv = args.n_heads * hd, args.n_kv_heads * hd
     if name in ("embed", "lm_head"):
         return (args.vocab_size, d) if name == "embed" else (d, args.vocab_size)
     mats = {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w1": (d, h), "w3": (d, h),
-            "w2": (h, d), "bq": (q,), "bk": (kv,), "bv": (kv,)}  # fmt: skip
+            "w2": (h, d), "bq": (q,), "bk": (kv,), "bv": (kv,),
+            "router": (d, args.n_experts)}  # fmt: skip
     return mats.get(name.rsplit(".", 1)[-1], (d,))  # else a norm

@@ -7,7 +7,9 @@ Layout (format ``pyeffort``, version 2, kind ``model``):
   not tied; metadata format/version/kind=model and the config JSON;
 - ``layers.{i:03d}.safetensors``: the 7 matrices of layer i as Buckets under the prefix
   ``layers.{i}.attn.wq.`` ... (see pyeffort.buckets), the two norms and the q/k/v biases
-  (F32) when the config has them;
+  (F32) when the config has them; in a mixture of experts the 4 attention matrices, 3 per expert
+  (``layers.{i}.ffn.experts.{e}.w1.`` ...) and the F32 router, each expert read from the source
+  alone (the peak is about one layer's buckets);
 - every safetensors file carries the manifest's version (a bucket file version);
 - the tokenizer (tokenizer.json or tokenizer.model, and pyeffort_tokenizer.json).
 

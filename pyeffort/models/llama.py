@@ -7,7 +7,9 @@ Weights come as a mapping of our names to arrays (norms, embedding, LM head) or 
 ``embed`` (vocab, dim), ``norm`` (dim,), ``lm_head`` (dim, vocab) unless tied, and per layer
 ``layers.{i}.attn_norm``, ``layers.{i}.ffn_norm`` (dim,), ``layers.{i}.attn.{wq,wk,wv,wo}``,
 ``layers.{i}.ffn.{w1,w3,w2}`` with W (n_in, n_out) so that y = x @ W, and when
-``args.qkv_bias`` ``layers.{i}.attn.{bq,bk,bv}`` (n_out,) float32 added to q, k, v.
+``args.qkv_bias`` ``layers.{i}.attn.{bq,bk,bv}`` (n_out,) float32 added to q, k, v. A Mixtral
+layer (``args.n_experts``) has a mixture of experts in place of the feed-forward
+(pyeffort.models.moe).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pyeffort import _backend
 from pyeffort.models.args import ModelArgs
 from pyeffort.models.cache import KVCache
 from pyeffort.models.effort_linear import EffortLinear, call_group, prefetch_group
+from pyeffort.models.moe import MoE
 from pyeffort.models.rope import Rope
 
 
@@ -127,9 +130,12 @@ class Attention:
 
 
 class FeedForward:
-    def __init__(self, layer: int, w: Mapping):
-        p = f"layers.{layer}.ffn."
+    def __init__(self, layer: int, w: Mapping, prefix: str | None = None):
+        p = prefix or f"layers.{layer}.ffn."  # a MoE's expert: layers.{layer}.ffn.experts.{e}.
         self.w1, self.w3, self.w2 = (EffortLinear(p + n, w[p + n]) for n in FFN)
+
+    def linears(self) -> list[EffortLinear]:
+        return [self.w1, self.w3, self.w2]
 
     def __call__(self, x: np.ndarray, effort: float) -> np.ndarray:
         g, u = call_group([self.w1, self.w3], x, effort)
@@ -146,7 +152,7 @@ class TransformerBlock:
         self.attn_norm = RMSNorm(w[p + "attn_norm"], args.norm_eps)
         self.ffn_norm = RMSNorm(w[p + "ffn_norm"], args.norm_eps)
         self.attn = Attention(args, layer, w, rope)
-        self.ffn = FeedForward(layer, w)
+        self.ffn = MoE(args, layer, w, FeedForward) if args.n_experts else FeedForward(layer, w)
 
     def __call__(self, h: np.ndarray, start: int, effort: float, cache: KVCache) -> np.ndarray:
         h = h + self.attn(self.attn_norm(h), start, effort, cache)
@@ -177,15 +183,14 @@ class Model:
             lin.prefill_dense = small
 
     def linears(self) -> Iterator[EffortLinear]:
-        """Every effort matrix, layer by layer: wq wk wv wo w1 w3 w2."""
+        """Every effort matrix, layer by layer: wq wk wv wo w1 w3 w2 (of each expert, in a
+        mixture of experts)."""
         for b in self.layers:
             yield b.attn.wq
             yield b.attn.wk
             yield b.attn.wv
             yield b.attn.wo
-            yield b.ffn.w1
-            yield b.ffn.w3
-            yield b.ffn.w2
+            yield from b.ffn.linears()
 
     def reset(self) -> None:
         self.cache.reset()

@@ -321,6 +321,9 @@ class TorchModel:
             raise BackendError("device cuda: torch sees no CUDA GPU")
         if self.device.type == "cpu" and dtype != torch.float32:
             raise BackendError("the host matrices take float32 activations")
+        if model.args.n_experts:
+            raise BackendError(f"{model.args.architecture}: the torch/GPU path does not run a "
+                               "mixture of experts yet (use --device cpu)")  # fmt: skip
         self.model, self.args, self.tokenizer = model, model.args, model.tokenizer
         on_gpu = self.device.type == "cuda"
         if matmuls is None:

@@ -1,10 +1,13 @@
 """A GGUF file of the llama or qwen2 architecture (gguf package): dequantised tensors, llama.cpp's
 q/k row permutation undone (llama; qwen2's rotary layout is Hugging Face's already), the byte-level
-BPE tokenizer and chat template from the metadata.
+BPE tokenizer and chat template from the metadata. Mixtral comes as llama.cpp writes it:
+``llama.expert_count`` / ``expert_used_count``, the router ``blk.N.ffn_gate_inp`` and each
+layer's experts stacked in ``blk.N.ffn_{gate,up,down}_exps`` (n_expert, n_out, n_in), read one
+expert at a time.
 
 The ``{arch}.*`` metadata is read against an allow-list, as config.json is: RoPE scaling (linear,
-YaRN, Llama 3's ``rope_freqs``) by ``rope_scaling.from_gguf``; experts, partial rotary and any key
-or tensor pyeffort does not know are refused (ConfigError)."""
+YaRN, Llama 3's ``rope_freqs``) by ``rope_scaling.from_gguf``; partial rotary and any key or
+tensor pyeffort does not know are refused (ConfigError)."""
 
 from __future__ import annotations
 
@@ -24,14 +27,18 @@ NAMES = {
     "ffn_down": "ffn.w2",
     "attn_norm": "attn_norm",
     "ffn_norm": "ffn_norm",
+    "ffn_gate_inp": "router",
+    "ffn_gate_exps": "ffn.experts.w1",  # the stacks; one expert: layers.{i}.ffn.experts.{e}.w1
+    "ffn_up_exps": "ffn.experts.w3",
+    "ffn_down_exps": "ffn.experts.w2",
 }
 BIASES = {"attn_q": "attn.bq", "attn_k": "attn.bk", "attn_v": "attn.bv"}  # qwen2's
 ARCHS = ("llama", "qwen2")
 READ = {"block_count", "context_length", "embedding_length", "feed_forward_length", "vocab_size",
         "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
         "attention.key_length", "attention.value_length", "rope.freq_base",
-        "rope.dimension_count", "tensor_data_layout"}  # fmt: skip
-NEUTRAL = {"expert_count": (0,), "expert_used_count": (0,)}  # only these values are implemented
+        "rope.dimension_count", "tensor_data_layout",
+        "expert_count", "expert_used_count"}  # fmt: skip
 BPE_PRE = ("smollm", "qwen2")  # byte-level BPE pre-tokenizers _byte_level_bpe reproduces
 # Qwen2's split (its tokenizer.json; llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2): digits one by one
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -71,8 +78,7 @@ class GGUFSource:
             if not key.startswith(prefix) or k in READ or k in GGUF_READ or k in GGUF_NEUTRAL:
                 continue
             v = self._field(key)
-            if v not in NEUTRAL.get(k, ()):
-                raise ConfigError(f"{self.path}: GGUF {key}={v!r} is not implemented by pyeffort")
+            raise ConfigError(f"{self.path}: GGUF {key}={v!r} is not implemented by pyeffort")
 
     def _check_biases(self) -> None:
         """qwen2 has all three q/k/v biases (llama.cpp requires them), llama none."""
@@ -106,6 +112,14 @@ class GGUFSource:
             if self._int(key, head_dim) != head_dim:  # partial rotary, or v heads of other size
                 raise ConfigError(f"{self.path}: GGUF {key}={self._int(key)} differs from the "
                                   f"head size {head_dim}: not implemented by pyeffort")  # fmt: skip
+        n_experts = self._int(a + "expert_count", 0)
+        if n_experts and self.arch != "llama":
+            raise ConfigError(f"{self.path}: GGUF {a}expert_count={n_experts}: experts are "
+                              "implemented for llama (Mixtral) only")  # fmt: skip
+        if bool(n_experts) != ("layers.0.ffn.experts.w1" in self.tensors):
+            raise ConfigError(f"{self.path}: GGUF {a}expert_count={n_experts} and the "
+                              "tensors disagree (a mixture of experts needs llama.cpp's stacked "
+                              "blk.N.ffn_*_exps; older per-expert tensors are not read)")  # fmt: skip
         try:
             return ModelArgs(
                 dim=dim,
@@ -119,9 +133,11 @@ class GGUFSource:
                 head_dim=head_dim,
                 max_seq_len=context,
                 tie_embeddings="lm_head" not in self.tensors,
-                architecture=self.arch,
+                architecture="mixtral" if n_experts else self.arch,
                 qkv_bias=self.arch == "qwen2",
                 rope_scaling=self._rope_scaling(context),
+                n_experts=n_experts,
+                n_experts_per_tok=self._int(a + "expert_used_count", 0),
             )
         except ConfigError as exc:
             raise ConfigError(f"{self.path}: {exc}") from None
@@ -168,14 +184,17 @@ class GGUFSource:
     def get(self, name: str) -> np.ndarray:
         import gguf
 
-        t = self.tensors[name]
+        t, e = self._tensor(name)
         want = tensor_shape(self.args, name)
         plain = name == "embed" or len(want) == 1
         theirs = want if plain else want[::-1]  # GGUF keeps (n_out, n_in)
-        if tuple(int(d) for d in reversed(t.shape)) != theirs:
+        stack = () if e is None else (self.args.n_experts,)
+        if tuple(int(d) for d in reversed(t.shape)) != stack + theirs:
             raise ConfigError(f"{self.path}: tensor {t.name} has shape "
-                              f"{tuple(reversed(t.shape.tolist()))}, the metadata implies {theirs}")  # fmt: skip
-        a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)  # (n_out, n_in)
+                              f"{tuple(reversed(t.shape.tolist()))}, the metadata implies "
+                              f"{stack + theirs}")  # fmt: skip
+        data = t.data if e is None else t.data[e]  # one expert of a stack: only its rows
+        a = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32)  # (n_out, n_in)
         a = a.reshape(theirs)
         if self.arch == "llama" and name.endswith("attn.wq"):
             a = unpermute(a, self.args.n_heads)
@@ -184,6 +203,16 @@ class GGUFSource:
         if name == "embed" or a.ndim == 1:
             return a
         return a.T  # (n_in, n_out)
+
+    def _tensor(self, name: str):
+        """The GGUF tensor holding ``name`` and, for an expert's matrix
+        (``layers.{i}.ffn.experts.{e}.w1``), the expert's index in the layer's stack (else None)."""
+        parts, e = name.split("."), None
+        if len(parts) == 6 and parts[3] == "experts":
+            name, e = ".".join(parts[:4] + parts[5:]), int(parts[4])
+        if name not in self.tensors:
+            raise ConfigError(f"{self.path}: no GGUF tensor for {name}")
+        return self.tensors[name], e
 
     def _strings(self, key: str) -> list[str]:
         f = self.reader.fields.get(key)

@@ -1,6 +1,6 @@
-"""A Hugging Face checkpoint folder (LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM):
-config.json,
-``*.safetensors`` shards (with ``model.safetensors.index.json``), and tokenizer.json or
+"""A Hugging Face checkpoint folder (LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
+MixtralForCausalLM, whose experts are stored one by one: ``block_sparse_moe.experts.{e}.w1``...):
+config.json, ``*.safetensors`` shards (with ``model.safetensors.index.json``), and tokenizer.json or
 tokenizer.model. Tensors are memory-mapped and read one at a time.
 
 config.json is read against an allow-list (``args_from_config``): a key pyeffort reads, a key
@@ -44,6 +44,10 @@ def hf_name(name: str) -> str:
     if name in TOP:
         return TOP[name]
     _, i, rest = name.split(".", 2)
+    if rest == "router":
+        return f"model.layers.{i}.block_sparse_moe.gate.weight"
+    if rest.startswith("ffn.experts."):  # ffn.experts.{e}.w1: Mixtral's names are ours
+        return f"model.layers.{i}.block_sparse_moe.{rest[4:]}.weight"
     return f"model.layers.{i}.{LAYER[rest]}"
 
 
@@ -149,7 +153,7 @@ def _special(tok, to_id, fallback):
 # ------------------------------------------------------------ config.json
 
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-         "Qwen2ForCausalLM": "qwen2"}  # fmt: skip
+         "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral"}  # fmt: skip
 # keys that do not change the forward pass: metadata, training-only values, generation defaults
 IGNORED = {
     "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype",
@@ -162,6 +166,7 @@ IGNORED = {
     "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
     "no_repeat_ngram_size", "num_return_sequences", "finetuning_task", "prefix",
     "task_specific_params", "tf_legacy_loss", "tie_encoder_decoder",
+    "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",  # MoE training only
 }  # fmt: skip
 # keys pyeffort implements only at one value: {key: (allowed values, what the key does)}
 NEUTRAL = {
@@ -172,12 +177,14 @@ NEUTRAL = {
     "partial_rotary_factor": ((1.0, 1, None), "rotary embedding on part of each head"),
     "use_sliding_window": ((False, None), "Qwen2's sliding window"),
 }
-MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}  # transformers' defaults
+MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768,
+                 "mixtral": 131072}  # transformers' defaults  # fmt: skip
 
 
 def args_from_config(c) -> ModelArgs:
     """ModelArgs from a Hugging Face ``config.json`` (LlamaForCausalLM / MistralForCausalLM /
-    Qwen2ForCausalLM); ConfigError for any key whose value pyeffort does not implement."""
+    Qwen2ForCausalLM / MixtralForCausalLM); ConfigError for any key whose value pyeffort does not
+    implement."""
     if not isinstance(c, dict):
         raise ConfigError(f"config.json must be a JSON object, got {type(c).__name__}")
     archs = c.get("architectures") or ["LlamaForCausalLM"]
@@ -185,6 +192,9 @@ def args_from_config(c) -> ModelArgs:
     if not isinstance(arch, str) or arch not in ARCHS:
         raise ConfigError(f"unsupported architecture {arch!r} (one of {sorted(ARCHS)})")
     kind = ARCHS[arch]
+    moe = kind == "mixtral"
+    if moe:  # transformers' Mixtral defaults
+        c = {"rope_theta": 1e6, "num_local_experts": 8, "num_experts_per_tok": 2, **c}
     _check_keys(c, kind)
     n_heads = _need(c, "num_attention_heads")
     n_kv = c.get("num_key_value_heads")
@@ -201,12 +211,14 @@ def args_from_config(c) -> ModelArgs:
             norm_eps=c.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             head_dim=c.get("head_dim") or 0,
-            sliding_window=(c.get("sliding_window") or 0) if kind == "mistral" else 0,
+            sliding_window=(c.get("sliding_window") or 0) if kind in ("mistral", "mixtral") else 0,
             max_seq_len=max_pos,
             tie_embeddings=c.get("tie_word_embeddings", False),
             architecture=kind,
             qkv_bias=kind == "qwen2",  # transformers' Qwen2 always has q, k, v biases
             rope_scaling=scaling,
+            n_experts=c["num_local_experts"] if moe else 0,
+            n_experts_per_tok=c["num_experts_per_tok"] if moe else 0,
         )
     except ConfigError as exc:
         raise ConfigError(f"config.json: {exc}") from None
@@ -216,7 +228,8 @@ def _check_keys(c: dict, kind: str) -> None:
     read = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "head_dim",
             "sliding_window", "max_position_embeddings", "tie_word_embeddings",
-            "original_max_position_embeddings", *HF_ROPE_KEYS}  # fmt: skip
+            "original_max_position_embeddings", *HF_ROPE_KEYS,
+            "num_local_experts", "num_experts_per_tok"}  # fmt: skip
     if kind == "qwen2":  # its window's layers: moot without use_sliding_window (NEUTRAL)
         read.add("max_window_layers")
     types = c.get("layer_types")  # transformers 5 writes it for Qwen2
