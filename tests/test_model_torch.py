@@ -193,7 +193,8 @@ def test_default_model_twin():
         st = [Stats(), Stats()]
         a = list(generate(m, ids, max_tokens=12, effort=e, stop=[], stats=st[0]))
         assert list(generate(twin, ids, max_tokens=12, effort=e, stop=[], stats=st[1])) == a
-        assert st[0].realised == st[1].realised
+        # activations equal to rounding: the cutoffs, so the counts, may differ by a few rows
+        assert abs(st[0].realised - st[1].realised) < 1e-4
 
 
 # ---------------------------------------------------------------- --device on the command line
