@@ -256,6 +256,7 @@ def test_device_without_torch(monkeypatch):
 def host_cuda_stand_in():
     """pyeffort.cuda's calls as CudaMatmuls makes them, done on the host: checks their plumbing
     (matrix order, groups, one device effort per matrix) where no GPU is."""
+    import sys
     import types
 
     def effort_of(e):
@@ -302,3 +303,45 @@ def test_cuda_matmuls_plumbing(monkeypatch, profile):
     m.set_profile(None if profile else split)  # the calls in a captured graph would not follow
     with pytest.raises(BackendError, match="profile changed"):
         mm.set_effort(0.5)
+
+
+def test_device_metal_puts_every_matrix_on_the_metal_backend(tiny_hf, capsys, monkeypatch):
+    """--device metal where Metal can run: the model's matrices go through the Metal backend
+    (here a stand-in that counts calls and runs the host kernels), the rest stays on the CPU;
+    the same text as --device cpu."""
+    import sys
+    import types
+
+    from pyeffort import _devices, metal
+
+    calls = []
+
+    class Stand:
+        backend = "metal"
+
+        def __init__(self, b):
+            self.host, self.values_kind = b, b.values_kind
+            self.shape, self.n_in, self.n_out = b.shape, b.n_in, b.n_out
+
+    def matmul(x, W, effort=1.0, *, out=None, return_info=False):
+        calls.append("matmul")
+        return pyeffort.matmul(x, W.host, effort, out=out, return_info=return_info)
+
+    def matmul_group(x, Ws, effort=1.0, *, return_info=False):
+        calls.append("group")
+        return pyeffort.matmul_group(x, [W.host for W in Ws], effort, return_info=return_info)
+
+    fake = types.ModuleType("fake_metal")
+    fake.GROUP_MAX, fake.VALUE_KINDS = _devices.GROUP_MAX, ("f16", "q8")
+    fake.matmul, fake.matmul_group = matmul, matmul_group
+    fake.to_device = lambda b, device, **kw: Stand(b)
+    monkeypatch.setitem(sys.modules, "fake_metal", fake)
+    monkeypatch.setitem(_devices.BACKENDS, "metal", "fake_metal")
+    monkeypatch.setattr(metal, "require", lambda: None)
+    gen = ("generate", "the cat", "--model", str(tiny_hf), "--max-tokens", "6", "--no-keys",
+           "--effort", "0.5")  # fmt: skip
+    rc, cpu, _ = run_cli(capsys, *gen, "--device", "cpu")
+    assert rc == 0 and not calls
+    rc, out, err = run_cli(capsys, *gen, "--device", "metal")
+    assert rc == 0, err
+    assert out == cpu and "matmul" in calls and "group" in calls

@@ -107,7 +107,7 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str) -> str:
-    """--device -> "cpu" or "cuda"; BackendError for a device this machine cannot use."""
+    """--device -> "cpu", "cuda" or "metal"; BackendError for a device this machine cannot use."""
     import importlib.util
 
     from pyeffort.errors import BackendError
@@ -116,8 +116,7 @@ def resolve_device(name: str) -> str:
         from pyeffort import metal
 
         metal.require()  # off macOS / without a Metal device: says why
-        raise BackendError("--device metal: pyeffort.matmul runs on Metal, the model does not "
-                           "yet; use --device cpu")  # fmt: skip
+        return "metal"
     if name == "cpu" or (name == "auto" and importlib.util.find_spec("torch") is None):
         return "cpu"
     try:
@@ -207,6 +206,18 @@ def load_model(args):
         from pyeffort.models.llama_torch import TorchModel
 
         return TorchModel(model, "cuda")  # each decoded token one CUDA graph
+    if device == "metal":
+        return matrices_to(model, "metal")
+    return model
+
+
+def matrices_to(model, device: str):
+    """The model with every effort matrix on ``device`` (Metal: unified memory, no copies);
+    attention, norms and the LM head stay on the CPU; the prefill runs the device's kernels
+    at 1.0 (no dense host copy)."""
+    for lin in model.linears():
+        lin.buckets = lin.buckets.to(device)
+        lin.prefill_dense = False
     return model
 
 
@@ -219,8 +230,9 @@ def prepare(model, progress: bool = False) -> None:
 
     if getattr(model, "device", None) is not None:  # a TorchModel: its matrices are on the GPU
         return
-    for lin in tqdm(list(model.linears()), desc="preparing kernels", unit="matrix",
-                    disable=not progress, leave=False):  # fmt: skip
+    lins = [lin for lin in model.linears() if isinstance(lin.buckets, pyeffort.Buckets)]
+    for lin in tqdm(lins, desc="preparing kernels", unit="matrix", disable=not progress,
+                    leave=False):  # fmt: skip  (a device's matrices need nothing here)
         pyeffort.prepare(lin.buckets)
         if lin.prefill_dense:
             lin.dense()

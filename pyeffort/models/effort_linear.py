@@ -90,6 +90,7 @@ def prefetch_group(lins: list[EffortLinear]) -> None:
     """``prefetch`` for matrices multiplied next together (q/k/v, gate/up): all their
     statistics first (the cutoff searches read them first), then their copies."""
     bs = [lin.buckets for lin in lins if lin.hook is None]
+    bs = [b for b in bs if isinstance(b, pyeffort.Buckets)]  # a device's matrices: not here
     if bs:
         pyeffort.prefetch(bs)
 
