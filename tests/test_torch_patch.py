@@ -147,6 +147,7 @@ def test_default_model_patched_gives_pyeffort_generate_text(default_peer):
     report = pet.patch(model, effort=1.0, progress=False)
     assert len(report.replaced) == 7 * 30
     assert report.profile == "SmolLM2-135M-Instruct.Q4_1" and report.out_weights
+    assert {m.buckets.stat for m in pet.effort_linears(model)} == {"rms_out_weighted"}
     ours = load()
     prompt = "The capital of France is"
     ids = ours.tokenizer.encode(prompt)
