@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 import pyeffort
 from pyeffort import _validate
@@ -288,8 +289,6 @@ def patch(model, effort=1.0, modules=None, values="f16", progress=True, model_id
     weights = _shipped_out_weights(mid, layers, targets) if mid is not None else None
     chosen = [n for n, (_, s) in targets.items() if s in short]
     report = PatchReport(out_weights=weights is not None)
-    from tqdm import tqdm
-
     new = {}
     for name in tqdm(chosen, desc="pyeffort: bucketing", disable=not progress):
         i, s = targets[name]
