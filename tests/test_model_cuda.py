@@ -130,3 +130,57 @@ def test_cli_device_cuda(tmp_path, capsys):
         assert main([*argv, "--device", device]) == 0
         out.append(capsys.readouterr().out)
     assert out[0] == out[1] == out[2]
+
+
+# ---------------------------------------------------------------- Mixtral (eager decode)
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory):
+    """test_model_moe's tiny Mixtral (4 experts, top-2, sliding window) as a HF folder."""
+    from test_model_hf import WINDOW
+    from test_model_moe import write_tiny_mixtral
+
+    folder = tmp_path_factory.mktemp("tiny-mixtral")
+    write_tiny_mixtral(folder, window=WINDOW)
+    return folder
+
+
+@pytest.mark.parametrize("effort", [1.0, 0.5])
+def test_mixtral_matches_numpy_model(tiny_mixtral, effort):
+    """No CUDA graph (the routing is read back per layer): the numpy model's logits in prefill
+    and decode past the window, its greedy tokens and its realised effort (routed experts only)."""
+    from test_model_hf import prompt_ids
+
+    from pyeffort.models import from_source
+
+    m = from_source(tiny_mixtral)
+    ids = prompt_ids(m)
+    gpu = TorchModel(m, "cuda", capacity=8)
+    assert gpu.graph is None
+    assert_close(decode_steps(gpu, ids, effort), decode_steps(m, ids, effort), REL_TOL)
+    assert_close(gpu.forward(ids, 0, effort), m.forward(ids, 0, effort), REL_TOL)
+    st = [Stats(), Stats()]
+    ref = list(generate(m, ids, max_tokens=12, effort=effort, stop=[], stats=st[0]))
+    assert list(generate(gpu, ids, max_tokens=12, effort=effort, stop=[], stats=st[1])) == ref
+    assert st[1].realised == pytest.approx(st[0].realised, abs=1e-3)
+
+
+def test_mixtral_bfloat16_and_cli(tiny_mixtral, capsys):
+    """bfloat16 activations through the experts; --device cuda prints --device cpu's text."""
+    from test_model_hf import prompt_ids
+
+    from pyeffort.cli import main
+    from pyeffort.models import from_source
+
+    m = from_source(tiny_mixtral)
+    ids = prompt_ids(m)
+    bf = TorchModel(m, "cuda", dtype=torch.bfloat16)
+    assert len(list(generate(bf, ids, max_tokens=6, effort=0.5, stop=[]))) == 6
+    assert np.isfinite(bf.forward(ids, 0, 0.5)).all()
+    out = []
+    for device in ("cpu", "cuda"):
+        argv = ["generate", "the cat", "--model", str(tiny_mixtral), "--max-tokens", "6"]
+        assert main([*argv, "--no-keys", "--device", device]) == 0
+        out.append(capsys.readouterr().out)
+    assert out[0] == out[1]

@@ -325,11 +325,99 @@ def test_checkpoint_saved_by_transformers(tiny, tiny_model, tmp_path):
     np.testing.assert_array_equal(m.forward(ids, 0, 1.0), tiny_model.forward(ids, 0, 1.0))
 
 
-def test_the_torch_path_refuses_a_mixture_of_experts(tiny_model):
-    """--device cuda (the torch forward) has no MoE block yet: a clear error, not a wrong run."""
-    pytest.importorskip("torch")
-    from pyeffort.errors import BackendError
+# ---------------------------------------------------------------- the torch forward (llama_torch)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """torch (imported here: the tests above run without it), one OpenMP thread (test_model_torch)."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("effort", [1.0, 0.5])
+def test_torch_model_matches_the_numpy_model(tiny_model, torch_one_thread, effort):
+    """The torch forward on the CPU (the numpy model's EffortLinears, routing in torch): prefill,
+    KV-cache decode past the window and a growing cache, greedy tokens, and the realised effort
+    over the routed experts, as the numpy model."""
+    from test_model_torch import assert_close, decode_steps
+
     from pyeffort.models.llama_torch import TorchModel
 
-    with pytest.raises(BackendError, match="mixture of experts"):
-        TorchModel(tiny_model, "cpu")
+    ids = prompt_ids(tiny_model)
+    twin = TorchModel(tiny_model, "cpu", capacity=8)
+    assert_close(decode_steps(twin, ids, effort), decode_steps(tiny_model, ids, effort))
+    assert twin.net.capacity == 32
+    assert_close(twin.forward(ids, 0, effort), tiny_model.forward(ids, 0, effort))
+    st = [Stats(), Stats()]
+    ref = list(generate(tiny_model, ids, max_tokens=12, effort=effort, stop=[], stats=st[0]))
+    assert list(generate(twin, ids, max_tokens=12, effort=effort, stop=[], stats=st[1])) == ref
+    assert abs(st[0].realised - st[1].realised) < 1e-4 and abs(st[1].realised - effort) < 0.02
+
+
+def test_torch_wrong_routing_is_caught(tiny_model, torch_one_thread, monkeypatch):
+    """The comparison above can fail: the torch block routed top-1 leaves the tolerance."""
+    from test_model_torch import REL_TOL
+
+    from pyeffort.models import llama_torch
+
+    real = llama_torch.route
+    monkeypatch.setattr(llama_torch, "route", lambda logits, k: real(logits, 1))
+    ids = prompt_ids(tiny_model)
+    got = llama_torch.TorchModel(tiny_model, "cpu").forward(ids, 0, 1.0)
+    ref = tiny_model.forward(ids, 0, 1.0)
+    assert np.abs(got - ref).max() > 100 * REL_TOL * np.abs(ref).max()
+
+
+def test_torch_route_is_moe_route(torch_one_thread):
+    torch = torch_one_thread
+    from pyeffort.models.llama_torch import route
+
+    logits = np.random.default_rng(3).standard_normal((50, N_EXPERTS)).astype(np.float32)
+    logits[0] = [1.0, 2.0, 2.0, 0.0]  # a tie: the lower expert first
+    for k in (1, TOP_K, N_EXPERTS):
+        idx, w = route(torch.from_numpy(logits), k)
+        want_idx, want_w = moe.route(logits, k)
+        np.testing.assert_array_equal(idx.numpy(), want_idx)
+        np.testing.assert_allclose(w.numpy(), want_w, rtol=1e-6)
+
+
+def test_cuda_matmuls_call_and_count_the_routed_experts(tiny_model, torch_one_thread, monkeypatch):
+    """CudaMatmuls on test_model_torch's host stand-in of pyeffort.cuda: the numpy model's
+    logits; a decoded token calls q/k/v and the k routed experts' gate/up in groups, and the
+    realised effort's denominator is the numpy model's (the routed experts' products only)."""
+    import sys
+
+    from test_model_torch import assert_close, decode_steps, host_cuda_stand_in
+
+    from pyeffort.models import llama_torch
+
+    torch = torch_one_thread
+    fake = host_cuda_stand_in()
+    monkeypatch.setitem(sys.modules, "pyeffort.cuda", fake)
+    monkeypatch.setattr(pyeffort, "cuda", fake, raising=False)
+    mm = llama_torch.CudaMatmuls(tiny_model, "cpu", torch.float32)
+    monkeypatch.setattr(mm, "info", list)  # the kernels' counters: none on the stand-in
+    twin = llama_torch.TorchModel(tiny_model, "cpu", matmuls=mm)
+    ids = prompt_ids(tiny_model)
+    tiny_model.reset_counters()
+    assert_close(decode_steps(twin, ids, 0.5), decode_steps(tiny_model, ids, 0.5))
+    routed = sum(lin.total for lin in tiny_model.linears())
+    assert mm.dense == 2 * (2 * D * N_HEADS * HD + 2 * D * N_KV * HD)  # attention only
+    assert mm.tokens * mm.dense + mm.expert_mults == routed
+    fake.calls.clear()
+    twin.forward(ids[:1], len(ids), 0.5)  # one more token: q/k/v, then k experts' gate/up
+    assert fake.calls == ([3] + [2] * TOP_K) * 2
+
+
+def test_cuda_graphs_refuse_a_mixture_of_experts(tiny_model, torch_one_thread):
+    """The routing is read back per layer: a graph would replay the captured experts."""
+    from pyeffort.errors import BackendError
+    from pyeffort.models.cuda_graph import GraphDecoder
+    from pyeffort.models.llama_torch import TorchModel
+
+    with pytest.raises(BackendError, match="eagerly"):
+        GraphDecoder(TorchModel(tiny_model, "cpu").net)

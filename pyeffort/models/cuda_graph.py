@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from pyeffort.errors import BackendError
+
 WARMUP = 2  # eager steps on a side stream before the capture
 
 
@@ -21,6 +23,9 @@ class GraphDecoder:
     next call. ``captures`` counts the captures so far."""
 
     def __init__(self, net):
+        if net.args.n_experts:
+            raise BackendError("a mixture of experts decodes eagerly: its routing, read back "
+                               "per layer, cannot be captured in a CUDA graph")  # fmt: skip
         self.net = net  # llama_torch.Transformer on a CUDA device
         dev = net.device
         self.token = torch.zeros(1, dtype=torch.long, device=dev)  # static inputs

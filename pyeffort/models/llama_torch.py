@@ -10,6 +10,11 @@ The only device-specific part is the matrix product (``Matmuls``):
   numpy model's own EffortLinear objects: its counters, budget split and hooks) — the twin that
   the tests compare with the numpy model on machines without a GPU.
 
+A Mixtral layer's mixture of experts (``MoE``) routes in torch (the numpy model's rule) and runs
+each routed expert's SwiGLU through the same matrix products: on the host the numpy model's
+EffortLinears (so its counters count the routed experts only); on CUDA without CUDA graphs, the
+routing read back per layer (an expert id read from device memory is not a pyeffort.cuda call).
+
 >>> from pyeffort import models  # doctest: +SKIP
 >>> m = models.llama_torch.TorchModel(models.load(), "cuda")  # doctest: +SKIP
 >>> list(models.generate.generate(m, m.tokenizer.encode("The sky is"), max_tokens=8))  # doctest: +SKIP
@@ -27,11 +32,24 @@ from pyeffort import _validate
 from pyeffort.errors import BackendError
 from pyeffort.models.llama import Model
 
-N_MATS = 7  # per layer, in Model.linears() order: wq wk wv wo w1 w3 w2
-QKV, WO, GATE_UP, DOWN = (0, 1, 2), (3,), (4, 5), (6,)
+# a layer's matrices in Model.linears() order: wq wk wv wo, then w1 w3 w2 (of each expert)
+QKV, WO, GATE_UP, DOWN = (0, 1, 2), (3,), (4, 5), (6,)  # an expert e: GATE_UP, DOWN + 3e
 BIASES = ("bq", "bk", "bv")  # optional float32 (n_out,) of wq, wk, wv: layers.{i}.attn.bq ...
 CAPACITY = 256  # first KV cache length; doubled when a sequence needs more
 GROUP_CT = 64  # column tile of a group whose widths would get different default tiles
+
+
+def layer_mats(args) -> int:
+    """Matrices per layer: 4 of attention and 3 per expert (a dense layer: one "expert")."""
+    return 4 + 3 * max(1, args.n_experts)
+
+
+def layer_groups(args) -> list[tuple[int, ...]]:
+    """A layer's calls as indices into it: q/k/v, wo, then gate/up and down of each expert."""
+    out = [QKV, WO]
+    for e in range(max(1, args.n_experts)):
+        out += [(GATE_UP[0] + 3 * e, GATE_UP[1] + 3 * e), (DOWN[0] + 3 * e,)]
+    return out
 
 
 def biases_of(model: Model) -> dict[str, np.ndarray]:
@@ -71,6 +89,9 @@ class HostMatmuls:
         y = m.head(xn, self.effort) if m.head is not None else pyeffort.dense_matmul(xn, m.lm_head)
         return torch.from_numpy(y)
 
+    def routed(self, mults: int) -> None:
+        """An expert's call of ``mults`` dense multiplications: its EffortLinears count it."""
+
     def reset_counters(self) -> None:
         self.model.reset_counters()
 
@@ -91,7 +112,8 @@ def _on_device(cuda, b, device, ct):
 class CudaMatmuls:
     """Matrices on a CUDA device (CudaBuckets; the model's matrices may be CudaBuckets already,
     built on the GPU); ``eff`` (n_mats + 1,) float64 on the device holds each matrix's effort
-    (its budget split) and, last, the LM head's."""
+    (its budget split) and, last, the LM head's. The realised effort's denominator: the tokens
+    times the matrices every token goes through, plus each routed expert call (``routed``)."""
 
     def __init__(self, model: Model, device, dtype):
         from pyeffort import cuda
@@ -99,18 +121,16 @@ class CudaMatmuls:
         self.cuda, self.model, self.lins = cuda, model, list(model.linears())
         if any(lin.hook is not None for lin in self.lins):
             raise BackendError("EffortLinear hooks run on the host path only (device cpu)")
-        self.mats = []
-        for layer in range(model.args.n_layers):
-            lins = self.lins[N_MATS * layer : N_MATS * (layer + 1)]
-            for grp in (QKV, WO, GATE_UP, DOWN):
-                cts = {_default_ct(lins[i].shape[1]) for i in grp}
-                ct = None if len(cts) == 1 else GROUP_CT
-                self.mats += [_on_device(cuda, lins[i].buckets, device, ct) for i in grp]
+        per, self.mats = layer_mats(model.args), []
         self.groups = {}  # first index -> CudaGroup of q/k/v or gate/up
         for layer in range(model.args.n_layers):
-            for grp in (QKV, GATE_UP):
-                idx = [N_MATS * layer + i for i in grp]
-                self.groups[idx[0]] = cuda.CudaGroup([self.mats[i] for i in idx])
+            for grp in layer_groups(model.args):  # in linears() order: mats[i] is lins[i]'s
+                idx = [per * layer + i for i in grp]
+                cts = {_default_ct(self.lins[i].shape[1]) for i in idx}
+                ct = None if len(cts) == 1 else GROUP_CT
+                self.mats += [_on_device(cuda, self.lins[i].buckets, device, ct) for i in idx]
+                if len(idx) > 1:
+                    self.groups[idx[0]] = cuda.CudaGroup([self.mats[i] for i in idx])
         self.head_b = None if model.head is None else cuda.to_device(model.head.buckets, device)
         head = model.lm_head.T  # (vocab, dim) float16, as F.linear takes it
         self.head_w = torch.from_numpy(np.ascontiguousarray(head)).to(device, dtype)
@@ -118,8 +138,10 @@ class CudaMatmuls:
         self.eff = torch.ones(n + 1, dtype=torch.float64, device=device)
         self._eff_host = np.ones(n + 1)
         self.uniform = model.profile is None  # one effort for all: group calls (in the graph)
-        self.dense = sum(lin.shape[0] * lin.shape[1] for lin in self.lins)  # mults per token
+        shared = [lin for lin in self.lins if ".experts." not in lin.name]  # every token's
+        self.dense = sum(lin.shape[0] * lin.shape[1] for lin in shared)  # mults per token
         self.tokens = 0  # tokens multiplied since reset_counters()
+        self.expert_mults = 0  # dense multiplications of the routed experts' calls since then
 
     def set_effort(self, effort: float) -> None:
         """Each matrix's effort under the model's budget split (no re-capture: a device copy)."""
@@ -144,6 +166,10 @@ class CudaMatmuls:
             return self.cuda.matmul(x.contiguous(), self.head_b, self.eff[-1:])
         return F.linear(x, self.head_w).float()
 
+    def routed(self, mults: int) -> None:
+        """An expert's call of ``mults`` dense multiplications (eager: never in a graph)."""
+        self.expert_mults += mults
+
     def info(self) -> list[torch.Tensor]:
         """The kernels' running sums of multiplications done, one (1,) int64 view per matrix."""
         return [b._state[5:6] for b in self.mats]  # pe_cuda_state.info_mults
@@ -151,13 +177,14 @@ class CudaMatmuls:
     def reset_counters(self) -> None:
         for t in self.info():
             t.zero_()
-        self.tokens = 0
+        self.tokens = self.expert_mults = 0
 
     def realised_effort(self) -> float:
         """One device read of every matrix's sum (outside any capture)."""
         if not self.tokens:
             return float("nan")
-        return int(torch.cat(self.info()).sum()) / (self.tokens * self.dense)
+        total = self.tokens * self.dense + self.expert_mults
+        return int(torch.cat(self.info()).sum()) / total
 
 
 # ---------------------------------------------------------------- the blocks
@@ -188,7 +215,7 @@ class Attention(nn.Module):
 
     def __init__(self, args, layer: int, mm, biases: dict, capacity: int, dtype, device):
         super().__init__()
-        self.mm, self.i0 = mm, N_MATS * layer
+        self.mm, self.i0 = mm, layer_mats(args) * layer
         self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
         self.scale = 1.0 / float(np.sqrt(self.hd))
         for n in BIASES:
@@ -218,13 +245,48 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, layer: int, mm):
+    """SwiGLU whose gate, up, down are the matrices i0, i0 + 1, i0 + 2."""
+
+    def __init__(self, i0: int, mm):
         super().__init__()
-        self.mm, self.i0 = mm, N_MATS * layer
+        self.mm, self.i0 = mm, i0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.mm.group(tuple(self.i0 + i for i in GATE_UP), x)
-        return self.mm.group((self.i0 + DOWN[0],), F.silu(g) * u)[0]
+        g, u = self.mm.group((self.i0, self.i0 + 1), x)
+        return self.mm.group((self.i0 + 2,), F.silu(g) * u)[0]
+
+
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe.route in torch: logits (T, n_experts) -> experts (T, k) int64, most probable first
+    (ties: the lower expert), and weights (T, k) float32 (softmax, top k, renormalised)."""
+    p = torch.softmax(logits.float(), -1)
+    top, idx = torch.sort(p, dim=-1, descending=True, stable=True)
+    top, idx = top[:, :k], idx[:, :k]
+    return idx, top / top.sum(-1, keepdim=True)
+
+
+class MoE(nn.Module):
+    """Mixtral's sparse block (pyeffort.models.moe): a dense float32 router, then each routed
+    expert once, on its tokens. The routing is read back to the host per layer (which experts
+    run is data-dependent), so a mixture of experts decodes eagerly, never in a CUDA graph, and
+    an expert no token is routed to reads no byte and counts nothing."""
+
+    def __init__(self, args, i0: int, router: np.ndarray, mm):
+        super().__init__()
+        self.mm, self.k = mm, args.n_experts_per_tok
+        self.register_buffer("router", torch.from_numpy(np.array(router, np.float32)))  # (dim, E)
+        self.experts = nn.ModuleList(FeedForward(i0 + 3 * e, mm) for e in range(args.n_experts))
+        self.mults = 3 * args.dim * args.hidden_dim  # dense multiplications of an expert, a token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx, wts = route(x.float() @ self.router, self.k)  # (T, k) each
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in torch.unique(idx).tolist():  # the host read: each routed expert, in order
+            rows, slot = torch.nonzero(idx == e, as_tuple=True)
+            self.mm.routed(rows.numel() * self.mults)
+            y = self.experts[e](x.index_select(0, rows)).float()
+            out.index_add_(0, rows, wts[rows, slot, None] * y)
+        return out.to(x.dtype)
 
 
 class TransformerBlock(nn.Module):
@@ -234,7 +296,11 @@ class TransformerBlock(nn.Module):
         self.attn_norm = RMSNorm(blk.attn_norm.weight, args.norm_eps)
         self.ffn_norm = RMSNorm(blk.ffn_norm.weight, args.norm_eps)
         self.attn = Attention(args, layer, mm, biases, capacity, dtype, device)
-        self.ffn = FeedForward(layer, mm)
+        i0 = layer_mats(args) * layer + 4  # the first gate
+        if args.n_experts:
+            self.ffn = MoE(args, i0, blk.ffn.router, mm)
+        else:
+            self.ffn = FeedForward(i0, mm)
 
     def forward(self, h, pos, cos, sin, mask) -> torch.Tensor:
         h = h + self.attn(self.attn_norm(h), pos, cos, sin, mask)
@@ -306,7 +372,8 @@ class Transformer(nn.Module):
 class TorchModel:
     """The numpy ``Model``'s interface for ``generate()`` (forward -> numpy logits, the cache,
     the counters) over a ``Transformer`` on ``device``. On CUDA each decoded token (T = 1) is one
-    CUDA graph replay unless ``graphs=False``; the prefill runs eagerly.
+    CUDA graph replay unless ``graphs=False`` or the model is a mixture of experts (its routing
+    is read back per layer: eager decode); the prefill runs eagerly.
 
     ``dtype``: activations and KV cache (float32 by default: the numpy model's precision);
     ``biases``: q/k/v biases by name (default: those the numpy model holds, ``biases_of``);
@@ -321,9 +388,6 @@ class TorchModel:
             raise BackendError("device cuda: torch sees no CUDA GPU")
         if self.device.type == "cpu" and dtype != torch.float32:
             raise BackendError("the host matrices take float32 activations")
-        if model.args.n_experts:
-            raise BackendError(f"{model.args.architecture}: the torch/GPU path does not run a "
-                               "mixture of experts yet (use --device cpu)")  # fmt: skip
         self.model, self.args, self.tokenizer = model, model.args, model.tokenizer
         on_gpu = self.device.type == "cuda"
         if matmuls is None:
@@ -333,7 +397,7 @@ class TorchModel:
         self.net = Transformer(model, self.mm, biases=biases, capacity=capacity, dtype=dtype,
                                device=self.device)  # fmt: skip
         self.graph = None
-        if on_gpu and graphs:
+        if on_gpu and graphs and not self.args.n_experts:
             from pyeffort.models.cuda_graph import GraphDecoder
 
             self.graph = GraphDecoder(self.net)
