@@ -205,7 +205,7 @@ def load_model(args):
     if device == "cuda":
         from pyeffort.models.llama_torch import TorchModel
 
-        return TorchModel(model, "cuda")  # each decoded token one CUDA graph
+        return TorchModel(model, "cuda")  # a decoded token one CUDA graph (MoE: eager)
     if device == "metal":
         return matrices_to(model, "metal")
     return model
