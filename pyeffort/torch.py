@@ -24,6 +24,9 @@ Paths of a forward (x: ``(..., n_in)``, T = the number of tokens in it):
   round trip and reads the effort from a float64 device tensor of the module, so a captured
   decode step replays, and ``effort`` set between replays is seen by them (the prefill's dense
   path is plain torch). The counters count CPU calls only (CUDA ones would need a host sync).
+- Mixtral: ``patch`` unfuses transformers' experts into a ``MoEExperts`` of ``Expert``s (views,
+  no copy) whose linears it swaps; transformers' router picks the experts and only those run
+  (reading which ones is a host sync: a MoE decode step cannot be captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -143,7 +146,10 @@ class EffortLinear(nn.Module):
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+        """x (..., n_in) -> (..., n_out). ``tokens``: the tokens of the model's step when x holds
+        only some of them (a mixture of experts' expert: its rows); the path is chosen by it, so
+        one token routed to an expert during a prefill takes the dense path too."""
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(
                 "pyeffort EffortLinear is inference only (no gradients): run it under "
@@ -153,7 +159,8 @@ class EffortLinear(nn.Module):
             raise ShapeError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
         if x.dtype not in _DTYPES:
             raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-        y = _product(self, x.reshape(-1, self.in_features))
+        x2 = x.reshape(-1, self.in_features)
+        y = _product(self, x2, x2.shape[0] if tokens is None else tokens)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -162,21 +169,23 @@ class EffortLinear(nn.Module):
         """Whether these tokens take the effort product (else the dense one)."""
         return n_tok == 1 or self.prefill == "effort"
 
-    def _cpu(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (T, n_in) on the CPU -> (T, n_out) in the output dtype."""
+    def _cpu(self, x2: torch.Tensor, step: int) -> torch.Tensor:
+        """x2 (T, n_in) on the CPU, of a step of ``step`` tokens -> (T, n_out) in the output
+        dtype."""
         if self.prefill not in PREFILLS:
             raise ValueError(f"prefill must be one of {PREFILLS}, got {self.prefill!r}")
         xn = x2.detach().to(torch.float32).contiguous().numpy()  # a view for float32
-        e = self._effort if self._one_token_path(x2.shape[0]) else 1.0
+        e = self._effort if self._one_token_path(step) else 1.0
         y = self.inner(xn, e)  # the dense prefill at 1.0 for several tokens
         return torch.from_numpy(y).to(self._like.dtype)
 
-    def _gpu(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (T, n_in) on the GPU -> (T, n_out) in the output dtype."""
+    def _gpu(self, x2: torch.Tensor, step: int) -> torch.Tensor:
+        """x2 (T, n_in) on the GPU, of a step of ``step`` tokens -> (T, n_out) in the output
+        dtype."""
         if self._cuda is None or x2.device != self._cuda.device:
             raise BackendError(f"x is on {x2.device}: move the module there (module.to(x.device))")
         dt = self._like.dtype
-        if not self._one_token_path(x2.shape[0]):
+        if not self._one_token_path(step):
             if self._w_dev is None:
                 self._w_dev = torch.from_numpy(self.inner.dense()).to(x2.device, dt)
             return x2.to(dt) @ self._w_dev
@@ -186,18 +195,18 @@ class EffortLinear(nn.Module):
 
 
 @torch.compiler.disable
-def _product(mod: EffortLinear, x2: torch.Tensor) -> torch.Tensor:
-    """x2 (T, n_in) -> (T, n_out) in the module's dtype: the kernel call, a torch.compile graph
-    break."""
+def _product(mod: EffortLinear, x2: torch.Tensor, step: int) -> torch.Tensor:
+    """x2 (T, n_in) of a step of ``step`` tokens -> (T, n_out) in the module's dtype: the kernel
+    call, a torch.compile graph break."""
     if x2.shape[0] == 0:
         return x2.new_zeros((0, mod.out_features), dtype=mod._like.dtype)
     if x2.is_cuda:
         import pyeffort.cuda  # noqa: F401  (torch with CUDA)
 
-        return mod._gpu(x2)
+        return mod._gpu(x2, step)
     if x2.device.type != "cpu":
         raise BackendError(f"pyeffort.torch runs on CPU and CUDA tensors, not {x2.device.type}")
-    return mod._cpu(x2)
+    return mod._cpu(x2, step)
 
 
 # ------------------------------------------------------------ a module tree
@@ -244,10 +253,81 @@ def reset_counters(model: nn.Module) -> None:
         m.reset_counters()
 
 
+# ------------------------------------------------------------ a mixture of experts
+
+
+class Expert(nn.Module):
+    """One SwiGLU expert: ``down(act(gate(x)) * up(x))``; its three linears (nn.Linear views
+    of transformers' fused expert weights until ``patch`` swaps them) see the step's token
+    count, so an expert's few rows of a prefill take the dense path."""
+
+    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, act):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+        self.act_fn = act
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        h = self.act_fn(_call(self.gate_proj, x, step)) * _call(self.up_proj, x, step)
+        return _call(self.down_proj, h, step)
+
+
+def _call(lin: nn.Module, x: torch.Tensor, step: int) -> torch.Tensor:
+    return lin(x, tokens=step) if isinstance(lin, EffortLinear) else lin(x)
+
+
+class MoEExperts(nn.ModuleList):
+    """In place of transformers' fused ``MixtralExperts``: the same call ``(hidden (T, dim),
+    top_k_index (T, k), top_k_weights (T, k)) -> (T, dim)`` (the router, its top-k and its
+    renormalisation stay transformers'), one ``Expert`` per expert. Only the routed experts
+    are called: an unrouted one does no multiplication and is not counted."""
+
+    @classmethod
+    def from_fused(cls, fused: nn.Module) -> MoEExperts:
+        """The experts of ``fused`` (``gate_up_proj`` (E, 2 * ffn, dim), ``down_proj``
+        (E, dim, ffn)) as nn.Linear views of its weights (no copy)."""
+        gu, down = _fused_weights(fused)
+        n_ffn = down.shape[2]
+        return cls(Expert(_view_linear(gu[e, :n_ffn]), _view_linear(gu[e, n_ffn:]),
+                          _view_linear(down[e]), fused.act_fn)
+                   for e in range(gu.shape[0]))  # fmt: skip
+
+    def forward(self, hidden: torch.Tensor, top_k_index, top_k_weights) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        step = hidden.shape[0]
+        for e in torch.unique(top_k_index).tolist():  # the routed experts, each once
+            tok, slot = torch.where(top_k_index == e)
+            y = self[e](hidden[tok], step) * top_k_weights[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+
+def _fused_weights(fused: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fused``'s (gate_up_proj, down_proj), checked to be transformers 5's layout."""
+    gu, down = getattr(fused, "gate_up_proj", None), getattr(fused, "down_proj", None)
+    ok = isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.ndim == 3
+    ok = ok and down.ndim == 3 and gu.shape[0] == down.shape[0] and gu.shape[2] == down.shape[1]
+    ok = ok and gu.shape[1] == 2 * down.shape[2] and not getattr(fused, "is_transposed", False)
+    ok = ok and not getattr(fused, "has_bias", False) and getattr(fused, "is_concatenated", True)
+    if not ok:
+        raise ValueError(
+            f"pyeffort.torch.patch needs transformers 5's fused Mixtral experts (gate_up_proj "
+            f"(E, 2 * ffn, dim), down_proj (E, dim, ffn), no bias); got {type(fused).__name__}"
+        )
+    return gu.detach(), down.detach()
+
+
+def _view_linear(w: torch.Tensor) -> nn.Linear:
+    """An nn.Linear (no bias) whose weight is ``w`` (n_out, n_in) itself."""
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    return lin
+
+
 # ------------------------------------------------------------ transformers models
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-             "qwen2": "Qwen2ForCausalLM"}  # fmt: skip
+             "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}  # fmt: skip
+MOE = {"mixtral"}  # families whose mlp is transformers' sparse MoE block (router + experts)
 # transformers' name of a block's linear -> (its parent attribute, pyeffort's matrix name)
 LINEARS = {
     "q_proj": ("self_attn", "attn.wq"),
@@ -274,30 +354,36 @@ class PatchReport:
 
 
 def patch(model, effort=1.0, modules=None, values="f16", progress=True, model_id="auto"):
-    """Replace the linears of every decoder block of a transformers Llama / Mistral / Qwen2
-    causal LM by EffortLinears at ``effort`` (in place; the LM head stays dense). ``modules``:
-    a subset of ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`` (default: all).
-    ``model_id``: the model file name the shipped profiles are looked up by (``"auto"``: from
-    ``model.config``; None: no profile); with one, the buckets are built with its per-output
-    weights and, when all seven are replaced, efforts are split by its budget profile.
-    Returns a PatchReport."""
+    """Replace the linears of every decoder block of a transformers Llama / Mistral / Qwen2 /
+    Mixtral causal LM by EffortLinears at ``effort`` (in place; the LM head, and Mixtral's
+    router, stay dense). ``modules``: a subset of ``q_proj k_proj v_proj o_proj gate_proj
+    up_proj down_proj`` (default: all; Mixtral's gate/up/down are each expert's, its fused
+    experts become a ``MoEExperts``). ``model_id``: the model file name the shipped profiles are
+    looked up by (``"auto"``: from ``model.config``; None: no profile); with one, the buckets
+    are built with its per-output weights and, when all are replaced, efforts are split by its
+    budget profile. Returns a PatchReport."""
     layers = _decoder_layers(model)
     short = _modules(modules)
     e = _validate.effort(effort)
-    targets = {f"layers.{i}.{LINEARS[s][1]}": (i, s) for i in range(len(layers)) for s in LINEARS}
+    targets = _targets(layers)
     mid = _model_id(model) if model_id == "auto" else model_id
     weights = _shipped_out_weights(mid, layers, targets) if mid is not None else None
-    chosen = [n for n, (_, s) in targets.items() if s in short]
+    chosen = [n for n, (_, s, _) in targets.items() if s in short]
+    if model.config.model_type in MOE and short & {"gate_proj", "up_proj", "down_proj"}:
+        for layer in layers:
+            if not isinstance(layer.mlp.experts, MoEExperts):
+                layer.mlp.experts = MoEExperts.from_fused(layer.mlp.experts)
     report = PatchReport(out_weights=weights is not None)
     new = {}
     for name in tqdm(chosen, desc="pyeffort: bucketing", disable=not progress):
-        i, s = targets[name]
-        parent = getattr(layers[i], LINEARS[s][0])
+        i, s, x = targets[name]
+        parent = _parent(layers[i], s, x)
         lin = getattr(parent, s)
         a = None if weights is None else weights[name]
         new[name] = mod = EffortLinear.from_linear(lin, values, a, name)
         setattr(parent, s, mod)
-        report.replaced.append(f"model.layers.{i}.{LINEARS[s][0]}.{s}")
+        where = LINEARS[s][0] if x is None else f"mlp.experts.{x}"
+        report.replaced.append(f"model.layers.{i}.{where}.{s}")
         report.bucket_bytes += mod.buckets.nbytes
         report.dense_bytes += lin.weight.numel() * lin.weight.element_size()
     if mid is not None and set(new) == set(targets):
@@ -311,15 +397,51 @@ def _decoder_layers(model) -> list[nn.Module]:
     kind = getattr(getattr(model, "config", None), "model_type", None)
     supported = ", ".join(f"{v} ({k})" for k, v in SUPPORTED.items())
     if kind not in SUPPORTED:
-        extra = " (Mixtral's experts are not supported yet)" if kind == "mixtral" else ""
         raise ValueError(
             f"pyeffort.torch.patch supports {supported}; got {type(model).__name__} "
-            f"(model_type {kind!r}){extra}"
+            f"(model_type {kind!r})"
         )
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no model.layers: pass the causal LM itself")
     return list(layers)
+
+
+def _targets(layers) -> dict[str, tuple[int, str, int | None]]:
+    """pyeffort's name of every matrix ``patch`` may replace -> (layer, transformers' name,
+    expert or None), layer by layer: q k v o, then gate up down (of each expert in a MoE)."""
+    out = {}
+    for i, layer in enumerate(layers):
+        for s, (parent, ours) in LINEARS.items():
+            if parent == "self_attn" or not hasattr(layer.mlp, "experts"):
+                out[f"layers.{i}.{ours}"] = (i, s, None)
+        for x in range(_n_experts(layer)):
+            for s in ("gate_proj", "up_proj", "down_proj"):
+                out[f"layers.{i}.ffn.experts.{x}.{LINEARS[s][1][4:]}"] = (i, s, x)
+    return out
+
+
+def _n_experts(layer) -> int:
+    experts = getattr(layer.mlp, "experts", None)
+    if experts is None:
+        return 0
+    return len(experts) if isinstance(experts, MoEExperts) else _fused_weights(experts)[0].shape[0]
+
+
+def _parent(layer, s: str, x: int | None) -> nn.Module:
+    """The module holding transformers' linear ``s`` (of expert ``x``) after the experts were
+    unfused."""
+    return getattr(layer, LINEARS[s][0]) if x is None else layer.mlp.experts[x]
+
+
+def _weight(layer, s: str, x: int | None) -> torch.Tensor:
+    """The (n_out, n_in) weight of linear ``s`` (of expert ``x``), fused or not."""
+    experts = layer.mlp.experts if x is not None else None
+    if experts is None or isinstance(experts, MoEExperts):
+        return getattr(_parent(layer, s, x), s).weight
+    gu, down = _fused_weights(experts)
+    n_ffn = down.shape[2]
+    return {"gate_proj": gu[x, :n_ffn], "up_proj": gu[x, n_ffn:], "down_proj": down[x]}[s]
 
 
 def _modules(modules) -> set[str]:
@@ -352,8 +474,8 @@ def _shipped_out_weights(mid, layers, targets) -> dict[str, np.ndarray] | None:
     from pyeffort.models.profiles import out_weights
 
     shapes = {}
-    for n, (i, s) in targets.items():
-        w = getattr(getattr(layers[i], LINEARS[s][0]), s).weight
+    for n, (i, s, x) in targets.items():
+        w = _weight(layers[i], s, x)
         shapes[n] = (w.shape[1], w.shape[0])
     return out_weights.for_model(mid, shapes)
 
@@ -379,6 +501,7 @@ def _apply_profile(mid, mods: dict[str, EffortLinear]) -> str | None:
 
 __all__ = [
     "EffortLinear",
+    "MoEExperts",
     "PatchReport",
     "effort",
     "effort_linears",

@@ -1,5 +1,6 @@
-"""pyeffort.torch.patch on transformers decoder models: tiny random Llama / Mistral / Qwen2 (their
-config classes, two layers) against the unpatched model, and the default model through
+"""pyeffort.torch.patch on transformers decoder models: tiny random Llama / Mistral / Qwen2 /
+Mixtral (their config classes, two layers; Mixtral with 4 experts, top-2) against the unpatched
+model, and the default model through
 transformers' GGUF loader against ``pyeffort generate``.
 
 Tolerance at effort 1.0 (as tests/test_model_hf.py): the random weights are rounded to float16
@@ -21,8 +22,10 @@ transformers = pytest.importorskip("transformers")
 import pyeffort.torch as pet
 
 REL_TOL = 1e-3
-FAMILIES = ["llama", "mistral", "qwen2"]
+FAMILIES = ["llama", "mistral", "qwen2", "mixtral"]
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EXTRA = {"mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2}}
+REPLACED = {"mixtral": 2 * (4 + 3 * 4)}  # per layer: q k v o, gate up down of 4 experts
 
 
 def tiny(family: str, seed: int = 0):
@@ -32,6 +35,7 @@ def tiny(family: str, seed: int = 0):
         family, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=4, vocab_size=128,
         max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0,
+        **EXTRA.get(family, {}),
     )  # fmt: skip
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
@@ -66,7 +70,7 @@ def greedy(model, ids, n=8):
 def test_patched_at_full_effort_matches_unpatched(family):
     ref, model = tiny(family), tiny(family)
     report = pet.patch(model, effort=1.0, progress=False)
-    assert len(report.replaced) == 14 and report.profile is None
+    assert len(report.replaced) == REPLACED.get(family, 14) and report.profile is None
     assert isinstance(model.lm_head, torch.nn.Linear)  # the LM head stays dense
     ids = torch.tensor([[3, 17, 90, 5, 64, 33, 2, 111]])
     with torch.no_grad():
@@ -106,6 +110,80 @@ def test_modules_subset_and_report():
     assert model.model.layers[1].mlp.down_proj.buckets.shape == tuple(dense.T.shape)
 
 
+def test_mixtral_experts_unfused_and_report():
+    model = tiny("mixtral")
+    fused = model.model.layers[1].mlp.experts
+    gate_up, down = fused.gate_up_proj.detach().clone(), fused.down_proj.detach().clone()
+    router = model.model.layers[1].mlp.gate
+    report = pet.patch(model, progress=False)
+    assert report.replaced[4:7] == [f"model.layers.0.mlp.experts.0.{s}" for s in SEVEN[4:]]
+    assert report.replaced[-1] == "model.layers.1.mlp.experts.3.down_proj"
+    assert model.model.layers[1].mlp.gate is router  # the router stays dense
+    attn = 2 * 256 * 256 + 2 * 256 * 128  # q o; k v of 4 kv heads
+    assert report.dense_bytes == 2 * (attn + 4 * 3 * 256 * 768) * 4
+    expert = model.model.layers[1].mlp.experts[2]
+    for lin, w in ((expert.gate_proj, gate_up[2, :768]), (expert.up_proj, gate_up[2, 768:]),
+                   (expert.down_proj, down[2])):  # fmt: skip
+        assert isinstance(lin, pet.EffortLinear) and lin.inner.name.startswith("layers.1.ffn.ex")
+        assert np.array_equal(lin.inner.dense(), w.T.numpy().astype(np.float16))
+
+
+def test_mixtral_attention_only_keeps_the_fused_experts():
+    model = tiny("mixtral")
+    fused = type(model.model.layers[0].mlp.experts)
+    report = pet.patch(model, modules=["q_proj", "o_proj"], progress=False)
+    assert len(report.replaced) == 4 and type(model.model.layers[0].mlp.experts) is fused
+
+
+def routed_and_called(model):
+    """Hooks recording, per forward, the experts the router chose and those called, per layer:
+    (routed, called), two lists of sets of (layer, expert) that the hooks append to."""
+    routed, called = [], []
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.gate.register_forward_hook(
+            lambda m, a, out, i=i: routed.append({(i, e) for e in out[2].unique().tolist()})
+        )
+        for e, expert in enumerate(layer.mlp.experts):
+            expert.register_forward_hook(lambda m, a, out, i=i, e=e: called[-1].add((i, e)))
+        layer.mlp.register_forward_pre_hook(lambda m, a: called.append(set()))
+    return routed, called
+
+
+def test_mixtral_unrouted_experts_are_never_called():
+    model = tiny("mixtral")
+    pet.patch(model, effort=0.5, progress=False)
+    routed, called = routed_and_called(model)
+    ids = torch.tensor([[3, 17, 90, 5]])
+    decode_steps(model, ids, 4)  # the hooks see the prefill and 4 steps of both layers
+    assert len(called) == 10 and called == routed
+    assert all(len(r) == 2 for r in routed[2:])  # decoding: 2 of the 4 experts of each layer
+    pet.reset_counters(model)
+    decode_steps(model, ids, 1)
+    step = routed[-2] | routed[-1]
+    for i, layer in enumerate(model.model.layers):
+        for e, expert in enumerate(layer.mlp.experts):
+            totals = {lin.total > 0 for lin in (expert.gate_proj, expert.up_proj, expert.down_proj)}
+            assert totals == {(i, e) in step}
+
+
+def test_mixtral_prefill_is_dense_for_an_expert_of_one_token():
+    model = tiny("mixtral")
+    pet.patch(model, effort=0.5, progress=False)
+    gate = model.model.layers[0].mlp.gate
+    counts = []
+    gate.register_forward_hook(lambda m, a, out: counts.append(out[2].flatten().bincount()))
+    ids = torch.tensor([[3, 17, 90, 5, 64, 33, 2, 111, 9, 14, 77, 41]])
+    seen = []
+    for t in range(3, ids.shape[1]):  # a prefill with an expert routed exactly one token
+        counts.clear()
+        pet.reset_counters(model)
+        with torch.no_grad():
+            model(ids[:, :t])
+        if (counts[0] == 1).any():
+            seen.append(pet.realised_effort(model))
+    assert seen and seen == [1.0] * len(seen)  # every product dense (1.0), that one's too
+
+
 def test_bad_calls_name_what_is_supported():
     with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen2ForCausalLM"):
         pet.patch(torch.nn.Linear(4, 4))
@@ -116,6 +194,10 @@ def test_bad_calls_name_what_is_supported():
         pet.patch(tiny("llama"), modules=["qkv_proj"])
     with pytest.raises(pet.pyeffort.EffortError):
         pet.patch(tiny("llama"), effort=2.0)
+    model = tiny("mixtral")
+    model.model.layers[0].mlp.experts.down_proj = torch.nn.Parameter(torch.zeros(4, 256, 5))
+    with pytest.raises(ValueError, match="fused Mixtral experts"):
+        pet.patch(model)
 
 
 # ------------------------------------------------------------ the default model
