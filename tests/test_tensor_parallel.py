@@ -4,6 +4,7 @@ one process; sharded conversion; a killed rank; the command line under torchrun.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -15,16 +16,18 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from test_cli import TEMPLATE
 from test_model_hf import REL_TOL, write_tiny_mistral
 
 pytest.importorskip("torch.distributed")
 
-from pyeffort.errors import FormatError  # noqa: E402
-from pyeffort.models import load  # noqa: E402
-from pyeffort.models import tensor_parallel as tp  # noqa: E402
-from pyeffort.models.args import ConfigError, config  # noqa: E402
-from pyeffort.models.convert import convert, load_converted, read_manifest  # noqa: E402
-from pyeffort.models.generate import generate  # noqa: E402
+from pyeffort.cli import main
+from pyeffort.errors import FormatError
+from pyeffort.models import load
+from pyeffort.models import tensor_parallel as tp
+from pyeffort.models.args import ConfigError, config
+from pyeffort.models.convert import convert, load_converted, read_manifest
+from pyeffort.models.generate import generate
 
 TIMEOUT_S = 20  # the gloo timeout of every run here
 PROMPT = [1, 5, 9, 14, 3, 22, 7, 40, 11, 2, 60, 8]
@@ -90,7 +93,7 @@ def finish(procs, limit: float = 90) -> list[tuple[int, str]]:
 def tiny(tmp_path_factory):
     """(root, the model converted whole, the worker script)."""
     root = tmp_path_factory.mktemp("tp")
-    write_tiny_mistral(root / "hf", heads=(8, 4), hidden=256)
+    write_tiny_mistral(root / "hf", heads=(8, 4), hidden=256, chat_template=TEMPLATE)
     convert(root / "hf", root / "one", progress=False)
     for n in (2, 4):
         convert(root / "hf", root / f"tp{n}", progress=False, tp=n)
@@ -108,7 +111,7 @@ def test_shards_are_the_split_matrices(tiny):
     parts = [load(tiny / "tp4" / f"rank{r}") for r in range(4)]
     for name, lin in whole.items():
         axis = 0 if name.endswith(("wo", "w2")) else 1
-        joined = np.concatenate([dict((x.name, x) for x in p.linears())[name].dense()
+        joined = np.concatenate([{x.name: x for x in p.linears()}[name].dense()
                                  for p in parts], axis=axis)  # fmt: skip
         np.testing.assert_array_equal(joined, lin.dense(), err_msg=name)
     assert parts[3].args.n_heads == 2 and parts[3].args.n_kv_heads == 1
@@ -133,7 +136,9 @@ def test_refuses_splits_that_do_not_fit(tiny):
 def test_missing_shard_says_how_to_convert(tiny, monkeypatch):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(FormatError, match=r"no converted shard rank2: run pyeffort convert .* --tp 3"):
+    with pytest.raises(
+        FormatError, match=r"no converted shard rank2: run pyeffort convert .* --tp 3"
+    ):
         tp.load(tiny / "tp2", 3)
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ValueError, match="--tp 3 but torchrun started 4"):
@@ -184,29 +189,55 @@ def test_killed_rank_ends_the_others(tiny, tmp_path):
 # ------------------------------------------------------------------------ the command line
 
 
-def test_cli_under_torchrun(tiny):
+def in_process(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``pyeffort *argv`` run in this process."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_under_torchrun(tiny, capsys):
     """torchrun --nproc-per-node 2 -m pyeffort generate --tp 2: rank 0 alone prints, the text
     of one process; convert --tp refuses a split that does not fit; --tp outside torchrun says
     how to launch."""
     base = ["generate", "the cat sat", "--raw", "--max-tokens", "8", "--json"]
     env = {**os.environ, "PYEFFORT_TP_TIMEOUT": str(TIMEOUT_S), "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
-    one = subprocess.run([sys.executable, "-m", "pyeffort", *base, "--model", str(tiny / "one")],
-                         capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", str(free_port()), "-m", "pyeffort", *base, "--model",
                           str(tiny / "tp2"), "--tp", "2", "--threads", "1"],
-                         capture_output=True, text=True, timeout=90, env=env)  # fmt: skip
+                         check=False, capture_output=True, text=True, timeout=90, env=env)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [x for x in run.stdout.splitlines() if x.strip()]
     assert len(lines) == 1  # rank 1 printed nothing
-    assert json.loads(lines[0])["text"] == json.loads(one.stdout)["text"]
-    bad = subprocess.run([sys.executable, "-m", "pyeffort", "convert", str(tiny / "hf"),
-                          str(tiny / "tp3"), "--tp", "3"], capture_output=True, text=True,
-                         timeout=60, env=env)  # fmt: skip
-    assert bad.returncode == 2 and "--tp 3 does not divide n_heads=8" in bad.stderr
+    _, one, _ = in_process(capsys, *base, "--model", str(tiny / "one"))
+    assert json.loads(lines[0])["text"] == json.loads(one)["text"]
+    code, _, err = in_process(capsys, "convert", str(tiny / "hf"), str(tiny / "tp3"), "--tp", "3")
+    assert code == 2 and "--tp 3 does not divide n_heads=8" in err
     assert not (tiny / "tp3").exists()
-    alone = subprocess.run([sys.executable, "-m", "pyeffort", *base, "--model",
-                            str(tiny / "tp2"), "--tp", "2"], capture_output=True, text=True,
-                           timeout=60, env={k: v for k, v in env.items() if k != "RANK"})  # fmt: skip
-    assert alone.returncode == 2 and "torchrun --nproc-per-node 2" in alone.stderr
+    code, _, err = in_process(capsys, *base, "--model", str(tiny / "tp2"), "--tp", "2")
+    assert code == 2 and "torchrun --nproc-per-node 2" in err
+
+
+def test_chat_rank_zero_reads_for_all(tiny, capsys, monkeypatch):
+    """chat --tp 2: rank 0 reads the lines (rank 1's stdin is closed) and alone prints; the
+    conversation, /effort included, is the one of a single process."""
+    lines = "hello there\n/effort 0.5\nthe cat\n"
+    cmd = ["chat", "--max-tokens", "6"]
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "pyeffort", *cmd, "--threads", "1",
+                               "--model", str(tiny / "tp2"), "--tp", "2"],
+                              env=rank_env(r, 2, port), text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              stdin=subprocess.PIPE if r == 0 else subprocess.DEVNULL)
+             for r in range(2)]  # fmt: skip
+    try:
+        outs = [p.communicate(lines if r == 0 else None, timeout=60) for r, p in enumerate(procs)]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    _, one, _ = in_process(capsys, *cmd, "--model", str(tiny / "one"))
+    assert outs[0][0] == one and outs[1] == ("", "")
+    assert "effort asked 0.500, realised 0.500" in outs[0][1]

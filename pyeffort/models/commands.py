@@ -225,8 +225,6 @@ def load_parallel(args):
 
     from pyeffort.models import tensor_parallel as tp
 
-    if args.command == "chat":
-        raise ValueError("chat --tp is not supported yet: use generate or bench with --tp")
     if args.device == "metal" or args.effort_head:
         raise ValueError("--tp runs the CPU forward with a dense LM head: drop "
                          f"{'--device metal' if args.device == 'metal' else '--effort-head'}")  # fmt: skip
@@ -450,6 +448,9 @@ def cmd_bench(args) -> int:
         import torch
 
         where = head["device"] = f"{torch.cuda.get_device_name(model.device)}, CUDA graphs"
+    if getattr(model, "comm", None) is not None:  # --tp
+        head["tp"] = model.comm.size
+        where += f", {model.comm.size} tensor-parallel ranks over {model.comm.backend}"
     if not args.json:
         print(f"{where}, {args.tokens} tokens per effort, median of {args.rounds} rounds "
               "(efforts in a rotated order each round)")  # fmt: skip

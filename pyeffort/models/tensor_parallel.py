@@ -50,7 +50,9 @@ def shard_args(args: ModelArgs, n: int) -> ModelArgs:
         raise ConfigError("tensor parallelism does not split a mixture of experts yet")
     for name, count in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads)):
         if count % n:
-            raise ConfigError(f"--tp {n} does not divide {name}={count}: each rank owns whole heads")
+            raise ConfigError(
+                f"--tp {n} does not divide {name}={count}: each rank owns whole heads"
+            )
     kv_cols, ffn_cols = args.n_kv_heads // n * args.head_dim, args.hidden_dim / n
     if kv_cols % GROUP or ffn_cols % GROUP:
         raise ConfigError(f"--tp {n}: a shard's columns (k/v {kv_cols}, feed-forward "
@@ -62,7 +64,11 @@ def shard_args(args: ModelArgs, n: int) -> ModelArgs:
 def shard_slice(args: ModelArgs, n: int, rank: int, name: str) -> tuple[int, slice] | None:
     """(axis, slice) of tensor ``name`` that rank ``rank`` of ``n`` holds; None: all of it."""
     hd, kind = args.head_dim, name.rsplit(".", 1)[-1]
-    per = {"q": args.n_heads // n * hd, "kv": args.n_kv_heads // n * hd, "ffn": args.hidden_dim // n}
+    per = {
+        "q": args.n_heads // n * hd,
+        "kv": args.n_kv_heads // n * hd,
+        "ffn": args.hidden_dim // n,
+    }
     part = {"wq": (1, "q"), "bq": (0, "q"), "wk": (1, "kv"), "wv": (1, "kv"), "bk": (0, "kv"),
             "bv": (0, "kv"), "wo": (0, "q"), "w1": (1, "ffn"), "w3": (1, "ffn"),
             "w2": (0, "ffn")}.get(kind)  # fmt: skip
@@ -168,6 +174,23 @@ class Comm:
     def broadcast(self, value: int) -> int:
         """Rank 0's ``value`` on every rank."""
         return int(self.all_reduce(np.array([value if self.rank == 0 else 0], np.float64))[0])
+
+    def read_line(self, prompt: str) -> str:
+        """``input(prompt)`` on rank 0, the same line on every rank (EOFError on all at its end)."""
+        line = None
+        if self.rank == 0:
+            try:
+                line = input(prompt)
+            except EOFError:
+                pass
+        box = [line]
+        try:
+            self.dist.broadcast_object_list(box, src=0)
+        except RuntimeError as exc:
+            raise self._error("a collective failed", exc) from None
+        if box[0] is None:
+            raise EOFError
+        return box[0]
 
     def close(self) -> None:
         if self.dist.is_initialized():
