@@ -96,7 +96,7 @@ def tiny(tmp_path_factory):
     write_tiny_mistral(root / "hf", heads=(8, 4), hidden=256, chat_template=TEMPLATE)
     convert(root / "hf", root / "one", progress=False)
     for n in (2, 4):
-        convert(root / "hf", root / f"tp{n}", progress=False, tp=n)
+        tp.convert_tp(root / "hf", root / f"tp{n}", n, progress=False)
     (root / "worker.py").write_text(WORKER)
     return root
 

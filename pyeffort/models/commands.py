@@ -375,9 +375,13 @@ def cmd_generate(args) -> int:
 
 def cmd_convert(args) -> int:
     from pyeffort.models.convert import convert
+    from pyeffort.models.tensor_parallel import convert_tp
 
-    dst = convert(args.src, args.dst, progress=args.progress, overwrite=args.overwrite,
-                  values=args.values, tp=args.tp)  # fmt: skip
+    kw = {"progress": args.progress, "overwrite": args.overwrite, "values": args.values}
+    if args.tp > 1:
+        dst = convert_tp(args.src, args.dst, args.tp, **kw)
+    else:
+        dst = convert(args.src, args.dst, **kw)
     print(f"wrote {dst} ({_size(dst) / 2**20:.1f} MiB, {args.values} values)")
     return 0
 

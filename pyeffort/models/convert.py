@@ -115,22 +115,16 @@ def out_weights_for(src_path, args: ModelArgs, out_weights="auto") -> dict:
 
 def convert(
     src_path, dst, *, progress: bool = True, overwrite: bool = False, out_weights="auto",
-    values: str = bk.F16, tp: int = 1,
+    values: str = bk.F16,
 ) -> Path:  # fmt: skip
     """Convert a GGUF file or Hugging Face folder into a pyeffort model folder at ``dst``
     (``out_weights``: see ``out_weights_for``; by default the weights shipped for the model;
-    ``values``: the matrices' value kind, ``"f16"`` or ``"q8"``, as in ``build_buckets``;
-    ``tp`` > 1: one converted folder per tensor-parallel rank, ``dst/rank{r}``, see
-    pyeffort.models.tensor_parallel)."""
+    ``values``: the matrices' value kind, ``"f16"`` or ``"q8"``, as in ``build_buckets``).
+    Tensor-parallel shards: pyeffort.models.tensor_parallel.convert_tp."""
     values = bk.check_values(values)
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists (use overwrite)")
-    if tp != 1:
-        from pyeffort.models.tensor_parallel import convert_tp
-
-        return convert_tp(src_path, dst, tp, progress=progress, out_weights=out_weights,
-                          values=values)  # fmt: skip
     src = open_source(src_path)
     weights = out_weights_for(src_path, src.args, out_weights)
     return write_model(src, Path(src_path).name, dst, weights, values, progress)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pyeffort import buckets as bk
 from pyeffort import fileformat
 from pyeffort.errors import BackendError, FormatError
 from pyeffort.models.args import ConfigError, ModelArgs
@@ -103,16 +104,21 @@ class ShardSource:
         return out
 
 
-def convert_tp(src_path, dst, n: int, *, progress=True, out_weights="auto", values="f16") -> Path:
+def convert_tp(
+    src_path, dst, n: int, *, progress=True, overwrite=False, out_weights="auto", values="f16"
+) -> Path:
     """``pyeffort convert --tp n``: ``dst/rank{r}`` for r < n, each a normal converted folder
-    of its shard (manifest key ``tp``), the whole written beside ``dst`` and renamed."""
+    of its shard (manifest key ``tp``), the whole written beside ``dst`` and renamed (the
+    arguments as ``pyeffort.models.convert.convert``'s)."""
     from pyeffort.models.convert import _replace_dir, out_weights_for, write_model
     from pyeffort.models.loaders import open_source
 
+    values, dst = bk.check_values(values), Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists (use overwrite)")
     src = open_source(src_path)
     shard_args(src.args, n)  # refuse before writing anything
     weights = out_weights_for(src_path, src.args, out_weights)
-    dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fileformat.remove_stale_temporaries(dst.parent)
     tmp = fileformat.temp_path(dst)
