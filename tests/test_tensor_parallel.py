@@ -198,8 +198,8 @@ def in_process(capsys, *argv) -> tuple[int, str, str]:
 
 def test_cli_under_torchrun(tiny, capsys):
     """torchrun --nproc-per-node 2 -m pyeffort generate --tp 2: rank 0 alone prints, the text
-    of one process; convert --tp refuses a split that does not fit; --tp outside torchrun says
-    how to launch."""
+    of one process; convert --tp refuses a split that does not fit; --tp outside torchrun, or
+    shards without --tp, say how to launch; --tp refuses the CUDA forward."""
     base = ["generate", "the cat sat", "--raw", "--max-tokens", "8", "--json"]
     env = {**os.environ, "PYEFFORT_TP_TIMEOUT": str(TIMEOUT_S), "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
@@ -217,6 +217,11 @@ def test_cli_under_torchrun(tiny, capsys):
     assert not (tiny / "tp3").exists()
     code, _, err = in_process(capsys, *base, "--model", str(tiny / "tp2"), "--tp", "2")
     assert code == 2 and "torchrun --nproc-per-node 2" in err
+    code, _, err = in_process(capsys, *base, "--model", str(tiny / "tp2"))
+    assert code == 2 and "holds tensor-parallel shards: run torchrun --nproc-per-node 2" in err
+    code, _, err = in_process(capsys, *base, "--model", str(tiny / "tp2"), "--tp", "2",
+                              "--device", "cuda")  # fmt: skip
+    assert code == 2 and "--tp runs the CPU forward with a dense LM head: drop --device cuda" in err
 
 
 def test_chat_rank_zero_reads_for_all(tiny, capsys, monkeypatch):

@@ -205,6 +205,9 @@ def load_model(args):
         pyeffort.set_num_threads(args.threads)
     if args.tp > 1:
         return load_parallel(args)
+    from pyeffort.models.tensor_parallel import refuse_shards
+
+    refuse_shards(args.model)
     device = resolve_device(args.device)
     model = models.load(args.model, fraction=args.load_fraction, progress=args.progress)
     if args.effort_head:
@@ -225,11 +228,13 @@ def load_parallel(args):
 
     from pyeffort.models import tensor_parallel as tp
 
-    if args.device == "metal" or args.effort_head:
-        raise ValueError("--tp runs the CPU forward with a dense LM head: drop "
-                         f"{'--device metal' if args.device == 'metal' else '--effort-head'}")  # fmt: skip
+    if args.device in ("cuda", "metal") or args.effort_head:
+        drop = "--effort-head" if args.effort_head else f"--device {args.device}"
+        raise ValueError(f"--tp runs the CPU forward with a dense LM head: drop {drop} (with "
+                         "--device auto the sums go over nccl when torch sees CUDA)")  # fmt: skip
     tp.quiet_unless_first(tp.world(args.tp), args)
-    model = tp.load(args.model, args.tp, fraction=args.load_fraction, progress=args.progress)
+    model = tp.load(args.model, args.tp, fraction=args.load_fraction, progress=args.progress,
+                    gpu=args.device == "auto")  # fmt: skip
     if getattr(args, "temperature", 0.0) > 0 and args.seed is None:
         args.seed = model.comm.broadcast(int(np.random.SeedSequence().entropy % 2**52))
     return model

@@ -144,15 +144,15 @@ def convert_tp(
 class Comm:
     """The tensor-parallel group of this process: sums numpy arrays over the ranks."""
 
-    def __init__(self, n: int, timeout_s: float | None = None):
+    def __init__(self, n: int, timeout_s: float | None = None, gpu: bool = True):
         import torch
         import torch.distributed as dist
 
         self.dist, self.torch = dist, torch
         self.rank, self.size = int(os.environ["RANK"]), n
         self.timeout_s = timeout_s or float(os.environ.get(TIMEOUT_ENV, TIMEOUT_S))
-        self.device = None  # nccl reduces GPU tensors: CUDA when torch sees a GPU
-        if torch.cuda.is_available():
+        self.device = None  # nccl reduces GPU tensors: with ``gpu``, when torch sees CUDA
+        if gpu and torch.cuda.is_available():
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
             torch.cuda.set_device(self.device)
         backend = "gloo" if self.device is None else "nccl"
@@ -273,14 +273,25 @@ def world(n: int) -> int:
     return int(os.environ["RANK"])
 
 
-def load(path, n: int, *, fraction: float = 1.0, progress: bool = False) -> ParallelModel:
-    """This rank's shard of the converted folder ``path`` (``convert --tp n``), in its group."""
+def load(
+    path, n: int, *, fraction: float = 1.0, progress: bool = False, gpu: bool = True
+) -> ParallelModel:
+    """This rank's shard of the converted folder ``path`` (``convert --tp n``), in its group
+    (over nccl when ``gpu`` and torch sees CUDA, else gloo)."""
     from pyeffort import models
 
     rank = world(n)
     folder = rank_folder(path, n, rank)  # before joining: a missing shard fails at once
     model = models.load(folder, fraction=fraction, progress=progress and rank == 0)
-    return ParallelModel(model, Comm(n))
+    return ParallelModel(model, Comm(n, gpu=gpu))
+
+
+def refuse_shards(path) -> None:
+    """ValueError when ``path`` holds tensor-parallel shards (run without --tp)."""
+    if path is not None and (Path(path) / "rank0").is_dir():
+        n = len(list(Path(path).glob("rank*")))
+        raise ValueError(f"{path} holds tensor-parallel shards: run torchrun --nproc-per-node "
+                         f"{n} -m pyeffort ... --tp {n}")  # fmt: skip
 
 
 def quiet_unless_first(rank: int, args) -> None:
