@@ -143,6 +143,9 @@ def test_missing_shard_says_how_to_convert(tiny, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ValueError, match="--tp 3 but torchrun started 4"):
         tp.load(tiny / "tp2", 3)
+    monkeypatch.setenv("PYEFFORT_TP_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="PYEFFORT_TP_TIMEOUT='soon': give a number of seconds"):
+        tp.timeout_from_env()
     monkeypatch.delenv("RANK")
     with pytest.raises(ValueError, match="torchrun --nproc-per-node 3"):
         tp.load(tiny / "tp2", 3)

@@ -141,6 +141,18 @@ def convert_tp(
 # ------------------------------------------------------------------------ the process group
 
 
+def timeout_from_env() -> float:
+    """Seconds a collective waits: $PYEFFORT_TP_TIMEOUT (default 300), checked."""
+    text = os.environ.get(TIMEOUT_ENV, str(TIMEOUT_S))
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v < 1e7:
+        raise ValueError(f"{TIMEOUT_ENV}={text!r}: give a number of seconds > 0")
+    return v
+
+
 class Comm:
     """The tensor-parallel group of this process: sums numpy arrays over the ranks."""
 
@@ -150,7 +162,7 @@ class Comm:
 
         self.dist, self.torch = dist, torch
         self.rank, self.size = int(os.environ["RANK"]), n
-        self.timeout_s = timeout_s or float(os.environ.get(TIMEOUT_ENV, TIMEOUT_S))
+        self.timeout_s = timeout_s or timeout_from_env()
         self.device = None  # nccl reduces GPU tensors: with ``gpu``, when torch sees CUDA
         if gpu and torch.cuda.is_available():
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
@@ -197,10 +209,6 @@ class Comm:
         if box[0] is None:
             raise EOFError
         return box[0]
-
-    def close(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
 
     def _error(self, what: str, exc: BaseException) -> ParallelError:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
