@@ -79,10 +79,11 @@ def _train_bpe_json(path, vocab: int = 150) -> int:
 
 def write_tiny_mistral(
     folder, window: int | None = WINDOW, seed: int = 0, n_layers: int = 2, llama: bool = False,
-    dtype=np.float32, chat_template: str | None = None,
+    dtype=np.float32, chat_template: str | None = None, heads: tuple[int, int] = (4, 2),
+    hidden: int = 128,
 ) -> dict:
     """A random MistralForCausalLM checkpoint folder (weights saved as ``dtype``); -> its
-    config."""
+    config (``heads``: n_heads, n_kv_heads; ``hidden``: the feed-forward size)."""
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def write_tiny_mistral(
 
         sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
         vocab = sp.get_piece_size()
-    d, h, n_heads, n_kv, hd = 64, 128, 4, 2, 16
+    d, h, (n_heads, n_kv), hd = 64, hidden, heads, 16
     cfg = {
         "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": d,
         "intermediate_size": h, "num_hidden_layers": n_layers, "num_attention_heads": n_heads,

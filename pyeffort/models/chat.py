@@ -3,6 +3,7 @@ sets the effort; during a reply the keys + and - change it for the very next tok
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pyeffort.models.commands import (
@@ -83,15 +84,19 @@ def run(args) -> int:
     from pyeffort.models.keys import EffortDial
     from pyeffort.models.tokenizer import ChatTemplateError
 
-    dial = EffortDial(args.effort, keys=not args.no_keys)
+    dial = EffortDial(args.effort, keys=not args.no_keys and args.tp == 1)  # ranks agree
     chat = Chat(load_model(args), args.system)
+    comm = getattr(chat.model, "comm", None)  # --tp: rank 0 reads, every rank gets the line
+    read = input if comm is None else comm.read_line
+    if comm is not None and comm.rank != 0:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (rank 0 reports for the group)
     chat.model.tokenizer.check_chat_template()  # jinja2 there, the template compiles
     prepare(chat.model, progress=args.progress)
     if not args.quiet:
         print(f"effort {dial.value:.2f}. {HELP}; {EFFORT_KEYS}.", file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            line = read("> ")
             line.encode("utf-8")  # undecodable bytes arrive as surrogate escapes
         except EOFError:
             if not args.quiet:

@@ -95,6 +95,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=count_arg(1), default=None, help="CPU threads for the kernels")
     p.add_argument("--effort-head", action="store_true",
                    help="the LM head at effort too (default: dense)")  # fmt: skip
+    p.add_argument("--tp", type=count_arg(1), default=1, metavar="N",
+                   help="tensor-parallel over N ranks: torchrun --nproc-per-node N -m pyeffort "
+                   "... --model DST --tp N, DST from pyeffort convert --tp N")  # fmt: skip
     add_device_arg(p)
 
 
@@ -172,6 +175,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("--values", choices=["f16", "q8"], default="f16",
                    help="bucket values: f16 (2.5 bytes per multiplication) or q8 (int8 with a "
                    "fp16 scale per 16 values, 1.625 bytes); default f16")  # fmt: skip
+    c.add_argument("--tp", type=count_arg(1), default=1, metavar="N",
+                   help="N tensor-parallel shards: DST/rank0 .. DST/rank{N-1}")  # fmt: skip
     c.set_defaults(func=cmd_convert)
 
     i = subparsers.add_parser("info", help="config, format, size and matrices of a model")
@@ -198,6 +203,11 @@ def load_model(args):
 
     if args.threads is not None:
         pyeffort.set_num_threads(args.threads)
+    if args.tp > 1:
+        return load_parallel(args)
+    from pyeffort.models.tensor_parallel import refuse_shards
+
+    refuse_shards(args.model)
     device = resolve_device(args.device)
     model = models.load(args.model, fraction=args.load_fraction, progress=args.progress)
     if args.effort_head:
@@ -208,6 +218,25 @@ def load_model(args):
         return TorchModel(model, "cuda")  # a decoded token one CUDA graph (MoE: eager)
     if device == "metal":
         return matrices_to(model, "metal")
+    return model
+
+
+def load_parallel(args):
+    """This rank's shard (``--tp N``): the CPU forward, its sums over gloo (nccl with CUDA);
+    rank 0 alone prints; all ranks sample alike (rank 0's seed) at the asked effort (no keys)."""
+    import numpy as np
+
+    from pyeffort.models import tensor_parallel as tp
+
+    if args.device in ("cuda", "metal") or args.effort_head:
+        drop = "--effort-head" if args.effort_head else f"--device {args.device}"
+        raise ValueError(f"--tp runs the CPU forward with a dense LM head: drop {drop} (with "
+                         "--device auto the sums go over nccl when torch sees CUDA)")  # fmt: skip
+    tp.quiet_unless_first(tp.world(args.tp), args)
+    model = tp.load(args.model, args.tp, fraction=args.load_fraction, progress=args.progress,
+                    gpu=args.device == "auto")  # fmt: skip
+    if getattr(args, "temperature", 0.0) > 0 and args.seed is None:
+        args.seed = model.comm.broadcast(int(np.random.SeedSequence().entropy % 2**52))
     return model
 
 
@@ -324,7 +353,7 @@ def cmd_generate(args) -> int:
     from pyeffort.models.generate import Stats, fit_context, generate
     from pyeffort.models.keys import EffortDial
 
-    dial = EffortDial(args.effort, keys=not args.no_keys)
+    dial = EffortDial(args.effort, keys=not args.no_keys and args.tp == 1)  # ranks agree
     model = load_model(args)
     tok = model.tokenizer
     ids = prompt_ids(args, tok)
@@ -351,9 +380,13 @@ def cmd_generate(args) -> int:
 
 def cmd_convert(args) -> int:
     from pyeffort.models.convert import convert
+    from pyeffort.models.tensor_parallel import convert_tp
 
-    dst = convert(args.src, args.dst, progress=args.progress, overwrite=args.overwrite,
-                  values=args.values)  # fmt: skip
+    kw = {"progress": args.progress, "overwrite": args.overwrite, "values": args.values}
+    if args.tp > 1:
+        dst = convert_tp(args.src, args.dst, args.tp, **kw)
+    else:
+        dst = convert(args.src, args.dst, **kw)
     print(f"wrote {dst} ({_size(dst) / 2**20:.1f} MiB, {args.values} values)")
     return 0
 
@@ -424,6 +457,9 @@ def cmd_bench(args) -> int:
         import torch
 
         where = head["device"] = f"{torch.cuda.get_device_name(model.device)}, CUDA graphs"
+    if getattr(model, "comm", None) is not None:  # --tp
+        head["tp"] = model.comm.size
+        where += f", {model.comm.size} tensor-parallel ranks over {model.comm.backend}"
     if not args.json:
         print(f"{where}, {args.tokens} tokens per effort, median of {args.rounds} rounds "
               "(efforts in a rotated order each round)")  # fmt: skip

@@ -119,18 +119,30 @@ def convert(
 ) -> Path:  # fmt: skip
     """Convert a GGUF file or Hugging Face folder into a pyeffort model folder at ``dst``
     (``out_weights``: see ``out_weights_for``; by default the weights shipped for the model;
-    ``values``: the matrices' value kind, ``"f16"`` or ``"q8"``, as in ``build_buckets``)."""
+    ``values``: the matrices' value kind, ``"f16"`` or ``"q8"``, as in ``build_buckets``).
+    Tensor-parallel shards: pyeffort.models.tensor_parallel.convert_tp."""
     values = bk.check_values(values)
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists (use overwrite)")
     src = open_source(src_path)
+    weights = out_weights_for(src_path, src.args, out_weights)
+    return write_model(src, Path(src_path).name, dst, weights, values, progress)
+
+
+def write_model(
+    src, source: str, dst: Path, weights: dict, values: str, progress: bool, tp: dict | None = None
+) -> Path:
+    """Writes the converted folder of ``src`` (a source, see pyeffort.models.loaders) at ``dst``
+    atomically, replacing one there; ``tp``: a tensor-parallel shard's ``{"rank", "size", ...}``,
+    kept in the manifest and as ``tp_rank`` / ``tp_size`` in every file's metadata."""
     args = src.args
     meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(args.__dict__)}
-    weights = out_weights_for(src_path, args, out_weights)
+    if tp is not None:
+        meta.update(tp_rank=str(tp["rank"]), tp_size=str(tp["size"]))
     plan = _plan(src, weights, values)  # [(file name, specs, metadata, built buckets to free)]
     total = sum(s.nbytes for _, specs, _, _ in plan for s in specs)
-    bar = _bar(total, f"converting {Path(src_path).name}", progress)
+    bar = _bar(total, f"converting {source}", progress)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fileformat.remove_stale_temporaries(dst.parent)
     tmp = fileformat.temp_path(dst)
@@ -143,8 +155,10 @@ def convert(
             built.clear()  # this layer's Buckets are on disk: free them
         src.tokenizer.save(tmp)
         manifest = {"format": FORMAT, "version": VERSION, "kind": "model", "config": args.__dict__,
-                    "files": [p[0] for p in plan], "source": Path(src_path).name,
+                    "files": [p[0] for p in plan], "source": source,
                     "values": values}  # fmt: skip
+        if tp is not None:
+            manifest["tp"] = tp
         manifest["checksums"] = {p.name: _file_crc(p) for p in sorted(tmp.iterdir())
                                  if p.suffix != ".safetensors"}  # fmt: skip
         manifest["crc32"] = _manifest_crc(manifest)
