@@ -29,7 +29,7 @@ from pyeffort.models.args import ConfigError, config
 from pyeffort.models.convert import convert, load_converted, read_manifest
 from pyeffort.models.generate import generate
 
-TIMEOUT_S = 20  # the gloo timeout of every run here
+TIMEOUT_S = 120  # the gloo timeout of every run here: a cold start on a loaded 2-core CI machine
 PROMPT = [1, 5, 9, 14, 3, 22, 7, 40, 11, 2, 60, 8]
 
 # One rank: prefill and decode logits at 1.0, greedy tokens, then 10 tokens at 0.5 with the
@@ -186,7 +186,7 @@ def test_killed_rank_ends_the_others(tiny, tmp_path):
     assert code1 == -signal.SIGKILL
     assert code0 != 0
     assert "ParallelError: tensor-parallel rank 0 of 2" in err0 and "another rank stopped" in err0
-    assert time.monotonic() - t0 < TIMEOUT_S + 25
+    assert time.monotonic() - t0 < 90  # the closed connection ends it, well before the timeout
 
 
 # ------------------------------------------------------------------------ the command line
