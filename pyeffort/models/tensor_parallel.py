@@ -15,6 +15,7 @@ are partial sums, all-reduced (2 per layer). Embedding, norms and LM head are re
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -174,6 +175,20 @@ class Comm:
         except (RuntimeError, ValueError) as exc:
             raise self._error("could not form the group", exc) from None
         self.backend = backend
+        self.failed = False  # a collective failed: a peer is gone
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """At exit: the group shut down after a clean run (its threads joined: left to the
+        interpreter's teardown they can abort it); after a failed collective the process
+        ends at once instead, its error already printed (a shutdown could wait on the dead
+        peer)."""
+        if self.failed:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()
 
     def all_reduce(self, y: np.ndarray) -> np.ndarray:
         """y (any shape, float32 or float64, C-contiguous) summed over the ranks, in place."""
@@ -211,6 +226,7 @@ class Comm:
         return box[0]
 
     def _error(self, what: str, exc: BaseException) -> ParallelError:
+        self.failed = True
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         return ParallelError(f"tensor-parallel rank {self.rank} of {self.size}: {what}: another "
                              f"rank stopped or did not answer within {self.timeout_s:g} s "
