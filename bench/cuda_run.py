@@ -47,16 +47,10 @@ def graph_time_us(call, n_calls: int, rounds: int = 15) -> float:
     """Median µs per call of a CUDA graph of call(0) .. call(n_calls - 1), warmed up outside."""
     import torch
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(n_calls):
-            call(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(n_calls):
-            call(i)
+    sys.path.insert(0, str(ROOT))
+    from bench.test_cuda_speed import graph_of  # the suite's capture, warm-up included
+
+    g = graph_of(call, n_calls)
     times = []
     for r in range(rounds + 2):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
