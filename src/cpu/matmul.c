@@ -110,15 +110,20 @@ static int kernel_job_for(kernel_job *j, const pe_packed *p, const pe_buckets *b
     return nt;
 }
 
-/* Columns t of n: y += the parts past the first, in part order. */
+/* Columns t of n of y (n_out): y += parts 1..parts-1 (extra + (q - 1) n_out), in part order;
+ * the one reduction of the effort and the dense jobs. */
+static void add_partials(float *y, const float *extra, int64_t n_out, int parts, int t, int n) {
+    int64_t o0, o1;
+    split(n_out, 64, t, n, &o0, &o1);
+    for (int q = 1; q < parts; q++) {
+        const float *e = extra + (q - 1) * n_out;
+        for (int64_t o = o0; o < o1; o++) y[o] += e[o];
+    }
+}
+
 static void kernel_reduce(void *ctx, int t, int n) {
     kernel_job *j = ctx;
-    int64_t o0, o1, n_out = j->p->n_out;
-    split(n_out, 64, t, n, &o0, &o1);
-    for (int q = 1; q < j->parts; q++) {
-        const float *e = j->extra + (q - 1) * n_out;
-        for (int64_t o = o0; o < o1; o++) j->y[o] += e[o];
-    }
+    add_partials(j->y, j->extra, j->p->n_out, j->parts, t, n);
 }
 
 /* Adds the parts (on the pool when there are several and outputs enough to share). */
@@ -371,15 +376,10 @@ static void dense_run(void *ctx, int c, int n) {
         j->set->dense(j->x, j->w, j->n_out, j->rows, r0, r1, j0, j1, y);
 }
 
-/* Columns t of n: y += parts 1.. in part order. */
+/* Columns t of n of the dense job: its parts added. */
 static void dense_reduce(void *ctx, int t, int n) {
     dense_job *j = ctx;
-    int64_t j0, j1;
-    split(j->n_out, 64, t, n, &j0, &j1);
-    for (int p = 1; p < j->parts; p++) {
-        const float *e = j->extra + (p - 1) * j->n_out;
-        for (int64_t o = j0; o < j1; o++) j->y[o] += e[o];
-    }
+    add_partials(j->y, j->extra, j->n_out, j->parts, t, n);
 }
 
 /* The job for used rows of W (bpw bytes per weight) on at most nt threads: its parts, ranges,
