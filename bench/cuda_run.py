@@ -35,7 +35,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (4096, 14336)  # (n_in, n_out)
 EFFORTS = (1.0, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.01)  # buckets; eval's efforts among them
 KEEPS = (1.0, 0.75, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15)  # channel skipping
-GROUPS = {"qkv": (4096, (4096, 1024, 1024)), "gateup": (4096, (14336, 14336))}
+# (n_in, outs, ct): q/k/v share one column tile (their default tiles differ: 128 and 64), as
+# bench/test_cuda_decode.py builds them
+GROUPS = {"qkv": (4096, (4096, 1024, 1024), 64), "gateup": (4096, (14336, 14336), None)}
 ROTATE_BYTES = 480e6  # weight bytes cycled per graph: 8x a 60 MB L2
 MIN_CALLS = 24  # calls per graph
 
@@ -120,12 +122,12 @@ def time_groups(torch, cuda, kind: str, effort: float) -> dict:
     """Per group: µs per call at ``effort`` and the weight bytes it read."""
     out = {}
     gen = torch.Generator(device="cuda").manual_seed(1)
-    for name, (n_in, outs) in GROUPS.items():
+    for name, (n_in, outs, ct) in GROUPS.items():
         per_set = 2 * n_in * sum(outs)
         groups, xs = [], []
         for _ in range(n_sets(per_set)):
             ws = [(torch.randn((n_in, o), generator=gen, device="cuda") * 0.02).half() for o in outs]
-            mats = [cuda.build_buckets(w, values=kind) for w in ws]
+            mats = [cuda.build_buckets(w, values=kind, ct=ct) for w in ws]
             groups.append(cuda.CudaGroup(mats))
             xs.append(torch.randn(n_in, generator=gen, device="cuda").half())
         ys = [torch.empty(o, dtype=torch.float16, device="cuda") for o in outs]

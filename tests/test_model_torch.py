@@ -64,9 +64,9 @@ def tiny_args(**kw) -> ModelArgs:
     return ModelArgs(**(base | kw))
 
 
-def tiny_model(values="f16", **kw) -> Model:
+def tiny_model(values="f16", seed: int = 0, **kw) -> Model:
     args = tiny_args(**kw)
-    return Model(args, random_weights(args, values))
+    return Model(args, random_weights(args, values, seed))
 
 
 def assert_close(a: np.ndarray, b: np.ndarray, rel: float = REL_TOL) -> None:
@@ -78,6 +78,32 @@ def decode_steps(m, ids, effort) -> np.ndarray:
     out = [m.forward(ids[:5], 0, effort)]
     out += [m.forward([t], 5 + i, effort) for i, t in enumerate(ids[5:])]
     return np.concatenate(out)
+
+
+def assert_same_greedy(ours, peer, ids, effort, n: int, rel: float = REL_TOL) -> int:
+    """Greedy decoding of ``ours`` agrees with ``peer``'s wherever the choice is not a near-tie:
+    peer generates n tokens; both are then run token by token along that text, and at every step
+    where peer's two best logits differ by more than 2 * rel * max |logit| (more than the two
+    float pipelines may move them apart) ours must pick peer's token. Free-running equality is
+    too strict below effort 1.0: a near-tie flipped by float order changes every later token.
+    Returns the number of near-ties passed over (the caller bounds it)."""
+    seq = list(generate(peer, ids, max_tokens=n, effort=effort, stop=[]))
+
+    def steps(m) -> np.ndarray:  # as generate: the prompt at effort 1.0, then token by token
+        out = [m.forward(ids, 0, 1.0, last_only=True)[-1:]]
+        out += [m.forward([t], len(ids) + i, effort)[-1:] for i, t in enumerate(seq[:-1])]
+        return np.concatenate(out)
+
+    a, b = steps(ours), steps(peer)
+    ties = 0
+    for j, tok in enumerate(seq):
+        best = np.sort(b[j])[-2:]
+        assert int(b[j].argmax()) == tok  # peer's own greedy choice
+        if best[1] - best[0] <= 2 * rel * np.abs(b[j]).max():
+            ties += 1
+            continue
+        assert int(a[j].argmax()) == tok, (j, best, a[j].max())
+    return ties
 
 
 CASES = {
@@ -99,6 +125,15 @@ def test_twin_matches_numpy_model(case, effort):
     assert_close(twin.forward(PROMPT, 0, effort), m.forward(PROMPT, 0, effort))
     ours = list(generate(twin, PROMPT, max_tokens=12, effort=effort, stop=[]))
     assert ours == list(generate(m, PROMPT, max_tokens=12, effort=effort, stop=[]))
+    assert assert_same_greedy(twin, m, PROMPT, effort, 12) <= 2
+
+
+def test_same_greedy_fails_on_another_model():
+    """assert_same_greedy (the GPU tests' check below effort 1.0) can fail: another model's
+    choices differ where the peer's are clear."""
+    m, other = tiny_model(), tiny_model(seed=1)
+    with pytest.raises(AssertionError):
+        assert_same_greedy(TorchModel(other, "cpu"), m, PROMPT, 0.5, 12)
 
 
 def test_effort_changes_per_token_and_is_counted():

@@ -422,9 +422,11 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     uint32_t *hist = m.hist + parity * PE_NB1;
     const double eff = eff_ptr ? __ldcg(eff_ptr) : eff_val;
     const double budget = eff * (double)(m.n_in * m.n_out);
-    const int mode = !(eff > 0.0)                     ? PE_MODE_NONE
-                     : (double)m.total_w <= budget ? PE_MODE_ALL
-                                                   : PE_MODE_SEARCH;
+    /* n_out < 16: rows of ranks >= n_out hold no output (weight 0, key 0); the cutoff takes
+     * them only when it is 0, so such a matrix searches even at 1.0 (an H100 run counted them) */
+    const int mode = !(eff > 0.0) ? PE_MODE_NONE
+                     : (double)m.total_w <= budget && m.n_out >= 16 ? PE_MODE_ALL
+                                                                    : PE_MODE_SEARCH;
 
     if (selector) { /* ------------------------------------------------ selector block */
         uint32_t *other = m.hist + (parity ^ 1u) * PE_NB1; /* the last call's: next call's */
