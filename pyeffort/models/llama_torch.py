@@ -10,6 +10,10 @@ The only device-specific part is the matrix product (``Matmuls``):
   numpy model's own EffortLinear objects: its counters, budget split and hooks) — the twin that
   the tests compare with the numpy model on machines without a GPU.
 
+Tensor parallelism (tensor_parallel.py): each rank's TorchModel runs its shard (a narrower
+config), ``reduce`` summing each block's attention and feed-forward outputs (wo's and down's
+partial sums) over the ranks in place; on CUDA those collectives are captured in the graph.
+
 A Mixtral layer's mixture of experts (``MoE``) routes in torch (the numpy model's rule) and runs
 each routed expert's SwiGLU through the same matrix products: on the host the numpy model's
 EffortLinears (so its counters count the routed experts only); on CUDA without CUDA graphs, the
