@@ -1,6 +1,8 @@
 """Tensor-parallel decoding (pyeffort.models.tensor_parallel) on CPUs over gloo: 2 and 4 ranks
-of a tiny random Mistral (8 heads, 4 kv heads) as separate processes, against the same model in
-one process; sharded conversion; a killed rank; the command line under torchrun."""
+of a tiny random Mistral (8 heads, 4 kv heads) as separate processes, the numpy forward and the
+torch one (llama_torch on HostMatmuls), each against the same forward in one process; sharded
+conversion; a killed rank; the command line under torchrun. On a GPU (marked cuda): one rank
+over nccl, the torch forward in CUDA graphs, against the single-process CUDA model."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from test_cli import TEMPLATE
 from test_model_hf import REL_TOL, write_tiny_mistral
 
 pytest.importorskip("torch.distributed")
+import torch
 
 from pyeffort.cli import main
 from pyeffort.errors import FormatError
@@ -34,7 +37,7 @@ PROMPT = [1, 5, 9, 14, 3, 22, 7, 40, 11, 2, 60, 8]
 
 # One rank: prefill and decode logits at 1.0, greedy tokens, then 10 tokens at 0.5 with the
 # realised effort reported and this rank's own counters. "die": rank 1 SIGKILLs itself
-# after the prefill.
+# after the prefill. The forward: "numpy", or the torch one on "cpu" or "cuda".
 WORKER = r"""
 import os, signal, sys
 import numpy as np
@@ -43,9 +46,12 @@ from pyeffort.models import tensor_parallel as tp
 from pyeffort.models.generate import Stats, generate
 
 dst, n, out, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-ids = [int(t) for t in sys.argv[5].split(",")]
+ids, forward = [int(t) for t in sys.argv[5].split(",")], sys.argv[6]
 pyeffort.set_num_threads(1)
-m = tp.load(dst, n)
+if forward != "numpy":
+    import torch
+    torch.set_num_threads(1)
+m = tp.load(dst, n, device=None if forward == "numpy" else forward)
 pre = m.forward(ids, 0, 1.0)
 if mode == "die" and m.comm.rank == 1:
     os.kill(os.getpid(), signal.SIGKILL)
@@ -53,9 +59,10 @@ steps = np.array([m.forward([t], len(ids) + i, 1.0)[0] for i, t in enumerate(ids
 greedy = list(generate(m, ids, max_tokens=10, stop=[]))
 st = Stats()
 half = list(generate(m, ids, max_tokens=10, effort=0.5, stop=[], stats=st))
-lins = list(m.linears())
+mults, total = m.counts()
+captures = getattr(getattr(m.model, "graph", None), "captures", -1)
 np.savez(f"{out}.{m.comm.rank}.npz", pre=pre, steps=steps, greedy=greedy, realised=st.realised,
-         mults=sum(x.mults for x in lins), total=sum(x.total for x in lins))
+         mults=mults, total=total, backend=m.comm.backend, captures=captures)
 """
 
 
@@ -72,11 +79,14 @@ def rank_env(rank: int, n: int, port: int) -> dict:
             "PYEFFORT_TP_TIMEOUT": str(TIMEOUT_S), "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
 
 
-def launch(script, dst, n: int, out, mode: str = "run") -> list[subprocess.Popen]:
+def launch(
+    script, dst, n: int, out, mode="run", forward="numpy", env=None
+) -> list[subprocess.Popen]:
     port, ids = free_port(), ",".join(map(str, PROMPT))
-    return [subprocess.Popen([sys.executable, str(script), str(dst), str(n), str(out), mode, ids],
-                             env=rank_env(r, n, port), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for r in range(n)]  # fmt: skip
+    return [subprocess.Popen([sys.executable, str(script), str(dst), str(n), str(out), mode, ids,
+                              forward], env={**rank_env(r, n, port), **(env or {})},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for r in range(n)]  # fmt: skip
 
 
 def finish(procs, limit: float = 90) -> list[tuple[int, str]]:
@@ -154,15 +164,25 @@ def test_missing_shard_says_how_to_convert(tiny, monkeypatch):
 # ------------------------------------------------------------------------ ranks as processes
 
 
+def one_process(path, forward: str):
+    """The whole model in this process, with the forward the ranks ran."""
+    if forward == "numpy":
+        return load(path)
+    from pyeffort.models.llama_torch import TorchModel
+
+    return TorchModel(load(path), forward)
+
+
+@pytest.mark.parametrize("forward", ["numpy", "cpu"])
 @pytest.mark.parametrize("n", [2, 4])
-def test_ranks_decode_like_one_process(tiny, tmp_path, n):
-    """At 1.0 the logits of n ranks equal one process's within the model tests' tolerance and
-    the greedy tokens are the same; at 0.5 every rank reports the realised effort of all ranks
-    together, close to 0.5."""
-    runs = finish(launch(tiny / "worker.py", tiny / f"tp{n}", n, tmp_path / "out"))
+def test_ranks_decode_like_one_process(tiny, tmp_path, n, forward):
+    """At 1.0 the logits of n ranks equal one process's (the same forward: numpy, or torch on
+    the CPU) within the model tests' tolerance and the greedy tokens are the same; at 0.5 every
+    rank reports the realised effort of all ranks together, close to 0.5."""
+    runs = finish(launch(tiny / "worker.py", tiny / f"tp{n}", n, tmp_path / "out", "run", forward))
     assert [code for code, _ in runs] == [0] * n, runs[0][1][-2000:]
     ranks = [np.load(tmp_path / f"out.{r}.npz") for r in range(n)]
-    m = load(tiny / "one")
+    m = one_process(tiny / "one", forward)
     pre = m.forward(PROMPT, 0, 1.0)
     steps = np.array([m.forward([t], len(PROMPT) + i, 1.0)[0] for i, t in enumerate(PROMPT[:4])])
     greedy = list(generate(m, PROMPT, max_tokens=10, stop=[]))
@@ -176,12 +196,14 @@ def test_ranks_decode_like_one_process(tiny, tmp_path, n):
     assert summed == pytest.approx(0.5, abs=0.02)
 
 
-def test_killed_rank_ends_the_others(tiny, tmp_path):
+@pytest.mark.parametrize("forward", ["numpy", "cpu"])
+def test_killed_rank_ends_the_others(tiny, tmp_path, forward):
     """Rank 1 is SIGKILLed after the prefill: rank 0 stops with a clear error, non-zero, within
     the gloo timeout (no hang)."""
     t0 = time.monotonic()
     (code0, err0), (code1, _) = finish(
-        launch(tiny / "worker.py", tiny / "tp2", 2, tmp_path / "out", "die"), limit=TIMEOUT_S + 30
+        launch(tiny / "worker.py", tiny / "tp2", 2, tmp_path / "out", "die", forward),
+        limit=TIMEOUT_S + 30,
     )
     assert code1 == -signal.SIGKILL
     assert code0 != 0
@@ -202,7 +224,7 @@ def in_process(capsys, *argv) -> tuple[int, str, str]:
 def test_cli_under_torchrun(tiny, capsys):
     """torchrun --nproc-per-node 2 -m pyeffort generate --tp 2: rank 0 alone prints, the text
     of one process; convert --tp refuses a split that does not fit; --tp outside torchrun, or
-    shards without --tp, say how to launch; --tp refuses the CUDA forward."""
+    shards without --tp, say how to launch; --tp refuses Metal and the effort LM head."""
     base = ["generate", "the cat sat", "--raw", "--max-tokens", "8", "--json"]
     env = {**os.environ, "PYEFFORT_TP_TIMEOUT": str(TIMEOUT_S), "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
@@ -223,8 +245,11 @@ def test_cli_under_torchrun(tiny, capsys):
     code, _, err = in_process(capsys, *base, "--model", str(tiny / "tp2"))
     assert code == 2 and "holds tensor-parallel shards: run torchrun --nproc-per-node 2" in err
     code, _, err = in_process(capsys, *base, "--model", str(tiny / "tp2"), "--tp", "2",
-                              "--device", "cuda")  # fmt: skip
-    assert code == 2 and "--tp runs the CPU forward with a dense LM head: drop --device cuda" in err
+                              "--device", "metal")  # fmt: skip
+    assert code == 2 and "--tp runs on cpu or cuda with a dense LM head: drop --device metal" in err
+    code, _, err = in_process(capsys, *base, "--model", str(tiny / "tp2"), "--tp", "2",
+                              "--effort-head")  # fmt: skip
+    assert code == 2 and "drop --effort-head" in err
 
 
 def test_chat_rank_zero_reads_for_all(tiny, capsys, monkeypatch):
@@ -249,3 +274,31 @@ def test_chat_rank_zero_reads_for_all(tiny, capsys, monkeypatch):
     _, one, _ = in_process(capsys, *cmd, "--model", str(tiny / "one"))
     assert outs[0][0] == one and outs[1] == ("", "")
     assert "effort asked 0.500, realised 0.500" in outs[0][1]
+
+
+# ------------------------------------------------------------------------ on a GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_one_gpu_rank_over_nccl(tiny, tmp_path):
+    """One rank over nccl (world size 1, as torchrun --nproc-per-node 1): the torch forward on
+    the GPU, each decoded token one CUDA graph holding its all-reduces (one capture), gives the
+    single-process CUDA model's logits and greedy tokens; the realised effort at 0.5 is
+    reported."""
+    from test_model_cuda import REL_TOL as CUDA_TOL
+
+    tp.convert_tp(tiny / "hf", tmp_path / "tp1", 1, progress=False)
+    gpus = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+    runs = finish(launch(tiny / "worker.py", tmp_path / "tp1", 1, tmp_path / "out", "run",
+                         "cuda", gpus))  # fmt: skip
+    assert runs[0][0] == 0, runs[0][1][-2000:]
+    got = np.load(tmp_path / "out.0.npz")
+    assert str(got["backend"]) == "nccl" and int(got["captures"]) == 1
+    m = one_process(tiny / "one", "cuda")
+    pre = m.forward(PROMPT, 0, 1.0)
+    steps = np.array([m.forward([t], len(PROMPT) + i, 1.0)[0] for i, t in enumerate(PROMPT[:4])])
+    for ref, out in ((pre, got["pre"]), (steps, got["steps"])):
+        assert np.abs(out - ref).max() <= CUDA_TOL * np.abs(ref).max()
+    assert list(got["greedy"]) == list(generate(m, PROMPT, max_tokens=10, stop=[]))
+    assert float(got["realised"]) == pytest.approx(0.5, abs=0.02)

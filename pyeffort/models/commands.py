@@ -222,19 +222,20 @@ def load_model(args):
 
 
 def load_parallel(args):
-    """This rank's shard (``--tp N``): the CPU forward, its sums over gloo (nccl with CUDA);
-    rank 0 alone prints; all ranks sample alike (rank 0's seed) at the asked effort (no keys)."""
+    """This rank's shard (``--tp N``): on CUDA the torch forward on GPU ``LOCAL_RANK``, its sums
+    over nccl; on the CPU the numpy forward, over gloo. Rank 0 alone prints; all ranks sample
+    alike (rank 0's seed) at the asked effort (no keys)."""
     import numpy as np
 
     from pyeffort.models import tensor_parallel as tp
 
-    if args.device in ("cuda", "metal") or args.effort_head:
-        drop = "--effort-head" if args.effort_head else f"--device {args.device}"
-        raise ValueError(f"--tp runs the CPU forward with a dense LM head: drop {drop} (with "
-                         "--device auto the sums go over nccl when torch sees CUDA)")  # fmt: skip
+    if args.device == "metal" or args.effort_head:
+        drop = "--effort-head" if args.effort_head else "--device metal"
+        raise ValueError(f"--tp runs on cpu or cuda with a dense LM head: drop {drop}")
+    device = resolve_device(args.device)
     tp.quiet_unless_first(tp.world(args.tp), args)
     model = tp.load(args.model, args.tp, fraction=args.load_fraction, progress=args.progress,
-                    gpu=args.device == "auto")  # fmt: skip
+                    device="cuda" if device == "cuda" else None)  # fmt: skip
     if getattr(args, "temperature", 0.0) > 0 and args.seed is None:
         args.seed = model.comm.broadcast(int(np.random.SeedSequence().entropy % 2**52))
     return model

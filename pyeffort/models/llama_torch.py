@@ -10,6 +10,10 @@ The only device-specific part is the matrix product (``Matmuls``):
   numpy model's own EffortLinear objects: its counters, budget split and hooks) — the twin that
   the tests compare with the numpy model on machines without a GPU.
 
+Tensor parallelism (tensor_parallel.py): each rank's TorchModel runs its shard (a narrower
+config), ``reduce`` summing each block's attention and feed-forward outputs (wo's and down's
+partial sums) over the ranks in place; on CUDA those collectives are captured in the graph.
+
 A Mixtral layer's mixture of experts (``MoE``) routes in torch (the numpy model's rule) and runs
 each routed expert's SwiGLU through the same matrix products: on the host the numpy model's
 EffortLinears (so its counters count the routed experts only); on CUDA without CUDA graphs, the
@@ -95,6 +99,10 @@ class HostMatmuls:
     def reset_counters(self) -> None:
         self.model.reset_counters()
 
+    def counts(self) -> tuple[int, int]:
+        """(multiplications done, those of a dense pass) since reset: the EffortLinears'."""
+        return (sum(lin.mults for lin in self.lins), sum(lin.total for lin in self.lins))
+
     def realised_effort(self) -> float:
         return self.model.realised_effort()
 
@@ -179,12 +187,14 @@ class CudaMatmuls:
             t.zero_()
         self.tokens = self.expert_mults = 0
 
+    def counts(self) -> tuple[int, int]:
+        """(multiplications done, those of a dense pass) since reset: one device read of every
+        matrix's sum (outside any capture)."""
+        return int(torch.cat(self.info()).sum()), self.tokens * self.dense + self.expert_mults
+
     def realised_effort(self) -> float:
-        """One device read of every matrix's sum (outside any capture)."""
-        if not self.tokens:
-            return float("nan")
-        total = self.tokens * self.dense + self.expert_mults
-        return int(torch.cat(self.info()).sum()) / total
+        done, total = self.counts()
+        return done / total if total else float("nan")
 
 
 # ---------------------------------------------------------------- the blocks
@@ -289,9 +299,18 @@ class MoE(nn.Module):
         return out.to(x.dtype)
 
 
+def _whole(y: torch.Tensor) -> torch.Tensor:
+    return y  # one process: a block's output is already the whole sum
+
+
 class TransformerBlock(nn.Module):
-    def __init__(self, args, layer: int, model: Model, mm, biases, capacity, dtype, device):
+    """``reduce(y) -> y``: the attention's and the feed-forward's outputs (wo's, down's)
+    summed over the tensor-parallel ranks, in place (tensor_parallel.Comm.reduce)."""
+
+    def __init__(self, args, layer: int, model: Model, mm, biases, capacity, dtype, device,
+                 reduce=_whole):  # fmt: skip
         super().__init__()
+        self.reduce = reduce
         blk = model.layers[layer]
         self.attn_norm = RMSNorm(blk.attn_norm.weight, args.norm_eps)
         self.ffn_norm = RMSNorm(blk.ffn_norm.weight, args.norm_eps)
@@ -303,15 +322,17 @@ class TransformerBlock(nn.Module):
             self.ffn = FeedForward(i0, mm)
 
     def forward(self, h, pos, cos, sin, mask) -> torch.Tensor:
-        h = h + self.attn(self.attn_norm(h), pos, cos, sin, mask)
-        return h + self.ffn(self.ffn_norm(h))
+        h = h + self.reduce(self.attn(self.attn_norm(h), pos, cos, sin, mask))
+        return h + self.reduce(self.ffn(self.ffn_norm(h)))
 
 
 class Transformer(nn.Module):
     """``forward(tokens (T,), pos (T,), last_only) -> logits (T or 1, vocab)`` float32, tensors
-    on the model's device: no host value is read, so a step can be captured in a CUDA graph."""
+    on the model's device: no host value is read, so a step can be captured in a CUDA graph.
+    ``reduce``: a tensor-parallel rank's sum over the ranks (TransformerBlock)."""
 
-    def __init__(self, model: Model, mm, *, biases=None, capacity=CAPACITY, dtype, device):
+    def __init__(self, model: Model, mm, *, biases=None, capacity=CAPACITY, dtype, device,
+                 reduce=_whole):  # fmt: skip
         super().__init__()
         args = self.args = model.args
         self.mm, self.dtype, self.device = mm, dtype, torch.device(device)
@@ -320,7 +341,7 @@ class Transformer(nn.Module):
         biases = biases_of(model) if biases is None else biases
         self.register_buffer("embed", torch.tensor(np.asarray(model.embed), device=device))
         self.layers = nn.ModuleList(
-            TransformerBlock(args, i, model, mm, biases, capacity, dtype, device)
+            TransformerBlock(args, i, model, mm, biases, capacity, dtype, device, reduce)
             for i in range(args.n_layers)
         )
         self.norm = RMSNorm(model.norm.weight, args.norm_eps)
@@ -377,10 +398,12 @@ class TorchModel:
 
     ``dtype``: activations and KV cache (float32 by default: the numpy model's precision);
     ``biases``: q/k/v biases by name (default: those the numpy model holds, ``biases_of``);
-    ``matmuls``: the matrix products (default: CudaMatmuls or HostMatmuls, by device)."""
+    ``matmuls``: the matrix products (default: CudaMatmuls or HostMatmuls, by device);
+    ``reduce``: a tensor-parallel rank's sum of wo's and down's outputs over the ranks
+    (tensor_parallel.Comm.reduce; default: one process)."""
 
     def __init__(self, model: Model, device="cuda", *, dtype=torch.float32, graphs=True,
-                 biases=None, capacity=CAPACITY, matmuls=None):  # fmt: skip
+                 biases=None, capacity=CAPACITY, matmuls=None, reduce=_whole):  # fmt: skip
         if str(device).split(":")[0] not in ("cpu", "cuda"):
             raise BackendError(f"the torch model runs on cpu or cuda, not {device}")
         self.device = torch.device(device)
@@ -395,7 +418,7 @@ class TorchModel:
         self.mm = matmuls
         capacity = min(capacity, self.args.max_seq_len)
         self.net = Transformer(model, self.mm, biases=biases, capacity=capacity, dtype=dtype,
-                               device=self.device)  # fmt: skip
+                               device=self.device, reduce=reduce)  # fmt: skip
         self.graph = None
         if on_gpu and graphs and not self.args.n_experts:
             from pyeffort.models.cuda_graph import GraphDecoder

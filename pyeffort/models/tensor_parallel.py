@@ -9,8 +9,13 @@ included. A rank runs its shard's layers locally (norms, RoPE, attention over it
 cache), selecting inside its own matrices at the model's effort; the outputs of wo and down
 are partial sums, all-reduced (2 per layer). Embedding, norms and LM head are replicated.
 
+The forward is the numpy Model's on the CPU (its wo and down ``ReducedLinear``s, sums over gloo)
+or the torch one (llama_torch.TorchModel, ``reduce=Comm.reduce``: each block's attention and
+feed-forward outputs summed in place in the activations' dtype): on the rank's GPU over nccl,
+each decoded token one CUDA graph holding its collectives, or on the CPU over gloo.
+
     pyeffort convert SRC DST --tp 2
-    torchrun --nproc-per-node 2 -m pyeffort generate "Hello" --model DST --tp 2
+    torchrun --nproc-per-node 2 -m pyeffort generate "Hello" --model DST --tp 2 [--device cuda]
 """
 
 from __future__ import annotations
@@ -155,19 +160,18 @@ def timeout_from_env() -> float:
 
 
 class Comm:
-    """The tensor-parallel group of this process: sums numpy arrays over the ranks."""
+    """The tensor-parallel group of this process: sums torch tensors (``reduce``) or numpy
+    arrays (``all_reduce``) over the ranks. ``cuda``: over nccl, on this rank's GPU
+    (``LOCAL_RANK``, made torch's current device); else over gloo, on the CPU."""
 
-    def __init__(self, n: int, timeout_s: float | None = None, gpu: bool = True):
+    def __init__(self, n: int, timeout_s: float | None = None, cuda: bool = False):
         import torch
         import torch.distributed as dist
 
         self.dist, self.torch = dist, torch
         self.rank, self.size = int(os.environ["RANK"]), n
         self.timeout_s = timeout_s or timeout_from_env()
-        self.device = None  # nccl reduces GPU tensors: with ``gpu``, when torch sees CUDA
-        if gpu and torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
-            torch.cuda.set_device(self.device)
+        self.device = rank_gpu(self.rank) if cuda else None  # nccl reduces GPU tensors
         backend = "gloo" if self.device is None else "nccl"
         try:
             dist.init_process_group(backend, rank=self.rank, world_size=n,
@@ -190,18 +194,22 @@ class Comm:
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
 
+    def reduce(self, t):
+        """t (a contiguous torch tensor on the group's device: the rank's GPU with nccl, the
+        CPU with gloo) summed over the ranks, in place, in its own dtype; returns t."""
+        try:
+            self.dist.all_reduce(t)
+        except RuntimeError as exc:
+            raise self._error("a collective failed", exc) from None
+        return t
+
     def all_reduce(self, y: np.ndarray) -> np.ndarray:
         """y (any shape, float32 or float64, C-contiguous) summed over the ranks, in place."""
         t = self.torch.from_numpy(y)
-        try:
-            if self.device is None:
-                self.dist.all_reduce(t)
-            else:
-                g = t.to(self.device)
-                self.dist.all_reduce(g)
-                t.copy_(g.cpu())
-        except RuntimeError as exc:
-            raise self._error("a collective failed", exc) from None
+        if self.device is None:
+            self.reduce(t)
+        else:
+            t.copy_(self.reduce(t.to(self.device)).cpu())
         return y
 
     def broadcast(self, value: int) -> int:
@@ -245,15 +253,17 @@ class ReducedLinear(EffortLinear):
 
 
 class ParallelModel:
-    """A rank's shard Model (pyeffort.models.llama) as the whole model: the same forward,
-    generate() and linears(); ``realised_effort()`` is summed over the ranks (a collective:
-    every rank calls it, as generate() does once per token)."""
+    """A rank's shard as the whole model: the same forward, generate() and linears();
+    ``realised_effort()`` is summed over the ranks (a collective: every rank calls it, as
+    generate() does once per token). ``model``: the shard's numpy Model (pyeffort.models.llama:
+    its wo and down become ReducedLinears) or a TorchModel built with ``reduce=comm.reduce``."""
 
     def __init__(self, model, comm: Comm):
         self.model, self.comm = model, comm
-        for b in model.layers:
-            for lin in (b.attn.wo, b.ffn.w2):
-                lin.__class__, lin.comm = ReducedLinear, comm
+        if not hasattr(model, "net"):  # the numpy forward
+            for b in model.layers:
+                for lin in (b.attn.wo, b.ffn.w2):
+                    lin.__class__, lin.comm = ReducedLinear, comm
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -263,10 +273,15 @@ class ParallelModel:
 
     __call__ = forward
 
-    def realised_effort(self) -> float:
+    def counts(self) -> tuple[int, int]:
+        """This rank's (multiplications done, those of a dense pass) since reset."""
+        if hasattr(self.model, "net"):  # a TorchModel: counted where its matrices are
+            return self.model.mm.counts()
         lins = list(self.model.linears())
-        done = np.array([sum(lin.mults for lin in lins), sum(lin.total for lin in lins)], float)
-        done = self.comm.all_reduce(done)
+        return sum(lin.mults for lin in lins), sum(lin.total for lin in lins)
+
+    def realised_effort(self) -> float:
+        done = self.comm.all_reduce(np.array(self.counts(), np.float64))
         return done[0] / done[1] if done[1] else float("nan")
 
 
@@ -297,17 +312,48 @@ def world(n: int) -> int:
     return int(os.environ["RANK"])
 
 
+def rank_gpu(rank: int):
+    """This rank's GPU, ``cuda:LOCAL_RANK``, made torch's current device; BackendError when
+    torch sees no such GPU."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if local >= seen:
+        raise BackendError(f"tensor-parallel rank {rank} (LOCAL_RANK {local}) has no GPU: torch "
+                           f"sees {seen} (one GPU per rank: --nproc-per-node <= GPUs)")  # fmt: skip
+    dev = torch.device("cuda", local)
+    torch.cuda.set_device(dev)
+    return dev
+
+
 def load(
-    path, n: int, *, fraction: float = 1.0, progress: bool = False, gpu: bool = True
+    path,
+    n: int,
+    *,
+    fraction: float = 1.0,
+    progress: bool = False,
+    device: str | None = None,
+    **torch_kw,
 ) -> ParallelModel:
-    """This rank's shard of the converted folder ``path`` (``convert --tp n``), in its group
-    (over nccl when ``gpu`` and torch sees CUDA, else gloo)."""
+    """This rank's shard of the converted folder ``path`` (``convert --tp n``), in its group.
+    ``device``: None, the numpy forward on the CPU over gloo; "cpu", the torch forward
+    (llama_torch.TorchModel on HostMatmuls) over gloo; "cuda", the torch forward on the rank's
+    GPU (CudaMatmuls, a decoded token one CUDA graph) over nccl. ``torch_kw``: TorchModel's
+    (dtype, graphs, capacity)."""
     from pyeffort import models
 
+    if device not in (None, "cpu", "cuda"):
+        raise BackendError(f"--tp runs on cpu or cuda, not {device}")
     rank = world(n)
     folder = rank_folder(path, n, rank)  # before joining: a missing shard fails at once
     model = models.load(folder, fraction=fraction, progress=progress and rank == 0)
-    return ParallelModel(model, Comm(n, gpu=gpu))
+    comm = Comm(n, cuda=device == "cuda")
+    if device is not None:
+        from pyeffort.models.llama_torch import TorchModel
+
+        model = TorchModel(model, comm.device or "cpu", reduce=comm.reduce, **torch_kw)
+    return ParallelModel(model, comm)
 
 
 def refuse_shards(path) -> None:
