@@ -251,35 +251,65 @@ def run_checks(timeout: int) -> dict:
         return {"returncode": None, "tail": f"timed out after {timeout} s"}
 
 
-def measure(args) -> dict:
+def measure(args, save) -> dict:
+    """Every stage in turn; ``save(res)`` after each, so that a stage that fails (its error in
+    ``res["errors"]``) or a run stopped at its time limit keeps what was measured before it."""
     import torch
 
-    import pyeffort
     from pyeffort import cuda
 
+    res = {"card": torch.cuda.get_device_name(), "commit": _git("rev-parse", "HEAD"), "errors": {}}
     t0 = time.time()
     cuda._lib()
-    build_s = time.time() - t0
-    print(f"library built/loaded in {build_s:.0f} s", flush=True)
-    checks = {"skipped": True} if args.no_checks else run_checks(args.check_timeout)
-    print("checks:", checks.get("tail", "skipped")[-400:], flush=True)
+    res["build_s"] = time.time() - t0
+    print(f"library built/loaded in {res['build_s']:.0f} s", flush=True)
+    res["checks"] = {"skipped": True} if args.no_checks else run_checks(args.check_timeout)
+    print("checks:", res["checks"].get("tail", "skipped")[-400:], flush=True)
+    save(res)
+    us, nbytes, groups = _stage(res, "single", save, lambda: single(torch, cuda)) or ({}, {}, {})
+    if us:  # the raw times at once: a later stage may not end
+        res["times_us"], res["bytes"] = us, nbytes
+    for kind in ("f16", "q8"):
+        groups[kind] = _stage(res, f"groups_{kind}", save,
+                              lambda k=kind: time_groups(torch, cuda, k, 0.01))  # fmt: skip
+    pdl = cuda._PDL
+    cuda.set_pdl(not pdl)  # the other launch mode, for the fixed cost (set_pdl's default: on)
+    try:
+        alt = _stage(res, "groups_other_pdl", save, lambda: time_groups(torch, cuda, "f16", 0.01))
+    finally:
+        cuda.set_pdl(pdl)
+    decode, note = ({}, "--no-decode") if args.no_decode else decode_speedups()
+    if us:
+        res |= summary(res["card"], us, nbytes, {k: g for k, g in groups.items() if g}, decode,
+                       note)  # fmt: skip
+    res["groups_e0.01_pdl_" + ("off" if pdl else "on")] = {"f16": alt}
+    save(res)
+    return res
+
+
+def single(torch, cuda):
+    import pyeffort
+
     sets = single_sets(torch, cuda, pyeffort)
     us, nbytes = time_single(torch, cuda, pyeffort, sets)
     del sets
     torch.cuda.empty_cache()
-    groups = {kind: time_groups(torch, cuda, kind, 0.01) for kind in ("f16", "q8")}
-    pdl = cuda._PDL
-    cuda.set_pdl(not pdl)  # the other launch mode, for the fixed cost (set_pdl's default: on)
+    return us, nbytes, {}
+
+
+def _stage(res: dict, name: str, save, fn):
+    """fn() -> its result, or None with the error kept in res["errors"][name]; then save(res)."""
+    print(f"== {name}", flush=True)
     try:
-        alt = {k: time_groups(torch, cuda, k, 0.01) for k in ("f16",)}
+        out = fn()
+        res.setdefault("stages", {})[name] = out if name != "single" else "done"
+        return out
+    except Exception as e:  # noqa: BLE001 (one failing stage must not cost the others)
+        res["errors"][name] = f"{type(e).__name__}: {e}"
+        print(f"{name} failed: {res['errors'][name]}", flush=True)
+        return None
     finally:
-        cuda.set_pdl(pdl)
-    decode, note = ({}, "--no-decode") if args.no_decode else decode_speedups()
-    res = summary(torch.cuda.get_device_name(), us, nbytes, groups, decode, note)
-    res["groups_e0.01_pdl_" + ("off" if pdl else "on")] = alt
-    res["checks"], res["build_s"] = checks, build_s
-    res["commit"] = _git("rev-parse", "HEAD")
-    return res
+        save(res)
 
 
 def _git(*a) -> str | None:
@@ -287,6 +317,13 @@ def _git(*a) -> str | None:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         return None
+
+
+def write_json(res: dict, out) -> None:
+    """res -> out, atomically (a run stopped at its limit leaves the last whole file)."""
+    tmp = pathlib.Path(out).with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(res, indent=1, default=str))
+    os.replace(tmp, out)
 
 
 def print_report(res: dict) -> None:
@@ -320,11 +357,9 @@ def main(argv=None) -> int:
         quality = json.loads(pathlib.Path(args.quality).read_text())["results"]
         print(equal_time(res["curves"], quality))
         return 0
-    res = measure(args)
-    tmp = pathlib.Path(args.out).with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, args.out)
-    print_report(res)
+    res = measure(args, lambda r: write_json(r, args.out))
+    if "times_us" in res:
+        print_report(res)
     print(f"\nwrote {args.out}; the KL for the equal-time table: pyeffort eval --rules "
           "pyeffort,pyeffort_q8,teal (its quality.md), then --table with --quality")
     return 0

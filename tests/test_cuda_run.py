@@ -59,3 +59,45 @@ def test_equal_time_table_joins_speed_and_kl():
     assert float(row[2]) == pytest.approx(0.1 * e_ours, rel=2e-2)
     assert float(row[3]) == pytest.approx(0.2 * e_teal, rel=2e-2)
     assert row[4].strip() == "teal"
+
+
+def test_a_failing_stage_keeps_the_others(monkeypatch, tmp_path):
+    """measure() on stand-ins of torch and pyeffort.cuda: a stage that raises is named in
+    "errors", the later stages still run, and the JSON on disk holds the earlier ones' numbers
+    after every stage (a run stopped at its time limit keeps them)."""
+    import json
+    import sys
+    import types
+
+    import pyeffort
+
+    torch = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(get_device_name=lambda: "Fake GPU", empty_cache=lambda: None)
+    )
+    cuda = types.SimpleNamespace(_lib=lambda: None, _PDL=True, set_pdl=lambda on: None)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "pyeffort.cuda", cuda)
+    monkeypatch.setattr(pyeffort, "cuda", cuda, raising=False)
+    us, nbytes = fake_run()
+    monkeypatch.setattr(cuda_run, "single", lambda t, c: (us, nbytes, {}))
+
+    def groups(t, c, kind, effort):
+        if kind == "q8":
+            raise RuntimeError("no q8 group here")
+        return {"qkv": {"us": 20.0, "bytes": 1e6, "n_mat": 3}}
+
+    monkeypatch.setattr(cuda_run, "time_groups", groups)
+    out, seen = tmp_path / "run.json", []
+
+    def save(res):
+        cuda_run.write_json(res, out)
+        seen.append(json.loads(out.read_text()))
+
+    args = types.SimpleNamespace(no_checks=True, no_decode=True, check_timeout=1)
+    res = cuda_run.measure(args, save)
+    assert res["errors"] == {"groups_q8": "RuntimeError: no q8 group here"}
+    assert "qkv_per_matrix" in res["f16"]["fixed_cost_detail_us"]
+    assert res["q8"]["speedup_e0.25"] == pytest.approx(us["cublas_f16"] / us["q8_e0.25"])
+    first_with_times = next(i for i, r in enumerate(seen) if "times_us" in r)
+    assert first_with_times < len(seen) - 1  # saved before the group stages ran
+    assert json.loads(out.read_text())["card"] == "Fake GPU"
