@@ -17,7 +17,7 @@ import pyeffort
 from pyeffort import dense, reference
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_shim"))
-import shim
+import cuda_sim as shim  # not "shim": tests/test_metal*.py import tests/metal_shim/shim.py
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None and "CXX" not in os.environ, reason="needs g++"

@@ -44,9 +44,9 @@ __device__ __forceinline__ void pe_signal(uint32_t *counter) {
     }
 }
 /* The PTX of the kernels, each in one small function: the CPU simulator (tests/cuda_shim,
- * PE_CUDA_SIM) gives them in C++ (pe_sim_ptx.h). */
+ * PE_CUDA_SIM) gives them in C++ (its include/pe_sim_ptx.h, not shipped with these sources). */
 #ifdef PE_CUDA_SIM
-#include "pe_sim_ptx.h"
+#include <pe_sim_ptx.h>
 #else
 __device__ __forceinline__ uint32_t pe_ld_acquire(const uint32_t *p) {
     uint32_t v;

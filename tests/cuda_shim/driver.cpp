@@ -1,6 +1,6 @@
 // The shim's driver: runs a script of src/cuda's C API calls (pe_cuda.h) on buffers that stand
 // for device memory (heap blocks of their exact size: built with AddressSanitizer, a byte past
-// one is a fault). tests/cuda_shim/shim.py writes the script and the inputs; one line each:
+// one is a fault). tests/cuda_shim/cuda_sim.py writes the script and the inputs; one line each:
 //   load NAME                    a buffer from DIR/NAME.bin
 //   buf NAME BYTES [FILL]        a buffer of BYTES bytes, each FILL (default 0)
 //   set NAME OFFSET BYTES FILL   bytes of a buffer, e.g. the info sums zeroed before a call
