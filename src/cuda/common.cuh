@@ -43,6 +43,11 @@ __device__ __forceinline__ void pe_signal(uint32_t *counter) {
         atomicAdd(counter, 1u);
     }
 }
+/* The PTX of the kernels, each in one small function: the CPU simulator (tests/cuda_shim,
+ * PE_CUDA_SIM) gives them in C++ (its include/pe_sim_ptx.h, not shipped with these sources). */
+#ifdef PE_CUDA_SIM
+#include <pe_sim_ptx.h>
+#else
 __device__ __forceinline__ uint32_t pe_ld_acquire(const uint32_t *p) {
     uint32_t v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -66,6 +71,30 @@ __device__ __forceinline__ void pe_st_relaxed64(unsigned long long *p, unsigned 
 __device__ __forceinline__ void pe_st_release64(unsigned long long *p, unsigned long long v) {
     asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
+/* Loads of streamed rows without an L1 allocation (rows.cuh's pe_ld_row*). */
+__device__ __forceinline__ uint2 pe_ld_na_v2(const uint8_t *a) {
+    uint2 v;
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(a));
+    return v;
+}
+__device__ __forceinline__ uint32_t pe_ld_na_u32(const uint8_t *a) {
+    uint32_t v;
+    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(a));
+    return v;
+}
+__device__ __forceinline__ uint32_t pe_ld_na_u16(const uint8_t *a) {
+    unsigned short v;
+    asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(a));
+    return v;
+}
+/* Pointers made opaque to the compiler (rows.cuh's pe_row_bases). */
+__device__ __forceinline__ void pe_opaque(const uint8_t *&a, const uint8_t *&b) {
+    asm("" : "+l"(a), "+l"(b));
+}
+__device__ __forceinline__ void pe_opaque(const uint8_t *&a, const uint8_t *&b, const uint8_t *&c) {
+    asm("" : "+l"(a), "+l"(b), "+l"(c));
+}
+#endif
 __device__ __forceinline__ unsigned long long pe_tagged(uint32_t tag, uint32_t v) {
     return ((unsigned long long)tag << 32) | v;
 }

@@ -168,29 +168,17 @@ __device__ __forceinline__ uint32_t pe_compact(const bool (&take)[PE_KR], const 
  * records follow the same rule (CT >= 64: every chunk and scale block is whole sectors). */
 template <int CT>
 __device__ __forceinline__ uint2 pe_ld_row8(const uint8_t *a) {
-    if (CT >= 64) {
-        uint2 v;
-        asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(a));
-        return v;
-    }
+    if (CT >= 64) return pe_ld_na_v2(a);
     return __ldg((const uint2 *)a);
 }
 template <int CT>
 __device__ __forceinline__ uint32_t pe_ld_row4(const uint8_t *a) {
-    if (CT >= 64) {
-        uint32_t v;
-        asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(a));
-        return v;
-    }
+    if (CT >= 64) return pe_ld_na_u32(a);
     return __ldg((const unsigned int *)a);
 }
 template <int CT>
 __device__ __forceinline__ uint32_t pe_ld_row2(const uint8_t *a) {
-    if (CT >= 64) {
-        unsigned short v;
-        asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(a));
-        return v;
-    }
+    if (CT >= 64) return pe_ld_na_u16(a);
     return __ldg((const unsigned short *)a);
 }
 
@@ -227,11 +215,11 @@ template <int CT, bool Q8>
 __device__ __forceinline__ RowBases pe_row_bases(const uint8_t *tile_base, int t) {
     if (!Q8) {
         RowBases rb{tile_base + 8 * t, tile_base + 2 * CT + 2 * t, nullptr};
-        asm("" : "+l"(rb.b8), "+l"(rb.b2));
+        pe_opaque(rb.b8, rb.b2);
         return rb;
     }
     RowBases rb{tile_base + CT / 2 + 4 * t, tile_base + CT / 2 + CT + 2 * t, tile_base + 2 * t};
-    asm("" : "+l"(rb.b8), "+l"(rb.b2), "+l"(rb.bs));
+    pe_opaque(rb.b8, rb.b2, rb.bs);
     return rb;
 }
 /* The chunk c of a row (list[].x) -> v (values) and p (nibbles; Q8: | the scale's bits << 16). */

@@ -1,0 +1,293 @@
+"""src/cuda's kernels without a GPU: compiled as C++17 against the CUDA shim (tests/cuda_shim)
+and run by its grid simulator (every block of a grid at once, every CUDA thread a fiber meeting
+at real barriers) under AddressSanitizer, through the library's own C API (pe_cuda.h) with the
+device buffers prepared as pyeffort/cuda.py does. Against reference.py: the realised
+multiplications, bytes read and cutoff exactly, the outputs up to float32 summation order, the
+same bits from two calls; a kernel that reads or writes out of bounds, misses a barrier or
+deadlocks fails. Timing and the GPU's weaker memory model are not simulated (DEVELOPERS.md)."""
+
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+import pyeffort
+from pyeffort import dense, reference
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_shim"))
+import cuda_sim as shim  # not "shim": tests/test_metal*.py import tests/metal_shim/shim.py
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and "CXX" not in os.environ, reason="needs g++"
+)
+INVALID = 0xFFFFFFFF  # the cut of a call at effort 0 (no row)
+
+
+@pytest.fixture(scope="module")
+def exe(tmp_path_factory):
+    return shim.build(tmp_path_factory.mktemp("cuda_shim"))
+
+
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch", reason="cuda.repack builds the device layout with torch")
+
+
+def check_call(B, call: shim.Call, res: shim.Result, i: int = 0) -> None:
+    """One call's result for matrix i of its group against the reference (cuda._run's info
+    from the state; the cut and last mults of the call's last token)."""
+    x32 = np.atleast_2d(call.x).astype(np.float32)
+    if call.xd == "bf16":
+        x32 = (np.atleast_2d(call.x).astype(np.uint32) << 16).view(np.float32)
+    ref = np.empty((x32.shape[0], B.n_out), dtype=np.float32)
+    args = (B.values, B.positions, B.stats, B.order, B.n_out, call.effort, ref, B.scales)
+    mults, nbytes = reference.bucketmul(x32, *args)
+    st = res.state[i]
+    info_mults, rows, records = (int(v) for v in st[5:8])
+    assert info_mults == mults, (call.effort, info_mults, mults)
+    extra = 2 * reference.n_chunks(B.n_groups) * records if B.scales is not None else 0
+    assert rows * reference.row_bytes(B.n_groups, B.scales is not None) + extra == nbytes
+    c, disp = reference.cutoff(x32[-1], B.stats, B.order, B.n_rows, B.n_out, call.effort)
+    m = np.repeat(reference.row_mults(B.n_out), B.n_in)[: B.n_rows]
+    want = int(np.float32(c).view(np.uint32))  # the cut, as a search finds it
+    if call.effort <= 0:
+        want = INVALID
+    elif call.effort * B.n_in * B.n_out >= m.sum():  # every loaded row: no search
+        want = 0
+    assert int(st[3]) & 0xFFFFFFFF == want, (call.effort, int(st[3]) & 0xFFFFFFFF, want)
+    assert int(st[4]) == int(m[disp].sum())  # the last token's realised multiplications
+    y = res.y[i]
+    assert np.isfinite(y).all(), "an output was not written"
+    sc = np.abs(x32).astype(np.float64) @ np.abs(B.to_dense().astype(np.float64))
+    err = np.abs(y.astype(np.float64) - ref)
+    rel = {"f32": 0.0, "f16": 1e-3, "bf16": 8e-3}[call.y]  # 16-bit outputs: rounded once more
+    assert (err <= 2e-5 * sc + rel * np.abs(ref) + 1e-7 * sc.max() + 1e-30).all(), err.max()
+
+
+def same_call(a: shim.Call, b: shim.Call) -> bool:
+    """The same x (one array), effort and dtypes."""
+    return a.x is b.x and (a.effort, a.xd, a.y) == (b.effort, b.xd, b.y)
+
+
+def run_and_check(exe, Bs, phases, ct=None):
+    """shim.effort_calls, every call checked, and calls at one effort in a row with the same x
+    giving the same bits."""
+    results = shim.effort_calls(exe, Bs, phases, ct=ct)
+    for (idx, _, calls), res in zip(phases, results):
+        for k, (call, r) in enumerate(zip(calls, res)):
+            for i, b in enumerate(idx):
+                check_call(Bs[b], call, r, i)
+                if k and same_call(calls[k - 1], call):
+                    assert res[k - 1].y[i].tobytes() == r.y[i].tobytes(), (call.effort, i)
+    return results
+
+
+def random_buckets(rng, shape, values="f16"):
+    W = (rng.standard_normal(shape) * rng.uniform(0.1, 3, shape[1])).astype(np.float16)
+    return pyeffort.build_buckets(W, values=values)
+
+
+def random_x(rng, n_tok, n_in, dtype=np.float32):
+    return (rng.standard_normal((n_tok, n_in)) * rng.uniform(0, 4, n_in)).astype(dtype)
+
+
+def twice(x, efforts, **kw):
+    """A call per effort, each made twice (the second must give the same bits)."""
+    return [shim.Call(x, e, **kw) for e in efforts for _ in range(2)]
+
+
+EFFORTS = [1.0, 0.5, 0.25, 0.01, 0.0]
+
+# n_out: a tail of 5 (G = 3), 11, 2 (a split of two passes: 4800 rows), 4 (3 tiles of 64
+# groups), and tile widths 128 and 256 chosen for 40 groups
+CASES = [
+    ((64, 37), "f16", 3, None, EFFORTS, {}),
+    ((100, 75), "q8", 2, None, EFFORTS, {"y": "f16"}),
+    ((300, 50), "f16", 1, None, [0.5, 0.25], {}),
+    ((300, 50), "q8", 1, None, [0.5, 0.01], {}),
+    ((40, 2100), "f16", 2, None, [0.25], {}),
+    ((40, 640), "q8", 2, 128, [0.25, 1.0], {}),
+    ((40, 640), "f16", 1, 256, [0.5], {}),
+    ((64, 48), "f16", 2, None, [0.25, 0.5], {}),
+]
+
+
+@pytest.mark.parametrize("shape, values, splits, ct, efforts, kw", CASES)
+def test_effort_kernel_matches_the_reference(
+    exe, torch, rng, shape, values, splits, ct, efforts, kw
+):
+    B = random_buckets(rng, shape, values)
+    x = random_x(rng, 1, shape[0], np.float16 if values == "q8" else np.float32)
+    run_and_check(exe, [B], [([0], splits, twice(x, efforts, **kw))], ct=ct)
+
+
+def test_tokens_bf16_and_an_effort_on_the_device(exe, torch, rng):
+    """Three tokens per call (a launch each, the info summed), bfloat16 activations, the effort
+    read from device memory."""
+    B = random_buckets(rng, (96, 100))
+    x3 = random_x(rng, 3, 96)
+    bf = (random_x(rng, 2, 96).view(np.uint32) >> 16).astype(np.uint16)  # truncated: exact
+    calls = [
+        shim.Call(x3, 0.3),
+        shim.Call(x3, 0.3, by_ptr=True),
+        shim.Call(bf, 0.4, xd="bf16"),
+        shim.Call(bf, 0.4, xd="bf16", y="bf16"),
+    ]
+    run_and_check(exe, [B], [([0], 2, calls)])
+
+
+def partial(B, fraction):
+    """B with the first ``fraction`` of its rows, as a partial load keeps them."""
+    n = int(fraction * B.n_rows)
+    scales = None if B.scales is None else B.scales[: reference.scale_rows(n, B.n_in)]
+    return pyeffort.Buckets(
+        B.values[:n], B.positions[:n], B.stats, B.order, B.n_out, scales=scales, verify=False
+    )
+
+
+@pytest.mark.parametrize("values", ["f16", "q8"])
+def test_partial_loads(exe, torch, rng, values):
+    B = partial(random_buckets(rng, (90, 130), values), 0.45)
+    x = random_x(rng, 1, 90, np.float16)
+    # 0.7: beyond the loaded rows (every loaded row, no search); 1.0 on a partial load likewise
+    run_and_check(exe, [B], [([0], 2, twice(x, [0.25, 0.7, 0.3]))])
+
+
+def test_ties_and_more_candidates_than_shared_memory_holds(exe, torch, rng):
+    """Equal statistics and equal |x|: every key equal, so one split's 4800 rows are all
+    candidates (more than the 1024 kept in shared memory: the split's keys scanned again)."""
+    W = rng.choice([-1.0, 1.0], (300, 64)).astype(np.float16)
+    B = pyeffort.build_buckets(W)
+    x = np.sign(random_x(rng, 1, 300)).astype(np.float32)
+    x01 = np.r_[np.ones(150), np.zeros(150)].astype(np.float32)[None]  # half the keys 0
+    calls = [shim.Call(x, 0.3), shim.Call(x, 0.3), shim.Call(x01, 0.7), shim.Call(x01, 0.2)]
+    run_and_check(exe, [B], [([0], 1, calls)])
+
+
+def test_a_budget_met_exactly_inside_the_last_level(exe, torch, rng):
+    """|w| = 1 (every statistic 1, one multiplication per row) and two inputs whose |x| differ
+    only in the last 9 bits (one level-2 bin of 32 candidate rows, resolved by one warp): the
+    budget of 7 inputs' rows is met exactly by the upper of the two keys, which is the cut."""
+    W = rng.choice([-1.0, 1.0], (8, 16)).astype(np.float16)
+    B = pyeffort.build_buckets(W)
+    x = np.array([8, -7, 6, 5, -4, 3, 1 + 5 * 2**-23, -(1 + 3 * 2**-23)], dtype=np.float32)
+    run_and_check(exe, [B], [([0], 1, [shim.Call(x, 7 / 8), shim.Call(x[::-1].copy(), 7 / 8)])])
+
+
+def test_groups_and_a_matrix_alone_and_in_groups(exe, torch, rng):
+    """Three matrices sharing x in one kernel (each its own cutoff), then one of them alone with
+    other splits and two in another group: the state's bases and tags follow every change."""
+    Bs = [random_buckets(rng, (64, n)) for n in (37, 75, 16)]
+    x = random_x(rng, 1, 64)
+    phases = [
+        ([0, 1, 2], 2, twice(x, [0.3, 1.0])),
+        ([1], 3, twice(x, [0.3])),
+        ([2, 0], 1, [shim.Call(x, 0.6), shim.Call(x, 0.05)]),
+    ]
+    run_and_check(exe, Bs, phases)
+
+
+# ---------------------------------------------------------------- the dense baselines
+
+
+@pytest.mark.parametrize(
+    "shape, splits, xd, yd", [((100, 37), 1, "f32", "f32"), ((70, 264), 2, "f16", "f16")]
+)
+def test_dense_q8_kernel_matches_the_reference(exe, rng, shape, splits, xd, yd):
+    """n_out % 8 != 0 (byte loads) and == 0 (8-byte loads, two tiles), split-K partials."""
+    wq = pyeffort.quantize_dense_q8(rng.standard_normal(shape).astype(np.float16))
+    x = rng.standard_normal((2, shape[0])).astype(np.float16 if xd == "f16" else np.float32)
+    ys = shim.dense_q8(exe, x, wq, splits=splits, y=yd)
+    ref = np.empty((2, shape[1]), dtype=np.float32)
+    dense.dense_q8(x.astype(np.float32), wq.q, wq.scales, ref)
+    sc = np.abs(x.astype(np.float64)) @ np.abs(wq.dequantize().astype(np.float64))
+    rel = 1e-3 if yd == "f16" else 0.0
+    for y in ys:
+        assert (np.abs(y - ref) <= 2e-5 * sc + rel * np.abs(ref) + 1e-7 * sc.max()).all()
+    assert ys[0].tobytes() == ys[1].tobytes()
+
+
+def kept_rows(x32: np.ndarray, k: int) -> np.ndarray:
+    """The spec of channel skipping: the k rows of largest |x| in float32, ties by lower index."""
+    order = np.lexsort((np.arange(x32.size), -np.abs(x32)))
+    return np.sort(order[:k])
+
+
+@pytest.mark.parametrize(
+    "n_in, n_out, keep, splits", [(1500, 40, 0.3, 2), (200, 264, 0.5, 1), (64, 16, 0.0, 1)]
+)
+def test_channel_skip_kernel_matches_the_reference(exe, rng, n_in, n_out, keep, splits):
+    """1500 inputs: two rounds of the select block's 1024 threads; ties in |x|; k = 0."""
+    w = rng.standard_normal((n_in, n_out)).astype(np.float16)
+    x = rng.integers(-3, 4, (2, n_in)).astype(np.float32) * rng.uniform(0.5, 1, (2, 1))
+    k = round(keep * n_in)
+    ys = shim.channel_skip(exe, x.astype(np.float32), w, k, splits=splits)
+    w64 = w.astype(np.float64)
+    for y in ys:
+        for t in range(2):
+            r = kept_rows(x[t], k)
+            ref = x[t, r].astype(np.float64) @ w64[r]
+            sc = np.abs(x[t, r]).astype(np.float64) @ np.abs(w64[r])
+            assert (np.abs(y[t] - ref) <= 2e-5 * sc + 1e-7 * (sc.max() if k else 0) + 1e-30).all()
+    assert ys[0].tobytes() == ys[1].tobytes()
+
+
+@pytest.mark.parametrize("order", ["reverse", "random:7"])
+def test_the_order_of_the_threads_changes_no_bit(exe, torch, rng, monkeypatch, order):
+    """The threads of every block taking turns in another order between barriers (a race on
+    shared memory, or a barrier missing, would give other bits): the same outputs and cuts."""
+    B = random_buckets(rng, (100, 75), "q8")
+    x = random_x(rng, 2, 100, np.float16)
+    x2 = random_x(rng, 2, 300)
+    w = rng.standard_normal((300, 40)).astype(np.float16)
+    wq = pyeffort.quantize_dense_q8(w)
+
+    def run():
+        calls = [shim.Call(x, 0.3), shim.Call(x, 1.0)]
+        effort = shim.effort_calls(exe, [B], [([0], 3, calls)])[0]
+        ys = [r.y[0].tobytes() + r.state[0][3].tobytes() for r in effort]
+        ys += [y.tobytes() for y in shim.dense_q8(exe, x2, wq, splits=2, calls=1)]
+        ys += [y.tobytes() for y in shim.channel_skip(exe, x2, w, 170, splits=2, calls=1)]
+        return ys
+
+    forward = run()
+    monkeypatch.setitem(shim.ENV, "CUDA_SIM_ORDER", order)
+    assert run() == forward
+
+
+# ---------------------------------------------------------------- the shim catches faults
+
+
+@pytest.mark.parametrize(
+    "name, report",
+    [
+        ("divergent_barrier", "returned while others wait in __syncthreads at faults.cu"),
+        ("divergent_shuffle", "returned while its warp waits in __shfl_xor_sync at faults.cu"),
+        ("split_barrier", "__syncthreads at faults.cu"),
+        ("deadlock", "has not finished in 3 s"),
+        ("read_past", "heap-buffer-overflow"),
+        ("smem_past", "use-after-poison"),
+        ("misaligned", "misaligned"),
+    ],
+)
+def test_a_faulty_kernel_fails(exe, name, report):
+    err = shim.fault(exe, name)
+    assert report in err.stderr, err.stderr[-3000:]
+    if name == "deadlock":  # where the stuck block waits: the spin of pe_wait_geq
+        assert "last polled unchanged memory at common.cuh" in err.stderr, err.stderr[-3000:]
+
+
+def test_a_buffer_one_element_short_is_caught(exe, torch, rng):
+    """The kernel reads stats[r] for every loaded row: one entry fewer is a read past a buffer."""
+    B = pyeffort.build_buckets(rng.standard_normal((64, 37)).astype(np.float16))
+    s = shim.Script()
+    m = shim.upload(s, B, "m0")
+    s.arrays["m0_stats"] = s.arrays["m0_stats"][:-1]
+    n_workers = shim.group(s, [m], 2)
+    s.add("init")
+    shim._add_call(s, "c", [m], n_workers, shim.Call(random_x(rng, 1, 64), 0.3))
+    with pytest.raises(shim.RunError) as err:
+        s.run(exe)
+    assert "heap-buffer-overflow" in err.value.stderr, err.value.stderr[-3000:]
