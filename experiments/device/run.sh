@@ -2,6 +2,7 @@
 # One device call (the `device` tool): set up, then the named steps, results under $OUT.
 #   bash experiments/device/run.sh cuda          build, CUDA tests, CUDA benchmark suite
 #   bash experiments/device/run.sh cuda-bench    bench/cuda_run.py: checks, timings, one JSON
+#   bash experiments/device/run.sh pending       what the last session could not run (see there)
 #   bash experiments/device/run.sh cpu-scaling   CPU matmul suite on 4096x14336 at 1..16 threads
 #     (THREADS="1 2 4 8 16" SHAPES="4096x14336 or 14336x4096" for others; CFLAGS=-D... rebuilds)
 #   bash experiments/device/run.sh model-cuda    the model on the GPU: tests/test_model_cuda.py and
@@ -54,6 +55,19 @@ for step in "$@"; do
             2>&1 | tee "$OUT/model_cuda_tests.log" | tail -15
         PYEFFORT_DECODE_JSON="$OUT/decode.json" python3 -m pytest -q -s -p no:cacheprovider \
             bench/test_cuda_decode.py -rfEs 2>&1 | tee "$OUT/decode_bench.log" | tail -12
+        ;;
+    pending)
+        # what session 12 (2026-12-07) left to run, most needed first, in one 600 s call:
+        # the CUDA tests since its fixes, Mixtral-shaped GPU decode (issue 23), one-GPU nccl
+        # (issue 24), the issue-20 JSON (4 files come back)
+        timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+            tests/test_cuda_dense.py -rfEs 2>&1 | tail -8
+        timeout 90 python3 experiments/model/moe_decode_cuda.py --out "$OUT/moe_f16.json" \
+            --steps 32 --rounds 3 2>&1 | tail -3
+        timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py \
+            -k nccl -rfEs 2>&1 | tail -3
+        timeout 240 python3 bench/cuda_run.py --out "$OUT/cuda_run.json" --no-checks \
+            --no-decode 2>&1 | tee "$OUT/cuda_run.log" | tail -40
         ;;
     cpu-scaling)
         # THREADS (default 1..16) x SHAPES (a -k expression); numpy, dense f16 and q8, fp16
