@@ -36,27 +36,28 @@ def torch():
 
 
 def check_call(B, call: shim.Call, res: shim.Result, i: int = 0) -> None:
-    """One call's result for matrix i of its group against the reference (cuda._run's info
-    from the state; the cut and last mults of the call's last token)."""
+    """One call's result for matrix i of its group against the reference at matrix i's effort
+    (cuda._run's info from the state; the cut and last mults of the call's last token)."""
+    effort = call.effort_of(i)
     x32 = np.atleast_2d(call.x).astype(np.float32)
     if call.xd == "bf16":
         x32 = (np.atleast_2d(call.x).astype(np.uint32) << 16).view(np.float32)
     ref = np.empty((x32.shape[0], B.n_out), dtype=np.float32)
-    args = (B.values, B.positions, B.stats, B.order, B.n_out, call.effort, ref, B.scales)
+    args = (B.values, B.positions, B.stats, B.order, B.n_out, effort, ref, B.scales)
     mults, nbytes = reference.bucketmul(x32, *args)
     st = res.state[i]
     info_mults, rows, records = (int(v) for v in st[5:8])
-    assert info_mults == mults, (call.effort, info_mults, mults)
+    assert info_mults == mults, (effort, info_mults, mults)
     extra = 2 * reference.n_chunks(B.n_groups) * records if B.scales is not None else 0
     assert rows * reference.row_bytes(B.n_groups, B.scales is not None) + extra == nbytes
-    c, disp = reference.cutoff(x32[-1], B.stats, B.order, B.n_rows, B.n_out, call.effort)
+    c, disp = reference.cutoff(x32[-1], B.stats, B.order, B.n_rows, B.n_out, effort)
     m = np.repeat(reference.row_mults(B.n_out), B.n_in)[: B.n_rows]
     want = int(np.float32(c).view(np.uint32))  # the cut, as a search finds it
-    if call.effort <= 0:
+    if effort <= 0:
         want = INVALID
-    elif call.effort * B.n_in * B.n_out >= m.sum() and B.n_out >= 16:  # every row: no search
+    elif effort * B.n_in * B.n_out >= m.sum() and B.n_out >= 16:  # every row: no search
         want = 0
-    assert int(st[3]) & 0xFFFFFFFF == want, (call.effort, int(st[3]) & 0xFFFFFFFF, want)
+    assert int(st[3]) & 0xFFFFFFFF == want, (effort, int(st[3]) & 0xFFFFFFFF, want)
     assert int(st[4]) == int(m[disp].sum())  # the last token's realised multiplications
     y = res.y[i]
     assert np.isfinite(y).all(), "an output was not written"
@@ -188,6 +189,40 @@ def test_groups_and_a_matrix_alone_and_in_groups(exe, torch, rng):
         ([2, 0], 1, [shim.Call(x, 0.6), shim.Call(x, 0.05)]),
     ]
     run_and_check(exe, Bs, phases)
+
+
+@pytest.mark.parametrize("values", ["f16", "q8"])
+def test_a_group_with_an_effort_per_matrix(exe, torch, rng, values):
+    """One effort per matrix read from device memory (effort_each; matrix i's at [i]), the
+    modes mixed in one kernel (1.0: every row, 0.0: none, the rest searched), then one effort
+    for all by a device pointer: each matrix's outputs, realised multiplications, bytes and cut
+    are the reference's at its own effort, with the same bits as its calls alone (same splits)."""
+    Bs = [random_buckets(rng, (64, n), values) for n in (37, 75, 16)]
+    x = random_x(rng, 2, 64, np.float16 if values == "q8" else np.float32)
+    per = [[1.0, 0.3, 0.01], [0.0, 1.0, 0.3]]
+    calls = [shim.Call(x, e) for e in per] + [shim.Call(x, 0.3, by_ptr=True)]
+    alone = [([i], 2, [shim.Call(x, e[i]) for e in per]) for i in range(3)]
+    res = run_and_check(exe, Bs, [([0, 1, 2], 2, calls), *alone])
+    for i in range(3):
+        for c in range(len(per)):
+            assert res[0][c].y[i].tobytes() == res[1 + i][c].y[0].tobytes(), (i, per[c])
+            g, a = res[0][c].state[i], res[1 + i][c].state[0]  # the cut; mults, rows, records
+            assert [g[3] & 0xFFFFFFFF, *g[4:8]] == [a[3] & 0xFFFFFFFF, *a[4:8]], (i, per[c])
+
+
+def test_an_effort_per_matrix_needs_a_pointer(exe, torch, rng):
+    """effort_each without a device pointer, or other than 0 and 1: a status, no launch."""
+    B = random_buckets(rng, (64, 37))
+    s = shim.Script()
+    m = shim.upload(s, B, "m0")
+    n_workers = shim.group(s, [m], 1)
+    s.add("init")
+    y, x = s.buf("y", 4 * 37, 255), s.load("x", random_x(rng, 1, 64))
+    s.load("e", np.array([0.5], np.float64))
+    s.add("group", 1, n_workers, y)
+    for eb, each in (("-", 1), ("e", 2), ("e", -1), ("e", 1)):
+        s.add("matmul", x, 0, 1, eb, 0.5, each, 0, 1, 1)
+    assert s.run(exe)[0] == [0, 3, 3, 3, 0]
 
 
 # ---------------------------------------------------------------- the dense baselines

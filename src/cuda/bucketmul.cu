@@ -48,6 +48,14 @@ static_assert(sizeof(pe_cuda_state) == 64 && offsetof(pe_cuda_state, tbase) == 1
                           (more: 4096x4096 and 4096x1024 ran 0.1-0.5 us slower with it) */
 #define PE_POLL_NS 128 /* pause between polls of a split partial that is not in yet */
 
+/* The effort of a call: matrix i's is ptr[i * stride] (device float64; stride 1: one per
+ * matrix, 0: one for all) when ptr is not NULL, else val. */
+struct pe_effort {
+    const double *ptr;
+    double val;
+    int stride;
+};
+
 /* Words per worker in m.cand: a tagged count, then up to cand_seg tagged keys (64 bits each). */
 __device__ __forceinline__ size_t pe_cand_stride(const pe_cuda_matrix &m) {
     return (size_t)(2 * m.cand_seg + 2);
@@ -371,8 +379,7 @@ __device__ __noinline__ void pe_worker_all(const TX *x, const pe_cuda_matrix *mp
 
 template <typename TX, typename TY, int CT, bool Q8>
 __global__ void __launch_bounds__(PE_THREADS, 1)
-    k_effort(const TX *__restrict__ x, const pe_cuda_group g, const double *eff_ptr,
-             double eff_val) {
+    k_effort(const TX *__restrict__ x, const pe_cuda_group g, const pe_effort ef) {
     typedef Tile<CT> T;
     extern __shared__ __align__(16) unsigned char smem[];
     float *acc = (float *)smem;                                              /* (NT, ACC) */
@@ -420,7 +427,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
     const uint32_t epoch = s1.y, parity = epoch & 1u, tag = epoch + 1u; /* tag: this call's */
     const uint32_t all_in = s1.w + n_workers; /* hist_done target of this call */
     uint32_t *hist = m.hist + parity * PE_NB1;
-    const double eff = eff_ptr ? __ldcg(eff_ptr) : eff_val;
+    const double eff = ef.ptr ? __ldcg(ef.ptr + mi * ef.stride) : ef.val; /* m's: every block */
     const double budget = eff * (double)(m.n_in * m.n_out);
     /* n_out < 16: rows of ranks >= n_out hold no output (weight 0, key 0); the cutoff takes
      * them only when it is 0, so such a matrix searches even at 1.0 (an H100 run counted them) */
@@ -630,7 +637,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
 
 template <typename TX, typename TY, int CT, bool Q8>
 static cudaError_t launch(const pe_cuda_group *g, const void *x, void *stream, int pdl, int coop,
-                          const double *effort_ptr, double effort_val) {
+                          pe_effort ef) {
     cudaLaunchConfig_t cfg;
     cudaLaunchAttribute attr[2];
     int na = 0;
@@ -648,25 +655,24 @@ static cudaError_t launch(const pe_cuda_group *g, const void *x, void *stream, i
     cfg.stream = (cudaStream_t)stream;
     cfg.attrs = attr;
     cfg.numAttrs = na;
-    return cudaLaunchKernelEx(&cfg, k_effort<TX, TY, CT, Q8>, (const TX *)x, *g, effort_ptr,
-                              effort_val);
+    return cudaLaunchKernelEx(&cfg, k_effort<TX, TY, CT, Q8>, (const TX *)x, *g, ef);
 }
 
 template <typename TX, typename TY, int CT>
 static cudaError_t launch_kind(const pe_cuda_group *g, const void *x, void *stream, int pdl,
-                               int coop, const double *ep, double ev) {
-    return g->m[0].q8 ? launch<TX, TY, CT, true>(g, x, stream, pdl, coop, ep, ev)
-                      : launch<TX, TY, CT, false>(g, x, stream, pdl, coop, ep, ev);
+                               int coop, pe_effort ef) {
+    return g->m[0].q8 ? launch<TX, TY, CT, true>(g, x, stream, pdl, coop, ef)
+                      : launch<TX, TY, CT, false>(g, x, stream, pdl, coop, ef);
 }
 
 template <typename TX, typename TY>
 static cudaError_t launch_ct(const pe_cuda_group *g, const void *x, void *stream, int pdl,
-                             int coop, const double *ep, double ev) {
+                             int coop, pe_effort ef) {
     switch (g->m[0].ct) {
-        case 32: return launch_kind<TX, TY, 32>(g, x, stream, pdl, coop, ep, ev);
-        case 64: return launch_kind<TX, TY, 64>(g, x, stream, pdl, coop, ep, ev);
-        case 128: return launch_kind<TX, TY, 128>(g, x, stream, pdl, coop, ep, ev);
-        case 256: return launch_kind<TX, TY, 256>(g, x, stream, pdl, coop, ep, ev);
+        case 32: return launch_kind<TX, TY, 32>(g, x, stream, pdl, coop, ef);
+        case 64: return launch_kind<TX, TY, 64>(g, x, stream, pdl, coop, ef);
+        case 128: return launch_kind<TX, TY, 128>(g, x, stream, pdl, coop, ef);
+        case 256: return launch_kind<TX, TY, 256>(g, x, stream, pdl, coop, ef);
         default: return cudaErrorInvalidValue;
     }
 }
@@ -707,17 +713,17 @@ extern "C" int pe_cuda_init(void) {
 static int elem_size(int dtype) { return dtype == PE_F32 ? 4 : 2; }
 
 static cudaError_t launch_types(const pe_cuda_group *g, const void *x, int xd, int yd,
-                                void *stream, int pdl, int coop, const double *ep, double ev) {
+                                void *stream, int pdl, int coop, pe_effort ef) {
     if (xd == PE_F16 && yd == PE_F32)
-        return launch_ct<__half, float>(g, x, stream, pdl, coop, ep, ev);
+        return launch_ct<__half, float>(g, x, stream, pdl, coop, ef);
     if (xd == PE_F16 && yd == PE_F16)
-        return launch_ct<__half, __half>(g, x, stream, pdl, coop, ep, ev);
+        return launch_ct<__half, __half>(g, x, stream, pdl, coop, ef);
     if (xd == PE_F32 && yd == PE_F32)
-        return launch_ct<float, float>(g, x, stream, pdl, coop, ep, ev);
+        return launch_ct<float, float>(g, x, stream, pdl, coop, ef);
     if (xd == PE_BF16 && yd == PE_F32)
-        return launch_ct<__nv_bfloat16, float>(g, x, stream, pdl, coop, ep, ev);
+        return launch_ct<__nv_bfloat16, float>(g, x, stream, pdl, coop, ef);
     if (xd == PE_BF16 && yd == PE_BF16)
-        return launch_ct<__nv_bfloat16, __nv_bfloat16>(g, x, stream, pdl, coop, ep, ev);
+        return launch_ct<__nv_bfloat16, __nv_bfloat16>(g, x, stream, pdl, coop, ef);
     return cudaErrorInvalidValue;
 }
 
@@ -738,15 +744,17 @@ static bool group_ok(const pe_cuda_group *g) {
 
 extern "C" int pe_cuda_matmul(const pe_cuda_group *g, const void *x, int x_dtype,
                               int64_t n_tokens, const double *effort_ptr, double effort_val,
-                              int y_dtype, void *stream, int pdl, int coop) {
-    if (!group_ok(g) || n_tokens < 0) return PE_CUDA_ERR_ARG;
+                              int effort_each, int y_dtype, void *stream, int pdl, int coop) {
+    if (!group_ok(g) || n_tokens < 0 || (effort_each != 0 && (effort_each != 1 || !effort_ptr)))
+        return PE_CUDA_ERR_ARG;
+    const pe_effort ef = {effort_ptr, effort_val, effort_each};
     pe_cuda_group gt = *g;
     for (int64_t t = 0; t < n_tokens; t++) {
         const char *xt = (const char *)x + t * g->m[0].n_in * elem_size(x_dtype);
         for (int i = 0; i < g->n_mat; i++)
             gt.y[i] = (char *)g->y[i] + t * g->m[i].n_out * elem_size(y_dtype);
         cudaError_t e =
-            launch_types(&gt, xt, x_dtype, y_dtype, stream, pdl, coop, effort_ptr, effort_val);
+            launch_types(&gt, xt, x_dtype, y_dtype, stream, pdl, coop, ef);
         if (e == cudaErrorInvalidValue) return PE_CUDA_ERR_ARG; /* a dtype or ct unknown here */
         if (e != cudaSuccess) return pe_status_of(e);
     }

@@ -83,13 +83,14 @@ typedef struct {
 /* Raise kernel attributes once. -> a status. */
 int pe_cuda_init(void);
 
-/* x (n_tokens, n_in) of x_dtype @ each matrix of g at effort -> g.y[i] (n_tokens, n_out_i) of
- * y_dtype. effort is *effort_ptr when effort_ptr (device float64) is not NULL, else effort_val.
+/* x (n_tokens, n_in) of x_dtype @ each matrix of g at its effort -> g.y[i] (n_tokens, n_out_i)
+ * of y_dtype. Matrix i's effort is effort_ptr[effort_each ? i : 0] when effort_ptr (device
+ * float64; n_mat values with effort_each = 1) is not NULL, else effort_val (effort_each = 0).
  * stream is a cudaStream_t; with pdl, the kernel uses programmatic dependent launch; with coop,
  * it is launched cooperative (all blocks resident at once, as the kernel needs). -> a status. */
 int pe_cuda_matmul(const pe_cuda_group *g, const void *x, int x_dtype, int64_t n_tokens,
-                   const double *effort_ptr, double effort_val, int y_dtype, void *stream,
-                   int pdl, int coop);
+                   const double *effort_ptr, double effort_val, int effort_each, int y_dtype,
+                   void *stream, int pdl, int coop);
 
 /* Dense 8-bit weight-only GEMV (dense_q8.cu; pyeffort.dense's Q8_0): x (n_tokens, n_in) @ W ->
  * y (n_tokens, n_out), W[i, j] = q[i, j] * scales[i / 32, j], q (n_in, n_out) int8, scales

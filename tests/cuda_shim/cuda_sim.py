@@ -223,13 +223,18 @@ def group(s: Script, mats: list[Matrix], splits: int, name="g") -> int:
 @dataclasses.dataclass
 class Call:
     """One pe_cuda_matmul of a group: x (n_tokens, n_in) (float32, float16, or uint16 bits of
-    bfloat16 with xd="bf16") at effort (by a device pointer with by_ptr)."""
+    bfloat16 with xd="bf16") at effort (by a device pointer with by_ptr), or at a list of
+    efforts, one per matrix (from device memory: effort_each)."""
 
     x: np.ndarray
-    effort: float
+    effort: float | list[float]
     y: str = "f32"
     xd: str | None = None
     by_ptr: bool = False
+
+    def effort_of(self, i: int) -> float:
+        """Matrix i's effort."""
+        return self.effort[i] if isinstance(self.effort, list) else self.effort
 
 
 @dataclasses.dataclass
@@ -274,9 +279,12 @@ def _add_call(s: Script, tag: str, mats: list[Matrix], n_workers: int, call: Cal
         s.add("set", f"{m.name}_state", 40, 24, 0)  # info_mults, info_rows, info_records
     s.add("group", len(mats), n_workers, *ys)
     xb = s.load(f"{tag}_x", x)
-    eb = s.load(f"{tag}_e", np.array([call.effort], dtype=np.float64)) if call.by_ptr else "-"
-    ev = 0.0 if call.by_ptr else repr(float(call.effort))
-    s.add("matmul", xb, DTYPES[xd], x.shape[0], eb, ev, DTYPES[call.y], 1, 1)
+    each = isinstance(call.effort, list)
+    assert not each or len(call.effort) == len(mats)
+    by_ptr = call.by_ptr or each
+    eb = s.load(f"{tag}_e", np.array(call.effort, np.float64).reshape(-1)) if by_ptr else "-"
+    ev = 0.0 if by_ptr else repr(float(call.effort))
+    s.add("matmul", xb, DTYPES[xd], x.shape[0], eb, ev, int(each), DTYPES[call.y], 1, 1)
     for i, m in enumerate(mats):
         s.save(ys[i])
         s.save(f"{m.name}_state", f"{tag}_st{i}")

@@ -9,7 +9,7 @@
 //       block0 cand_seg q8 total_w            group.m[I] (SLOT: - for none)
 //   group N_MAT N_WORKERS Y0 [Y1 ...]       group sizes and outputs
 //   init                                    pe_cuda_init()
-//   matmul X XD N_TOK EFF_BUF EFF_VAL YD PDL COOP      (EFF_BUF: - for none)
+//   matmul X XD N_TOK EFF_BUF EFF_VAL EACH YD PDL COOP (EFF_BUF: - for none)
 //   dense_q8 X XD N_TOK Q SCALES N_IN N_OUT N_SPLIT PARTIAL COUNT Y YD
 //   channel_skip X XD N_TOK K W N_IN N_OUT N_SPLIT ROWS XS PARTIAL COUNT Y YD
 //   fault NAME                              faults.cu's kernel NAME
@@ -127,8 +127,9 @@ void run_line(const std::string &line) {
         const long long n_tok = num(in);
         const double *ep = static_cast<const double *>(ptr(word(in)));
         const double ev = next<double>(in);
-        const int yd = (int)num(in), pdl = (int)num(in), coop = (int)num(in);
-        const int st = pe_cuda_matmul(&g_group, x, xd, n_tok, ep, ev, yd, nullptr, pdl, coop);
+        const int each = (int)num(in), yd = (int)num(in), pdl = (int)num(in), coop = (int)num(in);
+        const int st =
+            pe_cuda_matmul(&g_group, x, xd, n_tok, ep, ev, each, yd, nullptr, pdl, coop);
         std::printf("status %d\n", st);
     } else if (op == "dense_q8") {
         const void *x = ptr(word(in));
