@@ -247,10 +247,10 @@ def test_default_model_end_to_end():
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     res = {"card": torch.cuda.get_device_name()}
-    for e in EFFORTS:  # its shipped budget split: one call per matrix (own effort)
+    for e in EFFORTS:  # its shipped budget split: group calls, each matrix at its own effort
         res[f"pyeffort_e{e}"] = round(ours_tps(model, e), 1)
     profile = model.profile
-    model.set_profile(None)  # one effort for all: q/k/v and gate/up as group calls
+    model.set_profile(None)  # one effort for all (the same group calls)
     for e in EFFORTS:
         res[f"pyeffort_uniform_e{e}"] = round(ours_tps(model, e), 1)
     model.set_profile(profile)

@@ -11,7 +11,8 @@ device as one cooperative kernel, queued on the current stream with no host roun
 call can be captured in a ``torch.cuda.CUDAGraph``. ``effort`` may be a one-element float64 CUDA
 tensor: changing it between graph replays needs no re-capture. ``matmul_group(x, CudaGroup([Bq,
 Bk, Bv]), effort)`` runs several matrices that share their input in one kernel (each with its own
-cutoff: the same results as separate calls).
+cutoff: the same results as separate calls), at one effort or one per matrix (a float64 CUDA
+tensor of one per matrix, read by the kernel: a model's budget split in a graph).
 
 The kernels are compiled at first use with ``nvcc`` from the CUDA sources shipped in the
 package (``pyeffort/_cuda_src``; ``src/cuda`` in a source checkout), cached in
@@ -195,7 +196,8 @@ def load(path) -> ctypes.CDLL:
     """The kernel library at ``path``, its functions typed and its kernels set up."""
     lib = ctypes.CDLL(str(path))
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    lib.pe_cuda_matmul.argtypes = [ctypes.POINTER(_Group), p, i32, i64, p, f64, i32, p, i32, i32]
+    group = ctypes.POINTER(_Group)
+    lib.pe_cuda_matmul.argtypes = [group, p, i32, i64, p, f64, i32, i32, p, i32, i32]
     lib.pe_cuda_dense_q8.argtypes = [p, i32, i64, p, p, i64, i64, i32, p, p, p, i32, p, i32]
     lib.pe_cuda_channel_skip.argtypes = [p, i32, i64, i64, p, i64, i64, i32, p, p, p, p, p, i32]
     lib.pe_cuda_channel_skip.argtypes += [p, i32]
@@ -630,9 +632,12 @@ def matmul(x, B, effort=1.0, *, out=None, return_info: bool = False, out_dtype=N
 
 
 def matmul_group(x, group, effort=1.0, *, outs=None, return_info: bool = False, out_dtype=None):
-    """``[x @ W for W in group]`` in one kernel launch per token; each matrix at ``effort`` with
+    """``[x @ W for W in group]`` in one kernel launch per token; each matrix at its effort with
     its own cutoff (the same results as separate ``matmul`` calls). ``group``: a CudaGroup (or
-    a list of CudaBuckets, grouped on the fly). Returns a list (and a list of MatmulInfo)."""
+    a list of CudaBuckets, grouped on the fly). ``effort``: one for all (a float, or a
+    one-element float64 CUDA tensor) or one per matrix: a float64 CUDA tensor ``(len(group),)``
+    (read by the kernel, so a CUDA graph follows its changes), or a list of floats (eager use:
+    copied to the device per call unless all equal). Returns a list (and a list of MatmulInfo)."""
     if not isinstance(group, CudaGroup):
         group = CudaGroup(group)
     if outs is not None and len(outs) != len(group.mats):
@@ -653,7 +658,7 @@ def _run(x, group, effort, outs, out_dtype, return_info):
     if not x.is_contiguous():
         raise LayoutError("x must be contiguous")
     n_tok = 1 if x.ndim == 1 else int(x.shape[0])
-    eff_ptr, eff_val = _effort(torch, effort, B0.device)
+    eff_ptr, eff_val, eff_each, _keep = _effort(torch, effort, len(group.mats), B0.device)
     ys = []
     for i, B in enumerate(group.mats):
         shape = (B.n_out,) if x.ndim == 1 else (n_tok, B.n_out)
@@ -681,6 +686,7 @@ def _run(x, group, effort, outs, out_dtype, return_info):
                 n_tok,
                 eff_ptr,
                 eff_val,
+                eff_each,
                 _dtype_code(torch, ys[0].dtype),
                 stream,
                 int(_PDL),
@@ -697,12 +703,30 @@ def _run(x, group, effort, outs, out_dtype, return_info):
     return ys, infos
 
 
-def _effort(torch, effort, device):
+def _effort(torch, effort, n: int, device):
+    """The effort of a call of n matrices -> (device pointer or None, value, effort_each, the
+    tensor the pointer is of: kept until the launch)."""
     if torch.is_tensor(effort):
-        if effort.dtype != torch.float64 or effort.numel() != 1 or effort.device != device:
-            raise DTypeError(f"a tensor effort must be one float64 element on {device}")
-        return effort.data_ptr(), 0.0
-    return None, _validate.effort(effort)
+        if effort.dtype != torch.float64 or effort.device != device:
+            raise DTypeError(f"a tensor effort must be float64 on {device}, got {effort.dtype} "
+                             f"on {effort.device}")  # fmt: skip
+        if effort.numel() != 1 and (effort.ndim != 1 or effort.numel() != n):
+            raise ShapeError(f"a tensor effort holds one effort or one per matrix ({n},), got "
+                             f"shape {tuple(effort.shape)}")  # fmt: skip
+        if not effort.is_contiguous():
+            raise LayoutError("a tensor effort must be contiguous")
+        return effort.data_ptr(), 0.0, int(effort.numel() != 1), effort
+    if not isinstance(effort, (list, tuple, np.ndarray)):
+        return None, _validate.effort(effort), 0, None
+    if isinstance(effort, np.ndarray) and effort.ndim != 1:
+        raise ShapeError(f"an array of efforts must be 1-D, got shape {effort.shape}")
+    efforts = [_validate.effort(e) for e in effort]
+    if len(efforts) != n:
+        raise ShapeError(f"{len(efforts)} efforts for {n} matrices")
+    if len(set(efforts)) == 1:
+        return None, efforts[0], 0, None
+    t = torch.tensor(efforts, dtype=torch.float64).to(device)
+    return t.data_ptr(), 0.0, 1, t
 
 
 def _any_overlap(tensors) -> bool:

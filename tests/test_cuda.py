@@ -468,6 +468,55 @@ def test_q8_graph_with_device_effort(gen, rng):
         assert torch.equal(y, cuda.matmul(x, bc, e, out_dtype=torch.bfloat16)), e
 
 
+@pytest.mark.parametrize("values", ["f16", "q8"])
+def test_group_with_an_effort_per_matrix(gen, rng, values):
+    """One effort per matrix (a float64 CUDA tensor, as a model's budget split, or a list): each
+    matrix the same bits, realised multiplications and bytes as its call alone in a group of
+    its splits, and the reference's at its effort; in a CUDA graph too, the efforts changed
+    between replays. A wrong length, dtype or device raises."""
+    shapes = [(512, 1000), (512, 200), (512, 37)]
+    bs = [
+        pyeffort.build_buckets(rng.standard_normal(s).astype(np.float16) * (i + 1), values=values)
+        for i, s in enumerate(shapes)
+    ]
+    bcs = [cuda.to_device(b, "cuda", ct=32) for b in bs]
+    grp = cuda.CudaGroup(bcs)
+    alone = [cuda.CudaGroup([bc], splits=sp) for bc, sp in zip(bcs, grp.splits)]
+    x = fresh_x(gen, 2, 512, torch.float16)
+    eff = torch.ones(3, dtype=torch.float64, device="cuda")
+    outs = [torch.empty((2, b.n_out), device="cuda") for b in bs]
+    cuda.matmul_group(x, grp, eff, outs=outs)  # warm up outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        cuda.matmul_group(x, grp, eff, outs=outs)
+    for efforts in ([1.0, 0.3, 0.01], [0.0, 1.0, 0.2], [0.25, 0.25, 0.6]):
+        x.copy_(fresh_x(gen, 2, 512, torch.float16))
+        eff.copy_(torch.tensor(efforts, dtype=torch.float64))
+        ys, infos = cuda.matmul_group(x, grp, eff, return_info=True)
+        ys_list, infos_list = cuda.matmul_group(x, grp, efforts, return_info=True)
+        for o in outs:
+            o.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        for i, (b, a, e) in enumerate(zip(bs, alone, efforts)):
+            (y1,), (info1,) = cuda.matmul_group(x, a, e, return_info=True)
+            for y in (ys[i], ys_list[i], outs[i]):
+                assert torch.equal(y.view(torch.int32), y1.view(torch.int32)), (efforts, i)
+            assert infos[i] == infos_list[i] == info1, (efforts, i)
+            ref, mults, nbytes = reference_info(x, b, e)
+            assert (info1.mults, info1.bytes_read) == (mults, nbytes), (efforts, i)
+            assert_close(y1, ref, scale(x, b), 2e-5)
+    with pytest.raises(pyeffort.ShapeError):
+        cuda.matmul_group(x, grp, eff[:2])
+    with pytest.raises(pyeffort.ShapeError):
+        cuda.matmul_group(x, grp, [0.5, 0.3])
+    with pytest.raises(pyeffort.DTypeError):
+        cuda.matmul_group(x, grp, eff.float())
+    with pytest.raises(pyeffort.DTypeError):
+        cuda.matmul_group(x, grp, eff.cpu())
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_q8_gpu_builder_matches_cpu_builder(rng, weighted):
     """cuda.build_buckets(values="q8") quantises on the GPU as reference.quantise_q8 does, bit

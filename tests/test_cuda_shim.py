@@ -225,6 +225,34 @@ def test_an_effort_per_matrix_needs_a_pointer(exe, torch, rng):
     assert s.run(exe)[0] == [0, 3, 3, 3, 0]
 
 
+def test_group_efforts_are_checked_before_the_kernel(torch):
+    """cuda.matmul_group's effort (cuda._effort, on CPU tensors here): one for all or one per
+    matrix -> the pointer, value and effort_each of pe_cuda_matmul; a wrong length, dtype,
+    device or layout raises before any launch (the kernel would read past the tensor)."""
+    from pyeffort import cuda
+
+    cpu, f64 = torch.device("cpu"), torch.float64
+    one, per = torch.tensor([0.5], dtype=f64), torch.tensor([1.0, 0.3, 0.01], dtype=f64)
+    assert cuda._effort(torch, 0.5, 3, cpu)[:3] == (None, 0.5, 0)
+    assert cuda._effort(torch, one, 3, cpu)[:3] == (one.data_ptr(), 0.0, 0)
+    assert cuda._effort(torch, per[1:], 2, cpu)[:3] == (per[1:].data_ptr(), 0.0, 1)
+    assert cuda._effort(torch, [0.3, 0.3], 2, cpu)[:3] == (None, 0.3, 0)  # all equal: a value
+    ptr, _, each, t = cuda._effort(torch, (1.0, 0.3, 0.01), 3, cpu)
+    assert each == 1 and ptr == t.data_ptr() and t.dtype == f64 and t.tolist() == [1.0, 0.3, 0.01]
+    for bad, n, err in [
+        (per, 2, pyeffort.ShapeError),
+        (per[None], 3, pyeffort.ShapeError),  # (1, 3)
+        ([0.5, 0.3], 3, pyeffort.ShapeError),
+        (np.full((3, 1), 0.5), 3, pyeffort.ShapeError),
+        (per.float(), 3, pyeffort.DTypeError),
+        (per.to("meta"), 3, pyeffort.DTypeError),
+        (torch.ones(6, dtype=f64)[::2], 3, pyeffort.LayoutError),
+        ([0.5, 1.5, 0.3], 3, pyeffort.EffortError),
+    ]:
+        with pytest.raises(err):
+            cuda._effort(torch, bad, n, cpu)
+
+
 # ---------------------------------------------------------------- the dense baselines
 
 

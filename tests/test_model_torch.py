@@ -290,31 +290,35 @@ def test_device_without_torch(monkeypatch):
 
 def host_cuda_stand_in():
     """pyeffort.cuda's calls as CudaMatmuls makes them, done on the host: checks their plumbing
-    (matrix order, groups, one device effort per matrix) where no GPU is."""
-    import sys
+    (matrix order, groups, a device effort per matrix) where no GPU is. ``calls``: each group
+    call's size; ``grouped``: its (matrix, effort) pairs."""
     import types
 
-    def effort_of(e):
-        assert torch.is_tensor(e) and e.shape == (1,) and e.dtype == torch.float64
-        return float(e)
+    def efforts_of(e, n):  # cuda._effort's rule: one effort for all, or (n,) one per matrix
+        assert torch.is_tensor(e) and e.dtype == torch.float64 and e.shape in ((1,), (n,))
+        return [float(v) for v in e.expand(n)]
 
     def matmul(x, b, e, out_dtype=None):
-        return torch.from_numpy(pyeffort.matmul(x.numpy(), b, effort_of(e)))
+        return torch.from_numpy(pyeffort.matmul(x.numpy(), b, *efforts_of(e, 1)))
 
     def matmul_group(x, group, e, out_dtype=None):
+        efforts = efforts_of(e, len(group))
         calls.append(len(group))
-        return [matmul(x, b, e) for b in group]
+        grouped.append(list(zip(group, efforts)))
+        return [torch.from_numpy(pyeffort.matmul(x.numpy(), b, f)) for b, f in zip(group, efforts)]
 
     calls: list[int] = []
+    grouped: list[list] = []
     return types.SimpleNamespace(to_device=lambda b, device, ct=None: b, CudaGroup=list,
-                                 CudaBuckets=type("CudaBuckets", (), {}),
-                                 matmul=matmul, matmul_group=matmul_group, calls=calls)  # fmt: skip
+                                 CudaBuckets=type("CudaBuckets", (), {}), matmul=matmul,
+                                 matmul_group=matmul_group, calls=calls, grouped=grouped)  # fmt: skip
 
 
 @pytest.mark.parametrize("profile", [False, True])
 def test_cuda_matmuls_plumbing(monkeypatch, profile):
-    """CudaMatmuls on the host stand-in: the numpy model's logits, grouped q/k/v and gate/up
-    calls without a budget profile and one call per matrix (own effort) with one."""
+    """CudaMatmuls on the host stand-in: the numpy model's logits, q/k/v and gate/up as group
+    calls with and without a budget profile, each matrix at its own effort (the profile's
+    split); a profile set or dropped after the model went to the GPU is followed."""
     import sys
 
     from pyeffort.models import llama_torch
@@ -323,21 +327,25 @@ def test_cuda_matmuls_plumbing(monkeypatch, profile):
     monkeypatch.setitem(sys.modules, "pyeffort.cuda", fake)
     monkeypatch.setattr(pyeffort, "cuda", fake, raising=False)
     m = tiny_model()
+    lin_of = {id(lin.buckets): lin for lin in m.linears()}
     names = [lin.name for lin in m.linears()]
     split = {"efforts": [0.1, 1.0], "weights": {n: [1.0 + i % 3, 1.0] for i, n in enumerate(names)}}
     if profile:
         m.set_profile(split)
     mm = llama_torch.CudaMatmuls(m, "cpu", torch.float32)
     net = llama_torch.Transformer(m, mm, capacity=32, dtype=torch.float32, device="cpu")
-    for e in (1.0, 0.5):
+    for p, e in ((profile, 1.0), (profile, 0.5), (not profile, 0.5)):
+        m.set_profile(split if p else None)  # the last: changed after CudaMatmuls was built
         mm.set_effort(e)
+        fake.calls.clear(), fake.grouped.clear()
         with torch.no_grad():
             ours = net(torch.tensor(PROMPT), torch.arange(len(PROMPT))).numpy()
         assert_close(ours, m.forward(PROMPT, 0, e))
-    assert fake.calls == ([] if profile else [3, 2] * 2 * m.args.n_layers)
-    m.set_profile(None if profile else split)  # the calls in a captured graph would not follow
-    with pytest.raises(BackendError, match="profile changed"):
-        mm.set_effort(0.5)
+        assert fake.calls == [3, 2] * m.args.n_layers
+        got = [f for g in fake.grouped for _, f in g]
+        assert got == [lin_of[id(b)].own_effort(e) for g in fake.grouped for b, _ in g]
+        if p and e < 1:  # the split gives the matrices of a group other efforts
+            assert any(len({f for _, f in g}) > 1 for g in fake.grouped)
 
 
 def test_device_metal_puts_every_matrix_on_the_metal_backend(tiny_hf, capsys, monkeypatch):

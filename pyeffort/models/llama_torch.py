@@ -3,9 +3,9 @@ same weights, the same RoPE tables (rope.py) and every matrix through pyeffort's
 
 The only device-specific part is the matrix product (``Matmuls``):
 - CUDA (``CudaMatmuls``): every matrix a CudaBuckets (pyeffort.cuda; q/k/v and gate/up in one
-  ``matmul_group`` call when they share one effort) and the per-matrix efforts a float64 device
-  tensor, so that a decode step can be captured once in a CUDA graph (cuda_graph.py) and the
-  effort changed between replays;
+  ``matmul_group`` call, each matrix at its own effort) and the per-matrix efforts a float64
+  device tensor, so that a decode step can be captured once in a CUDA graph (cuda_graph.py) and
+  the effort (and the budget split) changed between replays;
 - CPU (``HostMatmuls``): torch CPU tensors whose numpy views go through ``pyeffort.matmul`` (the
   numpy model's own EffortLinear objects: its counters, budget split and hooks) — the twin that
   the tests compare with the numpy model on machines without a GPU.
@@ -145,7 +145,6 @@ class CudaMatmuls:
         n = len(self.mats)
         self.eff = torch.ones(n + 1, dtype=torch.float64, device=device)
         self._eff_host = np.ones(n + 1)
-        self.uniform = model.profile is None  # one effort for all: group calls (in the graph)
         shared = [lin for lin in self.lins if ".experts." not in lin.name]  # every token's
         self.dense = sum(lin.shape[0] * lin.shape[1] for lin in shared)  # mults per token
         self.tokens = 0  # tokens multiplied since reset_counters()
@@ -153,21 +152,17 @@ class CudaMatmuls:
 
     def set_effort(self, effort: float) -> None:
         """Each matrix's effort under the model's budget split (no re-capture: a device copy)."""
-        if (self.model.profile is None) != self.uniform:
-            raise BackendError("the model's budget profile changed after it went to the GPU: "
-                               "build its TorchModel again")  # fmt: skip
         e = np.array([lin.own_effort(effort) for lin in self.lins] + [effort], np.float64)
         if not np.array_equal(e, self._eff_host):
             self.eff.copy_(torch.from_numpy(e))
             self._eff_host = e
 
     def group(self, idx: tuple[int, ...], x: torch.Tensor) -> list[torch.Tensor]:
-        x = x.contiguous()
-        if len(idx) > 1 and self.uniform:
-            e = self.eff[idx[0] : idx[0] + 1]
-            return self.cuda.matmul_group(x, self.groups[idx[0]], e, out_dtype=x.dtype)
-        mm = self.cuda.matmul
-        return [mm(x, self.mats[i], self.eff[i : i + 1], out_dtype=x.dtype) for i in idx]
+        x, i = x.contiguous(), idx[0]
+        e = self.eff[i : i + len(idx)]  # each matrix's effort (a group's indices are consecutive)
+        if len(idx) > 1:
+            return self.cuda.matmul_group(x, self.groups[i], e, out_dtype=x.dtype)
+        return [self.cuda.matmul(x, self.mats[i], e, out_dtype=x.dtype)]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.head_b is not None:
