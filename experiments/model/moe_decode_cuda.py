@@ -29,7 +29,6 @@ pyeffort.matmul (HostMatmuls) and the dense path through torch float32.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
@@ -44,7 +43,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "bench"))
 from test_cuda_decode import QKV_CT, DenseMatmuls, ShapeOnly
 from test_moe_decode_speed import bytes_read
-from tp_decode import build, card, timed, write
+from tp_decode import build, card, decode_args, timed, write
 
 import pyeffort
 from pyeffort.models import Model, config
@@ -261,16 +260,7 @@ def report(a, args, dev, tps, real, nbytes, chosen) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=2, help="Mixtral-8x7B layers (it has 32)")
-    ap.add_argument("--tiny", action="store_true", help=f"a tiny shape instead: {TINY}")
-    ap.add_argument("--values", choices=["f16", "q8"], default="f16")
-    ap.add_argument("--efforts", type=lambda s: [float(x) for x in s.split(",")],
-                    default=[1.0, 0.5, 0.25])  # fmt: skip
-    ap.add_argument("--ctx", type=int, default=1024, help="filled KV cache positions")
-    ap.add_argument("--steps", type=int, default=64, help="timed tokens per kind and round")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap = decode_args(__doc__, 2, "Mixtral-8x7B layers (it has 32)", TINY, 5)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads; 0: default")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     a = ap.parse_args()

@@ -209,17 +209,23 @@ def write(path: str, res: dict) -> None:
     os.replace(tmp, path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=32, help="Mistral-7B's 32, or fewer")
-    ap.add_argument("--tiny", action="store_true", help=f"a tiny shape instead: {TINY}")
+def decode_args(doc: str, layers: int, layers_help: str, tiny, rounds: int):
+    """The options this script and moe_decode_cuda.py share."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=layers, help=layers_help)
+    ap.add_argument("--tiny", action="store_true", help=f"a tiny shape instead: {tiny}")
     ap.add_argument("--values", choices=["f16", "q8"], default="f16")
     ap.add_argument("--efforts", type=lambda s: [float(x) for x in s.split(",")],
                     default=[1.0, 0.5, 0.25])  # fmt: skip
     ap.add_argument("--ctx", type=int, default=1024, help="filled KV cache positions")
     ap.add_argument("--steps", type=int, default=64, help="timed tokens per kind and round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return ap
+
+
+def main() -> None:
+    ap = decode_args(__doc__, 32, "Mistral-7B's 32, or fewer", TINY, 3)
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs on the GPU")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads per rank; 0: default")
     ap.add_argument("--out", default=None, help="also write the JSON here (rank 0)")
