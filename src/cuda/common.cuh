@@ -87,6 +87,35 @@ __device__ __forceinline__ uint32_t pe_ld_na_u16(const uint8_t *a) {
     asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(a));
     return v;
 }
+/* Thread block clusters (cluster.cu): this block's rank in its cluster; the cluster barrier in
+ * two halves (arrive: release, or relaxed for no ordering; wait: acquire), each executed by every
+ * thread of every block of the cluster, arrive then wait, alternately; p (this block's shared
+ * memory) -> the same place in the shared memory of the cluster's block `rank` (a generic
+ * pointer, read and added to by the pe_dsm_* below only). */
+__device__ __forceinline__ uint32_t pe_cluster_rank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void pe_cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void pe_cluster_arrive_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void pe_cluster_wait() {
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+template <typename T>
+__device__ __forceinline__ T *pe_cluster_map(T *p, uint32_t rank) {
+    unsigned long long r;
+    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(r) : "l"(p), "r"(rank));
+    return reinterpret_cast<T *>(r);
+}
+/* Distributed shared memory (pointers from pe_cluster_map): a load, a float load, an add. */
+__device__ __forceinline__ uint32_t pe_dsm_ld(const uint32_t *p) { return *(const volatile uint32_t *)p; }
+__device__ __forceinline__ float pe_dsm_ldf(const float *p) { return *(const volatile float *)p; }
+__device__ __forceinline__ void pe_dsm_add(uint32_t *p, uint32_t v) { atomicAdd(p, v); }
 /* Pointers made opaque to the compiler (rows.cuh's pe_row_bases). */
 __device__ __forceinline__ void pe_opaque(const uint8_t *&a, const uint8_t *&b) {
     asm("" : "+l"(a), "+l"(b));
