@@ -77,7 +77,7 @@ class build_ext_isa(build_ext):
 # ---------------------------------------------------------------- CUDA (pyeffort/cuda.py)
 
 CUDA_SRC = "src/cuda/"
-CUDA_UNITS = ("status.cu", "bucketmul.cu", "dense_q8.cu", "channel_skip.cu")  # cuda.SOURCES
+CUDA_UNITS = ("status.cu", "bucketmul.cu", "cluster.cu", "dense_q8.cu", "channel_skip.cu")  # cuda.SOURCES
 
 
 def cuda_sources() -> list[str]:

@@ -55,9 +55,12 @@ from pyeffort.errors import (
 GROUP = reference.GROUP
 VALUE_KINDS = ("f16", "q8")  # value kinds with kernels here (Buckets.to checks it)
 _ROOT = pathlib.Path(__file__).resolve().parent
-SOURCES = ("status.cu", "bucketmul.cu", "dense_q8.cu", "channel_skip.cu")  # as setup.py
+SOURCES = ("status.cu", "bucketmul.cu", "cluster.cu", "dense_q8.cu", "channel_skip.cu")  # as setup.py
 _PDL = os.environ.get("PYEFFORT_CUDA_PDL", "1") != "0"
 _COOP = os.environ.get("PYEFFORT_CUDA_COOP", "1") != "0"
+KERNELS = ("coop", "cluster")  # the effort kernel's designs (set_kernel)
+_KERNEL = os.environ.get("PYEFFORT_CUDA_KERNEL", "coop")
+CLUSTER_MAX = 16  # blocks per cluster (the cluster kernel: a power of two)
 _lib_handle = None
 
 
@@ -198,12 +201,14 @@ def load(path) -> ctypes.CDLL:
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     group = ctypes.POINTER(_Group)
     lib.pe_cuda_matmul.argtypes = [group, p, i32, i64, p, f64, i32, i32, p, i32, i32]
+    lib.pe_cuda_matmul_cluster.argtypes = [group, p, i32, i64, p, f64, i32, i32, p, i32]
     lib.pe_cuda_dense_q8.argtypes = [p, i32, i64, p, p, i64, i64, i32, p, p, p, i32, p, i32]
     lib.pe_cuda_channel_skip.argtypes = [p, i32, i64, i64, p, i64, i64, i32, p, p, p, p, p, i32]
     lib.pe_cuda_channel_skip.argtypes += [p, i32]
     lib.pe_cuda_error_string.restype = ctypes.c_char_p
     lib.pe_cuda_error_string.argtypes = [i32]
     _check(lib, lib.pe_cuda_init())
+    _check(lib, lib.pe_cuda_cluster_init())
     return lib
 
 
@@ -227,6 +232,39 @@ def set_coop(enabled: bool) -> None:
     the kernel then relies on having the GPU to itself to find all its blocks resident)."""
     global _COOP
     _COOP = bool(enabled)
+
+
+def set_kernel(name: str) -> None:
+    """The effort kernel of matrices and groups made from now on (default "coop", or
+    $PYEFFORT_CUDA_KERNEL): "coop", one cooperative kernel whose blocks meet through global
+    memory, or "cluster", thread block clusters that each find the cutoff and sum their splits
+    in distributed shared memory (src/cuda/cluster.cu). A matrix keeps the kernel it was made
+    for (its tile width is chosen for it)."""
+    global _KERNEL
+    if name not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {name!r}")
+    _KERNEL = name
+
+
+def cluster_size(tiles: int, n_sms: int) -> int:
+    """Blocks per cluster for `tiles` column tiles: the largest power of two up to CLUSTER_MAX
+    with tiles * size <= n_sms (at least 1; more tiles than multiprocessors run in waves)."""
+    c = 1
+    while c < CLUSTER_MAX and tiles * c * 2 <= n_sms:
+        c *= 2
+    return c
+
+
+def _cluster_ct(g: int, n_sms: int) -> int:
+    """The tile width of the cluster kernel for g groups of 16 outputs: most blocks in one wave
+    (tiles * cluster_size), then the least padding (streamed too), then the widest tile."""
+    pad = lambda ct: -(-g // ct) * ct - g  # noqa: E731
+    return max((256, 128, 64, 32), key=lambda ct: (_blocks(g, ct, n_sms), -pad(ct), ct))
+
+
+def _blocks(g: int, ct: int, n_sms: int) -> int:
+    tiles = -(-g // ct)
+    return tiles * cluster_size(tiles, n_sms) if tiles <= n_sms else 0
 
 
 def num_sms(device) -> int:
@@ -292,7 +330,10 @@ class CudaBuckets:
         _check_kind(torch, values, scales, self.n_rows, self.n_in, g)
         if self.n_in * self.n_out >= 2**32:
             raise ShapeError("the CUDA kernels take matrices of fewer than 2**32 weights")
-        if ct is None:
+        self.kernel = _KERNEL
+        if ct is None and self.kernel == "cluster":
+            ct = _cluster_ct(g, num_sms(dev))
+        elif ct is None:
             ct = 128 if g >= 256 else 64 if g >= 128 else 32
             if -(-g // ct) + 1 > num_sms(dev):  # one block per tile must fit: wider tiles
                 ct = 256
@@ -399,6 +440,14 @@ class CudaGroup:
                 raise ShapeError("a CudaGroup needs one value kind (all f16 or all q8)")
         if len({id(b) for b in mats}) != len(mats):
             raise ShapeError("a matrix appears twice in a CudaGroup")
+        if len({b.kernel for b in mats}) != 1:
+            raise ShapeError("a CudaGroup needs one kernel (set_kernel before B.to('cuda'))")
+        self.kernel = b0.kernel
+        self.mats, self.device = mats, b0.device
+        self._g = _Group()
+        if self.kernel == "cluster":
+            self._cluster_layout(torch, splits)
+            return
         n_sms = num_sms(b0.device)
         tiles = sum(b.n_tiles for b in mats)
         if tiles + len(mats) > n_sms:
@@ -407,9 +456,7 @@ class CudaGroup:
             splits = max(1, (n_sms - len(mats)) // tiles)
         elif not 1 <= splits <= (n_sms - len(mats)) // tiles:
             raise ShapeError(f"splits must lie in 1..{(n_sms - len(mats)) // tiles}")
-        self.mats, self.device = mats, b0.device
         self.splits = [min(int(splits), -(-b.n_rows // 32)) for b in mats]
-        self._g = _Group()
         self._scratch, block0 = [], 0
         for i, (b, sp) in enumerate(zip(mats, self.splits)):
             # split sums: tagged words (tag << 32 | float bits); zeroed, so no stale tag matches
@@ -425,6 +472,22 @@ class CudaGroup:
             self._g.m[i] = b._matrix(part, cand, seg, sp, block0)
             block0 += b.n_tiles * sp
         self._g.n_mat, self._g.n_workers = len(mats), block0
+
+    def _cluster_layout(self, torch, splits):
+        """The cluster kernel's blocks: one cluster of C blocks (the splits) per column tile,
+        C the same for every matrix (cluster_size of all the tiles, or `splits`)."""
+        tiles = sum(b.n_tiles for b in self.mats)
+        if splits is None:
+            splits = cluster_size(tiles, num_sms(self.device))
+        elif splits not in (1, 2, 4, 8, 16):
+            raise ShapeError(f"splits of the cluster kernel must be 1, 2, 4, 8 or 16, got {splits}")
+        self.splits = [int(splits)] * len(self.mats)
+        unused = torch.zeros(2, dtype=torch.int64, device=self.device)  # hist/cand/partial
+        self._scratch, block0 = [unused], 0
+        for i, b in enumerate(self.mats):
+            self._g.m[i] = b._matrix(unused, unused, 0, int(splits), block0)
+            block0 += b.n_tiles * int(splits)
+        self._g.n_mat, self._g.n_workers = len(self.mats), block0
 
 
 def repack(torch, values, positions, ct: int):
@@ -676,23 +739,13 @@ def _run(x, group, effort, outs, out_dtype, return_info):
     for i, y in enumerate(ys):
         g.y[i] = y.data_ptr()
     stream = torch.cuda.current_stream(B0.device).cuda_stream
+    args = (ctypes.byref(g), x.data_ptr(), xd, n_tok, eff_ptr, eff_val, eff_each)
+    args += (_dtype_code(torch, ys[0].dtype), stream, int(_PDL))
     with torch.cuda.device(B0.device):
-        _check(
-            lib,
-            lib.pe_cuda_matmul(
-                ctypes.byref(g),
-                x.data_ptr(),
-                xd,
-                n_tok,
-                eff_ptr,
-                eff_val,
-                eff_each,
-                _dtype_code(torch, ys[0].dtype),
-                stream,
-                int(_PDL),
-                int(_COOP),
-            ),
-        )
+        if group.kernel == "cluster":
+            _check(lib, lib.pe_cuda_matmul_cluster(*args))
+        else:
+            _check(lib, lib.pe_cuda_matmul(*args, int(_COOP)))
     if not return_info:
         return ys
     infos = []

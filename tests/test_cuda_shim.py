@@ -72,10 +72,10 @@ def same_call(a: shim.Call, b: shim.Call) -> bool:
     return a.x is b.x and (a.effort, a.xd, a.y) == (b.effort, b.xd, b.y)
 
 
-def run_and_check(exe, Bs, phases, ct=None):
+def run_and_check(exe, Bs, phases, ct=None, kernel="coop"):
     """shim.effort_calls, every call checked, and calls at one effort in a row with the same x
     giving the same bits."""
-    results = shim.effort_calls(exe, Bs, phases, ct=ct)
+    results = shim.effort_calls(exe, Bs, phases, ct=ct, kernel=kernel)
     for (idx, _, calls), res in zip(phases, results):
         for k, (call, r) in enumerate(zip(calls, res)):
             for i, b in enumerate(idx):
@@ -123,6 +123,58 @@ def test_effort_kernel_matches_the_reference(
     B = random_buckets(rng, shape, values)
     x = random_x(rng, 1, shape[0], np.float16 if values == "q8" else np.float32)
     run_and_check(exe, [B], [([0], splits, twice(x, efforts, **kw))], ct=ct)
+
+
+# the cluster kernel (cluster.cu): splits is the cluster size; C = 1 and 2 with two passes,
+# 16 on 40 and 64 inputs (one pass, splits of few stripes)
+CLUSTER_CASES = [
+    ((64, 37), "f16", 2, None, EFFORTS, {}),
+    ((100, 75), "q8", 4, None, EFFORTS, {"y": "f16"}),
+    ((300, 50), "f16", 1, None, [0.5, 0.25, 1.0], {}),
+    ((300, 50), "q8", 8, None, [0.5, 0.01], {}),
+    ((40, 2100), "f16", 2, None, [0.25], {}),
+    ((40, 640), "q8", 16, 128, [0.25, 1.0], {}),
+    ((64, 48), "f16", 16, None, [0.25, 0.5, 0.0], {}),
+    ((300, 7), "q8", 2, None, [1.0, 0.5], {}),
+]
+
+
+@pytest.mark.parametrize("shape, values, C, ct, efforts, kw", CLUSTER_CASES)
+def test_cluster_kernel_matches_the_reference(exe, torch, rng, shape, values, C, ct, efforts, kw):
+    B = random_buckets(rng, shape, values)
+    x = random_x(rng, 1, shape[0], np.float16 if values == "q8" else np.float32)
+    run_and_check(exe, [B], [([0], C, twice(x, efforts, **kw))], ct=ct, kernel="cluster")
+
+
+def test_cluster_kernel_ties_tokens_and_groups(exe, torch, rng):
+    """The cluster kernel where the coop kernel's special cases are: every key equal (a split's
+    4800 candidates, more than shared memory keeps: levels 2-3 and the take from the keys again),
+    a budget met exactly in the last level, three tokens, bfloat16, an effort from device
+    memory, and a group with an effort per matrix giving each matrix's bits alone."""
+    W = rng.choice([-1.0, 1.0], (300, 64)).astype(np.float16)
+    Bt = pyeffort.build_buckets(W)
+    xs = np.sign(random_x(rng, 1, 300)).astype(np.float32)
+    x01 = np.r_[np.ones(150), np.zeros(150)].astype(np.float32)[None]
+    ties = [shim.Call(xs, 0.3), shim.Call(xs, 0.3), shim.Call(x01, 0.7), shim.Call(x01, 0.2)]
+    run_and_check(exe, [Bt], [([0], 1, ties), ([0], 2, ties[:1])], kernel="cluster")
+    Be = pyeffort.build_buckets(rng.choice([-1.0, 1.0], (8, 16)).astype(np.float16))
+    xe = np.array([8, -7, 6, 5, -4, 3, 1 + 5 * 2**-23, -(1 + 3 * 2**-23)], dtype=np.float32)
+    run_and_check(exe, [Be], [([0], 2, [shim.Call(xe, 7 / 8)])], kernel="cluster")
+    B = random_buckets(rng, (96, 100))
+    x3 = random_x(rng, 3, 96)
+    bf = (random_x(rng, 2, 96).view(np.uint32) >> 16).astype(np.uint16)
+    calls = [shim.Call(x3, 0.3, by_ptr=True), shim.Call(bf, 0.4, xd="bf16", y="bf16")]
+    run_and_check(exe, [B], [([0], 4, calls)], kernel="cluster")
+    Bs = [random_buckets(rng, (64, n)) for n in (37, 75, 16)]
+    x = random_x(rng, 2, 64)
+    per = [[1.0, 0.3, 0.01], [0.0, 1.0, 0.3]]
+    alone = [([i], 2, [shim.Call(x, e[i]) for e in per]) for i in range(3)]
+    res = run_and_check(
+        exe, Bs, [([0, 1, 2], 2, [shim.Call(x, e) for e in per]), *alone], kernel="cluster"
+    )
+    for i in range(3):
+        for c in range(len(per)):
+            assert res[0][c].y[i].tobytes() == res[1 + i][c].y[0].tobytes(), (i, per[c])
 
 
 def test_tokens_bf16_and_an_effort_on_the_device(exe, torch, rng):

@@ -3,6 +3,7 @@
 #   bash experiments/device/run.sh cuda          build, CUDA tests, CUDA benchmark suite
 #   bash experiments/device/run.sh cuda-bench    bench/cuda_run.py: checks, timings, one JSON
 #   bash experiments/device/run.sh pending       what the last session could not run (see there)
+#   bash experiments/device/run.sh cluster       the cluster kernel: GPU tests, coop vs cluster
 #   bash experiments/device/run.sh cpu-scaling   CPU matmul suite on 4096x14336 at 1..16 threads
 #     (THREADS="1 2 4 8 16" SHAPES="4096x14336 or 14336x4096" for others; CFLAGS=-D... rebuilds)
 #   bash experiments/device/run.sh model-cuda    the model on the GPU: tests/test_model_cuda.py and
@@ -68,6 +69,13 @@ for step in "$@"; do
             -k nccl -rfEs 2>&1 | tail -3
         timeout 240 python3 bench/cuda_run.py --out "$OUT/cuda_run.json" --no-checks \
             --no-decode 2>&1 | tee "$OUT/cuda_run.log" | tail -40
+        ;;
+    cluster)
+        # session 13 (2026-12-08): the cluster kernel's GPU tests, then coop vs cluster timings
+        PYEFFORT_CUDA_KERNEL=cluster timeout 240 python3 -m pytest -q -x -p no:cacheprovider \
+            tests/test_cuda.py -rfEs 2>&1 | tee "$OUT/cluster_tests.log" | tail -8
+        timeout 300 python3 experiments/cuda/cluster_ab.py --out "$OUT/cluster_ab.json" 2>&1 |
+            tee "$OUT/cluster_ab.log" | tail -30
         ;;
     cpu-scaling)
         # THREADS (default 1..16) x SHAPES (a -k expression); numpy, dense f16 and q8, fp16

@@ -56,11 +56,6 @@ struct pe_effort {
     int stride;
 };
 
-/* Words per worker in m.cand: a tagged count, then up to cand_seg tagged keys (64 bits each). */
-__device__ __forceinline__ size_t pe_cand_stride(const pe_cuda_matrix &m) {
-    return (size_t)(2 * m.cand_seg + 2);
-}
-
 /* Slice `split` of a tile (its share of the 16 * CT slots): the sum of the n_splits partial
  * tiles -> y. Every split of the tile runs it, once all partials are in. K lanes per slot each
  * add every K-th split, then a fixed butterfly: a fixed order, so the same bits every call.
@@ -169,98 +164,6 @@ __device__ __forceinline__ int pick_level1(const uint32_t *hist, uint32_t *h, in
 #pragma unroll
     for (int q = 0; q < PE_NB1 / 4 / PE_THREADS; q++) v[q] = __ldcg(src + q * PE_THREADS + threadIdx.x);
     return pick_staged(v, h, budget, above);
-}
-
-/* One pass of a worker's keys against level-1 bin b1: rows above it (sure) -> list as (chunk
- * ci, x) (from list_base, if they all fit; the caller checks list_base + result <= PE_PASS_ROWS);
- * rows in it (candidates) -> own list cand_rx/cand_k from *n_c (as far as it holds), and the
- * worker's share (candidate index % n_tiles == tile) -> its segment of m.cand. Block-wide;
- * -> the number of sure rows; *n_c grows by the candidates. With publish and last, the
- * worker's tagged count goes out before its keys (tagged too: the selector polls each). */
-__device__ __forceinline__ uint32_t split_rows(const pe_cuda_matrix &m, int b1, bool do_def,
-                                               bool do_cand, bool publish, int tile, int worker,
-                                               const int (&ri)[PE_KR],
-                                               const int (&ci)[PE_KR],
-                                               const float (&xv)[PE_KR],
-                                               const uint32_t (&key)[PE_KR], int2 *list,
-                                               uint32_t list_base, int2 *cand_rx,
-                                               uint32_t *cand_k, uint32_t *n_c,
-                                               uint32_t (*warp_n)[PE_KR * PE_WARPS],
-                                               uint32_t *s_tot, uint32_t tag, bool last,
-                                               uint32_t short_from) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const uint32_t nt = (uint32_t)m.n_tiles, c0 = *n_c;
-    /* number of candidate indices o < v with o % nt == tile: this worker's share */
-    auto share_below = [&](uint32_t v) -> uint32_t {
-        return v > (uint32_t)tile ? (v - (uint32_t)tile + nt - 1) / nt : 0u;
-    };
-    unsigned dm[PE_KR], cm[PE_KR];
-#pragma unroll
-    for (int q = 0; q < PE_KR; q++) {
-        const bool ok = ri[q] >= 0;
-        const int bin = (int)(key[q] >> 19);
-        dm[q] = __ballot_sync(0xFFFFFFFFu, do_def && ok && bin > b1);
-        cm[q] = __ballot_sync(0xFFFFFFFFu, do_cand && ok && bin == b1);
-        if (lane == 0) {
-            warp_n[0][q * PE_WARPS + warp] = __popc(dm[q]);
-            warp_n[1][q * PE_WARPS + warp] = __popc(cm[q]);
-        }
-    }
-    __syncthreads();
-    if (warp < 2) {
-        const uint32_t tot = pe_warp_scan256(warp_n[warp]);
-        if (lane == 0) s_tot[warp] = tot;
-    }
-    __syncthreads();
-    const uint32_t nd = s_tot[0], nc = s_tot[1];
-    const unsigned lt = (1u << lane) - 1u;
-    /* sure rows go to list[list_base ...] only if all fit (list_base 0: always) */
-    const bool wd = list_base == 0 || list_base + nd <= PE_PASS_ROWS;
-    /* the count goes out at once (the last pass): each key carries the tag, so no fence */
-    if (publish && last && threadIdx.x == 0)
-        pe_st_relaxed64((unsigned long long *)(m.cand + (size_t)worker * pe_cand_stride(m)),
-                        pe_tagged(tag, share_below(c0 + nc)));
-#pragma unroll
-    for (int q = 0; q < PE_KR; q++) {
-        if (wd && (dm[q] >> lane & 1u))
-            list[list_base + warp_n[0][q * PE_WARPS + warp] + __popc(dm[q] & lt)] =
-                make_int2(ci[q], __float_as_int(xv[q]));
-        if (cm[q] >> lane & 1u) {
-            const uint32_t o = c0 + warp_n[1][q * PE_WARPS + warp] + __popc(cm[q] & lt);
-            if (o < PE_CAND_CAP) {
-                cand_rx[o] = make_int2(ci[q], __float_as_int(xv[q]));
-                cand_k[o] = key[q] | (pe_is_short(ri[q], short_from) << 31);
-            }
-        }
-    }
-    __syncthreads();
-    if (nc && publish) { /* this worker's segment of the global list: 1 + share index */
-        unsigned long long *seg =
-            (unsigned long long *)(m.cand + (size_t)worker * pe_cand_stride(m)) + 1;
-        /* from the own list when it holds them all: a short loop instead of 8 unrolled rounds
-         * with two divisions each. The same stores; this code runs once per call on the
-         * critical path, and its size was what cost (-1.0 to -1.4 us per call, update 4) */
-        if (c0 + nc <= PE_CAND_CAP) { /* candidate o = tile + j * nt is the share's j-th */
-            uint32_t o;
-            for (uint32_t j = share_below(c0) + threadIdx.x; (o = tile + j * nt) < c0 + nc;
-                 j += PE_THREADS)
-                pe_st_relaxed64(&seg[j], pe_tagged(tag, cand_k[o]));
-        } else {
-#pragma unroll
-            for (int q = 0; q < PE_KR; q++) {
-                if (cm[q] >> lane & 1u) {
-                    const uint32_t o = c0 + warp_n[1][q * PE_WARPS + warp] + __popc(cm[q] & lt);
-                    const uint32_t j = o / nt; /* o % nt == tile: the share's j-th */
-                    if (o - j * nt == (uint32_t)tile) {
-                        const uint32_t e = key[q] | (pe_is_short(ri[q], short_from) << 31);
-                        pe_st_relaxed64(&seg[j], pe_tagged(tag, e));
-                    }
-                }
-            }
-        }
-    }
-    *n_c = c0 + nc;
-    return nd;
 }
 
 /* Selector: the per-worker counts, each polled until it carries this call's tag -> s_off

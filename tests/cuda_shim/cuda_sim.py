@@ -20,7 +20,7 @@ from pyeffort import reference
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 KERNELS = ROOT / "src" / "cuda"
-UNITS = ["bucketmul.cu", "dense_q8.cu", "channel_skip.cu", "status.cu"]  # as cuda.SOURCES
+UNITS = ["bucketmul.cu", "cluster.cu", "dense_q8.cu", "channel_skip.cu", "status.cu"]  # as cuda.SOURCES
 FLAGS = [
     "-std=c++17",
     "-O0",
@@ -196,8 +196,12 @@ def upload(s: Script, B, name: str, ct=None) -> Matrix:
     return Matrix(B, name, ct, _ceil_div(g, ct), total_w)
 
 
-def group(s: Script, mats: list[Matrix], splits: int, name="g") -> int:
-    """The group's scratch and matrix lines (cuda.CudaGroup) -> its number of worker blocks."""
+def group(s: Script, mats: list[Matrix], splits: int, name="g", kernel="coop") -> int:
+    """The group's scratch and matrix lines (cuda.CudaGroup) -> its number of worker blocks.
+    kernel "cluster": splits is the cluster size C (cuda.CudaGroup._cluster_layout: no
+    scratch, every matrix C splits, its blocks tile-major)."""
+    if kernel == "cluster":
+        return _cluster_group(s, mats, splits)
     tiles = sum(m.n_tiles for m in mats)
     assert tiles + len(mats) <= SMS and 1 <= splits <= (SMS - len(mats)) // tiles
     block0 = 0
@@ -217,6 +221,21 @@ def group(s: Script, mats: list[Matrix], splits: int, name="g") -> int:
             int(B.scales is not None), m.total_w,
         )  # fmt: skip
         block0 += m.n_tiles * sp
+    return block0
+
+
+def _cluster_group(s: Script, mats: list[Matrix], C: int) -> int:
+    assert C in (1, 2, 4, 8, 16)
+    block0 = 0
+    for i, m in enumerate(mats):
+        B, n = m.B, m.name
+        slot = f"{n}_slot" if B.scales is not None else "-"
+        s.add(
+            "mat", i, f"{n}_wt", f"{n}_order", f"{n}_stats", "-", "-", "-", slot, f"{n}_state",
+            B.n_in, B.n_out, B.n_rows, m.ct, m.n_tiles, C, block0, 0,
+            int(B.scales is not None), m.total_w,
+        )  # fmt: skip
+        block0 += m.n_tiles * C
     return block0
 
 
@@ -243,19 +262,20 @@ class Result:
     state: list[np.ndarray]  # per matrix pe_cuda_state as (8,) uint64 after the call
 
 
-def effort_calls(exe, Bs: list, phases: list, ct=None) -> list[list[Result]]:
+def effort_calls(exe, Bs: list, phases: list, ct=None, kernel="coop") -> list[list[Result]]:
     """One driver run: the matrices Bs uploaded, then per phase (indices into Bs, splits,
     calls) their group (cuda.CudaGroup: scratch of its own; the matrices' state carries over
     between calls and phases, as on the device) and its calls in order, each with NaN-poisoned
-    outputs and the info sums zeroed first (cuda._run). -> per phase, per call, a Result."""
+    outputs and the info sums zeroed first (cuda._run), by `kernel` ("coop" or "cluster": then
+    splits is the cluster size). -> per phase, per call, a Result."""
     s = Script()
     mats = [upload(s, B, f"m{i}", ct) for i, B in enumerate(Bs)]
     s.add("init")
     runs = []
     for p, (idx, splits, calls) in enumerate(phases):
         ms = [mats[i] for i in idx]
-        n_workers = group(s, ms, splits, name=f"g{p}_")
-        runs.append([(f"p{p}c{c}", ms, n_workers, call) for c, call in enumerate(calls)])
+        n_workers = group(s, ms, splits, name=f"g{p}_", kernel=kernel)
+        runs.append([(f"p{p}c{c}", ms, n_workers, call, kernel) for c, call in enumerate(calls)])
         for r in runs[-1]:
             _add_call(s, *r)
     statuses, out = s.run(exe)
@@ -270,7 +290,9 @@ def _as_f32(b: bytes, dtype: str) -> np.ndarray:
     return np.frombuffer(b, {"f32": np.float32, "f16": np.float16}[dtype]).astype(np.float32)
 
 
-def _add_call(s: Script, tag: str, mats: list[Matrix], n_workers: int, call: Call) -> None:
+def _add_call(
+    s: Script, tag: str, mats: list[Matrix], n_workers: int, call: Call, kernel="coop"
+) -> None:
     x = np.atleast_2d(call.x)
     xd = call.xd or {np.float32: "f32", np.float16: "f16"}[x.dtype.type]
     ys = []
@@ -284,13 +306,14 @@ def _add_call(s: Script, tag: str, mats: list[Matrix], n_workers: int, call: Cal
     by_ptr = call.by_ptr or each
     eb = s.load(f"{tag}_e", np.array(call.effort, np.float64).reshape(-1)) if by_ptr else "-"
     ev = 0.0 if by_ptr else repr(float(call.effort))
-    s.add("matmul", xb, DTYPES[xd], x.shape[0], eb, ev, int(each), DTYPES[call.y], 1, 1)
+    args = (xb, DTYPES[xd], x.shape[0], eb, ev, int(each), DTYPES[call.y], 1)
+    s.add("matmul_cluster", *args) if kernel == "cluster" else s.add("matmul", *args, 1)
     for i, m in enumerate(mats):
         s.save(ys[i])
         s.save(f"{m.name}_state", f"{tag}_st{i}")
 
 
-def _read_call(out: dict, tag: str, mats: list[Matrix], n_workers: int, call: Call) -> Result:
+def _read_call(out: dict, tag: str, mats: list[Matrix], n_workers: int, call: Call, kernel="coop") -> Result:
     n_tok = np.atleast_2d(call.x).shape[0]
     ys = [_as_f32(out[f"{tag}_y{i}"], call.y).reshape(n_tok, m.B.n_out) for i, m in enumerate(mats)]
     return Result(ys, [np.frombuffer(out[f"{tag}_st{i}"], np.uint64) for i in range(len(mats))])

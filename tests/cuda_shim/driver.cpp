@@ -8,8 +8,9 @@
 //   mat I WT ORDER STATS HIST CAND PARTIAL SLOT STATE n_in n_out n_rows ct n_tiles n_splits
 //       block0 cand_seg q8 total_w            group.m[I] (SLOT: - for none)
 //   group N_MAT N_WORKERS Y0 [Y1 ...]       group sizes and outputs
-//   init                                    pe_cuda_init()
+//   init                                    pe_cuda_init(), then pe_cuda_cluster_init()
 //   matmul X XD N_TOK EFF_BUF EFF_VAL EACH YD PDL COOP (EFF_BUF: - for none)
+//   matmul_cluster X XD N_TOK EFF_BUF EFF_VAL EACH YD PDL   the cluster kernel (cluster.cu)
 //   dense_q8 X XD N_TOK Q SCALES N_IN N_OUT N_SPLIT PARTIAL COUNT Y YD
 //   channel_skip X XD N_TOK K W N_IN N_OUT N_SPLIT ROWS XS PARTIAL COUNT Y YD
 //   fault NAME                              faults.cu's kernel NAME
@@ -120,7 +121,9 @@ void run_line(const std::string &line) {
         g_group.n_workers = (int32_t)num(in);
         for (int i = 0; i < g_group.n_mat && i < PE_MAX_GROUP; i++) g_group.y[i] = ptr(word(in));
     } else if (op == "init") {
-        std::printf("status %d\n", pe_cuda_init());
+        int st = pe_cuda_init();
+        if (st == 0) st = pe_cuda_cluster_init();
+        std::printf("status %d\n", st);
     } else if (op == "matmul") {
         const void *x = ptr(word(in));
         const int xd = (int)num(in);
@@ -130,6 +133,15 @@ void run_line(const std::string &line) {
         const int each = (int)num(in), yd = (int)num(in), pdl = (int)num(in), coop = (int)num(in);
         const int st =
             pe_cuda_matmul(&g_group, x, xd, n_tok, ep, ev, each, yd, nullptr, pdl, coop);
+        std::printf("status %d\n", st);
+    } else if (op == "matmul_cluster") {
+        const void *x = ptr(word(in));
+        const int xd = (int)num(in);
+        const long long n_tok = num(in);
+        const double *ep = static_cast<const double *>(ptr(word(in)));
+        const double ev = next<double>(in);
+        const int each = (int)num(in), yd = (int)num(in), pdl = (int)num(in);
+        const int st = pe_cuda_matmul_cluster(&g_group, x, xd, n_tok, ep, ev, each, yd, nullptr, pdl);
         std::printf("status %d\n", st);
     } else if (op == "dense_q8") {
         const void *x = ptr(word(in));
