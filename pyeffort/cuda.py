@@ -262,6 +262,14 @@ def _cluster_ct(g: int, n_sms: int) -> int:
     return max((256, 128, 64, 32), key=lambda ct: (_blocks(g, ct, n_sms), -pad(ct), ct))
 
 
+def default_ct(g: int, n_sms: int) -> int:
+    """The tile width of a matrix of g groups of 16 outputs for the current kernel."""
+    if _KERNEL == "cluster":
+        return _cluster_ct(g, n_sms)
+    ct = 128 if g >= 256 else 64 if g >= 128 else 32
+    return 256 if -(-g // ct) + 1 > n_sms else ct  # one block per tile must fit: wider tiles
+
+
 def _blocks(g: int, ct: int, n_sms: int) -> int:
     tiles = -(-g // ct)
     return tiles * cluster_size(tiles, n_sms) if tiles <= n_sms else 0
@@ -331,12 +339,7 @@ class CudaBuckets:
         if self.n_in * self.n_out >= 2**32:
             raise ShapeError("the CUDA kernels take matrices of fewer than 2**32 weights")
         self.kernel = _KERNEL
-        if ct is None and self.kernel == "cluster":
-            ct = _cluster_ct(g, num_sms(dev))
-        elif ct is None:
-            ct = 128 if g >= 256 else 64 if g >= 128 else 32
-            if -(-g // ct) + 1 > num_sms(dev):  # one block per tile must fit: wider tiles
-                ct = 256
+        ct = default_ct(g, num_sms(dev)) if ct is None else ct
         if ct not in (32, 64, 128, 256):
             raise ShapeError(f"ct must be 32, 64, 128 or 256, got {ct}")
         with torch.cuda.device(dev):

@@ -407,3 +407,19 @@ def test_a_buffer_one_element_short_is_caught(exe, torch, rng):
     with pytest.raises(shim.RunError) as err:
         s.run(exe)
     assert "heap-buffer-overflow" in err.value.stderr, err.value.stderr[-3000:]
+
+
+def test_cluster_layout_rules():
+    """The cluster kernel's sizes (pyeffort.cuda, host only): a cluster of the largest power of
+    two up to 16 that keeps tiles * size within the multiprocessors; the tile width that puts
+    most blocks in one wave, then pads least, then is widest; an unknown kernel is refused."""
+    from pyeffort import cuda
+
+    assert [cuda.cluster_size(t, 132) for t in (1, 7, 8, 9, 12, 33, 66, 67, 200)] == [
+        16, 16, 16, 8, 8, 4, 2, 1, 1,
+    ]  # fmt: skip
+    # 14336 outputs (896 groups): 7 tiles of 128 in clusters of 16; 4096 (256): 8 tiles of 32;
+    # 8 groups: one tile of 32 (the least padding)
+    assert [cuda._cluster_ct(g, 132) for g in (896, 256, 64, 3584, 8)] == [128, 32, 32, 256, 32]
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        cuda.set_kernel("fast")

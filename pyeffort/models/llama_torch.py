@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyeffort
-from pyeffort import _validate
+from pyeffort import _validate, reference
 from pyeffort.errors import BackendError
 from pyeffort.models.llama import Model
 
@@ -107,11 +107,6 @@ class HostMatmuls:
         return self.model.realised_effort()
 
 
-def _default_ct(n_out: int) -> int:
-    g = -(-n_out // 16)
-    return 128 if g >= 256 else 64 if g >= 128 else 32  # pyeffort.cuda.CudaBuckets' rule
-
-
 def _on_device(cuda, b, device, ct):
     """A host Buckets repacked for the GPU; a CudaBuckets (built there) as it is."""
     return b if isinstance(b, cuda.CudaBuckets) else cuda.to_device(b, device, ct=ct)
@@ -134,7 +129,8 @@ class CudaMatmuls:
         for layer in range(model.args.n_layers):
             for grp in layer_groups(model.args):  # in linears() order: mats[i] is lins[i]'s
                 idx = [per * layer + i for i in grp]
-                cts = {_default_ct(self.lins[i].shape[1]) for i in idx}
+                g = [reference.n_groups(self.lins[i].shape[1]) for i in idx]
+                cts = {cuda.default_ct(gi, cuda.num_sms(device)) for gi in g}
                 ct = None if len(cts) == 1 else GROUP_CT
                 self.mats += [_on_device(cuda, self.lins[i].buckets, device, ct) for i in idx]
                 if len(idx) > 1:

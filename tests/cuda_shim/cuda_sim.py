@@ -165,12 +165,6 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def default_ct(n_groups: int) -> int:
-    """cuda.CudaBuckets' default tile width."""
-    ct = 128 if n_groups >= 256 else 64 if n_groups >= 128 else 32
-    return 256 if _ceil_div(n_groups, ct) + 1 > SMS else ct
-
-
 def upload(s: Script, B, name: str, ct=None) -> Matrix:
     """B's device buffers (CudaBuckets._setup: the repack by cuda.repack / repack_q8 on CPU
     tensors, order, stats, histograms, state) -> a Matrix."""
@@ -180,7 +174,7 @@ def upload(s: Script, B, name: str, ct=None) -> Matrix:
 
     t = lambda a: torch.as_tensor(np.require(a, requirements="W"))
     g = reference.n_groups(B.n_out)
-    ct = ct or default_ct(g)
+    ct = ct or cuda.default_ct(g, SMS)  # CudaBuckets' default tile width
     values, positions, stats, order = t(B.values), t(B.positions), t(B.stats), t(B.order)
     if B.scales is None:
         wt = cuda.repack(torch, values, positions, ct)
