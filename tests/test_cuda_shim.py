@@ -386,6 +386,13 @@ def test_the_order_of_the_threads_changes_no_bit(exe, torch, rng, monkeypatch, o
         ("read_past", "heap-buffer-overflow"),
         ("smem_past", "use-after-poison"),
         ("misaligned", "misaligned"),
+        # thread block clusters (two blocks each) and distributed shared memory
+        ("cluster_exited", "pe_dsm_ld at faults.cu"),
+        ("cluster_wait_first", "no pe_cluster_arrive before it"),
+        ("cluster_arrive_twice", "a second arrive with no pe_cluster_wait since the one at faults"),
+        ("cluster_missing", "has not finished in 3 s"),
+        ("cluster_early", "block 1's shared memory before this thread's first pe_cluster_wait"),
+        ("cluster_map_static", "is not in this block's dynamic shared memory"),
     ],
 )
 def test_a_faulty_kernel_fails(exe, name, report):
@@ -393,6 +400,40 @@ def test_a_faulty_kernel_fails(exe, name, report):
     assert report in err.stderr, err.stderr[-3000:]
     if name == "deadlock":  # where the stuck block waits: the spin of pe_wait_geq
         assert "last polled unchanged memory at common.cuh" in err.stderr, err.stderr[-3000:]
+    if name == "cluster_exited":
+        assert "block 1 (rank 1 of this cluster) has exited" in err.stderr, err.stderr[-3000:]
+    if name == "cluster_missing":  # block 1 has returned; block 0 waits for it
+        assert "1 blocks still run:\n  block 0: 0 of 128 threads returned\n" in err.stderr
+        assert "threads 0..127 wait at the cluster barrier at faults.cu" in err.stderr
+
+
+def cluster_sums(blocks: int, cluster: int) -> list[int]:
+    """faults.cu's k_cluster_sum: each block's value, the sum over the blocks of its cluster
+    (`cluster` consecutive ones) of 128 threads times blockIdx.x + 1."""
+    return [
+        128 * sum(range(b - b % cluster + 1, b - b % cluster + cluster + 1)) for b in range(blocks)
+    ]
+
+
+def test_a_cluster_kernel_sums_through_distributed_shared_memory(exe):
+    """Every thread adds its blockIdx.x + 1 into rank 0's shared memory (pe_dsm_add through
+    pe_cluster_map), reads the sum back after a cluster barrier (pe_dsm_ld): clusters of 4 of 8
+    blocks, 3 blocks without the attribute (clusters of one), 16 in one cluster once the kernel
+    allows a non-portable size; in every order of the threads the same."""
+    want = [0, *cluster_sums(8, 4), 0, *cluster_sums(3, 1), 0, 0, *cluster_sums(16, 16)]
+    for order in ["forward", "reverse", "random:3"]:
+        s = shim.Script()
+        s.add("fault", "cluster_sum")
+        assert s.run(exe, env={"CUDA_SIM_ORDER": order})[0] == want, order
+
+
+def test_cluster_launches_the_runtime_refuses(exe):
+    """A cluster size that does not divide the grid, 0, 16 without the non-portable attribute,
+    32, a cluster that does not divide 3 blocks: cudaErrorInvalidClusterSize (912), no launch; a
+    cluster launch that is also cooperative, and the attribute at 2: cudaErrorInvalidValue."""
+    s = shim.Script()
+    s.add("fault", "cluster_refused")
+    assert s.run(exe)[0] == [912, 912, 912, 912, 912, 1, 1]
 
 
 def test_a_buffer_one_element_short_is_caught(exe, torch, rng):

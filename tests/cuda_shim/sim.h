@@ -8,12 +8,23 @@
 // or warp reaches at the same source line, a thread that returns while others wait for it, a
 // grid that has not finished within CUDA_SIM_TIMEOUT seconds (default 120: a deadlock; the
 // report says where every block waits), __trap().
+// Thread block clusters (1-D: `csize` consecutive blocks): the cluster barrier's two halves
+// (arrive, then wait, alternately, by every thread of the cluster; warp-aligned, as PTX's
+// .aligned asks) are a phase counter per cluster; a thread waiting there lets the others run
+// until its phase has ended. Distributed shared memory: a block's dynamic shared memory as the
+// other blocks of its cluster see it (Peer). Every block's OS thread, and so its shared memory,
+// lives until the whole grid has ended, so that an access to the memory of a block that has
+// exited is a clear fault (on a GPU that memory is gone), not a read of freed memory. Faults: a
+// wait with no arrive before it, two arrives with no wait between, a DSMEM access before the
+// thread's first cluster wait (the target may not have started yet) or to a block that has
+// exited, a pointer outside the dynamic shared memory of the cluster's blocks.
 #pragma once
 #include <sched.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdarg>
@@ -78,7 +89,7 @@ inline const char *base(const char *path) {
     return s ? s + 1 : path;
 }
 
-enum class Wait : uint8_t { none, block, warp, done };
+enum class Wait : uint8_t { none, block, warp, cluster, done };
 
 struct Fiber {
     ucontext_t uc;
@@ -90,6 +101,10 @@ struct Fiber {
     uint64_t poll_val[4] = {};
     unsigned poll_next = 0;
     Site spin{"", 0}; // where it last polled a value that had not changed
+    bool c_open = false;   // arrived at the cluster barrier (in phase c_phase), not waited yet
+    unsigned c_phase = 0;
+    Site c_arrive{"", 0};  // where
+    bool c_synced = false; // has waited at the cluster barrier once: every block has started
 };
 
 struct Group { // a barrier: the block's, or a warp's (with the exchanged values)
@@ -102,8 +117,29 @@ struct Group { // a barrier: the block's, or a warp's (with the exchanged values
 
 constexpr size_t STACK = 256 * 1024;
 
+// A block as the other blocks of its cluster see it.
+struct Peer {
+    std::atomic<unsigned char *> smem{nullptr}; // its dynamic shared memory, once started
+    std::atomic<bool> exited{false};            // its last thread has returned
+};
+struct Cluster { // the cluster barrier: threads arrived in the current phase; the phase
+    std::atomic<unsigned> arrived{0}, phase{0};
+};
+// A launch: its blocks and clusters (csize consecutive blocks each).
+struct Grid {
+    unsigned csize, c_threads; // blocks and threads per cluster
+    size_t dyn_smem;
+    std::vector<Peer> peers;
+    std::vector<Cluster> clusters;
+    Grid(unsigned nb, unsigned nt, unsigned cs, size_t dyn)
+        : csize(cs), c_threads(cs * nt), dyn_smem(dyn), peers(nb), clusters(nb / cs) {}
+};
+
 struct Block {
     unsigned id = 0, nt = 0, cur = 0, n_done = 0;
+    Grid *grid = nullptr;
+    Cluster *cl = nullptr; // its cluster's barrier
+    unsigned rank = 0;     // in its cluster
     std::vector<Fiber> f;
     std::vector<unsigned> order, place; // the threads in the order they take turns; its inverse
     Group bar;
@@ -151,25 +187,37 @@ inline bool runnable(Block &b, unsigned i) {
         case Wait::none: return true;
         case Wait::block: return b.bar.gen != f.gen;
         case Wait::warp: return b.warps[i / 32].gen != f.gen;
+        case Wait::cluster: return b.cl->phase.load(std::memory_order_acquire) != f.gen;
         default: return false;
     }
 }
 
 [[noreturn]] inline void stuck(Block &b);
 
-// The next fiber that can run after the running one (itself last, if `self`) -> switch to it.
-inline void schedule(bool self) {
-    Block &b = *blk;
-    for (unsigned k = 1; k <= b.nt; k++) {
-        const unsigned i = b.order[(b.place[b.cur] + k) % b.nt];
-        if (i == b.cur && !self) break;
-        if (runnable(b, i)) {
-            b.f[i].wait = Wait::none;
-            if (i != b.cur) switch_to(i);
-            return;
+// The next fiber that can run after the running one (itself last, if `self`). While none can
+// but some wait at the cluster barrier (for other blocks: other OS threads), yield the CPU and
+// look again; none at all: a deadlock.
+inline unsigned pick(Block &b, bool self) {
+    for (;;) {
+        bool cluster = false;
+        for (unsigned k = 1; k <= b.nt; k++) {
+            const unsigned i = b.order[(b.place[b.cur] + k) % b.nt];
+            if (i == b.cur && !self) break;
+            if (runnable(b, i)) {
+                b.f[i].wait = Wait::none;
+                return i;
+            }
+            cluster |= b.f[i].wait == Wait::cluster;
         }
+        if (!cluster) stuck(b);
+        sched_yield();
     }
-    stuck(b);
+}
+
+// Switches to the next fiber that can run (itself last, if `self`).
+inline void schedule(bool self) {
+    const unsigned i = pick(*blk, self);
+    if (i != blk->cur) switch_to(i);
 }
 
 inline void describe(Block &b, FILE *out) {
@@ -181,9 +229,10 @@ inline void describe(Block &b, FILE *out) {
         while (j + 1 < b.nt && b.f[j + 1].wait == f.wait && b.f[j + 1].at.line == f.at.line &&
                b.f[j + 1].spin.line == f.spin.line)
             j++;
-        const char *st = f.wait == Wait::block ? "wait at the block barrier"
-                         : f.wait == Wait::warp ? "wait at a warp function"
-                                                : "run";
+        const char *st = f.wait == Wait::block     ? "wait at the block barrier"
+                         : f.wait == Wait::warp    ? "wait at a warp function"
+                         : f.wait == Wait::cluster ? "wait at the cluster barrier"
+                                                   : "run";
         std::fprintf(out, "    threads %u..%u %s", i, j, st);
         if (f.wait != Wait::none) std::fprintf(out, " at %s:%d", base(f.at.file), f.at.line);
         if (f.spin.line)
@@ -268,6 +317,92 @@ inline void poll(const void *addr, uint64_t value, Site s) {
     f.poll_next = (f.poll_next + 1) % 4;
 }
 
+// ------------------------------------------------------------ thread block clusters
+// barrier.cluster.arrive(.relaxed): this thread's arrival in its cluster's current phase (the
+// last of the cluster's threads to arrive ends the phase). Release or relaxed: the same here.
+inline void cluster_arrive(Site s, const char *what) {
+    Block &b = *blk;
+    Fiber &me = b.f[b.cur];
+    if (me.c_open)
+        fail("%s at %s:%d (block %u, thread %u): a second arrive with no pe_cluster_wait since "
+             "the one at %s:%d", what, base(s.file), s.line, b.id, b.cur, base(me.c_arrive.file),
+             me.c_arrive.line);
+    exchange(0, 0xFFFFFFFFu, s, what); // .aligned: the whole warp at this line
+    Cluster &c = *b.cl;
+    me.c_phase = c.phase.load(std::memory_order_acquire); // cannot end before this one arrives
+    if (c.arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == b.grid->c_threads) {
+        c.arrived.store(0, std::memory_order_relaxed);
+        c.phase.fetch_add(1, std::memory_order_release);
+    }
+    me.c_open = true;
+    me.c_arrive = s;
+}
+
+// barrier.cluster.wait: until the phase of this thread's arrive has ended (every thread of the
+// cluster has arrived); the others run meanwhile.
+inline void cluster_wait(Site s) {
+    Block &b = *blk;
+    Fiber &me = b.f[b.cur];
+    if (!me.c_open)
+        fail("pe_cluster_wait at %s:%d (block %u, thread %u): no pe_cluster_arrive before it (the "
+             "barrier's halves alternate: arrive, then wait)", base(s.file), s.line, b.id, b.cur);
+    exchange(0, 0xFFFFFFFFu, s, "pe_cluster_wait");
+    if (b.cl->phase.load(std::memory_order_acquire) == me.c_phase) {
+        me.wait = Wait::cluster;
+        me.gen = me.c_phase;
+        me.at = s;
+        schedule(true); // back here once the phase has ended (runnable)
+    }
+    me.c_open = false;
+    me.c_synced = true;
+}
+
+// mapa: p, in this block's dynamic shared memory -> the same place in block `rank` of its cluster.
+inline void *cluster_map(const void *p, unsigned rank, Site s) {
+    Block &b = *blk;
+    const Grid &g = *b.grid;
+    const unsigned char *c = static_cast<const unsigned char *>(p);
+    if (c < smem || c >= smem + g.dyn_smem)
+        fail("pe_cluster_map at %s:%d (block %u, thread %u): %p is not in this block's dynamic "
+             "shared memory (%zu bytes at %p; the simulator maps only extern __shared__ smem[], "
+             "no static __shared__ variable)", base(s.file), s.line, b.id, b.cur, p, g.dyn_smem,
+             (void *)smem);
+    if (rank >= g.csize)
+        fail("pe_cluster_map at %s:%d (block %u, thread %u): rank %u in a cluster of %u blocks",
+             base(s.file), s.line, b.id, b.cur, rank, g.csize);
+    const Peer &q = g.peers[b.id - b.rank + rank];
+    unsigned char *m;
+    while (!(m = q.smem.load(std::memory_order_acquire))) sched_yield(); // its thread starts
+    return m + (c - smem);
+}
+
+// A distributed shared memory access `what` of n bytes at p (from cluster_map), checked: inside
+// the dynamic shared memory of a block of this cluster that has not exited, after this thread's
+// first cluster wait unless it is its own block's.
+inline void dsm_check(const void *p, size_t n, Site s, const char *what) {
+    Block &b = *blk;
+    const Grid &g = *b.grid;
+    const unsigned first = b.id - b.rank;
+    const unsigned char *c = static_cast<const unsigned char *>(p);
+    for (unsigned r = 0; r < g.csize; r++) {
+        const Peer &q = g.peers[first + r];
+        const unsigned char *m = q.smem.load(std::memory_order_acquire);
+        if (!m || c < m || c + n > m + g.dyn_smem) continue;
+        if (r != b.rank && !b.f[b.cur].c_synced)
+            fail("%s at %s:%d (block %u, thread %u): block %u's shared memory before this "
+                 "thread's first pe_cluster_wait (that block may not have started yet)", what,
+                 base(s.file), s.line, b.id, b.cur, first + r);
+        if (q.exited.load(std::memory_order_acquire))
+            fail("%s at %s:%d (block %u, thread %u): block %u (rank %u of this cluster) has "
+                 "exited: its shared memory is gone (a cluster barrier before the end keeps it)",
+                 what, base(s.file), s.line, b.id, b.cur, first + r, r);
+        return;
+    }
+    fail("%s at %s:%d (block %u, thread %u): %p is not in the dynamic shared memory of a block "
+         "of this cluster (blocks %u..%u; a pointer from pe_cluster_map?)", what, base(s.file),
+         s.line, b.id, b.cur, p, first, first + g.csize - 1);
+}
+
 // ------------------------------------------------------------ blocks and grids
 inline void fiber_main() {
     Block &b = *blk;
@@ -289,15 +424,11 @@ inline void fiber_main() {
     me.wait = Wait::done;
     b.bar.done++;
     w.done++;
-    if (++b.n_done == b.nt) switch_to(b.nt, true);
-    for (unsigned k = 1; k < b.nt; k++) { // the next that can run, or a deadlock
-        const unsigned i = b.order[(b.place[b.cur] + k) % b.nt];
-        if (runnable(b, i)) {
-            b.f[i].wait = Wait::none;
-            switch_to(i, true);
-        }
+    if (++b.n_done == b.nt) {
+        b.grid->peers[b.id].exited.store(true, std::memory_order_release);
+        switch_to(b.nt, true);
     }
-    stuck(b);
+    switch_to(pick(b, false), true); // the next that can run, or a deadlock
 }
 
 // A fiber that starts in fiber_main on a stack of its own.
@@ -334,12 +465,16 @@ inline void turns(Block &b) {
     for (unsigned k = 0; k < b.nt; k++) b.place[b.order[k]] = k;
 }
 
-// One block: nt fibers on this OS thread, until all have returned.
-inline void run_block(unsigned id, dim3 grid, unsigned nt, size_t dyn_smem,
+// One block of grid g: nt fibers on this OS thread, until all have returned.
+inline void run_block(unsigned id, Grid &g, dim3 grid, unsigned nt,
                       const std::function<void()> &body) {
+    const size_t dyn_smem = g.dyn_smem;
     Block b;
     b.id = id;
     b.nt = nt;
+    b.grid = &g;
+    b.cl = &g.clusters[id / g.csize];
+    b.rank = id % g.csize;
     b.f.resize(nt);
     b.warps.resize(nt / 32);
     b.body = &body;
@@ -351,6 +486,7 @@ inline void run_block(unsigned id, dim3 grid, unsigned nt, size_t dyn_smem,
 #if SIM_ASAN
     ASAN_POISON_MEMORY_REGION(smem + dyn_smem, SIM_SMEM_MAX - dyn_smem);
 #endif
+    g.peers[id].smem.store(smem, std::memory_order_release);
     for (Fiber &f : b.f) make_fiber(f);
     {
         std::lock_guard<std::mutex> lk(g_live_m);
@@ -381,22 +517,29 @@ inline double timeout_s() {
     return s ? std::atof(s) : 120.0;
 }
 
-// Runs body() as every thread of a grid of 1-D blocks, all blocks at once. A grid that has not
-// finished within the timeout is a deadlock: where each block waits, then abort().
-inline void launch(dim3 grid, dim3 block, size_t dyn_smem, const std::function<void()> &body) {
+// Runs body() as every thread of a grid of 1-D blocks in clusters of `cluster` consecutive
+// blocks, all blocks at once. A grid that has not finished within the timeout is a deadlock:
+// where each block waits, then abort().
+inline void launch(dim3 grid, dim3 block, size_t dyn_smem, const std::function<void()> &body,
+                   unsigned cluster = 1) {
     const unsigned nb = grid.x * grid.y * grid.z, nt = block.x;
     if (block.y != 1 || block.z != 1) fail("only 1-D blocks are simulated");
     if (nt == 0 || nt % 32 || nt > 1024) fail("threads per block %u: 32..1024, by 32", nt);
     if (dyn_smem > SIM_SMEM_MAX) fail("dynamic shared memory %zu > %d", dyn_smem, SIM_SMEM_MAX);
+    if (cluster == 0 || grid.x % cluster) fail("clusters of %u blocks in %u", cluster, grid.x);
+    Grid g(nb, nt, cluster, dyn_smem);
     std::mutex m;
     std::condition_variable cv;
     unsigned finished = 0;
     std::vector<std::thread> threads;
     for (unsigned id = 0; id < nb; id++)
         threads.emplace_back([&, id] {
-            run_block(id, grid, nt, dyn_smem, body);
-            std::lock_guard<std::mutex> lk(m);
+            run_block(id, g, grid, nt, body);
+            std::unique_lock<std::mutex> lk(m);
             if (++finished == nb) cv.notify_all();
+            // this thread's shared memory stays until the grid ends: a late access to it from
+            // another block of its cluster finds it exited, not freed
+            cv.wait(lk, [&] { return finished == nb; });
         });
     {
         std::unique_lock<std::mutex> lk(m);

@@ -8,6 +8,11 @@
 //     Atomics are __atomic builtins (relaxed, as CUDA's), __threadfence a full fence; __ldcg and
 //     the PTX loads of common.cuh (pe_sim_ptx.h) tell the simulator when a thread polls.
 //   - warp functions take the full mask only; __trap() is a fault.
+//   - thread block clusters (cudaLaunchAttributeClusterDimension, 1-D only: x blocks, y = z = 1):
+//     the runtime's checks (up to 8 blocks, 16 with cudaFuncAttributeNonPortableClusterSizeAllowed;
+//     a divisor of gridDim.x; not with a cooperative launch); the device side (rank, barrier,
+//     mapa, distributed shared memory) is pe_sim_ptx.h's, over sim.h. Without the attribute
+//     every block is a cluster of one.
 // Not simulated: timing, the GPU's weaker memory model (x86 orders more than PTX promises), and
 // PDL (a launch runs to its end before the host goes on).
 #pragma once
@@ -182,6 +187,7 @@ typedef enum cudaError {
     cudaErrorInvalidValue = 1,
     cudaErrorInvalidConfiguration = 9,
     cudaErrorCooperativeLaunchTooLarge = 720,
+    cudaErrorInvalidClusterSize = 912,
 } cudaError_t;
 typedef struct CUstream_st *cudaStream_t;
 
@@ -191,17 +197,25 @@ inline const char *cudaGetErrorString(cudaError_t e) {
         case cudaErrorInvalidValue: return "invalid argument";
         case cudaErrorInvalidConfiguration: return "invalid configuration argument";
         case cudaErrorCooperativeLaunchTooLarge: return "too many blocks in cooperative launch";
+        case cudaErrorInvalidClusterSize: return "invalid cluster size";
     }
     return "unrecognized error code";
 }
 
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaFuncAttribute {
+    cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+    cudaFuncAttributeNonPortableClusterSizeAllowed = 14,
+};
 enum cudaLaunchAttributeID {
     cudaLaunchAttributeCooperative = 2,
+    cudaLaunchAttributeClusterDimension = 4,
     cudaLaunchAttributeProgrammaticStreamSerialization = 5,
 };
 union cudaLaunchAttributeValue {
     int cooperative;
+    struct {
+        unsigned x, y, z;
+    } clusterDim;
     unsigned programmaticStreamSerializationAllowed;
 };
 struct cudaLaunchAttribute {
@@ -219,15 +233,35 @@ struct cudaLaunchConfig_t { // the runtime's fields, no more
 namespace sim {
 constexpr int SMS = 132;                 // multiprocessors of the simulated device (an H100)
 constexpr int SMEM_DEFAULT = 48 * 1024;  // dynamic shared memory without the attribute
+constexpr unsigned CLUSTER_PORTABLE = 8, CLUSTER_NONPORTABLE = 16; // blocks per cluster, at most
 inline std::map<const void *, int> g_smem_max; // cudaFuncSetAttribute's, per kernel
+inline std::map<const void *, int> g_nonportable;
 } // namespace sim
 
 template <typename... P>
 inline cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
-    if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > SIM_SMEM_MAX)
+    const void *k = reinterpret_cast<const void *>(kernel);
+    if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize && value >= 0 && value <= SIM_SMEM_MAX)
+        sim::g_smem_max[k] = value;
+    else if (attr == cudaFuncAttributeNonPortableClusterSizeAllowed && (value == 0 || value == 1))
+        sim::g_nonportable[k] = value;
+    else
         return cudaErrorInvalidValue;
-    sim::g_smem_max[reinterpret_cast<const void *>(kernel)] = value;
     return cudaSuccess;
+}
+
+// The blocks per cluster of a launch (1: no cluster attribute) for kernel k in a grid of gx
+// blocks, or 0 when the runtime refuses them.
+inline unsigned sim_cluster_size(const cudaLaunchAttributeValue *v, const void *k, unsigned gx) {
+    if (!v) return 1;
+    const unsigned x = v->clusterDim.x;
+    if (x != 0 && (v->clusterDim.y != 1 || v->clusterDim.z != 1))
+        sim::fail("a cluster of %ux%ux%u blocks: only 1-D clusters are simulated", x,
+                  v->clusterDim.y, v->clusterDim.z);
+    const auto it = sim::g_nonportable.find(k);
+    const bool np = it != sim::g_nonportable.end() && it->second;
+    const unsigned most = np ? sim::CLUSTER_NONPORTABLE : sim::CLUSTER_PORTABLE;
+    return x == 0 || x > most || gx % x ? 0 : x;
 }
 
 // Checks the launch as the runtime would, then runs it (all blocks at once) to its end. A
@@ -237,12 +271,15 @@ template <typename... P, typename... A>
 inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t *cfg, void (*kernel)(P...),
                                       A &&...args) {
     bool coop = false;
+    const cudaLaunchAttributeValue *cluster = nullptr;
     for (unsigned k = 0; k < cfg->numAttrs; k++) {
         const cudaLaunchAttribute &a = cfg->attrs[k];
         if (a.id == cudaLaunchAttributeCooperative) coop = a.val.cooperative != 0;
+        else if (a.id == cudaLaunchAttributeClusterDimension) cluster = &a.val;
         else if (a.id != cudaLaunchAttributeProgrammaticStreamSerialization)
             return cudaErrorInvalidValue;
     }
+    if (coop && cluster) return cudaErrorInvalidValue;
     const auto it = sim::g_smem_max.find(reinterpret_cast<const void *>(kernel));
     const size_t smem_max = it == sim::g_smem_max.end() ? sim::SMEM_DEFAULT : it->second;
     const dim3 g = cfg->gridDim, b = cfg->blockDim;
@@ -250,8 +287,10 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t *cfg, void (*kern
         b.x * b.y * b.z > 1024)
         return cudaErrorInvalidConfiguration;
     if (coop && g.x * g.y * g.z > (unsigned)sim::SMS) return cudaErrorCooperativeLaunchTooLarge;
+    const unsigned cs = sim_cluster_size(cluster, reinterpret_cast<const void *>(kernel), g.x);
+    if (cs == 0) return cudaErrorInvalidClusterSize;
     const std::tuple<P...> params(std::forward<A>(args)...); // copied once, as the runtime does
     const std::function<void()> body = [&] { std::apply(kernel, params); };
-    sim::launch(g, b, cfg->dynamicSmemBytes, body);
+    sim::launch(g, b, cfg->dynamicSmemBytes, body, cs);
     return cudaSuccess;
 }
