@@ -86,7 +86,13 @@ def main(argv=None) -> int:
             print(f"{name} cublas {res['runs'][f'{name}/cublas']:.1f} us", flush=True)
         for kind in args.kinds.split(","):
             for kernel in ("coop", "cluster"):
-                r, layout = time_shape(torch, cuda, kernel, kind, n_in, outs, args.splits)
+                try:
+                    r, layout = time_shape(torch, cuda, kernel, kind, n_in, outs, args.splits)
+                except Exception as e:  # noqa: BLE001 (a layout that does not launch: recorded)
+                    res["runs"][f"{name}/{kind}/{kernel}"] = {"error": repr(e)[:500]}
+                    print(f"{name} {kind} {kernel}: {e!r}"[:400], flush=True)
+                    torch.cuda.empty_cache()
+                    continue
                 res["runs"][f"{name}/{kind}/{kernel}"] = {"layout": layout, "us": {str(e): v for e, v in r.items()}}
                 gbps = r[1.0][1] / r[1.0][0] / 1e3
                 fixed = r[0.01][0] - r[0.01][1] / gbps / 1e3
