@@ -4,6 +4,7 @@
 #   bash experiments/device/run.sh cuda-bench    bench/cuda_run.py: checks, timings, one JSON
 #   bash experiments/device/run.sh pending       what the last session could not run (see there)
 #   bash experiments/device/run.sh cluster       the cluster kernel: GPU tests, coop vs cluster
+#   bash experiments/device/run.sh numbers       cuda_run JSON, Mixtral- and TP-shaped decodes
 #   bash experiments/device/run.sh cpu-scaling   CPU matmul suite on 4096x14336 at 1..16 threads
 #     (THREADS="1 2 4 8 16" SHAPES="4096x14336 or 14336x4096" for others; CFLAGS=-D... rebuilds)
 #   bash experiments/device/run.sh model-cuda    the model on the GPU: tests/test_model_cuda.py and
@@ -76,6 +77,18 @@ for step in "$@"; do
             tests/test_cuda.py -rfEs 2>&1 | tee "$OUT/cluster_tests.log" | tail -8
         timeout 300 python3 experiments/cuda/cluster_ab.py --out "$OUT/cluster_ab.json" 2>&1 |
             tee "$OUT/cluster_ab.log" | tail -30
+        ;;
+    numbers)
+        # session 13: the issue-20 JSON, Mixtral-shaped decode (23), one-GPU nccl and tp (24),
+        # with the kernel PYEFFORT_CUDA_KERNEL names (6 files come back)
+        timeout 230 python3 bench/cuda_run.py --out "$OUT/cuda_run.json" --no-checks \
+            --no-decode 2>&1 | tee "$OUT/cuda_run.log" | tail -30
+        timeout 100 python3 experiments/model/moe_decode_cuda.py --out "$OUT/moe_f16.json" \
+            --steps 32 --rounds 3 2>&1 | tail -3
+        timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py \
+            -k nccl -rfEs 2>&1 | tail -3
+        timeout 150 torchrun --nproc-per-node 1 experiments/model/tp_decode.py --steps 32 \
+            --rounds 2 --out "$OUT/tp1.json" 2>&1 | tail -3
         ;;
     cpu-scaling)
         # THREADS (default 1..16) x SHAPES (a -k expression); numpy, dense f16 and q8, fp16
