@@ -61,6 +61,8 @@ _COOP = os.environ.get("PYEFFORT_CUDA_COOP", "1") != "0"
 KERNELS = ("coop", "cluster")  # the effort kernel's designs (set_kernel)
 _KERNEL = os.environ.get("PYEFFORT_CUDA_KERNEL", "coop")
 CLUSTER_MAX = 16  # blocks per cluster (the cluster kernel: a power of two)
+TOLERANCE_MAX = 0.02  # of a call's multiplications (set_tolerance)
+_TOL = 0.0
 _lib_handle = None
 
 
@@ -201,7 +203,7 @@ def load(path) -> ctypes.CDLL:
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     group = ctypes.POINTER(_Group)
     lib.pe_cuda_matmul.argtypes = [group, p, i32, i64, p, f64, i32, i32, p, i32, i32]
-    lib.pe_cuda_matmul_cluster.argtypes = [group, p, i32, i64, p, f64, i32, i32, p, i32]
+    lib.pe_cuda_matmul_cluster.argtypes = [group, p, i32, i64, p, f64, i32, i32, p, i32, f64]
     lib.pe_cuda_dense_q8.argtypes = [p, i32, i64, p, p, i64, i64, i32, p, p, p, i32, p, i32]
     lib.pe_cuda_channel_skip.argtypes = [p, i32, i64, i64, p, i64, i64, i32, p, p, p, p, p, i32]
     lib.pe_cuda_channel_skip.argtypes += [p, i32]
@@ -244,6 +246,19 @@ def set_kernel(name: str) -> None:
     if name not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {name!r}")
     _KERNEL = name
+
+
+def set_tolerance(tol: float) -> None:
+    """How far the cluster kernel's selection may land from the budget, as a fraction of the
+    matrix's multiplications (0 to TOLERANCE_MAX; default 0: the exact cutoff of reference.py).
+    With tol > 0, when the histogram bin holding the cut (1/16 of an octave of keys) weighs at
+    most 2 * tol, that bin is taken whole or not at all, whichever is nearer the budget: no
+    finer search, so a shorter fixed cost. The realised effort is still reported exactly. Read
+    at each launch (a captured graph keeps the value it was captured with)."""
+    global _TOL
+    if not 0.0 <= tol <= TOLERANCE_MAX:
+        raise ValueError(f"tolerance must lie in [0, {TOLERANCE_MAX}], got {tol}")
+    _TOL = float(tol)
 
 
 def cluster_size(tiles: int, n_sms: int) -> int:
@@ -746,7 +761,7 @@ def _run(x, group, effort, outs, out_dtype, return_info):
     args += (_dtype_code(torch, ys[0].dtype), stream, int(_PDL))
     with torch.cuda.device(B0.device):
         if group.kernel == "cluster":
-            _check(lib, lib.pe_cuda_matmul_cluster(*args))
+            _check(lib, lib.pe_cuda_matmul_cluster(*args, _TOL))
         else:
             _check(lib, lib.pe_cuda_matmul(*args, int(_COOP)))
     if not return_info:

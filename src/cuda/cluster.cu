@@ -20,7 +20,9 @@
  *      every block's shared memory until all have read it.
  * Every level's histograms are integers and every sum has a fixed order: the same inputs give
  * the same bits. A budget that covers every loaded row (effort 1.0 on a full load) skips 1.-3.
- * (every row of the split streams in row order); effort 0 streams nothing. */
+ * (every row of the split streams in row order); effort 0 streams nothing. With a tolerance
+ * (tol > 0, pe_cuda.h) a level-1 bin of at most 2 tol n_in n_out multiplications is taken whole
+ * or not at all, and 2.-3. have no candidates and no further level. */
 #include "common.cuh"
 #include "rows.cuh"
 
@@ -231,7 +233,7 @@ __device__ __forceinline__ uint32_t pe_stream_all(const TX *x, const pe_cuda_mat
 template <typename TX, typename TY, int CT, bool Q8>
 __global__ void __launch_bounds__(PE_THREADS, 1)
     k_cluster(const TX *__restrict__ x, const pe_cuda_group g, const double *eff_ptr,
-              double eff_val, int eff_stride) {
+              double eff_val, int eff_stride, double tol) {
     typedef Tile<CT> T;
     extern __shared__ __align__(16) unsigned char smem[];
     float *acc = (float *)smem;                                              /* (NT, ACC) */
@@ -316,6 +318,15 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         uint32_t wb;
         const uint32_t b1 = pe_cluster_pick(PE_NB1, cl + PE_CL_RED1, cl + PE_CL_TOT, C, budget,
                                             &aw, &wb, cl + PE_CL_COPY);
+        /* with a tolerance: level 1 decides when bin b1 weighs at most twice it: the bin whole
+         * or not at all, whichever lands nearer the budget (off by at most half the bin) */
+        const bool near = tol > 0.0 && (double)wb <= 2.0 * tol * (double)(m.n_in * m.n_out);
+        const bool take_b1 = near && budget - (double)aw >= 0.5 * (double)wb;
+        const int thr = take_b1 ? (int)b1 - 1 : (int)b1; /* sure rows: bin > thr */
+        if (near) {
+            cut = (take_b1 ? b1 : b1 + 1u) << 19;
+            mults = take_b1 ? aw + wb : aw;
+        }
 
         /* 2. every pass: sure rows -> list (while they fit), candidates -> own list; then the
          * candidates' level-2 histogram goes out and the listed sure rows stream, then the
@@ -325,22 +336,24 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         for (int p = 0; p < n_pass; p++) {
             if (p != loaded) pe_load_keys<Q8>(x, m, (int)split, loaded = p, ri, xv, key, ci);
             const bool app = pend == n_pass;
-            const uint32_t nd = split_rows(m, (int)b1, app, true, false, tile, 0, ri, ci, xv,
+            const uint32_t nd = split_rows(m, thr, app, !near, false, tile, 0, ri, ci, xv,
                                            key, list, n_list, cand_rx, cand_k, &n_c, warp_n,
                                            s_tot, 0u, false, short_from);
             if (app && (n_list == 0 || n_list + nd <= PE_PASS_ROWS)) n_list += nd;
             else if (app) pend = p;
         }
         uint32_t *hloc = cl + PE_CL_HLOC;
-        pe_cand_hist<Q8>(x, m, (int)split, n_pass, cand_k, n_c, 2, b1, 0u, hloc);
-        pe_cluster_push(hloc, PE_NB2, cl + PE_CL_RED2, cl + PE_CL_TOT + PE_CMAX, C);
+        if (!near) {
+            pe_cand_hist<Q8>(x, m, (int)split, n_pass, cand_k, n_c, 2, b1, 0u, hloc);
+            pe_cluster_push(hloc, PE_NB2, cl + PE_CL_RED2, cl + PE_CL_TOT + PE_CMAX, C);
+        }
         pe_process<CT, Q8>(list, n_list, tile_base, my, team, t);
         n_rows_done = n_list;
         if (count_rec) n_rec += pe_count_records(list, n_list);
         __syncthreads();
         for (int p = pend; p < n_pass; p++) {
             if (p != loaded) pe_load_keys<Q8>(x, m, (int)split, loaded = p, ri, xv, key, ci);
-            const uint32_t nd = split_rows(m, (int)b1, true, false, false, tile, 0, ri, ci, xv,
+            const uint32_t nd = split_rows(m, thr, true, false, false, tile, 0, ri, ci, xv,
                                            key, list, 0u, cand_rx, cand_k, &n_c, warp_n, s_tot,
                                            0u, false, short_from);
             pe_process<CT, Q8>(list, nd, tile_base, my, team, t);
@@ -364,7 +377,9 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             return prefix | b3;
         };
         uint32_t n_take = 0;
-        if (n_c <= PE_CAND_CAP) {
+        if (near) {
+            /* no candidates: the cut is known */
+        } else if (n_c <= PE_CAND_CAP) {
             cut = pe_process_cands<CT, Q8>(cand_rx, cand_k, n_c, tile_base, my, team, t, resolve);
             for (uint32_t i0 = 0; i0 < n_c; i0 += PE_THREADS) {
                 const uint32_t i = i0 + threadIdx.x;
@@ -407,7 +422,7 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
 
 template <typename TX, typename TY, int CT, bool Q8>
 static cudaError_t launch(const pe_cuda_group *g, const void *x, void *stream, int pdl,
-                          const double *eff_ptr, double eff_val, int eff_stride) {
+                          const double *eff_ptr, double eff_val, int eff_stride, double tol) {
     cudaLaunchConfig_t cfg;
     cudaLaunchAttribute attr[2];
     int na = 0;
@@ -426,24 +441,24 @@ static cudaError_t launch(const pe_cuda_group *g, const void *x, void *stream, i
     cfg.attrs = attr;
     cfg.numAttrs = na;
     return cudaLaunchKernelEx(&cfg, k_cluster<TX, TY, CT, Q8>, (const TX *)x, *g, eff_ptr,
-                              eff_val, eff_stride);
+                              eff_val, eff_stride, tol);
 }
 
 template <typename TX, typename TY, int CT>
 static cudaError_t launch_kind(const pe_cuda_group *g, const void *x, void *stream, int pdl,
-                               const double *ep, double ev, int es) {
-    return g->m[0].q8 ? launch<TX, TY, CT, true>(g, x, stream, pdl, ep, ev, es)
-                      : launch<TX, TY, CT, false>(g, x, stream, pdl, ep, ev, es);
+                               const double *ep, double ev, int es, double tl) {
+    return g->m[0].q8 ? launch<TX, TY, CT, true>(g, x, stream, pdl, ep, ev, es, tl)
+                      : launch<TX, TY, CT, false>(g, x, stream, pdl, ep, ev, es, tl);
 }
 
 template <typename TX, typename TY>
 static cudaError_t launch_ct(const pe_cuda_group *g, const void *x, void *stream, int pdl,
-                             const double *ep, double ev, int es) {
+                             const double *ep, double ev, int es, double tl) {
     switch (g->m[0].ct) {
-        case 32: return launch_kind<TX, TY, 32>(g, x, stream, pdl, ep, ev, es);
-        case 64: return launch_kind<TX, TY, 64>(g, x, stream, pdl, ep, ev, es);
-        case 128: return launch_kind<TX, TY, 128>(g, x, stream, pdl, ep, ev, es);
-        case 256: return launch_kind<TX, TY, 256>(g, x, stream, pdl, ep, ev, es);
+        case 32: return launch_kind<TX, TY, 32>(g, x, stream, pdl, ep, ev, es, tl);
+        case 64: return launch_kind<TX, TY, 64>(g, x, stream, pdl, ep, ev, es, tl);
+        case 128: return launch_kind<TX, TY, 128>(g, x, stream, pdl, ep, ev, es, tl);
+        case 256: return launch_kind<TX, TY, 256>(g, x, stream, pdl, ep, ev, es, tl);
         default: return cudaErrorInvalidValue;
     }
 }
@@ -452,7 +467,7 @@ template <typename TX, typename TY, int CT>
 static cudaError_t raise_one() {
     cudaError_t e = cudaSuccess;
     for (int q8 = 0; q8 < 2 && e == cudaSuccess; q8++) {
-        void (*k)(const TX *, const pe_cuda_group, const double *, double, int) =
+        void (*k)(const TX *, const pe_cuda_group, const double *, double, int, double) =
             q8 ? k_cluster<TX, TY, CT, true> : k_cluster<TX, TY, CT, false>;
         e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  ClusterTile<CT>::SMEM);
@@ -485,14 +500,14 @@ extern "C" int pe_cuda_cluster_init(void) {
 }
 
 static cudaError_t launch_types(const pe_cuda_group *g, const void *x, int xd, int yd,
-                                void *stream, int pdl, const double *ep, double ev, int es) {
-    if (xd == PE_F16 && yd == PE_F32) return launch_ct<__half, float>(g, x, stream, pdl, ep, ev, es);
-    if (xd == PE_F16 && yd == PE_F16) return launch_ct<__half, __half>(g, x, stream, pdl, ep, ev, es);
-    if (xd == PE_F32 && yd == PE_F32) return launch_ct<float, float>(g, x, stream, pdl, ep, ev, es);
+                                void *stream, int pdl, const double *ep, double ev, int es, double tl) {
+    if (xd == PE_F16 && yd == PE_F32) return launch_ct<__half, float>(g, x, stream, pdl, ep, ev, es, tl);
+    if (xd == PE_F16 && yd == PE_F16) return launch_ct<__half, __half>(g, x, stream, pdl, ep, ev, es, tl);
+    if (xd == PE_F32 && yd == PE_F32) return launch_ct<float, float>(g, x, stream, pdl, ep, ev, es, tl);
     if (xd == PE_BF16 && yd == PE_F32)
-        return launch_ct<__nv_bfloat16, float>(g, x, stream, pdl, ep, ev, es);
+        return launch_ct<__nv_bfloat16, float>(g, x, stream, pdl, ep, ev, es, tl);
     if (xd == PE_BF16 && yd == PE_BF16)
-        return launch_ct<__nv_bfloat16, __nv_bfloat16>(g, x, stream, pdl, ep, ev, es);
+        return launch_ct<__nv_bfloat16, __nv_bfloat16>(g, x, stream, pdl, ep, ev, es, tl);
     return cudaErrorInvalidValue;
 }
 
@@ -520,8 +535,8 @@ static int elem_size(int dtype) { return dtype == PE_F32 ? 4 : 2; }
 extern "C" int pe_cuda_matmul_cluster(const pe_cuda_group *g, const void *x, int x_dtype,
                                       int64_t n_tokens, const double *effort_ptr,
                                       double effort_val, int effort_each, int y_dtype,
-                                      void *stream, int pdl) {
-    if (!cluster_group_ok(g) || n_tokens < 0 ||
+                                      void *stream, int pdl, double tol) {
+    if (!cluster_group_ok(g) || n_tokens < 0 || !(tol >= 0.0 && tol <= 0.5) ||
         (effort_each != 0 && (effort_each != 1 || !effort_ptr)))
         return PE_CUDA_ERR_ARG;
     pe_cuda_group gt = *g;
@@ -530,7 +545,7 @@ extern "C" int pe_cuda_matmul_cluster(const pe_cuda_group *g, const void *x, int
         for (int i = 0; i < g->n_mat; i++)
             gt.y[i] = (char *)g->y[i] + t * g->m[i].n_out * elem_size(y_dtype);
         const cudaError_t e = launch_types(&gt, xt, x_dtype, y_dtype, stream, pdl, effort_ptr,
-                                           effort_val, effort_each);
+                                           effort_val, effort_each, tol);
         if (e == cudaErrorInvalidValue) return PE_CUDA_ERR_ARG; /* a dtype or ct unknown here */
         if (e != cudaSuccess) return pe_status_of(e);
     }

@@ -95,11 +95,14 @@ int pe_cuda_matmul(const pe_cuda_group *g, const void *x, int x_dtype, int64_t n
 /* The same product by the cluster kernel (cluster.cu): every matrix of g with one split count
  * C = n_splits in 1..16 (a power of two), its blocks tile-major (block0 + tile * C + split:
  * a cluster of C blocks per column tile); hist, cand and partial are not used. No cooperative
- * launch: clusters meet nobody. pe_cuda_cluster_init raises its kernel attributes once. */
+ * launch: clusters meet nobody. tol (0 .. 0.5): 0 for the exact cutoff; else, when the level-1
+ * bin of the cut weighs at most 2 tol n_in n_out, that bin is taken whole or not at all (the
+ * nearer to the budget: realised multiplications within tol n_in n_out of it), with no levels 2
+ * and 3; the realised count stays exact. pe_cuda_cluster_init raises its kernel attributes once. */
 int pe_cuda_cluster_init(void);
 int pe_cuda_matmul_cluster(const pe_cuda_group *g, const void *x, int x_dtype, int64_t n_tokens,
                            const double *effort_ptr, double effort_val, int effort_each,
-                           int y_dtype, void *stream, int pdl);
+                           int y_dtype, void *stream, int pdl, double tol);
 
 /* Dense 8-bit weight-only GEMV (dense_q8.cu; pyeffort.dense's Q8_0): x (n_tokens, n_in) @ W ->
  * y (n_tokens, n_out), W[i, j] = q[i, j] * scales[i / 32, j], q (n_in, n_out) int8, scales

@@ -244,6 +244,7 @@ class Call:
     y: str = "f32"
     xd: str | None = None
     by_ptr: bool = False
+    tol: float = 0.0  # the cluster kernel's tolerance (pe_cuda_matmul_cluster)
 
     def effort_of(self, i: int) -> float:
         """Matrix i's effort."""
@@ -301,7 +302,7 @@ def _add_call(
     eb = s.load(f"{tag}_e", np.array(call.effort, np.float64).reshape(-1)) if by_ptr else "-"
     ev = 0.0 if by_ptr else repr(float(call.effort))
     args = (xb, DTYPES[xd], x.shape[0], eb, ev, int(each), DTYPES[call.y], 1)
-    s.add("matmul_cluster", *args) if kernel == "cluster" else s.add("matmul", *args, 1)
+    s.add("matmul_cluster", *args, repr(call.tol)) if kernel == "cluster" else s.add("matmul", *args, 1)
     for i, m in enumerate(mats):
         s.save(ys[i])
         s.save(f"{m.name}_state", f"{tag}_st{i}")

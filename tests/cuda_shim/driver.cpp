@@ -10,7 +10,7 @@
 //   group N_MAT N_WORKERS Y0 [Y1 ...]       group sizes and outputs
 //   init                                    pe_cuda_init(), then pe_cuda_cluster_init()
 //   matmul X XD N_TOK EFF_BUF EFF_VAL EACH YD PDL COOP (EFF_BUF: - for none)
-//   matmul_cluster X XD N_TOK EFF_BUF EFF_VAL EACH YD PDL   the cluster kernel (cluster.cu)
+//   matmul_cluster X XD N_TOK EFF_BUF EFF_VAL EACH YD PDL TOL   the cluster kernel (cluster.cu)
 //   dense_q8 X XD N_TOK Q SCALES N_IN N_OUT N_SPLIT PARTIAL COUNT Y YD
 //   channel_skip X XD N_TOK K W N_IN N_OUT N_SPLIT ROWS XS PARTIAL COUNT Y YD
 //   fault NAME                              faults.cu's kernel NAME
@@ -141,7 +141,9 @@ void run_line(const std::string &line) {
         const double *ep = static_cast<const double *>(ptr(word(in)));
         const double ev = next<double>(in);
         const int each = (int)num(in), yd = (int)num(in), pdl = (int)num(in);
-        const int st = pe_cuda_matmul_cluster(&g_group, x, xd, n_tok, ep, ev, each, yd, nullptr, pdl);
+        const double tol = next<double>(in);
+        const int st =
+            pe_cuda_matmul_cluster(&g_group, x, xd, n_tok, ep, ev, each, yd, nullptr, pdl, tol);
         std::printf("status %d\n", st);
     } else if (op == "dense_q8") {
         const void *x = ptr(word(in));
