@@ -339,7 +339,7 @@ def test_the_order_of_the_threads_changes_no_bit(exe, torch, rng, monkeypatch, o
         ("cluster_wait_first", "no pe_cluster_arrive before it"),
         ("cluster_arrive_twice", "a second arrive with no pe_cluster_wait since the one at faults"),
         ("cluster_missing", "has not finished in 3 s"),
-        ("cluster_early", "block 1's shared memory before this thread's first pe_cluster_wait"),
+        ("cluster_early", "(block 0, thread 0): block 1's shared memory before this thread's"),
         ("cluster_map_static", "is not in this block's dynamic shared memory"),
     ],
 )

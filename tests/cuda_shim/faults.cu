@@ -95,12 +95,13 @@ __global__ void k_fault_cluster_missing(uint32_t *) {
     pe_cluster_wait();
 }
 
-/* Block 1's shared memory read before the first cluster barrier: block 1 may not have started. */
+/* Block 0 reads block 1's shared memory before the first cluster barrier: block 1 may not have
+ * started yet. */
 __global__ void k_fault_cluster_early(uint32_t *out) {
     extern __shared__ __align__(16) unsigned char smem[];
     uint32_t *s = (uint32_t *)smem;
     s[threadIdx.x] = 1;
-    out[threadIdx.x] = pe_dsm_ld(pe_cluster_map(s, 1 - pe_cluster_rank()) + threadIdx.x);
+    if (pe_cluster_rank() == 0) out[threadIdx.x] = pe_dsm_ld(pe_cluster_map(s, 1) + threadIdx.x);
     pe_cluster_arrive();
     pe_cluster_wait();
 }

@@ -74,12 +74,12 @@ struct Site {
 #define SIM_SITE sim::Site()
 
 [[noreturn]] inline void fail(const char *fmt, ...) {
+    char msg[2048]; // one write: blocks that fail at once (other OS threads) do not interleave
     va_list ap;
     va_start(ap, fmt);
-    std::fputs("cuda sim: ", stderr);
-    std::vfprintf(stderr, fmt, ap);
-    std::fputc('\n', stderr);
+    std::vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    std::fprintf(stderr, "cuda sim: %s\n", msg);
     std::fflush(stderr);
     std::abort();
 }
