@@ -87,20 +87,23 @@ __global__ void k_fault_cluster_arrive_twice(uint32_t *) {
     pe_cluster_wait();
 }
 
-/* Block 1 of the cluster returns without arriving at the barrier that block 0 waits at: a
- * deadlock of the grid. */
-__global__ void k_fault_cluster_missing(uint32_t *) {
-    if (pe_cluster_rank() == 1) return;
+/* Block 1 waits, before the cluster barrier, for a count that block 0 makes only after it: a
+ * deadlock of the grid (a block that returned would not hold the barrier up: PTX waits only for
+ * the threads that have not exited). */
+__global__ void k_fault_cluster_missing(uint32_t *out) {
+    if (pe_cluster_rank() == 1) pe_wait_geq(out, 1u);
     pe_cluster_arrive();
     pe_cluster_wait();
+    if (pe_cluster_rank() == 0) pe_signal(out);
 }
 
-/* Block 1's shared memory read before the first cluster barrier: block 1 may not have started. */
+/* Block 0 reads block 1's shared memory before the first cluster barrier: block 1 may not have
+ * started yet. */
 __global__ void k_fault_cluster_early(uint32_t *out) {
     extern __shared__ __align__(16) unsigned char smem[];
     uint32_t *s = (uint32_t *)smem;
     s[threadIdx.x] = 1;
-    out[threadIdx.x] = pe_dsm_ld(pe_cluster_map(s, 1 - pe_cluster_rank()) + threadIdx.x);
+    if (pe_cluster_rank() == 0) out[threadIdx.x] = pe_dsm_ld(pe_cluster_map(s, 1) + threadIdx.x);
     pe_cluster_arrive();
     pe_cluster_wait();
 }
@@ -136,6 +139,18 @@ __global__ void k_cluster_sum(uint32_t *out) {
 }
 
 #define NO_CLUSTER 0xFFFFFFFFu
+
+/* Not a fault: block 1 of the cluster and warps 2.. of block 0 return at once; the cluster
+ * barrier waits only for the threads that have not (PTX), so the others go on: each of them
+ * adds 1 to out[0]. */
+__global__ void k_cluster_exit_early(uint32_t *out) {
+    if (pe_cluster_rank() == 1 || threadIdx.x >= 64) return;
+    pe_cluster_arrive();
+    pe_cluster_wait();
+    pe_cluster_arrive();
+    pe_cluster_wait();
+    atomicAdd(out, 1u);
+}
 
 /* kernel k on a grid of `blocks` x FAULT_THREADS in clusters of `cluster` (NO_CLUSTER: no
  * cluster attribute),
@@ -179,7 +194,8 @@ static void cluster_sum(unsigned blocks, unsigned cluster) {
 
 /* cluster_NAME: the fault kernels above; cluster_sum (not a fault): 8 blocks in clusters of 4,
  * 3 blocks without the attribute (each its own cluster), then 16 in one cluster (non-portable,
- * allowed by the attribute); cluster_refused: the
+ * allowed by the attribute), then k_cluster_exit_early (its status and out[0]);
+ * cluster_refused: the
  * statuses of the launches the runtime refuses, and of the attribute's values. */
 static void run_cluster(const std::string &name) {
     uint32_t *out = new uint32_t[FAULT_THREADS]();
@@ -199,6 +215,8 @@ static void run_cluster(const std::string &name) {
             k_cluster_sum, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
         std::printf("status %d\n", (int)e);
         cluster_sum(16, 16);
+        std::printf("status %d\n", (int)launch_cluster(k_cluster_exit_early, 2, 2, out));
+        std::printf("status %u\n", out[0]);
     } else if (name == "cluster_refused") {
         const unsigned bad[][2] = {{8, 3}, {8, 0}, {16, 16}, {32, 32}, {3, 2}};
         for (const auto &g : bad)

@@ -9,9 +9,10 @@
 // grid that has not finished within CUDA_SIM_TIMEOUT seconds (default 120: a deadlock; the
 // report says where every block waits), __trap().
 // Thread block clusters (1-D: `csize` consecutive blocks): the cluster barrier's two halves
-// (arrive, then wait, alternately, by every thread of the cluster; warp-aligned, as PTX's
-// .aligned asks) are a phase counter per cluster; a thread waiting there lets the others run
-// until its phase has ended. Distributed shared memory: a block's dynamic shared memory as the
+// (arrive, then wait, alternately; warp-aligned, as PTX's .aligned asks) are a phase counter
+// per cluster; a phase ends once every thread of the cluster that has not returned has arrived
+// (as PTX's, a thread that returns no longer counts); a thread waiting there lets the others
+// run until its phase has ended. Distributed shared memory: a block's dynamic shared memory as the
 // other blocks of its cluster see it (Peer). Every block's OS thread, and so its shared memory,
 // lives until the whole grid has ended, so that an access to the memory of a block that has
 // exited is a clear fault (on a GPU that memory is gone), not a read of freed memory. Faults: a
@@ -74,12 +75,12 @@ struct Site {
 #define SIM_SITE sim::Site()
 
 [[noreturn]] inline void fail(const char *fmt, ...) {
+    char msg[2048]; // one write: blocks that fail at once (other OS threads) do not interleave
     va_list ap;
     va_start(ap, fmt);
-    std::fputs("cuda sim: ", stderr);
-    std::vfprintf(stderr, fmt, ap);
-    std::fputc('\n', stderr);
+    std::vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    std::fprintf(stderr, "cuda sim: %s\n", msg);
     std::fflush(stderr);
     std::abort();
 }
@@ -122,8 +123,16 @@ struct Peer {
     std::atomic<unsigned char *> smem{nullptr}; // its dynamic shared memory, once started
     std::atomic<bool> exited{false};            // its last thread has returned
 };
-struct Cluster { // the cluster barrier: threads arrived in the current phase; the phase
-    std::atomic<unsigned> arrived{0}, phase{0};
+struct Cluster { // the cluster barrier
+    std::mutex m;
+    unsigned live = 0, pending = 0;   // threads not returned; of those, not arrived in the phase
+    std::atomic<unsigned> phase{0};   // ends (+1) when pending reaches 0
+    void count_down() { // under m
+        if (--pending == 0) {
+            pending = live;
+            phase.fetch_add(1, std::memory_order_release);
+        }
+    }
 };
 // A launch: its blocks and clusters (csize consecutive blocks each).
 struct Grid {
@@ -132,7 +141,9 @@ struct Grid {
     std::vector<Peer> peers;
     std::vector<Cluster> clusters;
     Grid(unsigned nb, unsigned nt, unsigned cs, size_t dyn)
-        : csize(cs), c_threads(cs * nt), dyn_smem(dyn), peers(nb), clusters(nb / cs) {}
+        : csize(cs), c_threads(cs * nt), dyn_smem(dyn), peers(nb), clusters(nb / cs) {
+        for (Cluster &c : clusters) c.live = c.pending = c_threads;
+    }
 };
 
 struct Block {
@@ -327,13 +338,11 @@ inline void cluster_arrive(Site s, const char *what) {
         fail("%s at %s:%d (block %u, thread %u): a second arrive with no pe_cluster_wait since "
              "the one at %s:%d", what, base(s.file), s.line, b.id, b.cur, base(me.c_arrive.file),
              me.c_arrive.line);
-    exchange(0, 0xFFFFFFFFu, s, what); // .aligned: the whole warp at this line
+    exchange(0, 0xFFFFFFFFu, s, what); // .aligned: the whole warp at this line, none returned
     Cluster &c = *b.cl;
-    me.c_phase = c.phase.load(std::memory_order_acquire); // cannot end before this one arrives
-    if (c.arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == b.grid->c_threads) {
-        c.arrived.store(0, std::memory_order_relaxed);
-        c.phase.fetch_add(1, std::memory_order_release);
-    }
+    std::lock_guard<std::mutex> lk(c.m);
+    me.c_phase = c.phase.load(std::memory_order_relaxed);
+    c.count_down();
     me.c_open = true;
     me.c_arrive = s;
 }
@@ -355,6 +364,14 @@ inline void cluster_wait(Site s) {
     }
     me.c_open = false;
     me.c_synced = true;
+}
+
+// A thread returns: its cluster's barrier no longer waits for it.
+inline void cluster_leave(Fiber &me) {
+    Cluster &c = *blk->cl;
+    std::lock_guard<std::mutex> lk(c.m);
+    c.live--;
+    if (!me.c_open || me.c_phase != c.phase.load(std::memory_order_relaxed)) c.count_down();
 }
 
 // mapa: p, in this block's dynamic shared memory -> the same place in block `rank` of its cluster.
@@ -421,6 +438,7 @@ inline void fiber_main() {
     if (w.arrived)
         fail("block %u, thread %u returned while its warp waits in %s at %s:%d", b.id, b.cur,
              w.what, base(w.at.file), w.at.line);
+    cluster_leave(me);
     me.wait = Wait::done;
     b.bar.done++;
     w.done++;

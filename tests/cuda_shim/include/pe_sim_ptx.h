@@ -2,12 +2,13 @@
 // file instead of its inline PTX when PE_CUDA_SIM is defined): the same memory orders as
 // __atomic builtins; a load that reads what it read before tells the simulator that its thread
 // polls (sim::poll: the others run). The L1 hint of the row loads and the register pins have
-// no meaning here. Thread block clusters (sim.h): %cluster_ctarank is blockIdx.x % the cluster's
-// blocks; barrier.cluster.arrive/wait meet every thread of the cluster (checked: alternately,
-// each by a whole warp at one line); mapa maps this block's dynamic shared memory (not a static
-// __shared__ variable: those are thread_local here) onto another block's; the pe_dsm_* are
-// relaxed atomics through such a pointer, checked against the blocks of the cluster (inside
-// one's dynamic shared memory, not exited, not before the thread's first cluster wait).
+// no meaning here. Thread block clusters (sim.h): %cluster_ctarank is blockIdx.x % the
+// cluster's blocks; barrier.cluster.arrive/wait meet every thread of the cluster that has not
+// returned (checked: alternately, each by a whole warp at one line); mapa maps this block's
+// dynamic shared memory (not a static __shared__ variable: those are thread_local here) onto
+// another block's; the pe_dsm_* are relaxed atomics through such a pointer, checked against the
+// blocks of the cluster (inside one's dynamic shared memory, not exited, not before the
+// thread's first cluster wait).
 #pragma once
 #include "cuda_runtime.h"
 
