@@ -1,4 +1,5 @@
-"""The coop kernel (bucketmul.cu) against the cluster kernel (cluster.cu), side by side in one
+"""The coop kernel (bucketmul.cu) against the cluster kernel (cluster.cu, exact and with the
+0.02 tolerance), side by side in one
 process on one GPU: µs per call in CUDA graphs (weights rotated past L2, bench/cuda_run.py's
 timing) of single matrices and the grouped calls at each effort, cuBLAS fp16 in the same run,
 and the fixed cost (effort 0.01 minus its streaming at the run's best bandwidth).
@@ -25,7 +26,10 @@ MIN_CALLS = 24
 
 
 def time_shape(torch, cuda, kernel, kind, n_in, outs, splits):
-    """-> {effort: (µs per call, weight bytes)} of one shape (a group when several outs)."""
+    """-> {effort: (µs per call, weight bytes)} of one shape (a group when several outs);
+    kernel "cluster_tol": the cluster kernel with set_tolerance(0.02)."""
+    cuda.set_tolerance(0.02 if kernel == "cluster_tol" else 0.0)
+    kernel = "cluster" if kernel == "cluster_tol" else kernel
     cuda.set_kernel(kernel)
     gen = torch.Generator(device="cuda").manual_seed(1)
     groups, xs = [], []
@@ -85,7 +89,7 @@ def main(argv=None) -> int:
             res["runs"][f"{name}/cublas"] = cublas_us(torch, n_in, outs[0])
             print(f"{name} cublas {res['runs'][f'{name}/cublas']:.1f} us", flush=True)
         for kind in args.kinds.split(","):
-            for kernel in ("coop", "cluster"):
+            for kernel in ("coop", "cluster", "cluster_tol"):
                 try:
                     r, layout = time_shape(torch, cuda, kernel, kind, n_in, outs, args.splits)
                 except Exception as e:  # noqa: BLE001 (a layout that does not launch: recorded)
