@@ -159,7 +159,10 @@ def test_cluster_kernel_ties_tokens_and_groups(exe, torch, rng):
     xs = np.sign(random_x(rng, 1, 300)).astype(np.float32)
     x01 = np.r_[np.ones(150), np.zeros(150)].astype(np.float32)[None]
     ties = [shim.Call(xs, 0.3), shim.Call(xs, 0.3), shim.Call(x01, 0.7), shim.Call(x01, 0.2)]
-    run_and_check(exe, [Bt], [([0], 1, ties), ([0], 2, ties[:1])], kernel="cluster")
+    # C = 1, 2: a block keeps only some of its candidates; C = 8: each keeps all, but the
+    # cluster's 4800 are more than a gather holds: levels 2-3 across the cluster
+    phases = [([0], 1, ties), ([0], 2, ties[:1]), ([0], 8, ties[:1])]
+    run_and_check(exe, [Bt], phases, kernel="cluster")
     Be = pyeffort.build_buckets(rng.choice([-1.0, 1.0], (8, 16)).astype(np.float16))
     xe = np.array([8, -7, 6, 5, -4, 3, 1 + 5 * 2**-23, -(1 + 3 * 2**-23)], dtype=np.float32)
     run_and_check(exe, [Be], [([0], 2, [shim.Call(xe, 7 / 8)])], kernel="cluster")

@@ -11,10 +11,13 @@
  *      pushed into the cluster (pe_cluster_push: every bin to the block owning its slice, every
  *      warp's total to every block); after the cluster barrier, every block picks the same
  *      level-1 bin b1 (pe_cluster_pick).
- *   2. rows above b1 (sure) -> list; rows in b1 (candidates) -> own list, their level-2
- *      histogram (10 bits) pushed; the sure rows stream while the other blocks push.
- *   3. level 2's pick, level 3 (9 bits) over the candidates of the level-2 bin: the cutoff,
- *      exact (reference.cutoff) and the same in every cluster; the own candidates >= cut added.
+ *   2. rows above b1 (sure) -> list; rows in b1 (candidates) -> own list and count, then a
+ *      cluster arrive; the sure rows stream while the other blocks list theirs.
+ *   3. every block copies the cluster's candidates (pe_gather_cands) and resolves levels 2 (10
+ *      bits) and 3 (9 bits) over them alone: the cutoff, exact (reference.cutoff) and the same
+ *      in every cluster; the own candidates >= cut added. When a block kept only some of its
+ *      candidates (more than PE_CAND_CAP) or the cluster has more than PE_NB1, levels 2 and 3
+ *      run across the cluster as level 1 did.
  *   4. split sums: the block's tile sums in its shared memory; after a cluster barrier each split
  *      adds its slice of the tile over the C blocks in split order -> y; a last barrier keeps
  *      every block's shared memory until all have read it.
@@ -36,9 +39,11 @@
 #define PE_CL_RED3 (PE_CL_RED2 + PE_NB2)
 #define PE_CL_TOT (PE_CL_RED3 + PE_NB3)          /* 3 x PE_CMAX */
 #define PE_CL_ZERO (PE_CL_TOT + 3 * PE_CMAX)     /* words zeroed before the PDL wait */
-#define PE_CL_HLOC PE_CL_ZERO                    /* PE_NB2 */
+#define PE_CL_NC PE_CL_ZERO                      /* this block's candidates (4 words, 1 used) */
+#define PE_CL_HLOC (PE_CL_NC + 4)                /* PE_NB2 */
 #define PE_CL_COPY (PE_CL_HLOC + PE_NB2)         /* PE_NB1 / 2: a slice, C >= 2 */
-#define PE_CL_WORDS (PE_CL_COPY + PE_NB1)        /* C = 1: a whole level-1 histogram */
+#define PE_CL_WORDS (PE_CL_COPY + PE_NB1)        /* C = 1: a whole level-1 histogram; the
+                                                    gathered candidates (at most PE_NB1) */
 
 template <int CT>
 struct ClusterTile {
@@ -163,6 +168,51 @@ __device__ __forceinline__ void pe_cand_hist(const TX *x, const pe_cuda_matrix &
         }
     }
     __syncthreads();
+}
+
+/* Levels 2 and 3 in this block alone: the n candidate keys (key | short << 31, all in the
+ * level-1 bin) in `keys` (shared) -> the cut; *above grown as the picks go, *wb the weight of
+ * the cut's key. h: PE_NB2 words. Block-wide. */
+__device__ __forceinline__ uint32_t pe_resolve_local(const uint32_t *keys, uint32_t n, uint32_t b1,
+                                                     uint32_t G, double budget, uint32_t *h,
+                                                     unsigned long long *above, uint32_t *wb) {
+    uint32_t prefix = b1 << 19;
+    for (int level = 2; level <= 3; level++) {
+        for (int i = threadIdx.x; i < PE_NB2; i += PE_THREADS) h[i] = 0u;
+        __syncthreads();
+        for (uint32_t i = threadIdx.x; i < n; i += PE_THREADS) {
+            const uint32_t key = keys[i] & 0x7FFFFFFFu, w = G - (keys[i] >> 31);
+            if (level == 2) atomicAdd(&h[(key >> 9) & (PE_NB2 - 1)], w);
+            else if ((key & 0xFFFFFE00u) == prefix) atomicAdd(&h[key & (PE_NB3 - 1)], w);
+        }
+        __syncthreads();
+        const uint32_t b = pe_pick_slice(h, level == 2 ? PE_NB2 : PE_NB3, budget, above);
+        prefix |= level == 2 ? b << 9 : b;
+        *wb = h[b];
+    }
+    __syncthreads(); /* h read (wb) before anyone reuses it */
+    return prefix;
+}
+
+/* Every block's candidate keys (its count at cl[PE_CL_NC], its keys in cand_k, published before
+ * a cluster arrive; this thread's wait done) -> copy (shared), in block order, if every block
+ * kept all of its own and they fit: -> their number, else PE_INVALID (nothing copied). The same
+ * answer in every block. Block-wide. */
+__device__ __forceinline__ uint32_t pe_gather_cands(uint32_t *cl, const uint32_t *cand_k,
+                                                    uint32_t C, uint32_t *copy) {
+    __shared__ uint32_t s_nc[PE_CMAX];
+    if (threadIdx.x < C) s_nc[threadIdx.x] = pe_dsm_ld(pe_cluster_map(cl + PE_CL_NC, threadIdx.x));
+    __syncthreads();
+    uint32_t total = 0;
+    bool fit = true;
+    for (uint32_t b = 0; b < C; b++) total += s_nc[b], fit = fit && s_nc[b] <= PE_CAND_CAP;
+    if (!fit || total > PE_NB1) return PE_INVALID;
+    for (uint32_t b = 0, off = 0; b < C; off += s_nc[b], b++) {
+        const uint32_t *src = pe_cluster_map(cand_k, b);
+        for (uint32_t i = threadIdx.x; i < s_nc[b]; i += PE_THREADS) copy[off + i] = pe_dsm_ld(src + i);
+    }
+    __syncthreads();
+    return total;
 }
 
 /* 4. the teams' sums -> this block's tile sums (part, shared); cluster barrier; this split's
@@ -343,9 +393,9 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
             else if (app) pend = p;
         }
         uint32_t *hloc = cl + PE_CL_HLOC;
-        if (!near) {
-            pe_cand_hist<Q8>(x, m, (int)split, n_pass, cand_k, n_c, 2, b1, 0u, hloc);
-            pe_cluster_push(hloc, PE_NB2, cl + PE_CL_RED2, cl + PE_CL_TOT + PE_CMAX, C);
+        if (!near) { /* the candidates out: every block gathers them after the barrier */
+            if (threadIdx.x == 0) cl[PE_CL_NC] = n_c;
+            pe_cluster_arrive();
         }
         pe_process<CT, Q8>(list, n_list, tile_base, my, team, t);
         n_rows_done = n_list;
@@ -365,6 +415,18 @@ __global__ void __launch_bounds__(PE_THREADS, 1)
         /* 3. levels 2 and 3 -> the cut (the first candidate rows load meanwhile); the own
          * candidates with key >= cut */
         auto resolve = [&]() -> uint32_t { /* block-wide */
+            pe_cluster_wait();
+            const uint32_t n_all = pe_gather_cands(cl, cand_k, C, cl + PE_CL_COPY);
+            if (n_all != PE_INVALID) { /* levels 2-3 here, on the cluster's candidates */
+                const uint32_t c = pe_resolve_local(cl + PE_CL_COPY, n_all, b1, G, budget, hloc,
+                                                    &aw, &wb);
+                mults = aw + wb;
+                return c;
+            }
+            /* a block kept only some of its candidates, or too many: levels 2-3 across the
+             * cluster, each block's histogram from its own keys */
+            pe_cand_hist<Q8>(x, m, (int)split, n_pass, cand_k, n_c, 2, b1, 0u, hloc);
+            pe_cluster_push(hloc, PE_NB2, cl + PE_CL_RED2, cl + PE_CL_TOT + PE_CMAX, C);
             const uint32_t b2 = pe_cluster_pick(PE_NB2, cl + PE_CL_RED2, cl + PE_CL_TOT + PE_CMAX,
                                                 C, budget, &aw, &wb, cl + PE_CL_COPY);
             const uint32_t prefix = b1 << 19 | b2 << 9;
