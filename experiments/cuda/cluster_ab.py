@@ -27,9 +27,11 @@ MIN_CALLS = 24
 
 def time_shape(torch, cuda, kernel, kind, n_in, outs, splits):
     """-> {effort: (µs per call, weight bytes)} of one shape (a group when several outs);
-    kernel "cluster_tol": the cluster kernel with set_tolerance(0.02)."""
+    kernel "cluster_tol": the cluster kernel with set_tolerance(0.02); "cluster8": with
+    clusters of at most 8 blocks (the portable size)."""
     cuda.set_tolerance(0.02 if kernel == "cluster_tol" else 0.0)
-    kernel = "cluster" if kernel == "cluster_tol" else kernel
+    cuda.CLUSTER_MAX = 8 if kernel == "cluster8" else 16  # cluster8: clusters of 8 at most
+    kernel = "coop" if kernel == "coop" else "cluster"
     cuda.set_kernel(kernel)
     gen = torch.Generator(device="cuda").manual_seed(1)
     groups, xs = [], []
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
             res["runs"][f"{name}/cublas"] = cublas_us(torch, n_in, outs[0])
             print(f"{name} cublas {res['runs'][f'{name}/cublas']:.1f} us", flush=True)
         for kind in args.kinds.split(","):
-            for kernel in ("coop", "cluster", "cluster_tol"):
+            for kernel in ("coop", "cluster", "cluster_tol", "cluster8")[: 4 if kind == "f16" else 3]:
                 try:
                     r, layout = time_shape(torch, cuda, kernel, kind, n_in, outs, args.splits)
                 except Exception as e:  # noqa: BLE001 (a layout that does not launch: recorded)
