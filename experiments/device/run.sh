@@ -78,6 +78,18 @@ for step in "$@"; do
         timeout 300 python3 experiments/cuda/cluster_ab.py --out "$OUT/cluster_ab.json" 2>&1 |
             tee "$OUT/cluster_ab.log" | tail -30
         ;;
+    combo)
+        # session 13, when one call is all there is: the cluster kernel's GPU tests and
+        # timings, Mixtral-shaped decode (23), one-GPU nccl (24)
+        PYEFFORT_CUDA_KERNEL=cluster timeout 150 python3 -m pytest -q -x -p no:cacheprovider \
+            tests/test_cuda.py -rfEs 2>&1 | tee "$OUT/cluster_tests.log" | tail -6
+        timeout 200 python3 experiments/cuda/cluster_ab.py --out "$OUT/cluster_ab.json" 2>&1 |
+            tee "$OUT/cluster_ab.log" | tail -30
+        timeout 90 python3 experiments/model/moe_decode_cuda.py --out "$OUT/moe_f16.json" \
+            --steps 32 --rounds 3 2>&1 | tail -3
+        timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py \
+            -k nccl -rfEs 2>&1 | tail -3
+        ;;
     numbers)
         # session 13: the issue-20 JSON, Mixtral-shaped decode (23), one-GPU nccl and tp (24),
         # with the kernel PYEFFORT_CUDA_KERNEL names (6 files come back)
