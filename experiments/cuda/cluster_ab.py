@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.cuda_run import graph_time_us, n_sets  # noqa: E402
 
-SHAPES = {"4096x14336": (4096, (14336,)), "14336x4096": (14336, (4096,)),
-          "qkv": (4096, (4096, 1024, 1024)), "gateup": (4096, (14336, 14336))}  # fmt: skip
+SHAPES = {"4096x14336": (4096, (14336,)), "qkv": (4096, (4096, 1024, 1024)),
+          "gateup": (4096, (14336, 14336)), "14336x4096": (14336, (4096,))}  # fmt: skip
 EFFORTS = (1.0, 0.5, 0.25, 0.1, 0.01)
 MIN_CALLS = 24
 
