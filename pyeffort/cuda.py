@@ -204,6 +204,7 @@ def load(path) -> ctypes.CDLL:
     group = ctypes.POINTER(_Group)
     lib.pe_cuda_matmul.argtypes = [group, p, i32, i64, p, f64, i32, i32, p, i32, i32]
     lib.pe_cuda_matmul_cluster.argtypes = [group, p, i32, i64, p, f64, i32, i32, p, i32, f64]
+    lib.pe_cuda_max_clusters.argtypes = [i32, i32, ctypes.POINTER(ctypes.c_int)]
     lib.pe_cuda_dense_q8.argtypes = [p, i32, i64, p, p, i64, i64, i32, p, p, p, i32, p, i32]
     lib.pe_cuda_channel_skip.argtypes = [p, i32, i64, i64, p, i64, i64, i32, p, p, p, p, p, i32]
     lib.pe_cuda_channel_skip.argtypes += [p, i32]
@@ -261,33 +262,61 @@ def set_tolerance(tol: float) -> None:
     _TOL = float(tol)
 
 
-def cluster_size(tiles: int, n_sms: int) -> int:
+def cluster_size(tiles: int, n_sms: int, fits=None) -> int:
     """Blocks per cluster for `tiles` column tiles: the largest power of two up to CLUSTER_MAX
-    with tiles * size <= n_sms (at least 1; more tiles than multiprocessors run in waves)."""
+    with tiles * size <= n_sms and, given fits(size) (the clusters the device holds at once:
+    cluster_fits), all tiles in one wave (at least 1; more tiles than that run in waves)."""
     c = 1
-    while c < CLUSTER_MAX and tiles * c * 2 <= n_sms:
+    while c < CLUSTER_MAX and tiles * c * 2 <= n_sms and (fits is None or tiles <= fits(c * 2)):
         c *= 2
     return c
 
 
-def _cluster_ct(g: int, n_sms: int) -> int:
+def _cluster_ct(g: int, n_sms: int, fits=None) -> int:
     """The tile width of the cluster kernel for g groups of 16 outputs: most blocks in one wave
-    (tiles * cluster_size), then the least padding (streamed too), then the widest tile."""
+    (tiles * cluster_size), then the least padding (streamed too), then the widest tile.
+    fits(size, ct): cluster_fits' count, or None (every cluster of n_sms blocks fits)."""
     pad = lambda ct: -(-g // ct) * ct - g  # noqa: E731
-    return max((256, 128, 64, 32), key=lambda ct: (_blocks(g, ct, n_sms), -pad(ct), ct))
+    return max((256, 128, 64, 32), key=lambda ct: (_blocks(g, ct, n_sms, fits), -pad(ct), ct))
 
 
-def default_ct(g: int, n_sms: int) -> int:
-    """The tile width of a matrix of g groups of 16 outputs for the current kernel."""
+def default_ct(g: int, device) -> int:
+    """The tile width of a matrix of g groups of 16 outputs on `device` for the current kernel."""
+    n_sms = num_sms(device)
     if _KERNEL == "cluster":
-        return _cluster_ct(g, n_sms)
+        return _cluster_ct(g, n_sms, cluster_fits(device))
+    return _coop_ct(g, n_sms)
+
+
+def _coop_ct(g: int, n_sms: int) -> int:
     ct = 128 if g >= 256 else 64 if g >= 128 else 32
     return 256 if -(-g // ct) + 1 > n_sms else ct  # one block per tile must fit: wider tiles
 
 
-def _blocks(g: int, ct: int, n_sms: int) -> int:
+def _blocks(g: int, ct: int, n_sms: int, fits=None) -> int:
     tiles = -(-g // ct)
-    return tiles * cluster_size(tiles, n_sms) if tiles <= n_sms else 0
+    per = None if fits is None else (lambda c: fits(c, ct))  # noqa: E731
+    return tiles * cluster_size(tiles, n_sms, per) if tiles <= n_sms else 0
+
+
+_fits_cache: dict = {}
+
+
+def cluster_fits(device):
+    """fits(size, ct) -> the clusters of `size` blocks of tile width ct that `device` holds at
+    once (pe_cuda_max_clusters: the GPC boundaries counted); cached."""
+    torch, lib = _torch(), _lib()
+
+    def fits(c: int, ct: int) -> int:
+        key = (str(device), c, ct)
+        if key not in _fits_cache:
+            n = ctypes.c_int(0)
+            with torch.cuda.device(device):
+                _check(lib, lib.pe_cuda_max_clusters(c, ct, ctypes.byref(n)))
+            _fits_cache[key] = n.value
+        return _fits_cache[key]
+
+    return fits
 
 
 def num_sms(device) -> int:
@@ -354,7 +383,7 @@ class CudaBuckets:
         if self.n_in * self.n_out >= 2**32:
             raise ShapeError("the CUDA kernels take matrices of fewer than 2**32 weights")
         self.kernel = _KERNEL
-        ct = default_ct(g, num_sms(dev)) if ct is None else ct
+        ct = default_ct(g, dev) if ct is None else ct
         if ct not in (32, 64, 128, 256):
             raise ShapeError(f"ct must be 32, 64, 128 or 256, got {ct}")
         with torch.cuda.device(dev):
@@ -496,7 +525,9 @@ class CudaGroup:
         C the same for every matrix (cluster_size of all the tiles, or `splits`)."""
         tiles = sum(b.n_tiles for b in self.mats)
         if splits is None:
-            splits = cluster_size(tiles, num_sms(self.device))
+            fits = cluster_fits(self.device)
+            ct = self.mats[0].ct
+            splits = cluster_size(tiles, num_sms(self.device), lambda c: fits(c, ct))
         elif splits not in (1, 2, 4, 8, 16):
             raise ShapeError(f"splits of the cluster kernel must be 1, 2, 4, 8 or 16, got {splits}")
         self.splits = [int(splits)] * len(self.mats)

@@ -496,6 +496,34 @@ def test_a_buffer_one_element_short_is_caught(exe, torch, rng):
     assert "heap-buffer-overflow" in err.value.stderr, err.value.stderr[-3000:]
 
 
+def test_max_clusters(exe):
+    """pe_cuda_max_clusters: the simulator's count (one block per multiprocessor) for each
+    cluster size and tile width; a size or width the kernel has not: a status."""
+    s = shim.Script()
+    s.add("init")
+    for c, ct in ((1, 32), (8, 64), (16, 256), (17, 64), (8, 48)):
+        s.add("max_clusters", c, ct)
+    res = subprocess_lines(s, exe)
+    assert res == [("status", 0)] + [
+        ("status", 0), ("clusters", 132), ("status", 0), ("clusters", 16), ("status", 0),
+        ("clusters", 8), ("status", 3), ("clusters", -1), ("status", 3), ("clusters", 0),
+    ]  # fmt: skip
+
+
+def subprocess_lines(s, exe):
+    """The driver's (word, number) output lines of script s."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        script = os.path.join(d, "script")
+        with open(script, "w") as f:
+            f.write("\n".join(s.lines) + "\n")
+        out = subprocess.run([str(exe), d, script], capture_output=True, text=True, check=True,
+                             env={**os.environ, **shim.ENV}).stdout  # fmt: skip
+    return [(w, int(n)) for w, n in (line.split() for line in out.splitlines())]
+
+
 def test_cluster_layout_rules():
     """The cluster kernel's sizes (pyeffort.cuda, host only): a cluster of the largest power of
     two up to 16 that keeps tiles * size within the multiprocessors; the tile width that puts
@@ -508,5 +536,10 @@ def test_cluster_layout_rules():
     # 14336 outputs (896 groups): 7 tiles of 128 in clusters of 16; 4096 (256): 8 tiles of 32;
     # 8 groups: one tile of 32 (the least padding)
     assert [cuda._cluster_ct(g, 132) for g in (896, 256, 64, 3584, 8)] == [128, 32, 32, 256, 32]
+    # a device that holds only 4 clusters of 16 (its GPCs): 7 tiles take clusters of 8; 896
+    # groups then take tiles of 64 (14 tiles of 8 blocks, 7 clusters of 16 no longer in a wave)
+    fits = lambda c, ct: 4 if c == 16 else 132 // c  # noqa: E731
+    assert cuda.cluster_size(7, 132, lambda c: fits(c, 128)) == 8
+    assert cuda._cluster_ct(896, 132, fits) == 64
     with pytest.raises(ValueError, match="kernel must be one of"):
         cuda.set_kernel("fast")

@@ -310,7 +310,7 @@ def host_cuda_stand_in():
     calls: list[int] = []
     grouped: list[list] = []
     return types.SimpleNamespace(to_device=lambda b, device, ct=None: b, CudaGroup=list,
-                                 default_ct=lambda g, n_sms: 64, num_sms=lambda device: 132,
+                                 default_ct=lambda g, device: 64,
                                  CudaBuckets=type("CudaBuckets", (), {}), matmul=matmul,
                                  matmul_group=matmul_group, calls=calls, grouped=grouped)  # fmt: skip
 

@@ -130,7 +130,7 @@ class CudaMatmuls:
             for grp in layer_groups(model.args):  # in linears() order: mats[i] is lins[i]'s
                 idx = [per * layer + i for i in grp]
                 g = [reference.n_groups(self.lins[i].shape[1]) for i in idx]
-                cts = {cuda.default_ct(gi, cuda.num_sms(device)) for gi in g}
+                cts = {cuda.default_ct(gi, device) for gi in g}
                 ct = None if len(cts) == 1 else GROUP_CT
                 self.mats += [_on_device(cuda, self.lins[i].buckets, device, ct) for i in idx]
                 if len(idx) > 1:

@@ -548,6 +548,22 @@ static cudaError_t raise_all() {
     return e;
 }
 
+template <int CT>
+static cudaError_t max_clusters(int C, int *n) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = (unsigned)C;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cfg.gridDim = dim3((unsigned)C);
+    cfg.blockDim = dim3(PE_THREADS);
+    cfg.dynamicSmemBytes = ClusterTile<CT>::SMEM;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    return cudaOccupancyMaxActiveClusters(n, k_cluster<__half, float, CT, false>, &cfg);
+}
+
 static int pe_status_of(cudaError_t e) {
     return e == cudaSuccess ? PE_CUDA_OK : PE_CUDA_ERR_DEVICE + (int)e;
 }
@@ -593,6 +609,18 @@ static bool cluster_group_ok(const pe_cuda_group *g) {
 }
 
 static int elem_size(int dtype) { return dtype == PE_F32 ? 4 : 2; }
+
+extern "C" int pe_cuda_max_clusters(int C, int ct, int *n) {
+    if (!n || C < 1 || C > PE_CMAX) return PE_CUDA_ERR_ARG;
+    *n = 0;
+    switch (ct) {
+        case 32: return pe_status_of(max_clusters<32>(C, n));
+        case 64: return pe_status_of(max_clusters<64>(C, n));
+        case 128: return pe_status_of(max_clusters<128>(C, n));
+        case 256: return pe_status_of(max_clusters<256>(C, n));
+        default: return PE_CUDA_ERR_ARG;
+    }
+}
 
 extern "C" int pe_cuda_matmul_cluster(const pe_cuda_group *g, const void *x, int x_dtype,
                                       int64_t n_tokens, const double *effort_ptr,

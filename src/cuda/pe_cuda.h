@@ -100,6 +100,9 @@ int pe_cuda_matmul(const pe_cuda_group *g, const void *x, int x_dtype, int64_t n
  * nearer to the budget: realised multiplications within tol n_in n_out of it), with no levels 2
  * and 3; the realised count stays exact. pe_cuda_cluster_init raises its kernel attributes once. */
 int pe_cuda_cluster_init(void);
+/* Clusters of C blocks of tile width ct that the device holds at once -> *n (after
+ * pe_cuda_cluster_init; cudaOccupancyMaxActiveClusters: GPC boundaries counted). */
+int pe_cuda_max_clusters(int C, int ct, int *n);
 int pe_cuda_matmul_cluster(const pe_cuda_group *g, const void *x, int x_dtype, int64_t n_tokens,
                            const double *effort_ptr, double effort_val, int effort_each,
                            int y_dtype, void *stream, int pdl, double tol);

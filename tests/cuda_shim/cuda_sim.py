@@ -174,7 +174,7 @@ def upload(s: Script, B, name: str, ct=None) -> Matrix:
 
     t = lambda a: torch.as_tensor(np.require(a, requirements="W"))
     g = reference.n_groups(B.n_out)
-    ct = ct or cuda.default_ct(g, SMS)  # CudaBuckets' default tile width
+    ct = ct or cuda._coop_ct(g, SMS)  # CudaBuckets' default tile width (the coop kernel's)
     values, positions, stats, order = t(B.values), t(B.positions), t(B.stats), t(B.order)
     if B.scales is None:
         wt = cuda.repack(torch, values, positions, ct)

@@ -11,6 +11,7 @@
 //   init                                    pe_cuda_init(), then pe_cuda_cluster_init()
 //   matmul X XD N_TOK EFF_BUF EFF_VAL EACH YD PDL COOP (EFF_BUF: - for none)
 //   matmul_cluster X XD N_TOK EFF_BUF EFF_VAL EACH YD PDL TOL   the cluster kernel (cluster.cu)
+//   max_clusters C CT                       pe_cuda_max_clusters: "status S", then "clusters N"
 //   dense_q8 X XD N_TOK Q SCALES N_IN N_OUT N_SPLIT PARTIAL COUNT Y YD
 //   channel_skip X XD N_TOK K W N_IN N_OUT N_SPLIT ROWS XS PARTIAL COUNT Y YD
 //   fault NAME                              faults.cu's kernel NAME
@@ -145,6 +146,11 @@ void run_line(const std::string &line) {
         const int st =
             pe_cuda_matmul_cluster(&g_group, x, xd, n_tok, ep, ev, each, yd, nullptr, pdl, tol);
         std::printf("status %d\n", st);
+    } else if (op == "max_clusters") {
+        const int C = (int)num(in), ct = (int)num(in);
+        int n = -1;
+        const int st = pe_cuda_max_clusters(C, ct, &n);
+        std::printf("status %d\nclusters %d\n", st, n);
     } else if (op == "dense_q8") {
         const void *x = ptr(word(in));
         const int xd = (int)num(in);

@@ -264,6 +264,24 @@ inline unsigned sim_cluster_size(const cudaLaunchAttributeValue *v, const void *
     return x == 0 || x > most || gx % x ? 0 : x;
 }
 
+// Clusters of cfg's size resident at once: one block per multiprocessor (the kernels' bound),
+// all clusters alike (the real device loses some to its GPC boundaries: fewer there).
+template <typename... P>
+inline cudaError_t cudaOccupancyMaxActiveClusters(int *n, void (*kernel)(P...),
+                                                  const cudaLaunchConfig_t *cfg) {
+    const cudaLaunchAttributeValue *cluster = nullptr;
+    for (unsigned k = 0; k < cfg->numAttrs; k++)
+        if (cfg->attrs[k].id == cudaLaunchAttributeClusterDimension) cluster = &cfg->attrs[k].val;
+    const auto it = sim::g_smem_max.find(reinterpret_cast<const void *>(kernel));
+    const size_t smem_max = it == sim::g_smem_max.end() ? sim::SMEM_DEFAULT : it->second;
+    if (cfg->dynamicSmemBytes > smem_max) return cudaErrorInvalidConfiguration;
+    const unsigned cs = sim_cluster_size(cluster, reinterpret_cast<const void *>(kernel),
+                                         cluster ? cluster->clusterDim.x : 1);
+    if (cs == 0) return cudaErrorInvalidClusterSize;
+    *n = sim::SMS / (int)cs;
+    return cudaSuccess;
+}
+
 // Checks the launch as the runtime would, then runs it (all blocks at once) to its end. A
 // cooperative launch takes at most one block per multiprocessor (the kernels' bound: one block
 // of PE_THREADS resident per SM).
