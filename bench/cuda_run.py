@@ -259,6 +259,7 @@ def measure(args, save) -> dict:
     from pyeffort import cuda
 
     res = {"card": torch.cuda.get_device_name(), "commit": _git("rev-parse", "HEAD"), "errors": {}}
+    res["kernel"], res["tolerance"] = cuda._KERNEL, cuda._TOL  # PYEFFORT_CUDA_KERNEL, set_tolerance
     t0 = time.time()
     cuda._lib()
     res["build_s"] = time.time() - t0

@@ -74,7 +74,9 @@ def test_a_failing_stage_keeps_the_others(monkeypatch, tmp_path):
     torch = types.SimpleNamespace(
         cuda=types.SimpleNamespace(get_device_name=lambda: "Fake GPU", empty_cache=lambda: None)
     )
-    cuda = types.SimpleNamespace(_lib=lambda: None, _PDL=True, set_pdl=lambda on: None)
+    cuda = types.SimpleNamespace(
+        _lib=lambda: None, _PDL=True, set_pdl=lambda on: None, _KERNEL="cluster", _TOL=0.02
+    )
     monkeypatch.setitem(sys.modules, "torch", torch)
     monkeypatch.setitem(sys.modules, "pyeffort.cuda", cuda)
     monkeypatch.setattr(pyeffort, "cuda", cuda, raising=False)
@@ -96,6 +98,7 @@ def test_a_failing_stage_keeps_the_others(monkeypatch, tmp_path):
     args = types.SimpleNamespace(no_checks=True, no_decode=True, check_timeout=1)
     res = cuda_run.measure(args, save)
     assert res["errors"] == {"groups_q8": "RuntimeError: no q8 group here"}
+    assert (res["kernel"], res["tolerance"]) == ("cluster", 0.02)  # which kernel gave the times
     assert "qkv_per_matrix" in res["f16"]["fixed_cost_detail_us"]
     assert res["q8"]["speedup_e0.25"] == pytest.approx(us["cublas_f16"] / us["q8_e0.25"])
     first_with_times = next(i for i, r in enumerate(seen) if "times_us" in r)
