@@ -554,3 +554,39 @@ def test_bad_inputs_raise(rng):
     buf = torch.ones(64, device="cuda", dtype=torch.float16)
     with pytest.raises(pyeffort.LayoutError, match="shares memory"):  # the kernel reads x late
         pyeffort.matmul(buf, bc, 0.5, out=buf[16:48])
+
+
+@pytest.fixture
+def cluster_kernel():
+    """The cluster kernel for the matrices made in the test (then the previous one back)."""
+    old, old_tol = cuda._KERNEL, cuda._TOL
+    cuda.set_kernel("cluster")
+    yield cuda
+    cuda.set_kernel(old)
+    cuda.set_tolerance(old_tol)
+
+
+@pytest.mark.parametrize("values", ["f16", "q8"])
+def test_cluster_kernel_tolerance_and_layout(cluster_kernel, values, gen, rng):
+    """The cluster kernel on the GPU: exact (tolerance 0) it is the reference; with 0.02 each
+    call's realised count lies within 0.02 n_in n_out of the budget and its outputs are the
+    reference's at that count; every tile's cluster fits the device in one wave."""
+    n_in, n_out = 4096, 4100
+    W = (rng.standard_normal((n_in, n_out)) * rng.uniform(0.1, 3, n_out)).astype(np.float16)
+    b = pyeffort.build_buckets(W, values=values)
+    bc = b.to("cuda")
+    assert bc.kernel == "cluster" and bc._alone.kernel == "cluster"
+    fits = cuda.cluster_fits(bc.device)
+    assert bc.n_tiles <= fits(bc.n_splits, bc.ct), (bc.n_tiles, bc.n_splits, bc.ct)
+    n = n_in * n_out
+    for tol in (0.0, 0.02):
+        cuda.set_tolerance(tol)
+        for effort in (0.5, 0.2, 0.03):
+            x = fresh_x(gen, 1, n_in, torch.float16)
+            y, info = run_gpu(x, bc, effort)
+            assert abs(info.mults - effort * n) <= tol * n + (0 if tol else n)
+            at = effort if tol == 0 else (info.mults - 0.5) / n  # the same rows, exactly
+            ref, mults, nbytes = reference_info(x, b, at)
+            assert (info.mults, info.bytes_read) == (mults, nbytes), (tol, effort, info)
+            dense = np.abs(b.to_dense().astype(np.float64)) if values == "q8" else None
+            assert_close(y, ref, scale(x, b, dense), 2e-5)
