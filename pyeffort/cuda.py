@@ -59,10 +59,28 @@ SOURCES = ("status.cu", "bucketmul.cu", "cluster.cu", "dense_q8.cu", "channel_sk
 _PDL = os.environ.get("PYEFFORT_CUDA_PDL", "1") != "0"
 _COOP = os.environ.get("PYEFFORT_CUDA_COOP", "1") != "0"
 KERNELS = ("coop", "cluster")  # the effort kernel's designs (set_kernel)
-_KERNEL = os.environ.get("PYEFFORT_CUDA_KERNEL", "coop")
 CLUSTER_MAX = 16  # blocks per cluster (the cluster kernel: a power of two)
 TOLERANCE_MAX = 0.02  # of a call's multiplications (set_tolerance)
-_TOL = 0.0
+
+
+def _env_settings(env) -> tuple[str, float]:
+    """PYEFFORT_CUDA_KERNEL and PYEFFORT_CUDA_TOLERANCE (set_kernel's and set_tolerance's
+    defaults), checked: a misspelt kernel or an out-of-range tolerance raises, naming the
+    variable, instead of running another kernel than the one asked for."""
+    kernel = env.get("PYEFFORT_CUDA_KERNEL", "coop")
+    if kernel not in KERNELS:
+        raise ValueError(f"PYEFFORT_CUDA_KERNEL must be one of {KERNELS}, got {kernel!r}")
+    raw = env.get("PYEFFORT_CUDA_TOLERANCE", "0")
+    try:
+        tol = float(raw)
+    except ValueError:
+        tol = float("nan")
+    if not 0.0 <= tol <= TOLERANCE_MAX:
+        raise ValueError(f"PYEFFORT_CUDA_TOLERANCE must lie in [0, {TOLERANCE_MAX}], got {raw!r}")
+    return kernel, tol
+
+
+_KERNEL, _TOL = _env_settings(os.environ)
 _lib_handle = None
 
 
@@ -251,7 +269,8 @@ def set_kernel(name: str) -> None:
 
 def set_tolerance(tol: float) -> None:
     """How far the cluster kernel's selection may land from the budget, as a fraction of the
-    matrix's multiplications (0 to TOLERANCE_MAX; default 0: the exact cutoff of reference.py).
+    matrix's multiplications (0 to TOLERANCE_MAX; default 0, or $PYEFFORT_CUDA_TOLERANCE: the
+    exact cutoff of reference.py).
     With tol > 0, when the histogram bin holding the cut (1/16 of an octave of keys) weighs at
     most 2 * tol, that bin is taken whole or not at all, whichever is nearer the budget: no
     finer search, so a shorter fixed cost. The realised effort is still reported exactly. Read

@@ -543,3 +543,14 @@ def test_cluster_layout_rules():
     assert cuda._cluster_ct(896, 132, fits) == 64
     with pytest.raises(ValueError, match="kernel must be one of"):
         cuda.set_kernel("fast")
+    with pytest.raises(ValueError, match="tolerance must lie in"):
+        cuda.set_tolerance(0.05)
+    # the environment's defaults, checked the same way
+    assert cuda._env_settings({}) == ("coop", 0.0)
+    env = {"PYEFFORT_CUDA_KERNEL": "cluster", "PYEFFORT_CUDA_TOLERANCE": "0.02"}
+    assert cuda._env_settings(env) == ("cluster", 0.02)
+    for bad, what in (({"PYEFFORT_CUDA_KERNEL": "clustr"}, "PYEFFORT_CUDA_KERNEL"),
+                      ({"PYEFFORT_CUDA_TOLERANCE": "0.1"}, "PYEFFORT_CUDA_TOLERANCE"),
+                      ({"PYEFFORT_CUDA_TOLERANCE": "two"}, "PYEFFORT_CUDA_TOLERANCE")):  # fmt: skip
+        with pytest.raises(ValueError, match=what):
+            cuda._env_settings(bad)
