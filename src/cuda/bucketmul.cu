@@ -32,6 +32,7 @@
 #include "common.cuh"
 #include "resolve.cuh"
 #include "rows.cuh"
+#include "launch.cuh"
 
 #include <stddef.h>
 
@@ -561,105 +562,29 @@ static cudaError_t launch(const pe_cuda_group *g, const void *x, void *stream, i
     return cudaLaunchKernelEx(&cfg, k_effort<TX, TY, CT, Q8>, (const TX *)x, *g, ef);
 }
 
-template <typename TX, typename TY, int CT>
-static cudaError_t launch_kind(const pe_cuda_group *g, const void *x, void *stream, int pdl,
-                               int coop, pe_effort ef) {
-    return g->m[0].q8 ? launch<TX, TY, CT, true>(g, x, stream, pdl, coop, ef)
-                      : launch<TX, TY, CT, false>(g, x, stream, pdl, coop, ef);
-}
-
-template <typename TX, typename TY>
-static cudaError_t launch_ct(const pe_cuda_group *g, const void *x, void *stream, int pdl,
-                             int coop, pe_effort ef) {
-    switch (g->m[0].ct) {
-        case 32: return launch_kind<TX, TY, 32>(g, x, stream, pdl, coop, ef);
-        case 64: return launch_kind<TX, TY, 64>(g, x, stream, pdl, coop, ef);
-        case 128: return launch_kind<TX, TY, 128>(g, x, stream, pdl, coop, ef);
-        case 256: return launch_kind<TX, TY, 256>(g, x, stream, pdl, coop, ef);
-        default: return cudaErrorInvalidValue;
-    }
-}
-
-template <typename TX, typename TY, int CT>
-static cudaError_t raise_smem() {
-    cudaError_t e = cudaFuncSetAttribute(
-        k_effort<TX, TY, CT, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<CT>::SMEM);
-    if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(k_effort<TX, TY, CT, true>,
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<CT>::SMEM);
-    return e;
-}
-
-template <typename TX, typename TY>
-static cudaError_t raise_all() {
-    cudaError_t e = raise_smem<TX, TY, 32>();
-    if (e == cudaSuccess) e = raise_smem<TX, TY, 64>();
-    if (e == cudaSuccess) e = raise_smem<TX, TY, 128>();
-    if (e == cudaSuccess) e = raise_smem<TX, TY, 256>();
-    return e;
-}
-
-/* A CUDA runtime error -> a status (pe_cuda.h). */
-static int pe_status_of(cudaError_t e) {
-    return e == cudaSuccess ? PE_CUDA_OK : PE_CUDA_ERR_DEVICE + (int)e;
-}
-
 extern "C" int pe_cuda_init(void) {
-    cudaError_t e = raise_all<__half, float>();
-    if (e == cudaSuccess) e = raise_all<__half, __half>();
-    if (e == cudaSuccess) e = raise_all<float, float>();
-    if (e == cudaSuccess) e = raise_all<__nv_bfloat16, float>();
-    if (e == cudaSuccess) e = raise_all<__nv_bfloat16, __nv_bfloat16>();
-    return pe_status_of(e);
-}
-
-static int elem_size(int dtype) { return dtype == PE_F32 ? 4 : 2; }
-
-static cudaError_t launch_types(const pe_cuda_group *g, const void *x, int xd, int yd,
-                                void *stream, int pdl, int coop, pe_effort ef) {
-    if (xd == PE_F16 && yd == PE_F32)
-        return launch_ct<__half, float>(g, x, stream, pdl, coop, ef);
-    if (xd == PE_F16 && yd == PE_F16)
-        return launch_ct<__half, __half>(g, x, stream, pdl, coop, ef);
-    if (xd == PE_F32 && yd == PE_F32)
-        return launch_ct<float, float>(g, x, stream, pdl, coop, ef);
-    if (xd == PE_BF16 && yd == PE_F32)
-        return launch_ct<__nv_bfloat16, float>(g, x, stream, pdl, coop, ef);
-    if (xd == PE_BF16 && yd == PE_BF16)
-        return launch_ct<__nv_bfloat16, __nv_bfloat16>(g, x, stream, pdl, coop, ef);
-    return cudaErrorInvalidValue;
-}
-
-static bool group_ok(const pe_cuda_group *g) {
-    if (!g || g->n_mat < 1 || g->n_mat > PE_MAX_GROUP) return false;
-    int32_t next = 0;
-    for (int i = 0; i < g->n_mat; i++) {
-        const pe_cuda_matrix *m = &g->m[i];
-        if (m->n_rows < 1 || m->n_rows > 16 * m->n_in || m->n_splits < 1 || m->n_tiles < 1 ||
-            m->ct != g->m[0].ct || m->n_in != g->m[0].n_in || m->block0 != next ||
-            (int64_t)m->n_tiles * 16 * m->ct < m->n_out || !g->y[i] ||
-            m->q8 != g->m[0].q8 || (m->q8 != 0 && (m->q8 != 1 || !m->slot)))
-            return false;
-        next += m->n_tiles * m->n_splits;
-    }
-    return next == g->n_workers;
+    return pe_status_of(pe_for_each_kind([](auto tx, auto ty, auto ct, auto q8) {
+        return cudaFuncSetAttribute(k_effort<pe_type_of<decltype(tx)>, pe_type_of<decltype(ty)>,
+                                             ct.value, q8.value != 0>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    Tile<ct.value>::SMEM);
+    }));
 }
 
 extern "C" int pe_cuda_matmul(const pe_cuda_group *g, const void *x, int x_dtype,
                               int64_t n_tokens, const double *effort_ptr, double effort_val,
                               int effort_each, int y_dtype, void *stream, int pdl, int coop) {
-    if (!group_ok(g) || n_tokens < 0 || (effort_each != 0 && (effort_each != 1 || !effort_ptr)))
+    if (!pe_group_ok(g, 0) || n_tokens < 0 ||
+        (effort_each != 0 && (effort_each != 1 || !effort_ptr)))
         return PE_CUDA_ERR_ARG;
     const pe_effort ef = {effort_ptr, effort_val, effort_each};
-    pe_cuda_group gt = *g;
-    for (int64_t t = 0; t < n_tokens; t++) {
-        const char *xt = (const char *)x + t * g->m[0].n_in * elem_size(x_dtype);
-        for (int i = 0; i < g->n_mat; i++)
-            gt.y[i] = (char *)g->y[i] + t * g->m[i].n_out * elem_size(y_dtype);
-        cudaError_t e =
-            launch_types(&gt, xt, x_dtype, y_dtype, stream, pdl, coop, ef);
-        if (e == cudaErrorInvalidValue) return PE_CUDA_ERR_ARG; /* a dtype or ct unknown here */
-        if (e != cudaSuccess) return pe_status_of(e);
-    }
-    return PE_CUDA_OK;
+    return pe_per_token(g, x, x_dtype, y_dtype, n_tokens, [&](const pe_cuda_group *gt,
+                                                               const void *xt) {
+        return pe_by_kind(x_dtype, y_dtype, g->m[0].ct, g->m[0].q8,
+                          [&](auto tx, auto ty, auto ct, auto q8) {
+                              return launch<pe_type_of<decltype(tx)>, pe_type_of<decltype(ty)>,
+                                            ct.value, q8.value != 0>(gt, xt, stream, pdl, coop,
+                                                                     ef);
+                          });
+    });
 }

@@ -28,6 +28,7 @@
  * or not at all, and 2.-3. have no candidates and no further level. */
 #include "common.cuh"
 #include "rows.cuh"
+#include "launch.cuh"
 
 #define PE_CMAX 16 /* blocks per cluster, at most (Hopper's non-portable limit) */
 
@@ -71,45 +72,6 @@ __device__ __forceinline__ void pe_cluster_push(const uint32_t *h, int nb, uint3
     pe_cluster_arrive();
 }
 
-/* The highest bin b of w (n bins, shared) where above + the weight of bins >= b first reaches
- * budget (pe_pick_bin's rule, for any n up to PE_NB1) -> b; *above grown by the bins above it.
- * Block-wide. */
-__device__ __forceinline__ uint32_t pe_pick_slice(const uint32_t *w, int n, double budget,
-                                                  unsigned long long *above) {
-    __shared__ unsigned long long s_ww[PE_WARPS], s_w;
-    __shared__ uint32_t s_bin;
-    const int per = n > PE_THREADS ? n / PE_THREADS : 1, lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5, hi = n - 1 - (int)threadIdx.x * per;
-    unsigned long long tw = 0;
-    for (int q = 0; q < per && hi - q >= 0; q++) tw += w[hi - q];
-    unsigned long long iw = tw;
-#pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-        const unsigned long long o = __shfl_up_sync(0xFFFFFFFFu, iw, d);
-        if (lane >= d) iw += o;
-    }
-    if (lane == 31) s_ww[warp] = iw;
-    if (threadIdx.x == 0) s_bin = 0, s_w = *above;
-    __syncthreads();
-    unsigned long long aw = *above + iw - tw;
-    for (int k = 0; k < warp; k++) aw += s_ww[k];
-    if ((double)aw < budget && (double)(aw + tw) >= budget) { /* the crossing is in my bins */
-        for (int q = 0; q < per; q++) {
-            if ((double)(aw + w[hi - q]) >= budget) {
-                s_bin = (uint32_t)(hi - q);
-                s_w = aw;
-                break;
-            }
-            aw += w[hi - q];
-        }
-    }
-    __syncthreads();
-    const uint32_t b = s_bin;
-    *above = s_w;
-    __syncthreads();
-    return b;
-}
-
 /* After pe_cluster_push: this thread's cluster wait (acquire), then the level's pick from the
  * summed histogram: the slice holding the crossing from the slice totals (every thread alike),
  * that slice copied from its owner into copy, the bin inside it. -> the bin (of nb); *above
@@ -129,7 +91,8 @@ __device__ __forceinline__ uint32_t pe_cluster_pick(int nb, uint32_t *red, const
     const uint32_t *src = pe_cluster_map(red, (uint32_t)s);
     for (int i = threadIdx.x; i < slice; i += PE_THREADS) copy[i] = pe_dsm_ld(src + i);
     __syncthreads();
-    const uint32_t b = pe_pick_slice(copy, slice, budget, &aw);
+    uint32_t b;
+    pe_pick_bin(copy, slice, budget, &b, &aw);
     *wb = copy[b];
     *above = aw;
     __syncthreads(); /* copy is read (wb) before anyone reuses it */
@@ -186,7 +149,8 @@ __device__ __forceinline__ uint32_t pe_resolve_local(const uint32_t *keys, uint3
             else if ((key & 0xFFFFFE00u) == prefix) atomicAdd(&h[key & (PE_NB3 - 1)], w);
         }
         __syncthreads();
-        const uint32_t b = pe_pick_slice(h, level == 2 ? PE_NB2 : PE_NB3, budget, above);
+        uint32_t b;
+        pe_pick_bin(h, level == 2 ? PE_NB2 : PE_NB3, budget, &b, above);
         prefix |= level == 2 ? b << 9 : b;
         *wb = h[b];
     }
@@ -506,48 +470,6 @@ static cudaError_t launch(const pe_cuda_group *g, const void *x, void *stream, i
                               eff_val, eff_stride, tol);
 }
 
-template <typename TX, typename TY, int CT>
-static cudaError_t launch_kind(const pe_cuda_group *g, const void *x, void *stream, int pdl,
-                               const double *ep, double ev, int es, double tl) {
-    return g->m[0].q8 ? launch<TX, TY, CT, true>(g, x, stream, pdl, ep, ev, es, tl)
-                      : launch<TX, TY, CT, false>(g, x, stream, pdl, ep, ev, es, tl);
-}
-
-template <typename TX, typename TY>
-static cudaError_t launch_ct(const pe_cuda_group *g, const void *x, void *stream, int pdl,
-                             const double *ep, double ev, int es, double tl) {
-    switch (g->m[0].ct) {
-        case 32: return launch_kind<TX, TY, 32>(g, x, stream, pdl, ep, ev, es, tl);
-        case 64: return launch_kind<TX, TY, 64>(g, x, stream, pdl, ep, ev, es, tl);
-        case 128: return launch_kind<TX, TY, 128>(g, x, stream, pdl, ep, ev, es, tl);
-        case 256: return launch_kind<TX, TY, 256>(g, x, stream, pdl, ep, ev, es, tl);
-        default: return cudaErrorInvalidValue;
-    }
-}
-
-template <typename TX, typename TY, int CT>
-static cudaError_t raise_one() {
-    cudaError_t e = cudaSuccess;
-    for (int q8 = 0; q8 < 2 && e == cudaSuccess; q8++) {
-        void (*k)(const TX *, const pe_cuda_group, const double *, double, int, double) =
-            q8 ? k_cluster<TX, TY, CT, true> : k_cluster<TX, TY, CT, false>;
-        e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 ClusterTile<CT>::SMEM);
-        if (e == cudaSuccess)
-            e = cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    }
-    return e;
-}
-
-template <typename TX, typename TY>
-static cudaError_t raise_all() {
-    cudaError_t e = raise_one<TX, TY, 32>();
-    if (e == cudaSuccess) e = raise_one<TX, TY, 64>();
-    if (e == cudaSuccess) e = raise_one<TX, TY, 128>();
-    if (e == cudaSuccess) e = raise_one<TX, TY, 256>();
-    return e;
-}
-
 template <int CT>
 static cudaError_t max_clusters(int C, int *n) {
     cudaLaunchConfig_t cfg = {};
@@ -564,51 +486,17 @@ static cudaError_t max_clusters(int C, int *n) {
     return cudaOccupancyMaxActiveClusters(n, k_cluster<__half, float, CT, false>, &cfg);
 }
 
-static int pe_status_of(cudaError_t e) {
-    return e == cudaSuccess ? PE_CUDA_OK : PE_CUDA_ERR_DEVICE + (int)e;
-}
-
 extern "C" int pe_cuda_cluster_init(void) {
-    cudaError_t e = raise_all<__half, float>();
-    if (e == cudaSuccess) e = raise_all<__half, __half>();
-    if (e == cudaSuccess) e = raise_all<float, float>();
-    if (e == cudaSuccess) e = raise_all<__nv_bfloat16, float>();
-    if (e == cudaSuccess) e = raise_all<__nv_bfloat16, __nv_bfloat16>();
-    return pe_status_of(e);
+    return pe_status_of(pe_for_each_kind([](auto tx, auto ty, auto ct, auto q8) {
+        auto k = k_cluster<pe_type_of<decltype(tx)>, pe_type_of<decltype(ty)>, ct.value,
+                           q8.value != 0>;
+        cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             ClusterTile<ct.value>::SMEM);
+        if (e == cudaSuccess)
+            e = cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+        return e;
+    }));
 }
-
-static cudaError_t launch_types(const pe_cuda_group *g, const void *x, int xd, int yd,
-                                void *stream, int pdl, const double *ep, double ev, int es, double tl) {
-    if (xd == PE_F16 && yd == PE_F32) return launch_ct<__half, float>(g, x, stream, pdl, ep, ev, es, tl);
-    if (xd == PE_F16 && yd == PE_F16) return launch_ct<__half, __half>(g, x, stream, pdl, ep, ev, es, tl);
-    if (xd == PE_F32 && yd == PE_F32) return launch_ct<float, float>(g, x, stream, pdl, ep, ev, es, tl);
-    if (xd == PE_BF16 && yd == PE_F32)
-        return launch_ct<__nv_bfloat16, float>(g, x, stream, pdl, ep, ev, es, tl);
-    if (xd == PE_BF16 && yd == PE_BF16)
-        return launch_ct<__nv_bfloat16, __nv_bfloat16>(g, x, stream, pdl, ep, ev, es, tl);
-    return cudaErrorInvalidValue;
-}
-
-/* The group as the cluster kernel takes it: one C (n_splits) for all, C in 1..PE_CMAX, each
- * matrix's blocks after the last's (tile-major), as pe_cuda.h says. */
-static bool cluster_group_ok(const pe_cuda_group *g) {
-    if (!g || g->n_mat < 1 || g->n_mat > PE_MAX_GROUP) return false;
-    const int32_t C = g->m[0].n_splits;
-    if (C < 1 || C > PE_CMAX || (C & (C - 1))) return false; /* slices of every level */
-    int32_t next = 0;
-    for (int i = 0; i < g->n_mat; i++) {
-        const pe_cuda_matrix *m = &g->m[i];
-        if (m->n_rows < 1 || m->n_rows > 16 * m->n_in || m->n_splits != C || m->n_tiles < 1 ||
-            m->ct != g->m[0].ct || m->n_in != g->m[0].n_in || m->block0 != next ||
-            (int64_t)m->n_tiles * 16 * m->ct < m->n_out || !g->y[i] || !m->state ||
-            m->q8 != g->m[0].q8 || (m->q8 != 0 && (m->q8 != 1 || !m->slot)))
-            return false;
-        next += m->n_tiles * C;
-    }
-    return next == g->n_workers;
-}
-
-static int elem_size(int dtype) { return dtype == PE_F32 ? 4 : 2; }
 
 extern "C" int pe_cuda_max_clusters(int C, int ct, int *n) {
     if (!n || C < 1 || C > PE_CMAX) return PE_CUDA_ERR_ARG;
@@ -626,18 +514,18 @@ extern "C" int pe_cuda_matmul_cluster(const pe_cuda_group *g, const void *x, int
                                       int64_t n_tokens, const double *effort_ptr,
                                       double effort_val, int effort_each, int y_dtype,
                                       void *stream, int pdl, double tol) {
-    if (!cluster_group_ok(g) || n_tokens < 0 || !(tol >= 0.0 && tol <= 0.5) ||
-        (effort_each != 0 && (effort_each != 1 || !effort_ptr)))
+    const int32_t C = g ? g->m[0].n_splits : 0; /* slices of every level: a power of two */
+    if (C < 1 || C > PE_CMAX || (C & (C - 1)) || !pe_group_ok(g, C) || n_tokens < 0 ||
+        !(tol >= 0.0 && tol <= 0.5) || (effort_each != 0 && (effort_each != 1 || !effort_ptr)))
         return PE_CUDA_ERR_ARG;
-    pe_cuda_group gt = *g;
-    for (int64_t t = 0; t < n_tokens; t++) {
-        const char *xt = (const char *)x + t * g->m[0].n_in * elem_size(x_dtype);
-        for (int i = 0; i < g->n_mat; i++)
-            gt.y[i] = (char *)g->y[i] + t * g->m[i].n_out * elem_size(y_dtype);
-        const cudaError_t e = launch_types(&gt, xt, x_dtype, y_dtype, stream, pdl, effort_ptr,
-                                           effort_val, effort_each, tol);
-        if (e == cudaErrorInvalidValue) return PE_CUDA_ERR_ARG; /* a dtype or ct unknown here */
-        if (e != cudaSuccess) return pe_status_of(e);
-    }
-    return PE_CUDA_OK;
+    return pe_per_token(g, x, x_dtype, y_dtype, n_tokens, [&](const pe_cuda_group *gt,
+                                                               const void *xt) {
+        return pe_by_kind(x_dtype, y_dtype, g->m[0].ct, g->m[0].q8,
+                          [&](auto tx, auto ty, auto ct, auto q8) {
+                              return launch<pe_type_of<decltype(tx)>, pe_type_of<decltype(ty)>,
+                                            ct.value, q8.value != 0>(gt, xt, stream, pdl,
+                                                                     effort_ptr, effort_val,
+                                                                     effort_each, tol);
+                          });
+    });
 }

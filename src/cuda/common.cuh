@@ -163,16 +163,18 @@ __device__ __forceinline__ uint32_t pe_is_short(int r, uint32_t short_from) {
 
 /* The highest bin b (of nb weights w in shared memory) where above + (weight of bins >= b) first
  * reaches budget; as reference.cutoff's searchsorted. Block-wide (PE_THREADS threads); nb is a
- * multiple of PE_THREADS. -> *bin; *above grown by the bins strictly above it (all threads).
+ * multiple of PE_THREADS, or fewer (a thread per bin, the rest idle: cluster.cu's slices).
+ * -> *bin; *above grown by the bins strictly above it (all threads).
  * One warp-shuffle scan over the threads' bin chunks, highest bins first. */
 __device__ __forceinline__ void pe_pick_bin(const uint32_t *w, int nb, double budget,
                                             uint32_t *bin, unsigned long long *above) {
     __shared__ unsigned long long s_ww[PE_WARPS], s_w;
     __shared__ uint32_t s_bin;
-    const int per = nb / PE_THREADS, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int per = nb > PE_THREADS ? nb / PE_THREADS : 1, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
     const int hi = nb - 1 - (int)threadIdx.x * per; /* this thread's bins: hi, hi-1, ... */
     unsigned long long tw = 0;
-    for (int q = 0; q < per; q++) tw += w[hi - q];
+    for (int q = 0; q < per && hi - q >= 0; q++) tw += w[hi - q];
     unsigned long long iw = tw;
 #pragma unroll
     for (int d = 1; d < 32; d *= 2) {

@@ -71,11 +71,7 @@ __device__ __forceinline__ uint32_t pe_dsm_ld(const uint32_t *p, sim::Site s = S
     return v;
 }
 __device__ __forceinline__ float pe_dsm_ldf(const float *p, sim::Site s = SIM_SITE) {
-    sim_aligned(p, "pe_dsm_ldf");
-    sim::dsm_check(p, sizeof *p, s, "pe_dsm_ldf");
-    const uint32_t v = __atomic_load_n(reinterpret_cast<const uint32_t *>(p), __ATOMIC_RELAXED);
-    sim::poll(p, v, s);
-    return __uint_as_float(v);
+    return __uint_as_float(pe_dsm_ld(reinterpret_cast<const uint32_t *>(p), s));
 }
 __device__ __forceinline__ void pe_dsm_add(uint32_t *p, uint32_t v, sim::Site s = SIM_SITE) {
     sim_aligned(p, "pe_dsm_add");
